@@ -1,0 +1,31 @@
+//! Kafka header names and values shared by producers and consumers.
+//!
+//! Payloads are the client's own bytes; what the pipeline adds travels in headers.
+
+/// The kind of event a record carries (see [`event_type`]).
+pub const EVENT_TYPE: &str = "dd-event-type";
+/// The tenant that posted the record.
+pub const TENANT: &str = "dd-tenant";
+/// The version of the payload's schema.
+pub const SCHEMA_VERSION: &str = "dd-schema-version";
+/// The payload's media type.
+pub const CONTENT_TYPE: &str = "content-type";
+/// When the ingestion tier accepted the record, in milliseconds since the Unix epoch.
+pub const INGEST_TIME: &str = "dd-ingest-time";
+/// The id that ties a record to the HTTP request and log lines it came from.
+pub const CORRELATION_ID: &str = "dd-correlation-id";
+/// On a dead letter: why the record could not be processed.
+pub const DEAD_LETTER_REASON: &str = "dd-dead-letter-reason";
+/// On a dead letter: the topic the record came from.
+pub const DEAD_LETTER_SOURCE: &str = "dd-dead-letter-source";
+
+/// The current schema version of delivery request payloads.
+pub const SCHEMA_VERSION_V1: &str = "1";
+/// The media type of JSON payloads.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Values of the [`EVENT_TYPE`] header.
+pub mod event_type {
+    /// A new delivery request.
+    pub const DELIVERY_REQUESTED: &str = "DeliveryRequested";
+}
