@@ -1,1 +1,341 @@
-fn main() {}
+//! `dronedelivery`: parses the command line, initialises logging and metrics, and hands
+//! over to the service libraries. Nothing here decides anything about deliveries.
+#![allow(clippy::print_stdout)]
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use analytics::sink::{OnShutdown, SinkConfig};
+use analytics::sql::{History, SqlArgs};
+use anyhow::{Context, Result};
+use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer, ProducerArgs};
+use clap::{Parser, Subcommand};
+use ingest::{Ingest, IngestConfig, MetricsRender};
+use processors::workflow::WorkflowConfig;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A high-throughput ingestion and stream-processing pipeline for drone deliveries:
+/// HTTP in, Kafka in the middle, Parquet history out, SQL on top.
+#[derive(Debug, Parser)]
+#[command(name = "dronedelivery", version)]
+struct Cli {
+    /// Log filter, in `RUST_LOG` syntax (`info`, `debug`, `ingest=debug,info`, ...).
+    #[arg(long, env = "DRONEDELIVERY_LOG", default_value = "info", global = true)]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole pipeline in one process: ingestion, processors and history sink.
+    /// Without --brokers it starts an in-memory Kafka broker.
+    Run(Box<RunArgs>),
+    /// Run the HTTP ingestion tier alone against a Kafka cluster.
+    Ingest(Box<IngestArgs>),
+    /// Run the stream processors (workflow fan-out) against a Kafka cluster.
+    Process(Box<ProcessArgs>),
+    /// Run the history sink (Kafka to Parquet) against a Kafka cluster.
+    History(Box<HistoryArgs>),
+    /// Run one SQL query over the history and print the result.
+    Sql(SqlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    producer: ProducerArgs,
+    #[command(flatten)]
+    ingest: IngestConfig,
+    #[command(flatten)]
+    workflow: WorkflowConfig,
+    #[command(flatten)]
+    sink: SinkConfig,
+}
+
+#[derive(Debug, clap::Args)]
+struct IngestArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    producer: ProducerArgs,
+    #[command(flatten)]
+    ingest: IngestConfig,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProcessArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    producer: ProducerArgs,
+    #[command(flatten)]
+    workflow: WorkflowConfig,
+}
+
+#[derive(Debug, clap::Args)]
+struct HistoryArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    sink: SinkConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(*args).await,
+            Command::Ingest(args) => ingest_only(*args).await,
+            Command::Process(args) => process_only(*args).await,
+            Command::History(args) => history_only(*args).await,
+            Command::Sql(args) => sql(args).await,
+        }
+    });
+    // librdkafka and DataFusion may leave blocking threads behind; do not wait for them.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Installs the Prometheus recorder and returns what renders it.
+fn init_metrics() -> Result<MetricsRender> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(Arc::new(move || handle.render()))
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C / SIGINT or SIGTERM).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+/// A service task's outcome, with its panic or error turned into this process's error.
+fn outcome<E>(name: &str, joined: Result<Result<(), E>, tokio::task::JoinError>) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    joined
+        .with_context(|| format!("{name} task panicked"))?
+        .with_context(|| format!("{name} failed"))
+}
+
+/// Waits for a service task.
+async fn join<E>(name: &str, task: JoinHandle<Result<(), E>>) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    outcome(name, task.await)
+}
+
+/// Brokers from the flags, or an embedded in-memory broker when none are given and
+/// `allow_embedded`.
+async fn connect(
+    kafka: &KafkaArgs,
+    allow_embedded: bool,
+) -> Result<(ClientSettings, Option<EmbeddedBroker>)> {
+    let wants_embedded = kafka.brokers.is_none() && kafka.eventhubs_connection_string.is_none();
+    if wants_embedded && allow_embedded {
+        let broker = EmbeddedBroker::start(1, &schemas::topics::ALL)
+            .context("starting the embedded broker")?;
+        tracing::warn!(
+            bootstrap = broker.bootstrap_servers(),
+            "the bus is IN MEMORY (embedded broker): records not yet in the history are lost \
+             if the process dies; give --brokers for a durable Kafka cluster"
+        );
+        let settings = ClientSettings::from_args(kafka, Some(broker.bootstrap_servers()))?;
+        return Ok((settings, Some(broker)));
+    }
+    let settings = ClientSettings::from_args(kafka, None)?;
+    bus::ensure_topics(&settings, &schemas::topics::ALL)
+        .await
+        .context("creating the pipeline's topics")?;
+    Ok((settings, None))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let render = init_metrics()?;
+    let (settings, embedded) = connect(&args.kafka, true).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let ingest = Ingest::bind(args.ingest, producer.clone())
+        .await?
+        .with_metrics(render);
+    let addr = ingest.local_addr()?;
+
+    let stop_front = CancellationToken::new();
+    let stop_back = CancellationToken::new();
+    let mut ingest_task = tokio::spawn(ingest.run(stop_front.clone()));
+    let mut workflow_task = tokio::spawn(processors::workflow::run(
+        args.workflow,
+        settings.clone(),
+        producer.clone(),
+        stop_back.clone(),
+    ));
+    // An in-memory bus is gone when the process exits: on shutdown the sink first reads
+    // everything the front end acknowledged.
+    let on_shutdown = if embedded.is_some() {
+        OnShutdown::Drain(Duration::from_secs(30))
+    } else {
+        OnShutdown::Stop
+    };
+    let mut sink_task = tokio::spawn(analytics::sink::run(
+        args.sink,
+        settings.clone(),
+        stop_back.clone(),
+        on_shutdown,
+    ));
+    println!("dronedelivery listening on http://{addr}");
+    tracing::info!(%addr, "dronedelivery listening on http://{addr}");
+
+    // Run until asked to stop, or until a service stops on its own (an error).
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut ingest_task => Some(("ingest", outcome("ingest", r))),
+        r = &mut workflow_task => Some(("workflow", outcome("workflow", r))),
+        r = &mut sink_task => Some(("history sink", outcome("history sink", r))),
+    };
+    // Front end first (stop accepting, drain in-flight requests, flush), then the back
+    // ends, so that they see every record the front end acknowledged.
+    let finished = early.as_ref().map(|(name, _)| *name);
+    let mut result = match early {
+        Some((_, Err(e))) => Err(e),
+        Some((name, Ok(()))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+        None => Ok(()),
+    };
+    stop_front.cancel();
+    if finished != Some("ingest") {
+        result = result.and(join("ingest", ingest_task).await);
+    }
+    stop_back.cancel();
+    if finished != Some("workflow") {
+        result = result.and(join("workflow", workflow_task).await);
+    }
+    if finished != Some("history sink") {
+        result = result.and(join("history sink", sink_task).await);
+    }
+    let flushed =
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "producer flush incomplete");
+    }
+    drop(embedded);
+    tracing::info!("dronedelivery stopped");
+    result
+}
+
+async fn ingest_only(args: IngestArgs) -> Result<()> {
+    let render = init_metrics()?;
+    let (settings, _) = connect(&args.kafka, false).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let ingest = Ingest::bind(args.ingest, producer)
+        .await?
+        .with_metrics(render);
+    tracing::info!(addr = %ingest.local_addr()?, "ingest listening");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(ingest.run(stop.clone()));
+    shutdown_signal().await;
+    stop.cancel();
+    join("ingest", task).await
+}
+
+async fn process_only(args: ProcessArgs) -> Result<()> {
+    init_metrics()?;
+    let (settings, _) = connect(&args.kafka, false).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(processors::workflow::run(
+        args.workflow,
+        settings,
+        producer.clone(),
+        stop.clone(),
+    ));
+    shutdown_signal().await;
+    stop.cancel();
+    let result = join("workflow", task).await;
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    result
+}
+
+async fn history_only(args: HistoryArgs) -> Result<()> {
+    init_metrics()?;
+    let (settings, _) = connect(&args.kafka, false).await?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(analytics::sink::run(
+        args.sink,
+        settings,
+        stop.clone(),
+        OnShutdown::Stop,
+    ));
+    shutdown_signal().await;
+    stop.cancel();
+    join("history sink", task).await
+}
+
+async fn sql(args: SqlArgs) -> Result<()> {
+    let history = History::open(&args.data, &args.limits).await?;
+    let batches = history.query(&args.query).await?;
+    print!("{}", analytics::sql::render(&batches, args.format)?);
+    Ok(())
+}

@@ -1,1 +1,24 @@
-//! bus
+//! The Kafka boundary of the pipeline.
+//!
+//! This crate owns everything that talks the Kafka protocol: client settings (plain Kafka
+//! and Azure Event Hubs' Kafka endpoint), the producer, the consumer with offsets stored
+//! only once a record was handled, topic creation, and the embedded broker that `run` uses
+//! when no `--brokers` is given (librdkafka's in-process mock cluster).
+//!
+//! It is the only crate that imports `rdkafka`; services see the small types defined here.
+//! It knows topics only as the `schemas` crate names them and decides nothing about what a
+//! record means.
+
+mod admin;
+mod consumer;
+mod embedded;
+mod error;
+mod producer;
+mod settings;
+
+pub use admin::ensure_topics;
+pub use consumer::{Consumer, Received};
+pub use embedded::EmbeddedBroker;
+pub use error::{BusError, Result};
+pub use producer::{Delivered, OutRecord, Producer};
+pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings};

@@ -1,1 +1,16 @@
-//! ingest
+//! The HTTP ingestion tier: the front door that business clients post delivery requests to.
+//!
+//! It owns the HTTP listener, request limits, validation at the edge and the answer to the
+//! client. A 202 means durable: the tier answers only after the broker acknowledged the
+//! record (`acks=all`, idempotent producer). The record's payload is the client's own
+//! bytes, keyed by delivery id; what the tier adds travels in Kafka headers.
+//!
+//! It must not decide anything downstream (scheduling, state) and never imports the
+//! processors or analytics crates: it meets them only through the `delivery-requests`
+//! topic.
+
+mod error;
+mod server;
+
+pub use error::{IngestError, Result};
+pub use server::{Ingest, IngestConfig, MetricsRender};

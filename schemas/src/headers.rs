@@ -14,9 +14,11 @@ pub const CONTENT_TYPE: &str = "content-type";
 pub const INGEST_TIME: &str = "dd-ingest-time";
 /// The id that ties a record to the HTTP request and log lines it came from.
 pub const CORRELATION_ID: &str = "dd-correlation-id";
+/// The delivery id, on records keyed by something else (such as a region).
+pub const DELIVERY_ID: &str = "dd-delivery-id";
 /// On a dead letter: why the record could not be processed.
 pub const DEAD_LETTER_REASON: &str = "dd-dead-letter-reason";
-/// On a dead letter: the topic the record came from.
+/// On a dead letter: where the record came from, `topic/partition/offset`.
 pub const DEAD_LETTER_SOURCE: &str = "dd-dead-letter-source";
 
 /// The current schema version of delivery request payloads.

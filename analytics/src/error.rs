@@ -1,0 +1,72 @@
+//! The one error type of the analytics crate.
+
+/// What can go wrong in the history sink or a query.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    /// The `--data` location is malformed or not supported.
+    #[error("data location {location:?}: {reason}")]
+    Location {
+        /// What was given.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading or writing the object store failed.
+    #[error("object store error while {action}: {source}")]
+    Store {
+        /// What the sink was doing.
+        action: &'static str,
+        /// The store's error.
+        source: object_store::Error,
+    },
+    /// Encoding a Parquet file failed.
+    #[error("parquet error while {action}: {source}")]
+    Parquet {
+        /// What the sink was doing.
+        action: &'static str,
+        /// The Parquet error.
+        source: parquet::errors::ParquetError,
+    },
+    /// Building Arrow data failed.
+    #[error("arrow error while {action}: {source}")]
+    Arrow {
+        /// What was being built.
+        action: &'static str,
+        /// The Arrow error.
+        source: arrow::error::ArrowError,
+    },
+    /// The statement is not a read-only query.
+    #[error("only read-only queries are allowed: {reason}")]
+    ReadOnly {
+        /// What was refused.
+        reason: String,
+    },
+    /// The query failed (syntax, planning, execution or a limit).
+    #[error("query failed: {source}")]
+    Query {
+        /// DataFusion's error.
+        source: datafusion::error::DataFusionError,
+    },
+    /// The query ran longer than the time limit.
+    #[error("query exceeded the time limit of {limit:?}")]
+    Timeout {
+        /// The limit.
+        limit: std::time::Duration,
+    },
+    /// The Kafka boundary failed.
+    #[error("{source}")]
+    Bus {
+        /// The bus error.
+        #[from]
+        source: bus::BusError,
+    },
+    /// A background task failed.
+    #[error("task failed: {reason}")]
+    Task {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The analytics result type.
+pub type Result<T, E = AnalyticsError> = std::result::Result<T, E>;

@@ -1,0 +1,217 @@
+//! A group consumer whose offsets move only when the application says a record is done.
+//!
+//! `enable.auto.offset.store` is off: the application calls [`Consumer::store`] once
+//! everything a record produced was acknowledged (or, for the history sink, once the file
+//! holding it is durable); librdkafka commits stored offsets in the background, and
+//! [`Consumer::commit`] commits them at once (on shutdown, before leaving the group).
+
+use std::time::Duration;
+
+use rdkafka::Message as _;
+use rdkafka::Offset;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers as _};
+
+use crate::error::{BusError, Result};
+use crate::settings::ClientSettings;
+
+/// A consumer subscribed to some topics as a member of one group.
+pub struct Consumer {
+    inner: StreamConsumer,
+    group: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+/// A record as received, borrowed from the consumer's buffer.
+pub struct Received<'a> {
+    message: BorrowedMessage<'a>,
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("topic", &self.topic())
+            .field("partition", &self.partition())
+            .field("offset", &self.offset())
+            .finish()
+    }
+}
+
+impl Received<'_> {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        self.message.topic()
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> i32 {
+        self.message.partition()
+    }
+
+    /// The offset within the partition.
+    pub fn offset(&self) -> i64 {
+        self.message.offset()
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.message.key()
+    }
+
+    /// The payload, if any.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.message.payload()
+    }
+
+    /// The record's timestamp in milliseconds since the Unix epoch, if it has one.
+    pub fn timestamp_millis(&self) -> Option<i64> {
+        self.message.timestamp().to_millis()
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.message
+            .headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+    }
+
+    /// Every header, in order.
+    pub fn headers(&self) -> Vec<(&str, &[u8])> {
+        self.message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key, h.value.unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Consumer {
+    /// Joins `group` and subscribes to `topics`. Partitions are assigned asynchronously
+    /// once the group is formed.
+    pub fn subscribe(settings: &ClientSettings, group: &str, topics: &[&str]) -> Result<Self> {
+        let inner: StreamConsumer = settings
+            .consumer_config(group)
+            .create()
+            .map_err(BusError::client("creating a consumer"))?;
+        inner
+            .subscribe(topics)
+            .map_err(BusError::client("subscribing"))?;
+        Ok(Self {
+            inner,
+            group: group.to_owned(),
+        })
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Waits for the next record.
+    pub async fn recv(&self) -> Result<Received<'_>> {
+        let message = self
+            .inner
+            .recv()
+            .await
+            .map_err(BusError::client("receiving"))?;
+        Ok(Received { message })
+    }
+
+    /// Marks the record at `offset` of `topic`/`partition` (and every record before it)
+    /// as done: the next commit moves the group past it.
+    ///
+    /// Storing for a partition this member no longer owns (it was revoked in a
+    /// rebalance) fails; the new owner re-reads the record, which is why handlers are
+    /// idempotent.
+    pub fn store(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        self.inner
+            .store_offset(topic, partition, offset)
+            .map_err(BusError::client("storing an offset"))
+    }
+
+    /// Commits the stored offsets now and waits for the broker's answer. Blocks the
+    /// calling thread.
+    pub fn commit(&self) -> Result<()> {
+        match self.inner.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => Ok(()),
+            // Nothing stored since the last commit.
+            Err(e)
+                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::NoOffset) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(BusError::Client {
+                action: "committing offsets",
+                source: e,
+            }),
+        }
+    }
+
+    /// Whether this member has read everything currently in its assigned partitions: its
+    /// position is at the high watermark of each (or, before it read anything from a
+    /// partition, the group's committed offset is). `false` while no partition is
+    /// assigned yet. Blocks the calling thread for up to `timeout` per partition.
+    pub fn caught_up(&self, timeout: Duration) -> Result<bool> {
+        let assignment = self
+            .inner
+            .assignment()
+            .map_err(BusError::client("reading the assignment"))?;
+        if assignment.count() == 0 {
+            return Ok(false);
+        }
+        let position = self
+            .inner
+            .position()
+            .map_err(BusError::client("reading the position"))?;
+        let mut committed = None;
+        for elem in assignment.elements() {
+            let (topic, partition) = (elem.topic(), elem.partition());
+            let (low, high) = self
+                .inner
+                .fetch_watermarks(topic, partition, timeout)
+                .map_err(BusError::client("fetching watermarks"))?;
+            if high <= low {
+                continue;
+            }
+            let at = match position
+                .find_partition(topic, partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(at)) => at,
+                _ => {
+                    let committed = match &committed {
+                        Some(c) => c,
+                        None => committed.insert(
+                            self.inner
+                                .committed(timeout)
+                                .map_err(BusError::client("reading committed offsets"))?,
+                        ),
+                    };
+                    match committed
+                        .find_partition(topic, partition)
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(at)) => at,
+                        _ => low,
+                    }
+                }
+            };
+            if at < high {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,84 @@
+//! The one error type of the bus.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// What can go wrong at the Kafka boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A setting is missing or malformed.
+    #[error("invalid Kafka setting {key}: {reason}")]
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The librdkafka client could not be created or refused an operation.
+    #[error("Kafka client error while {action}: {source}")]
+    Client {
+        /// What the client was doing.
+        action: &'static str,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The producer's local queue is full: the broker is slower than the input. Callers
+    /// answer with backpressure (503) rather than wait without bound.
+    #[error("the producer queue is full")]
+    QueueFull,
+    /// The broker did not acknowledge a record (it timed out, or the broker refused it).
+    #[error("record to {topic} was not acknowledged: {source}")]
+    NotAcknowledged {
+        /// The topic the record was for.
+        topic: String,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
+    /// The producer was dropped before the record's fate was known.
+    #[error("record to {topic} was cancelled before it was acknowledged")]
+    Cancelled {
+        /// The topic the record was for.
+        topic: String,
+    },
+    /// The embedded broker could not be started or driven.
+    #[error("embedded broker: {reason}")]
+    Embedded {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl BusError {
+    pub(crate) fn client(action: &'static str) -> impl FnOnce(KafkaError) -> Self {
+        move |source| Self::Client { action, source }
+    }
+
+    /// Whether the error is transient: the same call may succeed later (queue full,
+    /// timeouts, broker transport failures), so an HTTP caller answers 503 with
+    /// `Retry-After` rather than 500.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::QueueFull | Self::Cancelled { .. } => true,
+            Self::NotAcknowledged { source, .. } | Self::Client { source, .. } => {
+                matches!(
+                    source.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::MessageTimedOut
+                            | RDKafkaErrorCode::QueueFull
+                            | RDKafkaErrorCode::BrokerTransportFailure
+                            | RDKafkaErrorCode::AllBrokersDown
+                            | RDKafkaErrorCode::RequestTimedOut
+                            | RDKafkaErrorCode::NotEnoughReplicas
+                            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                            | RDKafkaErrorCode::LeaderNotAvailable
+                            | RDKafkaErrorCode::NotLeaderForPartition
+                            | RDKafkaErrorCode::OperationTimedOut
+                    )
+                )
+            }
+            Self::Config { .. } | Self::Embedded { .. } => false,
+        }
+    }
+}
+
+/// The bus's result type.
+pub type Result<T, E = BusError> = std::result::Result<T, E>;

@@ -1,0 +1,136 @@
+//! The durable producer: a record counts as sent only once the broker acknowledged it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+
+use crate::error::{BusError, Result};
+use crate::settings::{ClientSettings, ProducerArgs};
+
+/// A record to produce. Key and payload are borrowed: the caller's bytes are handed to
+/// librdkafka as they are, never re-serialized.
+#[derive(Debug, Clone, Copy)]
+pub struct OutRecord<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// The key, which decides the partition.
+    pub key: &'a [u8],
+    /// The payload.
+    pub payload: &'a [u8],
+    /// Headers, in order.
+    pub headers: &'a [(&'a str, &'a [u8])],
+}
+
+/// Where an acknowledged record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
+
+/// A cheap-to-clone handle on one librdkafka producer (`acks=all`, idempotent).
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("in_flight", &self.inner.in_flight_count())
+            .finish()
+    }
+}
+
+impl Producer {
+    /// Creates a producer. librdkafka connects lazily, so this succeeds without a broker.
+    pub fn new(settings: &ClientSettings, tuning: &ProducerArgs) -> Result<Self> {
+        let inner = settings
+            .producer_config(tuning)
+            .create()
+            .map_err(BusError::client("creating the producer"))?;
+        Ok(Self {
+            inner,
+            ack_timeout: tuning.ack_timeout(),
+        })
+    }
+
+    /// Enqueues a record and returns a future that resolves when the broker acknowledged
+    /// it (or refused it, or the acknowledgement timeout passed).
+    ///
+    /// Enqueuing never waits: when the local queue is full the call fails at once with
+    /// [`BusError::QueueFull`], so the caller can push back on its own client.
+    pub fn send(
+        &self,
+        record: OutRecord<'_>,
+    ) -> Result<impl Future<Output = Result<Delivered>> + Send + 'static> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(*value),
+            });
+        }
+        let future = FutureRecord::to(record.topic)
+            .key(record.key)
+            .payload(record.payload)
+            .headers(headers);
+        let delivery = self.inner.send_result(future).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => BusError::QueueFull,
+            e => BusError::Client {
+                action: "enqueuing a record",
+                source: e,
+            },
+        })?;
+        let topic = record.topic.to_owned();
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(d)) => Ok(Delivered {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((source, _))) => Err(BusError::NotAcknowledged { topic, source }),
+                Err(_) => Err(BusError::Cancelled { topic }),
+            }
+        })
+    }
+
+    /// Sends a record and waits for its acknowledgement.
+    pub async fn send_and_wait(&self, record: OutRecord<'_>) -> Result<Delivered> {
+        self.send(record)?.await
+    }
+
+    /// How long a record may wait for its acknowledgement before it fails.
+    pub fn ack_timeout(&self) -> Duration {
+        self.ack_timeout
+    }
+
+    /// Records enqueued and not yet acknowledged or failed.
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for every enqueued record to be acknowledged or failed.
+    /// Blocks the calling thread: call it from `spawn_blocking` in async code.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.inner
+            .flush(timeout)
+            .map_err(BusError::client("flushing the producer"))
+    }
+
+    /// Asks the cluster for metadata of `topic`: a cheap check that a broker answers.
+    /// Blocks the calling thread.
+    pub fn check_reachable(&self, topic: &str, timeout: Duration) -> Result<()> {
+        self.inner
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .map(|_| ())
+            .map_err(BusError::client("fetching metadata"))
+    }
+}

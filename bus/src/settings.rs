@@ -1,0 +1,388 @@
+//! Kafka client settings: where the brokers are, how to authenticate, and how producers
+//! and consumers are tuned. Parsed by the binary from flags and environment variables;
+//! this crate never reads the environment itself.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::error::{BusError, Result};
+
+/// Where the Kafka cluster is and how to reach it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`. Without it (and without an
+    /// Event Hubs connection string), `run` starts an in-memory broker.
+    #[arg(long, env = "DRONEDELIVERY_BROKERS", value_name = "HOST:PORT,...")]
+    pub brokers: Option<String>,
+
+    /// Azure Event Hubs connection string (`Endpoint=sb://NAMESPACE.servicebus.windows.net/;
+    /// SharedAccessKeyName=...;SharedAccessKey=...`). Sets the brokers to the namespace's
+    /// Kafka endpoint with SASL_SSL/PLAIN and the timeouts Event Hubs needs.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_EVENTHUBS_CONNECTION_STRING",
+        hide_env_values = true,
+        conflicts_with = "brokers"
+    )]
+    pub eventhubs_connection_string: Option<String>,
+
+    /// An extra librdkafka setting, `key=value`, applied after every other setting (so it
+    /// wins). Repeatable: `--kafka-option security.protocol=SASL_SSL --kafka-option ...`.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+
+    /// Replication factor of the topics the pipeline creates when they do not exist.
+    #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
+}
+
+impl Default for KafkaArgs {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            eventhubs_connection_string: None,
+            kafka_options: Vec::new(),
+            replication_factor: 1,
+        }
+    }
+}
+
+/// How the producer trades latency for throughput. Every record is still acknowledged by
+/// all in-sync replicas (`acks=all`) with the idempotent producer, whatever these say.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProducerArgs {
+    /// How long the producer waits to fill a batch before sending it (librdkafka
+    /// `linger.ms`).
+    #[arg(long, env = "DRONEDELIVERY_PRODUCER_LINGER_MS", default_value_t = 5)]
+    pub producer_linger_ms: u32,
+
+    /// Compression of producer batches: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, env = "DRONEDELIVERY_PRODUCER_COMPRESSION", default_value = "lz4",
+          value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub producer_compression: String,
+
+    /// Most records waiting in the producer's local queue; past it a send fails at once
+    /// with "queue full" and the HTTP tier answers 503.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_PRODUCER_QUEUE_RECORDS",
+        default_value_t = 500_000
+    )]
+    pub producer_queue_records: u32,
+
+    /// Most kilobytes waiting in the producer's local queue (the memory bound of
+    /// unacknowledged records).
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_PRODUCER_QUEUE_KBYTES",
+        default_value_t = 262_144
+    )]
+    pub producer_queue_kbytes: u32,
+
+    /// How long a record may wait for the broker's acknowledgement before it fails
+    /// (librdkafka `message.timeout.ms`), in milliseconds.
+    #[arg(long, env = "DRONEDELIVERY_ACK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub ack_timeout_ms: u32,
+}
+
+impl Default for ProducerArgs {
+    fn default() -> Self {
+        Self {
+            producer_linger_ms: 5,
+            producer_compression: "lz4".into(),
+            producer_queue_records: 500_000,
+            producer_queue_kbytes: 262_144,
+            ack_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ProducerArgs {
+    /// The acknowledgement timeout as a duration.
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.ack_timeout_ms))
+    }
+}
+
+fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not key=value"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!("`{s}` has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Resolved client settings: the librdkafka properties every client of the pipeline
+/// shares, before the producer's or consumer's own.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// Settings applied after the bootstrap servers, in order.
+    pub properties: Vec<(String, String)>,
+    /// Settings applied last of all (the user's `--kafka-option`s).
+    pub overrides: Vec<(String, String)>,
+    /// Replication factor for topics the pipeline creates.
+    pub replication_factor: i32,
+}
+
+impl ClientSettings {
+    /// Settings for a broker at `bootstrap_servers` with no authentication.
+    pub fn plain(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            properties: Vec::new(),
+            overrides: Vec::new(),
+            replication_factor: 1,
+        }
+    }
+
+    /// Resolves the flags. `embedded` gives the bootstrap servers of an embedded broker,
+    /// used when neither `--brokers` nor an Event Hubs connection string is set.
+    pub fn from_args(args: &KafkaArgs, embedded: Option<&str>) -> Result<Self> {
+        let mut settings = match (&args.brokers, &args.eventhubs_connection_string, embedded) {
+            (_, Some(conn), _) => eventhubs_settings(conn)?,
+            (Some(brokers), None, _) => Self::plain(brokers.clone()),
+            (None, None, Some(embedded)) => Self::plain(embedded),
+            (None, None, None) => {
+                return Err(BusError::Config {
+                    key: "brokers".into(),
+                    reason: "no brokers: give --brokers or an Event Hubs connection string".into(),
+                });
+            }
+        };
+        if settings.bootstrap_servers.trim().is_empty() {
+            return Err(BusError::Config {
+                key: "brokers".into(),
+                reason: "is empty".into(),
+            });
+        }
+        settings.overrides = args.kafka_options.clone();
+        if args.replication_factor < 1 {
+            return Err(BusError::Config {
+                key: "replication-factor".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        settings.replication_factor = args.replication_factor;
+        Ok(settings)
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        config.set("client.id", "dronedelivery");
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+
+    fn finish(&self, mut config: ClientConfig) -> ClientConfig {
+        for (k, v) in &self.overrides {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// The configuration of an admin client.
+    pub(crate) fn admin_config(&self) -> ClientConfig {
+        self.finish(self.base())
+    }
+
+    /// The configuration of a durable producer: `acks=all`, idempotent, with the given
+    /// batching, compression, queue bounds and acknowledgement timeout.
+    pub(crate) fn producer_config(&self, tuning: &ProducerArgs) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", tuning.producer_linger_ms.to_string())
+            .set("compression.type", &tuning.producer_compression)
+            .set(
+                "queue.buffering.max.messages",
+                tuning.producer_queue_records.to_string(),
+            )
+            .set(
+                "queue.buffering.max.kbytes",
+                tuning.producer_queue_kbytes.to_string(),
+            )
+            .set("message.timeout.ms", tuning.ack_timeout_ms.to_string())
+            .set("batch.size", "1000000");
+        self.finish(config)
+    }
+
+    /// The configuration of a consumer in `group`: offsets are stored by the application
+    /// only once a record was handled (`enable.auto.offset.store=false`) and the stored
+    /// offsets are committed in the background and on close.
+    pub(crate) fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        self.finish(config)
+    }
+}
+
+/// Settings for Azure Event Hubs' Kafka endpoint from a namespace connection string.
+///
+/// The brokers are `NAMESPACE.servicebus.windows.net:9093`, authentication is SASL_SSL
+/// with PLAIN, user `$ConnectionString` and the connection string as password, and the
+/// timeouts follow Event Hubs' recommendations for Kafka clients.
+pub fn eventhubs_settings(connection_string: &str) -> Result<ClientSettings> {
+    let err = |reason: &str| BusError::Config {
+        key: "eventhubs-connection-string".into(),
+        reason: reason.into(),
+    };
+    let endpoint = connection_string
+        .split(';')
+        .filter_map(|part| part.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("Endpoint"))
+        .map(|(_, v)| v.trim())
+        .ok_or_else(|| err("has no Endpoint=sb://NAMESPACE.servicebus.windows.net/"))?;
+    let host = endpoint
+        .strip_prefix("sb://")
+        .ok_or_else(|| err("Endpoint must start with sb://"))?
+        .trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', ':', ' ']) {
+        return Err(err("Endpoint must be sb://HOST/"));
+    }
+    let has_key = connection_string.split(';').any(|part| {
+        part.split_once('=').is_some_and(|(k, _)| {
+            let k = k.trim();
+            k.eq_ignore_ascii_case("SharedAccessKey")
+                || k.eq_ignore_ascii_case("SharedAccessSignature")
+        })
+    });
+    if !has_key {
+        return Err(err("has no SharedAccessKey or SharedAccessSignature"));
+    }
+    let properties = [
+        ("security.protocol", "SASL_SSL"),
+        ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", "$ConnectionString"),
+        ("sasl.password", connection_string),
+        // Event Hubs closes idle connections after 240 s and needs longer timeouts than
+        // librdkafka's defaults.
+        ("socket.keepalive.enable", "true"),
+        ("metadata.max.age.ms", "180000"),
+        ("connections.max.idle.ms", "180000"),
+        ("request.timeout.ms", "60000"),
+        ("session.timeout.ms", "30000"),
+        ("heartbeat.interval.ms", "3000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    Ok(ClientSettings {
+        bootstrap_servers: format!("{host}:9093"),
+        properties,
+        overrides: Vec::new(),
+        replication_factor: 3,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    const CONN: &str = "Endpoint=sb://fabrikam.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=abc=";
+
+    #[test]
+    fn eventhubs_connection_string_sets_sasl_ssl() {
+        let s = eventhubs_settings(CONN).unwrap();
+        assert_eq!(s.bootstrap_servers, "fabrikam.servicebus.windows.net:9093");
+        let get = |k: &str| {
+            s.properties
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(get("sasl.username"), Some("$ConnectionString"));
+        assert_eq!(get("sasl.password"), Some(CONN));
+    }
+
+    #[test]
+    fn bad_eventhubs_connection_strings_are_rejected() {
+        for bad in [
+            "",
+            "SharedAccessKey=x",
+            "Endpoint=https://x.servicebus.windows.net/;SharedAccessKey=x",
+            "Endpoint=sb://x.servicebus.windows.net/",
+            "Endpoint=sb:///;SharedAccessKey=x",
+        ] {
+            assert!(eventhubs_settings(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kafka_options_are_key_value_and_win() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--brokers",
+            "127.0.0.1:9092",
+            "--kafka-option",
+            "linger.ms=50",
+            "--kafka-option",
+            "client.id=a=b",
+        ])
+        .unwrap();
+        let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
+        assert_eq!(s.bootstrap_servers, "127.0.0.1:9092");
+        let config = s.producer_config(&ProducerArgs::default());
+        assert_eq!(config.get("linger.ms"), Some("50"));
+        assert_eq!(config.get("client.id"), Some("a=b"));
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert!(Cli::try_parse_from(["x", "--kafka-option", "novalue"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--kafka-option", "=v"]).is_err());
+    }
+
+    #[test]
+    fn embedded_broker_is_used_only_without_brokers() {
+        let none = KafkaArgs::default();
+        assert_eq!(
+            ClientSettings::from_args(&none, Some("127.0.0.1:1"))
+                .unwrap()
+                .bootstrap_servers,
+            "127.0.0.1:1"
+        );
+        assert!(ClientSettings::from_args(&none, None).is_err());
+        let given = KafkaArgs {
+            brokers: Some("b:9092".into()),
+            ..KafkaArgs::default()
+        };
+        assert_eq!(
+            ClientSettings::from_args(&given, Some("127.0.0.1:1"))
+                .unwrap()
+                .bootstrap_servers,
+            "b:9092"
+        );
+    }
+
+    #[test]
+    fn consumers_store_offsets_only_by_hand() {
+        let c = ClientSettings::plain("b:1").consumer_config("g");
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("g"));
+    }
+}

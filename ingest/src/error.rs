@@ -1,0 +1,149 @@
+//! The one error type of the ingestion tier, and the one place where errors become HTTP
+//! status codes and bodies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode, header};
+use schemas::ValidationError;
+
+/// Everything the ingestion tier can answer other than success.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The request failed validation.
+    #[error("invalid delivery request: {0}")]
+    Invalid(#[from] ValidationError),
+    /// The body is larger than the configured limit.
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body is not JSON.
+    #[error("unsupported content type {content_type:?}: send application/json")]
+    UnsupportedMediaType {
+        /// What the client sent.
+        content_type: String,
+    },
+    /// The body could not be read (the client went away or sent a broken stream).
+    #[error("cannot read the body: {reason}")]
+    BodyRead {
+        /// What went wrong.
+        reason: String,
+    },
+    /// No such route.
+    #[error("no route for {path}")]
+    NotFound {
+        /// The path asked for.
+        path: String,
+    },
+    /// The route exists but not for this method.
+    #[error("method not allowed; allowed: {allow}")]
+    MethodNotAllowed {
+        /// The methods the route takes.
+        allow: &'static str,
+    },
+    /// The broker did not take the record in time, or too much is in flight: the client
+    /// should retry after the given delay. Nothing was accepted.
+    #[error("service unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// A fault of the service itself.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The ingestion tier's result type.
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+impl IngestError {
+    /// The HTTP status of the error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Invalid(_) | Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Invalid(_) => "invalid",
+            Self::PayloadTooLarge { .. } => "too_large",
+            Self::UnsupportedMediaType { .. } => "media_type",
+            Self::BodyRead { .. } => "body_read",
+            Self::NotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal { .. } => "internal",
+        }
+    }
+
+    /// The JSON answer: `{"error": .., "field": .., "reason": ..}` (field only for
+    /// validation errors), with `Retry-After` or `Allow` where they apply.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = match &self {
+            Self::Invalid(e) => serde_json::json!({
+                "error": "invalid delivery request",
+                "field": e.field,
+                "reason": e.reason,
+            }),
+            other => serde_json::json!({ "error": other.to_string() }),
+        };
+        let mut builder = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json");
+        match &self {
+            Self::Unavailable { retry_after, .. } => {
+                builder = builder.header(
+                    header::RETRY_AFTER,
+                    retry_after.as_secs().max(1).to_string(),
+                );
+            }
+            Self::MethodNotAllowed { allow } => {
+                builder = builder.header(header::ALLOW, *allow);
+            }
+            _ => {}
+        }
+        builder
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_headers() {
+        let e = IngestError::Unavailable {
+            reason: "queue full".into(),
+            retry_after: Duration::from_millis(200),
+        };
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let e = IngestError::Invalid(ValidationError {
+            field: "ownerId".into(),
+            reason: "is required".into(),
+        });
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let r = IngestError::MethodNotAllowed { allow: "POST" }.into_response();
+        assert_eq!(r.headers()[header::ALLOW], "POST");
+    }
+}

@@ -1,0 +1,378 @@
+//! The listener, the routes and the request handlers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus::{OutRecord, Producer};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use schemas::headers as h;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{IngestError, Result};
+
+/// Renders the process's metrics in the Prometheus text format.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Settings of the HTTP ingestion tier.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestConfig {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Largest accepted body of a single delivery request, in bytes; larger ones get 413.
+    #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Most requests handled at once; past it clients get 503 with Retry-After.
+    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// How long shutdown waits for in-flight requests to finish, in seconds.
+    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_request_bytes: 64 * 1024,
+            max_in_flight: 4096,
+            drain_secs: 30,
+        }
+    }
+}
+
+/// What every handler shares.
+struct App {
+    config: IngestConfig,
+    producer: Producer,
+    in_flight: Semaphore,
+    metrics: Option<MetricsRender>,
+}
+
+/// The ingestion tier, bound to its listener and ready to serve.
+pub struct Ingest {
+    listener: TcpListener,
+    app: Arc<App>,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("listen", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Ingest {
+    /// Binds the listener. Records go out through `producer`.
+    pub async fn bind(config: IngestConfig, producer: Producer) -> Result<Self> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| IngestError::Internal {
+                    reason: format!("cannot listen on {}: {e}", config.listen),
+                })?;
+        let in_flight = Semaphore::new(config.max_in_flight.max(1));
+        Ok(Self {
+            listener,
+            app: Arc::new(App {
+                config,
+                producer,
+                in_flight,
+                metrics: None,
+            }),
+        })
+    }
+
+    /// Serves `/metrics` with `render`.
+    pub fn with_metrics(mut self, render: MetricsRender) -> Self {
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.metrics = Some(render);
+        }
+        self
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops accepting, lets in-flight
+    /// requests finish (up to the drain time) and flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let app = Arc::clone(&self.app);
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, std::convert::Infallible>(handle(&app, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        let drain = Duration::from_secs(self.app.config.drain_secs);
+        tracing::info!(
+            connections = graceful.count(),
+            "ingest: draining in-flight requests"
+        );
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?drain, "ingest: drain time passed with requests still open");
+        }
+        let producer = self.app.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(drain))
+            .await
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })?;
+        if let Err(e) = flushed {
+            tracing::warn!(error = %e, "ingest: producer flush incomplete");
+        }
+        tracing::info!("ingest: stopped");
+        Ok(())
+    }
+}
+
+async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let route = route_label(req.method(), req.uri().path());
+    let response = match route_request(app, req).await {
+        Ok(response) => response,
+        Err(e) => {
+            if e.status().is_server_error() {
+                tracing::warn!(error = %e, "request failed");
+            }
+            metrics::counter!("ingest_rejections_total", "reason" => e.kind()).increment(1);
+            e.into_response()
+        }
+    };
+    metrics::counter!(
+        "ingest_http_requests_total",
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!("ingest_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn route_label(method: &Method, path: &str) -> &'static str {
+    match (method, path) {
+        (_, "/api/deliveryrequests") => "deliveryrequests",
+        (_, "/healthz") => "healthz",
+        (_, "/metrics") => "metrics",
+        _ => "other",
+    }
+}
+
+async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/api/deliveryrequests") => post_delivery_request(app, req).await,
+        (_, "/api/deliveryrequests") => Err(IngestError::MethodNotAllowed { allow: "POST" }),
+        (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/metrics") => match &app.metrics {
+            Some(render) => Ok(text(StatusCode::OK, render())),
+            None => Err(IngestError::NotFound {
+                path: "/metrics".into(),
+            }),
+        },
+        (_, path) => Err(IngestError::NotFound {
+            path: path.chars().take(256).collect(),
+        }),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Accepts `application/json` (with or without parameters) and a missing content type.
+fn check_json_content_type(req: &Request<Incoming>) -> Result<()> {
+    let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or("");
+    let essence = text.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(IngestError::UnsupportedMediaType {
+            content_type: text.chars().take(100).collect(),
+        })
+    }
+}
+
+/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(IngestError::PayloadTooLarge { limit });
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(IngestError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(IngestError::BodyRead {
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The correlation id of a request: the client's `X-Correlation-Id` when it is a sane
+/// token, a new one otherwise.
+fn correlation_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
+    let retry_after = Duration::from_secs(1);
+    let _permit = app
+        .in_flight
+        .try_acquire()
+        .map_err(|_| IngestError::Unavailable {
+            reason: "too many requests in flight".into(),
+            retry_after,
+        })?;
+    check_json_content_type(&req)?;
+    let correlation = correlation_id(&req);
+    let body = read_body(req, app.config.max_request_bytes).await?;
+    let request = schemas::parse_delivery_request(&body)?;
+    let delivery_id = request
+        .delivery_id
+        .as_deref()
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let ingest_time = now_millis().to_string();
+    let headers: [(&str, &[u8]); 6] = [
+        (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+        (h::TENANT, request.owner_id.as_bytes()),
+        (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
+        (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
+        (h::INGEST_TIME, ingest_time.as_bytes()),
+        (h::CORRELATION_ID, correlation.as_bytes()),
+    ];
+    let record = OutRecord {
+        topic: schemas::topics::DELIVERY_REQUESTS.name,
+        key: delivery_id.as_bytes(),
+        payload: &body,
+        headers: &headers,
+    };
+    let unavailable = |e: bus::BusError| {
+        if e.is_transient() {
+            IngestError::Unavailable {
+                reason: e.to_string(),
+                retry_after,
+            }
+        } else {
+            IngestError::Internal {
+                reason: e.to_string(),
+            }
+        }
+    };
+    let ack = app.producer.send(record).map_err(unavailable)?;
+    // librdkafka fails the record after `message.timeout.ms`; the extra second only
+    // guards against an acknowledgement that never comes back at all.
+    let wait = app.producer.ack_timeout() + Duration::from_secs(1);
+    let delivered = tokio::time::timeout(wait, ack)
+        .await
+        .map_err(|_| IngestError::Unavailable {
+            reason: "the broker did not acknowledge in time".into(),
+            retry_after,
+        })?
+        .map_err(unavailable)?;
+    tracing::debug!(
+        %correlation,
+        delivery_id,
+        partition = delivered.partition,
+        offset = delivered.offset,
+        "accepted"
+    );
+    metrics::counter!("ingest_records_accepted_total").increment(1);
+    let mut response = json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "deliveryId": delivery_id }),
+    );
+    let headers = response.headers_mut();
+    if let Ok(location) = header::HeaderValue::from_str(&format!("/api/deliveries/{delivery_id}")) {
+        headers.insert(header::LOCATION, location);
+    }
+    if let Ok(value) = header::HeaderValue::from_str(&correlation) {
+        headers.insert("x-correlation-id", value);
+    }
+    Ok(response)
+}

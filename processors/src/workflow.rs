@@ -1,0 +1,341 @@
+//! The workflow processor: fan-out of delivery requests.
+//!
+//! For each record of `delivery-requests` it decides (in [`route`], pure and unit-tested)
+//! what to produce: the request to `deliveries` keyed by delivery id and to
+//! `drone-scheduling` keyed by the region of its pickup location, or a dead letter with
+//! the reason when the record cannot be processed. Produced records carry the original
+//! payload bytes and headers.
+//!
+//! Many records are in flight at once, but offsets are stored in the order records were
+//! received, and only once every record a record produced was acknowledged. A record whose
+//! outputs cannot be produced is retried with backoff until it succeeds or the processor
+//! stops; it is never skipped.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bus::{ClientSettings, Consumer, OutRecord, Producer};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use schemas::headers as h;
+use schemas::topics;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ProcessorError, Result};
+
+const NAME: &str = "workflow";
+
+/// Settings of the workflow processor.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkflowConfig {
+    /// Most records whose outputs are awaiting acknowledgement at once.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_WORKFLOW_MAX_IN_FLIGHT",
+        default_value_t = 10_000
+    )]
+    pub workflow_max_in_flight: usize,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        Self {
+            workflow_max_in_flight: 10_000,
+        }
+    }
+}
+
+/// One record to produce, owned so that it can be retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// The topic.
+    pub topic: &'static str,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// The headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Decides what one `delivery-requests` record becomes.
+///
+/// `source` is `topic/partition/offset`, recorded on dead letters.
+pub fn route(
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+    source: &str,
+) -> Vec<Output> {
+    let copy_headers = |extra: &[(&str, &[u8])]| -> Vec<(String, Vec<u8>)> {
+        headers
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+            .collect()
+    };
+    let dead = |reason: &str| {
+        vec![Output {
+            topic: topics::DEAD_LETTERS.name,
+            key: key.unwrap_or_default().to_vec(),
+            payload: payload.unwrap_or_default().to_vec(),
+            headers: copy_headers(&[
+                (h::DEAD_LETTER_REASON, reason.as_bytes()),
+                (h::DEAD_LETTER_SOURCE, source.as_bytes()),
+            ]),
+        }]
+    };
+    let Some(id) = key.filter(|k| !k.is_empty()) else {
+        return dead("record has no key (delivery id)");
+    };
+    let Some(payload) = payload else {
+        return dead("record has no payload");
+    };
+    let event_type = headers
+        .iter()
+        .find(|(k, _)| *k == h::EVENT_TYPE)
+        .map(|(_, v)| *v);
+    if event_type != Some(h::event_type::DELIVERY_REQUESTED.as_bytes()) {
+        let shown = event_type.map_or("none".into(), String::from_utf8_lossy);
+        return dead(&format!("unknown event type {shown}"));
+    }
+    let request = match schemas::parse_delivery_request(payload) {
+        Ok(request) => request,
+        Err(e) => return dead(&format!("invalid delivery request: {e}")),
+    };
+    let region = schemas::delivery::region_of(request.pickup_location);
+    vec![
+        Output {
+            topic: topics::DELIVERIES.name,
+            key: id.to_vec(),
+            payload: payload.to_vec(),
+            headers: copy_headers(&[]),
+        },
+        Output {
+            topic: topics::DRONE_SCHEDULING.name,
+            key: region.into_bytes(),
+            payload: payload.to_vec(),
+            headers: copy_headers(&[(h::DELIVERY_ID, id)]),
+        },
+    ]
+}
+
+/// Produces every output and waits for all acknowledgements, retrying with backoff
+/// until they are all acknowledged or `shutdown` is cancelled (then `false`).
+async fn produce_all(
+    producer: Producer,
+    outputs: Vec<Output>,
+    shutdown: CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    let mut pending: VecDeque<Output> = outputs.into();
+    while let Some(output) = pending.front() {
+        let headers: Vec<(&str, &[u8])> = output
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let record = OutRecord {
+            topic: output.topic,
+            key: &output.key,
+            payload: &output.payload,
+            headers: &headers,
+        };
+        let sent = match producer.send(record) {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(_) => {
+                pending.pop_front();
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => {
+                tracing::warn!(topic = output.topic, error = %e, ?backoff, "workflow: produce failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return false,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    true
+}
+
+/// Runs the workflow processor until `shutdown` is cancelled, then waits for the records
+/// in flight (up to `drain`), stores their offsets and commits.
+pub async fn run(
+    config: WorkflowConfig,
+    settings: ClientSettings,
+    producer: Producer,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let bus_err = |source| ProcessorError::Bus {
+        processor: NAME,
+        source,
+    };
+    let consumer = Consumer::subscribe(
+        &settings,
+        topics::groups::WORKFLOW,
+        &[topics::DELIVERY_REQUESTS.name],
+    )
+    .map_err(bus_err)?;
+    // Cancelled only after the loop stops, so that in-flight retries get their chance.
+    let retries = CancellationToken::new();
+    let mut in_flight = FuturesOrdered::new();
+    let max_in_flight = config.workflow_max_in_flight.max(1);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            Some((partition, offset, ok)) = in_flight.next(), if !in_flight.is_empty() => {
+                if ok {
+                    store(&consumer, partition, offset);
+                }
+            }
+            received = consumer.recv(), if in_flight.len() < max_in_flight => {
+                let record = match received {
+                    Ok(record) => record,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "workflow: receive failed");
+                        continue;
+                    }
+                };
+                let (partition, offset) = (record.partition(), record.offset());
+                let source = format!("{}/{partition}/{offset}", record.topic());
+                let outputs = route(record.key(), record.payload(), &record.headers(), &source);
+                metrics::counter!("workflow_records_total", "outcome" => outcome(&outputs)).increment(1);
+                let producer = producer.clone();
+                let retries = retries.clone();
+                in_flight.push_back(async move {
+                    let ok = produce_all(producer, outputs, retries).await;
+                    (partition, offset, ok)
+                });
+            }
+        }
+    }
+    // Let what is in flight finish (bounded), storing offsets in order; stop storing at
+    // the first record that did not complete so that nothing after it is skipped.
+    let drain = async {
+        while let Some((partition, offset, ok)) = in_flight.next().await {
+            if !ok {
+                break;
+            }
+            store(&consumer, partition, offset);
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("workflow: records still in flight at shutdown will be re-read");
+    }
+    retries.cancel();
+    let committed = tokio::task::spawn_blocking(move || consumer.commit())
+        .await
+        .map_err(|e| ProcessorError::Bus {
+            processor: NAME,
+            source: bus::BusError::Embedded {
+                reason: e.to_string(),
+            },
+        })?;
+    if let Err(e) = committed {
+        tracing::warn!(error = %e, "workflow: final commit failed; records since the last commit will be re-read");
+    }
+    tracing::info!("workflow: stopped");
+    Ok(())
+}
+
+fn outcome(outputs: &[Output]) -> &'static str {
+    if outputs.iter().any(|o| o.topic == topics::DEAD_LETTERS.name) {
+        "dead_letter"
+    } else {
+        "fanned_out"
+    }
+}
+
+fn store(consumer: &Consumer, partition: i32, offset: i64) {
+    if let Err(e) = consumer.store(topics::DELIVERY_REQUESTS.name, partition, offset) {
+        // The partition was revoked: its new owner re-reads the record.
+        tracing::debug!(partition, offset, error = %e, "workflow: offset not stored");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUEST: &[u8] =
+        br#"{"ownerId":"o","pickupLocation":"47.6,-122.3","dropOffLocation":"47.7,-122.2",
+        "pickupTime":"2026-11-23T10:00:00Z","deadline":"2026-11-23T11:00:00Z",
+        "packageInfo":{"packageId":"p","size":"Small","weight":1}}"#;
+
+    fn requested() -> Vec<(&'static str, &'static [u8])> {
+        vec![
+            (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+            (h::TENANT, b"o"),
+        ]
+    }
+
+    #[test]
+    fn a_request_fans_out_to_deliveries_and_its_region() {
+        let out = route(Some(b"d1"), Some(REQUEST), &requested(), "t/0/1");
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].topic, topics::DELIVERIES.name);
+        assert_eq!(out[0].key, b"d1");
+        assert_eq!(out[0].payload, REQUEST);
+        assert_eq!(out[1].topic, topics::DRONE_SCHEDULING.name);
+        assert_eq!(out[1].key, b"47:-123");
+        assert_eq!(out[1].payload, REQUEST);
+        assert!(
+            out[1]
+                .headers
+                .contains(&(h::DELIVERY_ID.to_owned(), b"d1".to_vec()))
+        );
+        assert!(
+            out[0]
+                .headers
+                .contains(&(h::TENANT.to_owned(), b"o".to_vec()))
+        );
+    }
+
+    #[test]
+    fn bad_records_become_dead_letters_with_a_reason() {
+        let cases: [(Option<&[u8]>, Option<&[u8]>, Vec<(&str, &[u8])>, &str); 4] = [
+            (None, Some(REQUEST), requested(), "no key"),
+            (Some(b"d"), None, requested(), "no payload"),
+            (
+                Some(b"d"),
+                Some(b"{not json"),
+                requested(),
+                "invalid delivery request",
+            ),
+            (
+                Some(b"d"),
+                Some(REQUEST),
+                vec![(h::EVENT_TYPE, b"Teleported")],
+                "unknown event type Teleported",
+            ),
+        ];
+        for (key, payload, headers, reason) in cases {
+            let out = route(key, payload, &headers, "delivery-requests/3/9");
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].topic, topics::DEAD_LETTERS.name);
+            assert_eq!(out[0].payload, payload.unwrap_or_default());
+            let got = |name: &str| {
+                out[0]
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default()
+            };
+            assert!(
+                got(h::DEAD_LETTER_REASON).contains(reason),
+                "{}",
+                got(h::DEAD_LETTER_REASON)
+            );
+            assert_eq!(got(h::DEAD_LETTER_SOURCE), "delivery-requests/3/9");
+        }
+    }
+}

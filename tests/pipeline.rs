@@ -1,0 +1,367 @@
+//! End-to-end tests of the whole pipeline on the embedded broker: the real binary, real
+//! HTTP on 127.0.0.1, real Kafka protocol, real Parquet and real SQL.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use analytics::sql::{History, QueryLimits};
+use anyhow::{Context, Result, bail};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use bus::{ClientSettings, Consumer, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use schemas::topics;
+use tokio_util::sync::CancellationToken;
+
+const STARTUP: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// The `dronedelivery run` process, killed if a test fails half-way.
+struct Pipeline {
+    child: Child,
+    base: String,
+}
+
+impl Pipeline {
+    fn start(data: &std::path::Path) -> Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--roll-interval-ms",
+                "300",
+                "--data",
+            ])
+            .arg(data)
+            .env("DRONEDELIVERY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting dronedelivery run")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("dronedelivery listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let mut pipeline = Self {
+            child,
+            base: String::new(),
+        };
+        pipeline.base = rx
+            .recv_timeout(STARTUP)
+            .context("the pipeline did not say where it listens")?;
+        Ok(pipeline)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    fn stop(mut self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        assert!(status.success());
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("dronedelivery run exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("dronedelivery run did not stop within {SETTLE:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn valid_request(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "ownerId": format!("tenant-{}", i % 3),
+        "pickupLocation": format!("{},{}", 47.0 + (i as f64) / 100.0, -122.3),
+        "dropOffLocation": {"latitude": 47.62, "longitude": -122.35},
+        "pickupTime": "2026-11-24T10:00:00Z",
+        "deadline": "2026-11-24T12:00:00+01:00",
+        "expedited": i % 2 == 0,
+        "confirmationRequired": "Picture",
+        "packageInfo": {"packageId": format!("pkg-{i}"), "size": "Medium", "weight": 0.5 + i as f64, "tag": "e2e"}
+    })
+}
+
+/// Invalid requests, each with the field the answer must name.
+fn invalid_requests() -> Vec<(serde_json::Value, &'static str)> {
+    let mut out = Vec::new();
+    let mut r = valid_request(0);
+    r.as_object_mut().unwrap().remove("ownerId");
+    out.push((r, "ownerId"));
+    let mut r = valid_request(0);
+    r["pickupLocation"] = serde_json::json!("95,0");
+    out.push((r, "pickupLocation.latitude"));
+    let mut r = valid_request(0);
+    r["packageInfo"]["weight"] = serde_json::json!(0);
+    out.push((r, "packageInfo.weight"));
+    let mut r = valid_request(0);
+    r["deadline"] = serde_json::json!("2026-11-24T09:00:00Z");
+    out.push((r, "deadline"));
+    let mut r = valid_request(0);
+    r["packageInfo"]["size"] = serde_json::json!("Enormous");
+    out.push((r, "packageInfo.size"));
+    out
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn post(
+    client: &HttpClient,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .context("request timed out")??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, headers, serde_json::from_slice(&bytes)?))
+}
+
+/// Posts `n` valid and every invalid request; returns the accepted ids.
+async fn post_all(base: &str, n: usize) -> Result<BTreeSet<String>> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{base}/api/deliveryrequests");
+    let mut ids = BTreeSet::new();
+    for i in 0..n {
+        let (status, headers, body) = post(&client, &url, &valid_request(i)).await?;
+        assert_eq!(status, 202, "{body}");
+        let id = body["deliveryId"]
+            .as_str()
+            .context("no deliveryId")?
+            .to_owned();
+        assert_eq!(headers["location"], format!("/api/deliveries/{id}"));
+        assert!(ids.insert(id), "ids must be distinct");
+    }
+    for (request, field) in invalid_requests() {
+        let (status, _, body) = post(&client, &url, &request).await?;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["field"], field, "{body}");
+        assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()));
+    }
+    Ok(ids)
+}
+
+async fn history_ids(data: &std::path::Path) -> Result<Vec<String>> {
+    let history = History::open(data.to_str().context("path")?, &QueryLimits::default()).await?;
+    let batches = history
+        .query("SELECT delivery_id FROM delivery_requests ORDER BY delivery_id")
+        .await?;
+    let mut ids = Vec::new();
+    for batch in &batches {
+        let column = batch.column(0).as_string::<i32>();
+        ids.extend((0..column.len()).map(|i| column.value(i).to_owned()));
+    }
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_requests_become_history_rows_while_running_and_after_sigterm() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let pipeline = Pipeline::start(data.path())?;
+    let ids = post_all(&pipeline.base, 25).await?;
+
+    // The history catches up while the pipeline runs.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let found = history_ids(data.path()).await?;
+        if found.len() >= ids.len() {
+            assert_eq!(found.iter().cloned().collect::<BTreeSet<_>>(), ids);
+            assert_eq!(found.len(), ids.len(), "no duplicates");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history has {} of {} rows",
+            found.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A clean stop writes nothing twice.
+    pipeline.stop()?;
+    let found = history_ids(data.path()).await?;
+    assert_eq!(found.len(), ids.len());
+    assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), ids);
+
+    // The date partition column is there and SQL aggregates work on it.
+    let history = History::open(
+        data.path().to_str().context("path")?,
+        &QueryLimits::default(),
+    )
+    .await?;
+    let batches = history
+        .query("SELECT count(*) AS n, count(DISTINCT date) AS days FROM delivery_requests")
+        .await?;
+    assert_eq!(
+        batches[0].column(0).as_primitive::<Int64Type>().value(0),
+        25
+    );
+    assert_eq!(batches[0].column(1).as_primitive::<Int64Type>().value(0), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_acks_loses_nothing_from_the_in_memory_bus() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let pipeline = Pipeline::start(data.path())?;
+    let ids = post_all(&pipeline.base, 10).await?;
+    pipeline.stop()?;
+    let found = history_ids(data.path()).await?;
+    assert_eq!(
+        found.len(),
+        ids.len(),
+        "exactly one row per accepted request"
+    );
+    assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), ids);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_refuses_anything_but_queries() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let history = History::open(
+        data.path().to_str().context("path")?,
+        &QueryLimits::default(),
+    )
+    .await?;
+    // An empty history is an empty table, not an error.
+    let batches = history
+        .query("SELECT count(*) FROM delivery_requests")
+        .await?;
+    assert_eq!(batches[0].column(0).as_primitive::<Int64Type>().value(0), 0);
+    for statement in [
+        "CREATE TABLE t (a INT)",
+        "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/etc/'",
+        "DROP TABLE delivery_requests",
+        "INSERT INTO delivery_requests SELECT * FROM delivery_requests",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let err = history.query(statement).await.expect_err(statement);
+        assert!(
+            matches!(err, analytics::AnalyticsError::ReadOnly { .. }),
+            "{statement}: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// The workflow processor fans each request out to `deliveries` (keyed by delivery id)
+/// and `drone-scheduling` (keyed by region), and a poison record to `dead-letters`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
+    let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+    let settings = ClientSettings::plain(broker.bootstrap_servers());
+    let producer = Producer::new(&settings, &ProducerArgs::default())?;
+    let stop = CancellationToken::new();
+    let workflow = tokio::spawn(processors::workflow::run(
+        processors::workflow::WorkflowConfig::default(),
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+
+    let requested: [(&str, &[u8]); 1] = [(
+        schemas::headers::EVENT_TYPE,
+        schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes(),
+    )];
+    let n = 20;
+    for i in 0..n {
+        let payload = valid_request(i).to_string();
+        let key = format!("d-{i}");
+        producer
+            .send_and_wait(OutRecord {
+                topic: topics::DELIVERY_REQUESTS.name,
+                key: key.as_bytes(),
+                payload: payload.as_bytes(),
+                headers: &requested,
+            })
+            .await?;
+    }
+    producer
+        .send_and_wait(OutRecord {
+            topic: topics::DELIVERY_REQUESTS.name,
+            key: b"poison",
+            payload: b"{not json",
+            headers: &requested,
+        })
+        .await?;
+
+    let reader = Consumer::subscribe(
+        &settings,
+        "test-reader",
+        &[
+            topics::DELIVERIES.name,
+            topics::DRONE_SCHEDULING.name,
+            topics::DEAD_LETTERS.name,
+        ],
+    )?;
+    let mut deliveries = BTreeSet::new();
+    let mut scheduled = BTreeSet::new();
+    let mut dead = Vec::new();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while deliveries.len() < n || scheduled.len() < n || dead.is_empty() {
+        let record = tokio::time::timeout_at(deadline, reader.recv())
+            .await
+            .context("fan-out did not arrive in time")??;
+        let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
+        match record.topic() {
+            t if t == topics::DELIVERIES.name => {
+                assert!(deliveries.insert(key), "delivered once");
+            }
+            t if t == topics::DRONE_SCHEDULING.name => {
+                assert!(key.contains(':'), "keyed by region, got {key}");
+                let id = record
+                    .header(schemas::headers::DELIVERY_ID)
+                    .context("scheduling record without delivery id")?;
+                assert!(scheduled.insert(String::from_utf8_lossy(id).into_owned()));
+            }
+            _ => {
+                assert_eq!(record.payload(), Some(&b"{not json"[..]));
+                let reason = record
+                    .header(schemas::headers::DEAD_LETTER_REASON)
+                    .context("dead letter without reason")?;
+                assert!(String::from_utf8_lossy(reason).contains("invalid delivery request"));
+                dead.push(key);
+            }
+        }
+    }
+    let expected: BTreeSet<String> = (0..n).map(|i| format!("d-{i}")).collect();
+    assert_eq!(deliveries, expected);
+    assert_eq!(scheduled, expected);
+    assert_eq!(dead, ["poison"]);
+
+    stop.cancel();
+    tokio::time::timeout(SETTLE, workflow).await???;
+    Ok(())
+}
