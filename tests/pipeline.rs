@@ -1,6 +1,8 @@
 //! End-to-end tests of the whole pipeline on the embedded broker: the real binary, real
 //! HTTP on 127.0.0.1, real Kafka protocol, real Parquet and real SQL.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -101,7 +103,7 @@ fn valid_request(i: usize) -> serde_json::Value {
         "dropOffLocation": {"latitude": 47.62, "longitude": -122.35},
         "pickupTime": "2026-11-24T10:00:00Z",
         "deadline": "2026-11-24T12:00:00+01:00",
-        "expedited": i % 2 == 0,
+        "expedited": i.is_multiple_of(2),
         "confirmationRequired": "Picture",
         "packageInfo": {"packageId": format!("pkg-{i}"), "size": "Medium", "weight": 0.5 + i as f64, "tag": "e2e"}
     })

@@ -301,7 +301,13 @@ mod tests {
 
     #[test]
     fn bad_records_become_dead_letters_with_a_reason() {
-        let cases: [(Option<&[u8]>, Option<&[u8]>, Vec<(&str, &[u8])>, &str); 4] = [
+        type Case<'a> = (
+            Option<&'a [u8]>,
+            Option<&'a [u8]>,
+            Vec<(&'a str, &'a [u8])>,
+            &'a str,
+        );
+        let cases: [Case<'_>; 4] = [
             (None, Some(REQUEST), requested(), "no key"),
             (Some(b"d"), None, requested(), "no payload"),
             (
