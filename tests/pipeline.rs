@@ -67,10 +67,10 @@ impl Pipeline {
         Ok(pipeline)
     }
 
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
-    fn stop(mut self) -> Result<()> {
+    /// Sends `signal` (`TERM` or `INT`) and waits (bounded) for a clean exit.
+    fn stop(mut self, signal: &str) -> Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()?;
         assert!(status.success());
         let deadline = Instant::now() + SETTLE;
@@ -82,7 +82,7 @@ impl Pipeline {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("dronedelivery run did not stop within {SETTLE:?} of SIGTERM");
+                bail!("dronedelivery run did not stop within {SETTLE:?} of SIG{signal}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -149,6 +149,50 @@ async fn post(
     Ok((status, headers, serde_json::from_slice(&bytes)?))
 }
 
+async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap)> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .context("request timed out")??;
+    Ok((response.status().as_u16(), response.headers().clone()))
+}
+
+/// Routes, methods and limits answer with the right status.
+async fn check_edges(base: &str) -> Result<()> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{base}/api/deliveryrequests");
+    let json = "application/json";
+    let (status, _) = send(&client, "GET", &format!("{base}/healthz"), json, Vec::new()).await?;
+    assert_eq!(status, 200);
+    let (status, _) = send(&client, "GET", &format!("{base}/nope"), json, Vec::new()).await?;
+    assert_eq!(status, 404);
+    let (status, headers) = send(&client, "GET", &url, json, Vec::new()).await?;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "POST");
+    let body = valid_request(0).to_string().into_bytes();
+    let (status, _) = send(&client, "POST", &url, "text/plain", body).await?;
+    assert_eq!(status, 415);
+    let mut huge = valid_request(0);
+    huge["packageInfo"]["tag"] = serde_json::json!("x".repeat(70 * 1024));
+    let (status, _) = send(&client, "POST", &url, json, huge.to_string().into_bytes()).await?;
+    assert_eq!(status, 413);
+    let (status, _) = send(&client, "POST", &url, json, b"{\"ownerId\": [".to_vec()).await?;
+    assert_eq!(status, 400);
+    let (status, _) = send(&client, "GET", &format!("{base}/metrics"), json, Vec::new()).await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
 /// Posts `n` valid and every invalid request; returns the accepted ids.
 async fn post_all(base: &str, n: usize) -> Result<BTreeSet<String>> {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
@@ -190,6 +234,7 @@ async fn history_ids(data: &std::path::Path) -> Result<Vec<String>> {
 async fn accepted_requests_become_history_rows_while_running_and_after_sigterm() -> Result<()> {
     let data = tempfile::tempdir()?;
     let pipeline = Pipeline::start(data.path())?;
+    check_edges(&pipeline.base).await?;
     let ids = post_all(&pipeline.base, 25).await?;
 
     // The history catches up while the pipeline runs.
@@ -211,7 +256,7 @@ async fn accepted_requests_become_history_rows_while_running_and_after_sigterm()
     }
 
     // A clean stop writes nothing twice.
-    pipeline.stop()?;
+    pipeline.stop("TERM")?;
     let found = history_ids(data.path()).await?;
     assert_eq!(found.len(), ids.len());
     assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), ids);
@@ -234,11 +279,11 @@ async fn accepted_requests_become_history_rows_while_running_and_after_sigterm()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_right_after_the_acks_loses_nothing_from_the_in_memory_bus() -> Result<()> {
+async fn ctrl_c_right_after_the_acks_loses_nothing_from_the_in_memory_bus() -> Result<()> {
     let data = tempfile::tempdir()?;
     let pipeline = Pipeline::start(data.path())?;
     let ids = post_all(&pipeline.base, 10).await?;
-    pipeline.stop()?;
+    pipeline.stop("INT")?;
     let found = history_ids(data.path()).await?;
     assert_eq!(
         found.len(),
@@ -365,5 +410,50 @@ async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
 
     stop.cancel();
     tokio::time::timeout(SETTLE, workflow).await???;
+    Ok(())
+}
+
+/// The consumer helper moves the group only past records the application stored: a new
+/// member of the group starts right after the last stored record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
+    let topic = schemas::Topic {
+        name: "offsets-test",
+        keyed_by: schemas::topics::KeyedBy::OriginalKey,
+        partitions: 1,
+    };
+    let broker = EmbeddedBroker::start(1, &[topic])?;
+    let settings = ClientSettings::plain(broker.bootstrap_servers());
+    let producer = Producer::new(&settings, &ProducerArgs::default())?;
+    for i in 0..10u8 {
+        producer
+            .send_and_wait(OutRecord {
+                topic: topic.name,
+                key: b"k",
+                payload: &[i],
+                headers: &[],
+            })
+            .await?;
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    {
+        let first = Consumer::subscribe(&settings, "resume", &[topic.name])?;
+        for i in 0..10u8 {
+            let record = tokio::time::timeout_at(deadline, first.recv()).await??;
+            assert_eq!(record.payload(), Some(&[i][..]));
+            // Handled only the first five.
+            if i < 5 {
+                first.store(topic.name, record.partition(), record.offset())?;
+            }
+        }
+        tokio::task::spawn_blocking(move || first.commit()).await??;
+    }
+    let second = Consumer::subscribe(&settings, "resume", &[topic.name])?;
+    let record = tokio::time::timeout_at(deadline, second.recv()).await??;
+    assert_eq!(
+        record.payload(),
+        Some(&[5u8][..]),
+        "resumes at the first unstored record"
+    );
     Ok(())
 }
