@@ -8,7 +8,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 
-const REQUEST: &[u8] = br#"{"ownerId":"fabrikam","pickupLocation":"47.6062,-122.3321","dropOffLocation":{"latitude":47.6205,"longitude":-122.3493},"pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T12:00:00+01:00","expedited":true,"confirmationRequired":"FingerPrint","packageInfo":{"packageId":"pkg-0001","size":"Medium","weight":2.5,"tag":"fragile"}}"#;
+const REQUEST: &[u8] = schemas::delivery::EXAMPLE_REQUEST.as_bytes();
 
 fn validation(c: &mut Criterion) {
     let mut group = c.benchmark_group("validation");

@@ -339,3 +339,26 @@ async fn sql(args: SqlArgs) -> Result<()> {
     print!("{}", analytics::sql::render(&batches, args.format)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches clashing flag names across the flattened service configs.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_to_loopback_and_the_local_history() {
+        let cli = Cli::try_parse_from(["dronedelivery", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.ingest.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.sink.data, "file://./data");
+        assert!(args.kafka.brokers.is_none());
+    }
+}

@@ -169,10 +169,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, StringArray};
 
-    const REQUEST: &[u8] =
-        br#"{"ownerId":"o","pickupLocation":"47.6,-122.3","dropOffLocation":"47.7,-122.2",
-        "pickupTime":"2026-11-23T10:00:00Z","deadline":"2026-11-23T11:00:00Z",
-        "packageInfo":{"packageId":"p","size":"Small","weight":1}}"#;
+    const REQUEST: &[u8] = schemas::delivery::EXAMPLE_REQUEST.as_bytes();
 
     fn from(key: &[u8], offset: i64) -> Provenance<'_> {
         Provenance {
@@ -201,7 +198,12 @@ mod tests {
             .unwrap();
         assert_eq!(ids.value(0), "d1");
         assert_eq!(ids.value(1), "d2");
-        assert!(batch.column(13).is_null(0));
+        let tags = batch
+            .column(13)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(tags.value(0), "fragile");
     }
 
     #[test]
@@ -219,5 +221,6 @@ mod tests {
             .downcast_ref::<StringArray>()
             .unwrap();
         assert_eq!(ids.value(0), "mine");
+        assert!(batch.column(13).is_null(0), "no tag is a null tag");
     }
 }

@@ -265,10 +265,7 @@ fn store(consumer: &Consumer, partition: i32, offset: i64) {
 mod tests {
     use super::*;
 
-    const REQUEST: &[u8] =
-        br#"{"ownerId":"o","pickupLocation":"47.6,-122.3","dropOffLocation":"47.7,-122.2",
-        "pickupTime":"2026-11-23T10:00:00Z","deadline":"2026-11-23T11:00:00Z",
-        "packageInfo":{"packageId":"p","size":"Small","weight":1}}"#;
+    const REQUEST: &[u8] = schemas::delivery::EXAMPLE_REQUEST.as_bytes();
 
     fn requested() -> Vec<(&'static str, &'static [u8])> {
         vec![

@@ -29,6 +29,10 @@ pub const MAX_WEIGHT_KG: f64 = 10_000.0;
 /// The longest accepted text form of a location (`"lat,lon"`).
 const MAX_LOCATION_TEXT_LEN: usize = 64;
 
+/// A complete, valid delivery request in the wire format, with every optional field set
+/// and both location forms: for documentation, examples and tests.
+pub const EXAMPLE_REQUEST: &str = r#"{"ownerId":"fabrikam","pickupLocation":"47.6062,-122.3321","dropOffLocation":{"latitude":47.6205,"longitude":-122.3493},"pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T12:00:00+01:00","expedited":true,"confirmationRequired":"FingerPrint","packageInfo":{"packageId":"pkg-0001","size":"Medium","weight":2.5,"tag":"fragile"}}"#;
+
 /// A request rejected by validation: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -550,6 +554,12 @@ mod tests {
 
     fn rejected(body: &[u8]) -> ValidationError {
         parse_delivery_request(body).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn the_example_is_valid() {
+        let r = parse_delivery_request(EXAMPLE_REQUEST.as_bytes()).unwrap();
+        assert_eq!(r.package_info.tag.as_deref(), Some("fragile"));
     }
 
     #[test]
