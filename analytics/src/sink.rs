@@ -239,7 +239,13 @@ async fn roll(root: &DataRoot, consumer: &Consumer, buffer: &mut Buffer) -> Resu
         }
         let batch = rows.finish()?;
         let count = batch.num_rows();
-        let bytes = encode(&batch, &offsets_json)?;
+        // Encoding is CPU work: keep it off the async workers that serve HTTP.
+        let metadata = offsets_json.clone();
+        let bytes = tokio::task::spawn_blocking(move || encode(&batch, &metadata))
+            .await
+            .map_err(|e| AnalyticsError::Task {
+                reason: e.to_string(),
+            })??;
         let name = format!(
             "{}/part-{}-{}.parquet",
             history::partition_dir(history::DELIVERY_REQUESTS.name, date),
