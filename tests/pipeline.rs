@@ -234,13 +234,19 @@ async fn history_ids(data: &std::path::Path) -> Result<Vec<String>> {
 async fn accepted_requests_become_history_rows_while_running_and_after_sigterm() -> Result<()> {
     let data = tempfile::tempdir()?;
     let pipeline = Pipeline::start(data.path())?;
-    check_edges(&pipeline.base).await?;
-    let ids = post_all(&pipeline.base, 25).await?;
+    check_edges(&pipeline.base)
+        .await
+        .context("checking routes and limits")?;
+    let ids = post_all(&pipeline.base, 25)
+        .await
+        .context("posting requests")?;
 
     // The history catches up while the pipeline runs.
     let deadline = Instant::now() + SETTLE;
     loop {
-        let found = history_ids(data.path()).await?;
+        let found = history_ids(data.path())
+            .await
+            .context("querying the history while running")?;
         if found.len() >= ids.len() {
             assert_eq!(found.iter().cloned().collect::<BTreeSet<_>>(), ids);
             assert_eq!(found.len(), ids.len(), "no duplicates");
@@ -256,8 +262,10 @@ async fn accepted_requests_become_history_rows_while_running_and_after_sigterm()
     }
 
     // A clean stop writes nothing twice.
-    pipeline.stop("TERM")?;
-    let found = history_ids(data.path()).await?;
+    pipeline.stop("TERM").context("stopping")?;
+    let found = history_ids(data.path())
+        .await
+        .context("querying the history after the stop")?;
     assert_eq!(found.len(), ids.len());
     assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), ids);
 

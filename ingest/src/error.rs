@@ -44,8 +44,15 @@ pub enum IngestError {
         /// The methods the route takes.
         allow: &'static str,
     },
-    /// The broker did not take the record in time, or too much is in flight: the client
-    /// should retry after the given delay. Nothing was accepted.
+    /// More requests are being handled than `--max-in-flight` allows. Nothing was read or
+    /// accepted; the client should retry after the given delay.
+    #[error("service unavailable: too many requests in flight")]
+    TooManyInFlight {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The broker did not take the record in time or refused it: the client should retry
+    /// after the given delay. Nothing was acknowledged.
     #[error("service unavailable: {reason}")]
     Unavailable {
         /// Why.
@@ -73,7 +80,9 @@ impl IngestError {
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::TooManyInFlight { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -88,8 +97,22 @@ impl IngestError {
             Self::NotFound { .. } => "not_found",
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
+            Self::TooManyInFlight { .. } => "in_flight",
             Self::Internal { .. } => "internal",
         }
+    }
+
+    /// Whether the answer may come before the request body was read. Then the connection
+    /// is closed after the answer (`Connection: close`), so that a client does not send
+    /// its next request on a connection whose unread body the server is throwing away.
+    fn before_body_read(&self) -> bool {
+        matches!(
+            self,
+            Self::PayloadTooLarge { .. }
+                | Self::TooManyInFlight { .. }
+                | Self::NotFound { .. }
+                | Self::MethodNotAllowed { .. }
+        )
     }
 
     /// The JSON answer: `{"error": .., "field": .., "reason": ..}` (field only for
@@ -107,8 +130,11 @@ impl IngestError {
         let mut builder = Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/json");
+        if self.before_body_read() {
+            builder = builder.header(header::CONNECTION, "close");
+        }
         match &self {
-            Self::Unavailable { retry_after, .. } => {
+            Self::Unavailable { retry_after, .. } | Self::TooManyInFlight { retry_after } => {
                 builder = builder.header(
                     header::RETRY_AFTER,
                     retry_after.as_secs().max(1).to_string(),
@@ -145,5 +171,12 @@ mod tests {
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let r = IngestError::MethodNotAllowed { allow: "POST" }.into_response();
         assert_eq!(r.headers()[header::ALLOW], "POST");
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+        let r = IngestError::TooManyInFlight {
+            retry_after: Duration::from_secs(2),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus::{OutRecord, Producer};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
@@ -258,25 +258,68 @@ fn check_json_content_type(req: &Request<Incoming>) -> Result<()> {
     }
 }
 
-/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes.
+/// Past the body limit, up to this many more bytes are read and thrown away before the
+/// 413 is sent, so that a client still writing its body gets the answer rather than a
+/// reset connection. Bodies declared larger than that are refused without reading.
+const DISCARD_MAX: u64 = 8 * 1024 * 1024;
+
+/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes. A body that
+/// arrives in one frame is kept as it is; several frames are joined once.
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes> {
+    let too_large = || IngestError::PayloadTooLarge { limit };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(IngestError::PayloadTooLarge { limit });
+    if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
+        return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(IngestError::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(IngestError::BodyRead {
+    let mut body = req.into_body();
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| IngestError::BodyRead {
             reason: e.to_string(),
-        }),
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen > limit as u64 {
+            // Over the limit: keep reading (and dropping) up to DISCARD_MAX, then answer.
+            first = None;
+            joined = None;
+            if seen > limit as u64 + DISCARD_MAX {
+                break;
+            }
+            continue;
+        }
+        match (&mut first, &mut joined) {
+            (None, None) => first = Some(data),
+            (Some(head), None) => {
+                let mut buf = BytesMut::with_capacity(
+                    declared
+                        .map_or(head.len() + data.len(), |n| n as usize)
+                        .min(limit),
+                );
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&data);
+                first = None;
+                joined = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
     }
+    if seen > limit as u64 {
+        return Err(too_large());
+    }
+    Ok(match (first, joined) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
 }
 
 /// The correlation id of a request: the client's `X-Correlation-Id` when it is a sane
@@ -305,13 +348,12 @@ async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Resp
     let _permit = app
         .in_flight
         .try_acquire()
-        .map_err(|_| IngestError::Unavailable {
-            reason: "too many requests in flight".into(),
-            retry_after,
-        })?;
-    check_json_content_type(&req)?;
+        .map_err(|_| IngestError::TooManyInFlight { retry_after })?;
+    let content_type = check_json_content_type(&req);
     let correlation = correlation_id(&req);
+    // The body is read (bounded) before any other answer, so the connection stays usable.
     let body = read_body(req, app.config.max_request_bytes).await?;
+    content_type?;
     let request = schemas::parse_delivery_request(&body)?;
     let delivery_id = request
         .delivery_id
