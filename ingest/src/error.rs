@@ -26,6 +26,24 @@ pub enum IngestError {
         /// What the client sent.
         content_type: String,
     },
+    /// A batch has more records than the configured limit.
+    #[error("the batch has more than {limit} records")]
+    TooManyRecords {
+        /// The limit.
+        limit: usize,
+    },
+    /// A batch body is not a JSON array (or NDJSON) of values.
+    #[error("malformed batch: {reason}")]
+    MalformedBatch {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The body is compressed in a way the tier does not decode.
+    #[error("unsupported content encoding {encoding:?}: send gzip, zstd or identity")]
+    UnsupportedEncoding {
+        /// What the client sent.
+        encoding: String,
+    },
     /// The body could not be read (the client went away or sent a broken stream).
     #[error("cannot read the body: {reason}")]
     BodyRead {
@@ -75,9 +93,15 @@ impl IngestError {
     /// The HTTP status of the error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Invalid(_) | Self::BodyRead { .. } => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Invalid(_) | Self::BodyRead { .. } | Self::MalformedBatch { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::PayloadTooLarge { .. } | Self::TooManyRecords { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::UnsupportedMediaType { .. } | Self::UnsupportedEncoding { .. } => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. } | Self::TooManyInFlight { .. } => {
@@ -92,6 +116,9 @@ impl IngestError {
         match self {
             Self::Invalid(_) => "invalid",
             Self::PayloadTooLarge { .. } => "too_large",
+            Self::TooManyRecords { .. } => "too_many_records",
+            Self::MalformedBatch { .. } => "malformed_batch",
+            Self::UnsupportedEncoding { .. } => "encoding",
             Self::UnsupportedMediaType { .. } => "media_type",
             Self::BodyRead { .. } => "body_read",
             Self::NotFound { .. } => "not_found",

@@ -9,6 +9,7 @@
 //! processors or analytics crates: it meets them only through the `delivery-requests`
 //! topic.
 
+pub mod batch;
 mod error;
 mod server;
 
