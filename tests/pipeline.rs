@@ -465,3 +465,251 @@ async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
     );
     Ok(())
 }
+
+/// The ingestion tier alone, in this process, on an embedded broker.
+struct IngestOnly {
+    broker: EmbeddedBroker,
+    base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<ingest::Result<()>>,
+}
+
+impl IngestOnly {
+    async fn start(config: ingest::IngestConfig) -> Result<Self> {
+        let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        let producer = Producer::new(&settings, &ProducerArgs::default())?;
+        let server = ingest::Ingest::bind(
+            ingest::IngestConfig {
+                listen: "127.0.0.1:0".parse()?,
+                ..config
+            },
+            producer,
+        )
+        .await?;
+        let base = format!("http://{}", server.local_addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Ok(Self {
+            broker,
+            base,
+            stop,
+            task,
+        })
+    }
+
+    /// Every record on `delivery-requests`, read until `expected` arrived and then one
+    /// quiet second more (so that extras would be seen): key to payload.
+    async fn records(&self, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let settings = ClientSettings::plain(self.broker.bootstrap_servers());
+        let reader = Consumer::subscribe(
+            &settings,
+            &format!("reader-{}", uuid::Uuid::new_v4()),
+            &[topics::DELIVERY_REQUESTS.name],
+        )?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let wait = if out.len() >= expected {
+                tokio::time::Instant::now() + Duration::from_secs(1)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(wait, reader.recv()).await {
+                Ok(record) => {
+                    let record = record?;
+                    out.push((
+                        String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned(),
+                        record.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
+                Err(_) if out.len() >= expected => return Ok(out),
+                Err(_) => bail!("only {} of {expected} records arrived", out.len()),
+            }
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(SETTLE, self.task).await???;
+        Ok(())
+    }
+}
+
+async fn post_raw(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let mut request = hyper::Request::post(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(request.body(Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .context("request timed out")??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, headers, json))
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+
+    // A JSON array mixing valid and invalid records, with odd spacing and escapes: the
+    // valid records must reach Kafka byte for byte as they stand in the body.
+    let valid0 = valid_request(0).to_string();
+    let valid2 = r#"{ "ownerId" : "fabri\"kam",  "pickupLocation":"1,2","dropOffLocation":"1.5,2",
+        "pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T11:00:00Z",
+        "packageInfo":{"packageId":"p\u00e9","size":"Large","weight":4}}"#;
+    let mut no_owner = valid_request(1);
+    no_owner.as_object_mut().unwrap().remove("ownerId");
+    let mut weightless = valid_request(3);
+    weightless["packageInfo"]["weight"] = serde_json::json!(-1);
+    let body = format!("[\n  {valid0},\n  {no_owner} ,{valid2},\n{weightless}\n]\n");
+    let (status, _, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["accepted"], 2);
+    assert_eq!(report["rejected"], 2);
+    assert_eq!(report["failed"], 0);
+    let results = report["results"].as_array().context("results")?;
+    assert_eq!(results.len(), 4);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["index"], i);
+    }
+    assert_eq!(results[1]["field"], "ownerId");
+    assert_eq!(results[3]["field"], "packageInfo.weight");
+    let id = |i: usize| results[i]["deliveryId"].as_str().unwrap().to_owned();
+    expected.push((id(0), valid0.into_bytes()));
+    expected.push((id(2), valid2.as_bytes().to_vec()));
+
+    // NDJSON, gzip-compressed, all valid: 202 with an id for every record.
+    let lines: Vec<String> = (10..13).map(|i| valid_request(i).to_string()).collect();
+    let body = gzip(format!("{}\n", lines.join("\n")).as_bytes());
+    let headers = [
+        ("content-type", "application/x-ndjson"),
+        ("content-encoding", "gzip"),
+    ];
+    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["accepted"], 3);
+    for (i, line) in lines.iter().enumerate() {
+        let id = report["results"][i]["deliveryId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        expected.push((id, line.clone().into_bytes()));
+    }
+
+    // A zstd JSON array, one record carrying the client's own delivery id.
+    let mut own = valid_request(20);
+    own["deliveryId"] = serde_json::json!("client-chosen-1");
+    let text = own.to_string();
+    let body = zstd::stream::encode_all(format!("[{text}]").as_bytes(), 1)?;
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "zstd"),
+    ];
+    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["results"][0]["deliveryId"], "client-chosen-1");
+    expected.push(("client-chosen-1".into(), text.into_bytes()));
+
+    // Every record invalid: 400 with the report.
+    let (status, _, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        b"[{}, {\"ownerId\": 1}]".to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 400, "{report}");
+    assert_eq!(report["rejected"], 2);
+
+    let mut got = tier.records(expected.len()).await?;
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "exactly the valid records, byte for byte");
+    tier.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_limits_and_malformed_bodies_are_refused_whole() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_batch_records: 3,
+        max_batch_bytes: 4096,
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let json = [("content-type", "application/json")];
+    let record = valid_request(0).to_string();
+
+    let four = format!("[{record},{record},{record},{record}]");
+    let (status, _, body) = post_raw(&client, &url, &json, four.into_bytes()).await?;
+    assert_eq!(status, 413, "too many records: {body}");
+
+    // One record, padded with white space past the byte limit.
+    let big = format!("[{record}{}]", " ".repeat(5000));
+    assert!(big.len() > 4096);
+    let (status, _, body) = post_raw(&client, &url, &json, big.into_bytes()).await?;
+    assert_eq!(status, 413, "too many bytes: {body}");
+
+    // A small gzip body that inflates past the byte limit.
+    let bomb = gzip(&vec![b' '; 100_000]);
+    let gz = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    let (status, _, body) = post_raw(&client, &url, &gz, bomb).await?;
+    assert_eq!(status, 413, "inflates too far: {body}");
+
+    let whole = gzip(format!("[{record}]").as_bytes());
+    let truncated = whole[..whole.len() - 10].to_vec();
+    let (status, _, body) = post_raw(&client, &url, &gz, truncated).await?;
+    assert_eq!(status, 400, "truncated gzip: {body}");
+
+    let (status, _, body) =
+        post_raw(&client, &url, &json, format!("[{record},").into_bytes()).await?;
+    assert_eq!(status, 400, "malformed array: {body}");
+
+    let csv = [("content-type", "text/csv")];
+    let (status, _, _) = post_raw(&client, &url, &csv, b"a,b".to_vec()).await?;
+    assert_eq!(status, 415);
+    let br = [
+        ("content-type", "application/json"),
+        ("content-encoding", "br"),
+    ];
+    let (status, _, _) = post_raw(&client, &url, &br, b"[]".to_vec()).await?;
+    assert_eq!(status, 415);
+
+    assert!(
+        tier.records(0).await?.is_empty(),
+        "nothing from a refused batch"
+    );
+    tier.stop().await
+}

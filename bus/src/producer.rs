@@ -69,7 +69,7 @@ impl Producer {
     pub fn send(
         &self,
         record: OutRecord<'_>,
-    ) -> Result<impl Future<Output = Result<Delivered>> + Send + 'static> {
+    ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {

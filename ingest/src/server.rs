@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch;
 use crate::error::{IngestError, Result};
 
 /// Renders the process's metrics in the Prometheus text format.
@@ -34,6 +35,19 @@ pub struct IngestConfig {
     #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Largest accepted batch body, in bytes, both as sent and after decompression;
+    /// larger ones get 413.
+    #[arg(long, env = "DRONEDELIVERY_MAX_BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_batch_bytes: usize,
+
+    /// Most records in one batch; more get 413.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_BATCH_RECORDS",
+        default_value_t = 10_000
+    )]
+    pub max_batch_records: usize,
+
     /// Most requests handled at once; past it clients get 503 with Retry-After.
     #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
@@ -48,6 +62,8 @@ impl Default for IngestConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: 64 * 1024,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_batch_records: 10_000,
             max_in_flight: 4096,
             drain_secs: 30,
         }
@@ -199,6 +215,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
 fn route_label(method: &Method, path: &str) -> &'static str {
     match (method, path) {
         (_, "/api/deliveryrequests") => "deliveryrequests",
+        (_, "/api/deliveryrequests/batch") => "deliveryrequests_batch",
         (_, "/healthz") => "healthz",
         (_, "/metrics") => "metrics",
         _ => "other",
@@ -208,7 +225,10 @@ fn route_label(method: &Method, path: &str) -> &'static str {
 async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/api/deliveryrequests") => post_delivery_request(app, req).await,
-        (_, "/api/deliveryrequests") => Err(IngestError::MethodNotAllowed { allow: "POST" }),
+        (&Method::POST, "/api/deliveryrequests/batch") => post_batch(app, req).await,
+        (_, "/api/deliveryrequests" | "/api/deliveryrequests/batch") => {
+            Err(IngestError::MethodNotAllowed { allow: "POST" })
+        }
         (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/metrics") => match &app.metrics {
             Some(render) => Ok(text(StatusCode::OK, render())),
@@ -343,62 +363,100 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
-    let retry_after = Duration::from_secs(1);
-    let _permit = app
-        .in_flight
-        .try_acquire()
-        .map_err(|_| IngestError::TooManyInFlight { retry_after })?;
-    let content_type = check_json_content_type(&req);
-    let correlation = correlation_id(&req);
-    // The body is read (bounded) before any other answer, so the connection stays usable.
-    let body = read_body(req, app.config.max_request_bytes).await?;
-    content_type?;
-    let request = schemas::parse_delivery_request(&body)?;
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Maps a producer failure to the client's answer: transient ones are 503 + Retry-After.
+fn unavailable(e: bus::BusError) -> IngestError {
+    if e.is_transient() {
+        IngestError::Unavailable {
+            reason: e.to_string(),
+            retry_after: RETRY_AFTER,
+        }
+    } else {
+        IngestError::Internal {
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// What every record of one HTTP request carries in its headers besides its tenant.
+struct Stamp {
+    ingest_time: String,
+    correlation: String,
+}
+
+/// Enqueues one valid request (its bytes as received) on `delivery-requests`, keyed by
+/// its delivery id; returns the id and the future of the broker's acknowledgement.
+fn enqueue(
+    app: &App,
+    stamp: &Stamp,
+    request: &schemas::DeliveryRequest<'_>,
+    payload: &[u8],
+) -> Result<(
+    String,
+    impl Future<Output = bus::Result<bus::Delivered>> + use<>,
+)> {
     let delivery_id = request
         .delivery_id
         .as_deref()
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let ingest_time = now_millis().to_string();
     let headers: [(&str, &[u8]); 6] = [
         (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
         (h::TENANT, request.owner_id.as_bytes()),
         (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
         (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
-        (h::INGEST_TIME, ingest_time.as_bytes()),
-        (h::CORRELATION_ID, correlation.as_bytes()),
+        (h::INGEST_TIME, stamp.ingest_time.as_bytes()),
+        (h::CORRELATION_ID, stamp.correlation.as_bytes()),
     ];
-    let record = OutRecord {
-        topic: schemas::topics::DELIVERY_REQUESTS.name,
-        key: delivery_id.as_bytes(),
-        payload: &body,
-        headers: &headers,
+    let ack = app
+        .producer
+        .send(OutRecord {
+            topic: schemas::topics::DELIVERY_REQUESTS.name,
+            key: delivery_id.as_bytes(),
+            payload,
+            headers: &headers,
+        })
+        .map_err(unavailable)?;
+    Ok((delivery_id, ack))
+}
+
+/// How long to wait for acknowledgements. librdkafka fails a record after
+/// `message.timeout.ms`; the extra second only guards against an acknowledgement that
+/// never comes back at all.
+fn ack_wait(app: &App) -> Duration {
+    app.producer.ack_timeout() + Duration::from_secs(1)
+}
+
+fn not_acknowledged() -> IngestError {
+    IngestError::Unavailable {
+        reason: "the broker did not acknowledge in time".into(),
+        retry_after: RETRY_AFTER,
+    }
+}
+
+async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
+    let _permit = app
+        .in_flight
+        .try_acquire()
+        .map_err(|_| IngestError::TooManyInFlight {
+            retry_after: RETRY_AFTER,
+        })?;
+    let content_type = check_json_content_type(&req);
+    let stamp = Stamp {
+        correlation: correlation_id(&req),
+        ingest_time: now_millis().to_string(),
     };
-    let unavailable = |e: bus::BusError| {
-        if e.is_transient() {
-            IngestError::Unavailable {
-                reason: e.to_string(),
-                retry_after,
-            }
-        } else {
-            IngestError::Internal {
-                reason: e.to_string(),
-            }
-        }
-    };
-    let ack = app.producer.send(record).map_err(unavailable)?;
-    // librdkafka fails the record after `message.timeout.ms`; the extra second only
-    // guards against an acknowledgement that never comes back at all.
-    let wait = app.producer.ack_timeout() + Duration::from_secs(1);
-    let delivered = tokio::time::timeout(wait, ack)
+    // The body is read (bounded) before any other answer, so the connection stays usable.
+    let body = read_body(req, app.config.max_request_bytes).await?;
+    content_type?;
+    let request = schemas::parse_delivery_request(&body)?;
+    let (delivery_id, ack) = enqueue(app, &stamp, &request, &body)?;
+    let delivered = tokio::time::timeout(ack_wait(app), ack)
         .await
-        .map_err(|_| IngestError::Unavailable {
-            reason: "the broker did not acknowledge in time".into(),
-            retry_after,
-        })?
+        .map_err(|_| not_acknowledged())?
         .map_err(unavailable)?;
     tracing::debug!(
-        %correlation,
+        correlation = %stamp.correlation,
         delivery_id,
         partition = delivered.partition,
         offset = delivered.offset,
@@ -413,8 +471,155 @@ async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Resp
     if let Ok(location) = header::HeaderValue::from_str(&format!("/api/deliveries/{delivery_id}")) {
         headers.insert(header::LOCATION, location);
     }
-    if let Ok(value) = header::HeaderValue::from_str(&correlation) {
+    if let Ok(value) = header::HeaderValue::from_str(&stamp.correlation) {
         headers.insert("x-correlation-id", value);
     }
     Ok(response)
+}
+
+/// The fate of one record of a batch.
+enum Outcome {
+    Accepted(String),
+    Rejected(schemas::ValidationError),
+    Failed(IngestError),
+}
+
+/// `POST /api/deliveryrequests/batch`: a JSON array or NDJSON, optionally gzip or zstd.
+///
+/// Valid records are accepted even when others in the batch are not. The answer lists
+/// every record by index: 202 when all were accepted, 207 when some were, 400 when every
+/// record was invalid, 503 with Retry-After when none was accepted and some could be
+/// retried.
+async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
+    let _permit = app
+        .in_flight
+        .try_acquire()
+        .map_err(|_| IngestError::TooManyInFlight {
+            retry_after: RETRY_AFTER,
+        })?;
+    let header_text = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_owned())
+    };
+    let framing = batch::framing(header_text(header::CONTENT_TYPE).as_deref());
+    let encoding = batch::encoding(header_text(header::CONTENT_ENCODING).as_deref());
+    let stamp = Stamp {
+        correlation: correlation_id(&req),
+        ingest_time: now_millis().to_string(),
+    };
+    let limit = app.config.max_batch_bytes;
+    let wire = read_body(req, limit).await?;
+    let (framing, encoding) = (framing?, encoding?);
+    let body = if encoding == batch::Encoding::Identity {
+        wire
+    } else {
+        tokio::task::spawn_blocking(move || batch::decode(wire, encoding, limit))
+            .await
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })??
+    };
+    let records = batch::split(&body, framing, app.config.max_batch_records)?;
+
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut acks = Vec::with_capacity(records.len());
+    for (index, payload) in records.iter().enumerate() {
+        match schemas::parse_delivery_request(payload) {
+            Err(e) => outcomes.push(Outcome::Rejected(e)),
+            Ok(request) => match enqueue(app, &stamp, &request, payload) {
+                Ok((id, ack)) => {
+                    acks.push((index, ack));
+                    outcomes.push(Outcome::Accepted(id));
+                }
+                Err(e) => outcomes.push(Outcome::Failed(e)),
+            },
+        }
+    }
+    let indexes: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
+    let acked = tokio::time::timeout(
+        ack_wait(app),
+        futures_util::future::join_all(acks.into_iter().map(|(_, ack)| ack)),
+    )
+    .await;
+    match acked {
+        Ok(results) => {
+            for (index, result) in indexes.into_iter().zip(results) {
+                if let Err(e) = result {
+                    outcomes[index] = Outcome::Failed(unavailable(e));
+                }
+            }
+        }
+        Err(_) => {
+            for index in indexes {
+                outcomes[index] = Outcome::Failed(not_acknowledged());
+            }
+        }
+    }
+    Ok(batch_report(&outcomes, &stamp.correlation))
+}
+
+fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>> {
+    let (mut accepted, mut rejected, mut failed) = (0usize, 0usize, 0usize);
+    let results: Vec<serde_json::Value> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(index, outcome)| match outcome {
+            Outcome::Accepted(id) => {
+                accepted += 1;
+                serde_json::json!({ "index": index, "deliveryId": id })
+            }
+            Outcome::Rejected(e) => {
+                rejected += 1;
+                serde_json::json!({
+                    "index": index,
+                    "error": "invalid delivery request",
+                    "field": e.field,
+                    "reason": e.reason,
+                })
+            }
+            Outcome::Failed(e) => {
+                failed += 1;
+                serde_json::json!({
+                    "index": index,
+                    "error": e.to_string(),
+                    "retryable": e.status() == StatusCode::SERVICE_UNAVAILABLE,
+                })
+            }
+        })
+        .collect();
+    metrics::counter!("ingest_records_accepted_total").increment(accepted as u64);
+    metrics::counter!("ingest_records_rejected_total", "reason" => "invalid")
+        .increment(rejected as u64);
+    metrics::counter!("ingest_records_rejected_total", "reason" => "unavailable")
+        .increment(failed as u64);
+    let status = if accepted == outcomes.len() {
+        StatusCode::ACCEPTED
+    } else if accepted > 0 {
+        StatusCode::MULTI_STATUS
+    } else if failed > 0 {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let mut response = json(
+        status,
+        &serde_json::json!({
+            "accepted": accepted,
+            "rejected": rejected,
+            "failed": failed,
+            "results": results,
+        }),
+    );
+    let headers = response.headers_mut();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(RETRY_AFTER.as_secs()),
+        );
+    }
+    if let Ok(value) = header::HeaderValue::from_str(correlation) {
+        headers.insert("x-correlation-id", value);
+    }
+    response
 }
