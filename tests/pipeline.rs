@@ -476,9 +476,13 @@ struct IngestOnly {
 
 impl IngestOnly {
     async fn start(config: ingest::IngestConfig) -> Result<Self> {
+        Self::start_with(config, ProducerArgs::default()).await
+    }
+
+    async fn start_with(config: ingest::IngestConfig, tuning: ProducerArgs) -> Result<Self> {
         let broker = EmbeddedBroker::start(1, &topics::ALL)?;
         let settings = ClientSettings::plain(broker.bootstrap_servers());
-        let producer = Producer::new(&settings, &ProducerArgs::default())?;
+        let producer = Producer::new(&settings, &tuning)?;
         let server = ingest::Ingest::bind(
             ingest::IngestConfig {
                 listen: "127.0.0.1:0".parse()?,
@@ -711,5 +715,71 @@ async fn batch_limits_and_malformed_bodies_are_refused_whole() -> Result<()> {
         tier.records(0).await?.is_empty(),
         "nothing from a refused batch"
     );
+    tier.stop().await
+}
+
+/// With the broker down, a request gets 503 with Retry-After once the ack timeout passes,
+/// `/readyz` says not ready, and the refused record never shows up later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_means_503_and_nothing_accepted_later() -> Result<()> {
+    let tier = IngestOnly::start_with(
+        ingest::IngestConfig::default(),
+        ProducerArgs {
+            ack_timeout_ms: 2_000,
+            ..ProducerArgs::default()
+        },
+    )
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests", tier.base);
+    let ready = format!("{}/readyz", tier.base);
+    let json = "application/json";
+    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
+    assert_eq!(status, 200);
+
+    tier.broker.broker_down(1)?;
+    let mut refused = valid_request(1);
+    refused["deliveryId"] = serde_json::json!("refused-1");
+    let (status, headers, body) = post(&client, &url, &refused).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
+    assert_eq!(status, 503);
+
+    tier.broker.broker_up(1)?;
+    let mut later = valid_request(2);
+    later["deliveryId"] = serde_json::json!("accepted-2");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, _, body) = post(&client, &url, &later).await?;
+        if status == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not come back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
+    assert!(!keys.contains("refused-1"), "a 503'd record must not land");
+    assert!(keys.contains("accepted-2"));
+    tier.stop().await
+}
+
+/// HTTP/2 without TLS (prior knowledge) works as well as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (status, _, body) = post(
+        &client,
+        &format!("{}/api/deliveryrequests", tier.base),
+        &valid_request(0),
+    )
+    .await?;
+    assert_eq!(status, 202, "{body}");
     tier.stop().await
 }

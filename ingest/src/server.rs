@@ -217,6 +217,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/api/deliveryrequests") => "deliveryrequests",
         (_, "/api/deliveryrequests/batch") => "deliveryrequests_batch",
         (_, "/healthz") => "healthz",
+        (_, "/readyz") => "readyz",
         (_, "/metrics") => "metrics",
         _ => "other",
     }
@@ -230,6 +231,7 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Ful
             Err(IngestError::MethodNotAllowed { allow: "POST" })
         }
         (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET | &Method::HEAD, "/readyz") => readyz(app).await,
         (&Method::GET, "/metrics") => match &app.metrics {
             Some(render) => Ok(text(StatusCode::OK, render())),
             None => Err(IngestError::NotFound {
@@ -238,6 +240,28 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Ful
         },
         (_, path) => Err(IngestError::NotFound {
             path: path.chars().take(256).collect(),
+        }),
+    }
+}
+
+/// Ready when a broker answers a metadata request for `delivery-requests` in time.
+async fn readyz(app: &App) -> Result<Response<Full<Bytes>>> {
+    let producer = app.producer.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        producer.check_reachable(
+            schemas::topics::DELIVERY_REQUESTS.name,
+            Duration::from_secs(2),
+        )
+    })
+    .await
+    .map_err(|e| IngestError::Internal {
+        reason: e.to_string(),
+    })?;
+    match checked {
+        Ok(()) => Ok(text(StatusCode::OK, "ready\n")),
+        Err(e) => Err(IngestError::Unavailable {
+            reason: format!("the broker is not reachable: {e}"),
+            retry_after: RETRY_AFTER,
         }),
     }
 }
