@@ -403,10 +403,28 @@ fn unavailable(e: bus::BusError) -> IngestError {
     }
 }
 
+/// Takes one of the `--max-in-flight` places, or answers 503 at once.
+fn admit(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    app.in_flight
+        .try_acquire()
+        .map_err(|_| IngestError::TooManyInFlight {
+            retry_after: RETRY_AFTER,
+        })
+}
+
 /// What every record of one HTTP request carries in its headers besides its tenant.
 struct Stamp {
     ingest_time: String,
     correlation: String,
+}
+
+impl Stamp {
+    fn of(req: &Request<Incoming>) -> Self {
+        Self {
+            correlation: correlation_id(req),
+            ingest_time: now_millis().to_string(),
+        }
+    }
 }
 
 /// Enqueues one valid request (its bytes as received) on `delivery-requests`, keyed by
@@ -459,17 +477,9 @@ fn not_acknowledged() -> IngestError {
 }
 
 async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
-    let _permit = app
-        .in_flight
-        .try_acquire()
-        .map_err(|_| IngestError::TooManyInFlight {
-            retry_after: RETRY_AFTER,
-        })?;
+    let _permit = admit(app)?;
     let content_type = check_json_content_type(&req);
-    let stamp = Stamp {
-        correlation: correlation_id(&req),
-        ingest_time: now_millis().to_string(),
-    };
+    let stamp = Stamp::of(&req);
     // The body is read (bounded) before any other answer, so the connection stays usable.
     let body = read_body(req, app.config.max_request_bytes).await?;
     content_type?;
@@ -515,12 +525,7 @@ enum Outcome {
 /// record was invalid, 503 with Retry-After when none was accepted and some could be
 /// retried.
 async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
-    let _permit = app
-        .in_flight
-        .try_acquire()
-        .map_err(|_| IngestError::TooManyInFlight {
-            retry_after: RETRY_AFTER,
-        })?;
+    let _permit = admit(app)?;
     let header_text = |name| {
         req.headers()
             .get(name)
@@ -528,10 +533,7 @@ async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<B
     };
     let framing = batch::framing(header_text(header::CONTENT_TYPE).as_deref());
     let encoding = batch::encoding(header_text(header::CONTENT_ENCODING).as_deref());
-    let stamp = Stamp {
-        correlation: correlation_id(&req),
-        ingest_time: now_millis().to_string(),
-    };
+    let stamp = Stamp::of(&req);
     let limit = app.config.max_batch_bytes;
     let wire = read_body(req, limit).await?;
     let (framing, encoding) = (framing?, encoding?);
