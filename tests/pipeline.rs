@@ -505,11 +505,17 @@ impl IngestOnly {
     /// Every record on `delivery-requests`, read until `expected` arrived and then one
     /// quiet second more (so that extras would be seen): key to payload.
     async fn records(&self, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        self.records_of(topics::DELIVERY_REQUESTS.name, expected)
+            .await
+    }
+
+    /// The same for any topic.
+    async fn records_of(&self, topic: &str, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
         let settings = ClientSettings::plain(self.broker.bootstrap_servers());
         let reader = Consumer::subscribe(
             &settings,
             &format!("reader-{}", uuid::Uuid::new_v4()),
-            &[topics::DELIVERY_REQUESTS.name],
+            &[topic],
         )?;
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + SETTLE;
@@ -781,5 +787,49 @@ async fn h2c_clients_are_served() -> Result<()> {
     )
     .await?;
     assert_eq!(status, 202, "{body}");
+    tier.stop().await
+}
+
+/// Drone telemetry: a single fix or a batch, validated per fix, keyed by drone id, bytes
+/// as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let json = [("content-type", "application/json")];
+    let fix = |i: u32| {
+        format!(
+            r#"{{"latitude": 47.{i}, "longitude": -122.3, "timestamp": "2026-11-24T10:00:0{i}Z", "battery": 90}}"#
+        )
+    };
+    // A single, pretty-printed fix.
+    let single = "{\n  \"latitude\": 47.6,\n  \"longitude\": -122.3,\n  \"timestamp\": \"2026-11-24T10:00:00Z\"\n}".to_owned();
+    let url = format!("{}/api/drones/drone-7/telemetry", tier.base);
+    let (status, _, report) = post_raw(&client, &url, &json, single.clone().into_bytes()).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["accepted"], 1);
+
+    // A batch with one bad fix.
+    let bad = r#"{"latitude": 95, "longitude": 0, "timestamp": "2026-11-24T10:00:00Z"}"#;
+    let body = format!("[{}, {bad}, {}]", fix(1), fix(2));
+    let url = format!("{}/api/drones/drone-8/telemetry", tier.base);
+    let (status, _, report) = post_raw(&client, &url, &json, body.into_bytes()).await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["results"][1]["field"], "latitude");
+
+    // A drone id that is not a safe token.
+    let url = format!("{}/api/drones/bad%20id/telemetry", tier.base);
+    let (status, _, _) = post_raw(&client, &url, &json, fix(3).into_bytes()).await?;
+    assert_eq!(status, 400);
+
+    let mut got = tier.records_of(topics::DRONE_TELEMETRY.name, 3).await?;
+    got.sort();
+    let mut expected = vec![
+        ("drone-7".to_owned(), single.trim().as_bytes().to_vec()),
+        ("drone-8".to_owned(), fix(1).into_bytes()),
+        ("drone-8".to_owned(), fix(2).into_bytes()),
+    ];
+    expected.sort();
+    assert_eq!(got, expected);
     tier.stop().await
 }

@@ -219,6 +219,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/healthz") => "healthz",
         (_, "/readyz") => "readyz",
         (_, "/metrics") => "metrics",
+        (_, p) if telemetry_path(p).is_some() => "telemetry",
         _ => "other",
     }
 }
@@ -238,6 +239,13 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Ful
                 path: "/metrics".into(),
             }),
         },
+        (&Method::POST, path) if telemetry_path(path).is_some() => {
+            let drone_id = telemetry_path(path).unwrap_or_default().to_owned();
+            post_telemetry(app, req, &drone_id).await
+        }
+        (_, path) if telemetry_path(path).is_some() => {
+            Err(IngestError::MethodNotAllowed { allow: "POST" })
+        }
         (_, path) => Err(IngestError::NotFound {
             path: path.chars().take(256).collect(),
         }),
@@ -513,7 +521,8 @@ async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Resp
 
 /// The fate of one record of a batch.
 enum Outcome {
-    Accepted(String),
+    /// Acknowledged by the broker, with the delivery id where the record has one.
+    Accepted(Option<String>),
     Rejected(schemas::ValidationError),
     Failed(IngestError),
 }
@@ -526,6 +535,92 @@ enum Outcome {
 /// retried.
 async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
     let _permit = admit(app)?;
+    let (stamp, framing, body) = read_decoded(app, req).await?;
+    let records = batch::split(&body, framing, app.config.max_batch_records)?;
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut acks = Vec::with_capacity(records.len());
+    for (index, payload) in records.iter().enumerate() {
+        match schemas::parse_delivery_request(payload) {
+            Err(e) => outcomes.push(Outcome::Rejected(e)),
+            Ok(request) => match enqueue(app, &stamp, &request, payload) {
+                Ok((id, ack)) => {
+                    acks.push((index, ack));
+                    outcomes.push(Outcome::Accepted(Some(id)));
+                }
+                Err(e) => outcomes.push(Outcome::Failed(e)),
+            },
+        }
+    }
+    settle(app, &mut outcomes, acks).await;
+    Ok(batch_report(&outcomes, &stamp.correlation))
+}
+
+/// `/api/drones/{id}/telemetry` → the drone id, if the path has that shape.
+fn telemetry_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/drones/")?
+        .strip_suffix("/telemetry")
+        .filter(|id| !id.contains('/'))
+}
+
+/// `POST /api/drones/{id}/telemetry`: one position fix, or a batch of them (JSON array or
+/// NDJSON, optionally gzip or zstd), to `drone-telemetry` keyed by drone id. Answers as
+/// the delivery request batch does, without ids.
+async fn post_telemetry(
+    app: &App,
+    req: Request<Incoming>,
+    drone_id: &str,
+) -> Result<Response<Full<Bytes>>> {
+    let _permit = admit(app)?;
+    let (stamp, framing, body) = read_decoded(app, req).await?;
+    schemas::delivery::check_id(drone_id, "droneId")?;
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let records = if first == Some(b'{') && framing != Some(batch::Framing::Ndjson) {
+        vec![body.trim_ascii()]
+    } else {
+        batch::split(&body, framing, app.config.max_batch_records)?
+    };
+    let headers: [(&str, &[u8]); 6] = [
+        (
+            h::EVENT_TYPE,
+            h::event_type::DRONE_POSITION_REPORTED.as_bytes(),
+        ),
+        (h::DRONE_ID, drone_id.as_bytes()),
+        (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
+        (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
+        (h::INGEST_TIME, stamp.ingest_time.as_bytes()),
+        (h::CORRELATION_ID, stamp.correlation.as_bytes()),
+    ];
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut acks = Vec::with_capacity(records.len());
+    for (index, payload) in records.iter().enumerate() {
+        if let Err(e) = schemas::telemetry::parse_position_fix(payload) {
+            outcomes.push(Outcome::Rejected(e));
+            continue;
+        }
+        let sent = app.producer.send(OutRecord {
+            topic: schemas::topics::DRONE_TELEMETRY.name,
+            key: drone_id.as_bytes(),
+            payload,
+            headers: &headers,
+        });
+        match sent {
+            Ok(ack) => {
+                acks.push((index, ack));
+                outcomes.push(Outcome::Accepted(None));
+            }
+            Err(e) => outcomes.push(Outcome::Failed(unavailable(e))),
+        }
+    }
+    settle(app, &mut outcomes, acks).await;
+    Ok(batch_report(&outcomes, &stamp.correlation))
+}
+
+/// Reads a batch body (bounded) and decodes it (bounded); returns the request's stamp,
+/// the framing its content type names, and the decoded bytes.
+async fn read_decoded(
+    app: &App,
+    req: Request<Incoming>,
+) -> Result<(Stamp, Option<batch::Framing>, Bytes)> {
     let header_text = |name| {
         req.headers()
             .get(name)
@@ -546,28 +641,18 @@ async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<B
                 reason: e.to_string(),
             })??
     };
-    let records = batch::split(&body, framing, app.config.max_batch_records)?;
+    Ok((stamp, framing, body))
+}
 
-    let mut outcomes = Vec::with_capacity(records.len());
-    let mut acks = Vec::with_capacity(records.len());
-    for (index, payload) in records.iter().enumerate() {
-        match schemas::parse_delivery_request(payload) {
-            Err(e) => outcomes.push(Outcome::Rejected(e)),
-            Ok(request) => match enqueue(app, &stamp, &request, payload) {
-                Ok((id, ack)) => {
-                    acks.push((index, ack));
-                    outcomes.push(Outcome::Accepted(id));
-                }
-                Err(e) => outcomes.push(Outcome::Failed(e)),
-            },
-        }
-    }
-    let indexes: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
-    let acked = tokio::time::timeout(
-        ack_wait(app),
-        futures_util::future::join_all(acks.into_iter().map(|(_, ack)| ack)),
-    )
-    .await;
+/// Waits (bounded) for the acknowledgement of every enqueued record and marks those
+/// that were not acknowledged as failed.
+async fn settle(
+    app: &App,
+    outcomes: &mut [Outcome],
+    acks: Vec<(usize, impl Future<Output = bus::Result<bus::Delivered>>)>,
+) {
+    let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+    let acked = tokio::time::timeout(ack_wait(app), futures_util::future::join_all(futures)).await;
     match acked {
         Ok(results) => {
             for (index, result) in indexes.into_iter().zip(results) {
@@ -582,7 +667,6 @@ async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<B
             }
         }
     }
-    Ok(batch_report(&outcomes, &stamp.correlation))
 }
 
 fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>> {
@@ -591,9 +675,13 @@ fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>
         .iter()
         .enumerate()
         .map(|(index, outcome)| match outcome {
-            Outcome::Accepted(id) => {
+            Outcome::Accepted(Some(id)) => {
                 accepted += 1;
                 serde_json::json!({ "index": index, "deliveryId": id })
+            }
+            Outcome::Accepted(None) => {
+                accepted += 1;
+                serde_json::json!({ "index": index })
             }
             Outcome::Rejected(e) => {
                 rejected += 1;

@@ -186,7 +186,7 @@ pub fn parse_delivery_request(json: &[u8]) -> Result<DeliveryRequest<'_>, Valida
 
 /// serde_json's message without its "at line L column C" suffix when the field is known,
 /// and with it when the body itself is malformed.
-fn clean_serde_reason(e: &serde_json::Error) -> String {
+pub(crate) fn clean_serde_reason(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     if e.is_data() {
         match msg.find(" at line ") {
@@ -303,10 +303,15 @@ fn check_text<'a>(
 /// Checks a client-chosen delivery id: 1 to 64 characters of `A-Z a-z 0-9 - _ . :`, so it
 /// is safe in a URL path, a Kafka key and a file name.
 pub fn check_delivery_id(id: &str) -> Result<(), ValidationError> {
-    const FIELD: &str = "deliveryId";
+    check_id(id, "deliveryId")
+}
+
+/// Checks an id (delivery or drone) reported as `field`: 1 to 64 characters of
+/// `A-Z a-z 0-9 - _ . :`.
+pub fn check_id(id: &str, field: &str) -> Result<(), ValidationError> {
     if id.is_empty() || id.len() > MAX_DELIVERY_ID_LEN {
         return Err(ValidationError::new(
-            FIELD,
+            field,
             format!("must be 1 to {MAX_DELIVERY_ID_LEN} characters"),
         ));
     }
@@ -315,7 +320,7 @@ pub fn check_delivery_id(id: &str) -> Result<(), ValidationError> {
         .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
     {
         return Err(ValidationError::new(
-            FIELD,
+            field,
             "may contain only letters, digits and - _ . :",
         ));
     }

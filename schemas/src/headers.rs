@@ -14,6 +14,8 @@ pub const CONTENT_TYPE: &str = "content-type";
 pub const INGEST_TIME: &str = "dd-ingest-time";
 /// The id that ties a record to the HTTP request and log lines it came from.
 pub const CORRELATION_ID: &str = "dd-correlation-id";
+/// The drone id, on telemetry records.
+pub const DRONE_ID: &str = "dd-drone-id";
 /// The delivery id, on records keyed by something else (such as a region).
 pub const DELIVERY_ID: &str = "dd-delivery-id";
 /// On a dead letter: why the record could not be processed.
@@ -30,4 +32,6 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 pub mod event_type {
     /// A new delivery request.
     pub const DELIVERY_REQUESTED: &str = "DeliveryRequested";
+    /// A drone's position fix.
+    pub const DRONE_POSITION_REPORTED: &str = "DronePositionReported";
 }

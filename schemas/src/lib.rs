@@ -11,6 +11,7 @@
 pub mod delivery;
 pub mod headers;
 pub mod history;
+pub mod telemetry;
 pub mod topics;
 
 pub use delivery::{
