@@ -833,3 +833,60 @@ async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
     assert_eq!(got, expected);
     tier.stop().await
 }
+
+/// A full producer queue is backpressure: records that do not fit are failed at once as
+/// retryable, never queued without bound, and none of a 503'd batch lands later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
+    let tier = IngestOnly::start_with(
+        ingest::IngestConfig::default(),
+        ProducerArgs {
+            ack_timeout_ms: 2_000,
+            producer_queue_records: 5,
+            ..ProducerArgs::default()
+        },
+    )
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    tier.broker.broker_down(1)?;
+    let records: Vec<String> = (0..20)
+        .map(|i| {
+            let mut r = valid_request(i);
+            r["deliveryId"] = serde_json::json!(format!("queued-{i}"));
+            r.to_string()
+        })
+        .collect();
+    let body = format!("[{}]", records.join(","));
+    let (status, headers, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 503, "{report}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(report["failed"], 20);
+    let results = report["results"].as_array().context("results")?;
+    assert!(results.iter().all(|r| r["retryable"] == true), "{report}");
+    assert!(
+        results
+            .iter()
+            .any(|r| r["error"].as_str().unwrap_or("").contains("queue is full")),
+        "records past the queue bound fail at once: {report}"
+    );
+
+    tier.broker.broker_up(1)?;
+    let mut marker = valid_request(99);
+    marker["deliveryId"] = serde_json::json!("after-recovery");
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let deadline = Instant::now() + SETTLE;
+    while post(&client, &single, &marker).await?.0 != 202 {
+        assert!(Instant::now() < deadline, "the broker did not come back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, BTreeSet::from(["after-recovery".to_owned()]));
+    tier.stop().await
+}
