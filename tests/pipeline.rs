@@ -190,6 +190,15 @@ async fn check_edges(base: &str) -> Result<()> {
     assert_eq!(status, 400);
     let (status, _) = send(&client, "GET", &format!("{base}/metrics"), json, Vec::new()).await?;
     assert_eq!(status, 200);
+    let (status, _) = send(
+        &client,
+        "GET",
+        &format!("{base}/openapi.json"),
+        json,
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, 200);
     Ok(())
 }
 

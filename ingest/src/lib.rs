@@ -14,4 +14,4 @@ mod error;
 mod server;
 
 pub use error::{IngestError, Result};
-pub use server::{Ingest, IngestConfig, MetricsRender};
+pub use server::{Ingest, IngestConfig, MetricsRender, OPENAPI};

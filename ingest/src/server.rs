@@ -218,6 +218,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/api/deliveryrequests/batch") => "deliveryrequests_batch",
         (_, "/healthz") => "healthz",
         (_, "/readyz") => "readyz",
+        (_, "/openapi.json") => "openapi",
         (_, "/metrics") => "metrics",
         (_, p) if telemetry_path(p).is_some() => "telemetry",
         _ => "other",
@@ -233,6 +234,7 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Ful
         }
         (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(app).await,
+        (&Method::GET, "/openapi.json") => Ok(json_bytes(StatusCode::OK, OPENAPI)),
         (&Method::GET, "/metrics") => match &app.metrics {
             Some(render) => Ok(text(StatusCode::OK, render())),
             None => Err(IngestError::NotFound {
@@ -284,8 +286,15 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// The OpenAPI document of every route served here.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_bytes(status, body.to_string())
+}
+
+fn json_bytes(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -736,4 +745,49 @@ fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>
         headers.insert("x-correlation-id", value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_covers_every_route_and_its_example_is_valid() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        for (method, path) in [
+            (Method::POST, "/api/deliveryrequests"),
+            (Method::POST, "/api/deliveryrequests/batch"),
+            (Method::POST, "/api/drones/d1/telemetry"),
+            (Method::GET, "/healthz"),
+            (Method::GET, "/readyz"),
+            (Method::GET, "/metrics"),
+            (Method::GET, "/openapi.json"),
+        ] {
+            let label = route_label(&method, path);
+            assert_ne!(label, "other", "{path} is routed");
+            let documented = if telemetry_path(path).is_some() {
+                "/api/drones/{droneId}/telemetry"
+            } else {
+                path
+            };
+            assert!(paths.contains(&documented), "{documented} is documented");
+        }
+        assert_eq!(paths.len(), 7, "no undocumented extra: {paths:?}");
+        let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
+            ["example"];
+        schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn telemetry_paths() {
+        assert_eq!(telemetry_path("/api/drones/d-1/telemetry"), Some("d-1"));
+        assert_eq!(telemetry_path("/api/drones/a/b/telemetry"), None);
+        assert_eq!(telemetry_path("/api/drones/telemetry"), None);
+    }
 }
