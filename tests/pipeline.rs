@@ -899,3 +899,40 @@ async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
     assert_eq!(keys, BTreeSet::from(["after-recovery".to_owned()]));
     tier.stop().await
 }
+
+/// Connections are bounded, and one that never sends its headers is closed after the
+/// header read timeout, so it cannot hold its place forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_connections: 1,
+        header_read_timeout_secs: 1,
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Takes the only place and sends nothing.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await?;
+    // The server closes it once the header read timeout passes.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(SETTLE, tokio::io::AsyncReadExt::read(&mut idle, &mut buf))
+        .await
+        .context("the idle connection was never closed")?;
+    assert!(matches!(read, Ok(_) | Err(_)));
+    // Then the place is free again for a real client.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (status, _) = tokio::time::timeout(
+        SETTLE,
+        send(
+            &client,
+            "GET",
+            &format!("{}/healthz", tier.base),
+            "text/plain",
+            Vec::new(),
+        ),
+    )
+    .await
+    .context("no place freed")??;
+    assert_eq!(status, 200);
+    tier.stop().await
+}

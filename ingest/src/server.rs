@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use schemas::headers as h;
@@ -48,6 +48,20 @@ pub struct IngestConfig {
     )]
     pub max_batch_records: usize,
 
+    /// Most open client connections; further ones wait in the listen backlog until one
+    /// closes.
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send a request's headers, in seconds; then its
+    /// connection is closed.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub header_read_timeout_secs: u64,
+
     /// Most requests handled at once; past it clients get 503 with Retry-After.
     #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
@@ -64,6 +78,8 @@ impl Default for IngestConfig {
             max_request_bytes: 64 * 1024,
             max_batch_bytes: 16 * 1024 * 1024,
             max_batch_records: 10_000,
+            max_connections: 10_000,
+            header_read_timeout_secs: 30,
             max_in_flight: 4096,
             drain_secs: 30,
         }
@@ -134,8 +150,23 @@ impl Ingest {
     /// requests finish (up to the drain time) and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // A client that opens a connection and sends nothing (or dribbles its headers)
+        // loses it after the header read timeout instead of holding a place forever.
+        let header_timeout = Duration::from_secs(self.app.config.header_read_timeout_secs.max(1));
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let connections = Arc::new(Semaphore::new(self.app.config.max_connections.max(1)));
         loop {
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = Arc::clone(&connections).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
             let (stream, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
@@ -154,12 +185,25 @@ impl Ingest {
                 let app = Arc::clone(&app);
                 async move { Ok::<_, std::convert::Infallible>(handle(&app, req).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn.into_owned());
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // hyper's header timeout starts only once a request begins, and telling
+                // HTTP/1 from HTTP/2 waits for the first bytes: a connection that sends
+                // nothing is closed here.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => {
+                        tracing::debug!(%peer, "connection sent nothing; closed");
+                        return;
+                    }
+                }
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
+                drop(permit);
             });
         }
         drop(self.listener);
