@@ -46,17 +46,6 @@ pub struct SinkConfig {
     pub roll_interval_ms: u64,
 }
 
-impl SinkConfig {
-    /// Settings with the default roll policy for the history at `data`.
-    pub fn new(data: impl Into<String>) -> Self {
-        Self {
-            data: data.into(),
-            roll_rows: 200_000,
-            roll_interval_ms: 2_000,
-        }
-    }
-}
-
 /// What the sink does when it is told to stop.
 #[derive(Debug, Clone, Copy)]
 pub enum OnShutdown {
@@ -67,12 +56,18 @@ pub enum OnShutdown {
     Drain(Duration),
 }
 
-/// Buffered rows and the offsets they cover.
+/// The rows of one ingest date waiting for their file, and the offsets they cover.
+#[derive(Default)]
+struct Pending {
+    rows: DeliveryRequestRows,
+    /// Per partition: the first and last offset of these rows.
+    offsets: BTreeMap<i32, (i64, i64)>,
+}
+
+/// Buffered rows, per ingest date.
 #[derive(Default)]
 struct Buffer {
-    by_date: BTreeMap<NaiveDate, DeliveryRequestRows>,
-    /// Per partition: the first and last offset buffered.
-    offsets: BTreeMap<i32, (i64, i64)>,
+    by_date: BTreeMap<NaiveDate, Pending>,
     /// Per partition: the last offset read, including skipped records.
     last_read: BTreeMap<i32, i64>,
     rows: usize,
@@ -201,8 +196,8 @@ fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
     let date = DateTime::from_timestamp_millis(ingest_millis)
         .unwrap_or_default()
         .date_naive();
-    let rows = buffer.by_date.entry(date).or_default();
-    let appended = rows.append(
+    let pending = buffer.by_date.entry(date).or_default();
+    let appended = pending.rows.append(
         record.payload().unwrap_or_default(),
         Provenance {
             key: record.key(),
@@ -215,7 +210,7 @@ fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
         Ok(()) => {
             buffer.rows += 1;
             buffer.since.get_or_insert_with(Instant::now);
-            buffer
+            pending
                 .offsets
                 .entry(partition)
                 .and_modify(|(_, last)| *last = offset)
@@ -231,16 +226,14 @@ fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
 
 /// Writes every buffered date as one file, then stores the offsets they cover.
 async fn roll(root: &DataRoot, consumer: &Consumer, buffer: &mut Buffer) -> Result<()> {
-    let offsets_json = offsets_metadata(&buffer.offsets);
-    for (date, rows) in std::mem::take(&mut buffer.by_date) {
-        let mut rows = rows;
-        if rows.is_empty() {
+    for (date, mut pending) in std::mem::take(&mut buffer.by_date) {
+        if pending.rows.is_empty() {
             continue;
         }
-        let batch = rows.finish()?;
+        let batch = pending.rows.finish()?;
         let count = batch.num_rows();
+        let metadata = offsets_metadata(&pending.offsets);
         // Encoding is CPU work: keep it off the async workers that serve HTTP.
-        let metadata = offsets_json.clone();
         let bytes = tokio::task::spawn_blocking(move || encode(&batch, &metadata))
             .await
             .map_err(|e| AnalyticsError::Task {
@@ -272,7 +265,6 @@ async fn roll(root: &DataRoot, consumer: &Consumer, buffer: &mut Buffer) -> Resu
             tracing::debug!(partition, offset, error = %e, "history sink: offset not stored");
         }
     }
-    buffer.offsets.clear();
     buffer.rows = 0;
     buffer.since = None;
     Ok(())

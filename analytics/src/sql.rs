@@ -30,24 +30,27 @@ pub enum OutputFormat {
     Json,
 }
 
+const MEMORY_MB: usize = 1024;
+const TIMEOUT_SECS: u64 = 60;
+
 /// Limits of one query.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryLimits {
     /// Memory a query may use for sorting, joining and aggregating, in MiB; past it the
     /// query fails with a clear error.
-    #[arg(long, env = "DRONEDELIVERY_SQL_MEMORY_MB", default_value_t = 1024)]
+    #[arg(long, env = "DRONEDELIVERY_SQL_MEMORY_MB", default_value_t = MEMORY_MB)]
     pub sql_memory_mb: usize,
 
     /// Longest time a query may run, in seconds.
-    #[arg(long, env = "DRONEDELIVERY_SQL_TIMEOUT_SECS", default_value_t = 60)]
+    #[arg(long, env = "DRONEDELIVERY_SQL_TIMEOUT_SECS", default_value_t = TIMEOUT_SECS)]
     pub sql_timeout_secs: u64,
 }
 
 impl Default for QueryLimits {
     fn default() -> Self {
         Self {
-            sql_memory_mb: 1024,
-            sql_timeout_secs: 60,
+            sql_memory_mb: MEMORY_MB,
+            sql_timeout_secs: TIMEOUT_SECS,
         }
     }
 }

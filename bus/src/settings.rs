@@ -48,17 +48,23 @@ impl Default for KafkaArgs {
     }
 }
 
+const LINGER_MS: u32 = 5;
+const COMPRESSION: &str = "lz4";
+const QUEUE_RECORDS: u32 = 500_000;
+const QUEUE_KBYTES: u32 = 262_144;
+const ACK_TIMEOUT_MS: u32 = 10_000;
+
 /// How the producer trades latency for throughput. Every record is still acknowledged by
 /// all in-sync replicas (`acks=all`) with the idempotent producer, whatever these say.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProducerArgs {
     /// How long the producer waits to fill a batch before sending it (librdkafka
     /// `linger.ms`).
-    #[arg(long, env = "DRONEDELIVERY_PRODUCER_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "DRONEDELIVERY_PRODUCER_LINGER_MS", default_value_t = LINGER_MS)]
     pub producer_linger_ms: u32,
 
     /// Compression of producer batches: none, gzip, snappy, lz4 or zstd.
-    #[arg(long, env = "DRONEDELIVERY_PRODUCER_COMPRESSION", default_value = "lz4",
+    #[arg(long, env = "DRONEDELIVERY_PRODUCER_COMPRESSION", default_value = COMPRESSION,
           value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     pub producer_compression: String,
 
@@ -67,7 +73,7 @@ pub struct ProducerArgs {
     #[arg(
         long,
         env = "DRONEDELIVERY_PRODUCER_QUEUE_RECORDS",
-        default_value_t = 500_000
+        default_value_t = QUEUE_RECORDS
     )]
     pub producer_queue_records: u32,
 
@@ -76,24 +82,24 @@ pub struct ProducerArgs {
     #[arg(
         long,
         env = "DRONEDELIVERY_PRODUCER_QUEUE_KBYTES",
-        default_value_t = 262_144
+        default_value_t = QUEUE_KBYTES
     )]
     pub producer_queue_kbytes: u32,
 
     /// How long a record may wait for the broker's acknowledgement before it fails
     /// (librdkafka `message.timeout.ms`), in milliseconds.
-    #[arg(long, env = "DRONEDELIVERY_ACK_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "DRONEDELIVERY_ACK_TIMEOUT_MS", default_value_t = ACK_TIMEOUT_MS)]
     pub ack_timeout_ms: u32,
 }
 
 impl Default for ProducerArgs {
     fn default() -> Self {
         Self {
-            producer_linger_ms: 5,
-            producer_compression: "lz4".into(),
-            producer_queue_records: 500_000,
-            producer_queue_kbytes: 262_144,
-            ack_timeout_ms: 10_000,
+            producer_linger_ms: LINGER_MS,
+            producer_compression: COMPRESSION.into(),
+            producer_queue_records: QUEUE_RECORDS,
+            producer_queue_kbytes: QUEUE_KBYTES,
+            ack_timeout_ms: ACK_TIMEOUT_MS,
         }
     }
 }

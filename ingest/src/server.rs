@@ -24,33 +24,42 @@ use crate::error::{IngestError, Result};
 /// Renders the process's metrics in the Prometheus text format.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
+const LISTEN: &str = "127.0.0.1:8080";
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+const MAX_BATCH_RECORDS: usize = 10_000;
+const MAX_CONNECTIONS: usize = 10_000;
+const HEADER_READ_TIMEOUT_SECS: u64 = 30;
+const MAX_IN_FLIGHT: usize = 4096;
+const DRAIN_SECS: u64 = 30;
+
 /// Settings of the HTTP ingestion tier.
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestConfig {
     /// Address the HTTP API listens on (port 0 picks a free port).
-    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = LISTEN)]
     pub listen: SocketAddr,
 
     /// Largest accepted body of a single delivery request, in bytes; larger ones get 413.
-    #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
 
     /// Largest accepted batch body, in bytes, both as sent and after decompression;
     /// larger ones get 413.
-    #[arg(long, env = "DRONEDELIVERY_MAX_BATCH_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "DRONEDELIVERY_MAX_BATCH_BYTES", default_value_t = MAX_BATCH_BYTES)]
     pub max_batch_bytes: usize,
 
     /// Most records in one batch; more get 413.
     #[arg(
         long,
         env = "DRONEDELIVERY_MAX_BATCH_RECORDS",
-        default_value_t = 10_000
+        default_value_t = MAX_BATCH_RECORDS
     )]
     pub max_batch_records: usize,
 
     /// Most open client connections; further ones wait in the listen backlog until one
     /// closes.
-    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = MAX_CONNECTIONS)]
     pub max_connections: usize,
 
     /// Longest time a client may take to send a request's headers, in seconds; then its
@@ -58,16 +67,16 @@ pub struct IngestConfig {
     #[arg(
         long,
         env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
-        default_value_t = 30
+        default_value_t = HEADER_READ_TIMEOUT_SECS
     )]
     pub header_read_timeout_secs: u64,
 
     /// Most requests handled at once; past it clients get 503 with Retry-After.
-    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 4096)]
+    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
 
     /// How long shutdown waits for in-flight requests to finish, in seconds.
-    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = 30)]
+    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
     pub drain_secs: u64,
 }
 
@@ -75,13 +84,13 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_request_bytes: 64 * 1024,
-            max_batch_bytes: 16 * 1024 * 1024,
-            max_batch_records: 10_000,
-            max_connections: 10_000,
-            header_read_timeout_secs: 30,
-            max_in_flight: 4096,
-            drain_secs: 30,
+            max_request_bytes: MAX_REQUEST_BYTES,
+            max_batch_bytes: MAX_BATCH_BYTES,
+            max_batch_records: MAX_BATCH_RECORDS,
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
+            max_in_flight: MAX_IN_FLIGHT,
+            drain_secs: DRAIN_SECS,
         }
     }
 }
@@ -826,6 +835,11 @@ mod tests {
         let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
             ["example"];
         schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn default_config_matches_the_flag_defaults() {
+        assert_eq!(IngestConfig::default().listen.to_string(), LISTEN);
     }
 
     #[test]

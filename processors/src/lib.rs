@@ -25,6 +25,14 @@ pub enum ProcessorError {
         /// The bus error.
         source: bus::BusError,
     },
+    /// A background task of the processor failed.
+    #[error("{processor}: task failed: {reason}")]
+    Task {
+        /// Which processor.
+        processor: &'static str,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// The processors' result type.

@@ -24,6 +24,8 @@ use crate::{ProcessorError, Result};
 
 const NAME: &str = "workflow";
 
+const MAX_IN_FLIGHT: usize = 10_000;
+
 /// Settings of the workflow processor.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkflowConfig {
@@ -31,7 +33,7 @@ pub struct WorkflowConfig {
     #[arg(
         long,
         env = "DRONEDELIVERY_WORKFLOW_MAX_IN_FLIGHT",
-        default_value_t = 10_000
+        default_value_t = MAX_IN_FLIGHT
     )]
     pub workflow_max_in_flight: usize,
 }
@@ -39,7 +41,7 @@ pub struct WorkflowConfig {
 impl Default for WorkflowConfig {
     fn default() -> Self {
         Self {
-            workflow_max_in_flight: 10_000,
+            workflow_max_in_flight: MAX_IN_FLIGHT,
         }
     }
 }
@@ -233,11 +235,9 @@ pub async fn run(
     retries.cancel();
     let committed = tokio::task::spawn_blocking(move || consumer.commit())
         .await
-        .map_err(|e| ProcessorError::Bus {
+        .map_err(|e| ProcessorError::Task {
             processor: NAME,
-            source: bus::BusError::Embedded {
-                reason: e.to_string(),
-            },
+            reason: e.to_string(),
         })?;
     if let Err(e) = committed {
         tracing::warn!(error = %e, "workflow: final commit failed; records since the last commit will be re-read");
