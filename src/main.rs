@@ -26,8 +26,25 @@ struct Cli {
     #[arg(long, env = "DRONEDELIVERY_LOG", default_value = "info", global = true)]
     log: String,
 
+    /// Log line format: `text` for people, `json` (one object per line, with the
+    /// request's correlation id and tenant as fields) for log pipelines.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,7 +106,7 @@ struct HistoryArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -120,19 +137,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Installs the Prometheus recorder and returns what renders it.
 fn init_metrics() -> Result<MetricsRender> {
+    // Latencies as histograms (not summaries), so that they add up across replicas.
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ],
+        )
+        .context("metric buckets")?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("ingest_batch_records".into()),
+            &[1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0],
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let upkeep = handle.clone();
@@ -223,6 +260,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .await?
         .with_metrics(render);
     let addr = ingest.local_addr()?;
+    let unauthenticated = ingest.is_unauthenticated();
 
     let stop_front = CancellationToken::new();
     let stop_back = CancellationToken::new();
@@ -246,6 +284,11 @@ async fn run(args: RunArgs) -> Result<()> {
         stop_back.clone(),
         on_shutdown,
     ));
+    if unauthenticated {
+        println!(
+            "no --api-keys: serving loopback clients only, without keys, as tenant \"default\""
+        );
+    }
     println!("dronedelivery listening on http://{addr}");
     tracing::info!(%addr, "dronedelivery listening on http://{addr}");
 

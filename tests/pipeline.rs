@@ -17,13 +17,14 @@ use bus::{ClientSettings, Consumer, EmbeddedBroker, OutRecord, Producer, Produce
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::*;
+
 const STARTUP: Duration = Duration::from_secs(60);
-const SETTLE: Duration = Duration::from_secs(60);
 
 /// The `dronedelivery run` process, killed if a test fails half-way.
 struct Pipeline {
@@ -96,19 +97,6 @@ impl Drop for Pipeline {
     }
 }
 
-fn valid_request(i: usize) -> serde_json::Value {
-    serde_json::json!({
-        "ownerId": format!("tenant-{}", i % 3),
-        "pickupLocation": format!("{},{}", 47.0 + (i as f64) / 100.0, -122.3),
-        "dropOffLocation": {"latitude": 47.62, "longitude": -122.35},
-        "pickupTime": "2026-11-24T10:00:00Z",
-        "deadline": "2026-11-24T12:00:00+01:00",
-        "expedited": i.is_multiple_of(2),
-        "confirmationRequired": "Picture",
-        "packageInfo": {"packageId": format!("pkg-{i}"), "size": "Medium", "weight": 0.5 + i as f64, "tag": "e2e"}
-    })
-}
-
 /// Invalid requests, each with the field the answer must name.
 fn invalid_requests() -> Vec<(serde_json::Value, &'static str)> {
     let mut out = Vec::new();
@@ -129,8 +117,6 @@ fn invalid_requests() -> Vec<(serde_json::Value, &'static str)> {
     out.push((r, "packageInfo.size"));
     out
 }
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 async fn post(
     client: &HttpClient,
@@ -475,116 +461,6 @@ async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
     Ok(())
 }
 
-/// The ingestion tier alone, in this process, on an embedded broker.
-struct IngestOnly {
-    broker: EmbeddedBroker,
-    base: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<ingest::Result<()>>,
-}
-
-impl IngestOnly {
-    async fn start(config: ingest::IngestConfig) -> Result<Self> {
-        Self::start_with(config, ProducerArgs::default()).await
-    }
-
-    async fn start_with(config: ingest::IngestConfig, tuning: ProducerArgs) -> Result<Self> {
-        let broker = EmbeddedBroker::start(1, &topics::ALL)?;
-        let settings = ClientSettings::plain(broker.bootstrap_servers());
-        let producer = Producer::new(&settings, &tuning)?;
-        let server = ingest::Ingest::bind(
-            ingest::IngestConfig {
-                listen: "127.0.0.1:0".parse()?,
-                ..config
-            },
-            producer,
-        )
-        .await?;
-        let base = format!("http://{}", server.local_addr()?);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(server.run(stop.clone()));
-        Ok(Self {
-            broker,
-            base,
-            stop,
-            task,
-        })
-    }
-
-    /// Every record on `delivery-requests`, read until `expected` arrived and then one
-    /// quiet second more (so that extras would be seen): key to payload.
-    async fn records(&self, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
-        self.records_of(topics::DELIVERY_REQUESTS.name, expected)
-            .await
-    }
-
-    /// The same for any topic.
-    async fn records_of(&self, topic: &str, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
-        let settings = ClientSettings::plain(self.broker.bootstrap_servers());
-        let reader = Consumer::subscribe(
-            &settings,
-            &format!("reader-{}", uuid::Uuid::new_v4()),
-            &[topic],
-        )?;
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + SETTLE;
-        loop {
-            let wait = if out.len() >= expected {
-                tokio::time::Instant::now() + Duration::from_secs(1)
-            } else {
-                deadline
-            };
-            match tokio::time::timeout_at(wait, reader.recv()).await {
-                Ok(record) => {
-                    let record = record?;
-                    out.push((
-                        String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned(),
-                        record.payload().unwrap_or_default().to_vec(),
-                    ));
-                }
-                Err(_) if out.len() >= expected => return Ok(out),
-                Err(_) => bail!("only {} of {expected} records arrived", out.len()),
-            }
-        }
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.stop.cancel();
-        tokio::time::timeout(SETTLE, self.task).await???;
-        Ok(())
-    }
-}
-
-async fn post_raw(
-    client: &HttpClient,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
-    let mut request = hyper::Request::post(url);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(request.body(Full::new(Bytes::from(body)))?),
-    )
-    .await
-    .context("request timed out")??;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Ok((status, headers, json))
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Result<()> {
     let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
@@ -669,6 +545,9 @@ async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Res
     assert_eq!(report["rejected"], 2);
 
     let mut got = tier.records(expected.len()).await?;
+    for (key, _) in &mut expected {
+        *key = format!("default/{key}");
+    }
     got.sort();
     expected.sort();
     assert_eq!(got, expected, "exactly the valid records, byte for byte");
@@ -777,8 +656,11 @@ async fn broker_down_means_503_and_nothing_accepted_later() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
-    assert!(!keys.contains("refused-1"), "a 503'd record must not land");
-    assert!(keys.contains("accepted-2"));
+    assert!(
+        !keys.contains("default/refused-1"),
+        "a 503'd record must not land"
+    );
+    assert!(keys.contains("default/accepted-2"));
     tier.stop().await
 }
 
@@ -896,7 +778,7 @@ async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
-    assert_eq!(keys, BTreeSet::from(["after-recovery".to_owned()]));
+    assert_eq!(keys, BTreeSet::from(["default/after-recovery".to_owned()]));
     tier.stop().await
 }
 

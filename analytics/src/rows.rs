@@ -14,7 +14,7 @@ use crate::error::{AnalyticsError, Result};
 /// Where a record came from and when it was ingested.
 #[derive(Debug, Clone, Copy)]
 pub struct Provenance<'a> {
-    /// The record key (the delivery id).
+    /// The record key (`tenant/deliveryId`, or a bare delivery id).
     pub key: Option<&'a [u8]>,
     /// The Kafka partition.
     pub partition: i32,
@@ -90,10 +90,13 @@ impl DeliveryRequestRows {
         let request = schemas::parse_delivery_request(payload)?;
         let delivery_id = match (&request.delivery_id, from.key) {
             (Some(id), _) => id.as_ref(),
-            (None, Some(key)) => std::str::from_utf8(key).map_err(|_| ValidationError {
-                field: "key".into(),
-                reason: "the record key is not UTF-8".into(),
-            })?,
+            (None, Some(key)) => {
+                let key = std::str::from_utf8(key).map_err(|_| ValidationError {
+                    field: "key".into(),
+                    reason: "the record key is not UTF-8".into(),
+                })?;
+                schemas::split_delivery_key(key).1
+            }
             (None, None) => {
                 return Err(ValidationError {
                     field: "key".into(),
@@ -204,6 +207,23 @@ mod tests {
             .downcast_ref::<StringArray>()
             .unwrap();
         assert_eq!(tags.value(0), "fragile");
+    }
+
+    #[test]
+    fn a_tenant_scoped_key_gives_its_delivery_id() {
+        let mut rows = DeliveryRequestRows::default();
+        rows.append(
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+            from(b"fabrikam/d9", 1),
+        )
+        .unwrap();
+        let batch = rows.finish().unwrap();
+        let ids = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        assert_eq!(ids.value(0), "d9");
     }
 
     #[test]

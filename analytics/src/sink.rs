@@ -196,6 +196,15 @@ fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
     let date = DateTime::from_timestamp_millis(ingest_millis)
         .unwrap_or_default()
         .date_naive();
+    // Reschedules and cancels share the topic; they belong to the delivery events, not
+    // to this table.
+    let event_type = record.header(schemas::headers::EVENT_TYPE);
+    if event_type.is_some_and(|t| t != schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes())
+    {
+        metrics::counter!("history_records_skipped_total", "table" => history::DELIVERY_REQUESTS.name, "reason" => "other_event")
+            .increment(1);
+        return;
+    }
     let pending = buffer.by_date.entry(date).or_default();
     let appended = pending.rows.append(
         record.payload().unwrap_or_default(),
@@ -217,7 +226,7 @@ fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
                 .or_insert((offset, offset));
         }
         Err(e) => {
-            metrics::counter!("history_records_skipped_total", "table" => history::DELIVERY_REQUESTS.name)
+            metrics::counter!("history_records_skipped_total", "table" => history::DELIVERY_REQUESTS.name, "reason" => "invalid")
                 .increment(1);
             tracing::warn!(partition, offset, error = %e, "history sink: record skipped: not a valid delivery request");
         }

@@ -78,6 +78,40 @@ pub enum IngestError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// No valid credentials.
+    #[error("unauthorized: {reason}")]
+    Unauthorized {
+        /// What was missing or wrong.
+        reason: String,
+    },
+    /// The tenant sent more records than its rate limit allows.
+    #[error("tenant {tenant} is over its rate limit")]
+    RateLimited {
+        /// The tenant.
+        tenant: String,
+        /// When its quota allows the request.
+        retry_after: Duration,
+    },
+    /// A request header has a value the tier does not take.
+    #[error("invalid {name} header: {reason}")]
+    InvalidHeader {
+        /// The header.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A request with the same `Idempotency-Key` is being processed.
+    #[error("a request with this Idempotency-Key is still being processed")]
+    IdempotencyInProgress,
+    /// The `Idempotency-Key` was used before with a different body.
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyMismatch,
+    /// The tier's own settings are wrong (found at start-up).
+    #[error("configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
     /// A fault of the service itself.
     #[error("internal error: {reason}")]
     Internal {
@@ -93,9 +127,14 @@ impl IngestError {
     /// The HTTP status of the error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Invalid(_) | Self::BodyRead { .. } | Self::MalformedBatch { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Invalid(_)
+            | Self::BodyRead { .. }
+            | Self::MalformedBatch { .. }
+            | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } | Self::TooManyRecords { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -107,7 +146,7 @@ impl IngestError {
             Self::Unavailable { .. } | Self::TooManyInFlight { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -125,6 +164,12 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyInFlight { .. } => "in_flight",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::InvalidHeader { .. } => "header",
+            Self::IdempotencyInProgress => "idempotency_in_progress",
+            Self::IdempotencyMismatch => "idempotency_mismatch",
+            Self::Config { .. } => "config",
             Self::Internal { .. } => "internal",
         }
     }
@@ -139,6 +184,7 @@ impl IngestError {
                 | Self::TooManyInFlight { .. }
                 | Self::NotFound { .. }
                 | Self::MethodNotAllowed { .. }
+                | Self::Unauthorized { .. }
         )
     }
 
@@ -161,11 +207,17 @@ impl IngestError {
             builder = builder.header(header::CONNECTION, "close");
         }
         match &self {
-            Self::Unavailable { retry_after, .. } | Self::TooManyInFlight { retry_after } => {
-                builder = builder.header(
-                    header::RETRY_AFTER,
-                    retry_after.as_secs().max(1).to_string(),
-                );
+            Self::Unavailable { retry_after, .. }
+            | Self::TooManyInFlight { retry_after }
+            | Self::RateLimited { retry_after, .. } => {
+                builder = builder.header(header::RETRY_AFTER, retry_after_secs(*retry_after));
+            }
+            Self::IdempotencyInProgress => {
+                builder = builder.header(header::RETRY_AFTER, "1");
+            }
+            Self::Unauthorized { .. } => {
+                builder =
+                    builder.header(header::WWW_AUTHENTICATE, "Bearer realm=\"dronedelivery\"");
             }
             Self::MethodNotAllowed { allow } => {
                 builder = builder.header(header::ALLOW, *allow);
@@ -176,6 +228,12 @@ impl IngestError {
             .body(Full::new(Bytes::from(body.to_string())))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
     }
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+fn retry_after_secs(wait: Duration) -> String {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1).to_string()
 }
 
 #[cfg(test)]
@@ -205,5 +263,26 @@ mod tests {
         .into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let r = IngestError::RateLimited {
+            tenant: "t".into(),
+            retry_after: Duration::from_millis(2100),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "3", "rounded up");
+        let r = IngestError::Unauthorized {
+            reason: "no key".into(),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_eq!(
+            IngestError::IdempotencyInProgress.status(),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            IngestError::IdempotencyMismatch.status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
     }
 }

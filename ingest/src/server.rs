@@ -1,7 +1,8 @@
 //! The listener, the routes and the request handlers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::{OutRecord, Producer};
@@ -17,9 +18,12 @@ use schemas::headers as h;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::batch;
 use crate::error::{IngestError, Result};
+use crate::idempotency::{self, Claim, Stored, Window};
+use crate::tenants::{Limits, Tenant, Tenants};
 
 /// Renders the process's metrics in the Prometheus text format.
 pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
@@ -32,6 +36,8 @@ const MAX_CONNECTIONS: usize = 10_000;
 const HEADER_READ_TIMEOUT_SECS: u64 = 30;
 const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
+const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
+const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
 /// Settings of the HTTP ingestion tier.
 #[derive(Debug, Clone, clap::Args)]
@@ -78,6 +84,39 @@ pub struct IngestConfig {
     /// How long shutdown waits for in-flight requests to finish, in seconds.
     #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
     pub drain_secs: u64,
+
+    /// File of API keys, one `tenant:key` per line (optionally `tenant:key:records_per_sec`
+    /// for the tenant's own rate limit; `#` starts a comment). Clients send
+    /// `Authorization: Bearer KEY`. Without it, only loopback clients are served, as the
+    /// tenant `default`.
+    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Records per second each tenant may send (a batch counts its records); past it
+    /// clients get 429 with Retry-After. 0 means no limit.
+    #[arg(long, env = "DRONEDELIVERY_TENANT_RATE_LIMIT", default_value_t = 0.0)]
+    pub tenant_rate_limit: f64,
+
+    /// Records a tenant may send at once above its rate; 0 means one second's worth.
+    #[arg(long, env = "DRONEDELIVERY_TENANT_BURST", default_value_t = 0.0)]
+    pub tenant_burst: f64,
+
+    /// How long an Idempotency-Key's answer is kept for replay, in seconds.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_IDEMPOTENCY_WINDOW_SECS",
+        default_value_t = IDEMPOTENCY_WINDOW_SECS
+    )]
+    pub idempotency_window_secs: u64,
+
+    /// Memory for kept Idempotency-Key answers, in bytes; the oldest go first. 0 keeps
+    /// none (retries still get the same delivery ids).
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_IDEMPOTENCY_WINDOW_BYTES",
+        default_value_t = IDEMPOTENCY_WINDOW_BYTES
+    )]
+    pub idempotency_window_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -91,6 +130,11 @@ impl Default for IngestConfig {
             header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
             max_in_flight: MAX_IN_FLIGHT,
             drain_secs: DRAIN_SECS,
+            api_keys: None,
+            tenant_rate_limit: 0.0,
+            tenant_burst: 0.0,
+            idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
+            idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
         }
     }
 }
@@ -101,6 +145,9 @@ struct App {
     producer: Producer,
     in_flight: Semaphore,
     metrics: Option<MetricsRender>,
+    tenants: Tenants,
+    /// Recent Idempotency-Keys; `None` when the window is switched off.
+    window: Option<Mutex<Window>>,
 }
 
 /// The ingestion tier, bound to its listener and ready to serve.
@@ -118,8 +165,27 @@ impl std::fmt::Debug for Ingest {
 }
 
 impl Ingest {
-    /// Binds the listener. Records go out through `producer`.
+    /// Reads the API keys and binds the listener. Records go out through `producer`.
     pub async fn bind(config: IngestConfig, producer: Producer) -> Result<Self> {
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !(non_negative(config.tenant_rate_limit) && non_negative(config.tenant_burst)) {
+            return Err(IngestError::Config {
+                reason: "--tenant-rate-limit and --tenant-burst must be 0 or more".into(),
+            });
+        }
+        let tenants = Tenants::load(
+            config.api_keys.as_deref(),
+            Limits {
+                rate: config.tenant_rate_limit,
+                burst: config.tenant_burst,
+            },
+        )?;
+        let window = (config.idempotency_window_bytes > 0).then(|| {
+            Mutex::new(Window::new(
+                Duration::from_secs(config.idempotency_window_secs),
+                config.idempotency_window_bytes,
+            ))
+        });
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -134,6 +200,8 @@ impl Ingest {
                 producer,
                 in_flight,
                 metrics: None,
+                tenants,
+                window,
             }),
         })
     }
@@ -144,6 +212,12 @@ impl Ingest {
             app.metrics = Some(render);
         }
         self
+    }
+
+    /// Whether the tier runs without API keys (loopback clients only, as tenant
+    /// `default`).
+    pub fn is_unauthenticated(&self) -> bool {
+        self.app.tenants.is_open()
     }
 
     /// The address actually bound (useful with port 0).
@@ -158,6 +232,14 @@ impl Ingest {
     /// Serves until `shutdown` is cancelled; then stops accepting, lets in-flight
     /// requests finish (up to the drain time) and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        if self.app.tenants.is_open() {
+            tracing::warn!(
+                "no --api-keys given: serving unauthenticated requests from loopback clients \
+                 only, as tenant \"default\"; other clients get 401"
+            );
+        } else {
+            tracing::info!(tenants = self.app.tenants.len(), "API keys loaded");
+        }
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // A client that opens a connection and sends nothing (or dribbles its headers)
@@ -192,7 +274,7 @@ impl Ingest {
             let app = Arc::clone(&self.app);
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, std::convert::Infallible>(handle(&app, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(&app, req, peer).await) }
             });
             let builder = builder.clone();
             let watcher = graceful.watcher();
@@ -241,19 +323,43 @@ impl Ingest {
     }
 }
 
-async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let route = route_label(req.method(), req.uri().path());
-    let response = match route_request(app, req).await {
+    let correlation = correlation_id(&req);
+    let span = tracing::debug_span!(
+        "request",
+        correlation = %correlation,
+        method = %req.method(),
+        route,
+        tenant = tracing::field::Empty,
+    );
+    let answered = route_request(app, req, peer, &correlation)
+        .instrument(span.clone())
+        .await;
+    let mut response = match answered {
         Ok(response) => response,
         Err(e) => {
-            if e.status().is_server_error() {
-                tracing::warn!(error = %e, "request failed");
+            let _entered = span.enter();
+            match e.status() {
+                StatusCode::INTERNAL_SERVER_ERROR => tracing::warn!(error = %e, "request failed"),
+                _ => tracing::debug!(error = %e, "request refused"),
             }
             metrics::counter!("ingest_rejections_total", "reason" => e.kind()).increment(1);
             e.into_response()
         }
     };
+    if let Ok(value) = header::HeaderValue::from_str(&correlation) {
+        response.headers_mut().insert("x-correlation-id", value);
+    }
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "answered"
+        );
+    });
     metrics::counter!(
         "ingest_http_requests_total",
         "route" => route,
@@ -261,7 +367,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     )
     .increment(1);
     metrics::histogram!("ingest_http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+        .record(elapsed.as_secs_f64());
     response
 }
 
@@ -274,17 +380,34 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/openapi.json") => "openapi",
         (_, "/metrics") => "metrics",
         (_, p) if telemetry_path(p).is_some() => "telemetry",
+        (_, p) if delivery_request_path(p).is_some() => "deliveryrequest",
         _ => "other",
     }
 }
 
-async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::POST, "/api/deliveryrequests") => post_delivery_request(app, req).await,
-        (&Method::POST, "/api/deliveryrequests/batch") => post_batch(app, req).await,
-        (_, "/api/deliveryrequests" | "/api/deliveryrequests/batch") => {
-            Err(IngestError::MethodNotAllowed { allow: "POST" })
-        }
+async fn route_request(
+    app: &App,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    correlation: &str,
+) -> Result<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    if path.starts_with("/api/") {
+        let tenant = app.tenants.authenticate(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(header::HeaderValue::as_bytes),
+            peer,
+        )?;
+        tracing::Span::current().record("tenant", &*tenant.name);
+        let caller = Caller {
+            tenant,
+            correlation,
+            ingest_time: now_millis().to_string(),
+        };
+        return route_api(app, req, &caller).await;
+    }
+    match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/healthz") => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(app).await,
         (&Method::GET, "/openapi.json") => Ok(json_bytes(StatusCode::OK, OPENAPI)),
@@ -294,13 +417,46 @@ async fn route_request(app: &App, req: Request<Incoming>) -> Result<Response<Ful
                 path: "/metrics".into(),
             }),
         },
+        (_, "/healthz" | "/readyz" | "/openapi.json" | "/metrics") => {
+            Err(IngestError::MethodNotAllowed { allow: "GET" })
+        }
+        (_, path) => Err(IngestError::NotFound {
+            path: path.chars().take(256).collect(),
+        }),
+    }
+}
+
+/// The routes under `/api/`, for an authenticated caller.
+async fn route_api(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+) -> Result<Response<Full<Bytes>>> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/api/deliveryrequests") => post_delivery_request(app, req, caller).await,
+        (&Method::POST, "/api/deliveryrequests/batch") => post_batch(app, req, caller).await,
+        (_, "/api/deliveryrequests" | "/api/deliveryrequests/batch") => {
+            Err(IngestError::MethodNotAllowed { allow: "POST" })
+        }
         (&Method::POST, path) if telemetry_path(path).is_some() => {
-            let drone_id = telemetry_path(path).unwrap_or_default().to_owned();
-            post_telemetry(app, req, &drone_id).await
+            let drone_id = telemetry_path(path).unwrap_or_default();
+            post_telemetry(app, req, caller, drone_id).await
         }
         (_, path) if telemetry_path(path).is_some() => {
             Err(IngestError::MethodNotAllowed { allow: "POST" })
         }
+        (&Method::PATCH, path) if delivery_request_path(path).is_some() => {
+            let id = delivery_request_path(path).unwrap_or_default();
+            change_delivery(app, req, caller, id, Change::Reschedule).await
+        }
+        (&Method::DELETE, path) if delivery_request_path(path).is_some() => {
+            let id = delivery_request_path(path).unwrap_or_default();
+            change_delivery(app, req, caller, id, Change::Cancel).await
+        }
+        (_, path) if delivery_request_path(path).is_some() => Err(IngestError::MethodNotAllowed {
+            allow: "PATCH, DELETE",
+        }),
         (_, path) => Err(IngestError::NotFound {
             path: path.chars().take(256).collect(),
         }),
@@ -358,12 +514,18 @@ fn json_bytes(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes
 
 /// Accepts `application/json` (with or without parameters) and a missing content type.
 fn check_json_content_type(req: &Request<Incoming>) -> Result<()> {
+    check_content_type(req, &["application/json"])
+}
+
+/// Accepts the media types in `accepted` (with or without parameters) and a missing
+/// content type.
+fn check_content_type(req: &Request<Incoming>, accepted: &[&str]) -> Result<()> {
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
         return Ok(());
     };
     let text = value.to_str().unwrap_or("");
     let essence = text.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json") {
+    if accepted.iter().any(|a| essence.eq_ignore_ascii_case(a)) {
         Ok(())
     } else {
         Err(IngestError::UnsupportedMediaType {
@@ -475,58 +637,154 @@ fn unavailable(e: bus::BusError) -> IngestError {
 
 /// Takes one of the `--max-in-flight` places, or answers 503 at once.
 fn admit(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>> {
-    app.in_flight
+    let permit = app
+        .in_flight
         .try_acquire()
         .map_err(|_| IngestError::TooManyInFlight {
             retry_after: RETRY_AFTER,
-        })
+        })?;
+    let busy = app.config.max_in_flight.max(1) - app.in_flight.available_permits();
+    metrics::gauge!("ingest_in_flight_requests").set(busy as f64);
+    Ok(permit)
 }
 
-/// What every record of one HTTP request carries in its headers besides its tenant.
-struct Stamp {
+/// Who sent a request and what every record it produces carries in its headers.
+struct Caller<'a> {
+    tenant: &'a Tenant,
+    correlation: &'a str,
     ingest_time: String,
-    correlation: String,
 }
 
-impl Stamp {
-    fn of(req: &Request<Incoming>) -> Self {
-        Self {
-            correlation: correlation_id(req),
-            ingest_time: now_millis().to_string(),
+/// The Kafka headers of one record, without allocating.
+struct Headers<'a> {
+    items: [(&'a str, &'a [u8]); 10],
+    len: usize,
+}
+
+impl<'a> Headers<'a> {
+    /// The headers every record gets: event type, tenant, schema version, content type,
+    /// ingest time and correlation id.
+    fn of(caller: &'a Caller<'_>, event_type: &'static str) -> Self {
+        let mut headers = Self {
+            items: [("", &[]); 10],
+            len: 0,
+        };
+        headers.push(h::EVENT_TYPE, event_type.as_bytes());
+        headers.push(h::TENANT, caller.tenant.name.as_bytes());
+        headers.push(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes());
+        headers.push(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes());
+        headers.push(h::INGEST_TIME, caller.ingest_time.as_bytes());
+        headers.push(h::CORRELATION_ID, caller.correlation.as_bytes());
+        headers
+    }
+
+    fn push(&mut self, name: &'a str, value: &'a [u8]) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = (name, value);
+            self.len += 1;
         }
+    }
+
+    fn as_slice(&self) -> &[(&'a str, &'a [u8])] {
+        &self.items[..self.len]
+    }
+}
+
+/// The `Idempotency-Key` of a request, checked, if it has one.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<String>> {
+    req.headers()
+        .get("idempotency-key")
+        .map(|v| idempotency::check_key(v.as_bytes()).map(str::to_owned))
+        .transpose()
+}
+
+/// Takes the request's place in the idempotency window: `Ok(None)` when it has no key or
+/// the window is off, `Err(answer)` inside the `Ok` when the key was answered before.
+fn claim<'a>(
+    app: &'a App,
+    caller: &Caller<'_>,
+    route: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> Result<std::result::Result<Option<Claim<'a>>, Stored>> {
+    let (Some(key), Some(window)) = (key, &app.window) else {
+        return Ok(Ok(None));
+    };
+    let window_key = format!("{}\n{route}\n{key}", caller.tenant.name);
+    let fingerprint = idempotency::fingerprint(route, body);
+    Ok(Claim::begin(window, window_key, fingerprint)?.map(Some))
+}
+
+/// The answer of an earlier request with the same Idempotency-Key.
+fn replay(stored: Stored) -> Response<Full<Bytes>> {
+    metrics::counter!("ingest_idempotent_replays_total").increment(1);
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut response = json_bytes(status, stored.body);
+    let headers = response.headers_mut();
+    headers.insert(
+        "idempotent-replayed",
+        header::HeaderValue::from_static("true"),
+    );
+    if let Some(location) = stored
+        .location
+        .and_then(|l| header::HeaderValue::from_str(&l).ok())
+    {
+        headers.insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// Checks that a request belongs to the caller: its `ownerId` must be the authenticated
+/// tenant (the unauthenticated loopback tenant `default` takes any owner).
+fn check_owner(caller: &Caller<'_>, request: &schemas::DeliveryRequest<'_>) -> Result<()> {
+    if caller.tenant.is_default() || request.owner_id == *caller.tenant.name {
+        Ok(())
+    } else {
+        Err(IngestError::Invalid(schemas::ValidationError {
+            field: "ownerId".into(),
+            reason: format!(
+                "must be the authenticated tenant {:?}",
+                &*caller.tenant.name
+            ),
+        }))
     }
 }
 
 /// Enqueues one valid request (its bytes as received) on `delivery-requests`, keyed by
-/// its delivery id; returns the id and the future of the broker's acknowledgement.
+/// `tenant/deliveryId`; returns the delivery id and the future of the broker's
+/// acknowledgement. The id is the client's own, or derived from its Idempotency-Key and
+/// the record's index, or new.
 fn enqueue(
     app: &App,
-    stamp: &Stamp,
+    caller: &Caller<'_>,
     request: &schemas::DeliveryRequest<'_>,
     payload: &[u8],
+    idempotency: Option<(&str, usize)>,
 ) -> Result<(
     String,
     impl Future<Output = bus::Result<bus::Delivered>> + use<>,
 )> {
-    let delivery_id = request
-        .delivery_id
-        .as_deref()
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let headers: [(&str, &[u8]); 6] = [
-        (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
-        (h::TENANT, request.owner_id.as_bytes()),
-        (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
-        (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
-        (h::INGEST_TIME, stamp.ingest_time.as_bytes()),
-        (h::CORRELATION_ID, stamp.correlation.as_bytes()),
-    ];
+    check_owner(caller, request)?;
+    let delivery_id = match (&request.delivery_id, idempotency) {
+        (Some(id), _) => id.to_string(),
+        (None, Some((key, index))) => {
+            idempotency::derived_delivery_id(&caller.tenant.name, key, index)
+        }
+        (None, None) => uuid::Uuid::new_v4().to_string(),
+    };
+    let key = schemas::delivery_key(&caller.tenant.name, &delivery_id);
+    let mut headers = Headers::of(caller, h::event_type::DELIVERY_REQUESTED);
+    headers.push(h::DELIVERY_ID, delivery_id.as_bytes());
+    if let Some((idempotency_key, _)) = idempotency {
+        headers.push(h::IDEMPOTENCY_KEY, idempotency_key.as_bytes());
+    }
     let ack = app
         .producer
         .send(OutRecord {
             topic: schemas::topics::DELIVERY_REQUESTS.name,
-            key: delivery_id.as_bytes(),
+            key: key.as_bytes(),
             payload,
-            headers: &headers,
+            headers: headers.as_slice(),
         })
         .map_err(unavailable)?;
     Ok((delivery_id, ack))
@@ -546,37 +804,67 @@ fn not_acknowledged() -> IngestError {
     }
 }
 
-async fn post_delivery_request(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
-    let _permit = admit(app)?;
-    let content_type = check_json_content_type(&req);
-    let stamp = Stamp::of(&req);
-    // The body is read (bounded) before any other answer, so the connection stays usable.
-    let body = read_body(req, app.config.max_request_bytes).await?;
-    content_type?;
-    let request = schemas::parse_delivery_request(&body)?;
-    let (delivery_id, ack) = enqueue(app, &stamp, &request, &body)?;
-    let delivered = tokio::time::timeout(ack_wait(app), ack)
+/// Waits (bounded) for one acknowledgement.
+async fn acknowledged(
+    app: &App,
+    ack: impl Future<Output = bus::Result<bus::Delivered>>,
+) -> Result<bus::Delivered> {
+    tokio::time::timeout(ack_wait(app), ack)
         .await
         .map_err(|_| not_acknowledged())?
-        .map_err(unavailable)?;
+        .map_err(unavailable)
+}
+
+/// `POST /api/deliveryrequests`: one request; 202 with its id once the broker has it.
+async fn post_delivery_request(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+) -> Result<Response<Full<Bytes>>> {
+    let _permit = admit(app)?;
+    let content_type = check_json_content_type(&req);
+    let key = idempotency_key(&req);
+    // The body is read (bounded) before any other answer, so the connection stays usable.
+    let body = read_body(req, app.config.max_request_bytes).await?;
+    caller.tenant.bytes.increment(body.len() as u64);
+    content_type?;
+    let key = key?;
+    let claim = match claim(app, caller, "single", key.as_deref(), &body)? {
+        Ok(claim) => claim,
+        Err(stored) => return Ok(replay(stored)),
+    };
+    let request = schemas::parse_delivery_request(&body).inspect_err(|_| {
+        caller.tenant.rejected_invalid.increment(1);
+    })?;
+    caller.tenant.take(1)?;
+    let (delivery_id, ack) = enqueue(app, caller, &request, &body, key.as_deref().map(|k| (k, 0)))
+        .inspect_err(|e| {
+            if matches!(e, IngestError::Invalid(_)) {
+                caller.tenant.rejected_invalid.increment(1);
+            }
+        })?;
+    let delivered = acknowledged(app, ack).await.inspect_err(|_| {
+        caller.tenant.rejected_unavailable.increment(1);
+    })?;
     tracing::debug!(
-        correlation = %stamp.correlation,
         delivery_id,
         partition = delivered.partition,
         offset = delivered.offset,
         "accepted"
     );
-    metrics::counter!("ingest_records_accepted_total").increment(1);
-    let mut response = json(
-        StatusCode::ACCEPTED,
-        &serde_json::json!({ "deliveryId": delivery_id }),
-    );
-    let headers = response.headers_mut();
-    if let Ok(location) = header::HeaderValue::from_str(&format!("/api/deliveries/{delivery_id}")) {
-        headers.insert(header::LOCATION, location);
+    caller.tenant.accepted.increment(1);
+    let body = Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string());
+    let location = format!("/api/deliveries/{delivery_id}");
+    if let Some(claim) = claim {
+        claim.finish(Some(Stored {
+            status: StatusCode::ACCEPTED.as_u16(),
+            body: body.clone(),
+            location: Some(location.clone()),
+        }));
     }
-    if let Ok(value) = header::HeaderValue::from_str(&stamp.correlation) {
-        headers.insert("x-correlation-id", value);
+    let mut response = json_bytes(StatusCode::ACCEPTED, body);
+    if let Ok(location) = header::HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
 }
@@ -595,26 +883,56 @@ enum Outcome {
 /// every record by index: 202 when all were accepted, 207 when some were, 400 when every
 /// record was invalid, 503 with Retry-After when none was accepted and some could be
 /// retried.
-async fn post_batch(app: &App, req: Request<Incoming>) -> Result<Response<Full<Bytes>>> {
+async fn post_batch(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+) -> Result<Response<Full<Bytes>>> {
     let _permit = admit(app)?;
-    let (stamp, framing, body) = read_decoded(app, req).await?;
+    let key = idempotency_key(&req);
+    let (framing, body) = read_decoded(app, req, caller).await?;
+    let key = key?;
+    let claim = match claim(app, caller, "batch", key.as_deref(), &body)? {
+        Ok(claim) => claim,
+        Err(stored) => return Ok(replay(stored)),
+    };
     let records = batch::split(&body, framing, app.config.max_batch_records)?;
+    metrics::histogram!("ingest_batch_records").record(records.len() as f64);
+    caller.tenant.take(records.len())?;
     let mut outcomes = Vec::with_capacity(records.len());
     let mut acks = Vec::with_capacity(records.len());
     for (index, payload) in records.iter().enumerate() {
-        match schemas::parse_delivery_request(payload) {
-            Err(e) => outcomes.push(Outcome::Rejected(e)),
-            Ok(request) => match enqueue(app, &stamp, &request, payload) {
-                Ok((id, ack)) => {
-                    acks.push((index, ack));
-                    outcomes.push(Outcome::Accepted(Some(id)));
-                }
-                Err(e) => outcomes.push(Outcome::Failed(e)),
-            },
+        let enqueued = schemas::parse_delivery_request(payload)
+            .map_err(IngestError::Invalid)
+            .and_then(|request| {
+                enqueue(
+                    app,
+                    caller,
+                    &request,
+                    payload,
+                    key.as_deref().map(|k| (k, index)),
+                )
+            });
+        match enqueued {
+            Ok((id, ack)) => {
+                acks.push((index, ack));
+                outcomes.push(Outcome::Accepted(Some(id)));
+            }
+            Err(IngestError::Invalid(e)) => outcomes.push(Outcome::Rejected(e)),
+            Err(e) => outcomes.push(Outcome::Failed(e)),
         }
     }
     settle(app, &mut outcomes, acks).await;
-    Ok(batch_report(&outcomes, &stamp.correlation))
+    let (status, report) = batch_report(caller.tenant, &outcomes);
+    if let Some(claim) = claim {
+        let keep = matches!(status, StatusCode::ACCEPTED | StatusCode::MULTI_STATUS);
+        claim.finish(keep.then(|| Stored {
+            status: status.as_u16(),
+            body: report.clone(),
+            location: None,
+        }));
+    }
+    Ok(report_response(status, report))
 }
 
 /// `/api/drones/{id}/telemetry` → the drone id, if the path has that shape.
@@ -624,16 +942,23 @@ fn telemetry_path(path: &str) -> Option<&str> {
         .filter(|id| !id.contains('/'))
 }
 
+/// `/api/deliveryrequests/{id}` → the delivery id, if the path has that shape.
+fn delivery_request_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/deliveryrequests/")
+        .filter(|id| !id.is_empty() && !id.contains('/') && *id != "batch")
+}
+
 /// `POST /api/drones/{id}/telemetry`: one position fix, or a batch of them (JSON array or
 /// NDJSON, optionally gzip or zstd), to `drone-telemetry` keyed by drone id. Answers as
 /// the delivery request batch does, without ids.
 async fn post_telemetry(
     app: &App,
     req: Request<Incoming>,
+    caller: &Caller<'_>,
     drone_id: &str,
 ) -> Result<Response<Full<Bytes>>> {
     let _permit = admit(app)?;
-    let (stamp, framing, body) = read_decoded(app, req).await?;
+    let (framing, body) = read_decoded(app, req, caller).await?;
     schemas::delivery::check_id(drone_id, "droneId")?;
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let records = if first == Some(b'{') && framing != Some(batch::Framing::Ndjson) {
@@ -641,17 +966,9 @@ async fn post_telemetry(
     } else {
         batch::split(&body, framing, app.config.max_batch_records)?
     };
-    let headers: [(&str, &[u8]); 6] = [
-        (
-            h::EVENT_TYPE,
-            h::event_type::DRONE_POSITION_REPORTED.as_bytes(),
-        ),
-        (h::DRONE_ID, drone_id.as_bytes()),
-        (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
-        (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
-        (h::INGEST_TIME, stamp.ingest_time.as_bytes()),
-        (h::CORRELATION_ID, stamp.correlation.as_bytes()),
-    ];
+    caller.tenant.take(records.len())?;
+    let mut headers = Headers::of(caller, h::event_type::DRONE_POSITION_REPORTED);
+    headers.push(h::DRONE_ID, drone_id.as_bytes());
     let mut outcomes = Vec::with_capacity(records.len());
     let mut acks = Vec::with_capacity(records.len());
     for (index, payload) in records.iter().enumerate() {
@@ -663,7 +980,7 @@ async fn post_telemetry(
             topic: schemas::topics::DRONE_TELEMETRY.name,
             key: drone_id.as_bytes(),
             payload,
-            headers: &headers,
+            headers: headers.as_slice(),
         });
         match sent {
             Ok(ack) => {
@@ -674,15 +991,82 @@ async fn post_telemetry(
         }
     }
     settle(app, &mut outcomes, acks).await;
-    Ok(batch_report(&outcomes, &stamp.correlation))
+    let (status, report) = batch_report(caller.tenant, &outcomes);
+    Ok(report_response(status, report))
 }
 
-/// Reads a batch body (bounded) and decodes it (bounded); returns the request's stamp,
-/// the framing its content type names, and the decoded bytes.
+/// What `PATCH` and `DELETE /api/deliveryrequests/{id}` ask for.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Reschedule,
+    Cancel,
+}
+
+/// `PATCH /api/deliveryrequests/{id}` (reschedule: a JSON object with `pickupTime`,
+/// `deadline` and/or `dropOffLocation`) and `DELETE` (cancel): an event on the delivery's
+/// own key, so that it stays ordered after the request. 202 once the broker has it;
+/// whether the delivery exists and can still change is decided downstream, where its
+/// state is.
+async fn change_delivery(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+    delivery_id: &str,
+    change: Change,
+) -> Result<Response<Full<Bytes>>> {
+    let _permit = admit(app)?;
+    let content_type = match change {
+        Change::Reschedule => {
+            check_content_type(&req, &["application/json", "application/merge-patch+json"])
+        }
+        Change::Cancel => Ok(()),
+    };
+    let body = read_body(req, app.config.max_request_bytes).await?;
+    caller.tenant.bytes.increment(body.len() as u64);
+    content_type?;
+    schemas::delivery::check_delivery_id(delivery_id)?;
+    let (event_type, payload) = match change {
+        Change::Reschedule => {
+            schemas::parse_reschedule(&body)?;
+            (h::event_type::DELIVERY_RESCHEDULED, body)
+        }
+        Change::Cancel => (
+            h::event_type::DELIVERY_CANCELLED,
+            Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string()),
+        ),
+    };
+    caller.tenant.take(1)?;
+    let key = schemas::delivery_key(&caller.tenant.name, delivery_id);
+    let mut headers = Headers::of(caller, event_type);
+    headers.push(h::DELIVERY_ID, delivery_id.as_bytes());
+    let ack = app
+        .producer
+        .send(OutRecord {
+            topic: schemas::topics::DELIVERY_REQUESTS.name,
+            key: key.as_bytes(),
+            payload: &payload,
+            headers: headers.as_slice(),
+        })
+        .map_err(unavailable)?;
+    acknowledged(app, ack).await?;
+    tracing::debug!(delivery_id, event_type, "accepted");
+    let mut response = json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "deliveryId": delivery_id, "event": event_type }),
+    );
+    if let Ok(location) = header::HeaderValue::from_str(&format!("/api/deliveries/{delivery_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// Reads a batch body (bounded) and decodes it (bounded); returns the framing its
+/// content type names and the decoded bytes.
 async fn read_decoded(
     app: &App,
     req: Request<Incoming>,
-) -> Result<(Stamp, Option<batch::Framing>, Bytes)> {
+    caller: &Caller<'_>,
+) -> Result<(Option<batch::Framing>, Bytes)> {
     let header_text = |name| {
         req.headers()
             .get(name)
@@ -690,9 +1074,9 @@ async fn read_decoded(
     };
     let framing = batch::framing(header_text(header::CONTENT_TYPE).as_deref());
     let encoding = batch::encoding(header_text(header::CONTENT_ENCODING).as_deref());
-    let stamp = Stamp::of(&req);
     let limit = app.config.max_batch_bytes;
     let wire = read_body(req, limit).await?;
+    caller.tenant.bytes.increment(wire.len() as u64);
     let (framing, encoding) = (framing?, encoding?);
     let body = if encoding == batch::Encoding::Identity {
         wire
@@ -703,7 +1087,8 @@ async fn read_decoded(
                 reason: e.to_string(),
             })??
     };
-    Ok((stamp, framing, body))
+    metrics::counter!("ingest_decoded_bytes_total").increment(body.len() as u64);
+    Ok((framing, body))
 }
 
 /// Waits (bounded) for the acknowledgement of every enqueued record and marks those
@@ -731,7 +1116,8 @@ async fn settle(
     }
 }
 
-fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>> {
+/// The status and JSON body of a batch answer.
+fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode, Bytes) {
     let (mut accepted, mut rejected, mut failed) = (0usize, 0usize, 0usize);
     let results: Vec<serde_json::Value> = outcomes
         .iter()
@@ -749,7 +1135,7 @@ fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>
                 rejected += 1;
                 serde_json::json!({
                     "index": index,
-                    "error": "invalid delivery request",
+                    "error": "invalid record",
                     "field": e.field,
                     "reason": e.reason,
                 })
@@ -764,11 +1150,9 @@ fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>
             }
         })
         .collect();
-    metrics::counter!("ingest_records_accepted_total").increment(accepted as u64);
-    metrics::counter!("ingest_records_rejected_total", "reason" => "invalid")
-        .increment(rejected as u64);
-    metrics::counter!("ingest_records_rejected_total", "reason" => "unavailable")
-        .increment(failed as u64);
+    tenant.accepted.increment(accepted as u64);
+    tenant.rejected_invalid.increment(rejected as u64);
+    tenant.rejected_unavailable.increment(failed as u64);
     let status = if accepted == outcomes.len() {
         StatusCode::ACCEPTED
     } else if accepted > 0 {
@@ -778,24 +1162,22 @@ fn batch_report(outcomes: &[Outcome], correlation: &str) -> Response<Full<Bytes>
     } else {
         StatusCode::BAD_REQUEST
     };
-    let mut response = json(
-        status,
-        &serde_json::json!({
-            "accepted": accepted,
-            "rejected": rejected,
-            "failed": failed,
-            "results": results,
-        }),
-    );
-    let headers = response.headers_mut();
+    let body = serde_json::json!({
+        "accepted": accepted,
+        "rejected": rejected,
+        "failed": failed,
+        "results": results,
+    });
+    (status, Bytes::from(body.to_string()))
+}
+
+fn report_response(status: StatusCode, report: Bytes) -> Response<Full<Bytes>> {
+    let mut response = json_bytes(status, report);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(
+        response.headers_mut().insert(
             header::RETRY_AFTER,
             header::HeaderValue::from(RETRY_AFTER.as_secs()),
         );
-    }
-    if let Ok(value) = header::HeaderValue::from_str(correlation) {
-        headers.insert("x-correlation-id", value);
     }
     response
 }
@@ -821,17 +1203,26 @@ mod tests {
             (Method::GET, "/readyz"),
             (Method::GET, "/metrics"),
             (Method::GET, "/openapi.json"),
+            (Method::PATCH, "/api/deliveryrequests/d-1"),
+            (Method::DELETE, "/api/deliveryrequests/d-1"),
         ] {
             let label = route_label(&method, path);
             assert_ne!(label, "other", "{path} is routed");
             let documented = if telemetry_path(path).is_some() {
                 "/api/drones/{droneId}/telemetry"
+            } else if delivery_request_path(path).is_some() {
+                "/api/deliveryrequests/{deliveryId}"
             } else {
                 path
             };
             assert!(paths.contains(&documented), "{documented} is documented");
+            let operation = method.as_str().to_ascii_lowercase();
+            assert!(
+                doc["paths"][documented][&operation].is_object(),
+                "{method} {documented} is documented"
+            );
         }
-        assert_eq!(paths.len(), 7, "no undocumented extra: {paths:?}");
+        assert_eq!(paths.len(), 8, "no undocumented extra: {paths:?}");
         let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
             ["example"];
         schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();
@@ -840,6 +1231,21 @@ mod tests {
     #[test]
     fn default_config_matches_the_flag_defaults() {
         assert_eq!(IngestConfig::default().listen.to_string(), LISTEN);
+    }
+
+    #[test]
+    fn delivery_request_paths() {
+        assert_eq!(
+            delivery_request_path("/api/deliveryrequests/d-1"),
+            Some("d-1")
+        );
+        assert_eq!(delivery_request_path("/api/deliveryrequests/batch"), None);
+        assert_eq!(delivery_request_path("/api/deliveryrequests/"), None);
+        assert_eq!(delivery_request_path("/api/deliveryrequests/a/b"), None);
+        assert_eq!(
+            route_label(&Method::PATCH, "/api/deliveryrequests/d-1"),
+            "deliveryrequest"
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The workflow processor: fan-out of delivery requests.
 //!
 //! For each record of `delivery-requests` it decides (in [`route`], pure and unit-tested)
-//! what to produce: the request to `deliveries` keyed by delivery id and to
-//! `drone-scheduling` keyed by the region of its pickup location, or a dead letter with
-//! the reason when the record cannot be processed. Produced records carry the original
+//! what to produce: a request to `deliveries` on its delivery key (`tenant/deliveryId`)
+//! and to `drone-scheduling` keyed by the region of its pickup location; a reschedule or
+//! cancel to `deliveries` on the same key (ordered after the request); or a dead letter
+//! with the reason when the record cannot be processed. Produced records carry the original
 //! payload bytes and headers.
 //!
 //! Many records are in flight at once, but offsets are stored in the order records were
@@ -96,29 +97,50 @@ pub fn route(
         .iter()
         .find(|(k, _)| *k == h::EVENT_TYPE)
         .map(|(_, v)| *v);
-    if event_type != Some(h::event_type::DELIVERY_REQUESTED.as_bytes()) {
-        let shown = event_type.map_or("none".into(), String::from_utf8_lossy);
-        return dead(&format!("unknown event type {shown}"));
-    }
-    let request = match schemas::parse_delivery_request(payload) {
-        Ok(request) => request,
-        Err(e) => return dead(&format!("invalid delivery request: {e}")),
+    let forward = |topic: &'static str, key: &[u8], extra: &[(&str, &[u8])]| Output {
+        topic,
+        key: key.to_vec(),
+        payload: payload.to_vec(),
+        headers: copy_headers(extra),
     };
-    let region = schemas::delivery::region_of(request.pickup_location);
-    vec![
-        Output {
-            topic: topics::DELIVERIES.name,
-            key: id.to_vec(),
-            payload: payload.to_vec(),
-            headers: copy_headers(&[]),
-        },
-        Output {
-            topic: topics::DRONE_SCHEDULING.name,
-            key: region.into_bytes(),
-            payload: payload.to_vec(),
-            headers: copy_headers(&[(h::DELIVERY_ID, id)]),
-        },
-    ]
+    match event_type {
+        Some(t) if t == h::event_type::DELIVERY_REQUESTED.as_bytes() => {
+            let request = match schemas::parse_delivery_request(payload) {
+                Ok(request) => request,
+                Err(e) => return dead(&format!("invalid delivery request: {e}")),
+            };
+            let region = schemas::delivery::region_of(request.pickup_location);
+            // Scheduling records are keyed by region, so they name their delivery in a
+            // header (the ingestion tier sets it; older records only had the key).
+            let has_id = headers.iter().any(|(k, _)| *k == h::DELIVERY_ID);
+            let key_text = std::str::from_utf8(id).unwrap_or_default();
+            let (_, bare_id) = schemas::split_delivery_key(key_text);
+            let extra: &[(&str, &[u8])] = if has_id {
+                &[]
+            } else {
+                &[(h::DELIVERY_ID, bare_id.as_bytes())]
+            };
+            vec![
+                forward(topics::DELIVERIES.name, id, &[]),
+                forward(topics::DRONE_SCHEDULING.name, region.as_bytes(), extra),
+            ]
+        }
+        // Reschedules and cancels go to the delivery's owner of state, on the delivery's
+        // key, so they stay ordered after its request; it tells scheduling what changed.
+        Some(t) if t == h::event_type::DELIVERY_RESCHEDULED.as_bytes() => {
+            match schemas::parse_reschedule(payload) {
+                Ok(_) => vec![forward(topics::DELIVERIES.name, id, &[])],
+                Err(e) => dead(&format!("invalid reschedule: {e}")),
+            }
+        }
+        Some(t) if t == h::event_type::DELIVERY_CANCELLED.as_bytes() => {
+            vec![forward(topics::DELIVERIES.name, id, &[])]
+        }
+        other => {
+            let shown = other.map_or("none".into(), String::from_utf8_lossy);
+            dead(&format!("unknown event type {shown}"))
+        }
+    }
 }
 
 /// Produces every output and waits for all acknowledgements, retrying with backoff
@@ -294,6 +316,57 @@ mod tests {
                 .headers
                 .contains(&(h::TENANT.to_owned(), b"o".to_vec()))
         );
+    }
+
+    #[test]
+    fn a_tenant_scoped_key_keeps_its_delivery_id_header() {
+        let mut headers = requested();
+        headers.push((h::DELIVERY_ID, b"d1"));
+        let out = route(Some(b"o/d1"), Some(REQUEST), &headers, "t/0/1");
+        assert_eq!(out[0].key, b"o/d1");
+        let ids: Vec<_> = out[1]
+            .headers
+            .iter()
+            .filter(|(k, _)| k == h::DELIVERY_ID)
+            .collect();
+        assert_eq!(ids, [&(h::DELIVERY_ID.to_owned(), b"d1".to_vec())], "once");
+        // Without the header, the id part of the key.
+        let out = route(Some(b"o/d2"), Some(REQUEST), &requested(), "t/0/1");
+        assert!(
+            out[1]
+                .headers
+                .contains(&(h::DELIVERY_ID.to_owned(), b"d2".to_vec()))
+        );
+    }
+
+    #[test]
+    fn reschedules_and_cancels_go_to_deliveries_on_the_same_key() {
+        let reschedule: &[u8] = br#"{"pickupTime":"2026-11-24T10:00:00Z"}"#;
+        let headers = [(
+            h::EVENT_TYPE,
+            h::event_type::DELIVERY_RESCHEDULED.as_bytes(),
+        )];
+        let out = route(Some(b"o/d1"), Some(reschedule), &headers, "t/0/1");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, topics::DELIVERIES.name);
+        assert_eq!(out[0].key, b"o/d1");
+        assert_eq!(out[0].payload, reschedule);
+        let out = route(Some(b"o/d1"), Some(b"{}"), &headers, "t/0/1");
+        assert_eq!(
+            out[0].topic,
+            topics::DEAD_LETTERS.name,
+            "invalid reschedule"
+        );
+        let headers = [(h::EVENT_TYPE, h::event_type::DELIVERY_CANCELLED.as_bytes())];
+        let out = route(
+            Some(b"o/d1"),
+            Some(b"{\"deliveryId\":\"d1\"}"),
+            &headers,
+            "t/0/1",
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, topics::DELIVERIES.name);
+        assert_eq!(out[0].key, b"o/d1");
     }
 
     #[test]

@@ -526,10 +526,163 @@ pub fn region_of(loc: Location) -> String {
     format!("{lat}:{lon}")
 }
 
+/// The tenant of requests that came in without credentials (loopback development only).
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Checks a tenant name: 1 to 64 characters of `A-Z a-z 0-9 - _ . :` (never `/`, which
+/// separates it from the delivery id in a [`delivery_key`]).
+pub fn check_tenant(tenant: &str) -> Result<(), ValidationError> {
+    check_id(tenant, "tenant")
+}
+
+/// The Kafka key of every record about one delivery: `tenant/deliveryId`.
+///
+/// Scoping the id by tenant keeps client-chosen ids of different tenants apart (and so
+/// their idempotent retries), keeps every event of a delivery on one partition in order,
+/// and spreads one tenant's load over all partitions.
+pub fn delivery_key(tenant: &str, delivery_id: &str) -> String {
+    let mut key = String::with_capacity(tenant.len() + 1 + delivery_id.len());
+    key.push_str(tenant);
+    key.push('/');
+    key.push_str(delivery_id);
+    key
+}
+
+/// The tenant and delivery id of a [`delivery_key`]. A key without `/` is taken as a bare
+/// delivery id of an unknown tenant.
+pub fn split_delivery_key(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('/') {
+        Some((tenant, id)) => (Some(tenant), id),
+        None => (None, key),
+    }
+}
+
+/// A valid reschedule of a delivery (`PATCH /api/deliveryrequests/{id}`): the fields that
+/// change, at least one. Whether the delivery exists and can still be rescheduled is
+/// decided downstream, where its state is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryReschedule {
+    /// The new pickup time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pickup_time: Option<DateTime<FixedOffset>>,
+    /// The new deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<FixedOffset>>,
+    /// The new drop-off location.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_off_location: Option<Location>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawReschedule<'a> {
+    #[serde(borrow, default)]
+    pickup_time: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    deadline: Option<Text<'a>>,
+    #[serde(default)]
+    drop_off_location: Option<Location>,
+}
+
+/// Parses and validates a reschedule from JSON. Fields other than `pickupTime`,
+/// `deadline` and `dropOffLocation` are refused: they cannot change after the request.
+pub fn parse_reschedule(json: &[u8]) -> Result<DeliveryReschedule, ValidationError> {
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ValidationError::new(
+            "",
+            "a reschedule must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let raw: RawReschedule<'_> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." || field == "?" {
+            String::new()
+        } else {
+            field
+        };
+        ValidationError {
+            field,
+            reason: clean_serde_reason(&e.into_inner()),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ValidationError::new("", clean_serde_reason(&e)))?;
+    let pickup_time = match raw.pickup_time {
+        Some(t) => Some(parse_time(&t.0, "pickupTime")?),
+        None => None,
+    };
+    let deadline = match raw.deadline {
+        Some(t) => Some(parse_time(&t.0, "deadline")?),
+        None => None,
+    };
+    let drop_off_location = match raw.drop_off_location {
+        Some(loc) => Some(check_location(loc, "dropOffLocation")?),
+        None => None,
+    };
+    if let (Some(pickup), Some(deadline)) = (pickup_time, deadline)
+        && deadline <= pickup
+    {
+        return Err(ValidationError::new("deadline", "must be after pickupTime"));
+    }
+    if pickup_time.is_none() && deadline.is_none() && drop_off_location.is_none() {
+        return Err(ValidationError::new(
+            "",
+            "a reschedule names at least one of pickupTime, deadline, dropOffLocation",
+        ));
+    }
+    Ok(DeliveryReschedule {
+        pickup_time,
+        deadline,
+        drop_off_location,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn delivery_keys_round_trip_and_scope_ids_by_tenant() {
+        let key = delivery_key("fabrikam", "d-1");
+        assert_eq!(key, "fabrikam/d-1");
+        assert_eq!(split_delivery_key(&key), (Some("fabrikam"), "d-1"));
+        assert_eq!(split_delivery_key("d-1"), (None, "d-1"));
+        assert_ne!(delivery_key("a", "x"), delivery_key("b", "x"));
+        assert!(check_tenant("a/b").is_err());
+        check_tenant(DEFAULT_TENANT).unwrap();
+    }
+
+    #[test]
+    fn reschedules_name_at_least_one_changeable_field() {
+        let r = parse_reschedule(br#"{"pickupTime":"2026-11-24T10:00:00Z"}"#).unwrap();
+        assert!(r.pickup_time.is_some() && r.deadline.is_none());
+        let r = parse_reschedule(br#"{"dropOffLocation":"1,2","deadline":"2026-11-24T10:00:00Z"}"#)
+            .unwrap();
+        assert_eq!(r.drop_off_location.unwrap().latitude, 1.0);
+        let field = |json: &str| parse_reschedule(json.as_bytes()).unwrap_err().field;
+        assert_eq!(field("{}"), "");
+        assert_eq!(field("[]"), "");
+        assert_eq!(field(r#"{"ownerId":"x"}"#), "ownerId");
+        assert!(
+            parse_reschedule(br#"{"ownerId":"x"}"#)
+                .unwrap_err()
+                .reason
+                .contains("unknown field")
+        );
+        assert_eq!(field(r#"{"pickupTime":"soon"}"#), "pickupTime");
+        assert_eq!(
+            field(r#"{"dropOffLocation":"91,0"}"#),
+            "dropOffLocation.latitude"
+        );
+        assert_eq!(
+            field(r#"{"pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T09:00:00Z"}"#),
+            "deadline"
+        );
+        assert_eq!(field(r#"{"deadline":"2026-11-24T10:00:00Z"} x"#), "");
+    }
 
     const VALID: &str = r#"{
         "ownerId": "fabrikam",

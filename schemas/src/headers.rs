@@ -10,13 +10,15 @@ pub const TENANT: &str = "dd-tenant";
 pub const SCHEMA_VERSION: &str = "dd-schema-version";
 /// The payload's media type.
 pub const CONTENT_TYPE: &str = "content-type";
+/// The client's `Idempotency-Key`, when it sent one.
+pub const IDEMPOTENCY_KEY: &str = "dd-idempotency-key";
 /// When the ingestion tier accepted the record, in milliseconds since the Unix epoch.
 pub const INGEST_TIME: &str = "dd-ingest-time";
 /// The id that ties a record to the HTTP request and log lines it came from.
 pub const CORRELATION_ID: &str = "dd-correlation-id";
 /// The drone id, on telemetry records.
 pub const DRONE_ID: &str = "dd-drone-id";
-/// The delivery id, on records keyed by something else (such as a region).
+/// The delivery id (without its tenant), on every record about one delivery.
 pub const DELIVERY_ID: &str = "dd-delivery-id";
 /// On a dead letter: why the record could not be processed.
 pub const DEAD_LETTER_REASON: &str = "dd-dead-letter-reason";
@@ -32,6 +34,11 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 pub mod event_type {
     /// A new delivery request.
     pub const DELIVERY_REQUESTED: &str = "DeliveryRequested";
+    /// A change of a delivery's pickup time, deadline or drop-off location; the payload
+    /// is a `DeliveryReschedule` as the client sent it.
+    pub const DELIVERY_RESCHEDULED: &str = "DeliveryRescheduled";
+    /// A delivery cancelled by its tenant; the payload is `{"deliveryId": ..}`.
+    pub const DELIVERY_CANCELLED: &str = "DeliveryCancelled";
     /// A drone's position fix.
     pub const DRONE_POSITION_REPORTED: &str = "DronePositionReported";
 }

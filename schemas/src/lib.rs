@@ -15,7 +15,8 @@ pub mod telemetry;
 pub mod topics;
 
 pub use delivery::{
-    ConfirmationType, DeliveryRequest, Location, PackageInfo, PackageSize, ValidationError,
-    parse_delivery_request,
+    ConfirmationType, DEFAULT_TENANT, DeliveryRequest, DeliveryReschedule, Location, PackageInfo,
+    PackageSize, ValidationError, delivery_key, parse_delivery_request, parse_reschedule,
+    split_delivery_key,
 };
 pub use topics::Topic;

@@ -1,0 +1,409 @@
+//! Idempotent retries: the `Idempotency-Key` header.
+//!
+//! Two layers make a retried request create no duplicate delivery downstream:
+//!
+//! 1. **Deterministic ids.** A record without its own `deliveryId` sent under an
+//!    `Idempotency-Key` gets the id `uuid-v5(tenant, key, index in the batch)`, so a retry
+//!    produces the same Kafka keys as the first attempt, whichever replica takes it and
+//!    however long after; consumers dedupe by key. (A record with its own `deliveryId`
+//!    is keyed by that id already.)
+//! 2. **A bounded window of recent keys** in each ingestion process. A retry within the
+//!    window is answered with the stored answer of the first attempt and produces
+//!    nothing; a retry while the first attempt is still running gets 409; the same key
+//!    with a different body gets 422. Only answers that accepted something are kept:
+//!    after a 4xx or 503 the retry is processed afresh. The window forgets keys after its
+//!    age limit, or oldest first once its byte budget is spent.
+//!
+//! The window logic ([`Window`]) is pure and takes the time as an argument.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::error::{IngestError, Result};
+
+/// The longest accepted `Idempotency-Key`.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// What each entry costs besides its key and stored body, in bytes of the budget.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// Namespace of derived delivery ids (a fixed, random UUID).
+const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d1f_0c6e_93a4_4f0b_9a39_2c55_b1e7_40d2);
+
+/// Checks an `Idempotency-Key` value: 1 to 255 visible ASCII characters.
+pub fn check_key(value: &[u8]) -> Result<&str> {
+    let bad = |reason: &str| IngestError::InvalidHeader {
+        name: "Idempotency-Key",
+        reason: reason.to_owned(),
+    };
+    if value.is_empty() || value.len() > MAX_KEY_LEN {
+        return Err(bad("must be 1 to 255 characters"));
+    }
+    if !value.iter().all(u8::is_ascii_graphic) {
+        return Err(bad("must be visible ASCII characters without spaces"));
+    }
+    std::str::from_utf8(value).map_err(|_| bad("must be ASCII"))
+}
+
+/// The delivery id of record `index` of a request sent by `tenant` under `key`.
+pub fn derived_delivery_id(tenant: &str, key: &str, index: usize) -> String {
+    let name = format!("{tenant}\n{key}\n{index}");
+    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
+/// A fingerprint of a request body, to tell a retry from a different request that
+/// reuses a key.
+pub fn fingerprint(route: &str, body: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    route.hash(&mut hasher);
+    body.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// An answer kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Bytes,
+    /// The `Location` header, if any.
+    pub location: Option<String>,
+}
+
+/// What to do with a request that carries a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// The key is new (or forgotten): process the request, then [`Window::complete`].
+    New,
+    /// The key was answered before: send this again.
+    Replay(Stored),
+    /// A request with this key is being processed right now.
+    InProgress,
+    /// The key was used with a different body.
+    Mismatch,
+}
+
+#[derive(Debug)]
+enum State {
+    InProgress,
+    Done(Stored),
+}
+
+#[derive(Debug)]
+struct Entry {
+    fingerprint: u64,
+    state: State,
+    since: Instant,
+    seq: u64,
+    cost: usize,
+}
+
+/// Recent idempotency keys, bounded by age and by bytes.
+#[derive(Debug)]
+pub struct Window {
+    entries: HashMap<String, Entry>,
+    /// Keys in the order they began, with the sequence number they began with.
+    order: VecDeque<(String, u64)>,
+    next_seq: u64,
+    bytes: usize,
+    max_bytes: usize,
+    max_age: Duration,
+}
+
+impl Window {
+    /// An empty window that keeps keys up to `max_age` and within `max_bytes`.
+    pub fn new(max_age: Duration, max_bytes: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            bytes: 0,
+            max_bytes,
+            max_age,
+        }
+    }
+
+    /// Bytes of the budget in use.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Looks `key` up; a new key is marked in progress.
+    pub fn begin(&mut self, key: &str, fingerprint: u64, now: Instant) -> Begin {
+        self.evict(now, 0);
+        if let Some(entry) = self.entries.get(key) {
+            if entry.fingerprint != fingerprint {
+                return Begin::Mismatch;
+            }
+            return match &entry.state {
+                State::InProgress => Begin::InProgress,
+                State::Done(stored) => Begin::Replay(stored.clone()),
+            };
+        }
+        let cost = key.len() + ENTRY_OVERHEAD;
+        self.evict(now, cost);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.insert(
+            key.to_owned(),
+            Entry {
+                fingerprint,
+                state: State::InProgress,
+                since: now,
+                seq,
+                cost,
+            },
+        );
+        self.order.push_back((key.to_owned(), seq));
+        self.bytes += cost;
+        Begin::New
+    }
+
+    /// Ends the request under `key`: keeps `answer` for replay, or forgets the key when
+    /// there is nothing to keep (the request accepted nothing, or was abandoned).
+    pub fn complete(&mut self, key: &str, answer: Option<Stored>, now: Instant) {
+        let Some(answer) = answer else {
+            if let Some(entry) = self.entries.remove(key) {
+                self.bytes -= entry.cost;
+            }
+            return;
+        };
+        let Some(mut entry) = self.entries.remove(key) else {
+            // Evicted while in progress: nothing to keep it under.
+            return;
+        };
+        self.bytes -= entry.cost;
+        let cost = key.len()
+            + ENTRY_OVERHEAD
+            + answer.body.len()
+            + answer.location.as_ref().map_or(0, String::len);
+        if cost > self.max_bytes {
+            // Larger than the whole budget: not kept (the derived ids still hold).
+            return;
+        }
+        self.evict(now, cost);
+        // Aged from its answer, and moved to the back of the order.
+        entry.state = State::Done(answer);
+        entry.cost = cost;
+        entry.since = now;
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((key.to_owned(), entry.seq));
+        self.entries.insert(key.to_owned(), entry);
+        self.bytes += cost;
+    }
+
+    /// Drops keys from the oldest while they are past their age or the budget would be
+    /// exceeded by `incoming` more bytes.
+    fn evict(&mut self, now: Instant, incoming: usize) {
+        while let Some((key, seq)) = self.order.front() {
+            let Some(entry) = self.entries.get(key) else {
+                self.order.pop_front();
+                continue;
+            };
+            if entry.seq != *seq {
+                // The key was forgotten and began again later; this is its old place.
+                self.order.pop_front();
+                continue;
+            }
+            let expired = now.saturating_duration_since(entry.since) > self.max_age;
+            let over = self.bytes + incoming > self.max_bytes;
+            if !(expired || over) {
+                break;
+            }
+            let cost = entry.cost;
+            self.entries.remove(key);
+            self.bytes -= cost;
+            self.order.pop_front();
+        }
+    }
+}
+
+/// A request's hold on its key in a shared window: forgets the key if dropped before
+/// [`Claim::finish`] (the client went away, or the handler failed).
+#[derive(Debug)]
+pub(crate) struct Claim<'a> {
+    window: &'a Mutex<Window>,
+    key: String,
+    finished: bool,
+}
+
+impl<'a> Claim<'a> {
+    /// Looks `key` up in `window`: `Ok(Ok(claim))` for a new key, `Ok(Err(answer))` for
+    /// a key answered before, 409 while it is in progress, 422 for a different body.
+    pub(crate) fn begin(
+        window: &'a Mutex<Window>,
+        key: String,
+        fingerprint: u64,
+    ) -> Result<std::result::Result<Self, Stored>> {
+        let began = window
+            .lock()
+            .map_err(|_| poisoned())?
+            .begin(&key, fingerprint, Instant::now());
+        match began {
+            Begin::New => Ok(Ok(Self {
+                window,
+                key,
+                finished: false,
+            })),
+            Begin::Replay(stored) => Ok(Err(stored)),
+            Begin::InProgress => Err(IngestError::IdempotencyInProgress),
+            Begin::Mismatch => Err(IngestError::IdempotencyMismatch),
+        }
+    }
+
+    /// Keeps `answer` for replay (or forgets the key when `None`).
+    pub(crate) fn finish(mut self, answer: Option<Stored>) {
+        self.finished = true;
+        if let Ok(mut window) = self.window.lock() {
+            window.complete(&self.key, answer, Instant::now());
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Ok(mut window) = self.window.lock()
+        {
+            window.complete(&self.key, None, Instant::now());
+        }
+    }
+}
+
+fn poisoned() -> IngestError {
+    IngestError::Internal {
+        reason: "idempotency window lock poisoned".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn stored(body: &str) -> Stored {
+        Stored {
+            status: 202,
+            body: Bytes::from(body.to_owned()),
+            location: None,
+        }
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        assert_eq!(check_key(b"retry-1").unwrap(), "retry-1");
+        assert!(check_key(b"").is_err());
+        assert!(check_key(b"has space").is_err());
+        assert!(check_key(&[b'a'; 256]).is_err());
+        assert!(check_key("é".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let a = derived_delivery_id("fabrikam", "k1", 0);
+        assert_eq!(a, derived_delivery_id("fabrikam", "k1", 0));
+        assert_ne!(a, derived_delivery_id("fabrikam", "k1", 1));
+        assert_ne!(a, derived_delivery_id("contoso", "k1", 0));
+        assert_ne!(a, derived_delivery_id("fabrikam", "k2", 0));
+        schemas::delivery::check_delivery_id(&a).unwrap();
+    }
+
+    #[test]
+    fn a_retry_replays_a_kept_answer_and_a_forgotten_one_runs_again() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(60), 1 << 20);
+        assert_eq!(w.begin("k", 1, t0), Begin::New);
+        assert_eq!(w.begin("k", 1, t0), Begin::InProgress);
+        assert_eq!(w.begin("k", 2, t0), Begin::Mismatch);
+        w.complete("k", Some(stored("{\"accepted\":1}")), t0);
+        assert_eq!(
+            w.begin("k", 1, t0),
+            Begin::Replay(stored("{\"accepted\":1}"))
+        );
+        assert_eq!(w.begin("k", 2, t0), Begin::Mismatch);
+        // A failed attempt keeps nothing: the retry runs.
+        assert_eq!(w.begin("f", 1, t0), Begin::New);
+        w.complete("f", None, t0);
+        assert_eq!(w.begin("f", 1, t0), Begin::New);
+        // Past the age limit the key is forgotten.
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(w.begin("k", 1, later), Begin::New);
+    }
+
+    #[test]
+    fn the_byte_budget_evicts_oldest_first_and_oversized_answers_are_not_kept() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(60), 1000);
+        for k in ["a", "b", "c"] {
+            assert_eq!(w.begin(k, 0, t0), Begin::New);
+            w.complete(k, Some(stored(&"x".repeat(200))), t0);
+        }
+        assert!(w.bytes() <= 1000);
+        assert_eq!(w.begin("d", 0, t0), Begin::New);
+        w.complete("d", Some(stored(&"x".repeat(200))), t0);
+        assert!(w.bytes() <= 1000, "{}", w.bytes());
+        assert_eq!(w.begin("a", 0, t0), Begin::New, "the oldest went first");
+        w.complete("a", None, t0);
+        assert!(matches!(w.begin("d", 0, t0), Begin::Replay(_)));
+        assert_eq!(w.begin("big", 0, t0), Begin::New);
+        w.complete("big", Some(stored(&"x".repeat(2000))), t0);
+        assert_eq!(w.begin("big", 0, t0), Begin::New);
+    }
+
+    #[test]
+    fn a_dropped_claim_forgets_its_key() {
+        let window = Mutex::new(Window::new(Duration::from_secs(60), 1 << 20));
+        let claim = Claim::begin(&window, "k".into(), 7).unwrap().unwrap();
+        assert!(matches!(
+            Claim::begin(&window, "k".into(), 7),
+            Err(IngestError::IdempotencyInProgress)
+        ));
+        drop(claim);
+        let claim = Claim::begin(&window, "k".into(), 7).unwrap().unwrap();
+        claim.finish(Some(stored("{}")));
+        assert_eq!(
+            Claim::begin(&window, "k".into(), 7).unwrap().unwrap_err(),
+            stored("{}")
+        );
+    }
+
+    proptest! {
+        /// Whatever the sequence of requests, the window stays within its budget and its
+        /// accounting matches what it holds.
+        #[test]
+        fn the_window_stays_within_its_budget(
+            ops in proptest::collection::vec((0u8..20, 0usize..600, any::<bool>(), 0u64..5_000), 1..300),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut w = Window::new(Duration::from_secs(2), 4096);
+            for (k, size, keep, millis) in ops {
+                now += Duration::from_millis(millis);
+                let key = format!("key-{k}");
+                if w.begin(&key, u64::from(k), now) == Begin::New {
+                    let answer = keep.then(|| stored(&"x".repeat(size)));
+                    w.complete(&key, answer, now);
+                }
+                prop_assert!(w.bytes() <= 4096);
+                let held: usize = w.entries.values().map(|e| e.cost).sum();
+                prop_assert_eq!(held, w.bytes());
+            }
+        }
+    }
+}

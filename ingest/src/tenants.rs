@@ -1,0 +1,512 @@
+//! Who is calling and how much they may send: per-tenant API keys and rate limits.
+//!
+//! Keys come from a file of `tenant:key[:records_per_second]` lines. A presented key is
+//! hashed (SHA-256) and looked up by its digest, and the digest is compared in constant
+//! time, so neither the lookup nor the comparison tells an attacker how much of a guessed
+//! key was right; the keys themselves are not kept in memory.
+//!
+//! Without a key file, clients on loopback are the tenant `default` and everyone else is
+//! refused: a development mode that cannot be left open by accident.
+//!
+//! Rate limits are token buckets counted in records (a batch of 1,000 takes 1,000). The
+//! bucket logic ([`Bucket`]) is pure and takes the time as an argument.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::{IngestError, Result};
+
+/// The largest key file read.
+const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+/// The most keys in a key file.
+const MAX_KEYS: usize = 100_000;
+/// The shortest accepted API key.
+pub const MIN_KEY_LEN: usize = 16;
+/// The longest accepted API key.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// One line of a key file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyLine<'a> {
+    /// The tenant the key belongs to.
+    pub tenant: &'a str,
+    /// The key, as clients send it after `Bearer `.
+    pub key: &'a str,
+    /// The tenant's own rate limit in records per second, when the line sets one.
+    pub rate: Option<f64>,
+}
+
+/// Parses a key file: one `tenant:key[:records_per_second]` per line; blank lines and
+/// lines starting with `#` are skipped. A tenant may have several keys (rotation); a key
+/// belongs to one tenant only. Errors name the line.
+pub fn parse_api_keys(text: &str) -> std::result::Result<Vec<KeyLine<'_>>, String> {
+    let mut lines = Vec::new();
+    let mut seen_keys = std::collections::HashSet::new();
+    let mut rates: HashMap<&str, f64> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split(':');
+        let (Some(tenant), Some(key)) = (parts.next(), parts.next()) else {
+            return Err(format!(
+                "line {n}: expected tenant:key or tenant:key:records_per_second"
+            ));
+        };
+        let rate = match parts.next() {
+            None => None,
+            Some(text) => match text.trim().parse::<f64>() {
+                Ok(rate) if rate.is_finite() && rate > 0.0 => Some(rate),
+                _ => {
+                    return Err(format!(
+                        "line {n}: the rate must be a positive number of records per second"
+                    ));
+                }
+            },
+        };
+        if parts.next().is_some() {
+            return Err(format!("line {n}: too many ':' separated fields"));
+        }
+        let (tenant, key) = (tenant.trim(), key.trim());
+        schemas::delivery::check_tenant(tenant)
+            .map_err(|e| format!("line {n}: tenant {}", e.reason))?;
+        check_key(key).map_err(|reason| format!("line {n}: key {reason}"))?;
+        if !seen_keys.insert(key) {
+            return Err(format!("line {n}: this key is already listed"));
+        }
+        if let Some(rate) = rate
+            && let Some(previous) = rates.insert(tenant, rate)
+            && previous != rate
+        {
+            return Err(format!(
+                "line {n}: tenant {tenant} already has rate {previous}"
+            ));
+        }
+        lines.push(KeyLine { tenant, key, rate });
+        if lines.len() > MAX_KEYS {
+            return Err(format!("more than {MAX_KEYS} keys"));
+        }
+    }
+    if lines.is_empty() {
+        return Err("the file lists no keys".into());
+    }
+    Ok(lines)
+}
+
+/// An API key is 16 to 256 characters of the bearer token alphabet
+/// (`A-Z a-z 0-9 - . _ ~ + / =`).
+fn check_key(key: &str) -> std::result::Result<(), String> {
+    if !(MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()) {
+        return Err(format!("must be {MIN_KEY_LEN} to {MAX_KEY_LEN} characters"));
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+    {
+        return Err("may contain only letters, digits and - . _ ~ + / =".into());
+    }
+    Ok(())
+}
+
+/// A token bucket counted in records. Pure: the caller passes the time.
+///
+/// A request of `n` records is admitted when the bucket holds `n` tokens, or when it is
+/// full: a batch larger than the burst is let through and leaves the bucket in debt, so
+/// it is never refused forever and the long-run rate still holds.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket refilled at `rate` per second up to `burst`.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        let burst = burst.max(1.0);
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes `n` tokens, or says how long to wait until they would be there.
+    pub fn try_take(&mut self, n: f64, now: Instant) -> std::result::Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = self.at.max(now);
+        let needed = n.min(self.burst);
+        if self.tokens >= needed {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            let wait = (needed - self.tokens) / self.rate;
+            // Rounded up a little so that retrying after the wait is admitted.
+            Err(Duration::from_secs_f64(wait * 1.000_001 + 1e-6))
+        }
+    }
+}
+
+/// One tenant: its name, rate limit and metric handles.
+#[derive(Debug)]
+pub(crate) struct Tenant {
+    pub(crate) name: Arc<str>,
+    limiter: Option<Mutex<Bucket>>,
+    pub(crate) accepted: metrics::Counter,
+    pub(crate) rejected_invalid: metrics::Counter,
+    pub(crate) rejected_unavailable: metrics::Counter,
+    pub(crate) rate_limited: metrics::Counter,
+    pub(crate) bytes: metrics::Counter,
+}
+
+impl Tenant {
+    fn new(name: &str, rate: Option<f64>, burst: f64) -> Self {
+        let label = name.to_owned();
+        let limiter = rate.map(|rate| {
+            let burst = if burst > 0.0 { burst } else { rate };
+            Mutex::new(Bucket::new(rate, burst, Instant::now()))
+        });
+        Self {
+            name: name.into(),
+            limiter,
+            accepted: metrics::counter!("ingest_records_accepted_total", "tenant" => label.clone()),
+            rejected_invalid: metrics::counter!(
+                "ingest_records_rejected_total", "tenant" => label.clone(), "reason" => "invalid"
+            ),
+            rejected_unavailable: metrics::counter!(
+                "ingest_records_rejected_total", "tenant" => label.clone(), "reason" => "unavailable"
+            ),
+            rate_limited: metrics::counter!("ingest_rate_limited_total", "tenant" => label.clone()),
+            bytes: metrics::counter!("ingest_received_bytes_total", "tenant" => label),
+        }
+    }
+
+    /// Whether this is the unauthenticated loopback tenant.
+    pub(crate) fn is_default(&self) -> bool {
+        &*self.name == schemas::DEFAULT_TENANT
+    }
+
+    /// Takes `records` from the tenant's quota, or answers 429 with when to retry.
+    pub(crate) fn take(&self, records: usize) -> Result<()> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let taken = limiter
+            .lock()
+            .map_err(|_| IngestError::Internal {
+                reason: "rate limiter lock poisoned".into(),
+            })?
+            .try_take(records as f64, Instant::now());
+        taken.map_err(|wait| {
+            self.rate_limited.increment(1);
+            IngestError::RateLimited {
+                tenant: self.name.to_string(),
+                retry_after: wait,
+            }
+        })
+    }
+}
+
+/// Rate limit settings that apply to every tenant without its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Records per second; 0 for no limit.
+    pub(crate) rate: f64,
+    /// Bucket size in records; 0 for one second's worth.
+    pub(crate) burst: f64,
+}
+
+/// Every tenant the tier knows, and how to tell which one is calling.
+#[derive(Debug)]
+pub(crate) struct Tenants {
+    /// SHA-256 of each key to its tenant's index.
+    by_digest: HashMap<[u8; 32], usize>,
+    tenants: Vec<Tenant>,
+    /// Without keys: loopback clients are the default tenant.
+    open: bool,
+}
+
+impl Tenants {
+    /// Reads the key file, or sets up the loopback-only default tenant without one.
+    pub(crate) fn load(path: Option<&Path>, limits: Limits) -> Result<Self> {
+        let default_rate = (limits.rate > 0.0).then_some(limits.rate);
+        let Some(path) = path else {
+            return Ok(Self {
+                by_digest: HashMap::new(),
+                tenants: vec![Tenant::new(
+                    schemas::DEFAULT_TENANT,
+                    default_rate,
+                    limits.burst,
+                )],
+                open: true,
+            });
+        };
+        let config_err = |reason: String| IngestError::Config {
+            reason: format!("API key file {}: {reason}", path.display()),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| config_err(e.to_string()))?;
+        if meta.len() > MAX_KEY_FILE_BYTES {
+            return Err(config_err(format!(
+                "larger than {MAX_KEY_FILE_BYTES} bytes"
+            )));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o004 != 0 {
+                tracing::warn!(path = %path.display(), "the API key file is readable by every user of this machine");
+            }
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| config_err(e.to_string()))?;
+        let lines = parse_api_keys(&text).map_err(config_err)?;
+        Ok(Self::from_lines(&lines, limits))
+    }
+
+    fn from_lines(lines: &[KeyLine<'_>], limits: Limits) -> Self {
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut tenants = Vec::new();
+        let mut by_digest = HashMap::new();
+        let rate_of = |tenant: &str| {
+            lines
+                .iter()
+                .find_map(|l| (l.tenant == tenant).then_some(l.rate).flatten())
+                .or((limits.rate > 0.0).then_some(limits.rate))
+        };
+        for line in lines {
+            let i = *index.entry(line.tenant).or_insert_with(|| {
+                tenants.push(Tenant::new(line.tenant, rate_of(line.tenant), limits.burst));
+                tenants.len() - 1
+            });
+            by_digest.insert(digest(line.key), i);
+        }
+        Self {
+            by_digest,
+            tenants,
+            open: false,
+        }
+    }
+
+    /// Whether requests are taken without keys (from loopback only).
+    pub(crate) fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// How many tenants there are.
+    pub(crate) fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// The tenant calling with `authorization` from `peer`, or 401.
+    pub(crate) fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: SocketAddr,
+    ) -> Result<&Tenant> {
+        let unauthorized = |reason: &str| IngestError::Unauthorized {
+            reason: reason.to_owned(),
+        };
+        if self.open {
+            return if peer.ip().is_loopback() {
+                self.tenants
+                    .first()
+                    .ok_or_else(|| unauthorized("no tenant"))
+            } else {
+                Err(unauthorized(
+                    "this server has no API keys configured and serves loopback clients only",
+                ))
+            };
+        }
+        let Some(value) = authorization else {
+            return Err(unauthorized("send Authorization: Bearer <API key>"));
+        };
+        let token = bearer_token(value)
+            .ok_or_else(|| unauthorized("the Authorization header is not Bearer <API key>"))?;
+        let presented = digest(token);
+        match self.by_digest.get_key_value(&presented) {
+            Some((known, &i)) if bool::from(known.ct_eq(&presented)) => self
+                .tenants
+                .get(i)
+                .ok_or_else(|| unauthorized("unknown API key")),
+            _ => Err(unauthorized("unknown API key")),
+        }
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// The token of `Bearer <token>` (scheme case-insensitive), if the value has that form.
+fn bearer_token(value: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, token) = text.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.len() <= MAX_KEY_LEN)
+        .then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY_A: &str = "aaaaaaaaaaaaaaaaaaaa";
+    const KEY_B: &str = "bbbbbbbbbbbbbbbbbbbb";
+    const KEY_A2: &str = "cccccccccccccccccccc";
+
+    fn peer(ip: [u8; 4]) -> SocketAddr {
+        SocketAddr::from((ip, 40000))
+    }
+
+    #[test]
+    fn key_files_parse_with_comments_rates_and_rotation() {
+        let text =
+            format!("# tenants\n\nfabrikam:{KEY_A}:500\n  contoso:{KEY_B}  \nfabrikam:{KEY_A2}\n");
+        let lines = parse_api_keys(&text).unwrap();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(
+            lines[0],
+            KeyLine {
+                tenant: "fabrikam",
+                key: KEY_A,
+                rate: Some(500.0)
+            }
+        );
+        assert_eq!(lines[1].tenant, "contoso");
+        assert_eq!(lines[1].rate, None);
+    }
+
+    #[test]
+    fn bad_key_files_name_the_line() {
+        let err = |text: &str| parse_api_keys(text).unwrap_err();
+        assert!(err("").contains("no keys"));
+        assert!(err("# only a comment\n").contains("no keys"));
+        assert!(err("fabrikam\n").starts_with("line 1:"));
+        assert!(err(&format!("ok:{KEY_A}\nbad/tenant:{KEY_B}")).starts_with("line 2: tenant"));
+        assert!(err("t:short").contains("16 to 256"));
+        assert!(err("t:has space in the key!!").contains("key"));
+        assert!(err(&format!("t:{KEY_A}:-5")).contains("positive"));
+        assert!(err(&format!("t:{KEY_A}:5:6")).contains("too many"));
+        assert!(err(&format!("t:{KEY_A}\nu:{KEY_A}")).contains("already listed"));
+        assert!(err(&format!("t:{KEY_A}:5\nt:{KEY_B}:6")).contains("already has rate"));
+    }
+
+    #[test]
+    fn keys_authenticate_their_tenant_and_nothing_else() {
+        let text = format!("fabrikam:{KEY_A}\ncontoso:{KEY_B}\nfabrikam:{KEY_A2}\n");
+        let tenants = Tenants::from_lines(
+            &parse_api_keys(&text).unwrap(),
+            Limits {
+                rate: 0.0,
+                burst: 0.0,
+            },
+        );
+        assert_eq!(tenants.len(), 2);
+        let remote = peer([10, 0, 0, 1]);
+        let who = |value: &str| {
+            tenants
+                .authenticate(Some(value.as_bytes()), remote)
+                .map(|t| t.name.to_string())
+        };
+        assert_eq!(who(&format!("Bearer {KEY_A}")).unwrap(), "fabrikam");
+        assert_eq!(who(&format!("bearer  {KEY_A2} ")).unwrap(), "fabrikam");
+        assert_eq!(who(&format!("Bearer {KEY_B}")).unwrap(), "contoso");
+        for bad in [
+            "Bearer dddddddddddddddddddd".to_owned(),
+            format!("Basic {KEY_A}"),
+            KEY_A.to_owned(),
+            "Bearer ".to_owned(),
+            format!("Bearer {}", &KEY_A[1..]),
+        ] {
+            let e = who(&bad).unwrap_err();
+            assert_eq!(e.status(), hyper::StatusCode::UNAUTHORIZED, "{bad}");
+        }
+        let e = tenants.authenticate(None, remote).unwrap_err();
+        assert_eq!(e.status(), hyper::StatusCode::UNAUTHORIZED);
+        // Keys are required on loopback too.
+        assert!(tenants.authenticate(None, peer([127, 0, 0, 1])).is_err());
+    }
+
+    #[test]
+    fn without_keys_only_loopback_clients_get_in_as_default() {
+        let tenants = Tenants::load(
+            None,
+            Limits {
+                rate: 0.0,
+                burst: 0.0,
+            },
+        )
+        .unwrap();
+        assert!(tenants.is_open());
+        let t = tenants.authenticate(None, peer([127, 0, 0, 1])).unwrap();
+        assert!(t.is_default());
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1));
+        assert!(tenants.authenticate(None, v6).is_ok());
+        let e = tenants
+            .authenticate(Some(b"Bearer whatever-key-at-all"), peer([192, 168, 1, 2]))
+            .unwrap_err();
+        assert!(e.to_string().contains("loopback"));
+    }
+
+    #[test]
+    fn a_bucket_admits_its_burst_then_paces_and_says_when() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100.0, 10.0, t0);
+        for _ in 0..10 {
+            b.try_take(1.0, t0).unwrap();
+        }
+        let wait = b.try_take(1.0, t0).unwrap_err();
+        assert!(wait > Duration::from_millis(9) && wait < Duration::from_millis(11));
+        b.try_take(1.0, t0 + wait).unwrap();
+        // A batch larger than the burst goes through when the bucket is full, then the
+        // debt is paid before anything else is admitted.
+        let t1 = t0 + Duration::from_secs(10);
+        b.try_take(50.0, t1).unwrap();
+        let wait = b.try_take(1.0, t1).unwrap_err();
+        assert!(wait >= Duration::from_millis(400), "{wait:?}");
+    }
+
+    proptest! {
+        /// Over any run, admitted records never exceed the burst plus the rate times the
+        /// time elapsed plus one oversized request; and waiting the answered time always
+        /// gets the same request in.
+        #[test]
+        fn a_bucket_holds_its_rate(
+            rate in 1.0f64..10_000.0,
+            burst in 1.0f64..10_000.0,
+            steps in proptest::collection::vec((0u64..50_000, 1u32..20_000), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut b = Bucket::new(rate, burst, t0);
+            let mut admitted = 0.0;
+            let mut largest: f64 = 0.0;
+            for (micros, n) in steps {
+                now += Duration::from_micros(micros);
+                let n = f64::from(n);
+                match b.try_take(n, now) {
+                    Ok(()) => admitted += n,
+                    Err(wait) => {
+                        prop_assert!(b.try_take(n, now + wait).is_ok());
+                        now += wait;
+                        admitted += n;
+                    }
+                }
+                largest = largest.max(n);
+                let elapsed = now.duration_since(t0).as_secs_f64();
+                prop_assert!(admitted <= burst.max(1.0) + rate * elapsed + largest + 1e-6);
+            }
+        }
+    }
+}

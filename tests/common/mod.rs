@@ -1,0 +1,173 @@
+//! What the integration tests share: an ingestion tier on an embedded broker in this
+//! process, an HTTP client, and generated requests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bus::{ClientSettings, Consumer, EmbeddedBroker, Producer, ProducerArgs};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use schemas::topics;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for something that should happen.
+pub const SETTLE: Duration = Duration::from_secs(60);
+
+pub fn valid_request(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "ownerId": format!("tenant-{}", i % 3),
+        "pickupLocation": format!("{},{}", 47.0 + (i as f64) / 100.0, -122.3),
+        "dropOffLocation": {"latitude": 47.62, "longitude": -122.35},
+        "pickupTime": "2026-11-24T10:00:00Z",
+        "deadline": "2026-11-24T12:00:00+01:00",
+        "expedited": i.is_multiple_of(2),
+        "confirmationRequired": "Picture",
+        "packageInfo": {"packageId": format!("pkg-{i}"), "size": "Medium", "weight": 0.5 + i as f64, "tag": "e2e"}
+    })
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The ingestion tier alone, in this process, on an embedded broker.
+pub struct IngestOnly {
+    pub broker: EmbeddedBroker,
+    pub base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<ingest::Result<()>>,
+}
+
+impl IngestOnly {
+    pub async fn start(config: ingest::IngestConfig) -> Result<Self> {
+        Self::start_with(config, ProducerArgs::default()).await
+    }
+
+    pub async fn start_with(config: ingest::IngestConfig, tuning: ProducerArgs) -> Result<Self> {
+        let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        let producer = Producer::new(&settings, &tuning)?;
+        let server = ingest::Ingest::bind(
+            ingest::IngestConfig {
+                listen: "127.0.0.1:0".parse()?,
+                ..config
+            },
+            producer,
+        )
+        .await?;
+        let base = format!("http://{}", server.local_addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Ok(Self {
+            broker,
+            base,
+            stop,
+            task,
+        })
+    }
+
+    /// Every record on `delivery-requests`, read until `expected` arrived and then one
+    /// quiet second more (so that extras would be seen): key to payload.
+    pub async fn records(&self, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        self.records_of(topics::DELIVERY_REQUESTS.name, expected)
+            .await
+    }
+
+    /// The same for any topic.
+    pub async fn records_of(&self, topic: &str, expected: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let settings = ClientSettings::plain(self.broker.bootstrap_servers());
+        let reader = Consumer::subscribe(
+            &settings,
+            &format!("reader-{}", uuid::Uuid::new_v4()),
+            &[topic],
+        )?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let wait = if out.len() >= expected {
+                tokio::time::Instant::now() + Duration::from_secs(1)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(wait, reader.recv()).await {
+                Ok(record) => {
+                    let record = record?;
+                    out.push((
+                        String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned(),
+                        record.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
+                Err(_) if out.len() >= expected => return Ok(out),
+                Err(_) => bail!("only {} of {expected} records arrived", out.len()),
+            }
+        }
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(SETTLE, self.task).await???;
+        Ok(())
+    }
+}
+
+pub async fn post_raw(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let mut request = hyper::Request::post(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(request.body(Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .context("request timed out")??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, headers, json))
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// Any request: method, URL, headers and body; answers status, headers and JSON body
+/// (`Null` when the body is not JSON).
+pub async fn call(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(request.body(Full::new(Bytes::from(body)))?),
+    )
+    .await
+    .context("request timed out")??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, headers, json))
+}
+
+/// An HTTP/1.1 client.
+pub fn client() -> HttpClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}

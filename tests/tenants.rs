@@ -1,0 +1,397 @@
+//! Tenants, quotas, idempotent retries, reschedules and cancels at the ingestion tier,
+//! on an embedded broker, over real HTTP on 127.0.0.1.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result};
+
+mod common;
+use common::*;
+
+const FABRIKAM_KEY: &str = "fabrikam-key-0123456789";
+const CONTOSO_KEY: &str = "contoso-key-0123456789ab";
+const SLOW_KEY: &str = "slow-tenant-key-0123456789";
+
+/// A key file in a temporary folder (kept alive by the returned guard).
+fn key_file(lines: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("api-keys");
+    std::fs::write(&path, lines)?;
+    Ok((dir, path))
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+fn request_of(owner: &str, i: usize) -> serde_json::Value {
+    let mut r = valid_request(i);
+    r["ownerId"] = serde_json::json!(owner);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
+    let (_dir, keys) = key_file(&format!(
+        "# tenants of the test\nfabrikam:{FABRIKAM_KEY}\ncontoso:{CONTOSO_KEY}\n"
+    ))?;
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        api_keys: Some(keys),
+        ..Default::default()
+    })
+    .await?;
+    let client = client();
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let body = |owner: &str, i| request_of(owner, i).to_string().into_bytes();
+    let fabrikam = bearer(FABRIKAM_KEY);
+    let contoso = bearer(CONTOSO_KEY);
+
+    // No key, an unknown key, a key in the wrong scheme: 401, nothing produced.
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer not-a-known-key-at-all")],
+        vec![("authorization", FABRIKAM_KEY)],
+    ] {
+        let (status, answer_headers, answer) =
+            call(&client, "POST", &single, &headers, body("fabrikam", 0)).await?;
+        assert_eq!(status, 401, "{headers:?}: {answer}");
+        assert!(answer_headers.contains_key("www-authenticate"));
+    }
+    let telemetry = format!("{}/api/drones/d-1/telemetry", tier.base);
+    let (status, _, _) = call(&client, "POST", &telemetry, &[], b"{}".to_vec()).await?;
+    assert_eq!(status, 401, "telemetry needs a key too");
+    // Operations routes need none.
+    let (status, _, _) = call(
+        &client,
+        "GET",
+        &format!("{}/healthz", tier.base),
+        &[],
+        vec![],
+    )
+    .await?;
+    assert_eq!(status, 200);
+
+    // The tenant's own requests go through, keyed by tenant and delivery id.
+    let mut own = request_of("fabrikam", 1);
+    own["deliveryId"] = serde_json::json!("order-1");
+    let auth = [("authorization", fabrikam.as_str())];
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &single,
+        &auth,
+        own.to_string().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["deliveryId"], "order-1");
+    // Another tenant may use the same delivery id: it is a different delivery.
+    let mut theirs = request_of("contoso", 2);
+    theirs["deliveryId"] = serde_json::json!("order-1");
+    let auth_c = [("authorization", contoso.as_str())];
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &single,
+        &auth_c,
+        theirs.to_string().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+
+    // A request for another owner is refused, alone or inside a batch.
+    let (status, _, answer) = call(&client, "POST", &single, &auth, body("contoso", 3)).await?;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "ownerId");
+    let mixed = format!(
+        "[{},{}]",
+        request_of("contoso", 4),
+        request_of("fabrikam", 5)
+    );
+    let (status, _, report) = call(&client, "POST", &batch, &auth_c, mixed.into_bytes()).await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["results"][1]["field"], "ownerId");
+    let batch_id = report["results"][0]["deliveryId"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+
+    let keys: BTreeSet<String> = tier.records(3).await?.into_iter().map(|(k, _)| k).collect();
+    let expected: BTreeSet<String> = [
+        "fabrikam/order-1".to_owned(),
+        "contoso/order-1".to_owned(),
+        format!("contoso/{batch_id}"),
+    ]
+    .into();
+    assert_eq!(keys, expected);
+    tier.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_quota_tenant_gets_429_and_nothing_of_it_lands() -> Result<()> {
+    // `slow` may send 0.01 records per second after a burst of 10; `fabrikam` has no limit.
+    let (_dir, keys) = key_file(&format!("slow:{SLOW_KEY}:0.01\nfabrikam:{FABRIKAM_KEY}\n"))?;
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        api_keys: Some(keys),
+        tenant_burst: 10.0,
+        ..Default::default()
+    })
+    .await?;
+    let client = client();
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let slow = bearer(SLOW_KEY);
+    let auth = [("authorization", slow.as_str())];
+    let batch_of = |owner: &str, n: usize, from: usize| {
+        let records: Vec<String> = (from..from + n)
+            .map(|i| request_of(owner, i).to_string())
+            .collect();
+        format!("[{}]", records.join(",")).into_bytes()
+    };
+
+    let (status, _, report) = call(&client, "POST", &batch, &auth, batch_of("slow", 10, 0)).await?;
+    assert_eq!(status, 202, "the burst: {report}");
+    let (status, headers, answer) =
+        call(&client, "POST", &batch, &auth, batch_of("slow", 3, 10)).await?;
+    assert_eq!(status, 429, "{answer}");
+    let retry_after: u64 = headers
+        .get("retry-after")
+        .context("429 without Retry-After")?
+        .to_str()?
+        .parse()?;
+    assert!(
+        retry_after >= 60,
+        "at 0.01/s a record takes 100 s: {retry_after}"
+    );
+    let (status, _, _) = call(
+        &client,
+        "POST",
+        &single,
+        &auth,
+        request_of("slow", 20).to_string().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 429, "a single request counts too");
+
+    // Another tenant is not held back by it.
+    let fabrikam = bearer(FABRIKAM_KEY);
+    let (status, _, report) = call(
+        &client,
+        "POST",
+        &batch,
+        &[("authorization", fabrikam.as_str())],
+        batch_of("fabrikam", 50, 100),
+    )
+    .await?;
+    assert_eq!(status, 202, "{report}");
+
+    let records = tier.records(60).await?;
+    assert_eq!(
+        records.len(),
+        60,
+        "the burst and the other tenant, nothing refused"
+    );
+    let slow_records = records
+        .iter()
+        .filter(|(k, _)| k.starts_with("slow/"))
+        .count();
+    assert_eq!(slow_records, 10);
+    tier.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_with_the_same_idempotency_key_yields_no_duplicates() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client = client();
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let body = format!(
+        "[{},{},{}]",
+        valid_request(0),
+        valid_request(1),
+        valid_request(2)
+    );
+    let with_key = |key: &'static str| [("idempotency-key", key)];
+
+    let (status, first_headers, first) = call(
+        &client,
+        "POST",
+        &batch,
+        &with_key("retry-1"),
+        body.clone().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{first}");
+    assert!(!first_headers.contains_key("idempotent-replayed"));
+    let (status, headers, again) = call(
+        &client,
+        "POST",
+        &batch,
+        &with_key("retry-1"),
+        body.clone().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202);
+    assert_eq!(again, first, "the same answer, the same ids");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    // The same key with another body is a client bug, not a retry.
+    let other = format!("[{}]", valid_request(3));
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &batch,
+        &with_key("retry-1"),
+        other.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 422, "{answer}");
+    // A malformed key is refused.
+    let (status, _, _) = call(
+        &client,
+        "POST",
+        &batch,
+        &[("idempotency-key", "has spaces")],
+        body.clone().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 400);
+    // A single request replays its id and Location.
+    let one = valid_request(4).to_string().into_bytes();
+    let (status, headers_1, single_1) =
+        call(&client, "POST", &single, &with_key("one-1"), one.clone()).await?;
+    assert_eq!(status, 202);
+    let (status, headers_2, single_2) =
+        call(&client, "POST", &single, &with_key("one-1"), one).await?;
+    assert_eq!(status, 202);
+    assert_eq!(single_1, single_2);
+    assert_eq!(headers_1["location"], headers_2["location"]);
+
+    let records = tier.records(4).await?;
+    assert_eq!(records.len(), 4, "each record once: {records:?}");
+    let ids: BTreeSet<String> = first["results"]
+        .as_array()
+        .context("results")?
+        .iter()
+        .map(|r| format!("default/{}", r["deliveryId"].as_str().unwrap()))
+        .collect();
+    let keys: BTreeSet<String> = records.iter().map(|(k, _)| k.clone()).collect();
+    assert!(ids.is_subset(&keys));
+    tier.stop().await?;
+
+    // Past the window (here: no window at all, as after a restart or on another replica)
+    // a retry is produced again, but under the same keys, so consumers dedupe by key.
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        idempotency_window_bytes: 0,
+        ..Default::default()
+    })
+    .await?;
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let (status, _, first_again) = call(
+        &client,
+        "POST",
+        &batch,
+        &with_key("retry-1"),
+        body.clone().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202);
+    assert_eq!(
+        first_again, first,
+        "the ids derive from the tenant, key and index"
+    );
+    let (status, _, _) = call(
+        &client,
+        "POST",
+        &batch,
+        &with_key("retry-1"),
+        body.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202);
+    let records = tier.records(6).await?;
+    let keys: BTreeSet<String> = records.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys, ids, "six records, three deliveries");
+    tier.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reschedule_and_cancel_are_events_on_the_delivery_key() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client = client();
+    let mut request = valid_request(0);
+    request["deliveryId"] = serde_json::json!("d-1");
+    let request = request.to_string();
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &format!("{}/api/deliveryrequests", tier.base),
+        &[],
+        request.clone().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+
+    let url = format!("{}/api/deliveryrequests/d-1", tier.base);
+    let json = [("content-type", "application/json")];
+    let reschedule =
+        r#"{"pickupTime": "2026-11-24T11:00:00Z", "deadline": "2026-11-24T13:00:00Z"}"#;
+    let (status, headers, answer) = call(
+        &client,
+        "PATCH",
+        &url,
+        &json,
+        reschedule.as_bytes().to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["event"], "DeliveryRescheduled");
+    assert_eq!(headers["location"], "/api/deliveries/d-1");
+    let (status, _, answer) = call(&client, "DELETE", &url, &[], Vec::new()).await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["event"], "DeliveryCancelled");
+
+    // Refused: an empty reschedule, a field that cannot change, a bad id, another method.
+    for (body, field) in [("{}", ""), (r#"{"ownerId": "x"}"#, "ownerId")] {
+        let (status, _, answer) = call(&client, "PATCH", &url, &json, body.into()).await?;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["field"], field);
+    }
+    let (status, _, answer) = call(
+        &client,
+        "PATCH",
+        &format!("{}/api/deliveryrequests/bad%20id", tier.base),
+        &json,
+        reschedule.into(),
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "deliveryId");
+    let (status, headers, _) = call(&client, "PUT", &url, &json, reschedule.into()).await?;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "PATCH, DELETE");
+    let (status, _, _) = call(
+        &client,
+        "PATCH",
+        &url,
+        &[("content-type", "text/plain")],
+        reschedule.into(),
+    )
+    .await?;
+    assert_eq!(status, 415);
+
+    // All three on the delivery's key, so on one partition, in order.
+    let records = tier.records(3).await?;
+    let expected = vec![
+        ("default/d-1".to_owned(), request.into_bytes()),
+        ("default/d-1".to_owned(), reschedule.as_bytes().to_vec()),
+        (
+            "default/d-1".to_owned(),
+            br#"{"deliveryId":"d-1"}"#.to_vec(),
+        ),
+    ];
+    assert_eq!(records, expected);
+    tier.stop().await
+}
