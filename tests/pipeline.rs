@@ -725,6 +725,62 @@ async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
     tier.stop().await
 }
 
+/// Request bodies share a byte budget: while slow clients hold it, others get 503 with
+/// Retry-After instead of growing memory, and get in once the budget is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_bytes_in_flight_are_bounded() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_batch_bytes: 64 * 1024,
+        max_in_flight_bytes: 128 * 1024,
+        ..Default::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Two clients declare 60 KB bodies and send one byte of each.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        stream
+            .write_all(
+                b"POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\n\
+                  content-type: application/json\r\ncontent-length: 60000\r\n\r\n[",
+            )
+            .await?;
+        slow.push(stream);
+    }
+    let client = client();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let mut body = format!("[{}]", valid_request(0)).into_bytes();
+    body.resize(60_000, b' ');
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, headers, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
+        if status == 503 {
+            assert!(headers.contains_key("retry-after"), "{answer}");
+            assert!(
+                answer["error"].as_str().unwrap_or("").contains("bytes"),
+                "{answer}"
+            );
+            break;
+        }
+        assert_eq!(status, 202, "{answer}");
+        assert!(Instant::now() < deadline, "the budget was never full");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(slow);
+    loop {
+        let (status, _, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the budget was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tier.stop().await
+}
+
 /// A full producer queue is backpressure: records that do not fit are failed at once as
 /// retryable, never queued without bound, and none of a 503'd batch lands later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

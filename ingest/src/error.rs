@@ -69,6 +69,10 @@ pub enum IngestError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// Request bodies already hold `--max-in-flight-bytes`. The body may be partly
+    /// unread and nothing was accepted; the client should retry after a second.
+    #[error("service unavailable: too many body bytes in flight")]
+    TooManyBytesInFlight,
     /// The broker did not take the record in time or refused it: the client should retry
     /// after the given delay. Nothing was acknowledged.
     #[error("service unavailable: {reason}")]
@@ -143,9 +147,9 @@ impl IngestError {
             }
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable { .. } | Self::TooManyInFlight { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable { .. }
+            | Self::TooManyInFlight { .. }
+            | Self::TooManyBytesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,6 +168,7 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyInFlight { .. } => "in_flight",
+            Self::TooManyBytesInFlight => "in_flight_bytes",
             Self::Unauthorized { .. } => "unauthorized",
             Self::RateLimited { .. } => "rate_limited",
             Self::InvalidHeader { .. } => "header",
@@ -182,6 +187,7 @@ impl IngestError {
             self,
             Self::PayloadTooLarge { .. }
                 | Self::TooManyInFlight { .. }
+                | Self::TooManyBytesInFlight
                 | Self::NotFound { .. }
                 | Self::MethodNotAllowed { .. }
                 | Self::Unauthorized { .. }
@@ -212,7 +218,7 @@ impl IngestError {
             | Self::RateLimited { retry_after, .. } => {
                 builder = builder.header(header::RETRY_AFTER, retry_after_secs(*retry_after));
             }
-            Self::IdempotencyInProgress => {
+            Self::IdempotencyInProgress | Self::TooManyBytesInFlight => {
                 builder = builder.header(header::RETRY_AFTER, "1");
             }
             Self::Unauthorized { .. } => {

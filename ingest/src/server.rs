@@ -36,6 +36,7 @@ const MAX_CONNECTIONS: usize = 10_000;
 const HEADER_READ_TIMEOUT_SECS: u64 = 30;
 const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
+const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
 const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
@@ -80,6 +81,15 @@ pub struct IngestConfig {
     /// Most requests handled at once; past it clients get 503 with Retry-After.
     #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
+
+    /// Most request body bytes held at once (as sent plus decoded), across all requests;
+    /// past it clients get 503 with Retry-After.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_IN_FLIGHT_BYTES",
+        default_value_t = MAX_IN_FLIGHT_BYTES
+    )]
+    pub max_in_flight_bytes: usize,
 
     /// How long shutdown waits for in-flight requests to finish, in seconds.
     #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
@@ -129,6 +139,7 @@ impl Default for IngestConfig {
             max_connections: MAX_CONNECTIONS,
             header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
             max_in_flight: MAX_IN_FLIGHT,
+            max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             drain_secs: DRAIN_SECS,
             api_keys: None,
             tenant_rate_limit: 0.0,
@@ -144,6 +155,10 @@ struct App {
     config: IngestConfig,
     producer: Producer,
     in_flight: Semaphore,
+    /// Body bytes held by requests, one permit per byte.
+    body_bytes: Arc<Semaphore>,
+    /// Places for decompressing bodies (CPU-bound, each up to the batch limit).
+    decoders: Semaphore,
     metrics: Option<MetricsRender>,
     tenants: Tenants,
     /// Recent Idempotency-Keys; `None` when the window is switched off.
@@ -167,6 +182,17 @@ impl std::fmt::Debug for Ingest {
 impl Ingest {
     /// Reads the API keys and binds the listener. Records go out through `producer`.
     pub async fn bind(config: IngestConfig, producer: Producer) -> Result<Self> {
+        let largest_body = config.max_batch_bytes.max(config.max_request_bytes);
+        if config.max_in_flight_bytes < largest_body.saturating_mul(2) {
+            return Err(IngestError::Config {
+                reason: format!(
+                    "--max-in-flight-bytes ({}) must hold at least one largest body as sent and \
+                     decoded ({} bytes)",
+                    config.max_in_flight_bytes,
+                    largest_body.saturating_mul(2)
+                ),
+            });
+        }
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
         if !(non_negative(config.tenant_rate_limit) && non_negative(config.tenant_burst)) {
             return Err(IngestError::Config {
@@ -193,12 +219,19 @@ impl Ingest {
                     reason: format!("cannot listen on {}: {e}", config.listen),
                 })?;
         let in_flight = Semaphore::new(config.max_in_flight.max(1));
+        let body_bytes = Arc::new(Semaphore::new(
+            config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        let decoders =
+            Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
         Ok(Self {
             listener,
             app: Arc::new(App {
                 config,
                 producer,
                 in_flight,
+                body_bytes,
+                decoders,
                 metrics: None,
                 tenants,
                 window,
@@ -539,9 +572,14 @@ fn check_content_type(req: &Request<Incoming>, accepted: &[&str]) -> Result<()> 
 /// reset connection. Bodies declared larger than that are refused without reading.
 const DISCARD_MAX: u64 = 8 * 1024 * 1024;
 
-/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes. A body that
-/// arrives in one frame is kept as it is; several frames are joined once.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes> {
+/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes and holding
+/// what it keeps in the request's `admission`. A body that arrives in one frame is kept as
+/// it is; several frames are joined once.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    admission: &mut Admission<'_>,
+) -> Result<Bytes> {
     let too_large = || IngestError::PayloadTooLarge { limit };
     let declared = req
         .headers()
@@ -550,6 +588,9 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes> {
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
         return Err(too_large());
+    }
+    if let Some(n) = declared {
+        admission.hold((n as usize).min(limit))?;
     }
     let mut body = req.into_body();
     let mut first: Option<Bytes> = None;
@@ -572,6 +613,7 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes> {
             }
             continue;
         }
+        admission.hold(seen as usize)?;
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
             (Some(head), None) => {
@@ -635,8 +677,37 @@ fn unavailable(e: bus::BusError) -> IngestError {
     }
 }
 
+/// A request's places: one of `--max-in-flight`, and its body bytes within
+/// `--max-in-flight-bytes`. Given back when dropped.
+struct Admission<'a> {
+    _request: tokio::sync::SemaphorePermit<'a>,
+    budget: &'a Arc<Semaphore>,
+    bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+    reserved: usize,
+}
+
+impl Admission<'_> {
+    /// Holds `total` body bytes in all for this request, or answers 503 at once.
+    fn hold(&mut self, total: usize) -> Result<()> {
+        if total <= self.reserved {
+            return Ok(());
+        }
+        let more =
+            u32::try_from(total - self.reserved).map_err(|_| IngestError::TooManyBytesInFlight)?;
+        let permit = Arc::clone(self.budget)
+            .try_acquire_many_owned(more)
+            .map_err(|_| IngestError::TooManyBytesInFlight)?;
+        match &mut self.bytes {
+            Some(held) => held.merge(permit),
+            None => self.bytes = Some(permit),
+        }
+        self.reserved = total;
+        Ok(())
+    }
+}
+
 /// Takes one of the `--max-in-flight` places, or answers 503 at once.
-fn admit(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>> {
+fn admit(app: &App) -> Result<Admission<'_>> {
     let permit = app
         .in_flight
         .try_acquire()
@@ -645,7 +716,12 @@ fn admit(app: &App) -> Result<tokio::sync::SemaphorePermit<'_>> {
         })?;
     let busy = app.config.max_in_flight.max(1) - app.in_flight.available_permits();
     metrics::gauge!("ingest_in_flight_requests").set(busy as f64);
-    Ok(permit)
+    Ok(Admission {
+        _request: permit,
+        budget: &app.body_bytes,
+        bytes: None,
+        reserved: 0,
+    })
 }
 
 /// Who sent a request and what every record it produces carries in its headers.
@@ -821,11 +897,11 @@ async fn post_delivery_request(
     req: Request<Incoming>,
     caller: &Caller<'_>,
 ) -> Result<Response<Full<Bytes>>> {
-    let _permit = admit(app)?;
+    let mut admission = admit(app)?;
     let content_type = check_json_content_type(&req);
     let key = idempotency_key(&req);
     // The body is read (bounded) before any other answer, so the connection stays usable.
-    let body = read_body(req, app.config.max_request_bytes).await?;
+    let body = read_body(req, app.config.max_request_bytes, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     let key = key?;
@@ -888,9 +964,9 @@ async fn post_batch(
     req: Request<Incoming>,
     caller: &Caller<'_>,
 ) -> Result<Response<Full<Bytes>>> {
-    let _permit = admit(app)?;
+    let mut admission = admit(app)?;
     let key = idempotency_key(&req);
-    let (framing, body) = read_decoded(app, req, caller).await?;
+    let (framing, body) = read_decoded(app, req, caller, &mut admission).await?;
     let key = key?;
     let claim = match claim(app, caller, "batch", key.as_deref(), &body)? {
         Ok(claim) => claim,
@@ -957,8 +1033,8 @@ async fn post_telemetry(
     caller: &Caller<'_>,
     drone_id: &str,
 ) -> Result<Response<Full<Bytes>>> {
-    let _permit = admit(app)?;
-    let (framing, body) = read_decoded(app, req, caller).await?;
+    let mut admission = admit(app)?;
+    let (framing, body) = read_decoded(app, req, caller, &mut admission).await?;
     schemas::delivery::check_id(drone_id, "droneId")?;
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let records = if first == Some(b'{') && framing != Some(batch::Framing::Ndjson) {
@@ -1014,14 +1090,14 @@ async fn change_delivery(
     delivery_id: &str,
     change: Change,
 ) -> Result<Response<Full<Bytes>>> {
-    let _permit = admit(app)?;
+    let mut admission = admit(app)?;
     let content_type = match change {
         Change::Reschedule => {
             check_content_type(&req, &["application/json", "application/merge-patch+json"])
         }
         Change::Cancel => Ok(()),
     };
-    let body = read_body(req, app.config.max_request_bytes).await?;
+    let body = read_body(req, app.config.max_request_bytes, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     schemas::delivery::check_delivery_id(delivery_id)?;
@@ -1066,6 +1142,7 @@ async fn read_decoded(
     app: &App,
     req: Request<Incoming>,
     caller: &Caller<'_>,
+    admission: &mut Admission<'_>,
 ) -> Result<(Option<batch::Framing>, Bytes)> {
     let header_text = |name| {
         req.headers()
@@ -1075,17 +1152,27 @@ async fn read_decoded(
     let framing = batch::framing(header_text(header::CONTENT_TYPE).as_deref());
     let encoding = batch::encoding(header_text(header::CONTENT_ENCODING).as_deref());
     let limit = app.config.max_batch_bytes;
-    let wire = read_body(req, limit).await?;
+    let wire = read_body(req, limit, admission).await?;
     caller.tenant.bytes.increment(wire.len() as u64);
     let (framing, encoding) = (framing?, encoding?);
     let body = if encoding == batch::Encoding::Identity {
         wire
     } else {
-        tokio::task::spawn_blocking(move || batch::decode(wire, encoding, limit))
+        let wire_len = wire.len();
+        let _decoder = app
+            .decoders
+            .acquire()
             .await
             .map_err(|e| IngestError::Internal {
                 reason: e.to_string(),
-            })??
+            })?;
+        let decoded = tokio::task::spawn_blocking(move || batch::decode(wire, encoding, limit))
+            .await
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })??;
+        admission.hold(wire_len + decoded.len())?;
+        decoded
     };
     metrics::counter!("ingest_decoded_bytes_total").increment(body.len() as u64);
     Ok((framing, body))
