@@ -909,10 +909,11 @@ async fn post_delivery_request(
         Ok(claim) => claim,
         Err(stored) => return Ok(replay(stored)),
     };
+    // Records count against the quota as sent, valid or not (a batch counts them all).
+    caller.tenant.take(1)?;
     let request = schemas::parse_delivery_request(&body).inspect_err(|_| {
         caller.tenant.rejected_invalid.increment(1);
     })?;
-    caller.tenant.take(1)?;
     let (delivery_id, ack) = enqueue(app, caller, &request, &body, key.as_deref().map(|k| (k, 0)))
         .inspect_err(|e| {
             if matches!(e, IngestError::Invalid(_)) {
