@@ -13,6 +13,7 @@ use common::*;
 const FABRIKAM_KEY: &str = "fabrikam-key-0123456789";
 const CONTOSO_KEY: &str = "contoso-key-0123456789ab";
 const SLOW_KEY: &str = "slow-tenant-key-0123456789";
+const FLEET_KEY: &str = "fleet-key-0123456789abcdef";
 
 /// A key file in a temporary folder (kept alive by the returned guard).
 fn key_file(lines: &str) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
@@ -35,10 +36,12 @@ fn request_of(owner: &str, i: usize) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
     let (_dir, keys) = key_file(&format!(
-        "# tenants of the test\nfabrikam:{FABRIKAM_KEY}\ncontoso:{CONTOSO_KEY}\n"
+        "# tenants of the test\nfabrikam:{FABRIKAM_KEY}\ncontoso:{CONTOSO_KEY} # comment\n\
+         fleet:{FLEET_KEY}\n"
     ))?;
     let tier = IngestOnly::start(ingest::IngestConfig {
         api_keys: Some(keys),
+        telemetry_tenants: vec!["fleet".into()],
         ..Default::default()
     })
     .await?;
@@ -61,8 +64,28 @@ async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
         assert!(answer_headers.contains_key("www-authenticate"));
     }
     let telemetry = format!("{}/api/drones/d-1/telemetry", tier.base);
-    let (status, _, _) = call(&client, "POST", &telemetry, &[], b"{}".to_vec()).await?;
+    let fix = br#"{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:00Z"}"#;
+    let (status, _, _) = call(&client, "POST", &telemetry, &[], fix.to_vec()).await?;
     assert_eq!(status, 401, "telemetry needs a key too");
+    // Only the fleet's own key may report drone positions.
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &telemetry,
+        &[("authorization", &bearer(FABRIKAM_KEY))],
+        fix.to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 403, "{answer}");
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &telemetry,
+        &[("authorization", &bearer(FLEET_KEY))],
+        fix.to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
     // Operations routes need none.
     let (status, _, _) = call(
         &client,
@@ -119,13 +142,29 @@ async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
         .context("id")?
         .to_owned();
 
-    let keys: BTreeSet<String> = tier.records(3).await?.into_iter().map(|(k, _)| k).collect();
-    let expected: BTreeSet<String> = [
+    // Reschedules and cancels act on the caller's own delivery of that id.
+    let order_1 = format!("{}/api/deliveryrequests/order-1", tier.base);
+    let (status, _, answer) = call(
+        &client,
+        "PATCH",
+        &order_1,
+        &auth,
+        br#"{"deadline": "2026-11-25T10:00:00Z"}"#.to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+    let (status, _, _) = call(&client, "DELETE", &order_1, &[], Vec::new()).await?;
+    assert_eq!(status, 401);
+
+    let mut keys: Vec<String> = tier.records(4).await?.into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    let mut expected = vec![
         "fabrikam/order-1".to_owned(),
         "contoso/order-1".to_owned(),
         format!("contoso/{batch_id}"),
-    ]
-    .into();
+        "fabrikam/order-1".to_owned(),
+    ];
+    expected.sort();
     assert_eq!(keys, expected);
     tier.stop().await
 }
@@ -245,6 +284,16 @@ async fn a_retried_batch_with_the_same_idempotency_key_yields_no_duplicates() ->
         &batch,
         &with_key("retry-1"),
         other.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 422, "{answer}");
+    // The same key on another route is another request under a used key.
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &single,
+        &with_key("retry-1"),
+        valid_request(0).to_string().into_bytes(),
     )
     .await?;
     assert_eq!(status, 422, "{answer}");

@@ -88,6 +88,12 @@ pub enum IngestError {
         /// What was missing or wrong.
         reason: String,
     },
+    /// The caller is known but may not use this route.
+    #[error("forbidden: {reason}")]
+    Forbidden {
+        /// Why.
+        reason: String,
+    },
     /// The tenant sent more records than its rate limit allows.
     #[error("tenant {tenant} is over its rate limit")]
     RateLimited {
@@ -136,6 +142,7 @@ impl IngestError {
             | Self::MalformedBatch { .. }
             | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyInProgress => StatusCode::CONFLICT,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -170,6 +177,7 @@ impl IngestError {
             Self::TooManyInFlight { .. } => "in_flight",
             Self::TooManyBytesInFlight => "in_flight_bytes",
             Self::Unauthorized { .. } => "unauthorized",
+            Self::Forbidden { .. } => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
             Self::InvalidHeader { .. } => "header",
             Self::IdempotencyInProgress => "idempotency_in_progress",
@@ -191,6 +199,7 @@ impl IngestError {
                 | Self::NotFound { .. }
                 | Self::MethodNotAllowed { .. }
                 | Self::Unauthorized { .. }
+                | Self::Forbidden { .. }
         )
     }
 

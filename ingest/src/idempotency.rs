@@ -16,7 +16,7 @@
 //!
 //! The window logic ([`Window`]) is pure and takes the time as an argument.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -49,9 +49,10 @@ pub fn check_key(value: &[u8]) -> Result<&str> {
     std::str::from_utf8(value).map_err(|_| bad("must be ASCII"))
 }
 
-/// The delivery id of record `index` of a request sent by `tenant` under `key`.
-pub fn derived_delivery_id(tenant: &str, key: &str, index: usize) -> String {
-    let name = format!("{tenant}\n{key}\n{index}");
+/// The delivery id of record `index` of a request to `route` sent by `tenant` under
+/// `key`.
+pub fn derived_delivery_id(tenant: &str, route: &str, key: &str, index: usize) -> String {
+    let name = format!("{tenant}\n{route}\n{key}\n{index}");
     uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
 }
 
@@ -78,8 +79,9 @@ pub struct Stored {
 /// What to do with a request that carries a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
-    /// The key is new (or forgotten): process the request, then [`Window::complete`].
-    New,
+    /// The key is new (or forgotten): process the request, then [`Window::complete`] with
+    /// this ticket (`None` when the key is too large for the window to track).
+    New(Option<Ticket>),
     /// The key was answered before: send this again.
     Replay(Stored),
     /// A request with this key is being processed right now.
@@ -87,6 +89,10 @@ pub enum Begin {
     /// The key was used with a different body.
     Mismatch,
 }
+
+/// Names one request's hold on its key, so that only that request ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 #[derive(Debug)]
 enum State {
@@ -104,11 +110,15 @@ struct Entry {
 }
 
 /// Recent idempotency keys, bounded by age and by bytes.
+///
+/// Answers are forgotten oldest first once they are older than the age limit or the
+/// byte budget needs their room. Keys in progress are never forgotten (there are at most
+/// as many as requests in flight); a key too large for the budget is not tracked.
 #[derive(Debug)]
 pub struct Window {
     entries: HashMap<String, Entry>,
-    /// Keys in the order they began, with the sequence number they began with.
-    order: VecDeque<(String, u64)>,
+    /// Every entry's key by its sequence number: the order to forget them in.
+    order: BTreeMap<u64, String>,
     next_seq: u64,
     bytes: usize,
     max_bytes: usize,
@@ -120,7 +130,7 @@ impl Window {
     pub fn new(max_age: Duration, max_bytes: usize) -> Self {
         Self {
             entries: HashMap::new(),
-            order: VecDeque::new(),
+            order: BTreeMap::new(),
             next_seq: 0,
             bytes: 0,
             max_bytes,
@@ -156,38 +166,36 @@ impl Window {
             };
         }
         let cost = key.len() + ENTRY_OVERHEAD;
+        if cost > self.max_bytes {
+            return Begin::New(None);
+        }
         self.evict(now, cost);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.entries.insert(
-            key.to_owned(),
+        let seq = self.insert(
+            key,
             Entry {
                 fingerprint,
                 state: State::InProgress,
                 since: now,
-                seq,
+                seq: 0,
                 cost,
             },
         );
-        self.order.push_back((key.to_owned(), seq));
-        self.bytes += cost;
-        Begin::New
+        Begin::New(Some(Ticket(seq)))
     }
 
-    /// Ends the request under `key`: keeps `answer` for replay, or forgets the key when
-    /// there is nothing to keep (the request accepted nothing, or was abandoned).
-    pub fn complete(&mut self, key: &str, answer: Option<Stored>, now: Instant) {
+    /// Ends the request that began `key` with `ticket`: keeps `answer` for replay, or
+    /// forgets the key when there is nothing to keep (the request accepted nothing, or
+    /// was abandoned). Does nothing when the key is no longer that request's.
+    pub fn complete(&mut self, key: &str, ticket: Ticket, answer: Option<Stored>, now: Instant) {
+        if self.entries.get(key).is_none_or(|e| e.seq != ticket.0) {
+            return;
+        }
+        let Some(mut entry) = self.remove(key) else {
+            return;
+        };
         let Some(answer) = answer else {
-            if let Some(entry) = self.entries.remove(key) {
-                self.bytes -= entry.cost;
-            }
             return;
         };
-        let Some(mut entry) = self.entries.remove(key) else {
-            // Evicted while in progress: nothing to keep it under.
-            return;
-        };
-        self.bytes -= entry.cost;
         let cost = key.len()
             + ENTRY_OVERHEAD
             + answer.body.len()
@@ -201,35 +209,47 @@ impl Window {
         entry.state = State::Done(answer);
         entry.cost = cost;
         entry.since = now;
-        entry.seq = self.next_seq;
-        self.next_seq += 1;
-        self.order.push_back((key.to_owned(), entry.seq));
-        self.entries.insert(key.to_owned(), entry);
-        self.bytes += cost;
+        self.insert(key, entry);
     }
 
-    /// Drops keys from the oldest while they are past their age or the budget would be
-    /// exceeded by `incoming` more bytes.
+    fn insert(&mut self, key: &str, mut entry: Entry) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        entry.seq = seq;
+        self.bytes += entry.cost;
+        self.order.insert(seq, key.to_owned());
+        self.entries.insert(key.to_owned(), entry);
+        seq
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.order.remove(&entry.seq);
+        self.bytes -= entry.cost;
+        Some(entry)
+    }
+
+    /// Forgets answers from the oldest while they are past their age or the budget
+    /// would be exceeded by `incoming` more bytes. Keys in progress stay.
     fn evict(&mut self, now: Instant, incoming: usize) {
-        while let Some((key, seq)) = self.order.front() {
+        let mut forget = Vec::new();
+        let mut bytes = self.bytes;
+        for key in self.order.values() {
             let Some(entry) = self.entries.get(key) else {
-                self.order.pop_front();
                 continue;
             };
-            if entry.seq != *seq {
-                // The key was forgotten and began again later; this is its old place.
-                self.order.pop_front();
-                continue;
-            }
             let expired = now.saturating_duration_since(entry.since) > self.max_age;
-            let over = self.bytes + incoming > self.max_bytes;
+            let over = bytes + incoming > self.max_bytes;
             if !(expired || over) {
                 break;
             }
-            let cost = entry.cost;
-            self.entries.remove(key);
-            self.bytes -= cost;
-            self.order.pop_front();
+            if matches!(entry.state, State::Done(_)) {
+                bytes -= entry.cost;
+                forget.push(key.clone());
+            }
+        }
+        for key in forget {
+            self.remove(&key);
         }
     }
 }
@@ -240,7 +260,7 @@ impl Window {
 pub(crate) struct Claim<'a> {
     window: &'a Mutex<Window>,
     key: String,
-    finished: bool,
+    ticket: Option<Ticket>,
 }
 
 impl<'a> Claim<'a> {
@@ -256,10 +276,10 @@ impl<'a> Claim<'a> {
             .map_err(|_| poisoned())?
             .begin(&key, fingerprint, Instant::now());
         match began {
-            Begin::New => Ok(Ok(Self {
+            Begin::New(ticket) => Ok(Ok(Self {
                 window,
                 key,
-                finished: false,
+                ticket,
             })),
             Begin::Replay(stored) => Ok(Err(stored)),
             Begin::InProgress => Err(IngestError::IdempotencyInProgress),
@@ -269,20 +289,21 @@ impl<'a> Claim<'a> {
 
     /// Keeps `answer` for replay (or forgets the key when `None`).
     pub(crate) fn finish(mut self, answer: Option<Stored>) {
-        self.finished = true;
-        if let Ok(mut window) = self.window.lock() {
-            window.complete(&self.key, answer, Instant::now());
+        self.end(answer);
+    }
+
+    fn end(&mut self, answer: Option<Stored>) {
+        if let Some(ticket) = self.ticket.take()
+            && let Ok(mut window) = self.window.lock()
+        {
+            window.complete(&self.key, ticket, answer, Instant::now());
         }
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if !self.finished
-            && let Ok(mut window) = self.window.lock()
-        {
-            window.complete(&self.key, None, Instant::now());
-        }
+        self.end(None);
     }
 }
 
@@ -316,34 +337,43 @@ mod tests {
 
     #[test]
     fn derived_ids_are_stable_and_distinct() {
-        let a = derived_delivery_id("fabrikam", "k1", 0);
-        assert_eq!(a, derived_delivery_id("fabrikam", "k1", 0));
-        assert_ne!(a, derived_delivery_id("fabrikam", "k1", 1));
-        assert_ne!(a, derived_delivery_id("contoso", "k1", 0));
-        assert_ne!(a, derived_delivery_id("fabrikam", "k2", 0));
+        let a = derived_delivery_id("fabrikam", "batch", "k1", 0);
+        assert_eq!(a, derived_delivery_id("fabrikam", "batch", "k1", 0));
+        assert_ne!(a, derived_delivery_id("fabrikam", "batch", "k1", 1));
+        assert_ne!(a, derived_delivery_id("contoso", "batch", "k1", 0));
+        assert_ne!(a, derived_delivery_id("fabrikam", "batch", "k2", 0));
+        assert_ne!(a, derived_delivery_id("fabrikam", "single", "k1", 0));
         schemas::delivery::check_delivery_id(&a).unwrap();
+    }
+
+    /// Begins `key`, expecting a new, tracked key.
+    fn new(w: &mut Window, key: &str, fingerprint: u64, now: Instant) -> Ticket {
+        match w.begin(key, fingerprint, now) {
+            Begin::New(Some(ticket)) => ticket,
+            other => panic!("{key}: {other:?}"),
+        }
     }
 
     #[test]
     fn a_retry_replays_a_kept_answer_and_a_forgotten_one_runs_again() {
         let t0 = Instant::now();
         let mut w = Window::new(Duration::from_secs(60), 1 << 20);
-        assert_eq!(w.begin("k", 1, t0), Begin::New);
+        let k = new(&mut w, "k", 1, t0);
         assert_eq!(w.begin("k", 1, t0), Begin::InProgress);
         assert_eq!(w.begin("k", 2, t0), Begin::Mismatch);
-        w.complete("k", Some(stored("{\"accepted\":1}")), t0);
+        w.complete("k", k, Some(stored("{\"accepted\":1}")), t0);
         assert_eq!(
             w.begin("k", 1, t0),
             Begin::Replay(stored("{\"accepted\":1}"))
         );
         assert_eq!(w.begin("k", 2, t0), Begin::Mismatch);
         // A failed attempt keeps nothing: the retry runs.
-        assert_eq!(w.begin("f", 1, t0), Begin::New);
-        w.complete("f", None, t0);
-        assert_eq!(w.begin("f", 1, t0), Begin::New);
+        let f = new(&mut w, "f", 1, t0);
+        w.complete("f", f, None, t0);
+        new(&mut w, "f", 1, t0);
         // Past the age limit the key is forgotten.
         let later = t0 + Duration::from_secs(61);
-        assert_eq!(w.begin("k", 1, later), Begin::New);
+        new(&mut w, "k", 1, later);
     }
 
     #[test]
@@ -351,19 +381,45 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Window::new(Duration::from_secs(60), 1000);
         for k in ["a", "b", "c"] {
-            assert_eq!(w.begin(k, 0, t0), Begin::New);
-            w.complete(k, Some(stored(&"x".repeat(200))), t0);
+            let ticket = new(&mut w, k, 0, t0);
+            w.complete(k, ticket, Some(stored(&"x".repeat(200))), t0);
         }
         assert!(w.bytes() <= 1000);
-        assert_eq!(w.begin("d", 0, t0), Begin::New);
-        w.complete("d", Some(stored(&"x".repeat(200))), t0);
+        let d = new(&mut w, "d", 0, t0);
+        w.complete("d", d, Some(stored(&"x".repeat(200))), t0);
         assert!(w.bytes() <= 1000, "{}", w.bytes());
-        assert_eq!(w.begin("a", 0, t0), Begin::New, "the oldest went first");
-        w.complete("a", None, t0);
+        let a = new(&mut w, "a", 0, t0);
+        w.complete("a", a, None, t0);
         assert!(matches!(w.begin("d", 0, t0), Begin::Replay(_)));
-        assert_eq!(w.begin("big", 0, t0), Begin::New);
-        w.complete("big", Some(stored(&"x".repeat(2000))), t0);
-        assert_eq!(w.begin("big", 0, t0), Begin::New);
+        let big = new(&mut w, "big", 0, t0);
+        w.complete("big", big, Some(stored(&"x".repeat(2000))), t0);
+        new(&mut w, "big", 0, t0);
+        // A key larger than the whole budget is not tracked at all.
+        let huge = "k".repeat(1000);
+        assert_eq!(w.begin(&huge, 0, t0), Begin::New(None));
+        assert!(w.bytes() <= 1000);
+    }
+
+    #[test]
+    fn keys_in_progress_are_never_evicted_and_a_stale_ticket_changes_nothing() {
+        let t0 = Instant::now();
+        let mut w = Window::new(Duration::from_secs(1), 600);
+        let first = new(&mut w, "k", 1, t0);
+        // Age and a full budget do not push out a key in progress.
+        let later = t0 + Duration::from_secs(5);
+        for other in ["a", "b", "c"] {
+            let ticket = new(&mut w, other, 0, later);
+            w.complete(other, ticket, Some(stored(&"x".repeat(100))), later);
+        }
+        assert_eq!(w.begin("k", 1, later), Begin::InProgress);
+        // Once answered and forgotten, a new request on the key is not ended by the
+        // first one's late completion.
+        w.complete("k", first, None, later);
+        let second = new(&mut w, "k", 2, later);
+        w.complete("k", first, Some(stored("stale")), later);
+        assert_eq!(w.begin("k", 2, later), Begin::InProgress);
+        w.complete("k", second, Some(stored("second")), later);
+        assert_eq!(w.begin("k", 2, later), Begin::Replay(stored("second")));
     }
 
     #[test]
@@ -396,13 +452,14 @@ mod tests {
             for (k, size, keep, millis) in ops {
                 now += Duration::from_millis(millis);
                 let key = format!("key-{k}");
-                if w.begin(&key, u64::from(k), now) == Begin::New {
+                if let Begin::New(Some(ticket)) = w.begin(&key, u64::from(k), now) {
                     let answer = keep.then(|| stored(&"x".repeat(size)));
-                    w.complete(&key, answer, now);
+                    w.complete(&key, ticket, answer, now);
                 }
                 prop_assert!(w.bytes() <= 4096);
                 let held: usize = w.entries.values().map(|e| e.cost).sum();
                 prop_assert_eq!(held, w.bytes());
+                prop_assert_eq!(w.order.len(), w.entries.len(), "no stale order items");
             }
         }
     }

@@ -111,6 +111,15 @@ pub struct IngestConfig {
     #[arg(long, env = "DRONEDELIVERY_TENANT_BURST", default_value_t = 0.0)]
     pub tenant_burst: f64,
 
+    /// Tenants that may post drone telemetry (comma-separated); empty lets every tenant.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TELEMETRY_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    pub telemetry_tenants: Vec<String>,
+
     /// How long an Idempotency-Key's answer is kept for replay, in seconds.
     #[arg(
         long,
@@ -119,8 +128,8 @@ pub struct IngestConfig {
     )]
     pub idempotency_window_secs: u64,
 
-    /// Memory for kept Idempotency-Key answers, in bytes; the oldest go first. 0 keeps
-    /// none (retries still get the same delivery ids).
+    /// Memory for kept Idempotency-Key answers, in bytes; the oldest go first. 0 turns
+    /// the window off: no replays, 409s or 422s (retries still get the same delivery ids).
     #[arg(
         long,
         env = "DRONEDELIVERY_IDEMPOTENCY_WINDOW_BYTES",
@@ -144,6 +153,7 @@ impl Default for IngestConfig {
             api_keys: None,
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
+            telemetry_tenants: Vec::new(),
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
         }
@@ -193,17 +203,25 @@ impl Ingest {
                 ),
             });
         }
-        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
-        if !(non_negative(config.tenant_rate_limit) && non_negative(config.tenant_burst)) {
+        let rate = config.tenant_rate_limit;
+        let burst = config.tenant_burst;
+        if !(rate == 0.0 || (rate.is_finite() && rate >= crate::tenants::MIN_RATE))
+            || !(burst.is_finite() && burst >= 0.0)
+        {
             return Err(IngestError::Config {
-                reason: "--tenant-rate-limit and --tenant-burst must be 0 or more".into(),
+                reason: format!(
+                    "--tenant-rate-limit must be 0 (no limit) or at least {} records per \
+                     second, and --tenant-burst 0 or more",
+                    crate::tenants::MIN_RATE
+                ),
             });
         }
         let tenants = Tenants::load(
             config.api_keys.as_deref(),
-            Limits {
+            &Limits {
                 rate: config.tenant_rate_limit,
                 burst: config.tenant_burst,
+                telemetry_tenants: config.telemetry_tenants.clone(),
             },
         )?;
         let window = (config.idempotency_window_bytes > 0).then(|| {
@@ -574,7 +592,8 @@ const DISCARD_MAX: u64 = 8 * 1024 * 1024;
 
 /// Reads the whole body into one `Bytes`, refusing more than `limit` bytes and holding
 /// what it keeps in the request's `admission`. A body that arrives in one frame is kept as
-/// it is; several frames are joined once.
+/// it is; several frames are joined once. A body refused (too large, or no room in the
+/// byte budget) is read on and thrown away, up to `DISCARD_MAX`, before the answer.
 async fn read_body(
     req: Request<Incoming>,
     limit: usize,
@@ -589,9 +608,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
         return Err(too_large());
     }
-    if let Some(n) = declared {
-        admission.hold((n as usize).min(limit))?;
-    }
+    let mut refused = declared.and_then(|n| admission.hold((n as usize).min(limit)).err());
     let mut body = req.into_body();
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
@@ -604,8 +621,11 @@ async fn read_body(
             continue; // trailers
         };
         seen += data.len() as u64;
-        if seen > limit as u64 {
-            // Over the limit: keep reading (and dropping) up to DISCARD_MAX, then answer.
+        if refused.is_none() && seen <= limit as u64 {
+            refused = admission.hold(seen as usize).err();
+        }
+        if refused.is_some() || seen > limit as u64 {
+            // Refused: keep reading (and dropping) up to DISCARD_MAX, then answer.
             first = None;
             joined = None;
             if seen > limit as u64 + DISCARD_MAX {
@@ -613,7 +633,6 @@ async fn read_body(
             }
             continue;
         }
-        admission.hold(seen as usize)?;
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
             (Some(head), None) => {
@@ -632,6 +651,9 @@ async fn read_body(
     }
     if seen > limit as u64 {
         return Err(too_large());
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     Ok(match (first, joined) {
         (_, Some(buf)) => buf.freeze(),
@@ -706,6 +728,12 @@ impl Admission<'_> {
     }
 }
 
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        metrics::gauge!("ingest_in_flight_requests").decrement(1.0);
+    }
+}
+
 /// Takes one of the `--max-in-flight` places, or answers 503 at once.
 fn admit(app: &App) -> Result<Admission<'_>> {
     let permit = app
@@ -714,8 +742,7 @@ fn admit(app: &App) -> Result<Admission<'_>> {
         .map_err(|_| IngestError::TooManyInFlight {
             retry_after: RETRY_AFTER,
         })?;
-    let busy = app.config.max_in_flight.max(1) - app.in_flight.available_permits();
-    metrics::gauge!("ingest_in_flight_requests").set(busy as f64);
+    metrics::gauge!("ingest_in_flight_requests").increment(1.0);
     Ok(Admission {
         _request: permit,
         budget: &app.body_bytes,
@@ -786,10 +813,16 @@ fn claim<'a>(
     let (Some(key), Some(window)) = (key, &app.window) else {
         return Ok(Ok(None));
     };
-    let window_key = format!("{}\n{route}\n{key}", caller.tenant.name);
+    // The route is in the fingerprint, not in the key: the same key on another route is a
+    // different request under a used key (422), not a new one.
+    let window_key = format!("{}\n{key}", caller.tenant.name);
     let fingerprint = idempotency::fingerprint(route, body);
     Ok(Claim::begin(window, window_key, fingerprint)?.map(Some))
 }
+
+/// Route names in idempotency fingerprints and derived ids.
+const SINGLE: &str = "single";
+const BATCH: &str = "batch";
 
 /// The answer of an earlier request with the same Idempotency-Key.
 fn replay(stored: Stored) -> Response<Full<Bytes>> {
@@ -813,7 +846,7 @@ fn replay(stored: Stored) -> Response<Full<Bytes>> {
 /// Checks that a request belongs to the caller: its `ownerId` must be the authenticated
 /// tenant (the unauthenticated loopback tenant `default` takes any owner).
 fn check_owner(caller: &Caller<'_>, request: &schemas::DeliveryRequest<'_>) -> Result<()> {
-    if caller.tenant.is_default() || request.owner_id == *caller.tenant.name {
+    if caller.tenant.is_unauthenticated() || request.owner_id == *caller.tenant.name {
         Ok(())
     } else {
         Err(IngestError::Invalid(schemas::ValidationError {
@@ -835,6 +868,7 @@ fn enqueue(
     caller: &Caller<'_>,
     request: &schemas::DeliveryRequest<'_>,
     payload: &[u8],
+    route: &str,
     idempotency: Option<(&str, usize)>,
 ) -> Result<(
     String,
@@ -844,7 +878,7 @@ fn enqueue(
     let delivery_id = match (&request.delivery_id, idempotency) {
         (Some(id), _) => id.to_string(),
         (None, Some((key, index))) => {
-            idempotency::derived_delivery_id(&caller.tenant.name, key, index)
+            idempotency::derived_delivery_id(&caller.tenant.name, route, key, index)
         }
         (None, None) => uuid::Uuid::new_v4().to_string(),
     };
@@ -905,7 +939,7 @@ async fn post_delivery_request(
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     let key = key?;
-    let claim = match claim(app, caller, "single", key.as_deref(), &body)? {
+    let claim = match claim(app, caller, SINGLE, key.as_deref(), &body)? {
         Ok(claim) => claim,
         Err(stored) => return Ok(replay(stored)),
     };
@@ -914,12 +948,19 @@ async fn post_delivery_request(
     let request = schemas::parse_delivery_request(&body).inspect_err(|_| {
         caller.tenant.rejected_invalid.increment(1);
     })?;
-    let (delivery_id, ack) = enqueue(app, caller, &request, &body, key.as_deref().map(|k| (k, 0)))
-        .inspect_err(|e| {
-            if matches!(e, IngestError::Invalid(_)) {
-                caller.tenant.rejected_invalid.increment(1);
-            }
-        })?;
+    let (delivery_id, ack) = enqueue(
+        app,
+        caller,
+        &request,
+        &body,
+        SINGLE,
+        key.as_deref().map(|k| (k, 0)),
+    )
+    .inspect_err(|e| {
+        if matches!(e, IngestError::Invalid(_)) {
+            caller.tenant.rejected_invalid.increment(1);
+        }
+    })?;
     let delivered = acknowledged(app, ack).await.inspect_err(|_| {
         caller.tenant.rejected_unavailable.increment(1);
     })?;
@@ -969,7 +1010,7 @@ async fn post_batch(
     let key = idempotency_key(&req);
     let (framing, body) = read_decoded(app, req, caller, &mut admission).await?;
     let key = key?;
-    let claim = match claim(app, caller, "batch", key.as_deref(), &body)? {
+    let claim = match claim(app, caller, BATCH, key.as_deref(), &body)? {
         Ok(claim) => claim,
         Err(stored) => return Ok(replay(stored)),
     };
@@ -987,6 +1028,7 @@ async fn post_batch(
                     caller,
                     &request,
                     payload,
+                    BATCH,
                     key.as_deref().map(|k| (k, index)),
                 )
             });
@@ -1034,6 +1076,14 @@ async fn post_telemetry(
     caller: &Caller<'_>,
     drone_id: &str,
 ) -> Result<Response<Full<Bytes>>> {
+    if !caller.tenant.telemetry {
+        return Err(IngestError::Forbidden {
+            reason: format!(
+                "tenant {} may not post drone telemetry",
+                &*caller.tenant.name
+            ),
+        });
+    }
     let mut admission = admit(app)?;
     let (framing, body) = read_decoded(app, req, caller, &mut admission).await?;
     schemas::delivery::check_id(drone_id, "droneId")?;
@@ -1101,6 +1151,7 @@ async fn change_delivery(
     let body = read_body(req, app.config.max_request_bytes, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
+    caller.tenant.take(1)?;
     schemas::delivery::check_delivery_id(delivery_id)?;
     let (event_type, payload) = match change {
         Change::Reschedule => {
@@ -1112,7 +1163,6 @@ async fn change_delivery(
             Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string()),
         ),
     };
-    caller.tenant.take(1)?;
     let key = schemas::delivery_key(&caller.tenant.name, delivery_id);
     let mut headers = Headers::of(caller, event_type);
     headers.push(h::DELIVERY_ID, delivery_id.as_bytes());

@@ -1,9 +1,10 @@
 //! Who is calling and how much they may send: per-tenant API keys and rate limits.
 //!
-//! Keys come from a file of `tenant:key[:records_per_second]` lines. A presented key is
-//! hashed (SHA-256) and looked up by its digest, and the digest is compared in constant
-//! time, so neither the lookup nor the comparison tells an attacker how much of a guessed
-//! key was right; the keys themselves are not kept in memory.
+//! Keys come from a file of `tenant:key[:records_per_second]` lines; only their SHA-256
+//! digests are kept. A presented key is hashed, the candidates sharing the first 8 bytes
+//! of its digest are found in a map, and each candidate's whole digest is compared in
+//! constant time. The map lookup can only reveal digest prefixes, which say nothing about
+//! the key; the comparison that decides takes the same time however close a guess was.
 //!
 //! Without a key file, clients on loopback are the tenant `default` and everyone else is
 //! refused: a development mode that cannot be left open by accident.
@@ -30,6 +31,8 @@ const MAX_KEYS: usize = 100_000;
 pub const MIN_KEY_LEN: usize = 16;
 /// The longest accepted API key.
 pub const MAX_KEY_LEN: usize = 256;
+/// The smallest rate limit, in records per second (one record in about 17 minutes).
+pub const MIN_RATE: f64 = 0.001;
 
 /// One line of a key file.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,17 +45,18 @@ pub struct KeyLine<'a> {
     pub rate: Option<f64>,
 }
 
-/// Parses a key file: one `tenant:key[:records_per_second]` per line; blank lines and
-/// lines starting with `#` are skipped. A tenant may have several keys (rotation); a key
-/// belongs to one tenant only. Errors name the line.
+/// Parses a key file: one `tenant:key[:records_per_second]` per line; `#` starts a
+/// comment (neither names nor keys contain it) and blank lines are skipped. A tenant may
+/// have several keys (rotation); a key belongs to one tenant only; the name `default` is
+/// reserved for unauthenticated loopback clients. Errors name the line.
 pub fn parse_api_keys(text: &str) -> std::result::Result<Vec<KeyLine<'_>>, String> {
     let mut lines = Vec::new();
     let mut seen_keys = std::collections::HashSet::new();
     let mut rates: HashMap<&str, f64> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let n = n + 1;
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
             continue;
         }
         let mut parts = line.split(':');
@@ -64,10 +68,10 @@ pub fn parse_api_keys(text: &str) -> std::result::Result<Vec<KeyLine<'_>>, Strin
         let rate = match parts.next() {
             None => None,
             Some(text) => match text.trim().parse::<f64>() {
-                Ok(rate) if rate.is_finite() && rate > 0.0 => Some(rate),
+                Ok(rate) if rate.is_finite() && rate >= MIN_RATE => Some(rate),
                 _ => {
                     return Err(format!(
-                        "line {n}: the rate must be a positive number of records per second"
+                        "line {n}: the rate must be at least {MIN_RATE} records per second"
                     ));
                 }
             },
@@ -78,6 +82,11 @@ pub fn parse_api_keys(text: &str) -> std::result::Result<Vec<KeyLine<'_>>, Strin
         let (tenant, key) = (tenant.trim(), key.trim());
         schemas::delivery::check_tenant(tenant)
             .map_err(|e| format!("line {n}: tenant {}", e.reason))?;
+        if tenant == schemas::DEFAULT_TENANT {
+            return Err(format!(
+                "line {n}: the tenant name {tenant} is reserved for unauthenticated loopback clients"
+            ));
+        }
         check_key(key).map_err(|reason| format!("line {n}: key {reason}"))?;
         if !seen_keys.insert(key) {
             return Err(format!("line {n}: this key is already listed"));
@@ -153,7 +162,7 @@ impl Bucket {
         } else {
             let wait = (needed - self.tokens) / self.rate;
             // Rounded up a little so that retrying after the wait is admitted.
-            Err(Duration::from_secs_f64(wait * 1.000_001 + 1e-6))
+            Err(Duration::try_from_secs_f64(wait * 1.000_001 + 1e-6).unwrap_or(Duration::MAX))
         }
     }
 }
@@ -162,6 +171,10 @@ impl Bucket {
 #[derive(Debug)]
 pub(crate) struct Tenant {
     pub(crate) name: Arc<str>,
+    /// The loopback clients of a tier without keys.
+    unauthenticated: bool,
+    /// Whether it may post drone telemetry.
+    pub(crate) telemetry: bool,
     limiter: Option<Mutex<Bucket>>,
     pub(crate) accepted: metrics::Counter,
     pub(crate) rejected_invalid: metrics::Counter,
@@ -171,7 +184,7 @@ pub(crate) struct Tenant {
 }
 
 impl Tenant {
-    fn new(name: &str, rate: Option<f64>, burst: f64) -> Self {
+    fn new(name: &str, rate: Option<f64>, burst: f64, telemetry: bool) -> Self {
         let label = name.to_owned();
         let limiter = rate.map(|rate| {
             let burst = if burst > 0.0 { burst } else { rate };
@@ -179,6 +192,8 @@ impl Tenant {
         });
         Self {
             name: name.into(),
+            unauthenticated: false,
+            telemetry,
             limiter,
             accepted: metrics::counter!("ingest_records_accepted_total", "tenant" => label.clone()),
             rejected_invalid: metrics::counter!(
@@ -192,9 +207,9 @@ impl Tenant {
         }
     }
 
-    /// Whether this is the unauthenticated loopback tenant.
-    pub(crate) fn is_default(&self) -> bool {
-        &*self.name == schemas::DEFAULT_TENANT
+    /// Whether this is the unauthenticated loopback tenant of a tier without keys.
+    pub(crate) fn is_unauthenticated(&self) -> bool {
+        self.unauthenticated
     }
 
     /// Takes `records` from the tenant's quota, or answers 429 with when to retry.
@@ -218,20 +233,29 @@ impl Tenant {
     }
 }
 
-/// Rate limit settings that apply to every tenant without its own.
-#[derive(Debug, Clone, Copy)]
+/// Settings that apply to every tenant.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Limits {
-    /// Records per second; 0 for no limit.
+    /// Records per second for tenants without their own rate; 0 for no limit.
     pub(crate) rate: f64,
     /// Bucket size in records; 0 for one second's worth.
     pub(crate) burst: f64,
+    /// The tenants that may post drone telemetry; empty for all.
+    pub(crate) telemetry_tenants: Vec<String>,
+}
+
+impl Limits {
+    fn telemetry(&self, tenant: &str) -> bool {
+        self.telemetry_tenants.is_empty() || self.telemetry_tenants.iter().any(|t| t == tenant)
+    }
 }
 
 /// Every tenant the tier knows, and how to tell which one is calling.
 #[derive(Debug)]
 pub(crate) struct Tenants {
-    /// SHA-256 of each key to its tenant's index.
-    by_digest: HashMap<[u8; 32], usize>,
+    /// The first 8 bytes of each key's SHA-256 digest to the whole digests sharing them
+    /// and their tenants' indexes.
+    by_digest: HashMap<u64, Vec<([u8; 32], usize)>>,
     tenants: Vec<Tenant>,
     /// Without keys: loopback clients are the default tenant.
     open: bool,
@@ -239,16 +263,14 @@ pub(crate) struct Tenants {
 
 impl Tenants {
     /// Reads the key file, or sets up the loopback-only default tenant without one.
-    pub(crate) fn load(path: Option<&Path>, limits: Limits) -> Result<Self> {
+    pub(crate) fn load(path: Option<&Path>, limits: &Limits) -> Result<Self> {
         let default_rate = (limits.rate > 0.0).then_some(limits.rate);
         let Some(path) = path else {
+            let mut tenant = Tenant::new(schemas::DEFAULT_TENANT, default_rate, limits.burst, true);
+            tenant.unauthenticated = true;
             return Ok(Self {
                 by_digest: HashMap::new(),
-                tenants: vec![Tenant::new(
-                    schemas::DEFAULT_TENANT,
-                    default_rate,
-                    limits.burst,
-                )],
+                tenants: vec![tenant],
                 open: true,
             });
         };
@@ -273,22 +295,29 @@ impl Tenants {
         Ok(Self::from_lines(&lines, limits))
     }
 
-    fn from_lines(lines: &[KeyLine<'_>], limits: Limits) -> Self {
+    fn from_lines(lines: &[KeyLine<'_>], limits: &Limits) -> Self {
+        let own_rates: HashMap<&str, f64> = lines
+            .iter()
+            .filter_map(|l| Some((l.tenant, l.rate?)))
+            .collect();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut tenants = Vec::new();
-        let mut by_digest = HashMap::new();
-        let rate_of = |tenant: &str| {
-            lines
-                .iter()
-                .find_map(|l| (l.tenant == tenant).then_some(l.rate).flatten())
-                .or((limits.rate > 0.0).then_some(limits.rate))
-        };
+        let mut by_digest: HashMap<u64, Vec<([u8; 32], usize)>> = HashMap::new();
         for line in lines {
             let i = *index.entry(line.tenant).or_insert_with(|| {
-                tenants.push(Tenant::new(line.tenant, rate_of(line.tenant), limits.burst));
+                let rate = own_rates
+                    .get(line.tenant)
+                    .copied()
+                    .or((limits.rate > 0.0).then_some(limits.rate));
+                let telemetry = limits.telemetry(line.tenant);
+                tenants.push(Tenant::new(line.tenant, rate, limits.burst, telemetry));
                 tenants.len() - 1
             });
-            by_digest.insert(digest(line.key), i);
+            let digest = digest(line.key);
+            by_digest
+                .entry(prefix(&digest))
+                .or_default()
+                .push((digest, i));
         }
         Self {
             by_digest,
@@ -333,18 +362,31 @@ impl Tenants {
         let token = bearer_token(value)
             .ok_or_else(|| unauthorized("the Authorization header is not Bearer <API key>"))?;
         let presented = digest(token);
-        match self.by_digest.get_key_value(&presented) {
-            Some((known, &i)) if bool::from(known.ct_eq(&presented)) => self
-                .tenants
-                .get(i)
-                .ok_or_else(|| unauthorized("unknown API key")),
-            _ => Err(unauthorized("unknown API key")),
+        let mut found = None;
+        for (known, i) in self
+            .by_digest
+            .get(&prefix(&presented))
+            .into_iter()
+            .flatten()
+        {
+            if bool::from(known.ct_eq(&presented)) {
+                found = Some(*i);
+            }
         }
+        found
+            .and_then(|i| self.tenants.get(i))
+            .ok_or_else(|| unauthorized("unknown API key"))
     }
 }
 
 fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+fn prefix(digest: &[u8; 32]) -> u64 {
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(head)
 }
 
 /// The token of `Bearer <token>` (scheme case-insensitive), if the value has that form.
@@ -396,7 +438,9 @@ mod tests {
         assert!(err(&format!("ok:{KEY_A}\nbad/tenant:{KEY_B}")).starts_with("line 2: tenant"));
         assert!(err("t:short").contains("16 to 256"));
         assert!(err("t:has space in the key!!").contains("key"));
-        assert!(err(&format!("t:{KEY_A}:-5")).contains("positive"));
+        assert!(err(&format!("t:{KEY_A}:-5")).contains("at least"));
+        assert!(err(&format!("t:{KEY_A}:1e-20")).contains("at least"));
+        assert!(err(&format!("default:{KEY_A}")).contains("reserved"));
         assert!(err(&format!("t:{KEY_A}:5:6")).contains("too many"));
         assert!(err(&format!("t:{KEY_A}\nu:{KEY_A}")).contains("already listed"));
         assert!(err(&format!("t:{KEY_A}:5\nt:{KEY_B}:6")).contains("already has rate"));
@@ -407,9 +451,9 @@ mod tests {
         let text = format!("fabrikam:{KEY_A}\ncontoso:{KEY_B}\nfabrikam:{KEY_A2}\n");
         let tenants = Tenants::from_lines(
             &parse_api_keys(&text).unwrap(),
-            Limits {
-                rate: 0.0,
-                burst: 0.0,
+            &Limits {
+                telemetry_tenants: vec!["contoso".into()],
+                ..Limits::default()
             },
         );
         assert_eq!(tenants.len(), 2);
@@ -422,6 +466,22 @@ mod tests {
         assert_eq!(who(&format!("Bearer {KEY_A}")).unwrap(), "fabrikam");
         assert_eq!(who(&format!("bearer  {KEY_A2} ")).unwrap(), "fabrikam");
         assert_eq!(who(&format!("Bearer {KEY_B}")).unwrap(), "contoso");
+        let telemetry = |key: &str| {
+            tenants
+                .authenticate(Some(format!("Bearer {key}").as_bytes()), remote)
+                .unwrap()
+                .telemetry
+        };
+        assert!(
+            telemetry(KEY_B) && !telemetry(KEY_A),
+            "only the listed tenants"
+        );
+        assert!(
+            !tenants
+                .authenticate(Some(format!("Bearer {KEY_A}").as_bytes()), remote)
+                .unwrap()
+                .is_unauthenticated()
+        );
         for bad in [
             "Bearer dddddddddddddddddddd".to_owned(),
             format!("Basic {KEY_A}"),
@@ -440,17 +500,11 @@ mod tests {
 
     #[test]
     fn without_keys_only_loopback_clients_get_in_as_default() {
-        let tenants = Tenants::load(
-            None,
-            Limits {
-                rate: 0.0,
-                burst: 0.0,
-            },
-        )
-        .unwrap();
+        let tenants = Tenants::load(None, &Limits::default()).unwrap();
         assert!(tenants.is_open());
         let t = tenants.authenticate(None, peer([127, 0, 0, 1])).unwrap();
-        assert!(t.is_default());
+        assert!(t.is_unauthenticated());
+        assert_eq!(&*t.name, schemas::DEFAULT_TENANT);
         let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1));
         assert!(tenants.authenticate(None, v6).is_ok());
         let e = tenants
@@ -475,6 +529,10 @@ mod tests {
         b.try_take(50.0, t1).unwrap();
         let wait = b.try_take(1.0, t1).unwrap_err();
         assert!(wait >= Duration::from_millis(400), "{wait:?}");
+        // A wait too long for a Duration is the longest one, not a panic.
+        let mut tiny = Bucket::new(1e-300, 1.0, t0);
+        tiny.try_take(1.0, t0).unwrap();
+        assert_eq!(tiny.try_take(1.0, t0).unwrap_err(), Duration::MAX);
     }
 
     proptest! {
