@@ -12,6 +12,8 @@
 //! This crate never imports the ingestion or analytics crates; it meets them only through
 //! topics named in `schemas`. It does not speak HTTP to clients.
 
+pub mod scheduling;
+pub mod stages;
 pub mod workflow;
 
 /// The processors' error type.

@@ -90,7 +90,7 @@ impl ConfirmationType {
 }
 
 /// The size class of a package.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PackageSize {
     /// Small.
     Small,

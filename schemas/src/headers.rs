@@ -39,6 +39,12 @@ pub mod event_type {
     pub const DELIVERY_RESCHEDULED: &str = "DeliveryRescheduled";
     /// A delivery cancelled by its tenant; the payload is `{"deliveryId": ..}`.
     pub const DELIVERY_CANCELLED: &str = "DeliveryCancelled";
+    /// A drone assigned to a delivery (payload: `tracking::Assignment`).
+    pub const DRONE_ASSIGNED: &str = "DroneAssigned";
+    /// A drone free again (payload: `tracking::DroneReleased`).
+    pub const DRONE_RELEASED: &str = "DroneReleased";
+    /// A stage transition (payload: `tracking::DeliveryEvent`).
+    pub const DELIVERY_STAGE_CHANGED: &str = "DeliveryStageChanged";
     /// A drone's position fix.
     pub const DRONE_POSITION_REPORTED: &str = "DronePositionReported";
 }

@@ -13,6 +13,7 @@ pub mod headers;
 pub mod history;
 pub mod telemetry;
 pub mod topics;
+pub mod tracking;
 
 pub use delivery::{
     ConfirmationType, DEFAULT_TENANT, DeliveryRequest, DeliveryReschedule, Location, PackageInfo,

@@ -50,10 +50,11 @@ pub const DRONE_SCHEDULING: Topic = Topic {
     partitions: 12,
 };
 
-/// Drone assignments with pickup and delivery ETAs.
+/// Drone assignments with pickup and delivery ETAs, keyed by drone id so that they
+/// share partitions with the drone's telemetry.
 pub const DRONE_ASSIGNMENTS: Topic = Topic {
     name: "drone-assignments",
-    keyed_by: KeyedBy::DeliveryId,
+    keyed_by: KeyedBy::DroneId,
     partitions: 12,
 };
 
@@ -78,8 +79,32 @@ pub const DEAD_LETTERS: Topic = Topic {
     partitions: 3,
 };
 
+/// Changelog of the delivery consumer's state: each delivery's latest state, in the
+/// partition of `deliveries` it belongs to. Compact it on a real cluster.
+pub const DELIVERY_STATE: Topic = Topic {
+    name: "delivery-state",
+    keyed_by: KeyedBy::DeliveryId,
+    partitions: 12,
+};
+
+/// Changelog of the scheduling consumer's state (drones and waiting requests), in the
+/// partition of `drone-scheduling` it belongs to.
+pub const SCHEDULING_STATE: Topic = Topic {
+    name: "scheduling-state",
+    keyed_by: KeyedBy::Region,
+    partitions: 12,
+};
+
+/// Changelog of the drone tracker's state (each drone's current delivery), in the
+/// partition of `drone-telemetry` it belongs to.
+pub const TRACKING_STATE: Topic = Topic {
+    name: "tracking-state",
+    keyed_by: KeyedBy::DroneId,
+    partitions: 12,
+};
+
 /// Every topic of the pipeline, in the order of the data flow.
-pub const ALL: [Topic; 7] = [
+pub const ALL: [Topic; 10] = [
     DELIVERY_REQUESTS,
     DELIVERIES,
     DRONE_SCHEDULING,
@@ -87,6 +112,9 @@ pub const ALL: [Topic; 7] = [
     DRONE_TELEMETRY,
     DELIVERY_EVENTS,
     DEAD_LETTERS,
+    DELIVERY_STATE,
+    SCHEDULING_STATE,
+    TRACKING_STATE,
 ];
 
 /// Consumer group names, one per role, so that scaled-out replicas share the work.
@@ -95,6 +123,12 @@ pub mod groups {
     pub const WORKFLOW: &str = "dronedelivery-workflow";
     /// The history sink (every topic to Parquet).
     pub const HISTORY: &str = "dronedelivery-history";
+    /// The scheduling consumer (drone assignment per region).
+    pub const SCHEDULING: &str = "dronedelivery-scheduling";
+    /// The drone tracker (telemetry and assignments to each drone's delivery).
+    pub const TRACKING: &str = "dronedelivery-tracking";
+    /// The delivery consumer (state, stages and ETAs).
+    pub const DELIVERIES: &str = "dronedelivery-deliveries";
 }
 
 #[cfg(test)]

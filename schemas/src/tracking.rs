@@ -1,0 +1,236 @@
+//! What the scheduling and delivery consumers say to each other and to clients: drone
+//! assignments, delivery stages, delivery state and its events. JSON with the reference
+//! implementation's field names (`stage`, `lastKnownLocation`, `pickupETA`,
+//! `deliveryETA`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::delivery::{Location, PackageSize};
+
+/// A delivery's stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Requested; waiting for a drone.
+    Created,
+    /// Its pickup time, deadline or drop-off changed before pickup.
+    Rescheduled,
+    /// A drone is flying to the pickup.
+    HeadedToPickup,
+    /// The drone has the package and flies to the drop-off.
+    HeadedToDropoff,
+    /// Delivered.
+    Completed,
+    /// Cancelled by its tenant.
+    Cancelled,
+}
+
+impl Stage {
+    /// Whether nothing changes the delivery any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled)
+    }
+
+    /// Whether a drone has been assigned to it (and may still be flying it).
+    pub fn has_drone(self) -> bool {
+        matches!(self, Self::HeadedToPickup | Self::HeadedToDropoff)
+    }
+}
+
+/// A drone assigned to a delivery, with the estimates it was assigned on. On
+/// `drone-assignments`, keyed by drone id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// The drone.
+    pub drone_id: String,
+    /// The scheduling region that owns the drone (its home region).
+    pub region: String,
+    /// The delivery's key, `tenant/deliveryId`.
+    pub delivery_key: String,
+    /// The delivery id.
+    pub delivery_id: String,
+    /// Where the drone was when assigned.
+    pub from: Location,
+    /// The pickup location.
+    pub pickup: Location,
+    /// The drop-off location.
+    pub drop_off: Location,
+    /// The drone's cruise speed, metres per second.
+    pub speed_mps: f64,
+    /// When it was assigned, milliseconds since the Unix epoch.
+    pub assigned_at: i64,
+    /// Estimated arrival at the pickup, milliseconds since the Unix epoch.
+    #[serde(rename = "pickupETA")]
+    pub pickup_eta: i64,
+    /// Estimated arrival at the drop-off, milliseconds since the Unix epoch.
+    #[serde(rename = "deliveryETA")]
+    pub delivery_eta: i64,
+}
+
+/// A drone that finished (or was released from) a delivery and is free again, where it
+/// is. On `drone-scheduling`, keyed by the drone's region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DroneReleased {
+    /// The drone.
+    pub drone_id: String,
+    /// The delivery it was released from.
+    pub delivery_key: String,
+    /// Where it is now.
+    pub position: Location,
+    /// When, milliseconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// A delivery no longer wanted, for the scheduler to drop it if it is still waiting. On
+/// `drone-scheduling`, keyed by the pickup region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingCancelled {
+    /// The delivery's key.
+    pub delivery_key: String,
+}
+
+/// A delivery's state as the status API shows it and the delivery consumer keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryState {
+    /// The delivery id.
+    pub delivery_id: String,
+    /// The tenant that owns it.
+    pub owner_id: String,
+    /// Its stage.
+    pub stage: Stage,
+    /// The drone flying it, once assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_id: Option<String>,
+    /// The drone's last reported position (the pickup location before one flies).
+    pub last_known_location: Location,
+    /// Estimated pickup, RFC 3339, once a drone is assigned.
+    #[serde(rename = "pickupETA", default, skip_serializing_if = "Option::is_none")]
+    pub pickup_eta: Option<String>,
+    /// Estimated delivery, RFC 3339, once a drone is assigned.
+    #[serde(
+        rename = "deliveryETA",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delivery_eta: Option<String>,
+    /// Where the package is picked up.
+    pub pickup_location: Location,
+    /// Where it is delivered.
+    pub drop_off_location: Location,
+    /// When the package is ready, RFC 3339.
+    pub pickup_time: String,
+    /// When it must be delivered by, RFC 3339.
+    pub deadline: String,
+    /// Package size.
+    pub package_size: PackageSize,
+    /// Package weight, kilograms.
+    pub package_weight: f64,
+    /// The drone's region, while one is assigned (to release it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_region: Option<String>,
+    /// The drone's speed, metres per second, while one is assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_speed_mps: Option<f64>,
+    /// How many stage transitions it went through: the `seq` of its last event.
+    pub seq: u32,
+    /// When it last changed, RFC 3339.
+    pub updated_at: String,
+}
+
+/// One stage transition, on `delivery-events` keyed by the delivery's key. `seq` counts
+/// from 1 per delivery, so consumers can order and dedupe them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryEvent {
+    /// The delivery id.
+    pub delivery_id: String,
+    /// The tenant.
+    pub owner_id: String,
+    /// The stage entered.
+    pub stage: Stage,
+    /// Its position in the delivery's history, from 1.
+    pub seq: u32,
+    /// When, RFC 3339.
+    pub at: String,
+    /// The drone, when one is assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_id: Option<String>,
+    /// The last known location.
+    pub last_known_location: Location,
+    /// Estimated pickup, RFC 3339.
+    #[serde(rename = "pickupETA", default, skip_serializing_if = "Option::is_none")]
+    pub pickup_eta: Option<String>,
+    /// Estimated delivery, RFC 3339.
+    #[serde(
+        rename = "deliveryETA",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delivery_eta: Option<String>,
+}
+
+impl DeliveryEvent {
+    /// The event of `state`'s latest transition.
+    pub fn of(state: &DeliveryState) -> Self {
+        Self {
+            delivery_id: state.delivery_id.clone(),
+            owner_id: state.owner_id.clone(),
+            stage: state.stage,
+            seq: state.seq,
+            at: state.updated_at.clone(),
+            drone_id: state.drone_id.clone(),
+            last_known_location: state.last_known_location,
+            pickup_eta: state.pickup_eta.clone(),
+            delivery_eta: state.delivery_eta.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_use_the_reference_names() {
+        let loc = Location {
+            latitude: 1.0,
+            longitude: 2.0,
+        };
+        let state = DeliveryState {
+            delivery_id: "d".into(),
+            owner_id: "t".into(),
+            stage: Stage::HeadedToPickup,
+            drone_id: Some("r1".into()),
+            last_known_location: loc,
+            pickup_eta: Some("2026-11-24T10:00:00Z".into()),
+            delivery_eta: Some("2026-11-24T10:10:00Z".into()),
+            pickup_location: loc,
+            drop_off_location: loc,
+            pickup_time: "2026-11-24T10:00:00Z".into(),
+            deadline: "2026-11-24T11:00:00Z".into(),
+            package_size: PackageSize::Small,
+            package_weight: 1.0,
+            drone_region: None,
+            drone_speed_mps: None,
+            seq: 2,
+            updated_at: "2026-11-24T09:00:00Z".into(),
+        };
+        let json = serde_json::to_value(&state).unwrap();
+        for field in [
+            "stage",
+            "lastKnownLocation",
+            "pickupETA",
+            "deliveryETA",
+            "droneId",
+        ] {
+            assert!(json.get(field).is_some(), "{field} in {json}");
+        }
+        assert_eq!(json["stage"], "HeadedToPickup");
+        let back: DeliveryState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
+        assert!(Stage::Completed.is_final() && !Stage::Created.is_final());
+    }
+}
