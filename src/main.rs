@@ -13,6 +13,8 @@ use anyhow::{Context, Result};
 use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer, ProducerArgs};
 use clap::{Parser, Subcommand};
 use ingest::{Ingest, IngestConfig, MetricsRender};
+use processors::StatefulConfig;
+use processors::simulator::SimulatorConfig;
 use processors::workflow::WorkflowConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -54,12 +56,24 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run the HTTP ingestion tier alone against a Kafka cluster.
     Ingest(Box<IngestArgs>),
-    /// Run the stream processors (workflow fan-out) against a Kafka cluster.
+    /// Run the stream processors (workflow fan-out, scheduling, drone tracking, delivery
+    /// state) against a Kafka cluster.
     Process(Box<ProcessArgs>),
     /// Run the history sink (Kafka to Parquet) against a Kafka cluster.
     History(Box<HistoryArgs>),
     /// Run one SQL query over the history and print the result.
     Sql(SqlArgs),
+    /// Fly the assigned drones: read drone-assignments and post each drone's positions
+    /// to the ingestion API, faster than real time.
+    Simulate(Box<SimulateArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    simulator: SimulatorConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,7 +87,15 @@ struct RunArgs {
     #[command(flatten)]
     workflow: WorkflowConfig,
     #[command(flatten)]
+    stateful: StatefulConfig,
+    #[command(flatten)]
     sink: SinkConfig,
+    /// Also fly the assigned drones in this process (a demo), reporting to this
+    /// process's own API unless --simulate-target says otherwise.
+    #[arg(long, env = "DRONEDELIVERY_SIMULATE_DRONES")]
+    simulate_drones: bool,
+    #[command(flatten)]
+    simulator: SimulatorConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +116,8 @@ struct ProcessArgs {
     producer: ProducerArgs,
     #[command(flatten)]
     workflow: WorkflowConfig,
+    #[command(flatten)]
+    stateful: StatefulConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,6 +148,7 @@ fn main() -> ExitCode {
             Command::Process(args) => process_only(*args).await,
             Command::History(args) => history_only(*args).await,
             Command::Sql(args) => sql(args).await,
+            Command::Simulate(args) => simulate(*args).await,
         }
     });
     // librdkafka and DataFusion may leave blocking threads behind; do not wait for them.
@@ -256,17 +281,29 @@ async fn run(args: RunArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, embedded) = connect(&args.kafka, true).await?;
     let producer = Producer::new(&settings, &args.producer)?;
+    let stop_front = CancellationToken::new();
+    let stop_back = CancellationToken::new();
+    let view = ingest::StatusView::start(
+        settings.clone(),
+        args.ingest.status_max_deliveries,
+        stop_back.clone(),
+    );
     let ingest = Ingest::bind(args.ingest, producer.clone())
         .await?
-        .with_metrics(render);
+        .with_metrics(render)
+        .with_status(view);
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
 
-    let stop_front = CancellationToken::new();
-    let stop_back = CancellationToken::new();
     let mut ingest_task = tokio::spawn(ingest.run(stop_front.clone()));
     let mut workflow_task = tokio::spawn(processors::workflow::run(
         args.workflow,
+        settings.clone(),
+        producer.clone(),
+        stop_back.clone(),
+    ));
+    let mut stateful_task = tokio::spawn(processors::run_stateful(
+        args.stateful,
         settings.clone(),
         producer.clone(),
         stop_back.clone(),
@@ -291,12 +328,27 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     println!("dronedelivery listening on http://{addr}");
     tracing::info!(%addr, "dronedelivery listening on http://{addr}");
+    if let Some(broker) = &embedded {
+        println!("embedded broker on {}", broker.bootstrap_servers());
+    }
+    let simulator_task = args.simulate_drones.then(|| {
+        let mut simulator = args.simulator.clone();
+        if simulator.target == SimulatorConfig::default().target {
+            simulator.target = format!("http://{addr}");
+        }
+        tokio::spawn(processors::simulator::run(
+            simulator,
+            settings.clone(),
+            stop_front.clone(),
+        ))
+    });
 
     // Run until asked to stop, or until a service stops on its own (an error).
     let early = tokio::select! {
         () = shutdown_signal() => None,
         r = &mut ingest_task => Some(("ingest", outcome("ingest", r))),
         r = &mut workflow_task => Some(("workflow", outcome("workflow", r))),
+        r = &mut stateful_task => Some(("processors", outcome("processors", r))),
         r = &mut sink_task => Some(("history sink", outcome("history sink", r))),
     };
     // Front end first (stop accepting, drain in-flight requests, flush), then the back
@@ -308,12 +360,18 @@ async fn run(args: RunArgs) -> Result<()> {
         None => Ok(()),
     };
     stop_front.cancel();
+    if let Some(task) = simulator_task {
+        result = result.and(join("simulator", task).await);
+    }
     if finished != Some("ingest") {
         result = result.and(join("ingest", ingest_task).await);
     }
     stop_back.cancel();
     if finished != Some("workflow") {
         result = result.and(join("workflow", workflow_task).await);
+    }
+    if finished != Some("processors") {
+        result = result.and(join("processors", stateful_task).await);
     }
     if finished != Some("history sink") {
         result = result.and(join("history sink", sink_task).await);
@@ -332,11 +390,17 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
+    let stop = CancellationToken::new();
+    let view = ingest::StatusView::start(
+        settings.clone(),
+        args.ingest.status_max_deliveries,
+        stop.clone(),
+    );
     let ingest = Ingest::bind(args.ingest, producer)
         .await?
-        .with_metrics(render);
+        .with_metrics(render)
+        .with_status(view);
     tracing::info!(addr = %ingest.local_addr()?, "ingest listening");
-    let stop = CancellationToken::new();
     let task = tokio::spawn(ingest.run(stop.clone()));
     shutdown_signal().await;
     stop.cancel();
@@ -350,13 +414,21 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let task = tokio::spawn(processors::workflow::run(
         args.workflow,
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+    let stateful = tokio::spawn(processors::run_stateful(
+        args.stateful,
         settings,
         producer.clone(),
         stop.clone(),
     ));
     shutdown_signal().await;
     stop.cancel();
-    let result = join("workflow", task).await;
+    let result = join("workflow", task)
+        .await
+        .and(join("processors", stateful).await);
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     result
 }
@@ -374,6 +446,20 @@ async fn history_only(args: HistoryArgs) -> Result<()> {
     shutdown_signal().await;
     stop.cancel();
     join("history sink", task).await
+}
+
+async fn simulate(args: SimulateArgs) -> Result<()> {
+    init_metrics()?;
+    let (settings, _) = connect(&args.kafka, false).await?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(processors::simulator::run(
+        args.simulator,
+        settings,
+        stop.clone(),
+    ));
+    shutdown_signal().await;
+    stop.cancel();
+    join("simulator", task).await
 }
 
 async fn sql(args: SqlArgs) -> Result<()> {

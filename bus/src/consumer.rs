@@ -114,6 +114,27 @@ impl Consumer {
         })
     }
 
+    /// Joins `group` and subscribes to `topics` so that each member gets the same
+    /// partition numbers of every topic (for topics keyed alike, with equal partition
+    /// counts: a key's records of all of them meet in one member).
+    pub fn subscribe_copartitioned(
+        settings: &ClientSettings,
+        group: &str,
+        topics: &[&str],
+    ) -> Result<Self> {
+        let inner: StreamConsumer = settings
+            .copartitioned_config(group)
+            .create()
+            .map_err(BusError::client("creating a consumer"))?;
+        inner
+            .subscribe(topics)
+            .map_err(BusError::client("subscribing"))?;
+        Ok(Self {
+            inner,
+            group: group.to_owned(),
+        })
+    }
+
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
@@ -213,5 +234,103 @@ impl Consumer {
             }
         }
         Ok(true)
+    }
+}
+
+/// A record read back from a partition: key, payload and offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The offset.
+    pub offset: i64,
+    /// The key (empty when none).
+    pub key: Vec<u8>,
+    /// The payload (empty when none).
+    pub payload: Vec<u8>,
+}
+
+/// Reads every record of `topic`/`partition` from its start up to its high watermark at
+/// the time of the call (a state changelog being restored). Blocks the calling thread:
+/// call it from `spawn_blocking`. Fails when the partition cannot be read to the end
+/// within `timeout`.
+pub fn read_partition(
+    settings: &ClientSettings,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Vec<StoredRecord>> {
+    use rdkafka::TopicPartitionList;
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = settings
+        .reader_config()
+        .create()
+        .map_err(BusError::client("creating a reader"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, timeout)
+        .map_err(BusError::client("fetching watermarks"))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Beginning)
+        .map_err(BusError::client("assigning a partition"))?;
+    consumer
+        .assign(&list)
+        .map_err(BusError::client("assigning a partition"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.map_err(BusError::client("reading a partition"))?;
+        out.push(StoredRecord {
+            offset: message.offset(),
+            key: message.key().unwrap_or_default().to_vec(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        });
+        if message.offset() >= high - 1 {
+            return Ok(out);
+        }
+    }
+    Err(BusError::Timeout {
+        action: "reading a partition to its end",
+    })
+}
+
+impl Consumer {
+    /// A consumer outside any group that reads every partition of `topic` from its start
+    /// and goes on with what arrives (a read-side view of a state changelog). Offsets
+    /// are never committed. Blocks the calling thread for the metadata request.
+    pub fn tail(settings: &ClientSettings, topic: &str, timeout: Duration) -> Result<Self> {
+        use rdkafka::TopicPartitionList;
+        let inner: StreamConsumer = settings
+            .reader_config()
+            .create()
+            .map_err(BusError::client("creating a reader"))?;
+        let metadata = inner
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(BusError::client("fetching metadata"))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(BusError::Timeout {
+                action: "finding the partitions of a topic to tail",
+            });
+        }
+        let mut list = TopicPartitionList::new();
+        for partition in 0..partitions as i32 {
+            list.add_partition_offset(topic, partition, Offset::Beginning)
+                .map_err(BusError::client("assigning a partition"))?;
+        }
+        inner
+            .assign(&list)
+            .map_err(BusError::client("assigning partitions"))?;
+        Ok(Self {
+            inner,
+            group: String::new(),
+        })
     }
 }

@@ -39,6 +39,12 @@ pub enum BusError {
         /// The topic the record was for.
         topic: String,
     },
+    /// An operation did not finish in time.
+    #[error("timed out while {action}")]
+    Timeout {
+        /// What was being done.
+        action: &'static str,
+    },
     /// The embedded broker could not be started or driven.
     #[error("embedded broker: {reason}")]
     Embedded {
@@ -57,7 +63,7 @@ impl BusError {
     /// `Retry-After` rather than 500.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::QueueFull | Self::Cancelled { .. } => true,
+            Self::QueueFull | Self::Cancelled { .. } | Self::Timeout { .. } => true,
             Self::NotAcknowledged { source, .. } | Self::Client { source, .. } => {
                 matches!(
                     source.rdkafka_error_code(),

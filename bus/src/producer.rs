@@ -70,6 +70,16 @@ impl Producer {
         &self,
         record: OutRecord<'_>,
     ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
+        self.send_to(record, None)
+    }
+
+    /// [`send`](Self::send) to a given partition (for a state changelog that must share
+    /// partition numbers with its input), or to the key's partition when `None`.
+    pub fn send_to(
+        &self,
+        record: OutRecord<'_>,
+        partition: Option<i32>,
+    ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {
@@ -77,10 +87,13 @@ impl Producer {
                 value: Some(*value),
             });
         }
-        let future = FutureRecord::to(record.topic)
+        let mut future = FutureRecord::to(record.topic)
             .key(record.key)
             .payload(record.payload)
             .headers(headers);
+        if let Some(partition) = partition {
+            future = future.partition(partition);
+        }
         let delivery = self.inner.send_result(future).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => BusError::QueueFull,
             e => BusError::Client {

@@ -226,6 +226,17 @@ impl ClientSettings {
     /// only once a record was handled (`enable.auto.offset.store=false`) and the stored
     /// offsets are committed in the background and on close.
     pub(crate) fn consumer_config(&self, group: &str) -> ClientConfig {
+        self.group_config(group, "cooperative-sticky")
+    }
+
+    /// A group consumer whose members get the same partition numbers of every topic they
+    /// subscribe to (the range assignor), for topics keyed alike with equal partition
+    /// counts.
+    pub(crate) fn copartitioned_config(&self, group: &str) -> ClientConfig {
+        self.group_config(group, "range")
+    }
+
+    fn group_config(&self, group: &str, strategy: &str) -> ClientConfig {
         let mut config = self.base();
         config
             .set("group.id", group)
@@ -235,7 +246,18 @@ impl ClientSettings {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
-            .set("partition.assignment.strategy", "cooperative-sticky");
+            .set("partition.assignment.strategy", strategy);
+        self.finish(config)
+    }
+
+    /// A consumer outside any group that reads partitions it is given and never commits.
+    pub(crate) fn reader_config(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", "dronedelivery-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
         self.finish(config)
     }
 }

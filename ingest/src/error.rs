@@ -56,6 +56,13 @@ pub enum IngestError {
         /// The path asked for.
         path: String,
     },
+    /// No delivery with this id is known for the caller's tenant (yet: the status view
+    /// follows the delivery consumer by a moment).
+    #[error("no delivery {delivery_id} is known for this tenant")]
+    UnknownDelivery {
+        /// The id asked for.
+        delivery_id: String,
+    },
     /// The route exists but not for this method.
     #[error("method not allowed; allowed: {allow}")]
     MethodNotAllowed {
@@ -152,7 +159,7 @@ impl IngestError {
             Self::UnsupportedMediaType { .. } | Self::UnsupportedEncoding { .. } => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::UnknownDelivery { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. }
             | Self::TooManyInFlight { .. }
@@ -172,6 +179,7 @@ impl IngestError {
             Self::UnsupportedMediaType { .. } => "media_type",
             Self::BodyRead { .. } => "body_read",
             Self::NotFound { .. } => "not_found",
+            Self::UnknownDelivery { .. } => "unknown_delivery",
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyInFlight { .. } => "in_flight",

@@ -13,7 +13,9 @@ pub mod batch;
 mod error;
 pub mod idempotency;
 mod server;
+pub mod status;
 pub mod tenants;
 
 pub use error::{IngestError, Result};
 pub use server::{Ingest, IngestConfig, MetricsRender, OPENAPI};
+pub use status::StatusView;

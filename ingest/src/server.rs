@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::batch;
 use crate::error::{IngestError, Result};
 use crate::idempotency::{self, Claim, Stored, Window};
+use crate::status::{self, StatusView};
 use crate::tenants::{Limits, Tenant, Tenants};
 
 /// Renders the process's metrics in the Prometheus text format.
@@ -38,6 +39,7 @@ const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
 const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
+const STATUS_MAX_DELIVERIES: usize = 1_000_000;
 const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
 /// Settings of the HTTP ingestion tier.
@@ -111,6 +113,15 @@ pub struct IngestConfig {
     #[arg(long, env = "DRONEDELIVERY_TENANT_BURST", default_value_t = 0.0)]
     pub tenant_burst: f64,
 
+    /// Most deliveries the status routes keep in memory; past it, finished ones are
+    /// forgotten first.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_STATUS_MAX_DELIVERIES",
+        default_value_t = STATUS_MAX_DELIVERIES
+    )]
+    pub status_max_deliveries: usize,
+
     /// Tenants that may post drone telemetry (comma-separated); empty lets every tenant.
     #[arg(
         long,
@@ -154,6 +165,7 @@ impl Default for IngestConfig {
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
             telemetry_tenants: Vec::new(),
+            status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
         }
@@ -171,6 +183,8 @@ struct App {
     decoders: Semaphore,
     metrics: Option<MetricsRender>,
     tenants: Tenants,
+    /// Delivery state for the status routes; `None` when not served.
+    status: Option<Arc<StatusView>>,
     /// Recent Idempotency-Keys; `None` when the window is switched off.
     window: Option<Mutex<Window>>,
 }
@@ -252,6 +266,7 @@ impl Ingest {
                 decoders,
                 metrics: None,
                 tenants,
+                status: None,
                 window,
             }),
         })
@@ -261,6 +276,14 @@ impl Ingest {
     pub fn with_metrics(mut self, render: MetricsRender) -> Self {
         if let Some(app) = Arc::get_mut(&mut self.app) {
             app.metrics = Some(render);
+        }
+        self
+    }
+
+    /// Serves `GET /api/deliveries/{id}` and `.../status` from `view`.
+    pub fn with_status(mut self, view: Arc<StatusView>) -> Self {
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.status = Some(view);
         }
         self
     }
@@ -432,6 +455,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/metrics") => "metrics",
         (_, p) if telemetry_path(p).is_some() => "telemetry",
         (_, p) if delivery_request_path(p).is_some() => "deliveryrequest",
+        (_, p) if deliveries_path(p).is_some() => "deliveries",
         _ => "other",
     }
 }
@@ -508,6 +532,13 @@ async fn route_api(
         (_, path) if delivery_request_path(path).is_some() => Err(IngestError::MethodNotAllowed {
             allow: "PATCH, DELETE",
         }),
+        (&Method::GET | &Method::HEAD, path) if deliveries_path(path).is_some() => {
+            let (id, status_only) = deliveries_path(path).unwrap_or_default();
+            get_delivery(app, caller, id, status_only)
+        }
+        (_, path) if deliveries_path(path).is_some() => {
+            Err(IngestError::MethodNotAllowed { allow: "GET" })
+        }
         (_, path) => Err(IngestError::NotFound {
             path: path.chars().take(256).collect(),
         }),
@@ -1059,6 +1090,39 @@ fn telemetry_path(path: &str) -> Option<&str> {
     path.strip_prefix("/api/drones/")?
         .strip_suffix("/telemetry")
         .filter(|id| !id.contains('/'))
+}
+
+/// `/api/deliveries/{id}` → (id, false); `/api/deliveries/{id}/status` → (id, true).
+fn deliveries_path(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/api/deliveries/")?;
+    let (id, status_only) = match rest.strip_suffix("/status") {
+        Some(id) => (id, true),
+        None => (rest, false),
+    };
+    (!id.is_empty() && !id.contains('/')).then_some((id, status_only))
+}
+
+/// `GET /api/deliveries/{id}[/status]`: the caller's own delivery, from the status view.
+fn get_delivery(
+    app: &App,
+    caller: &Caller<'_>,
+    delivery_id: &str,
+    status_only: bool,
+) -> Result<Response<Full<Bytes>>> {
+    let not_found = || IngestError::UnknownDelivery {
+        delivery_id: delivery_id.chars().take(64).collect(),
+    };
+    schemas::delivery::check_delivery_id(delivery_id).map_err(|_| not_found())?;
+    let view = app.status.as_ref().ok_or_else(not_found)?;
+    let state = view
+        .get(&caller.tenant.name, delivery_id)
+        .ok_or_else(not_found)?;
+    let body = if status_only {
+        status::status_body(&state)
+    } else {
+        status::delivery_body(&state)
+    };
+    Ok(json_bytes(StatusCode::OK, body))
 }
 
 /// `/api/deliveryrequests/{id}` → the delivery id, if the path has that shape.

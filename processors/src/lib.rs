@@ -9,11 +9,25 @@
 //! after everything it produced was acknowledged, and a record that cannot be processed
 //! goes to `dead-letters` with its reason instead of blocking its partition.
 //!
+//! - [`scheduler`] (pure decisions in [`scheduling`]): assigns drones per region.
+//! - [`tracker`]: brings each drone's assignment and fixes to its delivery's key.
+//! - [`deliveries`] (pure stage machine in [`stages`]): each delivery's state and its
+//!   transitions on `delivery-events`.
+//! - [`stateful`]: the engine the three run on (batches, changelog, restore).
+//! - [`simulator`]: flies assigned drones and reports through the HTTP API, for demos
+//!   and tests.
+//!
 //! This crate never imports the ingestion or analytics crates; it meets them only through
-//! topics named in `schemas`. It does not speak HTTP to clients.
+//! topics named in `schemas` (and the simulator through the public HTTP API, as a
+//! client). It does not serve HTTP.
 
+pub mod deliveries;
+pub mod scheduler;
 pub mod scheduling;
+pub mod simulator;
 pub mod stages;
+pub mod stateful;
+pub mod tracker;
 pub mod workflow;
 
 /// The processors' error type.
@@ -27,6 +41,12 @@ pub enum ProcessorError {
         /// The bus error.
         source: bus::BusError,
     },
+    /// A setting or configuration file is wrong.
+    #[error("configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
     /// A background task of the processor failed.
     #[error("{processor}: task failed: {reason}")]
     Task {
@@ -39,3 +59,95 @@ pub enum ProcessorError {
 
 /// The processors' result type.
 pub type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+
+/// Settings of the scheduling, tracking and delivery consumers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatefulConfig {
+    /// The drone fleet: a JSON array of `{"id", "home", "maxWeightKg", "maxSize",
+    /// "speedMps"}`, each drone serving the one-degree region of its home. Without it,
+    /// every region that gets a request has eight drones at its centre.
+    #[arg(long, env = "DRONEDELIVERY_FLEET", value_name = "FILE")]
+    pub fleet: Option<std::path::PathBuf>,
+
+    /// Most records a stateful consumer handles in one batch (one changelog write and
+    /// one offset store per batch).
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_PROCESSOR_BATCH_RECORDS",
+        default_value_t = PROCESSOR_BATCH_RECORDS
+    )]
+    pub processor_batch_records: usize,
+}
+
+const PROCESSOR_BATCH_RECORDS: usize = 2000;
+
+impl Default for StatefulConfig {
+    fn default() -> Self {
+        Self {
+            fleet: None,
+            processor_batch_records: PROCESSOR_BATCH_RECORDS,
+        }
+    }
+}
+
+/// Runs the scheduling consumer, the drone tracker and the delivery consumer until
+/// `shutdown` is cancelled, or until one of them fails (then the others are stopped and
+/// the error returned).
+pub async fn run_stateful(
+    config: StatefulConfig,
+    settings: bus::ClientSettings,
+    producer: bus::Producer,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let fleet = match &config.fleet {
+        Some(path) => scheduler::Fleet::load(path)?,
+        None => scheduler::Fleet::Default,
+    };
+    let engine = stateful::EngineConfig {
+        batch_records: config.processor_batch_records.max(1),
+        ..stateful::EngineConfig::default()
+    };
+    let stop = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(stateful::run(
+        scheduler::SPEC,
+        engine,
+        scheduler::Scheduler::new(fleet),
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(stateful::run(
+        tracker::SPEC,
+        engine,
+        tracker::Tracker::default(),
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(stateful::run(
+        deliveries::SPEC,
+        engine,
+        deliveries::Deliveries::default(),
+        settings,
+        producer,
+        stop.clone(),
+    ));
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.unwrap_or_else(|e| {
+            Err(ProcessorError::Task {
+                processor: "stateful",
+                reason: e.to_string(),
+            })
+        });
+        if outcome.is_err() || !stop.is_cancelled() {
+            // One stopped on its own: stop the others too.
+            stop.cancel();
+        }
+        if result.is_ok() {
+            result = outcome;
+        }
+    }
+    result
+}

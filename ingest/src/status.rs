@@ -1,0 +1,202 @@
+//! The read side of delivery state: `GET /api/deliveries/{id}` and
+//! `GET /api/deliveries/{id}/status`.
+//!
+//! A background task tails the `delivery-state` changelog (every partition, from the
+//! start; the delivery consumer writes each delivery's latest state there) into a map
+//! by delivery key. Answers are as fresh as that tail: usually milliseconds behind the
+//! delivery consumer. A tenant only sees its own deliveries (the key is
+//! `tenant/deliveryId`); anything else is 404.
+//!
+//! The map is bounded: past `max_deliveries`, completed and cancelled deliveries are
+//! forgotten, oldest first (their history stays in the Parquet history).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bus::ClientSettings;
+use bytes::Bytes;
+use schemas::tracking::DeliveryState;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Default)]
+struct Map {
+    by_key: HashMap<String, Arc<DeliveryState>>,
+    /// Keys of deliveries that reached a final stage, in that order.
+    finished: VecDeque<String>,
+}
+
+/// Every delivery's latest state, as read from `delivery-state`.
+#[derive(Debug)]
+pub struct StatusView {
+    map: RwLock<Map>,
+    max_deliveries: usize,
+}
+
+impl StatusView {
+    /// Starts tailing `delivery-state`; the task stops with `shutdown`.
+    pub fn start(
+        settings: ClientSettings,
+        max_deliveries: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let view = Arc::new(Self {
+            map: RwLock::new(Map::default()),
+            max_deliveries: max_deliveries.max(1),
+        });
+        let tail_view = Arc::clone(&view);
+        tokio::spawn(async move {
+            let topic = schemas::topics::DELIVERY_STATE.name;
+            // The topic may not exist yet while the cluster starts: retry.
+            let consumer = loop {
+                let settings = settings.clone();
+                let made = tokio::task::spawn_blocking(move || {
+                    bus::Consumer::tail(&settings, topic, Duration::from_secs(5))
+                })
+                .await;
+                match made {
+                    Ok(Ok(consumer)) => break consumer,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "status view: cannot tail {topic} yet")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "status view: task failed"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            loop {
+                let received = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    received = consumer.recv() => received,
+                };
+                match received {
+                    Ok(record) => {
+                        let key = record.key().and_then(|k| std::str::from_utf8(k).ok());
+                        if let Some(key) = key.filter(|k| !k.starts_with('\0')) {
+                            tail_view.apply(key, record.payload().unwrap_or_default());
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "status view: receive failed"),
+                }
+            }
+        });
+        view
+    }
+
+    fn apply(&self, key: &str, payload: &[u8]) {
+        let Ok(mut map) = self.map.write() else {
+            return;
+        };
+        if payload.is_empty() {
+            map.by_key.remove(key);
+            return;
+        }
+        let Ok(state) = serde_json::from_slice::<DeliveryState>(payload) else {
+            return;
+        };
+        let finished = state.stage.is_final();
+        let was_finished = map.by_key.get(key).is_some_and(|s| s.stage.is_final());
+        map.by_key.insert(key.to_owned(), Arc::new(state));
+        if finished && !was_finished {
+            map.finished.push_back(key.to_owned());
+        }
+        while map.by_key.len() > self.max_deliveries {
+            let Some(oldest) = map.finished.pop_front() else {
+                break;
+            };
+            map.by_key.remove(&oldest);
+        }
+    }
+
+    /// The state of `tenant`'s delivery `delivery_id`, if known.
+    pub fn get(&self, tenant: &str, delivery_id: &str) -> Option<Arc<DeliveryState>> {
+        let key = schemas::delivery_key(tenant, delivery_id);
+        self.map.read().ok()?.by_key.get(&key).cloned()
+    }
+
+    /// How many deliveries it holds.
+    pub fn len(&self) -> usize {
+        self.map.read().map_or(0, |m| m.by_key.len())
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The body of `GET /api/deliveries/{id}`: the whole state.
+pub(crate) fn delivery_body(state: &DeliveryState) -> Bytes {
+    Bytes::from(serde_json::to_vec(state).unwrap_or_default())
+}
+
+/// The body of `GET /api/deliveries/{id}/status`: the reference implementation's
+/// fields.
+pub(crate) fn status_body(state: &DeliveryState) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "deliveryId": state.delivery_id,
+            "stage": state.stage,
+            "lastKnownLocation": state.last_known_location,
+            "pickupETA": state.pickup_eta,
+            "deliveryETA": state.delivery_eta,
+            "droneId": state.drone_id,
+        })
+        .to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::delivery::Location;
+    use schemas::tracking::Stage;
+
+    fn state(id: &str, stage: Stage) -> Vec<u8> {
+        let here = Location {
+            latitude: 1.0,
+            longitude: 2.0,
+        };
+        serde_json::to_vec(&DeliveryState {
+            delivery_id: id.into(),
+            owner_id: "t".into(),
+            stage,
+            drone_id: None,
+            last_known_location: here,
+            pickup_eta: None,
+            delivery_eta: None,
+            pickup_location: here,
+            drop_off_location: here,
+            pickup_time: String::new(),
+            deadline: String::new(),
+            package_size: schemas::PackageSize::Small,
+            package_weight: 1.0,
+            drone_region: None,
+            drone_speed_mps: None,
+            seq: 1,
+            updated_at: String::new(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn tenants_see_their_own_and_finished_ones_go_first_past_the_bound() {
+        let view = StatusView {
+            map: RwLock::new(Map::default()),
+            max_deliveries: 2,
+        };
+        view.apply("t/a", &state("a", Stage::Completed));
+        view.apply("t/b", &state("b", Stage::Created));
+        assert!(view.get("t", "a").is_some());
+        assert!(view.get("other", "a").is_none());
+        view.apply("t/c", &state("c", Stage::Created));
+        assert!(view.get("t", "a").is_none(), "the finished one went");
+        assert!(view.get("t", "b").is_some() && view.get("t", "c").is_some());
+        let body: serde_json::Value =
+            serde_json::from_slice(&status_body(&view.get("t", "b").unwrap())).unwrap();
+        assert_eq!(body["stage"], "Created");
+        assert!(body.get("lastKnownLocation").is_some());
+    }
+}

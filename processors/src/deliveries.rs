@@ -1,0 +1,251 @@
+//! The delivery consumer: owns each delivery's state (stage, drone, last known location,
+//! ETAs) for the `deliveries` partitions it is assigned, and emits every stage transition
+//! on `delivery-events`.
+//!
+//! Inputs on `deliveries`, keyed `tenant/deliveryId`: requests, reschedules and cancels
+//! (from the workflow), drone assignments and positions (from the tracker). Outputs:
+//! transitions on `delivery-events`; released drones and cancels of waiting requests on
+//! `drone-scheduling`, keyed by region. State in `delivery-state`: each delivery's
+//! latest [`DeliveryState`], which the status API reads.
+
+use std::collections::HashMap;
+
+use schemas::headers as h;
+use schemas::topics;
+use schemas::tracking::{Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled};
+
+use crate::stages::{self, Input};
+use crate::stateful::{Effects, Machine, Record, Spec};
+use crate::workflow::Output;
+
+/// What the delivery consumer reads and writes.
+pub const SPEC: Spec = Spec {
+    name: "deliveries",
+    group: topics::groups::DELIVERIES,
+    inputs: &[topics::DELIVERIES.name],
+    changelog: topics::DELIVERY_STATE.name,
+};
+
+/// Deliveries by partition and key.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    states: HashMap<i32, HashMap<String, DeliveryState>>,
+}
+
+fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String, Vec<u8>)> {
+    let (tenant, _) = schemas::split_delivery_key(key);
+    vec![
+        (h::EVENT_TYPE.to_owned(), event_type.as_bytes().to_vec()),
+        (
+            h::TENANT.to_owned(),
+            tenant.unwrap_or_default().as_bytes().to_vec(),
+        ),
+        (h::DELIVERY_ID.to_owned(), delivery_id.as_bytes().to_vec()),
+    ]
+}
+
+impl Machine for Deliveries {
+    fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
+        let states = entries
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    String::from_utf8(k).ok()?,
+                    serde_json::from_slice::<DeliveryState>(&v).ok()?,
+                ))
+            })
+            .collect();
+        self.states.insert(partition, states);
+    }
+
+    fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
+        let key = record.key_text().to_owned();
+        let (tenant, key_id) = schemas::split_delivery_key(&key);
+        let Some(tenant) = tenant.filter(|t| !t.is_empty() && !key_id.is_empty()) else {
+            effects
+                .outputs
+                .push(record.dead_letter("key is not tenant/deliveryId"));
+            return;
+        };
+        let delivery_id = record
+            .header(h::DELIVERY_ID)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or(key_id);
+        let payload = record.payload.as_deref().unwrap_or_default();
+        let event_type = record.header(h::EVENT_TYPE).unwrap_or_default();
+        let text = |name| {
+            record
+                .header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or_default()
+        };
+        // Parse first (borrowing from the payload), then apply.
+        let request;
+        let reschedule;
+        let assignment: Assignment;
+        let fix;
+        let input = if event_type == h::event_type::DELIVERY_REQUESTED.as_bytes() {
+            match schemas::parse_delivery_request(payload) {
+                Ok(r) => request = r,
+                Err(e) => {
+                    effects
+                        .outputs
+                        .push(record.dead_letter(&format!("invalid delivery request: {e}")));
+                    return;
+                }
+            }
+            Input::Requested {
+                tenant,
+                delivery_id,
+                request: &request,
+            }
+        } else if event_type == h::event_type::DELIVERY_RESCHEDULED.as_bytes() {
+            match schemas::parse_reschedule(payload) {
+                Ok(r) => reschedule = r,
+                Err(e) => {
+                    effects
+                        .outputs
+                        .push(record.dead_letter(&format!("invalid reschedule: {e}")));
+                    return;
+                }
+            }
+            Input::Rescheduled(&reschedule)
+        } else if event_type == h::event_type::DELIVERY_CANCELLED.as_bytes() {
+            Input::Cancelled
+        } else if event_type == h::event_type::DRONE_ASSIGNED.as_bytes() {
+            match serde_json::from_slice(payload) {
+                Ok(a) => assignment = a,
+                Err(e) => {
+                    effects
+                        .outputs
+                        .push(record.dead_letter(&format!("invalid assignment: {e}")));
+                    return;
+                }
+            }
+            Input::Assigned(&assignment)
+        } else if event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes() {
+            match schemas::telemetry::parse_position_fix(payload) {
+                Ok(f) => fix = f,
+                Err(e) => {
+                    effects
+                        .outputs
+                        .push(record.dead_letter(&format!("invalid position fix: {e}")));
+                    return;
+                }
+            }
+            Input::Position {
+                drone_id: text(h::DRONE_ID),
+                fix: &fix,
+            }
+        } else {
+            let shown = String::from_utf8_lossy(event_type);
+            effects
+                .outputs
+                .push(record.dead_letter(&format!("unknown event type {shown}")));
+            return;
+        };
+        let states = self.states.entry(record.partition).or_default();
+        let before = states.remove(&key);
+        let unchanged = before.clone();
+        let (after, fx) = stages::apply(before, &input, now_ms);
+        for event in &fx.events {
+            effects.outputs.push(Output {
+                topic: topics::DELIVERY_EVENTS.name,
+                key: key.as_bytes().to_vec(),
+                payload: serde_json::to_vec::<DeliveryEvent>(event).unwrap_or_default(),
+                headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_STAGE_CHANGED),
+            });
+            metrics::counter!("deliveries_transitions_total", "stage" => format!("{:?}", event.stage))
+                .increment(1);
+        }
+        if let Some((region, released)) = fx.release {
+            effects.outputs.push(Output {
+                topic: topics::DRONE_SCHEDULING.name,
+                key: region.into_bytes(),
+                payload: serde_json::to_vec(&released).unwrap_or_default(),
+                headers: tenant_headers(&key, delivery_id, h::event_type::DRONE_RELEASED),
+            });
+        }
+        if let Some(region) = fx.unschedule {
+            let cancel = SchedulingCancelled {
+                delivery_key: key.clone(),
+            };
+            effects.outputs.push(Output {
+                topic: topics::DRONE_SCHEDULING.name,
+                key: region.into_bytes(),
+                payload: serde_json::to_vec(&cancel).unwrap_or_default(),
+                headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_CANCELLED),
+            });
+        }
+        if let Some(state) = after {
+            if unchanged.as_ref() != Some(&state) {
+                effects.changes.push((
+                    key.as_bytes().to_vec(),
+                    serde_json::to_vec(&state).unwrap_or_default(),
+                ));
+            }
+            states.insert(key, state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::tracking::Stage;
+
+    fn record(offset: i64, event_type: &str, payload: &[u8]) -> Record {
+        Record {
+            topic: topics::DELIVERIES.name.into(),
+            partition: 1,
+            offset,
+            key: Some(b"fabrikam/d1".to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: vec![(h::EVENT_TYPE.into(), event_type.as_bytes().to_vec())],
+        }
+    }
+
+    #[test]
+    fn transitions_become_events_and_state_and_poison_dead_letters() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        d.handle(
+            &record(
+                0,
+                h::event_type::DELIVERY_REQUESTED,
+                schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+            ),
+            0,
+            &mut fx,
+        );
+        assert_eq!(fx.outputs.len(), 1);
+        assert_eq!(fx.outputs[0].topic, topics::DELIVERY_EVENTS.name);
+        let event: DeliveryEvent = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
+        assert_eq!((event.stage, event.seq), (Stage::Created, 1));
+        assert_eq!(fx.changes.len(), 1);
+        // Cancel before a drone: the scheduler is told to drop the waiting request.
+        let mut fx = Effects::default();
+        d.handle(
+            &record(1, h::event_type::DELIVERY_CANCELLED, b"{}"),
+            0,
+            &mut fx,
+        );
+        assert_eq!(fx.outputs.len(), 2);
+        assert_eq!(fx.outputs[1].topic, topics::DRONE_SCHEDULING.name);
+        assert_eq!(fx.outputs[1].key, b"47:-123");
+        // Poison: a bad payload, an unknown type, a key without a tenant.
+        for r in [
+            record(2, h::event_type::DRONE_ASSIGNED, b"{oops"),
+            record(3, "Teleported", b"{}"),
+            Record {
+                key: Some(b"no-tenant".to_vec()),
+                ..record(4, h::event_type::DELIVERY_CANCELLED, b"{}")
+            },
+        ] {
+            let mut fx = Effects::default();
+            d.handle(&r, 0, &mut fx);
+            assert_eq!(fx.outputs.len(), 1);
+            assert_eq!(fx.outputs[0].topic, topics::DEAD_LETTERS.name);
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The engine of the stateful processors (scheduling, tracking, deliveries): a consumer
+//! group member that keeps its state in memory, per input partition, and durable in a
+//! changelog topic whose partition numbers match the input's.
+//!
+//! Records are handled in batches. For each batch: apply every record to the state (a
+//! [`Machine`], pure apart from its own memory), produce what it said and wait for every
+//! acknowledgement, then write the changed state and, per input partition, the offset of
+//! the last record applied (a marker in the changelog), wait again, and only then store
+//! the input offsets. So:
+//!
+//! - a crash before the changelog write re-reads the batch from old state: outputs may be
+//!   repeated (downstream is idempotent), nothing is lost;
+//! - a crash after it re-reads records the changelog already covers: they are skipped,
+//!   so no effect is applied twice.
+//!
+//! A partition's state is restored from its changelog partition before its first record
+//! is handled, and again whenever its offsets jump (another member handled records of
+//! it in between, after a rebalance).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bus::{ClientSettings, Consumer, OutRecord, Producer};
+use tokio_util::sync::CancellationToken;
+
+use crate::workflow::Output;
+use crate::{ProcessorError, Result};
+
+/// Changelog keys starting with this byte are offset markers, not state.
+const MARKER: u8 = 0;
+
+/// A record as received, owned.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+    /// The key, if any.
+    pub key: Option<Vec<u8>>,
+    /// The payload, if any.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The key as text (empty when none or not UTF-8).
+    pub fn key_text(&self) -> &str {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or_default()
+    }
+
+    /// `topic/partition/offset`, for dead letters and logs.
+    pub fn source(&self) -> String {
+        format!("{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+
+    /// A dead letter of this record: its key, payload and headers, with the reason.
+    pub fn dead_letter(&self, reason: &str) -> Output {
+        let mut headers = self.headers.clone();
+        headers.push((
+            schemas::headers::DEAD_LETTER_REASON.to_owned(),
+            reason.as_bytes().to_vec(),
+        ));
+        headers.push((
+            schemas::headers::DEAD_LETTER_SOURCE.to_owned(),
+            self.source().into_bytes(),
+        ));
+        metrics::counter!("processor_dead_letters_total", "topic" => self.topic.clone())
+            .increment(1);
+        Output {
+            topic: schemas::topics::DEAD_LETTERS.name,
+            key: self.key.clone().unwrap_or_default(),
+            payload: self.payload.clone().unwrap_or_default(),
+            headers,
+        }
+    }
+}
+
+/// A state change: key and new value (empty for deleted).
+pub type Change = (Vec<u8>, Vec<u8>);
+
+/// What handling one record produced.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Records for other topics.
+    pub outputs: Vec<Output>,
+    /// State changes for the record's changelog partition: key and new value (empty for
+    /// deleted).
+    pub changes: Vec<Change>,
+}
+
+/// The state and decisions of one stateful processor.
+pub trait Machine: Send + 'static {
+    /// Forgets what it knew of `partition` and rebuilds it from the latest value of
+    /// every key in its changelog (deleted keys are left out).
+    fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>);
+
+    /// Handles one record of a restored partition at `now_ms`.
+    fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects);
+}
+
+/// What a stateful processor reads and writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// For logs, metrics and errors.
+    pub name: &'static str,
+    /// Its consumer group.
+    pub group: &'static str,
+    /// Its input topics (keyed alike, with the changelog's partition count).
+    pub inputs: &'static [&'static str],
+    /// Its changelog topic.
+    pub changelog: &'static str,
+}
+
+/// Settings of the stateful processors.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most records handled in one batch.
+    pub batch_records: usize,
+    /// How long a batch waits for more records after its first.
+    pub batch_wait: Duration,
+    /// How long restoring one partition may take.
+    pub restore_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch_records: 2000,
+            batch_wait: Duration::from_millis(5),
+            restore_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PartitionInfo {
+    restored: bool,
+    /// Per input topic: the last offset whose effects are in the state.
+    applied: HashMap<String, i64>,
+    /// Per input topic: the offset expected next (a jump means someone else handled
+    /// records of this partition meanwhile).
+    next: HashMap<String, i64>,
+}
+
+fn marker_key(topic: &str) -> Vec<u8> {
+    let mut key = vec![MARKER];
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs `machine` until `shutdown` is cancelled.
+pub async fn run<M: Machine>(
+    spec: Spec,
+    config: EngineConfig,
+    mut machine: M,
+    settings: ClientSettings,
+    producer: Producer,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let bus_err = |source| ProcessorError::Bus {
+        processor: spec.name,
+        source,
+    };
+    let consumer =
+        Consumer::subscribe_copartitioned(&settings, spec.group, spec.inputs).map_err(bus_err)?;
+    let mut partitions: HashMap<i32, PartitionInfo> = HashMap::new();
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            received = consumer.recv() => received,
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(record) => batch.push(own(&record)),
+            Err(e) => {
+                tracing::warn!(processor = spec.name, error = %e, "receive failed");
+                continue;
+            }
+        }
+        while batch.len() < config.batch_records.max(1) {
+            match tokio::time::timeout(config.batch_wait, consumer.recv()).await {
+                Ok(Ok(record)) => batch.push(own(&record)),
+                Ok(Err(e)) => {
+                    tracing::warn!(processor = spec.name, error = %e, "receive failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut effects = Effects::default();
+        // Per changelog partition: key to latest value, in first-change order.
+        let mut changes: BTreeMap<i32, Vec<Change>> = BTreeMap::new();
+        let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let now = now_millis();
+        let mut handled = 0u64;
+        let mut skipped = 0u64;
+        for record in &batch {
+            let info = partitions.entry(record.partition).or_default();
+            let jumped = info
+                .next
+                .get(&record.topic)
+                .is_some_and(|next| record.offset > *next);
+            if !info.restored || jumped {
+                let entries = restore(&settings, spec, config, record.partition).await?;
+                info.applied = entries.markers;
+                info.restored = true;
+                machine.restore(record.partition, entries.state);
+            }
+            info.next.insert(record.topic.clone(), record.offset + 1);
+            last.insert((record.topic.clone(), record.partition), record.offset);
+            if info
+                .applied
+                .get(&record.topic)
+                .is_some_and(|applied| record.offset <= *applied)
+            {
+                skipped += 1;
+                continue;
+            }
+            info.applied.insert(record.topic.clone(), record.offset);
+            let mut own_effects = Effects::default();
+            machine.handle(record, now, &mut own_effects);
+            effects.outputs.append(&mut own_effects.outputs);
+            let partition_changes = changes.entry(record.partition).or_default();
+            partition_changes.append(&mut own_effects.changes);
+            partition_changes.push((
+                marker_key(&record.topic),
+                record.offset.to_string().into_bytes(),
+            ));
+            handled += 1;
+        }
+        metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "handled")
+            .increment(handled);
+        metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "skipped_replay")
+            .increment(skipped);
+        // Outputs first, then state and markers: see the module docs.
+        let outputs = effects.outputs.into_iter().map(|o| (o, None)).collect();
+        if !produce_batch(&producer, outputs, &shutdown, spec.name).await {
+            break;
+        }
+        let mut state_writes = Vec::new();
+        for (partition, list) in changes {
+            let mut latest: Vec<Change> = Vec::with_capacity(list.len());
+            let mut at: HashMap<Vec<u8>, usize> = HashMap::new();
+            for (key, value) in list {
+                match at.get(&key) {
+                    Some(&i) => latest[i].1 = value,
+                    None => {
+                        at.insert(key.clone(), latest.len());
+                        latest.push((key, value));
+                    }
+                }
+            }
+            for (key, value) in latest {
+                state_writes.push((
+                    Output {
+                        topic: spec.changelog,
+                        key,
+                        payload: value,
+                        headers: Vec::new(),
+                    },
+                    Some(partition),
+                ));
+            }
+        }
+        if !produce_batch(&producer, state_writes, &shutdown, spec.name).await {
+            break;
+        }
+        for ((topic, partition), offset) in last {
+            if let Err(e) = consumer.store(&topic, partition, offset) {
+                tracing::debug!(processor = spec.name, %topic, partition, error = %e, "offset not stored (revoked?)");
+            }
+        }
+    }
+    let committed = tokio::task::spawn_blocking(move || consumer.commit())
+        .await
+        .map_err(|e| ProcessorError::Task {
+            processor: spec.name,
+            reason: e.to_string(),
+        })?;
+    if let Err(e) = committed {
+        tracing::warn!(processor = spec.name, error = %e, "final commit failed; the last records will be re-read");
+    }
+    tracing::info!(processor = spec.name, "stopped");
+    Ok(())
+}
+
+fn own(record: &bus::Received<'_>) -> Record {
+    Record {
+        topic: record.topic().to_owned(),
+        partition: record.partition(),
+        offset: record.offset(),
+        key: record.key().map(<[u8]>::to_vec),
+        payload: record.payload().map(<[u8]>::to_vec),
+        headers: record
+            .headers()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect(),
+    }
+}
+
+/// A partition's changelog, folded: the latest state per key and the offset markers.
+struct Restored {
+    state: HashMap<Vec<u8>, Vec<u8>>,
+    markers: HashMap<String, i64>,
+}
+
+async fn restore(
+    settings: &ClientSettings,
+    spec: Spec,
+    config: EngineConfig,
+    partition: i32,
+) -> Result<Restored> {
+    let started = std::time::Instant::now();
+    let settings = settings.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        bus::read_partition(&settings, spec.changelog, partition, config.restore_timeout)
+    })
+    .await
+    .map_err(|e| ProcessorError::Task {
+        processor: spec.name,
+        reason: e.to_string(),
+    })?
+    .map_err(|source| ProcessorError::Bus {
+        processor: spec.name,
+        source,
+    })?;
+    let read = records.len();
+    let mut state = HashMap::new();
+    let mut markers = HashMap::new();
+    for record in records {
+        if record.key.first() == Some(&MARKER) {
+            let topic = String::from_utf8_lossy(&record.key[1..]).into_owned();
+            if let Some(offset) = std::str::from_utf8(&record.payload)
+                .ok()
+                .and_then(|t| t.parse().ok())
+            {
+                markers.insert(topic, offset);
+            }
+        } else if record.payload.is_empty() {
+            state.remove(&record.key);
+        } else {
+            state.insert(record.key, record.payload);
+        }
+    }
+    tracing::info!(
+        processor = spec.name,
+        partition,
+        records = read,
+        keys = state.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state restored"
+    );
+    Ok(Restored { state, markers })
+}
+
+/// Produces every record (to its partition when given) and waits for all
+/// acknowledgements, retrying those that failed with backoff until all are acknowledged
+/// or `shutdown` is cancelled (then `false`).
+pub(crate) async fn produce_batch(
+    producer: &Producer,
+    records: Vec<(Output, Option<i32>)>,
+    shutdown: &CancellationToken,
+    name: &'static str,
+) -> bool {
+    let mut pending = records;
+    let mut backoff = Duration::from_millis(100);
+    while !pending.is_empty() {
+        let mut acks = Vec::with_capacity(pending.len());
+        let mut failed = Vec::new();
+        for (i, (output, partition)) in pending.iter().enumerate() {
+            let headers: Vec<(&str, &[u8])> = output
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            let record = OutRecord {
+                topic: output.topic,
+                key: &output.key,
+                payload: &output.payload,
+                headers: &headers,
+            };
+            match producer.send_to(record, *partition) {
+                Ok(ack) => acks.push((i, ack)),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+        for (i, result) in indexes
+            .into_iter()
+            .zip(futures_util::future::join_all(futures).await)
+        {
+            if let Err(e) = result {
+                failed.push((i, e));
+            }
+        }
+        if failed.is_empty() {
+            return true;
+        }
+        failed.sort_by_key(|(i, _)| *i);
+        if let Some((_, e)) = failed.first() {
+            tracing::warn!(processor = name, failed = failed.len(), error = %e, ?backoff, "produce failed; retrying");
+        }
+        let retry: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+        pending = pending
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| retry.contains(i))
+            .map(|(_, r)| r)
+            .collect();
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    true
+}
