@@ -1,0 +1,406 @@
+//! The stream processors end to end on the embedded broker, in this process: HTTP
+//! ingestion with the status routes, the workflow, the scheduling, tracking and delivery
+//! consumers, and the drone simulator flying the drones through the HTTP API.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bus::{ClientSettings, Consumer, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
+use schemas::headers as h;
+use schemas::topics;
+use schemas::tracking::{Assignment, DeliveryEvent, Stage};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::*;
+
+const STAGES: [Stage; 4] = [
+    Stage::Created,
+    Stage::HeadedToPickup,
+    Stage::HeadedToDropoff,
+    Stage::Completed,
+];
+
+/// The embedded broker, the ingestion tier with its status view, and the simulator.
+struct Stack {
+    broker: EmbeddedBroker,
+    settings: ClientSettings,
+    producer: Producer,
+    base: String,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// One set of processors (workflow and the stateful consumers) that can be stopped.
+struct Processors {
+    stop: CancellationToken,
+    workflow: JoinHandle<processors::Result<()>>,
+    stateful: JoinHandle<processors::Result<()>>,
+}
+
+impl Processors {
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(SETTLE, self.workflow).await???;
+        tokio::time::timeout(SETTLE, self.stateful).await???;
+        Ok(())
+    }
+}
+
+impl Stack {
+    async fn start() -> Result<Self> {
+        let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        let producer = Producer::new(&settings, &ProducerArgs::default())?;
+        let stop = CancellationToken::new();
+        let view = ingest::StatusView::start(settings.clone(), 100_000, stop.clone());
+        let server = ingest::Ingest::bind(
+            ingest::IngestConfig {
+                listen: "127.0.0.1:0".parse()?,
+                ..Default::default()
+            },
+            producer.clone(),
+        )
+        .await?
+        .with_status(view);
+        let base = format!("http://{}", server.local_addr()?);
+        let mut tasks = Vec::new();
+        let ingest_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = server.run(ingest_stop).await;
+        }));
+        let simulator = processors::simulator::SimulatorConfig {
+            target: base.clone(),
+            speedup: 2000.0,
+            tick_ms: 20,
+            ..Default::default()
+        };
+        let (sim_settings, sim_stop) = (settings.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = processors::simulator::run(simulator, sim_settings, sim_stop).await;
+        }));
+        Ok(Self {
+            broker,
+            settings,
+            producer,
+            base,
+            stop,
+            tasks,
+        })
+    }
+
+    fn processors(&self) -> Processors {
+        let stop = CancellationToken::new();
+        let workflow = tokio::spawn(processors::workflow::run(
+            processors::workflow::WorkflowConfig::default(),
+            self.settings.clone(),
+            self.producer.clone(),
+            stop.clone(),
+        ));
+        let stateful = tokio::spawn(processors::run_stateful(
+            processors::StatefulConfig::default(),
+            self.settings.clone(),
+            self.producer.clone(),
+            stop.clone(),
+        ));
+        Processors {
+            stop,
+            workflow,
+            stateful,
+        }
+    }
+
+    /// Another set of the stateful consumers only (a second member of each group).
+    fn stateful_only(&self) -> Processors {
+        let stop = CancellationToken::new();
+        let workflow = tokio::spawn(async { Ok(()) });
+        let stateful = tokio::spawn(processors::run_stateful(
+            processors::StatefulConfig::default(),
+            self.settings.clone(),
+            self.producer.clone(),
+            stop.clone(),
+        ));
+        Processors {
+            stop,
+            workflow,
+            stateful,
+        }
+    }
+
+    /// Posts requests `ids` (as `deliveryId`s) in one batch.
+    async fn post(&self, ids: &[String]) -> Result<()> {
+        let records: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut r = valid_request(i % 20);
+                r["deliveryId"] = serde_json::json!(id);
+                r.to_string()
+            })
+            .collect();
+        let (status, _, report) = call(
+            &client(),
+            "POST",
+            &format!("{}/api/deliveryrequests/batch", self.base),
+            &[("content-type", "application/json")],
+            format!("[{}]", records.join(",")).into_bytes(),
+        )
+        .await?;
+        if status != 202 {
+            bail!("batch answered {status}: {report}");
+        }
+        Ok(())
+    }
+
+    /// Waits until every delivery in `ids` is at `stage` on the status route.
+    async fn wait_for(&self, ids: &[String], stage: Stage) -> Result<()> {
+        let client = client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut pending: BTreeSet<&String> = ids.iter().collect();
+        while !pending.is_empty() {
+            let mut done = Vec::new();
+            for id in &pending {
+                let url = format!("{}/api/deliveries/{id}/status", self.base);
+                let (status, _, body) = call(&client, "GET", &url, &[], Vec::new()).await?;
+                if status == 200 && body["stage"] == serde_json::json!(stage) {
+                    done.push(*id);
+                }
+            }
+            for id in done {
+                pending.remove(id);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} deliveries never reached {stage:?}: {pending:?}", pending.len());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Every record of `topic` until a quiet second after `until` says it has enough.
+    async fn read(
+        &self,
+        topic: &str,
+        until: impl Fn(&[(String, Vec<u8>, Vec<(String, Vec<u8>)>)]) -> bool,
+    ) -> Result<Vec<(String, Vec<u8>, Vec<(String, Vec<u8>)>)>> {
+        let reader = Consumer::subscribe(
+            &self.settings,
+            &format!("reader-{}", uuid::Uuid::new_v4()),
+            &[topic],
+        )?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let enough = until(&out);
+            let wait = if enough {
+                tokio::time::Instant::now() + Duration::from_secs(1)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(wait, reader.recv()).await {
+                Ok(record) => {
+                    let record = record?;
+                    out.push((
+                        String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned(),
+                        record.payload().unwrap_or_default().to_vec(),
+                        record
+                            .headers()
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                            .collect(),
+                    ));
+                }
+                Err(_) if enough => return Ok(out),
+                Err(_) => bail!("{topic}: only {} records arrived", out.len()),
+            }
+        }
+    }
+
+    /// Each delivery's events from `delivery-events`, in the order they are on the topic.
+    async fn events(&self, n: usize) -> Result<BTreeMap<String, Vec<DeliveryEvent>>> {
+        let records = self
+            .read(topics::DELIVERY_EVENTS.name, |got| got.len() >= n * STAGES.len())
+            .await?;
+        let mut by_key: BTreeMap<String, Vec<DeliveryEvent>> = BTreeMap::new();
+        for (key, payload, _) in records {
+            by_key
+                .entry(key)
+                .or_default()
+                .push(serde_json::from_slice(&payload)?);
+        }
+        Ok(by_key)
+    }
+
+    /// How many assignments each delivery got.
+    async fn assignments(&self, n: usize) -> Result<BTreeMap<String, usize>> {
+        let records = self
+            .read(topics::DRONE_ASSIGNMENTS.name, |got| got.len() >= n)
+            .await?;
+        let mut count = BTreeMap::new();
+        for (_, payload, _) in records {
+            let a: Assignment = serde_json::from_slice(&payload)?;
+            *count.entry(a.delivery_key).or_insert(0) += 1;
+        }
+        Ok(count)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.stop.cancel();
+        for task in self.tasks {
+            tokio::time::timeout(SETTLE, task).await??;
+        }
+        drop(self.broker);
+        Ok(())
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Every delivery's events are the four stages, with seq 1 to 4, in order, once.
+fn check_stages(events: &BTreeMap<String, Vec<DeliveryEvent>>, ids: &[String]) -> Result<()> {
+    for id in ids {
+        let key = format!("default/{id}");
+        let list = events.get(&key).with_context(|| format!("no events for {key}"))?;
+        let stages: Vec<(u32, Stage)> = list.iter().map(|e| (e.seq, e.stage)).collect();
+        let expected: Vec<(u32, Stage)> = (1..).zip(STAGES).collect();
+        if stages != expected {
+            bail!("{key}: {stages:?}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_reaches_completed_with_every_transition_in_order() -> Result<()> {
+    let stack = Stack::start().await?;
+    let processors = stack.processors();
+    let ids = ids("e2e", 24);
+    stack.post(&ids).await?;
+    stack.wait_for(&ids, Stage::Completed).await?;
+    let events = stack.events(ids.len()).await?;
+    check_stages(&events, &ids)?;
+    // The delivery route shows the drone; another tenant's id is a 404.
+    let (status, _, body) = call(
+        &client(),
+        "GET",
+        &format!("{}/api/deliveries/{}", stack.base, ids[0]),
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert!(body["droneId"].as_str().is_some(), "{body}");
+    assert!(body["pickupETA"].as_str().is_some() && body["deliveryETA"].as_str().is_some());
+    let (status, _, _) = call(
+        &client(),
+        "GET",
+        &format!("{}/api/deliveries/nobody/status", stack.base),
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    processors.stop().await?;
+    stack.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_stopped_mid_stream_and_replaced_lose_nothing_and_schedule_nothing_twice()
+-> Result<()> {
+    let stack = Stack::start().await?;
+    let first = stack.processors();
+    let before = ids("before", 16);
+    stack.post(&before).await?;
+    // Some deliveries are under way when the processors go.
+    stack.wait_for(&before[..1], Stage::HeadedToPickup).await?;
+    first.stop().await?;
+    let after = ids("after", 16);
+    stack.post(&after).await?;
+    let second = stack.processors();
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    stack.wait_for(&all, Stage::Completed).await?;
+    let events = stack.events(all.len()).await?;
+    check_stages(&events, &all)?;
+    let assignments = stack.assignments(all.len()).await?;
+    assert_eq!(assignments.len(), all.len());
+    assert!(
+        assignments.values().all(|n| *n == 1),
+        "scheduled twice: {assignments:?}"
+    );
+    second.stop().await?;
+    stack.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_of_each_group_share_the_partitions_and_process_everything_once()
+-> Result<()> {
+    let stack = Stack::start().await?;
+    let one = stack.processors();
+    let two = stack.stateful_only();
+    let ids = ids("shared", 24);
+    stack.post(&ids).await?;
+    stack.wait_for(&ids, Stage::Completed).await?;
+    let events = stack.events(ids.len()).await?;
+    check_stages(&events, &ids)?;
+    let assignments = stack.assignments(ids.len()).await?;
+    assert!(assignments.values().all(|n| *n == 1), "{assignments:?}");
+    one.stop().await?;
+    two.stop().await?;
+    stack.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_become_dead_letters_and_their_partitions_keep_flowing() -> Result<()> {
+    let stack = Stack::start().await?;
+    let processors = stack.processors();
+    let requested = [(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes())];
+    // On the same keys as a good delivery that follows: the same partitions.
+    for (topic, key, payload, headers) in [
+        (topics::DELIVERIES.name, "default/good-1", &b"{not json"[..], &requested[..]),
+        (
+            topics::DELIVERIES.name,
+            "default/good-1",
+            &b"{}"[..],
+            &[(h::EVENT_TYPE, &b"Teleported"[..])][..],
+        ),
+        (topics::DRONE_SCHEDULING.name, "47:-123", &b"{not json"[..], &requested[..]),
+    ] {
+        stack
+            .producer
+            .send_and_wait(OutRecord {
+                topic,
+                key: key.as_bytes(),
+                payload,
+                headers,
+            })
+            .await?;
+    }
+    let good = vec!["good-1".to_owned()];
+    stack.post(&good).await?;
+    stack.wait_for(&good, Stage::Completed).await?;
+    let dead = stack
+        .read(topics::DEAD_LETTERS.name, |got| got.len() >= 3)
+        .await?;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|(_, _, headers)| {
+            headers
+                .iter()
+                .find(|(k, _)| k == h::DEAD_LETTER_REASON)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(reasons.iter().any(|r| r.contains("invalid delivery request")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("unknown event type Teleported")), "{reasons:?}");
+    assert!(dead.iter().all(|(_, payload, _)| payload == b"{not json" || payload == b"{}"));
+    processors.stop().await?;
+    stack.stop().await
+}
