@@ -174,7 +174,10 @@ impl Stack {
                 pending.remove(id);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("{} deliveries never reached {stage:?}: {pending:?}", pending.len());
+                bail!(
+                    "{} deliveries never reached {stage:?}: {pending:?}",
+                    pending.len()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -223,7 +226,9 @@ impl Stack {
     /// Each delivery's events from `delivery-events`, in the order they are on the topic.
     async fn events(&self, n: usize) -> Result<BTreeMap<String, Vec<DeliveryEvent>>> {
         let records = self
-            .read(topics::DELIVERY_EVENTS.name, |got| got.len() >= n * STAGES.len())
+            .read(topics::DELIVERY_EVENTS.name, |got| {
+                got.len() >= n * STAGES.len()
+            })
             .await?;
         let mut by_key: BTreeMap<String, Vec<DeliveryEvent>> = BTreeMap::new();
         for (key, payload, _) in records {
@@ -266,7 +271,9 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 fn check_stages(events: &BTreeMap<String, Vec<DeliveryEvent>>, ids: &[String]) -> Result<()> {
     for id in ids {
         let key = format!("default/{id}");
-        let list = events.get(&key).with_context(|| format!("no events for {key}"))?;
+        let list = events
+            .get(&key)
+            .with_context(|| format!("no events for {key}"))?;
         let stages: Vec<(u32, Stage)> = list.iter().map(|e| (e.seq, e.stage)).collect();
         let expected: Vec<(u32, Stage)> = (1..).zip(STAGES).collect();
         if stages != expected {
@@ -338,8 +345,8 @@ async fn processors_stopped_mid_stream_and_replaced_lose_nothing_and_schedule_no
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_members_of_each_group_share_the_partitions_and_process_everything_once()
--> Result<()> {
+async fn two_members_of_each_group_share_the_partitions_and_process_everything_once() -> Result<()>
+{
     let stack = Stack::start().await?;
     let one = stack.processors();
     let two = stack.stateful_only();
@@ -362,14 +369,24 @@ async fn poison_records_become_dead_letters_and_their_partitions_keep_flowing() 
     let requested = [(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes())];
     // On the same keys as a good delivery that follows: the same partitions.
     for (topic, key, payload, headers) in [
-        (topics::DELIVERIES.name, "default/good-1", &b"{not json"[..], &requested[..]),
+        (
+            topics::DELIVERIES.name,
+            "default/good-1",
+            &b"{not json"[..],
+            &requested[..],
+        ),
         (
             topics::DELIVERIES.name,
             "default/good-1",
             &b"{}"[..],
             &[(h::EVENT_TYPE, &b"Teleported"[..])][..],
         ),
-        (topics::DRONE_SCHEDULING.name, "47:-123", &b"{not json"[..], &requested[..]),
+        (
+            topics::DRONE_SCHEDULING.name,
+            "47:-123",
+            &b"{not json"[..],
+            &requested[..],
+        ),
     ] {
         stack
             .producer
@@ -398,9 +415,22 @@ async fn poison_records_become_dead_letters_and_their_partitions_keep_flowing() 
                 .unwrap_or_default()
         })
         .collect();
-    assert!(reasons.iter().any(|r| r.contains("invalid delivery request")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("unknown event type Teleported")), "{reasons:?}");
-    assert!(dead.iter().all(|(_, payload, _)| payload == b"{not json" || payload == b"{}"));
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("invalid delivery request")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown event type Teleported")),
+        "{reasons:?}"
+    );
+    assert!(
+        dead.iter()
+            .all(|(_, payload, _)| payload == b"{not json" || payload == b"{}")
+    );
     processors.stop().await?;
     stack.stop().await
 }

@@ -5,6 +5,7 @@
 //! holding it is durable); librdkafka commits stored offsets in the background, and
 //! [`Consumer::commit`] commits them at once (on shutdown, before leaving the group).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::Message as _;
@@ -17,8 +18,29 @@ use crate::settings::ClientSettings;
 
 /// A consumer subscribed to some topics as a member of one group.
 pub struct Consumer {
-    inner: StreamConsumer,
+    inner: Arc<StreamConsumer>,
     group: String,
+}
+
+/// A handle that measures a consumer's lag from another thread.
+#[derive(Clone)]
+pub struct LagProbe {
+    inner: Arc<StreamConsumer>,
+}
+
+impl std::fmt::Debug for LagProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagProbe").finish()
+    }
+}
+
+impl LagProbe {
+    /// Per assigned partition: records between the consumer's position (or the group's
+    /// committed offset before it read anything) and the high watermark. Blocks the
+    /// calling thread for up to `timeout` per partition.
+    pub fn lag(&self, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
+        partition_lags(&self.inner, timeout)
+    }
 }
 
 impl std::fmt::Debug for Consumer {
@@ -109,7 +131,7 @@ impl Consumer {
             .subscribe(topics)
             .map_err(BusError::client("subscribing"))?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             group: group.to_owned(),
         })
     }
@@ -130,7 +152,7 @@ impl Consumer {
             .subscribe(topics)
             .map_err(BusError::client("subscribing"))?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             group: group.to_owned(),
         })
     }
@@ -138,6 +160,13 @@ impl Consumer {
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// A handle for measuring this consumer's lag from another thread.
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe {
+            inner: Arc::clone(&self.inner),
+        }
     }
 
     /// Waits for the next record.
@@ -185,55 +214,16 @@ impl Consumer {
     /// partition, the group's committed offset is). `false` while no partition is
     /// assigned yet. Blocks the calling thread for up to `timeout` per partition.
     pub fn caught_up(&self, timeout: Duration) -> Result<bool> {
-        let assignment = self
+        let assigned = self
             .inner
             .assignment()
             .map_err(BusError::client("reading the assignment"))?;
-        if assignment.count() == 0 {
+        if assigned.count() == 0 {
             return Ok(false);
         }
-        let position = self
-            .inner
-            .position()
-            .map_err(BusError::client("reading the position"))?;
-        let mut committed = None;
-        for elem in assignment.elements() {
-            let (topic, partition) = (elem.topic(), elem.partition());
-            let (low, high) = self
-                .inner
-                .fetch_watermarks(topic, partition, timeout)
-                .map_err(BusError::client("fetching watermarks"))?;
-            if high <= low {
-                continue;
-            }
-            let at = match position
-                .find_partition(topic, partition)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(at)) => at,
-                _ => {
-                    let committed = match &committed {
-                        Some(c) => c,
-                        None => committed.insert(
-                            self.inner
-                                .committed(timeout)
-                                .map_err(BusError::client("reading committed offsets"))?,
-                        ),
-                    };
-                    match committed
-                        .find_partition(topic, partition)
-                        .map(|e| e.offset())
-                    {
-                        Some(Offset::Offset(at)) => at,
-                        _ => low,
-                    }
-                }
-            };
-            if at < high {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(partition_lags(&self.inner, timeout)?
+            .iter()
+            .all(|(_, _, lag)| *lag <= 0))
     }
 }
 
@@ -329,8 +319,52 @@ impl Consumer {
             .assign(&list)
             .map_err(BusError::client("assigning partitions"))?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             group: String::new(),
         })
     }
+}
+
+/// Per assigned partition of `consumer`: high watermark minus its position (or the
+/// committed offset, or the low watermark, before it read anything).
+fn partition_lags(consumer: &StreamConsumer, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
+    let assignment = consumer
+        .assignment()
+        .map_err(BusError::client("reading the assignment"))?;
+    let position = consumer
+        .position()
+        .map_err(BusError::client("reading the position"))?;
+    let mut committed = None;
+    let mut lags = Vec::new();
+    for elem in assignment.elements() {
+        let (topic, partition) = (elem.topic(), elem.partition());
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(BusError::client("fetching watermarks"))?;
+        let at = match position
+            .find_partition(topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(at)) => at,
+            _ => {
+                let committed = match &committed {
+                    Some(c) => c,
+                    None => committed.insert(
+                        consumer
+                            .committed(timeout)
+                            .map_err(BusError::client("reading committed offsets"))?,
+                    ),
+                };
+                match committed
+                    .find_partition(topic, partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(at)) => at,
+                    _ => low,
+                }
+            }
+        };
+        lags.push((topic.to_owned(), partition, (high - at.max(low)).max(0)));
+    }
+    Ok(lags)
 }

@@ -17,7 +17,7 @@ mod producer;
 mod settings;
 
 pub use admin::ensure_topics;
-pub use consumer::{Consumer, Received, StoredRecord, read_partition};
+pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
 pub use error::{BusError, Result};
 pub use producer::{Delivered, OutRecord, Producer};

@@ -1407,6 +1407,8 @@ mod tests {
             (Method::GET, "/openapi.json"),
             (Method::PATCH, "/api/deliveryrequests/d-1"),
             (Method::DELETE, "/api/deliveryrequests/d-1"),
+            (Method::GET, "/api/deliveries/d-1"),
+            (Method::GET, "/api/deliveries/d-1/status"),
         ] {
             let label = route_label(&method, path);
             assert_ne!(label, "other", "{path} is routed");
@@ -1414,6 +1416,12 @@ mod tests {
                 "/api/drones/{droneId}/telemetry"
             } else if delivery_request_path(path).is_some() {
                 "/api/deliveryrequests/{deliveryId}"
+            } else if let Some((_, status_only)) = deliveries_path(path) {
+                if status_only {
+                    "/api/deliveries/{deliveryId}/status"
+                } else {
+                    "/api/deliveries/{deliveryId}"
+                }
             } else {
                 path
             };
@@ -1424,7 +1432,7 @@ mod tests {
                 "{method} {documented} is documented"
             );
         }
-        assert_eq!(paths.len(), 8, "no undocumented extra: {paths:?}");
+        assert_eq!(paths.len(), 10, "no undocumented extra: {paths:?}");
         let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
             ["example"];
         schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();

@@ -151,3 +151,40 @@ pub async fn run_stateful(
     }
     result
 }
+
+/// Reports a consumer's lag per partition as `processor_consumer_lag` every 10 seconds
+/// until `shutdown` is cancelled.
+pub(crate) fn report_lag(
+    probe: bus::LagProbe,
+    processor: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let probe = probe.clone();
+            let measured =
+                tokio::task::spawn_blocking(move || probe.lag(std::time::Duration::from_secs(2)))
+                    .await;
+            match measured {
+                Ok(Ok(lags)) => {
+                    for (topic, partition, lag) in lags {
+                        metrics::gauge!(
+                            "processor_consumer_lag",
+                            "processor" => processor,
+                            "topic" => topic,
+                            "partition" => partition.to_string()
+                        )
+                        .set(lag as f64);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(processor, error = %e, "lag not measured"),
+                Err(e) => tracing::debug!(processor, error = %e, "lag task failed"),
+            }
+        }
+    });
+}

@@ -184,6 +184,7 @@ pub async fn run<M: Machine>(
     };
     let consumer =
         Consumer::subscribe_copartitioned(&settings, spec.group, spec.inputs).map_err(bus_err)?;
+    crate::report_lag(consumer.lag_probe(), spec.name, shutdown.clone());
     let mut partitions: HashMap<i32, PartitionInfo> = HashMap::new();
     loop {
         let first = tokio::select! {

@@ -204,6 +204,7 @@ pub async fn run(
         &[topics::DELIVERY_REQUESTS.name],
     )
     .map_err(bus_err)?;
+    crate::report_lag(consumer.lag_probe(), NAME, shutdown.clone());
     // Cancelled only after the loop stops, so that in-flight retries get their chance.
     let retries = CancellationToken::new();
     let mut in_flight = FuturesOrdered::new();
