@@ -1,0 +1,164 @@
+//! Throughput of the stream processors on the embedded broker: N delivery requests are
+//! put on `delivery-requests`, then the workflow, scheduling, tracking and delivery
+//! consumers are started, and the benchmark measures how long until
+//!
+//! - the delivery consumer has emitted `Created` for every request (workflow ->
+//!   `deliveries` -> delivery consumer -> `delivery-events`), and
+//! - the scheduling consumer has handled every request (its changelog's offset markers
+//!   cover all of `drone-scheduling`).
+//!
+//! `cargo bench --bench processors` (N from `DRONEDELIVERY_BENCH_RECORDS`, default
+//! 50,000). Requests spread over 400 regions; no drone flies, so most wait.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bus::{ClientSettings, Consumer, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
+use schemas::headers as h;
+use schemas::topics;
+use tokio_util::sync::CancellationToken;
+
+fn request(i: usize) -> String {
+    let lat = 30.5 + (i % 20) as f64;
+    let lon = -119.5 + ((i / 20) % 20) as f64;
+    format!(
+        r#"{{"ownerId":"bench","pickupLocation":"{lat},{lon}","dropOffLocation":"{},{}","pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T12:00:00Z","packageInfo":{{"packageId":"p{i}","size":"Small","weight":1}}}}"#,
+        lat + 0.01,
+        lon + 0.01
+    )
+}
+
+fn main() {
+    let n: usize = std::env::var("DRONEDELIVERY_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(n));
+}
+
+async fn run(n: usize) {
+    let broker = EmbeddedBroker::start(1, &topics::ALL).unwrap();
+    let settings = ClientSettings::plain(broker.bootstrap_servers());
+    let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
+    let started = Instant::now();
+    let mut acks = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("b-{i}");
+        let key = schemas::delivery_key("bench", &id);
+        let payload = request(i);
+        let headers: [(&str, &[u8]); 3] = [
+            (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+            (h::TENANT, b"bench"),
+            (h::DELIVERY_ID, id.as_bytes()),
+        ];
+        loop {
+            match producer.send(OutRecord {
+                topic: topics::DELIVERY_REQUESTS.name,
+                key: key.as_bytes(),
+                payload: payload.as_bytes(),
+                headers: &headers,
+            }) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    for ack in futures_join(acks).await {
+        ack.unwrap();
+    }
+    println!(
+        "produced {n} requests in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let stop = CancellationToken::new();
+    let workflow = tokio::spawn(processors::workflow::run(
+        processors::workflow::WorkflowConfig::default(),
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+    let stateful = tokio::spawn(processors::run_stateful(
+        processors::StatefulConfig::default(),
+        settings.clone(),
+        producer.clone(),
+        stop.clone(),
+    ));
+    let started = Instant::now();
+    let events = Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_EVENTS.name])
+        .unwrap();
+    let state = Consumer::subscribe(&settings, "bench-state", &[topics::SCHEDULING_STATE.name])
+        .unwrap();
+    let marker = {
+        let mut k = vec![0u8];
+        k.extend_from_slice(topics::DRONE_SCHEDULING.name.as_bytes());
+        k
+    };
+    let (mut created, mut markers) = (0usize, HashMap::<i32, i64>::new());
+    let (mut created_at, mut scheduled_at) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while (created_at.is_none() || scheduled_at.is_none()) && Instant::now() < deadline {
+        tokio::select! {
+            Ok(record) = events.recv(), if created_at.is_none() => {
+                let payload = record.payload().unwrap_or_default();
+                if payload.windows(17).any(|w| w == br#""stage":"Created""#) {
+                    created += 1;
+                    if created == n {
+                        created_at = Some(started.elapsed());
+                    }
+                }
+            }
+            Ok(record) = state.recv(), if scheduled_at.is_none() => {
+                if record.key() == Some(marker.as_slice()) {
+                    let offset = std::str::from_utf8(record.payload().unwrap_or_default())
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok())
+                        .unwrap_or(-1);
+                    markers.insert(record.partition(), offset);
+                    let handled: i64 = markers.values().map(|o| o + 1).sum();
+                    if handled as usize >= n {
+                        scheduled_at = Some(started.elapsed());
+                    }
+                }
+            }
+        }
+    }
+    stop.cancel();
+    let _ = workflow.await;
+    let _ = stateful.await;
+    let created_at = created_at.expect("every request reached Created");
+    let scheduled_at = scheduled_at.expect("every request was scheduled");
+    let whole = created_at.max(scheduled_at);
+    println!(
+        "workflow -> delivery consumer: {n} requests to Created in {:.2} s = {:.0} records/s",
+        created_at.as_secs_f64(),
+        n as f64 / created_at.as_secs_f64()
+    );
+    println!(
+        "workflow -> scheduling consumer: {n} requests scheduled in {:.2} s = {:.0} records/s",
+        scheduled_at.as_secs_f64(),
+        n as f64 / scheduled_at.as_secs_f64()
+    );
+    println!(
+        "processors: {n} requests through workflow -> delivery + scheduling in {:.2} s = {:.0} requests/s",
+        whole.as_secs_f64(),
+        n as f64 / whole.as_secs_f64()
+    );
+}
+
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(futures.len());
+    for f in futures {
+        out.push(f.await);
+    }
+    out
+}
