@@ -94,10 +94,10 @@ async fn run(n: usize) {
         stop.clone(),
     ));
     let started = Instant::now();
-    let events = Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_EVENTS.name])
-        .unwrap();
-    let state = Consumer::subscribe(&settings, "bench-state", &[topics::SCHEDULING_STATE.name])
-        .unwrap();
+    let events =
+        Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_EVENTS.name]).unwrap();
+    let state =
+        Consumer::subscribe(&settings, "bench-state", &[topics::SCHEDULING_STATE.name]).unwrap();
     let marker = {
         let mut k = vec![0u8];
         k.extend_from_slice(topics::DRONE_SCHEDULING.name.as_bytes());

@@ -412,23 +412,37 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(processors::workflow::run(
+    let mut workflow = tokio::spawn(processors::workflow::run(
         args.workflow,
         settings.clone(),
         producer.clone(),
         stop.clone(),
     ));
-    let stateful = tokio::spawn(processors::run_stateful(
+    let mut stateful = tokio::spawn(processors::run_stateful(
         args.stateful,
         settings,
         producer.clone(),
         stop.clone(),
     ));
-    shutdown_signal().await;
+    // Until asked to stop, or until one of them stops on its own (an error).
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut workflow => Some(("workflow", outcome("workflow", r))),
+        r = &mut stateful => Some(("processors", outcome("processors", r))),
+    };
     stop.cancel();
-    let result = join("workflow", task)
-        .await
-        .and(join("processors", stateful).await);
+    let finished = early.as_ref().map(|(name, _)| *name);
+    let mut result = match early {
+        Some((_, Err(e))) => Err(e),
+        Some((name, Ok(()))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+        None => Ok(()),
+    };
+    if finished != Some("workflow") {
+        result = result.and(join("workflow", workflow).await);
+    }
+    if finished != Some("processors") {
+        result = result.and(join("processors", stateful).await);
+    }
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     result
 }

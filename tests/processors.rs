@@ -75,7 +75,7 @@ impl Stack {
         }));
         let simulator = processors::simulator::SimulatorConfig {
             target: base.clone(),
-            speedup: 2000.0,
+            speedup: 20_000.0,
             tick_ms: 20,
             ..Default::default()
         };

@@ -8,24 +8,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::Message as _;
 use rdkafka::Offset;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{BorrowedMessage, Headers as _};
 
 use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
 
+/// Remembers the partitions taken away from this member in rebalances, so that the
+/// application can drop records of them it received but has not handled yet.
+#[derive(Default)]
+pub(crate) struct BusContext {
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+impl ClientContext for BusContext {}
+
+impl ConsumerContext for BusContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance
+            && let Ok(mut revoked) = self.revoked.lock()
+        {
+            for elem in list.elements() {
+                revoked.push((elem.topic().to_owned(), elem.partition()));
+            }
+        }
+    }
+}
+
+type Inner = StreamConsumer<BusContext>;
+
 /// A consumer subscribed to some topics as a member of one group.
 pub struct Consumer {
-    inner: Arc<StreamConsumer>,
+    inner: Arc<Inner>,
     group: String,
 }
 
 /// A handle that measures a consumer's lag from another thread.
 #[derive(Clone)]
 pub struct LagProbe {
-    inner: Arc<StreamConsumer>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for LagProbe {
@@ -123,9 +149,9 @@ impl Consumer {
     /// Joins `group` and subscribes to `topics`. Partitions are assigned asynchronously
     /// once the group is formed.
     pub fn subscribe(settings: &ClientSettings, group: &str, topics: &[&str]) -> Result<Self> {
-        let inner: StreamConsumer = settings
+        let inner: Inner = settings
             .consumer_config(group)
-            .create()
+            .create_with_context(BusContext::default())
             .map_err(BusError::client("creating a consumer"))?;
         inner
             .subscribe(topics)
@@ -144,9 +170,9 @@ impl Consumer {
         group: &str,
         topics: &[&str],
     ) -> Result<Self> {
-        let inner: StreamConsumer = settings
+        let inner: Inner = settings
             .copartitioned_config(group)
-            .create()
+            .create_with_context(BusContext::default())
             .map_err(BusError::client("creating a consumer"))?;
         inner
             .subscribe(topics)
@@ -160,6 +186,17 @@ impl Consumer {
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// The partitions (topic, partition) revoked from this member since the last call:
+    /// records of them received and not yet handled belong to their new owner now.
+    pub fn take_revoked(&self) -> Vec<(String, i32)> {
+        self.inner
+            .context()
+            .revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
     }
 
     /// A handle for measuring this consumer's lag from another thread.
@@ -249,7 +286,6 @@ pub fn read_partition(
     timeout: Duration,
 ) -> Result<Vec<StoredRecord>> {
     use rdkafka::TopicPartitionList;
-    use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = settings
         .reader_config()
         .create()
@@ -293,9 +329,9 @@ impl Consumer {
     /// are never committed. Blocks the calling thread for the metadata request.
     pub fn tail(settings: &ClientSettings, topic: &str, timeout: Duration) -> Result<Self> {
         use rdkafka::TopicPartitionList;
-        let inner: StreamConsumer = settings
+        let inner: Inner = settings
             .reader_config()
-            .create()
+            .create_with_context(BusContext::default())
             .map_err(BusError::client("creating a reader"))?;
         let metadata = inner
             .fetch_metadata(Some(topic), timeout)
@@ -327,7 +363,7 @@ impl Consumer {
 
 /// Per assigned partition of `consumer`: high watermark minus its position (or the
 /// committed offset, or the low watermark, before it read anything).
-fn partition_lags(consumer: &StreamConsumer, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
+fn partition_lags(consumer: &Inner, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
     let assignment = consumer
         .assignment()
         .map_err(BusError::client("reading the assignment"))?;

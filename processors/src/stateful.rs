@@ -14,8 +14,9 @@
 //!   so no effect is applied twice.
 //!
 //! A partition's state is restored from its changelog partition before its first record
-//! is handled, and again whenever its offsets jump (another member handled records of
-//! it in between, after a rebalance).
+//! is handled, again after it was revoked and came back, and whenever its offsets jump
+//! (another member handled records of it in between). Records of a partition revoked
+//! while a batch was being collected are dropped unhandled: the new owner handles them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -208,6 +209,18 @@ pub async fn run<M: Machine>(
                 }
                 Err(_) => break,
             }
+        }
+        // Records of partitions taken away meanwhile are their new owner's to handle (it
+        // restores the state from the changelog, which has everything handled here).
+        let revoked = consumer.take_revoked();
+        if !revoked.is_empty() {
+            let gone: std::collections::HashSet<i32> = revoked.iter().map(|(_, p)| *p).collect();
+            let before = batch.len();
+            batch.retain(|r| !gone.contains(&r.partition));
+            for p in &gone {
+                partitions.remove(p);
+            }
+            tracing::info!(processor = spec.name, partitions = ?gone, dropped = before - batch.len(), "partitions revoked");
         }
         let mut effects = Effects::default();
         // Per changelog partition: key to latest value, in first-change order.
