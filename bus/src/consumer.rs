@@ -33,6 +33,10 @@ impl ConsumerContext for BusContext {
         if let Rebalance::Revoke(list) = rebalance
             && let Ok(mut revoked) = self.revoked.lock()
         {
+            // Bounded for members that never ask (they need not know).
+            if revoked.len() > 10_000 {
+                revoked.clear();
+            }
             for elem in list.elements() {
                 revoked.push((elem.topic().to_owned(), elem.partition()));
             }

@@ -1194,7 +1194,7 @@ enum Change {
 }
 
 /// `PATCH /api/deliveryrequests/{id}` (reschedule: a JSON object with `pickupTime`,
-/// `deadline` and/or `dropOffLocation`) and `DELETE` (cancel): an event on the delivery's
+/// `deadline` or both) and `DELETE` (cancel): an event on the delivery's
 /// own key, so that it stays ordered after the request. 202 once the broker has it;
 /// whether the delivery exists and can still change is decided downstream, where its
 /// state is.

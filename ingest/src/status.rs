@@ -24,6 +24,8 @@ struct Map {
     by_key: HashMap<String, Arc<DeliveryState>>,
     /// Keys of deliveries that reached a final stage, in that order.
     finished: VecDeque<String>,
+    /// Every key in the order it was first seen (for when no finished one is left).
+    seen: VecDeque<String>,
 }
 
 /// Every delivery's latest state, as read from `delivery-state`.
@@ -91,6 +93,7 @@ impl StatusView {
         };
         if payload.is_empty() {
             map.by_key.remove(key);
+            map.finished.retain(|k| k != key);
             return;
         }
         let Ok(state) = serde_json::from_slice::<DeliveryState>(payload) else {
@@ -98,15 +101,27 @@ impl StatusView {
         };
         let finished = state.stage.is_final();
         let was_finished = map.by_key.get(key).is_some_and(|s| s.stage.is_final());
-        map.by_key.insert(key.to_owned(), Arc::new(state));
+        if map.by_key.insert(key.to_owned(), Arc::new(state)).is_none() {
+            map.seen.push_back(key.to_owned());
+        }
         if finished && !was_finished {
             map.finished.push_back(key.to_owned());
         }
+        // Finished ones go first, then the oldest of the rest.
         while map.by_key.len() > self.max_deliveries {
-            let Some(oldest) = map.finished.pop_front() else {
-                break;
+            let oldest = match map.finished.pop_front() {
+                Some(key) => key,
+                None => match map.seen.pop_front() {
+                    Some(key) => key,
+                    None => break,
+                },
             };
             map.by_key.remove(&oldest);
+        }
+        // `seen` keeps keys already gone; trim it when it is mostly stale.
+        if map.seen.len() > 2 * map.by_key.len() + 1024 {
+            let Map { by_key, seen, .. } = &mut *map;
+            seen.retain(|k| by_key.contains_key(k));
         }
     }
 
@@ -194,8 +209,12 @@ mod tests {
         view.apply("t/c", &state("c", Stage::Created));
         assert!(view.get("t", "a").is_none(), "the finished one went");
         assert!(view.get("t", "b").is_some() && view.get("t", "c").is_some());
+        // With none finished, the oldest goes.
+        view.apply("t/d", &state("d", Stage::Created));
+        assert!(view.get("t", "b").is_none());
+        assert_eq!(view.len(), 2);
         let body: serde_json::Value =
-            serde_json::from_slice(&status_body(&view.get("t", "b").unwrap())).unwrap();
+            serde_json::from_slice(&status_body(&view.get("t", "c").unwrap())).unwrap();
         assert_eq!(body["stage"], "Created");
         assert!(body.get("lastKnownLocation").is_some());
     }

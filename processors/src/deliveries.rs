@@ -112,6 +112,8 @@ impl Machine for Deliveries {
             Input::Rescheduled(&reschedule)
         } else if event_type == h::event_type::DELIVERY_CANCELLED.as_bytes() {
             Input::Cancelled
+        } else if event_type == h::event_type::DELIVERY_REJECTED.as_bytes() {
+            Input::Rejected
         } else if event_type == h::event_type::DRONE_ASSIGNED.as_bytes() {
             match serde_json::from_slice(payload) {
                 Ok(a) => assignment = a,

@@ -133,7 +133,8 @@ impl Scheduler {
         }
     }
 
-    fn assignment_output(a: &Assignment, record: &Record) -> Output {
+    fn assignment_output(a: &Assignment) -> Output {
+        let (tenant, _) = schemas::split_delivery_key(&a.delivery_key);
         let mut headers = vec![
             (
                 h::EVENT_TYPE.to_owned(),
@@ -142,14 +143,89 @@ impl Scheduler {
             (h::DRONE_ID.to_owned(), a.drone_id.as_bytes().to_vec()),
             (h::DELIVERY_ID.to_owned(), a.delivery_id.as_bytes().to_vec()),
         ];
-        if let Some(t) = record.header(h::TENANT) {
-            headers.push((h::TENANT.to_owned(), t.to_vec()));
+        if let Some(tenant) = tenant {
+            headers.push((h::TENANT.to_owned(), tenant.as_bytes().to_vec()));
         }
         Output {
             topic: topics::DRONE_ASSIGNMENTS.name,
             key: a.drone_id.as_bytes().to_vec(),
             payload: serde_json::to_vec(a).unwrap_or_default(),
             headers,
+        }
+    }
+
+    /// Tells the delivery consumer that no drone of the region can ever take `job`.
+    fn rejection_output(job: &Job, reason: &str) -> Output {
+        let (tenant, _) = schemas::split_delivery_key(&job.delivery_key);
+        Output {
+            topic: topics::DELIVERIES.name,
+            key: job.delivery_key.as_bytes().to_vec(),
+            payload: serde_json::json!({ "reason": reason })
+                .to_string()
+                .into_bytes(),
+            headers: vec![
+                (
+                    h::EVENT_TYPE.to_owned(),
+                    h::event_type::DELIVERY_REJECTED.as_bytes().to_vec(),
+                ),
+                (
+                    h::TENANT.to_owned(),
+                    tenant.unwrap_or_default().as_bytes().to_vec(),
+                ),
+                (
+                    h::DELIVERY_ID.to_owned(),
+                    job.delivery_id.as_bytes().to_vec(),
+                ),
+            ],
+        }
+    }
+}
+
+/// One `drone-scheduling` record, parsed.
+enum Input {
+    Request(Job),
+    Release(DroneReleased),
+    Cancel(SchedulingCancelled),
+}
+
+/// Parses a record, or says why it is a dead letter.
+fn parse(record: &Record) -> std::result::Result<Input, String> {
+    let payload = record.payload.as_deref().unwrap_or_default();
+    match record.header(h::EVENT_TYPE) {
+        Some(t) if t == h::event_type::DELIVERY_REQUESTED.as_bytes() => {
+            let request = schemas::parse_delivery_request(payload)
+                .map_err(|e| format!("invalid delivery request: {e}"))?;
+            let text = |name| {
+                record
+                    .header(name)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            };
+            let (Some(tenant), Some(delivery_id)) = (text(h::TENANT), text(h::DELIVERY_ID)) else {
+                return Err("request without dd-tenant or dd-delivery-id".into());
+            };
+            Ok(Input::Request(Job {
+                delivery_key: schemas::delivery_key(&tenant, &delivery_id),
+                delivery_id,
+                pickup: request.pickup_location,
+                drop_off: request.drop_off_location,
+                weight_kg: request.package_info.weight,
+                size: request.package_info.size,
+                pickup_time_ms: request.pickup_time.timestamp_millis(),
+                deadline_ms: request.deadline.timestamp_millis(),
+            }))
+        }
+        Some(t) if t == h::event_type::DRONE_RELEASED.as_bytes() => serde_json::from_slice(payload)
+            .map(Input::Release)
+            .map_err(|e| format!("invalid drone release: {e}")),
+        Some(t) if t == h::event_type::DELIVERY_CANCELLED.as_bytes() => {
+            serde_json::from_slice(payload)
+                .map(Input::Cancel)
+                .map_err(|e| format!("invalid scheduling cancel: {e}"))
+        }
+        other => {
+            let shown = other.map_or("none".into(), String::from_utf8_lossy);
+            Err(format!("unknown event type {shown}"))
         }
     }
 }
@@ -199,6 +275,14 @@ impl Machine for Scheduler {
                 .push(record.dead_letter("record has no key (region)"));
             return;
         }
+        // Only a valid record may open a region (and write its fleet).
+        let input = match parse(record) {
+            Ok(input) => input,
+            Err(reason) => {
+                effects.outputs.push(record.dead_letter(&reason));
+                return;
+            }
+        };
         let fleet = &self.fleet;
         let partition = self.regions.entry(record.partition).or_default();
         let region = partition.entry(region_name.clone()).or_insert_with(|| {
@@ -219,41 +303,8 @@ impl Machine for Scheduler {
                 ));
             }
         };
-        let payload = record.payload.as_deref().unwrap_or_default();
-        match record.header(h::EVENT_TYPE) {
-            Some(t) if t == h::event_type::DELIVERY_REQUESTED.as_bytes() => {
-                let request = match schemas::parse_delivery_request(payload) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        effects
-                            .outputs
-                            .push(record.dead_letter(&format!("invalid delivery request: {e}")));
-                        return;
-                    }
-                };
-                let text = |name| {
-                    record
-                        .header(name)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(str::to_owned)
-                };
-                let (Some(tenant), Some(delivery_id)) = (text(h::TENANT), text(h::DELIVERY_ID))
-                else {
-                    effects
-                        .outputs
-                        .push(record.dead_letter("request without dd-tenant or dd-delivery-id"));
-                    return;
-                };
-                let job = Job {
-                    delivery_key: schemas::delivery_key(&tenant, &delivery_id),
-                    delivery_id,
-                    pickup: request.pickup_location,
-                    drop_off: request.drop_off_location,
-                    weight_kg: request.package_info.weight,
-                    size: request.package_info.size,
-                    pickup_time_ms: request.pickup_time.timestamp_millis(),
-                    deadline_ms: request.deadline.timestamp_millis(),
-                };
+        match input {
+            Input::Request(job) => {
                 let waiting_entry = Waiting {
                     seq: record.offset,
                     job: job.clone(),
@@ -261,7 +312,7 @@ impl Machine for Scheduler {
                 match region.request(job, now_ms) {
                     Decision::Assigned(a) => {
                         put_drone(region, &a.drone_id, effects);
-                        effects.outputs.push(Self::assignment_output(&a, record));
+                        effects.outputs.push(Self::assignment_output(&a));
                         metrics::counter!("scheduling_assignments_total").increment(1);
                     }
                     Decision::Waiting => {
@@ -273,17 +324,14 @@ impl Machine for Scheduler {
                     }
                     Decision::Duplicate => {}
                     Decision::Unassignable(reason) => {
-                        effects.outputs.push(record.dead_letter(&reason));
+                        effects
+                            .outputs
+                            .push(Self::rejection_output(&waiting_entry.job, &reason));
+                        metrics::counter!("scheduling_rejected_total").increment(1);
                     }
                 }
             }
-            Some(t) if t == h::event_type::DRONE_RELEASED.as_bytes() => {
-                let Ok(released) = serde_json::from_slice::<DroneReleased>(payload) else {
-                    effects
-                        .outputs
-                        .push(record.dead_letter("invalid drone release"));
-                    return;
-                };
+            Input::Release(released) => {
                 let assigned = region.release(
                     &released.drone_id,
                     &released.delivery_key,
@@ -296,28 +344,16 @@ impl Machine for Scheduler {
                     effects
                         .changes
                         .push((wait_key(&region.name, &a.delivery_key), Vec::new()));
-                    effects.outputs.push(Self::assignment_output(&a, record));
+                    effects.outputs.push(Self::assignment_output(&a));
                     metrics::counter!("scheduling_assignments_total").increment(1);
                 }
             }
-            Some(t) if t == h::event_type::DELIVERY_CANCELLED.as_bytes() => {
-                let Ok(cancelled) = serde_json::from_slice::<SchedulingCancelled>(payload) else {
-                    effects
-                        .outputs
-                        .push(record.dead_letter("invalid scheduling cancel"));
-                    return;
-                };
+            Input::Cancel(cancelled) => {
                 if region.cancel(&cancelled.delivery_key) {
                     effects
                         .changes
                         .push((wait_key(&region.name, &cancelled.delivery_key), Vec::new()));
                 }
-            }
-            other => {
-                let shown = other.map_or("none".into(), String::from_utf8_lossy);
-                effects
-                    .outputs
-                    .push(record.dead_letter(&format!("unknown event type {shown}")));
             }
         }
     }
@@ -404,11 +440,27 @@ mod tests {
     }
 
     #[test]
+    fn a_request_no_drone_can_carry_is_rejected_to_its_delivery() {
+        let mut scheduler = Scheduler::new(Fleet::Default);
+        let huge = schemas::delivery::EXAMPLE_REQUEST.replace("\"weight\":2.5", "\"weight\":900");
+        let mut fx = Effects::default();
+        scheduler.handle(&request_record(0, "47:-123", "d9", &huge), 0, &mut fx);
+        assert_eq!(fx.outputs.len(), 1);
+        assert_eq!(fx.outputs[0].topic, topics::DELIVERIES.name);
+        assert_eq!(fx.outputs[0].key, b"fabrikam/d9");
+        assert!(fx.outputs[0].headers.contains(&(
+            h::EVENT_TYPE.into(),
+            h::event_type::DELIVERY_REJECTED.as_bytes().to_vec()
+        )));
+    }
+
+    #[test]
     fn poison_becomes_a_dead_letter() {
         let mut scheduler = Scheduler::new(Fleet::Default);
         let mut fx = Effects::default();
         scheduler.handle(&request_record(0, "47:-123", "d", "{not json"), 0, &mut fx);
         assert_eq!(fx.outputs[0].topic, topics::DEAD_LETTERS.name);
+        assert!(fx.changes.is_empty(), "poison opens no region");
         let mut fx = Effects::default();
         let mut record = request_record(1, "47:-123", "d", "{}");
         record.headers[0].1 = b"Teleported".to_vec();

@@ -102,9 +102,9 @@ pub async fn run(
     settings: ClientSettings,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    if !(config.speedup.is_finite() && config.speedup > 0.0) {
+    if !(config.speedup.is_finite() && (0.01..=1_000_000.0).contains(&config.speedup)) {
         return Err(ProcessorError::Config {
-            reason: "--simulate-speedup must be positive".into(),
+            reason: "--simulate-speedup must be between 0.01 and 1000000".into(),
         });
     }
     let consumer = Consumer::subscribe(&settings, GROUP, &[topics::DRONE_ASSIGNMENTS.name])
@@ -170,6 +170,18 @@ async fn fly(
             }
             let here = along(from, to, step as f64 / steps as f64);
             if !report(client, config, &a.drone_id, here, a.speed_mps, stop).await {
+                return;
+            }
+        }
+        // Hovering at the end of a leg, it reports its position twice more, as a drone
+        // that waits would: a fix that reached the pipeline before its assignment did
+        // is not the last word.
+        for _ in 0..2 {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(tick) => {}
+            }
+            if !report(client, config, &a.drone_id, to, 0.0, stop).await {
                 return;
             }
         }

@@ -31,6 +31,8 @@ pub enum Input<'a> {
     Rescheduled(&'a DeliveryReschedule),
     /// Cancelled by the tenant.
     Cancelled,
+    /// No drone of the region can ever carry it: it is cancelled.
+    Rejected,
     /// A drone was assigned.
     Assigned(&'a Assignment),
     /// The assigned drone reported its position.
@@ -143,18 +145,15 @@ pub fn apply(
                 if let Some(t) = change.deadline {
                     state.deadline = t.to_rfc3339();
                 }
-                if let Some(l) = change.drop_off_location {
-                    state.drop_off_location = l;
-                }
                 transition(&mut state, Stage::Rescheduled, &mut effects);
             }
             (Some(state), effects)
         }
-        (Some(mut state), Input::Cancelled) => {
+        (Some(mut state), Input::Cancelled | Input::Rejected) => {
             if !state.stage.is_final() {
                 if state.stage.has_drone() {
                     effects.release = release(&state, state.last_known_location);
-                } else {
+                } else if matches!(input, Input::Cancelled) {
                     effects.unschedule = Some(pickup_region(&state));
                 }
                 transition(&mut state, Stage::Cancelled, &mut effects);
@@ -162,10 +161,13 @@ pub fn apply(
             (Some(state), effects)
         }
         (Some(mut state), Input::Assigned(a)) => {
-            if state.drone_id.as_deref() == Some(a.drone_id.as_str()) {
+            let same_drone = state.drone_id.as_deref() == Some(a.drone_id.as_str());
+            if same_drone && !state.stage.is_final() {
                 return (Some(state), effects);
             }
             if state.stage.is_final() || state.stage.has_drone() {
+                // A final delivery always gives the drone back (a replayed assignment of
+                // its own drone too: the scheduler ignores releases that do not match).
                 // Cancelled (or already flown by another drone) meanwhile: not needed.
                 effects.release = Some((
                     a.region.clone(),
@@ -205,7 +207,11 @@ pub fn apply(
                     state.delivery_eta = Some(rfc3339(now_ms + to_dropoff(here)));
                     transition(&mut state, Stage::HeadedToDropoff, &mut effects);
                 } else {
-                    let pickup = now_ms + flight_ms(distance_m(here, state.pickup_location), speed);
+                    let ready = DateTime::parse_from_rfc3339(&state.pickup_time)
+                        .map_or(0, |t| t.timestamp_millis());
+                    let pickup = (now_ms
+                        + flight_ms(distance_m(here, state.pickup_location), speed))
+                    .max(ready);
                     state.pickup_eta = Some(rfc3339(pickup));
                     state.delivery_eta = Some(rfc3339(pickup + to_dropoff(state.pickup_location)));
                     state.updated_at.clone_from(&now);
@@ -350,6 +356,9 @@ mod tests {
             request: &request,
         };
         let (created, _) = apply(None, &requested, NOW);
+        let (rejected, fx) = apply(created.clone(), &Input::Rejected, NOW);
+        assert_eq!(rejected.unwrap().stage, Stage::Cancelled);
+        assert!(fx.unschedule.is_none() && fx.release.is_none());
         let (cancelled, fx) = apply(created.clone(), &Input::Cancelled, NOW);
         assert_eq!(cancelled.as_ref().unwrap().stage, Stage::Cancelled);
         assert_eq!(fx.unschedule.as_deref(), Some("47:-123"));

@@ -18,7 +18,7 @@
 //! (another member handled records of it in between). Records of a partition revoked
 //! while a batch was being collected are dropped unhandled: the new owner handles them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use bus::{ClientSettings, Consumer, OutRecord, Producer};
@@ -193,38 +193,51 @@ pub async fn run<M: Machine>(
             received = consumer.recv() => received,
         };
         let mut batch = Vec::new();
-        match first {
-            Ok(record) => batch.push(own(&record)),
-            Err(e) => {
-                tracing::warn!(processor = spec.name, error = %e, "receive failed");
-                continue;
+        // Partitions revoked during a `recv` lose the records received before it (their
+        // new owner handles them; a partition given back restarts from its committed
+        // offset); the record that `recv` returned is from the new assignment.
+        let collect = |batch: &mut Vec<Record>,
+                       partitions: &mut HashMap<i32, PartitionInfo>,
+                       received: bus::Result<bus::Received<'_>>|
+         -> bool {
+            let revoked = consumer.take_revoked();
+            if !revoked.is_empty() {
+                let gone: HashSet<i32> = revoked.iter().map(|(_, p)| *p).collect();
+                let before = batch.len();
+                batch.retain(|r| !gone.contains(&r.partition));
+                for p in &gone {
+                    partitions.remove(p);
+                }
+                tracing::info!(processor = spec.name, partitions = ?gone, dropped = before - batch.len(), "partitions revoked");
             }
+            match received {
+                Ok(record) => {
+                    batch.push(own(&record));
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(processor = spec.name, error = %e, "receive failed");
+                    false
+                }
+            }
+        };
+        if !collect(&mut batch, &mut partitions, first) {
+            continue;
         }
         while batch.len() < config.batch_records.max(1) {
             match tokio::time::timeout(config.batch_wait, consumer.recv()).await {
-                Ok(Ok(record)) => batch.push(own(&record)),
-                Ok(Err(e)) => {
-                    tracing::warn!(processor = spec.name, error = %e, "receive failed");
-                    break;
+                Ok(received) => {
+                    if !collect(&mut batch, &mut partitions, received) {
+                        break;
+                    }
                 }
                 Err(_) => break,
             }
         }
-        // Records of partitions taken away meanwhile are their new owner's to handle (it
-        // restores the state from the changelog, which has everything handled here).
-        let revoked = consumer.take_revoked();
-        if !revoked.is_empty() {
-            let gone: std::collections::HashSet<i32> = revoked.iter().map(|(_, p)| *p).collect();
-            let before = batch.len();
-            batch.retain(|r| !gone.contains(&r.partition));
-            for p in &gone {
-                partitions.remove(p);
-            }
-            tracing::info!(processor = spec.name, partitions = ?gone, dropped = before - batch.len(), "partitions revoked");
-        }
         let mut effects = Effects::default();
-        // Per changelog partition: key to latest value, in first-change order.
+        // Per changelog partition: state changes in order, and the markers.
         let mut changes: BTreeMap<i32, Vec<Change>> = BTreeMap::new();
+        let mut markers: BTreeMap<(i32, String), i64> = BTreeMap::new();
         let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let now = now_millis();
         let mut handled = 0u64;
@@ -236,7 +249,11 @@ pub async fn run<M: Machine>(
                 .get(&record.topic)
                 .is_some_and(|next| record.offset > *next);
             if !info.restored || jumped {
-                let entries = restore(&settings, spec, config, record.partition).await?;
+                let Some(entries) =
+                    restore(&settings, spec, config, record.partition, &shutdown).await
+                else {
+                    break;
+                };
                 info.applied = entries.markers;
                 info.restored = true;
                 machine.restore(record.partition, entries.state);
@@ -255,49 +272,45 @@ pub async fn run<M: Machine>(
             let mut own_effects = Effects::default();
             machine.handle(record, now, &mut own_effects);
             effects.outputs.append(&mut own_effects.outputs);
-            let partition_changes = changes.entry(record.partition).or_default();
-            partition_changes.append(&mut own_effects.changes);
-            partition_changes.push((
-                marker_key(&record.topic),
-                record.offset.to_string().into_bytes(),
-            ));
+            changes
+                .entry(record.partition)
+                .or_default()
+                .append(&mut own_effects.changes);
+            markers.insert((record.partition, record.topic.clone()), record.offset);
             handled += 1;
+        }
+        if shutdown.is_cancelled() && handled == 0 {
+            break;
         }
         metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "handled")
             .increment(handled);
         metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "skipped_replay")
             .increment(skipped);
-        // Outputs first, then state and markers: see the module docs.
+        // Outputs, then state, then markers, each acknowledged before the next: a marker
+        // is never durable before the state it covers (see the module docs).
         let outputs = effects.outputs.into_iter().map(|o| (o, None)).collect();
         if !produce_batch(&producer, outputs, &shutdown, spec.name).await {
             break;
         }
         let mut state_writes = Vec::new();
         for (partition, list) in changes {
-            let mut latest: Vec<Change> = Vec::with_capacity(list.len());
-            let mut at: HashMap<Vec<u8>, usize> = HashMap::new();
-            for (key, value) in list {
-                match at.get(&key) {
-                    Some(&i) => latest[i].1 = value,
-                    None => {
-                        at.insert(key.clone(), latest.len());
-                        latest.push((key, value));
-                    }
-                }
-            }
-            for (key, value) in latest {
-                state_writes.push((
-                    Output {
-                        topic: spec.changelog,
-                        key,
-                        payload: value,
-                        headers: Vec::new(),
-                    },
-                    Some(partition),
-                ));
+            for (key, value) in latest_per_key(list) {
+                state_writes.push((changelog_record(spec, key, value), Some(partition)));
             }
         }
         if !produce_batch(&producer, state_writes, &shutdown, spec.name).await {
+            break;
+        }
+        let marker_writes = markers
+            .into_iter()
+            .map(|((partition, topic), offset)| {
+                (
+                    changelog_record(spec, marker_key(&topic), offset.to_string().into_bytes()),
+                    Some(partition),
+                )
+            })
+            .collect();
+        if !produce_batch(&producer, marker_writes, &shutdown, spec.name).await {
             break;
         }
         for ((topic, partition), offset) in last {
@@ -317,6 +330,31 @@ pub async fn run<M: Machine>(
     }
     tracing::info!(processor = spec.name, "stopped");
     Ok(())
+}
+
+/// The last value of each key, in the order the keys first changed.
+fn latest_per_key(list: Vec<Change>) -> Vec<Change> {
+    let mut latest: Vec<Change> = Vec::with_capacity(list.len());
+    let mut at: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (key, value) in list {
+        match at.get(&key) {
+            Some(&i) => latest[i].1 = value,
+            None => {
+                at.insert(key.clone(), latest.len());
+                latest.push((key, value));
+            }
+        }
+    }
+    latest
+}
+
+fn changelog_record(spec: Spec, key: Vec<u8>, value: Vec<u8>) -> Output {
+    Output {
+        topic: spec.changelog,
+        key,
+        payload: value,
+        headers: Vec::new(),
+    }
 }
 
 fn own(record: &bus::Received<'_>) -> Record {
@@ -340,7 +378,32 @@ struct Restored {
     markers: HashMap<String, i64>,
 }
 
+/// Restores `partition`, retrying (with backoff) until it succeeds or `shutdown` is
+/// cancelled (then `None`).
 async fn restore(
+    settings: &ClientSettings,
+    spec: Spec,
+    config: EngineConfig,
+    partition: i32,
+    shutdown: &CancellationToken,
+) -> Option<Restored> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match restore_once(settings, spec, config, partition).await {
+            Ok(restored) => return Some(restored),
+            Err(e) => {
+                tracing::warn!(processor = spec.name, partition, error = %e, ?backoff, "restore failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn restore_once(
     settings: &ClientSettings,
     spec: Spec,
     config: EngineConfig,
@@ -390,8 +453,10 @@ async fn restore(
 }
 
 /// Produces every record (to its partition when given) and waits for all
-/// acknowledgements, retrying those that failed with backoff until all are acknowledged
-/// or `shutdown` is cancelled (then `false`).
+/// acknowledgements. A full producer queue is waited out. When some records fail, every
+/// record from the first failed one on is sent again, in order (later ones may then be
+/// written twice, never out of order: the last value of a key stays the last), with
+/// backoff, until all are acknowledged or `shutdown` is cancelled (then `false`).
 pub(crate) async fn produce_batch(
     producer: &Producer,
     records: Vec<(Output, Option<i32>)>,
@@ -402,7 +467,7 @@ pub(crate) async fn produce_batch(
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
         let mut acks = Vec::with_capacity(pending.len());
-        let mut failed = Vec::new();
+        let mut first_failed: Option<(usize, bus::BusError)> = None;
         for (i, (output, partition)) in pending.iter().enumerate() {
             let headers: Vec<(&str, &[u8])> = output
                 .headers
@@ -415,9 +480,26 @@ pub(crate) async fn produce_batch(
                 payload: &output.payload,
                 headers: &headers,
             };
-            match producer.send_to(record, *partition) {
-                Ok(ack) => acks.push((i, ack)),
-                Err(e) => failed.push((i, e)),
+            loop {
+                match producer.send_to(record, *partition) {
+                    Ok(ack) => {
+                        acks.push((i, ack));
+                        break;
+                    }
+                    Err(bus::BusError::QueueFull) => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return false,
+                            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                        }
+                    }
+                    Err(e) => {
+                        first_failed = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            if first_failed.is_some() {
+                break;
             }
         }
         let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
@@ -425,24 +507,17 @@ pub(crate) async fn produce_batch(
             .into_iter()
             .zip(futures_util::future::join_all(futures).await)
         {
-            if let Err(e) = result {
-                failed.push((i, e));
+            if let Err(e) = result
+                && first_failed.as_ref().is_none_or(|(f, _)| i < *f)
+            {
+                first_failed = Some((i, e));
             }
         }
-        if failed.is_empty() {
+        let Some((from, e)) = first_failed else {
             return true;
-        }
-        failed.sort_by_key(|(i, _)| *i);
-        if let Some((_, e)) = failed.first() {
-            tracing::warn!(processor = name, failed = failed.len(), error = %e, ?backoff, "produce failed; retrying");
-        }
-        let retry: std::collections::HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-        pending = pending
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| retry.contains(i))
-            .map(|(_, r)| r)
-            .collect();
+        };
+        tracing::warn!(processor = name, from, of = pending.len(), error = %e, ?backoff, "produce failed; sending again from the first failure");
+        pending.drain(..from);
         tokio::select! {
             () = shutdown.cancelled() => return false,
             () = tokio::time::sleep(backoff) => {}

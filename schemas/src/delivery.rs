@@ -557,9 +557,10 @@ pub fn split_delivery_key(key: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// A valid reschedule of a delivery (`PATCH /api/deliveryrequests/{id}`): the fields that
-/// change, at least one. Whether the delivery exists and can still be rescheduled is
-/// decided downstream, where its state is.
+/// A valid reschedule of a delivery (`PATCH /api/deliveryrequests/{id}`): a new pickup
+/// time, deadline, or both. Whether the delivery exists and can still be rescheduled is
+/// decided downstream, where its state is. Locations cannot change: a drone may already
+/// be planned for them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryReschedule {
@@ -569,9 +570,6 @@ pub struct DeliveryReschedule {
     /// The new deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<FixedOffset>>,
-    /// The new drop-off location.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drop_off_location: Option<Location>,
 }
 
 #[derive(Deserialize)]
@@ -581,12 +579,10 @@ struct RawReschedule<'a> {
     pickup_time: Option<Text<'a>>,
     #[serde(borrow, default)]
     deadline: Option<Text<'a>>,
-    #[serde(default)]
-    drop_off_location: Option<Location>,
 }
 
-/// Parses and validates a reschedule from JSON. Fields other than `pickupTime`,
-/// `deadline` and `dropOffLocation` are refused: they cannot change after the request.
+/// Parses and validates a reschedule from JSON. Fields other than `pickupTime` and
+/// `deadline` are refused: they cannot change after the request.
 pub fn parse_reschedule(json: &[u8]) -> Result<DeliveryReschedule, ValidationError> {
     if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ValidationError::new(
@@ -617,25 +613,20 @@ pub fn parse_reschedule(json: &[u8]) -> Result<DeliveryReschedule, ValidationErr
         Some(t) => Some(parse_time(&t.0, "deadline")?),
         None => None,
     };
-    let drop_off_location = match raw.drop_off_location {
-        Some(loc) => Some(check_location(loc, "dropOffLocation")?),
-        None => None,
-    };
     if let (Some(pickup), Some(deadline)) = (pickup_time, deadline)
         && deadline <= pickup
     {
         return Err(ValidationError::new("deadline", "must be after pickupTime"));
     }
-    if pickup_time.is_none() && deadline.is_none() && drop_off_location.is_none() {
+    if pickup_time.is_none() && deadline.is_none() {
         return Err(ValidationError::new(
             "",
-            "a reschedule names at least one of pickupTime, deadline, dropOffLocation",
+            "a reschedule names pickupTime, deadline or both",
         ));
     }
     Ok(DeliveryReschedule {
         pickup_time,
         deadline,
-        drop_off_location,
     })
 }
 
@@ -659,9 +650,8 @@ mod tests {
     fn reschedules_name_at_least_one_changeable_field() {
         let r = parse_reschedule(br#"{"pickupTime":"2026-11-24T10:00:00Z"}"#).unwrap();
         assert!(r.pickup_time.is_some() && r.deadline.is_none());
-        let r = parse_reschedule(br#"{"dropOffLocation":"1,2","deadline":"2026-11-24T10:00:00Z"}"#)
-            .unwrap();
-        assert_eq!(r.drop_off_location.unwrap().latitude, 1.0);
+        let r = parse_reschedule(br#"{"deadline":"2026-11-24T10:00:00Z"}"#).unwrap();
+        assert!(r.deadline.is_some());
         let field = |json: &str| parse_reschedule(json.as_bytes()).unwrap_err().field;
         assert_eq!(field("{}"), "");
         assert_eq!(field("[]"), "");
@@ -673,10 +663,7 @@ mod tests {
                 .contains("unknown field")
         );
         assert_eq!(field(r#"{"pickupTime":"soon"}"#), "pickupTime");
-        assert_eq!(
-            field(r#"{"dropOffLocation":"91,0"}"#),
-            "dropOffLocation.latitude"
-        );
+        assert_eq!(field(r#"{"dropOffLocation":"1,0"}"#), "dropOffLocation");
         assert_eq!(
             field(r#"{"pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T09:00:00Z"}"#),
             "deadline"

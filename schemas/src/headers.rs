@@ -39,6 +39,8 @@ pub mod event_type {
     pub const DELIVERY_RESCHEDULED: &str = "DeliveryRescheduled";
     /// A delivery cancelled by its tenant; the payload is `{"deliveryId": ..}`.
     pub const DELIVERY_CANCELLED: &str = "DeliveryCancelled";
+    /// No drone of the delivery's region can ever carry it (payload: `{"reason": ..}`).
+    pub const DELIVERY_REJECTED: &str = "DeliveryRejected";
     /// A drone assigned to a delivery (payload: `tracking::Assignment`).
     pub const DRONE_ASSIGNED: &str = "DroneAssigned";
     /// A drone free again (payload: `tracking::DroneReleased`).
