@@ -45,6 +45,10 @@ fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String
 }
 
 impl Machine for Deliveries {
+    fn forget(&mut self, partition: i32) {
+        self.states.remove(&partition);
+    }
+
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
         let states = entries
             .into_iter()

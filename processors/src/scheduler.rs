@@ -231,6 +231,10 @@ fn parse(record: &Record) -> std::result::Result<Input, String> {
 }
 
 impl Machine for Scheduler {
+    fn forget(&mut self, partition: i32) {
+        self.regions.remove(&partition);
+    }
+
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
         let mut regions: HashMap<String, Region> = HashMap::new();
         let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();

@@ -116,6 +116,9 @@ pub async fn run(
     let config = Arc::new(config);
     let flights = Arc::new(Semaphore::new(config.max_flights.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    // A drone flies one assignment at a time: a new one ends its previous flight.
+    let mut flights_of: std::collections::HashMap<String, CancellationToken> =
+        std::collections::HashMap::new();
     loop {
         let permit = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -141,7 +144,11 @@ pub async fn run(
         else {
             continue;
         };
-        let (client, config, stop) = (client.clone(), Arc::clone(&config), shutdown.clone());
+        let stop = shutdown.child_token();
+        if let Some(previous) = flights_of.insert(assignment.drone_id.clone(), stop.clone()) {
+            previous.cancel();
+        }
+        let (client, config) = (client.clone(), Arc::clone(&config));
         tasks.spawn(async move {
             fly(&client, &config, &assignment, &stop).await;
             drop(permit);

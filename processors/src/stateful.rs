@@ -112,6 +112,9 @@ pub trait Machine: Send + 'static {
 
     /// Handles one record of a restored partition at `now_ms`.
     fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects);
+
+    /// Drops what it keeps of `partition` (revoked: another member owns it now).
+    fn forget(&mut self, partition: i32);
 }
 
 /// What a stateful processor reads and writes.
@@ -196,9 +199,10 @@ pub async fn run<M: Machine>(
         // Partitions revoked during a `recv` lose the records received before it (their
         // new owner handles them; a partition given back restarts from its committed
         // offset); the record that `recv` returned is from the new assignment.
-        let collect = |batch: &mut Vec<Record>,
-                       partitions: &mut HashMap<i32, PartitionInfo>,
-                       received: bus::Result<bus::Received<'_>>|
+        let mut forgotten: HashSet<i32> = HashSet::new();
+        let mut collect = |batch: &mut Vec<Record>,
+                           partitions: &mut HashMap<i32, PartitionInfo>,
+                           received: bus::Result<bus::Received<'_>>|
          -> bool {
             let revoked = consumer.take_revoked();
             if !revoked.is_empty() {
@@ -207,6 +211,7 @@ pub async fn run<M: Machine>(
                 batch.retain(|r| !gone.contains(&r.partition));
                 for p in &gone {
                     partitions.remove(p);
+                    forgotten.insert(*p);
                 }
                 tracing::info!(processor = spec.name, partitions = ?gone, dropped = before - batch.len(), "partitions revoked");
             }
@@ -233,6 +238,9 @@ pub async fn run<M: Machine>(
                 }
                 Err(_) => break,
             }
+        }
+        for p in forgotten {
+            machine.forget(p);
         }
         let mut effects = Effects::default();
         // Per changelog partition: state changes in order, and the markers.

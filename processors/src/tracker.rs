@@ -50,6 +50,10 @@ fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>) -> Output {
 }
 
 impl Machine for Tracker {
+    fn forget(&mut self, partition: i32) {
+        self.drones.remove(&partition);
+    }
+
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
         let drones = entries
             .into_values()
