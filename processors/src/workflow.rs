@@ -12,10 +12,9 @@
 //! outputs cannot be produced is retried with backoff until it succeeds or the processor
 //! stops; it is never skipped.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use bus::{ClientSettings, Consumer, OutRecord, Producer};
+use bus::{ClientSettings, Consumer, Producer};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use schemas::headers as h;
 use schemas::topics;
@@ -143,47 +142,16 @@ pub fn route(
     }
 }
 
-/// Produces every output and waits for all acknowledgements, retrying with backoff
-/// until they are all acknowledged or `shutdown` is cancelled (then `false`).
+/// Produces every output at once and waits for all acknowledgements, resending from
+/// the first failure on (in order) with backoff until all are acknowledged or `shutdown`
+/// is cancelled (then `false`).
 async fn produce_all(
     producer: Producer,
     outputs: Vec<Output>,
     shutdown: CancellationToken,
 ) -> bool {
-    let mut backoff = Duration::from_millis(100);
-    let mut pending: VecDeque<Output> = outputs.into();
-    while let Some(output) = pending.front() {
-        let headers: Vec<(&str, &[u8])> = output
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        let record = OutRecord {
-            topic: output.topic,
-            key: &output.key,
-            payload: &output.payload,
-            headers: &headers,
-        };
-        let sent = match producer.send(record) {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match sent {
-            Ok(_) => {
-                pending.pop_front();
-                backoff = Duration::from_millis(100);
-            }
-            Err(e) => {
-                tracing::warn!(topic = output.topic, error = %e, ?backoff, "workflow: produce failed; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return false,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
-    true
+    let records = outputs.into_iter().map(|o| (o, None)).collect();
+    crate::stateful::produce_batch(&producer, records, &shutdown, NAME).await
 }
 
 /// Runs the workflow processor until `shutdown` is cancelled, then waits for the records
