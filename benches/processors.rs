@@ -20,6 +20,9 @@ use schemas::headers as h;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn request(i: usize) -> String {
     let lat = 30.5 + (i % 20) as f64;
     let lon = -119.5 + ((i / 20) % 20) as f64;

@@ -19,6 +19,12 @@ use processors::workflow::WorkflowConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+// mimalloc: the pipeline allocates per record (headers, keys, JSON); glibc's allocator
+// took about a third of the processors' CPU in a profile, and mimalloc made them 10-20%
+// faster (`cargo bench --bench processors`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A high-throughput ingestion and stream-processing pipeline for drone deliveries:
 /// HTTP in, Kafka in the middle, Parquet history out, SQL on top.
 #[derive(Debug, Parser)]
