@@ -424,6 +424,7 @@ async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
         name: "offsets-test",
         keyed_by: schemas::topics::KeyedBy::OriginalKey,
         partitions: 1,
+        compacted: false,
     };
     let broker = EmbeddedBroker::start(1, &[topic])?;
     let settings = ClientSettings::plain(broker.bootstrap_servers());

@@ -11,7 +11,8 @@ use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
 
 /// Creates those of `topics` that do not exist yet, with the partition counts of the
-/// topic table and the settings' replication factor. Existing topics are left as they are.
+/// topic table, the settings' replication factor, and `cleanup.policy=compact` for state
+/// changelogs. Existing topics are left as they are.
 pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = settings
         .admin_config()
@@ -20,11 +21,16 @@ pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Resul
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 t.name,
                 t.partitions,
                 TopicReplication::Fixed(settings.replication_factor),
-            )
+            );
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -80,6 +80,17 @@ impl Producer {
         record: OutRecord<'_>,
         partition: Option<i32>,
     ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
+        self.send_record(record, partition, false)
+    }
+
+    /// [`send_to`](Self::send_to), or, when `tombstone`, a record with the key and a
+    /// null payload (`record.payload` is ignored): on a compacted topic it deletes the key.
+    pub fn send_record(
+        &self,
+        record: OutRecord<'_>,
+        partition: Option<i32>,
+        tombstone: bool,
+    ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {
@@ -87,10 +98,12 @@ impl Producer {
                 value: Some(*value),
             });
         }
-        let mut future = FutureRecord::to(record.topic)
+        let mut future = FutureRecord::<[u8], [u8]>::to(record.topic)
             .key(record.key)
-            .payload(record.payload)
             .headers(headers);
+        if !tombstone {
+            future = future.payload(record.payload);
+        }
         if let Some(partition) = partition {
             future = future.partition(partition);
         }

@@ -340,6 +340,12 @@ pub async fn run<M: Machine>(
     Ok(())
 }
 
+fn is_changelog(topic: &str) -> bool {
+    schemas::topics::ALL
+        .iter()
+        .any(|t| t.compacted && t.name == topic)
+}
+
 /// The last value of each key, in the order the keys first changed.
 fn latest_per_key(list: Vec<Change>) -> Vec<Change> {
     let mut latest: Vec<Change> = Vec::with_capacity(list.len());
@@ -488,8 +494,11 @@ pub(crate) async fn produce_batch(
                 payload: &output.payload,
                 headers: &headers,
             };
+            // An empty value on a changelog deletes the key: a tombstone, so that
+            // compaction drops it.
+            let tombstone = output.payload.is_empty() && is_changelog(output.topic);
             loop {
-                match producer.send_to(record, *partition) {
+                match producer.send_record(record, *partition, tombstone) {
                     Ok(ack) => {
                         acks.push((i, ack));
                         break;

@@ -27,6 +27,8 @@ pub struct Topic {
     /// Partitions created when the topic does not exist yet. Partitions bound how many
     /// consumers of one group can share the work.
     pub partitions: i32,
+    /// Whether the broker keeps only the latest record per key (a state changelog).
+    pub compacted: bool,
 }
 
 /// Delivery requests, reschedules and cancels as accepted by the ingestion tier.
@@ -34,6 +36,7 @@ pub const DELIVERY_REQUESTS: Topic = Topic {
     name: "delivery-requests",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
+    compacted: false,
 };
 
 /// Work for the delivery consumer (state, status and ETA tracking).
@@ -41,6 +44,7 @@ pub const DELIVERIES: Topic = Topic {
     name: "deliveries",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
+    compacted: false,
 };
 
 /// Work for the scheduling consumer (drone assignment), keyed by region.
@@ -48,6 +52,7 @@ pub const DRONE_SCHEDULING: Topic = Topic {
     name: "drone-scheduling",
     keyed_by: KeyedBy::Region,
     partitions: 12,
+    compacted: false,
 };
 
 /// Drone assignments with pickup and delivery ETAs, keyed by drone id so that they
@@ -56,6 +61,7 @@ pub const DRONE_ASSIGNMENTS: Topic = Topic {
     name: "drone-assignments",
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
+    compacted: false,
 };
 
 /// Position fixes posted by drones.
@@ -63,6 +69,7 @@ pub const DRONE_TELEMETRY: Topic = Topic {
     name: "drone-telemetry",
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
+    compacted: false,
 };
 
 /// Every stage transition of every delivery.
@@ -70,6 +77,7 @@ pub const DELIVERY_EVENTS: Topic = Topic {
     name: "delivery-events",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
+    compacted: false,
 };
 
 /// Records that could not be processed, with the reason and the original bytes.
@@ -77,6 +85,7 @@ pub const DEAD_LETTERS: Topic = Topic {
     name: "dead-letters",
     keyed_by: KeyedBy::OriginalKey,
     partitions: 3,
+    compacted: false,
 };
 
 /// Changelog of the delivery consumer's state: each delivery's latest state, in the
@@ -85,6 +94,7 @@ pub const DELIVERY_STATE: Topic = Topic {
     name: "delivery-state",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
+    compacted: true,
 };
 
 /// Changelog of the scheduling consumer's state (drones and waiting requests), in the
@@ -93,6 +103,7 @@ pub const SCHEDULING_STATE: Topic = Topic {
     name: "scheduling-state",
     keyed_by: KeyedBy::Region,
     partitions: 12,
+    compacted: true,
 };
 
 /// Changelog of the drone tracker's state (each drone's current delivery), in the
@@ -101,6 +112,7 @@ pub const TRACKING_STATE: Topic = Topic {
     name: "tracking-state",
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
+    compacted: true,
 };
 
 /// Every topic of the pipeline, in the order of the data flow.
@@ -143,6 +155,7 @@ mod tests {
         assert_eq!(names.len(), ALL.len());
         for t in ALL {
             assert!(t.partitions > 0);
+            assert_eq!(t.compacted, t.name.ends_with("-state"), "{}", t.name);
             assert!(t.name.len() <= 249);
             assert!(
                 t.name
