@@ -244,10 +244,9 @@ impl Machine for Scheduler {
             let (Some(kind), Some(region)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let entry = regions.entry(region.to_owned()).or_insert_with(|| Region {
-                name: region.to_owned(),
-                ..Region::default()
-            });
+            let entry = regions
+                .entry(region.to_owned())
+                .or_insert_with(|| Region::new(region, Vec::new()));
             match kind {
                 "d" => {
                     if let Ok(drone) = serde_json::from_slice::<Drone>(&value) {
@@ -265,7 +264,7 @@ impl Machine for Scheduler {
         for (region, mut list) in waiting {
             list.sort_by_key(|w| w.seq);
             if let Some(r) = regions.get_mut(&region) {
-                r.waiting = list.into_iter().map(|w| w.job).collect();
+                r.set_waiting(list.into_iter().map(|w| w.job).collect());
             }
         }
         self.regions.insert(partition, regions);

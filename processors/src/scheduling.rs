@@ -6,7 +6,7 @@
 //! drone is free the request waits, first come first served, and is assigned when a
 //! drone is released. A request no drone of the region could ever carry is refused.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use schemas::delivery::Location;
 use schemas::{PackageSize, tracking::Assignment};
@@ -108,8 +108,12 @@ pub struct Region {
     pub name: String,
     /// Its drones by id.
     pub drones: BTreeMap<String, Drone>,
-    /// Requests waiting for a drone, oldest first.
+    /// Requests waiting for a drone, oldest first. Read it freely; change it only
+    /// through [`Region::set_waiting`] and the scheduling methods, which keep the index.
     pub waiting: VecDeque<Job>,
+    /// The delivery keys in `waiting`, for constant-time duplicate checks.
+    #[serde(skip)]
+    waiting_keys: HashSet<String>,
 }
 
 impl Region {
@@ -119,12 +123,19 @@ impl Region {
             name: name.to_owned(),
             drones: drones.into_iter().map(|d| (d.id.clone(), d)).collect(),
             waiting: VecDeque::new(),
+            waiting_keys: HashSet::new(),
         }
+    }
+
+    /// Replaces the waiting queue (restoring from a changelog).
+    pub fn set_waiting(&mut self, jobs: VecDeque<Job>) {
+        self.waiting_keys = jobs.iter().map(|j| j.delivery_key.clone()).collect();
+        self.waiting = jobs;
     }
 
     /// Whether the delivery is waiting or being flown here.
     pub fn knows(&self, delivery_key: &str) -> bool {
-        self.waiting.iter().any(|j| j.delivery_key == delivery_key)
+        self.waiting_keys.contains(delivery_key)
             || self
                 .drones
                 .values()
@@ -159,6 +170,7 @@ impl Region {
         match self.assign(&job, now_ms) {
             Some(assignment) => Decision::Assigned(assignment),
             None => {
+                self.waiting_keys.insert(job.delivery_key.clone());
                 self.waiting.push_back(job);
                 Decision::Waiting
             }
@@ -202,12 +214,21 @@ impl Region {
             }
             _ => return Vec::new(),
         }
+        // Oldest first, each to the best free drone that can carry it; the scan stops
+        // as soon as no drone is free.
         let mut assigned = Vec::new();
         let mut still_waiting = VecDeque::with_capacity(self.waiting.len());
         while let Some(job) = self.waiting.pop_front() {
-            let any_free = self.drones.values().any(|d| d.busy_with.is_none());
-            match any_free.then(|| self.assign(&job, now_ms)).flatten() {
-                Some(assignment) => assigned.push(assignment),
+            if !self.drones.values().any(|d| d.busy_with.is_none()) {
+                still_waiting.push_back(job);
+                still_waiting.append(&mut self.waiting);
+                break;
+            }
+            match self.assign(&job, now_ms) {
+                Some(assignment) => {
+                    self.waiting_keys.remove(&assignment.delivery_key);
+                    assigned.push(assignment);
+                }
                 None => still_waiting.push_back(job),
             }
         }
@@ -218,9 +239,11 @@ impl Region {
     /// Drops a waiting request (cancelled). A request already assigned is left alone:
     /// its drone is released by the delivery consumer.
     pub fn cancel(&mut self, delivery_key: &str) -> bool {
-        let before = self.waiting.len();
+        if !self.waiting_keys.remove(delivery_key) {
+            return false;
+        }
         self.waiting.retain(|j| j.delivery_key != delivery_key);
-        self.waiting.len() != before
+        true
     }
 }
 
@@ -399,6 +422,12 @@ mod tests {
                 if let Decision::Assigned(a) = region.request(j.clone(), now) {
                     check(&a, &region, &mut flying, &j)?;
                 }
+                // Nothing waits while a free drone could carry it, and the index holds.
+                for w in &region.waiting {
+                    prop_assert!(region.best_drone(w, now).is_none(), "{} waits needlessly", w.delivery_key);
+                    prop_assert!(region.knows(&w.delivery_key));
+                }
+                prop_assert_eq!(region.waiting_keys.len(), region.waiting.len());
             }
         }
 
