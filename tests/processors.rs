@@ -164,7 +164,8 @@ impl Stack {
         Ok(())
     }
 
-    /// Waits until every delivery in `ids` is at `stage` on the status route.
+    /// Waits until every delivery in `ids` is at `stage` or past it on the status route
+    /// (simulated flights are fast: a stage may last less than a poll).
     async fn wait_for(&self, ids: &[String], stage: Stage) -> Result<()> {
         let client = client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -174,7 +175,9 @@ impl Stack {
             for id in &pending {
                 let url = format!("{}/api/deliveries/{id}/status", self.base);
                 let (status, _, body) = call(&client, "GET", &url, &[], Vec::new()).await?;
-                if status == 200 && body["stage"] == serde_json::json!(stage) {
+                let reached = serde_json::from_value::<Stage>(body["stage"].clone())
+                    .is_ok_and(|at| rank(at) >= rank(stage));
+                if status == 200 && reached {
                     done.push(*id);
                 }
             }
@@ -268,6 +271,17 @@ impl Stack {
         }
         drop(self.broker);
         Ok(())
+    }
+}
+
+/// A stage's place on the way to completion.
+fn rank(stage: Stage) -> u8 {
+    match stage {
+        Stage::Created => 0,
+        Stage::Rescheduled => 1,
+        Stage::HeadedToPickup => 2,
+        Stage::HeadedToDropoff => 3,
+        Stage::Completed | Stage::Cancelled => 4,
     }
 }
 
