@@ -75,7 +75,7 @@ async fn run(n: usize) {
             }
         }
     }
-    for ack in futures_join(acks).await {
+    for ack in futures_util::future::join_all(acks).await {
         ack.unwrap();
     }
     println!(
@@ -156,12 +156,4 @@ async fn run(n: usize) {
         whole.as_secs_f64(),
         n as f64 / whole.as_secs_f64()
     );
-}
-
-async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::with_capacity(futures.len());
-    for f in futures {
-        out.push(f.await);
-    }
-    out
 }

@@ -143,16 +143,6 @@ impl Window {
         self.bytes
     }
 
-    /// Keys held.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no key is held.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Looks `key` up; a new key is marked in progress.
     pub fn begin(&mut self, key: &str, fingerprint: u64, now: Instant) -> Begin {
         self.evict(now, 0);

@@ -160,14 +160,24 @@ pub struct DeliveryRequest<'a> {
 /// Unknown fields are ignored, as in the reference implementation. Every rule that fails
 /// is reported with the field's JSON path; the first failure wins.
 pub fn parse_delivery_request(json: &[u8]) -> Result<DeliveryRequest<'_>, ValidationError> {
+    let raw: RawRequest<'_> = deserialize_object(json, "a delivery request")?;
+    raw.validate()
+}
+
+/// Deserializes one JSON object (`what` names it in errors) with the path of a failing
+/// field, refusing anything after it.
+fn deserialize_object<'a, T: Deserialize<'a>>(
+    json: &'a [u8],
+    what: &str,
+) -> Result<T, ValidationError> {
     if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ValidationError::new(
             "",
-            "a delivery request must be a JSON object",
+            format!("{what} must be a JSON object"),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawRequest<'_> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let raw: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let field = if field == "." || field == "?" {
             String::new()
@@ -181,7 +191,7 @@ pub fn parse_delivery_request(json: &[u8]) -> Result<DeliveryRequest<'_>, Valida
     })?;
     de.end()
         .map_err(|e| ValidationError::new("", clean_serde_reason(&e)))?;
-    raw.validate()
+    Ok(raw)
 }
 
 /// serde_json's message without its "at line L column C" suffix when the field is known,
@@ -584,27 +594,7 @@ struct RawReschedule<'a> {
 /// Parses and validates a reschedule from JSON. Fields other than `pickupTime` and
 /// `deadline` are refused: they cannot change after the request.
 pub fn parse_reschedule(json: &[u8]) -> Result<DeliveryReschedule, ValidationError> {
-    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ValidationError::new(
-            "",
-            "a reschedule must be a JSON object",
-        ));
-    }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawReschedule<'_> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." || field == "?" {
-            String::new()
-        } else {
-            field
-        };
-        ValidationError {
-            field,
-            reason: clean_serde_reason(&e.into_inner()),
-        }
-    })?;
-    de.end()
-        .map_err(|e| ValidationError::new("", clean_serde_reason(&e)))?;
+    let raw: RawReschedule<'_> = deserialize_object(json, "a reschedule")?;
     let pickup_time = match raw.pickup_time {
         Some(t) => Some(parse_time(&t.0, "pickupTime")?),
         None => None,

@@ -111,27 +111,14 @@ impl IngestOnly {
     }
 }
 
+/// A POST with `headers` and `body` (see [`call`]).
 pub async fn post_raw(
     client: &HttpClient,
     url: &str,
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
-    let mut request = hyper::Request::post(url);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = tokio::time::timeout(
-        Duration::from_secs(30),
-        client.request(request.body(Full::new(Bytes::from(body)))?),
-    )
-    .await
-    .context("request timed out")??;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Ok((status, headers, json))
+    call(client, "POST", url, headers, body).await
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
