@@ -67,8 +67,10 @@ enum Command {
     Process(Box<ProcessArgs>),
     /// Run the history sink (Kafka to Parquet) against a Kafka cluster.
     History(Box<HistoryArgs>),
-    /// Run one SQL query over the history and print the result.
+    /// Run one SQL query over the history and print the result (or write it to a file).
     Sql(SqlArgs),
+    /// Merge the small files of the history and delete files no longer needed, once.
+    Compact(CompactArgs),
     /// Fly the assigned drones: read drone-assignments and post each drone's positions
     /// to the ingestion API, faster than real time.
     Simulate(Box<SimulateArgs>),
@@ -127,6 +129,16 @@ struct ProcessArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct CompactArgs {
+    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
+    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
+    data: String,
+
+    #[command(flatten)]
+    compaction: analytics::compact::CompactionConfig,
+}
+
+#[derive(Debug, clap::Args)]
 struct HistoryArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
@@ -154,6 +166,7 @@ fn main() -> ExitCode {
             Command::Process(args) => process_only(*args).await,
             Command::History(args) => history_only(*args).await,
             Command::Sql(args) => sql(args).await,
+            Command::Compact(args) => compact(args).await,
             Command::Simulate(args) => simulate(*args).await,
         }
     });
@@ -483,9 +496,39 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
 }
 
 async fn sql(args: SqlArgs) -> Result<()> {
+    use analytics::sql::OutputFormat;
+    use std::io::Write as _;
+    if args.output.is_none() && matches!(args.format, OutputFormat::Parquet | OutputFormat::Arrow) {
+        anyhow::bail!(
+            "--format {:?} writes binary data: give --output FILE",
+            args.format
+        );
+    }
     let history = History::open(&args.data, &args.limits).await?;
-    let batches = history.query(&args.query).await?;
-    print!("{}", analytics::sql::render(&batches, args.format)?);
+    let result = history.query(&args.query).await?;
+    let bytes = analytics::sql::render(&result, args.format)?;
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("{} rows written to {}", result.rows(), path.display());
+        }
+        None => std::io::stdout()
+            .write_all(&bytes)
+            .context("writing the result")?,
+    }
+    Ok(())
+}
+
+async fn compact(args: CompactArgs) -> Result<()> {
+    let cwd = std::env::current_dir().context("reading the working directory")?;
+    let root = analytics::store::DataRoot::open(&args.data, &cwd)?;
+    let log = analytics::log::Log::open(root).await?;
+    let report =
+        analytics::compact::compact_once(&log, &args.compaction, &CancellationToken::new()).await?;
+    eprintln!(
+        "merged {} files into {}, {} lost a race, {} deleted",
+        report.replaced, report.merged, report.conflicts, report.deleted
+    );
     Ok(())
 }
 

@@ -19,6 +19,24 @@ pub enum AnalyticsError {
         /// The store's error.
         source: object_store::Error,
     },
+    /// An object of the table log cannot be read.
+    #[error("table log object {object}: {reason}")]
+    Corrupt {
+        /// The object.
+        object: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another writer committed offsets this sink had read: its buffered rows were
+    /// dropped and could not be read again.
+    #[error("history sink fenced: {reason}")]
+    Fenced {
+        /// What happened.
+        reason: String,
+    },
+    /// A crash injected by a test.
+    #[error("injected failure at {0:?}")]
+    Injected(crate::sink::FailPoint),
     /// Encoding a Parquet file failed.
     #[error("parquet error while {action}: {source}")]
     Parquet {
@@ -46,6 +64,12 @@ pub enum AnalyticsError {
     Query {
         /// DataFusion's error.
         source: datafusion::error::DataFusionError,
+    },
+    /// The query returns more rows than allowed.
+    #[error("the result has more than {limit} rows; aggregate or add a LIMIT")]
+    TooManyRows {
+        /// The limit.
+        limit: usize,
     },
     /// The query ran longer than the time limit.
     #[error("query exceeded the time limit of {limit:?}")]

@@ -10,7 +10,9 @@
 //! imports the ingestion or processor crates: it meets them only through topics named in
 //! `schemas`.
 
+pub mod compact;
 mod error;
+pub mod log;
 pub mod rows;
 pub mod sink;
 pub mod sql;

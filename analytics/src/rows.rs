@@ -167,6 +167,335 @@ impl DeliveryRequestRows {
     }
 }
 
+/// One Kafka record as the sink sees it, with the headers the tables use.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    /// The record key.
+    pub key: Option<&'a [u8]>,
+    /// The record value.
+    pub payload: &'a [u8],
+    /// `dd-event-type`.
+    pub event_type: Option<&'a [u8]>,
+    /// `dd-drone-id`.
+    pub drone_id: Option<&'a [u8]>,
+    /// `dd-dead-letter-reason`.
+    pub dead_letter_reason: Option<&'a [u8]>,
+    /// `dd-dead-letter-source`.
+    pub dead_letter_source: Option<&'a [u8]>,
+    /// Where it came from.
+    pub from: Provenance<'a>,
+}
+
+/// Why a record gave no row.
+#[derive(Debug)]
+pub enum Skip {
+    /// The record is of an event type this table does not hold.
+    OtherEvent,
+    /// The record is not valid for its table.
+    Invalid(ValidationError),
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Skip {
+    Skip::Invalid(ValidationError {
+        field: field.to_owned(),
+        reason: reason.into(),
+    })
+}
+
+fn micros(field: &str, text: &str) -> Result<i64, Skip> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_micros())
+        .map_err(|e| invalid(field, format!("not an RFC 3339 time: {e}")))
+}
+
+fn text(bytes: Option<&[u8]>) -> Option<String> {
+    bytes.map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+/// The rows of one history table, built column by column (`delivery_requests`, the hot
+/// path) or through arrow's JSON decoder from typed rows (the other tables).
+#[derive(Debug)]
+pub enum TableRows {
+    /// `delivery_requests`.
+    Requests(DeliveryRequestRows),
+    /// `delivery_events`.
+    Events(Vec<EventRow>),
+    /// `drone_assignments`.
+    Assignments(Vec<AssignmentRow>),
+    /// `telemetry`.
+    Telemetry(Vec<TelemetryRow>),
+    /// `dead_letters`.
+    DeadLetters(Vec<DeadLetterRow>),
+}
+
+/// A `delivery_events` row.
+#[derive(Debug, serde::Serialize)]
+pub struct EventRow {
+    tenant: String,
+    delivery_id: String,
+    owner_id: String,
+    stage: &'static str,
+    seq: i64,
+    at: i64,
+    drone_id: Option<String>,
+    latitude: f64,
+    longitude: f64,
+    pickup_eta: Option<i64>,
+    delivery_eta: Option<i64>,
+    ingest_time: i64,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+/// A `drone_assignments` row.
+#[derive(Debug, serde::Serialize)]
+pub struct AssignmentRow {
+    drone_id: String,
+    region: String,
+    tenant: String,
+    delivery_id: String,
+    from_latitude: f64,
+    from_longitude: f64,
+    pickup_latitude: f64,
+    pickup_longitude: f64,
+    dropoff_latitude: f64,
+    dropoff_longitude: f64,
+    speed_mps: f64,
+    assigned_at: i64,
+    pickup_eta: i64,
+    delivery_eta: i64,
+    ingest_time: i64,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+/// A `telemetry` row.
+#[derive(Debug, serde::Serialize)]
+pub struct TelemetryRow {
+    drone_id: String,
+    latitude: f64,
+    longitude: f64,
+    fix_time: i64,
+    altitude: Option<f64>,
+    speed: Option<f64>,
+    heading: Option<f64>,
+    battery: Option<f64>,
+    ingest_time: i64,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+/// A `dead_letters` row.
+#[derive(Debug, serde::Serialize)]
+pub struct DeadLetterRow {
+    reason: String,
+    source: String,
+    record_key: Option<String>,
+    payload: String,
+    payload_bytes: i64,
+    ingest_time: i64,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+fn stage_name(stage: schemas::tracking::Stage) -> &'static str {
+    use schemas::tracking::Stage;
+    match stage {
+        Stage::Created => "Created",
+        Stage::Rescheduled => "Rescheduled",
+        Stage::HeadedToPickup => "HeadedToPickup",
+        Stage::HeadedToDropoff => "HeadedToDropoff",
+        Stage::Completed => "Completed",
+        Stage::Cancelled => "Cancelled",
+    }
+}
+
+impl TableRows {
+    /// Empty rows for `table`.
+    pub fn new(table: &str) -> Option<Self> {
+        use schemas::history as h;
+        Some(match table {
+            t if t == h::DELIVERY_REQUESTS.name => Self::Requests(DeliveryRequestRows::default()),
+            t if t == h::DELIVERY_EVENTS.name => Self::Events(Vec::new()),
+            t if t == h::DRONE_ASSIGNMENTS.name => Self::Assignments(Vec::new()),
+            t if t == h::TELEMETRY.name => Self::Telemetry(Vec::new()),
+            t if t == h::DEAD_LETTERS.name => Self::DeadLetters(Vec::new()),
+            _ => return None,
+        })
+    }
+
+    /// The table these rows belong to.
+    pub fn table(&self) -> schemas::history::HistoryTable {
+        use schemas::history as h;
+        match self {
+            Self::Requests(_) => h::DELIVERY_REQUESTS,
+            Self::Events(_) => h::DELIVERY_EVENTS,
+            Self::Assignments(_) => h::DRONE_ASSIGNMENTS,
+            Self::Telemetry(_) => h::TELEMETRY,
+            Self::DeadLetters(_) => h::DEAD_LETTERS,
+        }
+    }
+
+    /// Rows appended and not yet finished.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Requests(r) => r.len(),
+            Self::Events(r) => r.len(),
+            Self::Assignments(r) => r.len(),
+            Self::Telemetry(r) => r.len(),
+            Self::DeadLetters(r) => r.len(),
+        }
+    }
+
+    /// Whether no row is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the row of `record`, or says why it gives none.
+    pub fn append(&mut self, record: &RecordView<'_>) -> Result<(), Skip> {
+        let from = record.from;
+        match self {
+            Self::Requests(rows) => {
+                let requested = schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes();
+                if record.event_type.is_some_and(|t| t != requested) {
+                    return Err(Skip::OtherEvent);
+                }
+                rows.append(record.payload, from).map_err(Skip::Invalid)
+            }
+            Self::Events(rows) => {
+                let event: schemas::tracking::DeliveryEvent =
+                    serde_json::from_slice(record.payload)
+                        .map_err(|e| invalid("payload", e.to_string()))?;
+                let key = record.key.map(String::from_utf8_lossy).unwrap_or_default();
+                let tenant = schemas::split_delivery_key(&key)
+                    .0
+                    .unwrap_or(schemas::DEFAULT_TENANT)
+                    .to_owned();
+                rows.push(EventRow {
+                    tenant,
+                    at: micros("at", &event.at)?,
+                    pickup_eta: event
+                        .pickup_eta
+                        .as_deref()
+                        .map(|t| micros("pickupETA", t))
+                        .transpose()?,
+                    delivery_eta: event
+                        .delivery_eta
+                        .as_deref()
+                        .map(|t| micros("deliveryETA", t))
+                        .transpose()?,
+                    delivery_id: event.delivery_id,
+                    owner_id: event.owner_id,
+                    stage: stage_name(event.stage),
+                    seq: i64::from(event.seq),
+                    drone_id: event.drone_id,
+                    latitude: event.last_known_location.latitude,
+                    longitude: event.last_known_location.longitude,
+                    ingest_time: from.ingest_millis,
+                    kafka_partition: from.partition,
+                    kafka_offset: from.offset,
+                });
+                Ok(())
+            }
+            Self::Assignments(rows) => {
+                let a: schemas::tracking::Assignment = serde_json::from_slice(record.payload)
+                    .map_err(|e| invalid("payload", e.to_string()))?;
+                let tenant = schemas::split_delivery_key(&a.delivery_key)
+                    .0
+                    .unwrap_or(schemas::DEFAULT_TENANT)
+                    .to_owned();
+                rows.push(AssignmentRow {
+                    tenant,
+                    from_latitude: a.from.latitude,
+                    from_longitude: a.from.longitude,
+                    pickup_latitude: a.pickup.latitude,
+                    pickup_longitude: a.pickup.longitude,
+                    dropoff_latitude: a.drop_off.latitude,
+                    dropoff_longitude: a.drop_off.longitude,
+                    speed_mps: a.speed_mps,
+                    assigned_at: a.assigned_at,
+                    pickup_eta: a.pickup_eta,
+                    delivery_eta: a.delivery_eta,
+                    drone_id: a.drone_id,
+                    region: a.region,
+                    delivery_id: a.delivery_id,
+                    ingest_time: from.ingest_millis,
+                    kafka_partition: from.partition,
+                    kafka_offset: from.offset,
+                });
+                Ok(())
+            }
+            Self::Telemetry(rows) => {
+                let fix = schemas::telemetry::parse_position_fix(record.payload)
+                    .map_err(Skip::Invalid)?;
+                let drone_id = text(record.drone_id.or(record.key))
+                    .ok_or_else(|| invalid("key", "the record names no drone"))?;
+                rows.push(TelemetryRow {
+                    drone_id,
+                    latitude: fix.latitude,
+                    longitude: fix.longitude,
+                    fix_time: fix.timestamp.timestamp_micros(),
+                    altitude: fix.altitude,
+                    speed: fix.speed,
+                    heading: fix.heading,
+                    battery: fix.battery,
+                    ingest_time: from.ingest_millis,
+                    kafka_partition: from.partition,
+                    kafka_offset: from.offset,
+                });
+                Ok(())
+            }
+            Self::DeadLetters(rows) => {
+                rows.push(DeadLetterRow {
+                    reason: text(record.dead_letter_reason).unwrap_or_default(),
+                    source: text(record.dead_letter_source).unwrap_or_default(),
+                    record_key: text(record.key),
+                    payload: String::from_utf8_lossy(record.payload).into_owned(),
+                    payload_bytes: i64::try_from(record.payload.len()).unwrap_or(i64::MAX),
+                    ingest_time: from.ingest_millis,
+                    kafka_partition: from.partition,
+                    kafka_offset: from.offset,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the waiting rows as one record batch of the table's schema.
+    pub fn finish(&mut self) -> Result<RecordBatch> {
+        let schema = (self.table().schema)();
+        match self {
+            Self::Requests(rows) => rows.finish(),
+            Self::Events(rows) => decode(schema, std::mem::take(rows)),
+            Self::Assignments(rows) => decode(schema, std::mem::take(rows)),
+            Self::Telemetry(rows) => decode(schema, std::mem::take(rows)),
+            Self::DeadLetters(rows) => decode(schema, std::mem::take(rows)),
+        }
+    }
+}
+
+/// Typed rows to one batch through arrow's JSON decoder (timestamps as integers in the
+/// column's unit).
+fn decode<R: serde::Serialize>(
+    schema: arrow::datatypes::SchemaRef,
+    rows: Vec<R>,
+) -> Result<RecordBatch> {
+    let arrow_err = |source| AnalyticsError::Arrow {
+        action: "decoding rows",
+        source,
+    };
+    let mut decoder = arrow::json::ReaderBuilder::new(std::sync::Arc::clone(&schema))
+        .with_batch_size(rows.len().max(1))
+        .build_decoder()
+        .map_err(arrow_err)?;
+    decoder.serialize(&rows).map_err(arrow_err)?;
+    Ok(decoder
+        .flush()
+        .map_err(arrow_err)?
+        .unwrap_or_else(|| RecordBatch::new_empty(schema)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,24 @@
-//! The history sink: `delivery-requests` into Parquet files on the object store.
+//! The history sink: every event topic into Parquet files on the object store, exactly
+//! once.
 //!
-//! Records are buffered per ingest date and written as one file per date when the buffer
-//! holds `--roll-rows` rows or its oldest row is `--roll-interval-ms` old, and on
-//! shutdown. A file is written with one atomic `put`; only after that are the offsets of
-//! its records stored, so a crash re-reads rather than loses. Each file's Parquet
-//! key-value metadata records the Kafka offsets it covers.
+//! Records are buffered per table and date (Hive-style `table/date=YYYY-MM-DD/`). When the
+//! buffer holds `--roll-rows` rows or its oldest record is `--roll-interval-ms` old (and
+//! on shutdown), the sink *rolls*:
 //!
-//! A record that is not a valid request is logged, counted and skipped; it is never
-//! silently dropped.
+//! 1. each table and date becomes one zstd Parquet file with statistics, written with one
+//!    atomic put (the offsets it covers are also in its key-value metadata);
+//! 2. one commit to the [table log](crate::log) adds the files and the offsets read;
+//! 3. only then are the offsets stored and committed to Kafka.
+//!
+//! On start, and for every record, the log decides: a record whose offset the log already
+//! holds is skipped. So a crash after step 1 leaves a file nobody reads (the records are
+//! read again and written again), and a crash after step 2 re-reads records that are then
+//! skipped: no row is missing and none is there twice. A commit that overlaps offsets
+//! another sink instance committed (a rebalance) is refused; the sink then drops its
+//! buffer and seeks back to what the log holds.
+//!
+//! Records that give no row (reschedules and cancels on `delivery-requests`, invalid
+//! records) are counted and logged, and their offsets still move on.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,28 +33,48 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use schemas::history;
-use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
+use crate::compact::{self, CompactionConfig};
 use crate::error::{AnalyticsError, Result};
-use crate::rows::{DeliveryRequestRows, Provenance};
+use crate::log::{Commit, DataFile, Log, OffsetRange, Snapshot};
+use crate::rows::{Provenance, RecordView, Skip, TableRows};
 use crate::store::DataRoot;
 
 /// Settings of the history sink.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinkConfig {
-    /// Where the history lives: `file:///path`, `file://./relative/path` or a path.
+    /// Where the history lives: `file:///path`, a path, `s3://bucket/prefix`,
+    /// `az://container/prefix` or `gs://bucket/prefix` (credentials from the store's usual
+    /// environment variables, such as `AWS_ACCESS_KEY_ID`, `AZURE_STORAGE_ACCOUNT_NAME` or
+    /// `GOOGLE_SERVICE_ACCOUNT`).
     #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
     pub data: String,
 
-    /// Rows buffered before a file is written.
+    /// Rows buffered (all tables together) before files are written.
     #[arg(long, env = "DRONEDELIVERY_ROLL_ROWS", default_value_t = 200_000)]
     pub roll_rows: usize,
 
     /// Longest time a record waits in the buffer before its file is written, in
-    /// milliseconds: the bound on how stale the history is.
+    /// milliseconds: with the commit after it, the bound on how stale the history is.
     #[arg(long, env = "DRONEDELIVERY_ROLL_INTERVAL_MS", default_value_t = 2_000)]
     pub roll_interval_ms: u64,
+
+    #[command(flatten)]
+    pub compaction: CompactionConfig,
+
+    /// A crash to inject (tests only).
+    #[arg(skip)]
+    pub fail_at: Option<FailPoint>,
+}
+
+/// Where a test makes the sink fail as if the process died there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the first roll wrote its Parquet files, before the log commit.
+    AfterFileWrite,
+    /// After the first roll's log commit, before the Kafka commit.
+    AfterLogCommit,
 }
 
 /// What the sink does when it is told to stop.
@@ -56,20 +87,19 @@ pub enum OnShutdown {
     Drain(Duration),
 }
 
-/// The rows of one ingest date waiting for their file, and the offsets they cover.
-#[derive(Default)]
+/// The rows of one table and date waiting for their file.
 struct Pending {
-    rows: DeliveryRequestRows,
-    /// Per partition: the first and last offset of these rows.
+    rows: TableRows,
+    /// Per topic partition: the first and last offset of these rows.
     offsets: BTreeMap<i32, (i64, i64)>,
 }
 
-/// Buffered rows, per ingest date.
+/// What the sink read since its last roll.
 #[derive(Default)]
 struct Buffer {
-    by_date: BTreeMap<NaiveDate, Pending>,
-    /// Per partition: the last offset read, including skipped records.
-    last_read: BTreeMap<i32, i64>,
+    by_file: BTreeMap<(&'static str, NaiveDate), Pending>,
+    /// Per topic and partition: the offsets read (rows or not).
+    read: BTreeMap<(String, i32), OffsetRange>,
     rows: usize,
     since: Option<Instant>,
 }
@@ -83,6 +113,17 @@ impl Buffer {
     }
 }
 
+/// The sink's state between rolls.
+struct Sink {
+    config: SinkConfig,
+    log: Log,
+    consumer: Arc<Consumer>,
+    /// The log as of the last commit or refresh: what is durable.
+    durable: Arc<Snapshot>,
+    buffer: Buffer,
+    rolls: u64,
+}
+
 /// Runs the sink until `shutdown` is cancelled.
 pub async fn run(
     config: SinkConfig,
@@ -93,218 +134,420 @@ pub async fn run(
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let root = DataRoot::open(&config.data, &cwd)?;
     tracing::info!(data = %root.url, "history sink: writing Parquet");
+    let log = Log::open(root.clone()).await?;
+    let durable = log.snapshot().await?;
+    let topics: Vec<&str> = history::TABLES.iter().map(|t| t.topic.name).collect();
     let consumer = Arc::new(Consumer::subscribe(
         &settings,
-        topics::groups::HISTORY,
-        &[topics::DELIVERY_REQUESTS.name],
+        schemas::topics::groups::HISTORY,
+        &topics,
     )?);
-    let mut buffer = Buffer::default();
-    let tick = Duration::from_millis(config.roll_interval_ms.clamp(10, 1000) / 2 + 1);
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {
-                if buffer.due(&config) {
-                    roll(&root, &consumer, &mut buffer).await?;
-                }
-            }
-            received = consumer.recv() => {
-                read_one(received, &mut buffer);
-                if buffer.due(&config) {
-                    roll(&root, &consumer, &mut buffer).await?;
-                }
-            }
+    let compaction = (config.compaction.compact_interval_secs > 0).then(|| {
+        let config = config.compaction.clone();
+        let root = root.clone();
+        let stop = shutdown.child_token();
+        (
+            stop.clone(),
+            tokio::spawn(compact::run_periodically(root, config, stop)),
+        )
+    });
+    let mut sink = Sink {
+        config,
+        log,
+        consumer,
+        durable,
+        buffer: Buffer::default(),
+        rolls: 0,
+    };
+    let result = sink.run(&shutdown, on_shutdown).await;
+    if let Some((stop, task)) = compaction {
+        stop.cancel();
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "compaction stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "compaction task failed"),
         }
     }
-    if let OnShutdown::Drain(limit) = on_shutdown {
-        drain(&config, &root, &consumer, &mut buffer, limit).await?;
-    }
-    roll(&root, &consumer, &mut buffer).await?;
-    let consumer = Arc::clone(&consumer);
-    let committed = tokio::task::spawn_blocking(move || consumer.commit())
-        .await
-        .map_err(|e| AnalyticsError::Task {
-            reason: e.to_string(),
-        })?;
-    if let Err(e) = committed {
-        tracing::warn!(error = %e, "history sink: final commit failed; records since the last commit will be re-read");
-    }
-    tracing::info!("history sink: stopped");
-    Ok(())
+    result
 }
 
-/// Reads on until every assigned partition is at its high watermark, or `limit` passes.
-async fn drain(
-    config: &SinkConfig,
-    root: &DataRoot,
-    consumer: &Arc<Consumer>,
-    buffer: &mut Buffer,
-    limit: Duration,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let check = Arc::clone(consumer);
-        let caught_up =
-            tokio::task::spawn_blocking(move || check.caught_up(Duration::from_secs(5)))
-                .await
-                .map_err(|e| AnalyticsError::Task {
-                    reason: e.to_string(),
-                })?;
-        match caught_up {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "history sink: cannot tell whether it caught up"),
-        }
-        // Read what is there until the stream pauses, then check again.
+impl Sink {
+    async fn run(&mut self, shutdown: &CancellationToken, on_shutdown: OnShutdown) -> Result<()> {
+        let tick = Duration::from_millis(self.config.roll_interval_ms.clamp(10, 1000) / 2 + 1);
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let consumer = Arc::clone(&self.consumer);
         loop {
-            let wait = tokio::time::sleep(Duration::from_millis(200));
             tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(?limit, "history sink: drain time passed before it caught up");
-                    return Ok(());
+                biased;
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+                received = consumer.recv() => self.read_one(received),
+            }
+            if self.buffer.due(&self.config) {
+                self.roll().await?;
+            }
+        }
+        if let OnShutdown::Drain(limit) = on_shutdown {
+            self.drain(limit).await?;
+        }
+        self.roll().await?;
+        let committed = tokio::task::spawn_blocking(move || consumer.commit())
+            .await
+            .map_err(|e| AnalyticsError::Task {
+                reason: e.to_string(),
+            })?;
+        if let Err(e) = committed {
+            tracing::warn!(error = %e, "history sink: final Kafka commit failed; the log still says what is written");
+        }
+        tracing::info!("history sink: stopped");
+        Ok(())
+    }
+
+    /// Reads on until every assigned partition is at its high watermark, or `limit`
+    /// passes.
+    async fn drain(&mut self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let consumer = Arc::clone(&self.consumer);
+        loop {
+            let check = Arc::clone(&consumer);
+            let caught_up =
+                tokio::task::spawn_blocking(move || check.caught_up(Duration::from_secs(5)))
+                    .await
+                    .map_err(|e| AnalyticsError::Task {
+                        reason: e.to_string(),
+                    })?;
+            match caught_up {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "history sink: cannot tell whether it caught up");
                 }
-                () = wait => break,
-                received = consumer.recv() => {
-                    read_one(received, buffer);
-                    if buffer.due(config) {
-                        roll(root, consumer, buffer).await?;
+            }
+            // Read what is there until the stream pauses, then check again.
+            loop {
+                let wait = tokio::time::sleep(Duration::from_millis(200));
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!(?limit, "history sink: drain time passed before it caught up");
+                        return Ok(());
+                    }
+                    () = wait => break,
+                    received = consumer.recv() => {
+                        self.read_one(received);
+                        if self.buffer.due(&self.config) {
+                            self.roll().await?;
+                        }
                     }
                 }
             }
         }
     }
-}
 
-fn read_one(received: bus::Result<bus::Received<'_>>, buffer: &mut Buffer) {
-    let record = match received {
-        Ok(record) => record,
-        Err(e) => {
-            tracing::warn!(error = %e, "history sink: receive failed");
+    fn read_one(&mut self, received: bus::Result<bus::Received<'_>>) {
+        let record = match received {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(error = %e, "history sink: receive failed");
+                return;
+            }
+        };
+        let (topic, partition, offset) = (record.topic(), record.partition(), record.offset());
+        let Some(table) = history::table_of(topic) else {
+            return;
+        };
+        // Already durable (re-read after a crash or a rebalance), or already buffered
+        // (re-delivered after a partition came back to this member).
+        let read = self.buffer.read.get(&(topic.to_owned(), partition));
+        let resume = self.durable.next_offset(topic, partition);
+        if resume.is_some_and(|next| offset < next) || read.is_some_and(|r| offset < r.next) {
+            metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "already_written")
+                .increment(1);
             return;
         }
-    };
-    let (partition, offset) = (record.partition(), record.offset());
-    buffer.last_read.insert(partition, offset);
-    let ingest_millis = record
-        .header(schemas::headers::INGEST_TIME)
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-        .or_else(|| record.timestamp_millis())
-        .unwrap_or(0);
-    let date = DateTime::from_timestamp_millis(ingest_millis)
-        .unwrap_or_default()
-        .date_naive();
-    // Reschedules and cancels share the topic; they belong to the delivery events, not
-    // to this table.
-    let event_type = record.header(schemas::headers::EVENT_TYPE);
-    if event_type.is_some_and(|t| t != schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes())
-    {
-        metrics::counter!("history_records_skipped_total", "table" => history::DELIVERY_REQUESTS.name, "reason" => "other_event")
-            .increment(1);
-        return;
-    }
-    let pending = buffer.by_date.entry(date).or_default();
-    let appended = pending.rows.append(
-        record.payload().unwrap_or_default(),
-        Provenance {
+        self.buffer
+            .read
+            .entry((topic.to_owned(), partition))
+            .and_modify(|r| r.next = offset + 1)
+            .or_insert(OffsetRange {
+                from: offset,
+                next: offset + 1,
+            });
+        self.buffer.since.get_or_insert_with(Instant::now);
+        let ingest_millis = record
+            .header(schemas::headers::INGEST_TIME)
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+            .or_else(|| record.timestamp_millis())
+            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+        let date = DateTime::from_timestamp_millis(ingest_millis)
+            .unwrap_or_default()
+            .date_naive();
+        let view = RecordView {
             key: record.key(),
-            partition,
-            offset,
-            ingest_millis,
-        },
-    );
-    match appended {
-        Ok(()) => {
-            buffer.rows += 1;
-            buffer.since.get_or_insert_with(Instant::now);
-            pending
-                .offsets
-                .entry(partition)
-                .and_modify(|(_, last)| *last = offset)
-                .or_insert((offset, offset));
-        }
-        Err(e) => {
-            metrics::counter!("history_records_skipped_total", "table" => history::DELIVERY_REQUESTS.name, "reason" => "invalid")
-                .increment(1);
-            tracing::warn!(partition, offset, error = %e, "history sink: record skipped: not a valid delivery request");
+            payload: record.payload().unwrap_or_default(),
+            event_type: record.header(schemas::headers::EVENT_TYPE),
+            drone_id: record.header(schemas::headers::DRONE_ID),
+            dead_letter_reason: record.header(schemas::headers::DEAD_LETTER_REASON),
+            dead_letter_source: record.header(schemas::headers::DEAD_LETTER_SOURCE),
+            from: Provenance {
+                key: record.key(),
+                partition,
+                offset,
+                ingest_millis,
+            },
+        };
+        let pending = match self.buffer.by_file.entry((table.name, date)) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let Some(rows) = TableRows::new(table.name) else {
+                    return;
+                };
+                e.insert(Pending {
+                    rows,
+                    offsets: BTreeMap::new(),
+                })
+            }
+        };
+        match pending.rows.append(&view) {
+            Ok(()) => {
+                self.buffer.rows += 1;
+                pending
+                    .offsets
+                    .entry(partition)
+                    .and_modify(|(_, last)| *last = offset)
+                    .or_insert((offset, offset));
+            }
+            Err(Skip::OtherEvent) => {
+                metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "other_event")
+                    .increment(1);
+            }
+            Err(Skip::Invalid(e)) => {
+                metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "invalid")
+                    .increment(1);
+                tracing::warn!(topic, partition, offset, error = %e, "history sink: record skipped: no valid row");
+            }
         }
     }
-}
 
-/// Writes every buffered date as one file, then stores the offsets they cover.
-async fn roll(root: &DataRoot, consumer: &Consumer, buffer: &mut Buffer) -> Result<()> {
-    for (date, mut pending) in std::mem::take(&mut buffer.by_date) {
-        if pending.rows.is_empty() {
-            continue;
+    /// Writes every buffered table and date as one file, commits them with the offsets
+    /// read to the log, then stores the offsets in Kafka.
+    async fn roll(&mut self) -> Result<()> {
+        let buffer = std::mem::take(&mut self.buffer);
+        if buffer.read.is_empty() {
+            return Ok(());
         }
-        let batch = pending.rows.finish()?;
-        let count = batch.num_rows();
-        let metadata = offsets_metadata(&pending.offsets);
-        // Encoding is CPU work: keep it off the async workers that serve HTTP.
-        let bytes = tokio::task::spawn_blocking(move || encode(&batch, &metadata))
+        let started = Instant::now();
+        let mut added = Vec::new();
+        for ((table, date), mut pending) in buffer.by_file {
+            if pending.rows.is_empty() {
+                continue;
+            }
+            let batch = pending.rows.finish()?;
+            let topic = pending.rows.table().topic.name;
+            added.push(
+                write_file(
+                    self.log.root(),
+                    table,
+                    date,
+                    &batch,
+                    topic,
+                    &pending.offsets,
+                )
+                .await?,
+            );
+        }
+        self.rolls += 1;
+        if self.rolls == 1 && self.config.fail_at == Some(FailPoint::AfterFileWrite) {
+            return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
+        }
+        let mut offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>> = BTreeMap::new();
+        for ((topic, partition), range) in &buffer.read {
+            offsets
+                .entry(topic.clone())
+                .or_default()
+                .insert(*partition, *range);
+        }
+        let rows: u64 = added.iter().map(|f: &DataFile| f.rows).sum();
+        let files = added.len();
+        let commit = Commit {
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            writer: "sink".into(),
+            add: added.clone(),
+            offsets,
+            ..Commit::default()
+        };
+        match self.log.commit(commit).await? {
+            Ok(snapshot) => self.durable = snapshot,
+            Err(conflict) => {
+                tracing::warn!(%conflict, "history sink: another sink instance wrote some of these records; dropping this roll and reading on from the log");
+                metrics::counter!("history_roll_conflicts_total").increment(1);
+                self.abandon(&added, &buffer.read).await?;
+                return Ok(());
+            }
+        }
+        for file in &added {
+            metrics::counter!("history_rows_written_total", "table" => table_name(&file.table))
+                .increment(file.rows);
+            metrics::counter!("history_files_written_total", "table" => table_name(&file.table))
+                .increment(1);
+        }
+        metrics::histogram!("history_roll_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            version = self.durable.version,
+            files,
+            rows,
+            "history sink: committed"
+        );
+        if self.rolls == 1 && self.config.fail_at == Some(FailPoint::AfterLogCommit) {
+            return Err(AnalyticsError::Injected(FailPoint::AfterLogCommit));
+        }
+        for ((topic, partition), range) in &buffer.read {
+            if let Err(e) = self.consumer.store(topic, *partition, range.next - 1) {
+                tracing::debug!(topic, partition, error = %e, "history sink: offset not stored");
+            }
+        }
+        // The log is the record of what is written; the Kafka commit is for lag figures
+        // and a faster restart, so it need not wait.
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit() {
+                tracing::debug!(error = %e, "history sink: Kafka commit failed; the next one carries it");
+            }
+        });
+        Ok(())
+    }
+
+    /// After a refused commit: deletes the files nobody will read, refreshes what is
+    /// durable and moves back to the first offset not in the log.
+    async fn abandon(
+        &mut self,
+        files: &[DataFile],
+        read: &BTreeMap<(String, i32), OffsetRange>,
+    ) -> Result<()> {
+        let root = self.log.root();
+        for file in files {
+            if let Err(e) = root.store.delete(&root.path(&file.path)).await {
+                tracing::debug!(path = %file.path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
+            }
+        }
+        self.durable = self.log.snapshot().await?;
+        for ((topic, partition), range) in read {
+            let to = self
+                .durable
+                .next_offset(topic, *partition)
+                .map_or(range.from, |next| next.max(range.from));
+            let consumer = Arc::clone(&self.consumer);
+            let (topic, partition) = (topic.clone(), *partition);
+            let sought = tokio::task::spawn_blocking(move || {
+                consumer.seek(&topic, partition, to, Duration::from_secs(10))
+            })
             .await
             .map_err(|e| AnalyticsError::Task {
                 reason: e.to_string(),
-            })??;
-        let name = format!(
-            "{}/part-{}-{}.parquet",
-            history::partition_dir(history::DELIVERY_REQUESTS.name, date),
-            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
-            uuid::Uuid::new_v4().simple()
-        );
-        let path = root.path(&name);
-        let size = bytes.len();
-        root.store
-            .put(&path, PutPayload::from(bytes))
-            .await
-            .map_err(|source| AnalyticsError::Store {
-                action: "writing a Parquet file",
-                source,
             })?;
-        metrics::counter!("history_rows_written_total", "table" => history::DELIVERY_REQUESTS.name)
-            .increment(count as u64);
-        metrics::counter!("history_files_written_total", "table" => history::DELIVERY_REQUESTS.name)
-            .increment(1);
-        tracing::debug!(file = %path, rows = count, bytes = size, "history sink: file written");
-    }
-    for (partition, offset) in std::mem::take(&mut buffer.last_read) {
-        if let Err(e) = consumer.store(topics::DELIVERY_REQUESTS.name, partition, offset) {
-            tracing::debug!(partition, offset, error = %e, "history sink: offset not stored");
+            if let Err(e) = sought {
+                // Not ours any more (its new owner reads it), or a real failure: only
+                // stopping (and restarting from the committed offsets) is safe then.
+                return Err(AnalyticsError::Fenced {
+                    reason: format!("cannot read again from offset {to}: {e}"),
+                });
+            }
         }
+        Ok(())
     }
-    buffer.rows = 0;
-    buffer.since = None;
-    Ok(())
 }
 
-fn offsets_metadata(offsets: &BTreeMap<i32, (i64, i64)>) -> String {
+fn table_name(name: &str) -> &'static str {
+    history::TABLES
+        .iter()
+        .find(|t| t.name == name)
+        .map_or("other", |t| t.name)
+}
+
+/// Writes one batch as a Parquet file of `table` for `date`; the offsets it holds go in
+/// its key-value metadata.
+async fn write_file(
+    root: &DataRoot,
+    table: &str,
+    date: NaiveDate,
+    batch: &arrow::record_batch::RecordBatch,
+    topic: &str,
+    offsets: &BTreeMap<i32, (i64, i64)>,
+) -> Result<DataFile> {
+    let rows = batch.num_rows() as u64;
+    let metadata = offsets_metadata(topic, offsets);
+    let batch = batch.clone();
+    // Encoding is CPU work: keep it off the async workers that serve HTTP.
+    let bytes = tokio::task::spawn_blocking(move || encode(&[batch], Some(metadata)))
+        .await
+        .map_err(|e| AnalyticsError::Task {
+            reason: e.to_string(),
+        })??;
+    let name = new_file_name(table, date);
+    let size = bytes.len() as u64;
+    root.store
+        .put(&root.path(&name), PutPayload::from(bytes))
+        .await
+        .map_err(|source| AnalyticsError::Store {
+            action: "writing a Parquet file",
+            source,
+        })?;
+    Ok(DataFile {
+        table: table.to_owned(),
+        date: date.format("%Y-%m-%d").to_string(),
+        path: name,
+        size,
+        rows,
+        added_ms: chrono::Utc::now().timestamp_millis(),
+    })
+}
+
+/// A new, unique file name in `table`'s folder for `date`.
+pub(crate) fn new_file_name(table: &str, date: NaiveDate) -> String {
+    format!(
+        "{}/part-{}-{}.parquet",
+        history::partition_dir(table, date),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+fn offsets_metadata(topic: &str, offsets: &BTreeMap<i32, (i64, i64)>) -> String {
     let partitions: serde_json::Map<String, serde_json::Value> = offsets
         .iter()
         .map(|(p, (first, last))| (p.to_string(), serde_json::json!([first, last])))
         .collect();
     serde_json::json!({
-        "topic": topics::DELIVERY_REQUESTS.name,
+        "topic": topic,
         "partitions": partitions,
     })
     .to_string()
 }
 
-/// Encodes a batch as a zstd-compressed Parquet file with statistics and the offsets it
-/// covers in its key-value metadata.
-fn encode(batch: &arrow::record_batch::RecordBatch, offsets_json: &str) -> Result<Vec<u8>> {
+/// Encodes batches (of one schema) as a zstd-compressed Parquet file with page
+/// statistics and, if given, the offsets it covers in its key-value metadata.
+pub(crate) fn encode(
+    batches: &[arrow::record_batch::RecordBatch],
+    offsets_json: Option<String>,
+) -> Result<Vec<u8>> {
     let parquet_err = |action| move |source| AnalyticsError::Parquet { action, source };
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_statistics_enabled(EnabledStatistics::Page)
-        .set_key_value_metadata(Some(vec![KeyValue::new(
-            history::OFFSETS_METADATA_KEY.to_owned(),
-            offsets_json.to_owned(),
-        )]))
+        .set_key_value_metadata(offsets_json.map(|json| {
+            vec![KeyValue::new(
+                history::OFFSETS_METADATA_KEY.to_owned(),
+                json,
+            )]
+        }))
         .build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))
+    let mut writer = ArrowWriter::try_new(Vec::new(), first.schema(), Some(props))
         .map_err(parquet_err("creating a writer"))?;
-    writer.write(batch).map_err(parquet_err("writing rows"))?;
+    for batch in batches {
+        writer.write(batch).map_err(parquet_err("writing rows"))?;
+    }
     writer.into_inner().map_err(parquet_err("closing a file"))
 }

@@ -1,25 +1,45 @@
 //! Read-only SQL over the history with DataFusion.
 //!
-//! Every history table is registered as a listing table over its folder, with the
-//! Hive-style `date` partition column (so `WHERE date = '2026-11-23'` reads one folder).
-//! Statements other than queries (DDL, DML, `COPY`, `SET`) are refused; each query runs
-//! under a memory limit and a time limit.
+//! Each query runs in its own session pinned to one version of the [table log](crate::log):
+//! the tables are DataFusion listing tables with the Hive-style `date` partition column
+//! (so `WHERE date = '2026-11-23'` reads one folder), but their listings come from the
+//! log, not from the store, through [`SnapshotStore`]. A query therefore never sees a
+//! file that is written and not committed, nor both the inputs and the output of a
+//! compaction.
+//!
+//! Statements other than queries (DDL, DML, `COPY`, `SET`) are refused, and the only
+//! store a query can reach is the history's own, read-only. Each query runs under a
+//! memory limit, a time limit and a bound on the rows it returns.
 
+use std::fmt;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use url::Url;
 
 use crate::error::{AnalyticsError, Result};
+use crate::log::{Log, Snapshot};
 use crate::store::DataRoot;
 
-/// Output formats of the `sql` command.
+/// Output formats of query results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
     /// An aligned text table.
@@ -28,10 +48,53 @@ pub enum OutputFormat {
     Csv,
     /// One JSON object per line.
     Json,
+    /// A JSON array of objects.
+    JsonArray,
+    /// A Parquet file (zstd).
+    Parquet,
+    /// An Arrow IPC stream.
+    Arrow,
+}
+
+impl OutputFormat {
+    /// The media type of the format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Table => "text/plain; charset=utf-8",
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Json => "application/x-ndjson",
+            Self::JsonArray => "application/json",
+            Self::Parquet => "application/vnd.apache.parquet",
+            Self::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+
+    /// The format an HTTP `Accept` header asks for (JSON when it names none we have),
+    /// or `None` when it excludes every format we have.
+    pub fn from_accept(accept: Option<&str>) -> Option<Self> {
+        let Some(accept) = accept else {
+            return Some(Self::JsonArray);
+        };
+        for item in accept.split(',') {
+            let media = item.split(';').next().unwrap_or_default().trim();
+            let found = match media.to_ascii_lowercase().as_str() {
+                "application/json" | "*/*" | "application/*" => Self::JsonArray,
+                "application/x-ndjson" | "application/jsonl" => Self::Json,
+                "text/csv" | "text/*" => Self::Csv,
+                "text/plain" => Self::Table,
+                "application/vnd.apache.arrow.stream" => Self::Arrow,
+                "application/vnd.apache.parquet" => Self::Parquet,
+                _ => continue,
+            };
+            return Some(found);
+        }
+        None
+    }
 }
 
 const MEMORY_MB: usize = 1024;
 const TIMEOUT_SECS: u64 = 60;
+const MAX_ROWS: usize = 1_000_000;
 
 /// Limits of one query.
 #[derive(Debug, Clone, clap::Args)]
@@ -44,6 +107,10 @@ pub struct QueryLimits {
     /// Longest time a query may run, in seconds.
     #[arg(long, env = "DRONEDELIVERY_SQL_TIMEOUT_SECS", default_value_t = TIMEOUT_SECS)]
     pub sql_timeout_secs: u64,
+
+    /// Most rows a query may return (aggregate, or add a LIMIT, for more).
+    #[arg(long, env = "DRONEDELIVERY_SQL_MAX_ROWS", default_value_t = MAX_ROWS)]
+    pub sql_max_rows: usize,
 }
 
 impl Default for QueryLimits {
@@ -51,6 +118,7 @@ impl Default for QueryLimits {
         Self {
             sql_memory_mb: MEMORY_MB,
             sql_timeout_secs: TIMEOUT_SECS,
+            sql_max_rows: MAX_ROWS,
         }
     }
 }
@@ -58,13 +126,17 @@ impl Default for QueryLimits {
 /// Arguments of the `sql` command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SqlArgs {
-    /// Where the history lives: `file:///path`, `file://./relative/path` or a path.
+    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
     #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
     pub data: String,
 
-    /// How to print the result.
+    /// How to write the result (`parquet` and `arrow` need `--output`).
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
+
+    /// Write the result to this file instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
 
     #[command(flatten)]
     pub limits: QueryLimits,
@@ -73,17 +145,64 @@ pub struct SqlArgs {
     pub query: String,
 }
 
-/// A SQL session over the history, with every table registered.
-#[derive(Clone)]
-pub struct History {
-    ctx: SessionContext,
-    timeout: Duration,
+/// One query's result.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// The columns.
+    pub schema: SchemaRef,
+    /// The rows.
+    pub batches: Vec<RecordBatch>,
 }
 
-impl std::fmt::Debug for History {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl QueryResult {
+    /// The number of rows.
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// The views registered over the tables.
+pub const VIEWS: [(&str, &str); 1] = [(
+    "deliveries",
+    "SELECT r.tenant, r.delivery_id, r.requested_at, r.pickup_time, r.deadline,
+        e.assigned_at, e.picked_up_at, e.completed_at, e.cancelled_at,
+        coalesce(e.stage, 'Created') AS stage, e.drone_id, coalesce(e.events, 0) AS events,
+        date_part('epoch', e.assigned_at) - date_part('epoch', r.requested_at)
+            AS seconds_to_assign,
+        date_part('epoch', e.completed_at) - date_part('epoch', e.assigned_at)
+            AS seconds_in_flight,
+        date_part('epoch', e.completed_at) - date_part('epoch', r.requested_at)
+            AS seconds_to_complete,
+        e.completed_at <= r.deadline AS on_time
+    FROM (
+        SELECT owner_id AS tenant, delivery_id, min(ingest_time) AS requested_at,
+            min(pickup_time) AS pickup_time, min(deadline) AS deadline
+        FROM delivery_requests GROUP BY owner_id, delivery_id
+    ) r
+    LEFT JOIN (
+        SELECT tenant, delivery_id, count(*) AS events,
+            last_value(stage ORDER BY seq) AS stage,
+            last_value(drone_id ORDER BY seq) AS drone_id,
+            min(CASE WHEN stage = 'HeadedToPickup' THEN at END) AS assigned_at,
+            min(CASE WHEN stage = 'HeadedToDropoff' THEN at END) AS picked_up_at,
+            min(CASE WHEN stage = 'Completed' THEN at END) AS completed_at,
+            min(CASE WHEN stage = 'Cancelled' THEN at END) AS cancelled_at
+        FROM delivery_events GROUP BY tenant, delivery_id
+    ) e ON r.tenant = e.tenant AND r.delivery_id = e.delivery_id",
+)];
+
+/// SQL over the history: opens a session pinned to the newest log version per query.
+#[derive(Clone)]
+pub struct History {
+    log: Arc<Log>,
+    limits: QueryLimits,
+}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("History")
-            .field("timeout", &self.timeout)
+            .field("root", &self.log.root().url.as_str())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -93,10 +212,43 @@ impl History {
     pub async fn open(data: &str, limits: &QueryLimits) -> Result<Self> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let root = DataRoot::open(data, &cwd)?;
+        Ok(Self {
+            log: Arc::new(Log::open(root).await?),
+            limits: limits.clone(),
+        })
+    }
+
+    /// The limits queries run under.
+    pub fn limits(&self) -> &QueryLimits {
+        &self.limits
+    }
+
+    /// A session over one version of the history, with every table and view.
+    async fn session(&self) -> Result<SessionContext> {
+        let snapshot = self.log.snapshot().await?;
+        let root = self.log.root().clone();
+        let store_url = Url::parse(&root.store_url()).map_err(|e| AnalyticsError::Location {
+            location: root.url.to_string(),
+            reason: e.to_string(),
+        })?;
+        let store = Arc::new(SnapshotStore {
+            root: root.clone(),
+            snapshot,
+        });
+        let registry = Arc::new(OnlyHistory {
+            url: store_url,
+            store,
+        });
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(limits.sql_memory_mb.max(1) * 1024 * 1024, 1.0)
+            .with_object_store_registry(registry)
+            .with_memory_limit(self.limits.sql_memory_mb.max(1) * 1024 * 1024, 1.0)
+            // No spilling: a query over its memory fails cleanly instead of filling the
+            // server's disk.
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
             .build_arc()
-            .map_err(|source| AnalyticsError::Query { source })?;
+            .map_err(query_err)?;
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         for table in schemas::history::TABLES {
@@ -114,37 +266,57 @@ impl History {
                 None,
             )
             .await
-            .map_err(|source| AnalyticsError::Query { source })?;
+            .map_err(query_err)?;
         }
-        Ok(Self {
-            ctx,
-            timeout: Duration::from_secs(limits.sql_timeout_secs.max(1)),
-        })
+        for (name, body) in VIEWS {
+            ctx.sql(&format!("CREATE VIEW {name} AS {body}"))
+                .await
+                .map_err(query_err)?;
+        }
+        Ok(ctx)
     }
 
     /// Runs one read-only query and collects its result.
-    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
+    pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+        let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
+        let max_rows = self.limits.sql_max_rows;
         let run = async {
-            let frame = self
-                .ctx
+            let ctx = self.session().await?;
+            let options = SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false);
+            let frame = ctx
                 .sql_with_options(sql, options)
                 .await
                 .map_err(read_only_or_query)?;
-            frame
-                .collect()
-                .await
-                .map_err(|source| AnalyticsError::Query { source })
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            let mut stream = frame.execute_stream().await.map_err(query_err)?;
+            let mut batches = Vec::new();
+            let mut rows = 0;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(query_err)?;
+                rows += batch.num_rows();
+                if rows > max_rows {
+                    return Err(AnalyticsError::TooManyRows { limit: max_rows });
+                }
+                batches.push(batch);
+            }
+            Ok(QueryResult { schema, batches })
         };
-        tokio::time::timeout(self.timeout, run)
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(timeout, run)
             .await
-            .map_err(|_| AnalyticsError::Timeout {
-                limit: self.timeout,
-            })?
+            .map_err(|_| AnalyticsError::Timeout { limit: timeout })?;
+        metrics::histogram!("sql_query_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("sql_queries_total", "outcome" => if result.is_ok() { "ok" } else { "error" })
+            .increment(1);
+        result
     }
+}
+
+fn query_err(source: datafusion::error::DataFusionError) -> AnalyticsError {
+    AnalyticsError::Query { source }
 }
 
 /// DataFusion reports refused statement kinds as plan errors saying "not supported";
@@ -167,15 +339,16 @@ fn read_only_or_query(source: datafusion::error::DataFusionError) -> AnalyticsEr
     }
 }
 
-/// Renders batches in `format`.
-pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
+/// Renders a result in `format`.
+pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
     let arrow_err = |source| AnalyticsError::Arrow {
         action: "rendering the result",
         source,
     };
+    let batches = &result.batches;
     match format {
         OutputFormat::Table => arrow::util::pretty::pretty_format_batches(batches)
-            .map(|t| format!("{t}\n"))
+            .map(|t| format!("{t}\n").into_bytes())
             .map_err(arrow_err),
         OutputFormat::Csv => {
             let mut out = Vec::new();
@@ -183,11 +356,16 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
                 let mut writer = arrow::csv::WriterBuilder::new()
                     .with_header(true)
                     .build(&mut out);
+                if batches.is_empty() {
+                    writer
+                        .write(&RecordBatch::new_empty(Arc::clone(&result.schema)))
+                        .map_err(arrow_err)?;
+                }
                 for batch in batches {
                     writer.write(batch).map_err(arrow_err)?;
                 }
             }
-            Ok(String::from_utf8_lossy(&out).into_owned())
+            Ok(out)
         }
         OutputFormat::Json => {
             let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
@@ -195,7 +373,204 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String> {
                 writer.write(batch).map_err(arrow_err)?;
             }
             writer.finish().map_err(arrow_err)?;
-            Ok(String::from_utf8_lossy(&writer.into_inner()).into_owned())
+            Ok(writer.into_inner())
         }
+        OutputFormat::JsonArray => {
+            let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+            for batch in batches {
+                writer.write(batch).map_err(arrow_err)?;
+            }
+            writer.finish().map_err(arrow_err)?;
+            let out = writer.into_inner();
+            // No rows: the writer writes nothing; an empty array is what clients parse.
+            Ok(if out.is_empty() { b"[]".to_vec() } else { out })
+        }
+        OutputFormat::Parquet => {
+            if batches.is_empty() {
+                crate::sink::encode(&[RecordBatch::new_empty(Arc::clone(&result.schema))], None)
+            } else {
+                crate::sink::encode(batches, None)
+            }
+        }
+        OutputFormat::Arrow => {
+            let mut out = Vec::new();
+            {
+                let mut writer =
+                    arrow::ipc::writer::StreamWriter::try_new(&mut out, &result.schema)
+                        .map_err(arrow_err)?;
+                for batch in batches {
+                    writer.write(batch).map_err(arrow_err)?;
+                }
+                writer.finish().map_err(arrow_err)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The object store registry of a query session: the history's store and nothing else,
+/// so a query cannot read other files or stores.
+#[derive(Debug)]
+struct OnlyHistory {
+    url: Url,
+    store: Arc<SnapshotStore>,
+}
+
+impl ObjectStoreRegistry for OnlyHistory {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        if url.scheme() == self.url.scheme() && url.authority() == self.url.authority() {
+            let store: Arc<dyn ObjectStore> = Arc::clone(&self.store) as _;
+            Ok(store)
+        } else {
+            Err(datafusion::error::DataFusionError::Plan(format!(
+                "only the history can be read, not {url}"
+            )))
+        }
+    }
+}
+
+/// The history's store as one log version shows it: listings name exactly the files
+/// that version holds; reads are allowed under the history root only; writes are
+/// refused.
+#[derive(Debug)]
+pub struct SnapshotStore {
+    root: DataRoot,
+    snapshot: Arc<Snapshot>,
+}
+
+impl fmt::Display for SnapshotStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "history({} at v{})",
+            self.root.url, self.snapshot.version
+        )
+    }
+}
+
+fn refused(what: &str) -> object_store::Error {
+    object_store::Error::NotSupported {
+        source: format!("the history is read-only here: {what} refused").into(),
+    }
+}
+
+impl SnapshotStore {
+    fn live(&self) -> impl Iterator<Item = ObjectMeta> + '_ {
+        self.snapshot.files.values().map(|f| ObjectMeta {
+            location: self.root.path(&f.path),
+            last_modified: chrono::DateTime::from_timestamp_millis(f.added_ms).unwrap_or_default(),
+            size: f.size,
+            e_tag: None,
+            version: None,
+        })
+    }
+
+    fn readable(&self, location: &Path) -> object_store::Result<()> {
+        if self.root.relative(location).is_some() {
+            Ok(())
+        } else {
+            Err(object_store::Error::PermissionDenied {
+                path: location.to_string(),
+                source: "outside the history".into(),
+            })
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for SnapshotStore {
+    async fn put_opts(
+        &self,
+        _location: &Path,
+        _payload: PutPayload,
+        _opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        Err(refused("put"))
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        _location: &Path,
+        _opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        Err(refused("put"))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.readable(location)?;
+        self.root.store.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        self.readable(location)?;
+        self.root.store.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        locations.map(|_| Err(refused("delete"))).boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let listed: Vec<object_store::Result<ObjectMeta>> = self
+            .live()
+            .filter(|m| prefix.is_none_or(|p| m.location.prefix_matches(p)))
+            .map(Ok)
+            .collect();
+        futures_util::stream::iter(listed).boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let base = prefix.cloned().unwrap_or_default();
+        let mut common_prefixes = std::collections::BTreeSet::new();
+        let mut objects = Vec::new();
+        for meta in self.live() {
+            let nested = {
+                let Some(mut rest) = meta.location.prefix_match(&base) else {
+                    continue;
+                };
+                let Some(first) = rest.next() else {
+                    continue;
+                };
+                rest.next().is_some().then(|| base.clone().join(first))
+            };
+            match nested {
+                Some(folder) => {
+                    common_prefixes.insert(folder);
+                }
+                None => objects.push(meta),
+            }
+        }
+        Ok(ListResult {
+            common_prefixes: common_prefixes.into_iter().collect(),
+            objects,
+        })
+    }
+
+    async fn copy_opts(
+        &self,
+        _from: &Path,
+        _to: &Path,
+        _options: CopyOptions,
+    ) -> object_store::Result<()> {
+        Err(refused("copy"))
     }
 }

@@ -23,7 +23,8 @@ pub struct DataRoot {
 /// Resolves a `--data` location to an absolute URL ending in `/`.
 ///
 /// Accepted: `file:///abs/path`, `file://./rel/path` and `file://rel/path` (relative to
-/// `cwd`), and bare paths. Other schemes are reported as not supported by this build.
+/// `cwd`), bare paths, and `s3://bucket[/prefix]`, `az://container[/prefix]` (or
+/// `abfs[s]://container@account.dfs.core.windows.net[/prefix]`) and `gs://bucket[/prefix]`.
 pub fn resolve_location(text: &str, cwd: &Path) -> Result<Url> {
     let err = |reason: &str| AnalyticsError::Location {
         location: text.to_owned(),
@@ -34,10 +35,21 @@ pub fn resolve_location(text: &str, cwd: &Path) -> Result<Url> {
             return Err(err("has no path"));
         }
         PathBuf::from(rest)
-    } else if let Some((scheme, _)) = text.split_once("://") {
-        return Err(err(&format!(
-            "{scheme}:// is not supported by this build; use a file:// URL or a path"
-        )));
+    } else if let Some((scheme, rest)) = text.split_once("://") {
+        if !CLOUD_SCHEMES.contains(&scheme) {
+            return Err(err(&format!(
+                "{scheme}:// is not supported; use file://, s3://, az://, abfss:// or gs://"
+            )));
+        }
+        if rest.split('/').next().is_none_or(str::is_empty) {
+            return Err(err("names no bucket or container"));
+        }
+        let with_slash = if text.ends_with('/') {
+            text.to_owned()
+        } else {
+            format!("{text}/")
+        };
+        return Url::parse(&with_slash).map_err(|e| err(&e.to_string()));
     } else if text.is_empty() {
         return Err(err("is empty"));
     } else {
@@ -51,6 +63,8 @@ pub fn resolve_location(text: &str, cwd: &Path) -> Result<Url> {
     let normalized = normalize(&absolute);
     Url::from_directory_path(&normalized).map_err(|()| err("is not a valid directory path"))
 }
+
+const CLOUD_SCHEMES: [&str; 5] = ["s3", "az", "abfs", "abfss", "gs"];
 
 /// Removes `.` and `..` components without touching the file system.
 fn normalize(path: &Path) -> PathBuf {
@@ -69,29 +83,63 @@ fn normalize(path: &Path) -> PathBuf {
 }
 
 impl DataRoot {
-    /// Opens the history at `location` (see [`resolve_location`]), creating the local
-    /// folder if it does not exist.
+    /// Opens the history at `location` (see [`resolve_location`]). A local folder is
+    /// created if it does not exist; a cloud store takes its credentials and region from
+    /// the environment variables object_store reads (`AWS_*`, `AZURE_*`, `GOOGLE_*`).
     pub fn open(location: &str, cwd: &Path) -> Result<Self> {
         let url = resolve_location(location, cwd)?;
-        let dir = url.to_file_path().map_err(|()| AnalyticsError::Location {
+        let err = |reason: String| AnalyticsError::Location {
             location: location.to_owned(),
-            reason: "is not a local path".into(),
-        })?;
-        std::fs::create_dir_all(&dir).map_err(|e| AnalyticsError::Location {
-            location: location.to_owned(),
-            reason: format!("cannot create {}: {e}", dir.display()),
-        })?;
-        let prefix = object_store::path::Path::from_url_path(url.path()).map_err(|e| {
-            AnalyticsError::Location {
-                location: location.to_owned(),
-                reason: e.to_string(),
+            reason,
+        };
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| err("is not a local path".into()))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+                Arc::new(LocalFileSystem::new())
             }
-        })?;
-        Ok(Self {
-            url,
-            store: Arc::new(LocalFileSystem::new()),
-            prefix,
-        })
+            "s3" => Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url.as_str())
+                    .build()
+                    .map_err(|e| err(e.to_string()))?,
+            ),
+            "gs" => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url.as_str())
+                    .build()
+                    .map_err(|e| err(e.to_string()))?,
+            ),
+            _ => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url.as_str())
+                    .build()
+                    .map_err(|e| err(e.to_string()))?,
+            ),
+        };
+        let prefix =
+            object_store::path::Path::from_url_path(url.path()).map_err(|e| err(e.to_string()))?;
+        Ok(Self { url, store, prefix })
+    }
+
+    /// The URL of the store itself (scheme and authority), as DataFusion registers it.
+    pub fn store_url(&self) -> String {
+        format!("{}://{}", self.url.scheme(), self.url.authority())
+    }
+
+    /// The path of `location` relative to the root, if it is under it.
+    pub fn relative(&self, location: &object_store::path::Path) -> Option<String> {
+        let full = location.as_ref();
+        let prefix = self.prefix.as_ref();
+        if prefix.is_empty() {
+            return Some(full.to_owned());
+        }
+        full.strip_prefix(prefix)?
+            .strip_prefix('/')
+            .map(str::to_owned)
     }
 
     /// The URL of a table's folder, ending in `/`.
@@ -121,8 +169,23 @@ mod tests {
         assert_eq!(ok("file:///srv/h"), "file:///srv/h/");
         assert_eq!(ok("./x/../data"), "file:///home/a/data/");
         assert_eq!(ok("/tmp/h/"), "file:///tmp/h/");
-        for bad in ["", "file://", "s3://bucket/h", "gs://b"] {
+        assert_eq!(ok("s3://bucket/h"), "s3://bucket/h/");
+        assert_eq!(ok("gs://b"), "gs://b/");
+        assert_eq!(ok("az://c/x/"), "az://c/x/");
+        for bad in ["", "file://", "ftp://h/x", "s3://", "s3:///x"] {
             assert!(resolve_location(bad, cwd).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cloud_roots_open_without_touching_the_network() {
+        let cwd = Path::new("/");
+        let root = DataRoot::open("s3://bucket/history", cwd).unwrap();
+        assert_eq!(root.store_url(), "s3://bucket");
+        assert_eq!(root.table_url("t"), "s3://bucket/history/t/");
+        let file = root.path("t/date=2026-11-24/a.parquet");
+        assert_eq!(root.relative(&file).unwrap(), "t/date=2026-11-24/a.parquet");
+        let gs = DataRoot::open("gs://b", cwd).unwrap();
+        assert_eq!(gs.relative(&gs.path("x/y")).unwrap(), "x/y");
     }
 }

@@ -232,6 +232,15 @@ impl Consumer {
             .map_err(BusError::client("storing an offset"))
     }
 
+    /// Moves this member's position in `topic`/`partition` to `offset`: its next records
+    /// start there. Fails for a partition this member does not own. Blocks the calling
+    /// thread for up to `timeout`.
+    pub fn seek(&self, topic: &str, partition: i32, offset: i64, timeout: Duration) -> Result<()> {
+        self.inner
+            .seek(topic, partition, rdkafka::Offset::Offset(offset), timeout)
+            .map_err(BusError::client("seeking"))
+    }
+
     /// Commits the stored offsets now and waits for the broker's answer. Blocks the
     /// calling thread.
     pub fn commit(&self) -> Result<()> {

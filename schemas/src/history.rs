@@ -35,8 +35,47 @@ pub const DELIVERY_REQUESTS: HistoryTable = HistoryTable {
     schema: delivery_requests_schema,
 };
 
-/// Every history table.
-pub const TABLES: [HistoryTable; 1] = [DELIVERY_REQUESTS];
+/// One row per stage change of a delivery (from the delivery consumer).
+pub const DELIVERY_EVENTS: HistoryTable = HistoryTable {
+    name: "delivery_events",
+    topic: topics::DELIVERY_EVENTS,
+    schema: delivery_events_schema,
+};
+
+/// One row per drone assigned to a delivery (from the scheduling consumer).
+pub const DRONE_ASSIGNMENTS: HistoryTable = HistoryTable {
+    name: "drone_assignments",
+    topic: topics::DRONE_ASSIGNMENTS,
+    schema: drone_assignments_schema,
+};
+
+/// One row per position fix a drone reported.
+pub const TELEMETRY: HistoryTable = HistoryTable {
+    name: "telemetry",
+    topic: topics::DRONE_TELEMETRY,
+    schema: telemetry_schema,
+};
+
+/// One row per record a consumer could not process.
+pub const DEAD_LETTERS: HistoryTable = HistoryTable {
+    name: "dead_letters",
+    topic: topics::DEAD_LETTERS,
+    schema: dead_letters_schema,
+};
+
+/// Every history table, one per topic.
+pub const TABLES: [HistoryTable; 5] = [
+    DELIVERY_REQUESTS,
+    DELIVERY_EVENTS,
+    DRONE_ASSIGNMENTS,
+    TELEMETRY,
+    DEAD_LETTERS,
+];
+
+/// The table a topic's records go to.
+pub fn table_of(topic: &str) -> Option<HistoryTable> {
+    TABLES.into_iter().find(|t| t.topic.name == topic)
+}
 
 fn utc(unit: TimeUnit) -> DataType {
     DataType::Timestamp(unit, Some("UTC".into()))
@@ -65,6 +104,84 @@ pub fn delivery_requests_schema() -> SchemaRef {
     ]))
 }
 
+/// Columns every table ends with: when the record entered Kafka (its UTC date is the
+/// `date` partition) and where it is in its topic.
+fn provenance() -> [Field; 3] {
+    [
+        Field::new("ingest_time", utc(TimeUnit::Millisecond), false),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+    ]
+}
+
+fn with_provenance(mut fields: Vec<Field>) -> SchemaRef {
+    fields.extend(provenance());
+    Arc::new(Schema::new(fields))
+}
+
+/// The schema of `delivery_events` files.
+pub fn delivery_events_schema() -> SchemaRef {
+    with_provenance(vec![
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("delivery_id", DataType::Utf8, false),
+        Field::new("owner_id", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("at", utc(TimeUnit::Microsecond), false),
+        Field::new("drone_id", DataType::Utf8, true),
+        Field::new("latitude", DataType::Float64, false),
+        Field::new("longitude", DataType::Float64, false),
+        Field::new("pickup_eta", utc(TimeUnit::Microsecond), true),
+        Field::new("delivery_eta", utc(TimeUnit::Microsecond), true),
+    ])
+}
+
+/// The schema of `drone_assignments` files.
+pub fn drone_assignments_schema() -> SchemaRef {
+    with_provenance(vec![
+        Field::new("drone_id", DataType::Utf8, false),
+        Field::new("region", DataType::Utf8, false),
+        Field::new("tenant", DataType::Utf8, false),
+        Field::new("delivery_id", DataType::Utf8, false),
+        Field::new("from_latitude", DataType::Float64, false),
+        Field::new("from_longitude", DataType::Float64, false),
+        Field::new("pickup_latitude", DataType::Float64, false),
+        Field::new("pickup_longitude", DataType::Float64, false),
+        Field::new("dropoff_latitude", DataType::Float64, false),
+        Field::new("dropoff_longitude", DataType::Float64, false),
+        Field::new("speed_mps", DataType::Float64, false),
+        Field::new("assigned_at", utc(TimeUnit::Millisecond), false),
+        Field::new("pickup_eta", utc(TimeUnit::Millisecond), false),
+        Field::new("delivery_eta", utc(TimeUnit::Millisecond), false),
+    ])
+}
+
+/// The schema of `telemetry` files.
+pub fn telemetry_schema() -> SchemaRef {
+    with_provenance(vec![
+        Field::new("drone_id", DataType::Utf8, false),
+        Field::new("latitude", DataType::Float64, false),
+        Field::new("longitude", DataType::Float64, false),
+        Field::new("fix_time", utc(TimeUnit::Microsecond), false),
+        Field::new("altitude", DataType::Float64, true),
+        Field::new("speed", DataType::Float64, true),
+        Field::new("heading", DataType::Float64, true),
+        Field::new("battery", DataType::Float64, true),
+    ])
+}
+
+/// The schema of `dead_letters` files. The payload is the original bytes as text
+/// (invalid UTF-8 replaced).
+pub fn dead_letters_schema() -> SchemaRef {
+    with_provenance(vec![
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("record_key", DataType::Utf8, true),
+        Field::new("payload", DataType::Utf8, false),
+        Field::new("payload_bytes", DataType::Int64, false),
+    ])
+}
+
 /// The folder of one day's files of a table, relative to the history root.
 pub fn partition_dir(table: &str, date: chrono::NaiveDate) -> String {
     format!("{table}/{DATE_PARTITION}={}", date.format("%Y-%m-%d"))
@@ -84,9 +201,25 @@ mod tests {
     }
 
     #[test]
-    fn schemas_have_no_partition_column() {
+    fn schemas_have_no_partition_column_and_end_with_provenance() {
         for t in TABLES {
-            assert!((t.schema)().field_with_name(DATE_PARTITION).is_err());
+            let schema = (t.schema)();
+            assert!(schema.field_with_name(DATE_PARTITION).is_err());
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            assert_eq!(
+                names[names.len() - 3..],
+                ["ingest_time", "kafka_partition", "kafka_offset"],
+                "{}",
+                t.name
+            );
         }
+    }
+
+    #[test]
+    fn every_table_has_its_own_topic() {
+        for t in TABLES {
+            assert_eq!(table_of(t.topic.name).map(|x| x.name), Some(t.name));
+        }
+        assert!(table_of(topics::DELIVERY_STATE.name).is_none());
     }
 }

@@ -9,6 +9,7 @@
 //! Everything in it is pure and unit-tested.
 
 pub mod delivery;
+pub mod generate;
 pub mod headers;
 pub mod history;
 pub mod telemetry;

@@ -1,0 +1,515 @@
+//! The table log: which Parquet files make up the history and which Kafka offsets are in
+//! them.
+//!
+//! A file becomes part of a table only when a commit naming it is in the log; readers see
+//! exactly the files of one log version, never a directory listing. That is what makes
+//! the history exactly once and compaction atomic:
+//!
+//! - the sink writes a file, then commits `add` + the offsets it covers; a file written
+//!   but not committed (a crash in between) is never read, and the records are read again
+//!   from Kafka and written again;
+//! - a commit whose offsets overlap offsets already in the log is refused ([`Conflict`]),
+//!   so two sink instances that both held a partition during a rebalance cannot both
+//!   write its records;
+//! - compaction commits `add` of the merged file and `remove` of the small ones in one
+//!   version.
+//!
+//! Layout under the history root: `_log/<version, 20 digits>.json` (one [`Commit`] each,
+//! created with put-if-absent, so concurrent writers serialise on the version number),
+//! every [`CHECKPOINT_EVERY`] versions a `<version>.checkpoint.json` with the whole
+//! [`Snapshot`], and `_log/_last_checkpoint` naming the newest. Old commits are deleted
+//! once two newer checkpoints exist.
+//!
+//! [`Snapshot::check`] and [`Snapshot::apply`] are pure; [`Log`] does the I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AnalyticsError, Result};
+use crate::store::DataRoot;
+
+/// The folder of the log under the history root.
+pub const LOG_DIR: &str = "_log";
+
+/// A checkpoint is written every this many versions.
+pub const CHECKPOINT_EVERY: u64 = 50;
+
+const LAST_CHECKPOINT: &str = "_last_checkpoint";
+
+/// One Parquet file of a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFile {
+    /// The table it belongs to.
+    pub table: String,
+    /// Its `date` partition (`YYYY-MM-DD`).
+    pub date: String,
+    /// Its path relative to the history root.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its row count.
+    pub rows: u64,
+    /// When it was committed, in milliseconds since the Unix epoch.
+    pub added_ms: i64,
+}
+
+/// A file that left the tables and waits for its physical deletion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// Its path relative to the history root.
+    pub path: String,
+    /// When it left, in milliseconds since the Unix epoch.
+    pub removed_ms: i64,
+}
+
+/// The offsets of one topic partition a commit covers: `from` (the first offset read)
+/// up to, not including, `next`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffsetRange {
+    /// The first offset read.
+    pub from: i64,
+    /// One past the last offset read.
+    pub next: i64,
+}
+
+/// One version of the log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Commit {
+    /// Its version (1, 2, ...), set by [`Log::commit`].
+    pub version: u64,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Who made it (`sink`, `compaction`, `vacuum`).
+    pub writer: String,
+    /// Files that join the tables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<DataFile>,
+    /// Paths of files that leave the tables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    /// Paths of removed files that are now physically deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forget: Vec<String>,
+    /// Per topic and partition: the offsets whose records the added files hold (records
+    /// that give no row included).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>>,
+}
+
+/// Why a commit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// Some of the commit's offsets are already in the log.
+    #[error("{topic}/{partition}: offsets from {from} are already in the history (up to {next})")]
+    Offsets {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// Where the commit starts.
+        from: i64,
+        /// Where the log is.
+        next: i64,
+    },
+    /// A file the commit removes is no longer in the tables.
+    #[error("{path} is no longer part of the history")]
+    Gone {
+        /// The file.
+        path: String,
+    },
+}
+
+/// The state of the history at one version: the live files and the offsets they cover.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The version it reflects (0: nothing committed yet).
+    pub version: u64,
+    /// Live files by path.
+    pub files: BTreeMap<String, DataFile>,
+    /// Files removed and not yet deleted.
+    #[serde(default)]
+    pub removed: Vec<Removed>,
+    /// Per topic and partition: the offset to read next.
+    #[serde(default)]
+    pub next: BTreeMap<String, BTreeMap<i32, i64>>,
+}
+
+impl Snapshot {
+    /// The offset to read next in `topic`/`partition`, if any of it is in the history.
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.next.get(topic)?.get(&partition).copied()
+    }
+
+    /// The live files of `table`.
+    pub fn table_files<'a>(&'a self, table: &'a str) -> impl Iterator<Item = &'a DataFile> {
+        self.files.values().filter(move |f| f.table == table)
+    }
+
+    /// The rows of `table` in this version.
+    pub fn table_rows(&self, table: &str) -> u64 {
+        self.table_files(table).map(|f| f.rows).sum()
+    }
+
+    /// Whether `commit` may follow this version: its offsets start at or after what the
+    /// log holds, and the files it removes are live.
+    pub fn check(&self, commit: &Commit) -> Result<(), Conflict> {
+        for (topic, partitions) in &commit.offsets {
+            for (&partition, range) in partitions {
+                if let Some(next) = self.next_offset(topic, partition)
+                    && range.from < next
+                {
+                    return Err(Conflict::Offsets {
+                        topic: topic.clone(),
+                        partition,
+                        from: range.from,
+                        next,
+                    });
+                }
+            }
+        }
+        if let Some(gone) = commit.remove.iter().find(|p| !self.files.contains_key(*p)) {
+            return Err(Conflict::Gone { path: gone.clone() });
+        }
+        Ok(())
+    }
+
+    /// Applies `commit` (checked or read from the log) and moves to its version.
+    pub fn apply(&mut self, commit: &Commit) {
+        for path in &commit.remove {
+            if self.files.remove(path).is_some() {
+                self.removed.push(Removed {
+                    path: path.clone(),
+                    removed_ms: commit.timestamp_ms,
+                });
+            }
+        }
+        for file in &commit.add {
+            self.files.insert(file.path.clone(), file.clone());
+        }
+        if !commit.forget.is_empty() {
+            self.removed.retain(|r| !commit.forget.contains(&r.path));
+        }
+        for (topic, partitions) in &commit.offsets {
+            let next = self.next.entry(topic.clone()).or_default();
+            for (&partition, range) in partitions {
+                let at = next.entry(partition).or_insert(range.next);
+                *at = (*at).max(range.next);
+            }
+        }
+        self.version = commit.version;
+    }
+}
+
+fn commit_name(version: u64) -> String {
+    format!("{LOG_DIR}/{version:020}.json")
+}
+
+fn checkpoint_name(version: u64) -> String {
+    format!("{LOG_DIR}/{version:020}.checkpoint.json")
+}
+
+#[derive(Serialize, Deserialize)]
+struct LastCheckpoint {
+    version: u64,
+}
+
+/// The log of one history root, with the newest snapshot read so far.
+#[derive(Debug)]
+pub struct Log {
+    root: DataRoot,
+    cached: tokio::sync::Mutex<Arc<Snapshot>>,
+}
+
+fn store_err(action: &'static str) -> impl FnOnce(object_store::Error) -> AnalyticsError {
+    move |source| AnalyticsError::Store { action, source }
+}
+
+fn corrupt(name: &str, e: &serde_json::Error) -> AnalyticsError {
+    AnalyticsError::Corrupt {
+        object: name.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl Log {
+    /// Opens the log of `root` (empty if nothing was committed yet).
+    pub async fn open(root: DataRoot) -> Result<Self> {
+        let log = Self {
+            root,
+            cached: tokio::sync::Mutex::new(Arc::new(Snapshot::default())),
+        };
+        log.snapshot().await?;
+        Ok(log)
+    }
+
+    /// The history root.
+    pub fn root(&self) -> &DataRoot {
+        &self.root
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Bytes>> {
+        match self.root.store.get(&self.root.path(name)).await {
+            Ok(found) => Ok(Some(
+                found
+                    .bytes()
+                    .await
+                    .map_err(store_err("reading the table log"))?,
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(AnalyticsError::Store {
+                action: "reading the table log",
+                source,
+            }),
+        }
+    }
+
+    /// The newest version of the history.
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        let mut cached = self.cached.lock().await;
+        let mut snapshot: Option<Snapshot> = None;
+        let mut checked_checkpoint = false;
+        loop {
+            let version = snapshot.as_ref().map_or(cached.version, |s| s.version) + 1;
+            let name = commit_name(version);
+            if let Some(bytes) = self.get(&name).await? {
+                let commit: Commit =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, &e))?;
+                snapshot
+                    .get_or_insert_with(|| Snapshot::clone(&cached))
+                    .apply(&commit);
+                continue;
+            }
+            if checked_checkpoint {
+                break;
+            }
+            // The tip, or commits this reader missed were cleaned up: a newer checkpoint
+            // says which.
+            checked_checkpoint = true;
+            let Some(bytes) = self.get(&format!("{LOG_DIR}/{LAST_CHECKPOINT}")).await? else {
+                break;
+            };
+            let last: LastCheckpoint =
+                serde_json::from_slice(&bytes).map_err(|e| corrupt(LAST_CHECKPOINT, &e))?;
+            if last.version < version {
+                break;
+            }
+            let name = checkpoint_name(last.version);
+            let bytes = self
+                .get(&name)
+                .await?
+                .ok_or_else(|| AnalyticsError::Corrupt {
+                    object: name.clone(),
+                    reason: "named by _last_checkpoint but missing".into(),
+                })?;
+            snapshot = Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(&name, &e))?);
+        }
+        if let Some(snapshot) = snapshot {
+            *cached = Arc::new(snapshot);
+        }
+        Ok(Arc::clone(&cached))
+    }
+
+    /// Appends `commit` as the next version if it [checks](Snapshot::check) against the
+    /// newest one; retries when another writer took the version first. Returns the new
+    /// snapshot, or the conflict that refused it.
+    pub async fn commit(&self, mut commit: Commit) -> Result<Result<Arc<Snapshot>, Conflict>> {
+        loop {
+            let current = self.snapshot().await?;
+            if let Err(conflict) = current.check(&commit) {
+                return Ok(Err(conflict));
+            }
+            commit.version = current.version + 1;
+            let bytes = serde_json::to_vec(&commit).map_err(|e| corrupt("a new commit", &e))?;
+            let put = self
+                .root
+                .store
+                .put_opts(
+                    &self.root.path(&commit_name(commit.version)),
+                    PutPayload::from(bytes),
+                    PutOptions::from(PutMode::Create),
+                )
+                .await;
+            match put {
+                Ok(_) => {}
+                Err(object_store::Error::AlreadyExists { .. }) => continue,
+                Err(source) => {
+                    return Err(AnalyticsError::Store {
+                        action: "committing to the table log",
+                        source,
+                    });
+                }
+            }
+            let mut next = Snapshot::clone(&current);
+            next.apply(&commit);
+            let next = Arc::new(next);
+            {
+                let mut cached = self.cached.lock().await;
+                if cached.version < next.version {
+                    *cached = Arc::clone(&next);
+                }
+            }
+            if commit.version % CHECKPOINT_EVERY == 0
+                && let Err(e) = self.checkpoint(&next).await
+            {
+                tracing::warn!(error = %e, version = next.version, "table log: checkpoint not written; readers replay more commits");
+            }
+            return Ok(Ok(next));
+        }
+    }
+
+    async fn checkpoint(&self, snapshot: &Snapshot) -> Result<()> {
+        let put = |name: String, bytes: Vec<u8>| async move {
+            self.root
+                .store
+                .put(&self.root.path(&name), PutPayload::from(bytes))
+                .await
+                .map_err(store_err("writing a checkpoint"))
+        };
+        let bytes = serde_json::to_vec(snapshot).map_err(|e| corrupt("a checkpoint", &e))?;
+        put(checkpoint_name(snapshot.version), bytes).await?;
+        let pointer = serde_json::to_vec(&LastCheckpoint {
+            version: snapshot.version,
+        })
+        .map_err(|e| corrupt(LAST_CHECKPOINT, &e))?;
+        put(format!("{LOG_DIR}/{LAST_CHECKPOINT}"), pointer).await?;
+        // Keep the two checkpoints before this one and every commit after them.
+        let keep_from = snapshot.version.saturating_sub(2 * CHECKPOINT_EVERY);
+        let first = keep_from.saturating_sub(CHECKPOINT_EVERY).max(1);
+        for version in first..keep_from {
+            for name in [commit_name(version), checkpoint_name(version)] {
+                match self.root.store.delete(&self.root.path(&name)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, %name, "table log: old entry not deleted")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, rows: u64) -> DataFile {
+        DataFile {
+            table: "t".into(),
+            date: "2026-11-24".into(),
+            path: path.into(),
+            size: 10,
+            rows,
+            added_ms: 1,
+        }
+    }
+
+    fn sink_commit(add: Vec<DataFile>, partition: i32, from: i64, next: i64) -> Commit {
+        Commit {
+            writer: "sink".into(),
+            timestamp_ms: 5,
+            add,
+            offsets: BTreeMap::from([(
+                "topic".into(),
+                BTreeMap::from([(partition, OffsetRange { from, next })]),
+            )]),
+            ..Commit::default()
+        }
+    }
+
+    #[test]
+    fn overlapping_offsets_are_refused_and_gaps_allowed() {
+        let mut s = Snapshot::default();
+        let first = sink_commit(vec![file("a", 3)], 0, 0, 10);
+        assert_eq!(s.check(&first), Ok(()));
+        s.apply(&Commit {
+            version: 1,
+            ..first
+        });
+        assert_eq!(s.next_offset("topic", 0), Some(10));
+        assert_eq!(s.next_offset("topic", 1), None);
+        let overlap = sink_commit(vec![file("b", 1)], 0, 9, 12);
+        assert!(matches!(
+            s.check(&overlap),
+            Err(Conflict::Offsets {
+                from: 9,
+                next: 10,
+                ..
+            })
+        ));
+        // A gap (transaction markers, retention) is not a conflict.
+        assert_eq!(s.check(&sink_commit(vec![], 0, 15, 16)), Ok(()));
+        assert_eq!(s.check(&sink_commit(vec![], 1, 0, 1)), Ok(()));
+    }
+
+    #[test]
+    fn compaction_swaps_files_in_one_version_and_vacuum_forgets() {
+        let mut s = Snapshot::default();
+        s.apply(&Commit {
+            version: 1,
+            add: vec![file("a", 3), file("b", 4)],
+            ..Commit::default()
+        });
+        let compact = Commit {
+            timestamp_ms: 9,
+            add: vec![file("c", 7)],
+            remove: vec!["a".into(), "b".into()],
+            ..Commit::default()
+        };
+        assert_eq!(s.check(&compact), Ok(()));
+        let before = s.table_rows("t");
+        s.apply(&Commit {
+            version: 2,
+            ..compact.clone()
+        });
+        assert_eq!(s.table_rows("t"), before);
+        assert_eq!(s.removed.len(), 2);
+        assert_eq!(s.removed[0].removed_ms, 9);
+        // The same compaction again finds its inputs gone.
+        assert!(matches!(s.check(&compact), Err(Conflict::Gone { .. })));
+        s.apply(&Commit {
+            version: 3,
+            forget: vec!["a".into()],
+            ..Commit::default()
+        });
+        assert_eq!(s.removed.len(), 1);
+        assert_eq!(s.version, 3);
+    }
+
+    #[test]
+    fn commits_round_trip_as_json() {
+        let c = Commit {
+            version: 4,
+            ..sink_commit(vec![file("x", 1)], 2, 3, 4)
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(!text.contains("remove"), "{text}");
+        assert_eq!(serde_json::from_str::<Commit>(&text).unwrap(), c);
+    }
+
+    proptest::proptest! {
+        /// Whatever order sink commits from two writers arrive in, what the log accepts
+        /// covers each offset at most once.
+        #[test]
+        fn accepted_commits_never_overlap(
+            ranges in proptest::collection::vec((0_i32..2, 0_i64..50, 1_i64..10), 1..40)
+        ) {
+            let mut s = Snapshot::default();
+            let mut covered: BTreeMap<(i32, i64), u32> = BTreeMap::new();
+            for (i, (partition, from, len)) in ranges.into_iter().enumerate() {
+                let c = sink_commit(vec![], partition, from, from + len);
+                if s.check(&c).is_ok() {
+                    for o in from..from + len {
+                        *covered.entry((partition, o)).or_default() += 1;
+                    }
+                    s.apply(&Commit { version: i as u64 + 1, ..c });
+                }
+            }
+            proptest::prop_assert!(covered.values().all(|&n| n == 1));
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! The history: every topic into Parquet exactly once (also across injected crashes),
+//! compaction that queries never notice, and read-only SQL with limits.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use analytics::compact::CompactionConfig;
+use analytics::log::Log;
+use analytics::sink::{FailPoint, OnShutdown, SinkConfig};
+use analytics::sql::{History, QueryLimits, QueryResult};
+use analytics::store::DataRoot;
+use anyhow::{Context, Result};
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
+use schemas::headers as h;
+use schemas::topics;
+use schemas::tracking::{Assignment, DeliveryEvent, Stage};
+use tokio_util::sync::CancellationToken;
+
+/// 2026-11-23T12:00:00Z and the next day, in milliseconds.
+const DAY_ONE: i64 = 1_795_435_200_000;
+const DAY_TWO: i64 = DAY_ONE + 86_400_000;
+
+struct Fixture {
+    broker: EmbeddedBroker,
+    settings: ClientSettings,
+    data: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Result<Self> {
+        let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        Ok(Self {
+            broker,
+            settings,
+            data: tempfile::tempdir()?,
+        })
+    }
+
+    fn data(&self) -> String {
+        self.data.path().display().to_string()
+    }
+
+    fn sink_config(&self, roll_rows: usize, fail_at: Option<FailPoint>) -> SinkConfig {
+        SinkConfig {
+            data: self.data(),
+            roll_rows,
+            roll_interval_ms: 300,
+            compaction: CompactionConfig {
+                compact_interval_secs: 0,
+                ..CompactionConfig::default()
+            },
+            fail_at,
+        }
+    }
+
+    /// Runs the sink until it has read everything there is (or failed).
+    async fn sink(&self, roll_rows: usize, fail_at: Option<FailPoint>) -> analytics::Result<()> {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            analytics::sink::run(
+                self.sink_config(roll_rows, fail_at),
+                self.settings.clone(),
+                stop,
+                OnShutdown::Drain(Duration::from_secs(60)),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(analytics::AnalyticsError::Task {
+                reason: "sink did not finish in time".into(),
+            })
+        })
+    }
+
+    async fn history(&self) -> Result<History> {
+        Ok(History::open(&self.data(), &QueryLimits::default()).await?)
+    }
+
+    async fn log(&self) -> Result<Log> {
+        Ok(Log::open(DataRoot::open(&self.data(), Path::new("/"))?).await?)
+    }
+}
+
+async fn send(
+    producer: &Producer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: &[(&str, &[u8])],
+) -> Result<()> {
+    producer
+        .send_and_wait(OutRecord {
+            topic,
+            key: key.as_bytes(),
+            payload,
+            headers,
+        })
+        .await
+        .with_context(|| format!("producing to {topic}"))?;
+    Ok(())
+}
+
+/// `n` delivery requests, the first half ingested on day one, the rest on day two, plus
+/// a reschedule and an invalid record that give no row.
+async fn produce_requests(producer: &Producer, n: usize) -> Result<()> {
+    let mut generator = schemas::generate::Generator::new(42, 3);
+    let sends = (0..n).map(|i| {
+        let tenant = format!("tenant-{}", i % 3);
+        let mut body = String::new();
+        generator.request_into(&tenant, &mut body);
+        let at = if i < n / 2 { DAY_ONE } else { DAY_TWO } + i as i64;
+        async move {
+            let at = at.to_string();
+            send(
+                producer,
+                topics::DELIVERY_REQUESTS.name,
+                &format!("{tenant}/d{i}"),
+                body.as_bytes(),
+                &[
+                    (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+                    (h::INGEST_TIME, at.as_bytes()),
+                ],
+            )
+            .await
+        }
+    });
+    futures_util::future::try_join_all(sends).await?;
+    let day = DAY_TWO.to_string();
+    send(
+        producer,
+        topics::DELIVERY_REQUESTS.name,
+        "tenant-0/d0",
+        br#"{"deadline":"2026-11-25T10:00:00Z"}"#,
+        &[
+            (
+                h::EVENT_TYPE,
+                h::event_type::DELIVERY_RESCHEDULED.as_bytes(),
+            ),
+            (h::INGEST_TIME, day.as_bytes()),
+        ],
+    )
+    .await?;
+    send(
+        producer,
+        topics::DELIVERY_REQUESTS.name,
+        "tenant-0/bad",
+        b"{not json",
+        &[(h::INGEST_TIME, day.as_bytes())],
+    )
+    .await
+}
+
+fn count(result: &QueryResult) -> i64 {
+    result.batches[0]
+        .column(0)
+        .as_primitive::<Int64Type>()
+        .value(0)
+}
+
+async fn scalar(history: &History, sql: &str) -> Result<i64> {
+    Ok(count(&history.query(sql).await.context(sql.to_owned())?))
+}
+
+fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_topic_lands_once_in_its_table_and_date() -> Result<()> {
+    const N: usize = 300;
+    let f = Fixture::new()?;
+    let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+    produce_requests(&producer, N).await?;
+    // Three deliveries go all the way, one is cancelled.
+    let location = schemas::Location {
+        latitude: 47.6,
+        longitude: -122.3,
+    };
+    let stages = [
+        (Stage::Created, 1),
+        (Stage::HeadedToPickup, 2),
+        (Stage::HeadedToDropoff, 3),
+        (Stage::Completed, 4),
+    ];
+    for i in 0..3 {
+        for (stage, seq) in stages {
+            let event = DeliveryEvent {
+                delivery_id: format!("d{i}"),
+                owner_id: format!("tenant-{i}"),
+                stage,
+                seq,
+                at: format!("2026-11-23T12:0{seq}:00Z"),
+                drone_id: (seq > 1).then(|| "drone-1".to_owned()),
+                last_known_location: location,
+                pickup_eta: None,
+                delivery_eta: Some("2026-11-23T12:30:00Z".into()),
+            };
+            send(
+                &producer,
+                topics::DELIVERY_EVENTS.name,
+                &format!("tenant-{i}/d{i}"),
+                &serde_json::to_vec(&event)?,
+                &[],
+            )
+            .await?;
+        }
+    }
+    let assignment = Assignment {
+        drone_id: "drone-1".into(),
+        region: "47,-123".into(),
+        delivery_key: "tenant-0/d0".into(),
+        delivery_id: "d0".into(),
+        from: location,
+        pickup: location,
+        drop_off: location,
+        speed_mps: 15.0,
+        assigned_at: DAY_ONE,
+        pickup_eta: DAY_ONE + 60_000,
+        delivery_eta: DAY_ONE + 600_000,
+    };
+    send(
+        &producer,
+        topics::DRONE_ASSIGNMENTS.name,
+        "drone-1",
+        &serde_json::to_vec(&assignment)?,
+        &[(h::EVENT_TYPE, h::event_type::DRONE_ASSIGNED.as_bytes())],
+    )
+    .await?;
+    for i in 0..5 {
+        let fix = format!(
+            r#"{{"latitude":47.6,"longitude":-122.3,"timestamp":"2026-11-23T12:00:0{i}Z","battery":80}}"#
+        );
+        send(
+            &producer,
+            topics::DRONE_TELEMETRY.name,
+            "drone-1",
+            fix.as_bytes(),
+            &[(h::DRONE_ID, b"drone-1")],
+        )
+        .await?;
+    }
+    send(
+        &producer,
+        topics::DEAD_LETTERS.name,
+        "tenant-0/x",
+        b"\xff not a request",
+        &[
+            (h::DEAD_LETTER_REASON, b"not JSON"),
+            (h::DEAD_LETTER_SOURCE, b"delivery-requests/0@7"),
+        ],
+    )
+    .await?;
+
+    f.sink(100, None).await.context("running the sink")?;
+
+    let history = f.history().await?;
+    let n = N as i64;
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        n
+    );
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM delivery_requests)"
+        )
+        .await?,
+        n
+    );
+    // Partitions by ingest date, and pruning by them.
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM delivery_requests WHERE date = '2026-11-23'"
+        )
+        .await?,
+        n / 2
+    );
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM delivery_requests WHERE date = '2026-11-24'"
+        )
+        .await?,
+        n - n / 2
+    );
+    for file in parquet_files(f.data.path()) {
+        let relative = file.strip_prefix(f.data.path())?.display().to_string();
+        assert!(
+            relative.contains("/date=2026-11-2"),
+            "Hive-style folders: {relative}"
+        );
+    }
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_events").await?,
+        12
+    );
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM drone_assignments").await?,
+        1
+    );
+    assert_eq!(scalar(&history, "SELECT count(*) FROM telemetry").await?, 5);
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM dead_letters").await?,
+        1
+    );
+    let dead = history
+        .query("SELECT reason, source, payload FROM dead_letters")
+        .await?;
+    assert_eq!(
+        dead.batches[0].column(0).as_string::<i32>().value(0),
+        "not JSON"
+    );
+    assert!(
+        dead.batches[0]
+            .column(2)
+            .as_string::<i32>()
+            .value(0)
+            .ends_with("not a request")
+    );
+
+    // The delivery view: one row per delivery, with its timeline.
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM deliveries").await?,
+        n
+    );
+    let done = history
+        .query(
+            "SELECT delivery_id, stage, seconds_in_flight, events FROM deliveries \
+             WHERE completed_at IS NOT NULL ORDER BY delivery_id",
+        )
+        .await?;
+    assert_eq!(done.rows(), 3);
+    let batch = &done.batches[0];
+    assert_eq!(batch.column(1).as_string::<i32>().value(0), "Completed");
+    assert_eq!(
+        batch
+            .column(2)
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(0),
+        120.0
+    );
+    assert_eq!(batch.column(3).as_primitive::<Int64Type>().value(0), 4);
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM deliveries WHERE stage = 'Created'"
+        )
+        .await?,
+        n - 3
+    );
+
+    // Running the sink again reads nothing twice.
+    f.sink(100, None).await?;
+    let history = f.history().await?;
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        n
+    );
+    drop(f.broker);
+    Ok(())
+}
+
+/// A crash after the files are written (before the log commit) and one after the log
+/// commit (before the Kafka commit): the next run leaves exactly N rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_step_leaves_exactly_n_rows() -> Result<()> {
+    const N: usize = 400;
+    for fail_at in [FailPoint::AfterFileWrite, FailPoint::AfterLogCommit] {
+        let f = Fixture::new()?;
+        let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+        produce_requests(&producer, N).await?;
+        let crashed = f.sink(150, Some(fail_at)).await;
+        assert!(
+            matches!(crashed, Err(analytics::AnalyticsError::Injected(at)) if at == fail_at),
+            "{fail_at:?}: {crashed:?}"
+        );
+        let log = f.log().await?;
+        let after_crash = log.snapshot().await?;
+        let on_disk = parquet_files(f.data.path()).len();
+        match fail_at {
+            FailPoint::AfterFileWrite => {
+                assert_eq!(after_crash.version, 0, "nothing committed");
+                assert!(on_disk > 0, "the crashed roll left files");
+            }
+            FailPoint::AfterLogCommit => assert_eq!(after_crash.version, 1),
+        }
+        // Queries between the crash and the restart see only committed rows.
+        let history = f.history().await?;
+        let committed = i64::try_from(after_crash.table_rows("delivery_requests"))?;
+        assert_eq!(
+            scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+            committed
+        );
+
+        f.sink(150, None).await.context("restarting the sink")?;
+        let history = f.history().await?;
+        let n = N as i64;
+        assert_eq!(
+            scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+            n,
+            "{fail_at:?}"
+        );
+        assert_eq!(
+            scalar(
+                &history,
+                "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM delivery_requests)"
+            )
+            .await?,
+            n,
+            "{fail_at:?}: no duplicates"
+        );
+        // Vacuum removes the crashed roll's orphan files; nothing else changes.
+        let log = f.log().await?;
+        let report = analytics::compact::compact_once(
+            &log,
+            &CompactionConfig {
+                compact_min_files: 1_000,
+                vacuum_retention_secs: 0,
+                ..CompactionConfig::default()
+            },
+            &CancellationToken::new(),
+        )
+        .await?;
+        let live = log.snapshot().await?.files.len();
+        assert_eq!(parquet_files(f.data.path()).len(), live, "{report:?}");
+        if fail_at == FailPoint::AfterFileWrite {
+            assert!(report.deleted > 0);
+        }
+        assert_eq!(
+            scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+            n
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<()> {
+    const N: usize = 600;
+    let f = Fixture::new()?;
+    let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+    produce_requests(&producer, N).await?;
+    f.sink(25, None).await?;
+    let log = f.log().await?;
+    let before = log.snapshot().await?.files.len();
+    assert!(before >= 20, "{before} files");
+
+    let history = f.history().await?;
+    let stop = CancellationToken::new();
+    let reader = {
+        let history = history.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut counts = BTreeSet::new();
+            let mut queries = 0;
+            while !stop.is_cancelled() || queries < 5 {
+                let n = scalar(
+                    &history,
+                    "SELECT count(*) FROM delivery_requests WHERE kafka_offset >= 0",
+                )
+                .await?;
+                counts.insert(n);
+                queries += 1;
+            }
+            anyhow::Ok((counts, queries))
+        })
+    };
+    let config = CompactionConfig {
+        compact_min_files: 2,
+        vacuum_retention_secs: 3_600,
+        ..CompactionConfig::default()
+    };
+    let mut merged = 0;
+    for _ in 0..3 {
+        let report =
+            analytics::compact::compact_once(&log, &config, &CancellationToken::new()).await?;
+        merged += report.merged;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let (counts, queries) = reader.await??;
+    assert_eq!(counts, BTreeSet::from([N as i64]), "over {queries} queries");
+    assert!(merged >= 2, "one merge per date at least");
+    let after = log.snapshot().await?;
+    assert!(after.files.len() <= 2, "{} files", after.files.len());
+    assert_eq!(after.removed.len(), before);
+    // Until the retention passes, the replaced files stay for queries that may read them;
+    // then vacuum deletes them.
+    assert_eq!(
+        parquet_files(f.data.path()).len(),
+        before + after.files.len()
+    );
+    analytics::compact::compact_once(
+        &log,
+        &CompactionConfig {
+            vacuum_retention_secs: 0,
+            ..config
+        },
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!(parquet_files(f.data.path()).len(), after.files.len());
+    assert!(log.snapshot().await?.removed.is_empty());
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        N as i64
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_is_read_only_and_bounded() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let path = data.path().display().to_string();
+    let history = History::open(&path, &QueryLimits::default()).await?;
+    // An empty history is empty tables, not an error.
+    for table in schemas::history::TABLES {
+        let sql = format!("SELECT count(*) FROM {}", table.name);
+        assert_eq!(scalar(&history, &sql).await?, 0, "{sql}");
+    }
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM deliveries").await?,
+        0
+    );
+    for statement in [
+        "CREATE TABLE t (a INT)",
+        "CREATE VIEW v AS SELECT 1",
+        "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/etc/'",
+        "DROP TABLE delivery_requests",
+        "INSERT INTO delivery_requests SELECT * FROM delivery_requests",
+        "DELETE FROM delivery_requests",
+        "COPY (SELECT 1) TO '/tmp/out.csv'",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let err = history.query(statement).await.expect_err(statement);
+        assert!(
+            matches!(err, analytics::AnalyticsError::ReadOnly { .. }),
+            "{statement}: {err}"
+        );
+    }
+    // Files outside the history cannot be named.
+    for statement in [
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM 'file:///etc/hostname'",
+        "SELECT * FROM read_parquet('/etc/passwd')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+    ] {
+        let err = history.query(statement).await.expect_err(statement);
+        assert!(
+            matches!(err, analytics::AnalyticsError::Query { .. }),
+            "{statement}: {err}"
+        );
+    }
+
+    // Over the memory limit: a clean error, not an abort.
+    let small = History::open(
+        &path,
+        &QueryLimits {
+            sql_memory_mb: 1,
+            ..QueryLimits::default()
+        },
+    )
+    .await?;
+    let err = small
+        .query("SELECT count(DISTINCT v) FROM generate_series(1, 3000000) AS t(v)")
+        .await
+        .expect_err("over the memory limit");
+    assert!(err.to_string().contains("Resources exhausted"), "{err}");
+    // The same query within the default limit works.
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(DISTINCT v) FROM generate_series(1, 3000000) AS t(v)"
+        )
+        .await?,
+        3_000_000
+    );
+
+    // More rows than allowed.
+    let few = History::open(
+        &path,
+        &QueryLimits {
+            sql_max_rows: 10,
+            ..QueryLimits::default()
+        },
+    )
+    .await?;
+    assert_eq!(
+        few.query("SELECT * FROM generate_series(1, 10)")
+            .await
+            .map(|r| r.rows())?,
+        10
+    );
+    let err = few
+        .query("SELECT * FROM generate_series(1, 11)")
+        .await
+        .expect_err("too many rows");
+    assert!(
+        matches!(err, analytics::AnalyticsError::TooManyRows { limit: 10 }),
+        "{err}"
+    );
+    Ok(())
+}
