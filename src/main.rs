@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use analytics::sink::{OnShutdown, SinkConfig};
-use analytics::sql::{History, SqlArgs};
+use analytics::sql::{History, OutputFormat, QueryLimits, SqlArgs};
 use anyhow::{Context, Result};
 use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer, ProducerArgs};
 use clap::{Parser, Subcommand};
@@ -98,6 +98,16 @@ struct RunArgs {
     stateful: StatefulConfig,
     #[command(flatten)]
     sink: SinkConfig,
+    #[command(flatten)]
+    sql: QueryLimits,
+    /// Address of the Arrow Flight SQL endpoint over the history (same keys and
+    /// --sql-tenants as POST /api/sql), or `off`.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_FLIGHT_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    flight_listen: String,
     /// Also fly the assigned drones in this process (a demo), reporting to this
     /// process's own API unless --simulate-target says otherwise.
     #[arg(long, env = "DRONEDELIVERY_SIMULATE_DRONES")]
@@ -307,12 +317,38 @@ async fn run(args: RunArgs) -> Result<()> {
         args.ingest.status_max_deliveries,
         stop_back.clone(),
     );
+    check_retention(&args.sink, &args.sql)?;
+    let history = History::open(&args.sink.data, &args.sql).await?;
     let ingest = Ingest::bind(args.ingest, producer.clone())
         .await?
         .with_metrics(render)
-        .with_status(view);
+        .with_status(view)
+        .with_sql(Arc::new(HistorySql(history.clone())));
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
+    let flight_task = match flight_address(&args.flight_listen)? {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} for Flight SQL"))?;
+            let flight_addr = listener.local_addr()?;
+            println!("flight sql on grpc://{flight_addr}");
+            tracing::info!(%flight_addr, "Arrow Flight SQL on grpc://{flight_addr}");
+            let authenticator = ingest.sql_authenticator();
+            let authenticate: analytics::flight::Authenticate = Arc::new(move |header, peer| {
+                // A peer tonic cannot name is treated as remote.
+                let peer = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                authenticator.check(header, peer).map_err(|e| e.to_string())
+            });
+            Some(tokio::spawn(analytics::flight::serve(
+                listener,
+                history,
+                authenticate,
+                stop_front.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let mut ingest_task = tokio::spawn(ingest.run(stop_front.clone()));
     let mut workflow_task = tokio::spawn(processors::workflow::run(
@@ -385,6 +421,9 @@ async fn run(args: RunArgs) -> Result<()> {
     if finished != Some("ingest") {
         result = result.and(join("ingest", ingest_task).await);
     }
+    if let Some(task) = flight_task {
+        result = result.and(join("flight sql", task).await);
+    }
     stop_back.cancel();
     if finished != Some("workflow") {
         result = result.and(join("workflow", workflow_task).await);
@@ -403,6 +442,85 @@ async fn run(args: RunArgs) -> Result<()> {
     drop(embedded);
     tracing::info!("dronedelivery stopped");
     result
+}
+
+/// `--flight-listen`: an address, or `off`.
+fn flight_address(text: &str) -> Result<Option<std::net::SocketAddr>> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .with_context(|| format!("--flight-listen {text:?} is neither an address nor `off`"))
+}
+
+/// Files that compaction replaced are kept for queries that may still read them: longer
+/// than a query may run.
+fn check_retention(sink: &SinkConfig, limits: &QueryLimits) -> Result<()> {
+    let retention = sink.compaction.vacuum_retention_secs;
+    if retention <= limits.sql_timeout_secs {
+        anyhow::bail!(
+            "--vacuum-retention-secs ({retention}) must be longer than --sql-timeout-secs ({})",
+            limits.sql_timeout_secs
+        );
+    }
+    Ok(())
+}
+
+/// `POST /api/sql` answered by the history.
+struct HistorySql(History);
+
+impl ingest::SqlEndpoint for HistorySql {
+    fn query(
+        &self,
+        sql: String,
+        accept: Option<String>,
+    ) -> futures_util::future::BoxFuture<'static, Result<ingest::SqlAnswer, ingest::SqlFailure>>
+    {
+        use ingest::{SqlFailure, SqlFailureKind as Kind};
+        let history = self.0.clone();
+        Box::pin(async move {
+            let Some(format) = OutputFormat::from_accept(accept.as_deref()) else {
+                return Err(SqlFailure {
+                    kind: Kind::NotAcceptable,
+                    message: "Accept names no format this server renders: use application/json, \
+                              application/x-ndjson, text/csv, text/plain, \
+                              application/vnd.apache.arrow.stream or application/vnd.apache.parquet"
+                        .into(),
+                });
+            };
+            let failure = |e: analytics::AnalyticsError| {
+                use analytics::AnalyticsError as E;
+                let kind = match &e {
+                    E::ReadOnly { .. } => Kind::Refused,
+                    E::TooManyRows { .. } | E::Timeout { .. } => Kind::OverLimit,
+                    E::Query { .. } if e.to_string().contains("Resources exhausted") => {
+                        Kind::OverLimit
+                    }
+                    E::Query { .. } => Kind::Invalid,
+                    _ => Kind::Internal,
+                };
+                SqlFailure {
+                    kind,
+                    message: e.to_string(),
+                }
+            };
+            let result = history.query(&sql).await.map_err(failure)?;
+            let rows = result.rows();
+            let body = tokio::task::spawn_blocking(move || analytics::sql::render(&result, format))
+                .await
+                .map_err(|e| SqlFailure {
+                    kind: Kind::Internal,
+                    message: e.to_string(),
+                })?
+                .map_err(failure)?;
+            Ok(ingest::SqlAnswer {
+                content_type: format.content_type(),
+                body: body.into(),
+                rows,
+            })
+        })
+    }
 }
 
 async fn ingest_only(args: IngestArgs) -> Result<()> {

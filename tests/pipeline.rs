@@ -34,15 +34,23 @@ struct Pipeline {
 
 impl Pipeline {
     fn start(data: &std::path::Path) -> Result<Self> {
+        Ok(Self::start_with(data, &[])?.0)
+    }
+
+    /// Starts `run` with `extra` flags; also returns the Flight SQL address.
+    fn start_with(data: &std::path::Path, extra: &[&str]) -> Result<(Self, String)> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
             .args([
                 "run",
                 "--listen",
                 "127.0.0.1:0",
+                "--flight-listen",
+                "127.0.0.1:0",
                 "--roll-interval-ms",
                 "300",
-                "--data",
             ])
+            .args(extra)
+            .arg("--data")
             .arg(data)
             .env("DRONEDELIVERY_LOG", "warn")
             .stdout(Stdio::piped())
@@ -51,10 +59,14 @@ impl Pipeline {
             .context("starting dronedelivery run")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = mpsc::channel();
+        let (flight_tx, flight_rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("dronedelivery listening on ") {
                     let _ = tx.send(addr.to_owned());
+                }
+                if let Some(addr) = line.strip_prefix("flight sql on grpc://") {
+                    let _ = flight_tx.send(format!("http://{addr}"));
                 }
             }
         });
@@ -62,10 +74,13 @@ impl Pipeline {
             child,
             base: String::new(),
         };
+        let flight = flight_rx
+            .recv_timeout(STARTUP)
+            .context("the pipeline did not say where Flight SQL listens")?;
         pipeline.base = rx
             .recv_timeout(STARTUP)
             .context("the pipeline did not say where it listens")?;
-        Ok(pipeline)
+        Ok((pipeline, flight))
     }
 
     /// Sends `signal` (`TERM` or `INT`) and waits (bounded) for a clean exit.
@@ -854,4 +869,232 @@ async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
     .context("no place freed")??;
     assert_eq!(status, 200);
     tier.stop().await
+}
+
+/// `POST /api/sql` and Arrow Flight SQL over the same history: the same rows, the same
+/// keys, the same refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use futures_util::TryStreamExt;
+
+    let data = tempfile::tempdir()?;
+    let keys = data.path().join("keys");
+    std::fs::write(
+        &keys,
+        "analysts:key-analysts-0123456789\ncontoso:key-contoso-0123456789\n",
+    )?;
+    let history = data.path().join("history");
+    let (pipeline, flight) = Pipeline::start_with(
+        &history,
+        &[
+            "--api-keys",
+            keys.to_str().context("path")?,
+            "--sql-tenants",
+            "analysts",
+            "--sql-memory-mb",
+            "16",
+        ],
+    )?;
+    let client = client();
+    let batch: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            let mut r = valid_request(i);
+            r["ownerId"] = "contoso".into();
+            r
+        })
+        .collect();
+    let (status, _, report) = post_raw(
+        &client,
+        &format!("{}/api/deliveryrequests/batch", pipeline.base),
+        &[("authorization", "Bearer key-contoso-0123456789")],
+        serde_json::to_vec(&batch)?,
+    )
+    .await?;
+    assert_eq!(status, 202, "{report}");
+
+    let url = format!("{}/api/sql", pipeline.base);
+    let sql = |query: &str| serde_json::to_vec(&serde_json::json!({ "sql": query }));
+    let analyst = ("authorization", "Bearer key-analysts-0123456789");
+    let ids_query = "SELECT delivery_id, owner_id FROM delivery_requests ORDER BY delivery_id";
+    // Wait for the history.
+    let deadline = Instant::now() + SETTLE;
+    let rows = loop {
+        let (status, _, body) = call(&client, "POST", &url, &[analyst], sql(ids_query)?).await?;
+        assert_eq!(status, 200, "{body}");
+        let rows = body.as_array().cloned().unwrap_or_default();
+        if rows.len() >= 20 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history has {} of 20 rows",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|r| r["owner_id"] == "contoso"), "{rows:?}");
+
+    // Who may query.
+    let (status, _, _) = call(&client, "POST", &url, &[], sql(ids_query)?).await?;
+    assert_eq!(status, 401);
+    let (status, _, body) = call(
+        &client,
+        "POST",
+        &url,
+        &[("authorization", "Bearer key-contoso-0123456789")],
+        sql(ids_query)?,
+    )
+    .await?;
+    assert_eq!(status, 403, "{body}");
+
+    // Formats by Accept.
+    let count = "SELECT count(*) AS n FROM delivery_requests";
+    let (status, headers, csv) = call_bytes(
+        &client,
+        "POST",
+        &url,
+        &[analyst, ("accept", "text/csv")],
+        sql(count)?,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].to_str()?.starts_with("text/csv"));
+    assert_eq!(std::str::from_utf8(&csv)?, "n\n20\n");
+    let (status, _, ndjson) = call_bytes(
+        &client,
+        "POST",
+        &url,
+        &[analyst, ("accept", "application/x-ndjson")],
+        sql(count)?,
+    )
+    .await?;
+    assert_eq!(
+        (status, std::str::from_utf8(&ndjson)?),
+        (200, "{\"n\":20}\n")
+    );
+    let (status, headers, ipc) = call_bytes(
+        &client,
+        "POST",
+        &url,
+        &[analyst, ("accept", "application/vnd.apache.arrow.stream")],
+        sql(ids_query)?,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-type"],
+        "application/vnd.apache.arrow.stream"
+    );
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)?;
+    let mut http_ids = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let column = batch.column(0).as_string::<i32>();
+        http_ids.extend((0..column.len()).map(|i| column.value(i).to_owned()));
+    }
+    assert_eq!(http_ids.len(), 20);
+    let (status, _, body) = call(
+        &client,
+        "POST",
+        &url,
+        &[analyst, ("accept", "image/png")],
+        sql(count)?,
+    )
+    .await?;
+    assert_eq!(status, 406, "{body}");
+
+    // Refusals, errors and limits.
+    for (query, expected) in [
+        ("DROP TABLE delivery_requests", 400),
+        (
+            "INSERT INTO delivery_requests SELECT * FROM delivery_requests",
+            400,
+        ),
+        ("COPY (SELECT 1) TO '/tmp/x.csv'", 400),
+        ("SELECT * FROM '/etc/passwd'", 400),
+        ("SELEKT 1", 400),
+        (
+            "SELECT (v * 7919) % 3000017 AS k, count(*) AS n \
+             FROM generate_series(1, 3000000) AS t(v) GROUP BY k ORDER BY n DESC LIMIT 1",
+            422,
+        ),
+    ] {
+        let (status, _, body) = call(&client, "POST", &url, &[analyst], sql(query)?).await?;
+        assert_eq!(status, expected, "{query}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, _, _) = call(&client, "POST", &url, &[analyst], b"{\"query\":1}".to_vec()).await?;
+    assert_eq!(status, 400);
+    let (status, headers, _) = call(&client, "GET", &url, &[analyst], Vec::new()).await?;
+    assert_eq!(
+        (status, &headers["allow"]),
+        (405, &"POST".parse::<hyper::header::HeaderValue>()?)
+    );
+
+    // Flight SQL: without a key, refused; with one, the same rows.
+    let channel = tonic::transport::Channel::from_shared(flight.clone())?
+        .connect()
+        .await
+        .context("connecting to Flight SQL")?;
+    let mut anonymous = FlightSqlServiceClient::new(channel.clone());
+    assert!(anonymous.execute(ids_query.to_owned(), None).await.is_err());
+    let mut flight_client = FlightSqlServiceClient::new(channel);
+    flight_client
+        .handshake("analysts", "key-analysts-0123456789")
+        .await
+        .context("Flight SQL handshake")?;
+    let info = flight_client.execute(ids_query.to_owned(), None).await?;
+    let mut flight_ids = Vec::new();
+    for endpoint in info.endpoint {
+        let ticket = endpoint.ticket.context("no ticket")?;
+        let batches: Vec<arrow::record_batch::RecordBatch> =
+            flight_client.do_get(ticket).await?.try_collect().await?;
+        for batch in batches {
+            let column = batch.column(0).as_string::<i32>();
+            flight_ids.extend((0..column.len()).map(|i| column.value(i).to_owned()));
+        }
+    }
+    assert_eq!(flight_ids, http_ids);
+    // A prepared statement (what JDBC drivers use) gives the same.
+    let mut prepared = flight_client.prepare(count.to_owned(), None).await?;
+    let info = prepared.execute().await?;
+    let ticket = info.endpoint[0].ticket.clone().context("no ticket")?;
+    let batches: Vec<arrow::record_batch::RecordBatch> =
+        flight_client.do_get(ticket).await?.try_collect().await?;
+    assert_eq!(
+        batches[0].column(0).as_primitive::<Int64Type>().value(0),
+        20
+    );
+    // Tools list the tables; writes are refused.
+    let info = flight_client
+        .get_tables(arrow_flight::sql::CommandGetTables {
+            include_schema: true,
+            ..Default::default()
+        })
+        .await?;
+    let ticket = info.endpoint[0].ticket.clone().context("no ticket")?;
+    let batches: Vec<arrow::record_batch::RecordBatch> =
+        flight_client.do_get(ticket).await?.try_collect().await?;
+    let names = batches[0]
+        .column_by_name("table_name")
+        .context("table_name")?
+        .as_string::<i32>();
+    let names: BTreeSet<&str> = (0..names.len()).map(|i| names.value(i)).collect();
+    assert!(
+        names.contains("delivery_requests") && names.contains("deliveries"),
+        "{names:?}"
+    );
+    let refused = flight_client
+        .execute("DROP TABLE delivery_requests".to_owned(), None)
+        .await
+        .expect_err("DDL over Flight SQL");
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+
+    pipeline.stop("TERM")?;
+    Ok(())
 }

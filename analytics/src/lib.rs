@@ -12,6 +12,7 @@
 
 pub mod compact;
 mod error;
+pub mod flight;
 pub mod log;
 pub mod rows;
 pub mod sink;

@@ -352,7 +352,7 @@ impl Log {
                     *cached = Arc::clone(&next);
                 }
             }
-            if commit.version % CHECKPOINT_EVERY == 0
+            if commit.version.is_multiple_of(CHECKPOINT_EVERY)
                 && let Err(e) = self.checkpoint(&next).await
             {
                 tracing::warn!(error = %e, version = next.version, "table log: checkpoint not written; readers replay more commits");

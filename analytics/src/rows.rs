@@ -217,7 +217,7 @@ fn text(bytes: Option<&[u8]>) -> Option<String> {
 #[derive(Debug)]
 pub enum TableRows {
     /// `delivery_requests`.
-    Requests(DeliveryRequestRows),
+    Requests(Box<DeliveryRequestRows>),
     /// `delivery_events`.
     Events(Vec<EventRow>),
     /// `drone_assignments`.
@@ -315,7 +315,7 @@ impl TableRows {
     pub fn new(table: &str) -> Option<Self> {
         use schemas::history as h;
         Some(match table {
-            t if t == h::DELIVERY_REQUESTS.name => Self::Requests(DeliveryRequestRows::default()),
+            t if t == h::DELIVERY_REQUESTS.name => Self::Requests(Box::default()),
             t if t == h::DELIVERY_EVENTS.name => Self::Events(Vec::new()),
             t if t == h::DRONE_ASSIGNMENTS.name => Self::Assignments(Vec::new()),
             t if t == h::TELEMETRY.name => Self::Telemetry(Vec::new()),

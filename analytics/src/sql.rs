@@ -276,20 +276,33 @@ impl History {
         Ok(ctx)
     }
 
+    /// Plans one read-only query.
+    async fn plan(&self, sql: &str) -> Result<datafusion::dataframe::DataFrame> {
+        let ctx = self.session().await?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        ctx.sql_with_options(sql, options)
+            .await
+            .map_err(read_only_or_query)
+    }
+
+    /// The columns a read-only query would return, without running it.
+    pub async fn schema(&self, sql: &str) -> Result<SchemaRef> {
+        let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
+        let frame = tokio::time::timeout(timeout, self.plan(sql))
+            .await
+            .map_err(|_| AnalyticsError::Timeout { limit: timeout })??;
+        Ok(Arc::new(frame.schema().as_arrow().clone()))
+    }
+
     /// Runs one read-only query and collects its result.
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
         let max_rows = self.limits.sql_max_rows;
         let run = async {
-            let ctx = self.session().await?;
-            let options = SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false);
-            let frame = ctx
-                .sql_with_options(sql, options)
-                .await
-                .map_err(read_only_or_query)?;
+            let frame = self.plan(sql).await?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let mut stream = frame.execute_stream().await.map_err(query_err)?;
             let mut batches = Vec::new();

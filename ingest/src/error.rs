@@ -1,6 +1,7 @@
 //! The one error type of the ingestion tier, and the one place where errors become HTTP
 //! status codes and bodies.
 
+use crate::server::SqlFailureKind;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,6 +124,14 @@ pub enum IngestError {
     /// The `Idempotency-Key` was used before with a different body.
     #[error("this Idempotency-Key was used with a different request body")]
     IdempotencyMismatch,
+    /// A query over the history failed.
+    #[error("{message}")]
+    Sql {
+        /// What kind of failure.
+        kind: crate::server::SqlFailureKind,
+        /// The engine's message.
+        message: String,
+    },
     /// The tier's own settings are wrong (found at start-up).
     #[error("configuration: {reason}")]
     Config {
@@ -165,6 +174,12 @@ impl IngestError {
             | Self::TooManyInFlight { .. }
             | Self::TooManyBytesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Sql { kind, .. } => match kind {
+                SqlFailureKind::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+                SqlFailureKind::Refused | SqlFailureKind::Invalid => StatusCode::BAD_REQUEST,
+                SqlFailureKind::OverLimit => StatusCode::UNPROCESSABLE_ENTITY,
+                SqlFailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -192,6 +207,7 @@ impl IngestError {
             Self::IdempotencyMismatch => "idempotency_mismatch",
             Self::Config { .. } => "config",
             Self::Internal { .. } => "internal",
+            Self::Sql { .. } => "sql",
         }
     }
 

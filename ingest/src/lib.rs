@@ -17,5 +17,8 @@ pub mod status;
 pub mod tenants;
 
 pub use error::{IngestError, Result};
-pub use server::{Ingest, IngestConfig, MetricsRender, OPENAPI};
+pub use server::{
+    Ingest, IngestConfig, MetricsRender, OPENAPI, SqlAnswer, SqlAuthenticator, SqlEndpoint,
+    SqlFailure, SqlFailureKind,
+};
 pub use status::StatusView;

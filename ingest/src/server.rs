@@ -131,6 +131,17 @@ pub struct IngestConfig {
     )]
     pub telemetry_tenants: Vec<String>,
 
+    /// Tenants (from the key file) that may query the history with `POST /api/sql`
+    /// (comma-separated). They see every tenant's history. Without keys, loopback clients
+    /// may.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SQL_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    pub sql_tenants: Vec<String>,
+
     /// How long an Idempotency-Key's answer is kept for replay, in seconds.
     #[arg(
         long,
@@ -165,6 +176,7 @@ impl Default for IngestConfig {
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
             telemetry_tenants: Vec::new(),
+            sql_tenants: Vec::new(),
             status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
@@ -187,6 +199,54 @@ struct App {
     status: Option<Arc<StatusView>>,
     /// Recent Idempotency-Keys; `None` when the window is switched off.
     window: Option<Mutex<Window>>,
+    /// The history's SQL engine for `POST /api/sql`; `None` when not served.
+    sql: Option<Arc<dyn SqlEndpoint>>,
+}
+
+/// Answers `POST /api/sql`. The binary plugs in the history's SQL engine; this crate
+/// only carries the request and the answer.
+pub trait SqlEndpoint: Send + Sync + 'static {
+    /// Runs `sql` and renders the result in the format the `Accept` header names.
+    fn query(
+        &self,
+        sql: String,
+        accept: Option<String>,
+    ) -> futures_util::future::BoxFuture<'static, Result<SqlAnswer, SqlFailure>>;
+}
+
+/// A rendered query result.
+#[derive(Debug)]
+pub struct SqlAnswer {
+    /// Its media type.
+    pub content_type: &'static str,
+    /// The rendered rows.
+    pub body: Bytes,
+    /// How many rows.
+    pub rows: usize,
+}
+
+/// Why a query gave no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlFailure {
+    /// What kind of failure.
+    pub kind: SqlFailureKind,
+    /// The engine's message.
+    pub message: String,
+}
+
+/// Kinds of query failures (each has its HTTP status in [`IngestError::status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlFailureKind {
+    /// The `Accept` header names no format the engine renders.
+    NotAcceptable,
+    /// Not a read-only query (DDL, DML, `COPY`, `SET`).
+    Refused,
+    /// Syntax or planning error.
+    Invalid,
+    /// Over the memory, row or time limit.
+    OverLimit,
+    /// A fault of the engine or the store.
+    Internal,
 }
 
 /// The ingestion tier, bound to its listener and ready to serve.
@@ -268,6 +328,7 @@ impl Ingest {
                 tenants,
                 status: None,
                 window,
+                sql: None,
             }),
         })
     }
@@ -284,6 +345,21 @@ impl Ingest {
     pub fn with_status(mut self, view: Arc<StatusView>) -> Self {
         if let Some(app) = Arc::get_mut(&mut self.app) {
             app.status = Some(view);
+        }
+        self
+    }
+
+    /// Checks callers the way `POST /api/sql` does, for other SQL interfaces.
+    pub fn sql_authenticator(&self) -> SqlAuthenticator {
+        SqlAuthenticator {
+            app: Arc::clone(&self.app),
+        }
+    }
+
+    /// Serves `POST /api/sql` with `engine`.
+    pub fn with_sql(mut self, engine: Arc<dyn SqlEndpoint>) -> Self {
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.sql = Some(engine);
         }
         self
     }
@@ -450,6 +526,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, "/api/deliveryrequests") => "deliveryrequests",
         (_, "/api/deliveryrequests/batch") => "deliveryrequests_batch",
         (_, "/healthz") => "healthz",
+        (_, "/api/sql") => "sql",
         (_, "/readyz") => "readyz",
         (_, "/openapi.json") => "openapi",
         (_, "/metrics") => "metrics",
@@ -538,6 +615,10 @@ async fn route_api(
         }
         (_, path) if deliveries_path(path).is_some() => {
             Err(IngestError::MethodNotAllowed { allow: "GET" })
+        }
+        (&Method::POST, "/api/sql") if app.sql.is_some() => post_sql(app, req, caller).await,
+        (_, "/api/sql") if app.sql.is_some() => {
+            Err(IngestError::MethodNotAllowed { allow: "POST" })
         }
         (_, path) => Err(IngestError::NotFound {
             path: path.chars().take(256).collect(),
@@ -1191,6 +1272,96 @@ async fn post_telemetry(
 enum Change {
     Reschedule,
     Cancel,
+}
+
+fn may_query(app: &App, tenant: &crate::tenants::Tenant) -> Result<()> {
+    if tenant.is_unauthenticated() || app.config.sql_tenants.iter().any(|t| **t == *tenant.name) {
+        Ok(())
+    } else {
+        Err(IngestError::Forbidden {
+            reason: format!(
+                "tenant {} may not query the history (see --sql-tenants)",
+                &*tenant.name
+            ),
+        })
+    }
+}
+
+/// Checks callers of other SQL interfaces (Arrow Flight SQL) the way `POST /api/sql`
+/// does: the same keys, the same `--sql-tenants`.
+#[derive(Clone)]
+pub struct SqlAuthenticator {
+    app: Arc<App>,
+}
+
+impl std::fmt::Debug for SqlAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlAuthenticator").finish_non_exhaustive()
+    }
+}
+
+impl SqlAuthenticator {
+    /// The calling tenant's name, if the `Authorization` value (`Bearer KEY`) from `peer`
+    /// may query the history.
+    pub fn check(&self, authorization: Option<&[u8]>, peer: SocketAddr) -> Result<String> {
+        let tenant = self.app.tenants.authenticate(authorization, peer)?;
+        may_query(&self.app, tenant)?;
+        Ok(tenant.name.to_string())
+    }
+}
+
+/// Largest `POST /api/sql` body.
+const MAX_SQL_BODY: usize = 256 * 1024;
+
+/// `POST /api/sql` with `{"sql": "SELECT ..."}`: the result as JSON (an array of
+/// objects), NDJSON, CSV, text, Arrow IPC or Parquet, by `Accept`. For tenants named in
+/// `--sql-tenants` (and loopback clients of a tier without keys).
+async fn post_sql(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+) -> Result<Response<Full<Bytes>>> {
+    let Some(engine) = app.sql.clone() else {
+        return Err(IngestError::NotFound {
+            path: "/api/sql".into(),
+        });
+    };
+    may_query(app, caller.tenant)?;
+    check_json_content_type(&req)?;
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut admission = admit(app)?;
+    let body = read_body(req, MAX_SQL_BODY, &mut admission).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SqlRequest {
+        sql: String,
+    }
+    let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| IngestError::Sql {
+        kind: SqlFailureKind::Invalid,
+        message: format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"),
+    })?;
+    let answer = engine
+        .query(request.sql, accept)
+        .await
+        .map_err(|f| IngestError::Sql {
+            kind: f.kind,
+            message: f.message,
+        })?;
+    tracing::debug!(
+        rows = answer.rows,
+        bytes = answer.body.len(),
+        "sql answered"
+    );
+    let mut response = Response::new(Full::new(answer.body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(answer.content_type),
+    );
+    Ok(response)
 }
 
 /// `PATCH /api/deliveryrequests/{id}` (reschedule: a JSON object with `pickupTime`,

@@ -137,6 +137,19 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let (status, headers, bytes) = call_bytes(client, method, url, headers, body).await?;
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Ok((status, headers, json))
+}
+
+/// Any request; answers status, headers and the body as bytes.
+pub async fn call_bytes(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap, Bytes)> {
     let mut request = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         request = request.header(*k, *v);
@@ -150,8 +163,7 @@ pub async fn call(
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let bytes = response.into_body().collect().await?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    Ok((status, headers, json))
+    Ok((status, headers, bytes))
 }
 
 /// An HTTP/1.1 client.
