@@ -1,0 +1,291 @@
+//! The history, end to end on the embedded broker:
+//!
+//! 1. **Sink throughput**: N generated delivery requests (ingest dates spread over ten
+//!    days) and two delivery events for every tenth of them are put on their topics;
+//!    then the history sink reads them all into Parquet (records/s, rows/s, MB written).
+//! 2. **Query latency** of a few analyst queries over the result (N rows of
+//!    `delivery_requests`), each run three times.
+//! 3. **Freshness**: with the sink running at its default roll interval, single records
+//!    are produced one after another and the time from the broker's ack until a query
+//!    sees the row is measured.
+//!
+//! `cargo bench --bench history` (N from `DRONEDELIVERY_BENCH_HISTORY_ROWS`, default
+//! 10,000,000; the embedded broker holds every record in memory, about 0.5 KB each).
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use analytics::sink::{OnShutdown, SinkConfig};
+use analytics::sql::{History, QueryLimits};
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
+use schemas::headers as h;
+use schemas::topics;
+use schemas::tracking::{DeliveryEvent, Stage};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// 2026-11-10T00:00:00Z in milliseconds: the first of the ten ingest days.
+const FIRST_DAY: i64 = 1_794_268_800_000;
+const DAY: i64 = 86_400_000;
+
+fn main() {
+    let n: usize = std::env::var("DRONEDELIVERY_BENCH_HISTORY_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(n));
+}
+
+async fn produce_all(producer: &Producer, n: usize) -> usize {
+    let mut generator = schemas::generate::Generator::new(2026, 50);
+    let location = schemas::Location {
+        latitude: 47.6,
+        longitude: -122.3,
+    };
+    let mut acks = Vec::with_capacity(100_000);
+    let mut records = 0;
+    let mut body = String::with_capacity(512);
+    for i in 0..n {
+        let tenant = generator.tenant();
+        body.clear();
+        generator.request_into(&tenant, &mut body);
+        let id = format!("h{i}");
+        let key = schemas::delivery_key(&tenant, &id);
+        let at = FIRST_DAY + (i as i64 % 10) * DAY + (i as i64 / 10) % DAY;
+        let at_text = at.to_string();
+        let headers: [(&str, &[u8]); 2] = [
+            (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+            (h::INGEST_TIME, at_text.as_bytes()),
+        ];
+        let mut outgoing = vec![(topics::DELIVERY_REQUESTS.name, body.clone())];
+        if i % 10 == 0 {
+            for (stage, seq, minutes) in [(Stage::HeadedToPickup, 2, 5), (Stage::Completed, 4, 40)] {
+                let event = DeliveryEvent {
+                    delivery_id: id.clone(),
+                    owner_id: tenant.clone(),
+                    stage,
+                    seq,
+                    at: chrono::DateTime::from_timestamp_millis(at + minutes * 60_000)
+                        .unwrap()
+                        .to_rfc3339(),
+                    drone_id: Some(format!("drone-{}", i % 997)),
+                    last_known_location: location,
+                    pickup_eta: None,
+                    delivery_eta: None,
+                };
+                outgoing.push((
+                    topics::DELIVERY_EVENTS.name,
+                    serde_json::to_string(&event).unwrap(),
+                ));
+            }
+        }
+        for (topic, payload) in &outgoing {
+            loop {
+                match producer.send(OutRecord {
+                    topic,
+                    key: key.as_bytes(),
+                    payload: payload.as_bytes(),
+                    headers: &headers,
+                }) {
+                    Ok(ack) => {
+                        acks.push(ack);
+                        records += 1;
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+            }
+        }
+        if acks.len() >= 100_000 {
+            for ack in futures_util::future::join_all(acks.drain(..)).await {
+                ack.unwrap();
+            }
+        }
+    }
+    for ack in futures_util::future::join_all(acks).await {
+        ack.unwrap();
+    }
+    records
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn sink_config(data: &str) -> SinkConfig {
+    SinkConfig {
+        data: data.to_owned(),
+        roll_rows: 200_000,
+        roll_interval_ms: 2_000,
+        compaction: analytics::compact::CompactionConfig {
+            compact_interval_secs: 0,
+            ..Default::default()
+        },
+        fail_at: None,
+    }
+}
+
+async fn run(n: usize) {
+    let broker = EmbeddedBroker::start(1, &topics::ALL).unwrap();
+    let settings = ClientSettings::plain(broker.bootstrap_servers());
+    let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+
+    let started = Instant::now();
+    let records = produce_all(&producer, n).await;
+    println!(
+        "produced {records} records ({n} requests) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 1. Sink throughput.
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let started = Instant::now();
+    analytics::sink::run(
+        sink_config(&data),
+        settings.clone(),
+        stop,
+        OnShutdown::Drain(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed().as_secs_f64();
+    let bytes = dir_bytes(dir.path());
+    println!(
+        "sink: {records} records in {took:.1} s = {:.0} records/s; {:.0} MB of Parquet ({:.1} bytes/row)",
+        records as f64 / took,
+        bytes as f64 / 1e6,
+        bytes as f64 / records as f64
+    );
+
+    // 2. Query latency.
+    let history = History::open(
+        &data,
+        &QueryLimits {
+            sql_memory_mb: 8192,
+            sql_timeout_secs: 600,
+            ..QueryLimits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let count = history
+        .query("SELECT count(*) FROM delivery_requests")
+        .await
+        .unwrap();
+    let rows = count.batches[0].column(0).as_primitive::<Int64Type>().value(0);
+    assert_eq!(rows as usize, n, "every request is one row");
+    let queries = [
+        ("count", "SELECT count(*) FROM delivery_requests"),
+        (
+            "per day",
+            "SELECT date, count(*) AS n, avg(package_weight) AS kg FROM delivery_requests \
+             GROUP BY date ORDER BY date",
+        ),
+        (
+            "one day, top tenants",
+            "SELECT owner_id, count(*) AS n FROM delivery_requests WHERE date = '2026-11-15' \
+             GROUP BY owner_id ORDER BY n DESC LIMIT 10",
+        ),
+        (
+            "size mix",
+            "SELECT package_size, expedited, count(*) AS n, max(package_weight) AS heaviest \
+             FROM delivery_requests GROUP BY package_size, expedited ORDER BY n DESC",
+        ),
+        (
+            "one delivery",
+            "SELECT * FROM delivery_requests WHERE delivery_id = 'h4242'",
+        ),
+        (
+            "deliveries view",
+            "SELECT stage, count(*) AS n, avg(seconds_to_complete) AS s FROM deliveries \
+             GROUP BY stage ORDER BY n DESC",
+        ),
+    ];
+    println!("queries over {rows} rows (best / median of 3):");
+    for (name, sql) in queries {
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            history.query(sql).await.unwrap();
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        println!("  {name:<22} {:>8.0} ms / {:>8.0} ms", times[0], times[1]);
+    }
+
+    // 3. Freshness at the default roll interval.
+    let stop = CancellationToken::new();
+    let sink = tokio::spawn(analytics::sink::run(
+        SinkConfig {
+            roll_rows: 200_000,
+            ..sink_config(&data)
+        },
+        settings.clone(),
+        stop.clone(),
+        OnShutdown::Stop,
+    ));
+    let mut lags = Vec::new();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    for i in 0..20 {
+        let (tenant, body) = schemas::generate::Generator::new(i, 1).request();
+        let id = format!("fresh-{i}");
+        let now = chrono::Utc::now().timestamp_millis().to_string();
+        producer
+            .send_and_wait(OutRecord {
+                topic: topics::DELIVERY_REQUESTS.name,
+                key: schemas::delivery_key(&tenant, &id).as_bytes(),
+                payload: body.as_bytes(),
+                headers: &[
+                    (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+                    (h::INGEST_TIME, now.as_bytes()),
+                ],
+            })
+            .await
+            .unwrap();
+        let acked = Instant::now();
+        let sql = format!(
+            "SELECT count(*) FROM delivery_requests WHERE date = '{today}' AND delivery_id = '{id}'"
+        );
+        loop {
+            let found = history.query(&sql).await.unwrap();
+            if found.batches[0].column(0).as_primitive::<Int64Type>().value(0) == 1 {
+                break;
+            }
+            assert!(acked.elapsed() < Duration::from_secs(60), "{id} never showed up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        lags.push(acked.elapsed().as_secs_f64());
+    }
+    stop.cancel();
+    sink.await.unwrap().unwrap();
+    lags.sort_by(f64::total_cmp);
+    println!(
+        "freshness (ack to queryable, roll interval 2 s, 20 records): p50 {:.2} s, max {:.2} s",
+        lags[lags.len() / 2],
+        lags[lags.len() - 1]
+    );
+}
