@@ -48,6 +48,7 @@ impl Fixture {
         SinkConfig {
             data: self.data(),
             roll_rows,
+            roll_bytes: 64 * 1024 * 1024,
             roll_interval_ms: 300,
             compaction: CompactionConfig {
                 compact_interval_secs: 0,

@@ -55,6 +55,10 @@ pub struct SinkConfig {
     #[arg(long, env = "DRONEDELIVERY_ROLL_ROWS", default_value_t = 200_000)]
     pub roll_rows: usize,
 
+    /// Record bytes buffered (all tables together) before files are written.
+    #[arg(long, env = "DRONEDELIVERY_ROLL_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub roll_bytes: usize,
+
     /// Longest time a record waits in the buffer before its file is written, in
     /// milliseconds: with the commit after it, the bound on how stale the history is.
     #[arg(long, env = "DRONEDELIVERY_ROLL_INTERVAL_MS", default_value_t = 2_000)]
@@ -76,6 +80,10 @@ pub enum FailPoint {
     /// After the first roll's log commit, before the Kafka commit.
     AfterLogCommit,
 }
+
+/// A record this far behind the log's offset makes the sink seek instead of skipping
+/// record by record.
+const SEEK_AHEAD: i64 = 10_000;
 
 /// What the sink does when it is told to stop.
 #[derive(Debug, Clone, Copy)]
@@ -101,12 +109,14 @@ struct Buffer {
     /// Per topic and partition: the offsets read (rows or not).
     read: BTreeMap<(String, i32), OffsetRange>,
     rows: usize,
+    bytes: usize,
     since: Option<Instant>,
 }
 
 impl Buffer {
     fn due(&self, config: &SinkConfig) -> bool {
         self.rows >= config.roll_rows.max(1)
+            || self.bytes >= config.roll_bytes.max(1)
             || self
                 .since
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(config.roll_interval_ms))
@@ -182,7 +192,11 @@ impl Sink {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
-                received = consumer.recv() => self.read_one(received),
+                received = consumer.recv() => {
+                    if let Some((topic, partition, offset)) = self.read_one(received) {
+                        self.skip_ahead(topic, partition, offset).await;
+                    }
+                }
             }
             if self.buffer.due(&self.config) {
                 self.roll().await?;
@@ -234,7 +248,9 @@ impl Sink {
                     }
                     () = wait => break,
                     received = consumer.recv() => {
-                        self.read_one(received);
+                        if let Some((topic, partition, offset)) = self.read_one(received) {
+                            self.skip_ahead(topic, partition, offset).await;
+                        }
                         if self.buffer.due(&self.config) {
                             self.roll().await?;
                         }
@@ -244,18 +260,22 @@ impl Sink {
         }
     }
 
-    fn read_one(&mut self, received: bus::Result<bus::Received<'_>>) {
+    /// Takes one record into the buffer. Returns where to seek when the record is far
+    /// behind what the log already holds (the group's committed offsets were lost or
+    /// lag far behind), so that the sink does not read all of it only to skip it.
+    fn read_one(
+        &mut self,
+        received: bus::Result<bus::Received<'_>>,
+    ) -> Option<(&'static str, i32, i64)> {
         let record = match received {
             Ok(record) => record,
             Err(e) => {
                 tracing::warn!(error = %e, "history sink: receive failed");
-                return;
+                return None;
             }
         };
         let (topic, partition, offset) = (record.topic(), record.partition(), record.offset());
-        let Some(table) = history::table_of(topic) else {
-            return;
-        };
+        let table = history::table_of(topic)?;
         // Already durable (re-read after a crash or a rebalance), or already buffered
         // (re-delivered after a partition came back to this member).
         let read = self.buffer.read.get(&(topic.to_owned(), partition));
@@ -263,7 +283,24 @@ impl Sink {
         if resume.is_some_and(|next| offset < next) || read.is_some_and(|r| offset < r.next) {
             metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "already_written")
                 .increment(1);
-            return;
+            return resume
+                .filter(|next| next - offset > SEEK_AHEAD && read.is_none())
+                .map(|next| (table.topic.name, partition, next));
+        }
+        // The history topics are neither compacted nor transactional: a jump in offsets
+        // means records were deleted (retention) before the history read them.
+        let expected = read.map(|r| r.next).or(resume);
+        if let Some(expected) = expected.filter(|&e| offset > e) {
+            metrics::counter!("history_records_lost_total", "table" => table.name)
+                .increment((offset - expected) as u64);
+            tracing::error!(
+                topic,
+                partition,
+                from = expected,
+                to = offset,
+                "history sink: records were deleted from the broker before the history read them \
+                 (retention too short for the sink's lag)"
+            );
         }
         self.buffer
             .read
@@ -282,6 +319,8 @@ impl Sink {
         let date = DateTime::from_timestamp_millis(ingest_millis)
             .unwrap_or_default()
             .date_naive();
+        let payload_len = record.payload().map_or(0, <[u8]>::len);
+        self.buffer.bytes += payload_len + record.key().map_or(0, <[u8]>::len);
         let view = RecordView {
             key: record.key(),
             payload: record.payload().unwrap_or_default(),
@@ -300,7 +339,7 @@ impl Sink {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
                 let Some(rows) = TableRows::new(table.name) else {
-                    return;
+                    return None;
                 };
                 e.insert(Pending {
                     rows,
@@ -326,6 +365,22 @@ impl Sink {
                     .increment(1);
                 tracing::warn!(topic, partition, offset, error = %e, "history sink: record skipped: no valid row");
             }
+        }
+        None
+    }
+
+    /// Moves past records the log already holds. Best effort: if the seek fails, the
+    /// records are read and skipped one by one.
+    async fn skip_ahead(&mut self, topic: &'static str, partition: i32, to: i64) {
+        let consumer = Arc::clone(&self.consumer);
+        let sought = tokio::task::spawn_blocking(move || {
+            consumer.seek(topic, partition, to, Duration::from_secs(10))
+        })
+        .await;
+        match sought {
+            Ok(Ok(())) => tracing::info!(topic, partition, to, "history sink: skipped ahead to the offset the history holds"),
+            Ok(Err(e)) => tracing::debug!(topic, partition, error = %e, "history sink: seek failed; skipping record by record"),
+            Err(e) => tracing::debug!(error = %e, "history sink: seek task failed"),
         }
     }
 
@@ -377,7 +432,11 @@ impl Sink {
             ..Commit::default()
         };
         match self.log.commit(commit).await? {
-            Ok(snapshot) => self.durable = snapshot,
+            Ok(snapshot) => {
+                self.durable = snapshot;
+                metrics::gauge!("history_last_commit_timestamp_seconds")
+                    .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            }
             Err(conflict) => {
                 tracing::warn!(%conflict, "history sink: another sink instance wrote some of these records; dropping this roll and reading on from the log");
                 metrics::counter!("history_roll_conflicts_total").increment(1);

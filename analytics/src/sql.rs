@@ -22,6 +22,10 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
+use datafusion::execution::cache::cache_manager::{
+    CacheManagerConfig, FileMetadataCache, FileStatisticsCache,
+};
+use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::object_store::ObjectStoreRegistry;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -196,7 +200,16 @@ pub const VIEWS: [(&str, &str); 1] = [(
 pub struct History {
     log: Arc<Log>,
     limits: QueryLimits,
+    /// Parquet footers and per-file statistics, shared by every query's session: files
+    /// are never rewritten (every file has a new name), so an entry never goes stale.
+    footers: Arc<FileMetadataCache>,
+    statistics: Arc<FileStatisticsCache>,
 }
+
+/// Memory for cached Parquet footers, shared by all queries.
+const FOOTER_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Memory for cached per-file statistics, shared by all queries.
+const STATISTICS_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 impl fmt::Debug for History {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -215,6 +228,12 @@ impl History {
         Ok(Self {
             log: Arc::new(Log::open(root).await?),
             limits: limits.clone(),
+            footers: Arc::new(
+                DefaultCache::new(FOOTER_CACHE_BYTES).with_name("history footers"),
+            ),
+            statistics: Arc::new(
+                DefaultCache::new(STATISTICS_CACHE_BYTES).with_name("history statistics"),
+            ),
         })
     }
 
@@ -239,7 +258,15 @@ impl History {
             url: store_url,
             store,
         });
+        // No listing cache: the listing is the log version, new for every query.
+        let caches = CacheManagerConfig::default()
+            .with_list_files_cache_limit(0)
+            .with_file_metadata_cache(Some(Arc::clone(&self.footers)))
+            .with_metadata_cache_limit(FOOTER_CACHE_BYTES)
+            .with_file_statistics_cache(Some(Arc::clone(&self.statistics)))
+            .with_file_statistics_cache_limit(STATISTICS_CACHE_BYTES);
         let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
             .with_object_store_registry(registry)
             .with_memory_limit(self.limits.sql_memory_mb.max(1) * 1024 * 1024, 1.0)
             // No spilling: a query over its memory fails cleanly instead of filling the
