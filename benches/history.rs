@@ -243,7 +243,10 @@ async fn run(n: usize) {
         .query("SELECT count(*) FROM delivery_requests")
         .await
         .unwrap();
-    let rows = count.batches[0].column(0).as_primitive::<Int64Type>().value(0);
+    let rows = count.batches[0]
+        .column(0)
+        .as_primitive::<Int64Type>()
+        .value(0);
     let snapshot = log.snapshot().await.unwrap();
     if rows as usize != n {
         for (topic, partitions) in &snapshot.next {
@@ -326,10 +329,18 @@ async fn run(n: usize) {
         );
         loop {
             let found = history.query(&sql).await.unwrap();
-            if found.batches[0].column(0).as_primitive::<Int64Type>().value(0) == 1 {
+            if found.batches[0]
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .value(0)
+                == 1
+            {
                 break;
             }
-            assert!(acked.elapsed() < Duration::from_secs(60), "{id} never showed up");
+            assert!(
+                acked.elapsed() < Duration::from_secs(60),
+                "{id} never showed up"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if i > 0 {

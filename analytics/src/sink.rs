@@ -378,8 +378,15 @@ impl Sink {
         })
         .await;
         match sought {
-            Ok(Ok(())) => tracing::info!(topic, partition, to, "history sink: skipped ahead to the offset the history holds"),
-            Ok(Err(e)) => tracing::debug!(topic, partition, error = %e, "history sink: seek failed; skipping record by record"),
+            Ok(Ok(())) => tracing::info!(
+                topic,
+                partition,
+                to,
+                "history sink: skipped ahead to the offset the history holds"
+            ),
+            Ok(Err(e)) => {
+                tracing::debug!(topic, partition, error = %e, "history sink: seek failed; skipping record by record")
+            }
             Err(e) => tracing::debug!(error = %e, "history sink: seek task failed"),
         }
     }

@@ -228,9 +228,7 @@ impl History {
         Ok(Self {
             log: Arc::new(Log::open(root).await?),
             limits: limits.clone(),
-            footers: Arc::new(
-                DefaultCache::new(FOOTER_CACHE_BYTES).with_name("history footers"),
-            ),
+            footers: Arc::new(DefaultCache::new(FOOTER_CACHE_BYTES).with_name("history footers")),
             statistics: Arc::new(
                 DefaultCache::new(STATISTICS_CACHE_BYTES).with_name("history statistics"),
             ),
