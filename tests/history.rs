@@ -436,6 +436,7 @@ async fn a_crash_at_each_step_leaves_exactly_n_rows() -> Result<()> {
             &CompactionConfig {
                 compact_min_files: 1_000,
                 vacuum_retention_secs: 0,
+                vacuum_orphan_secs: 0,
                 ..CompactionConfig::default()
             },
             &CancellationToken::new(),
@@ -514,6 +515,7 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
         &log,
         &CompactionConfig {
             vacuum_retention_secs: 0,
+            vacuum_orphan_secs: 0,
             ..config
         },
         &CancellationToken::new(),

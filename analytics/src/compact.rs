@@ -7,7 +7,7 @@
 //! - **Vacuum** deletes files that left the tables more than `--vacuum-retention-secs`
 //!   ago (a query that started before they left may still read them until then), and
 //!   files no commit names (a crash between writing a file and committing it) once they
-//!   are as old.
+//!   are `--vacuum-orphan-secs` old.
 //!
 //! The sink runs both every `--compact-interval-secs`; `dronedelivery compact` runs them
 //! once.
@@ -53,6 +53,12 @@ pub struct CompactionConfig {
         default_value_t = 600
     )]
     pub vacuum_retention_secs: u64,
+
+    /// How old a file no commit names must be before vacuum deletes it, in seconds. A sink
+    /// gives up a roll whose files are half this old before its commit, so a slow roll's
+    /// files are never deleted under it.
+    #[arg(long, env = "DRONEDELIVERY_VACUUM_ORPHAN_SECS", default_value_t = 3600)]
+    pub vacuum_orphan_secs: u64,
 }
 
 impl Default for CompactionConfig {
@@ -62,6 +68,7 @@ impl Default for CompactionConfig {
             compact_min_files: 8,
             compact_target_mb: 128,
             vacuum_retention_secs: 600,
+            vacuum_orphan_secs: 3600,
         }
     }
 }
@@ -253,7 +260,8 @@ async fn merge(root: &DataRoot, table: &str, date: &str, files: &[&DataFile]) ->
     })
 }
 
-/// Deletes removed files past the retention, and files no commit names that are as old.
+/// Deletes removed files past the retention, and files no commit names past the orphan
+/// age.
 /// Returns how many were deleted.
 async fn vacuum(log: &Log, config: &CompactionConfig) -> Result<usize> {
     let root = log.root();
@@ -262,6 +270,11 @@ async fn vacuum(log: &Log, config: &CompactionConfig) -> Result<usize> {
     let cutoff = chrono::Utc::now()
         .timestamp_millis()
         .saturating_sub(retention_ms);
+    let orphan_ms =
+        i64::try_from(config.vacuum_orphan_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let orphan_cutoff = chrono::Utc::now()
+        .timestamp_millis()
+        .saturating_sub(orphan_ms);
     let snapshot = log.snapshot().await?;
     let mut deleted = 0;
     let mut forget = Vec::new();
@@ -297,7 +310,7 @@ async fn vacuum(log: &Log, config: &CompactionConfig) -> Result<usize> {
             };
             if known.contains(relative.as_str())
                 || !relative.ends_with(".parquet")
-                || meta.last_modified.timestamp_millis() >= cutoff
+                || meta.last_modified.timestamp_millis() >= orphan_cutoff
             {
                 continue;
             }

@@ -17,8 +17,10 @@
 //! Layout under the history root: `_log/<version, 20 digits>.json` (one [`Commit`] each,
 //! created with put-if-absent, so concurrent writers serialise on the version number),
 //! every [`CHECKPOINT_EVERY`] versions a `<version>.checkpoint.json` with the whole
-//! [`Snapshot`], and `_log/_last_checkpoint` naming the newest. Old commits are deleted
-//! once two newer checkpoints exist.
+//! [`Snapshot`], and `_log/_last_checkpoint` naming the newest. Commits are deleted once
+//! two newer checkpoints exist and they are an hour old ([`LOG_RETENTION`]). Every commit
+//! carries a unique id, so a writer whose put was retried by the store client recognises
+//! its own commit.
 //!
 //! [`Snapshot::check`] and [`Snapshot::apply`] are pure; [`Log`] does the I/O.
 
@@ -26,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +42,9 @@ pub const LOG_DIR: &str = "_log";
 pub const CHECKPOINT_EVERY: u64 = 50;
 
 const LAST_CHECKPOINT: &str = "_last_checkpoint";
+
+/// Commits and checkpoints are kept at least this long (see [`Log::clean_up`]).
+pub const LOG_RETENTION: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// One Parquet file of a table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +91,10 @@ pub struct Commit {
     pub timestamp_ms: i64,
     /// Who made it (`sink`, `compaction`, `vacuum`).
     pub writer: String,
+    /// A unique id, set by [`Log::commit`]: after an ambiguous put (a retry that found
+    /// the object there), the writer reads the version back and knows it by its id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
     /// Files that join the tables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub add: Vec<DataFile>,
@@ -323,6 +333,9 @@ impl Log {
                 return Ok(Err(conflict));
             }
             commit.version = current.version + 1;
+            if commit.id.is_empty() {
+                commit.id = uuid::Uuid::new_v4().simple().to_string();
+            }
             let bytes = serde_json::to_vec(&commit).map_err(|e| corrupt("a new commit", &e))?;
             let put = self
                 .root
@@ -335,7 +348,19 @@ impl Log {
                 .await;
             match put {
                 Ok(_) => {}
-                Err(object_store::Error::AlreadyExists { .. }) => continue,
+                // Another writer took the version, or an earlier attempt of this very put
+                // (retried by the store client) did: only the id tells.
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let name = commit_name(commit.version);
+                    let ours = match self.get(&name).await? {
+                        Some(bytes) => serde_json::from_slice::<Commit>(&bytes)
+                            .is_ok_and(|there| there.id == commit.id),
+                        None => false,
+                    };
+                    if !ours {
+                        continue;
+                    }
+                }
                 Err(source) => {
                     return Err(AnalyticsError::Store {
                         action: "committing to the table log",
@@ -371,20 +396,55 @@ impl Log {
         };
         let bytes = serde_json::to_vec(snapshot).map_err(|e| corrupt("a checkpoint", &e))?;
         put(checkpoint_name(snapshot.version), bytes).await?;
-        let pointer = serde_json::to_vec(&LastCheckpoint {
-            version: snapshot.version,
-        })
-        .map_err(|e| corrupt(LAST_CHECKPOINT, &e))?;
-        put(format!("{LOG_DIR}/{LAST_CHECKPOINT}"), pointer).await?;
-        // Keep the two checkpoints before this one and every commit after them.
-        let keep_from = snapshot.version.saturating_sub(2 * CHECKPOINT_EVERY);
-        let first = keep_from.saturating_sub(CHECKPOINT_EVERY).max(1);
-        for version in first..keep_from {
-            for name in [commit_name(version), checkpoint_name(version)] {
-                match self.root.store.delete(&self.root.path(&name)).await {
+        // The pointer only moves forward (a slow writer of an older checkpoint must not
+        // move it back).
+        let current = match self.get(&format!("{LOG_DIR}/{LAST_CHECKPOINT}")).await? {
+            Some(bytes) => serde_json::from_slice::<LastCheckpoint>(&bytes)
+                .map(|p| p.version)
+                .unwrap_or(0),
+            None => 0,
+        };
+        if current < snapshot.version {
+            let pointer = serde_json::to_vec(&LastCheckpoint {
+                version: snapshot.version,
+            })
+            .map_err(|e| corrupt(LAST_CHECKPOINT, &e))?;
+            put(format!("{LOG_DIR}/{LAST_CHECKPOINT}"), pointer).await?;
+        }
+        self.clean_up(snapshot.version).await
+    }
+
+    /// Deletes commits and checkpoints older than the two checkpoints before `version`
+    /// that are also older than [`LOG_RETENTION`]. The age matters: put-if-absent fences
+    /// a version only while its object exists, so a writer that stalled between reading
+    /// the tip and its put must not find its version number free again.
+    async fn clean_up(&self, version: u64) -> Result<()> {
+        let keep_from = version.saturating_sub(2 * CHECKPOINT_EVERY);
+        if keep_from == 0 {
+            return Ok(());
+        }
+        let cutoff = chrono::Utc::now() - LOG_RETENTION;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .root
+            .store
+            .list(Some(&self.root.path(LOG_DIR)))
+            .try_collect()
+            .await
+            .map_err(store_err("listing the table log"))?;
+        for meta in listed {
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            let old = name
+                .split('.')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v < keep_from);
+            if old && meta.last_modified < cutoff {
+                match self.root.store.delete(&meta.location).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => {
-                        tracing::debug!(error = %e, %name, "table log: old entry not deleted")
+                        tracing::debug!(error = %e, path = %meta.location, "table log: old entry not deleted");
                     }
                 }
             }
@@ -489,6 +549,145 @@ mod tests {
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("remove"), "{text}");
         assert_eq!(serde_json::from_str::<Commit>(&text).unwrap(), c);
+    }
+
+    async fn local_log(dir: &std::path::Path) -> Log {
+        let root = DataRoot::open(&dir.display().to_string(), std::path::Path::new("/")).unwrap();
+        Log::open(root).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn commits_checkpoints_and_fresh_readers_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = local_log(dir.path()).await;
+        for i in 0..120_i64 {
+            let c = sink_commit(vec![file(&format!("f{i}"), 1)], 0, i, i + 1);
+            writer.commit(c).await.unwrap().unwrap();
+        }
+        // A commit that overlaps is refused and changes nothing.
+        let refused = writer.commit(sink_commit(vec![], 0, 5, 6)).await.unwrap();
+        assert!(matches!(refused, Err(Conflict::Offsets { .. })));
+        assert!(
+            dir.path()
+                .join("_log/00000000000000000100.checkpoint.json")
+                .exists()
+        );
+        let reader = local_log(dir.path()).await;
+        let snapshot = reader.snapshot().await.unwrap();
+        assert_eq!(snapshot.version, 120);
+        assert_eq!(snapshot.table_rows("t"), 120);
+        assert_eq!(snapshot.next_offset("topic", 0), Some(120));
+        assert_eq!(*snapshot, *writer.snapshot().await.unwrap());
+    }
+
+    /// A store whose first put-if-absent lands but answers "already exists", as a
+    /// client retry of a put whose first answer was lost does.
+    #[derive(Debug)]
+    struct LostAnswer {
+        inner: object_store::local::LocalFileSystem,
+        tripped: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for LostAnswer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("lost-answer")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for LostAnswer {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let create = matches!(opts.mode, PutMode::Create);
+            let result = self.inner.put_opts(location, payload, opts).await;
+            if create
+                && result.is_ok()
+                && !self.tripped.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(object_store::Error::AlreadyExists {
+                    path: location.to_string(),
+                    source: "the retry found the first attempt's object".into(),
+                });
+            }
+            result
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures_util::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_put_that_already_landed_is_recognised_as_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut root =
+            DataRoot::open(&dir.path().display().to_string(), std::path::Path::new("/")).unwrap();
+        root.store = Arc::new(LostAnswer {
+            inner: object_store::local::LocalFileSystem::new(),
+            tripped: std::sync::atomic::AtomicBool::new(false),
+        });
+        let log = Log::open(root).await.unwrap();
+        let snapshot = log
+            .commit(sink_commit(vec![file("a", 1)], 0, 0, 1))
+            .await
+            .unwrap()
+            .expect("not a conflict with itself");
+        assert_eq!(snapshot.version, 1);
+        assert_eq!(snapshot.table_rows("t"), 1);
+        // Another writer's commit in the way is still a conflict.
+        let other = log.commit(sink_commit(vec![], 0, 0, 1)).await.unwrap();
+        assert!(matches!(other, Err(Conflict::Offsets { .. })));
     }
 
     proptest::proptest! {

@@ -193,6 +193,7 @@ impl Sink {
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
                 received = consumer.recv() => {
+                    self.after_rebalance().await?;
                     if let Some((topic, partition, offset)) = self.read_one(received) {
                         self.skip_ahead(topic, partition, offset).await;
                     }
@@ -248,6 +249,7 @@ impl Sink {
                     }
                     () = wait => break,
                     received = consumer.recv() => {
+                        self.after_rebalance().await?;
                         if let Some((topic, partition, offset)) = self.read_one(received) {
                             self.skip_ahead(topic, partition, offset).await;
                         }
@@ -338,9 +340,7 @@ impl Sink {
         let pending = match self.buffer.by_file.entry((table.name, date)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
-                let Some(rows) = TableRows::new(table.name) else {
-                    return None;
-                };
+                let rows = TableRows::new(table.name)?;
                 e.insert(Pending {
                     rows,
                     offsets: BTreeMap::new(),
@@ -367,6 +367,15 @@ impl Sink {
             }
         }
         None
+    }
+
+    /// After a rebalance, what is durable is read again: another instance may have
+    /// written partitions this one now reads.
+    async fn after_rebalance(&mut self) -> Result<()> {
+        if !self.consumer.take_revoked().is_empty() {
+            self.durable = self.log.snapshot().await?;
+        }
+        Ok(())
     }
 
     /// Moves past records the log already holds. Best effort: if the seek fails, the
@@ -419,6 +428,14 @@ impl Sink {
             );
         }
         self.rolls += 1;
+        // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
+        // roll that took half of that gives up rather than commit files that may be gone.
+        let orphan_age = Duration::from_secs(self.config.compaction.vacuum_orphan_secs);
+        if started.elapsed() > orphan_age / 2 {
+            tracing::warn!(took = ?started.elapsed(), "history sink: a roll took too long to commit safely; reading its records again");
+            self.abandon(&added, &buffer.read).await?;
+            return Ok(());
+        }
         if self.rolls == 1 && self.config.fail_at == Some(FailPoint::AfterFileWrite) {
             return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
         }
