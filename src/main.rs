@@ -617,10 +617,7 @@ async fn sql(args: SqlArgs) -> Result<()> {
     use analytics::sql::OutputFormat;
     use std::io::Write as _;
     if args.output.is_none() && matches!(args.format, OutputFormat::Parquet | OutputFormat::Arrow) {
-        anyhow::bail!(
-            "--format {:?} writes binary data: give --output FILE",
-            args.format
-        );
+        anyhow::bail!("--format parquet and --format arrow write binary data: give --output FILE");
     }
     let history = History::open(&args.data, &args.limits).await?;
     let result = history.query(&args.query).await?;

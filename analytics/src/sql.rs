@@ -385,9 +385,18 @@ pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
     };
     let batches = &result.batches;
     match format {
-        OutputFormat::Table => arrow::util::pretty::pretty_format_batches(batches)
-            .map(|t| format!("{t}\n").into_bytes())
-            .map_err(arrow_err),
+        OutputFormat::Table => {
+            // No rows: still show the columns.
+            let empty = [RecordBatch::new_empty(Arc::clone(&result.schema))];
+            let shown = if batches.is_empty() {
+                &empty[..]
+            } else {
+                batches
+            };
+            arrow::util::pretty::pretty_format_batches(shown)
+                .map(|t| format!("{t}\n").into_bytes())
+                .map_err(arrow_err)
+        }
         OutputFormat::Csv => {
             let mut out = Vec::new();
             {
