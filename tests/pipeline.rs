@@ -1089,6 +1089,17 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
         names.contains("delivery_requests") && names.contains("deliveries"),
         "{names:?}"
     );
+    // Tools ask who the server is: read-only.
+    let info = flight_client
+        .get_sql_info(vec![
+            arrow_flight::sql::SqlInfo::FlightSqlServerName,
+            arrow_flight::sql::SqlInfo::FlightSqlServerReadOnly,
+        ])
+        .await?;
+    let ticket = info.endpoint[0].ticket.clone().context("no ticket")?;
+    let batches: Vec<arrow::record_batch::RecordBatch> =
+        flight_client.do_get(ticket).await?.try_collect().await?;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
     let refused = flight_client
         .execute("DROP TABLE delivery_requests".to_owned(), None)
         .await

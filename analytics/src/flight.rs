@@ -18,12 +18,13 @@ use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
-    CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
-    ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
@@ -87,6 +88,22 @@ pub async fn serve(
         .map_err(|e| AnalyticsError::Task {
             reason: format!("Flight SQL server: {e}"),
         })
+}
+
+/// What `GetSqlInfo` tells tools about this server: its name and version, and that it is
+/// read-only.
+fn sql_info() -> std::result::Result<SqlInfoData, Status> {
+    let mut builder = SqlInfoDataBuilder::new();
+    builder.append(SqlInfo::FlightSqlServerName, "dronedelivery history");
+    builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    builder.append(SqlInfo::FlightSqlServerArrowVersion, "1.5");
+    builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+    builder.append(SqlInfo::FlightSqlServerSql, true);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
+    builder.append(SqlInfo::FlightSqlServerCancel, false);
+    builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    builder.build().map_err(|e| Status::internal(e.to_string()))
 }
 
 type DataStream =
@@ -421,6 +438,28 @@ impl FlightSqlService for FlightSql {
             ]))],
         );
         Ok(Self::one_batch(schema, batch))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        let info = sql_info()?;
+        let schema = query.clone().into_builder(&info).schema();
+        Self::ticket_info(&query, &schema, request.into_inner())
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> std::result::Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.caller(&request)?;
+        let info = sql_info()?;
+        let builder = query.into_builder(&info);
+        Ok(Self::one_batch(builder.schema(), builder.build()))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
