@@ -745,6 +745,10 @@ async fn body_bytes_in_flight_are_bounded() -> Result<()> {
             .await?;
         slow.push(stream);
     }
+    // Let the tier reserve both declared bodies before the first full-size probe: a probe
+    // that got in first would take the budget, the second slow request would be refused
+    // (and wait for a body that never comes), and every later probe would fit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let client = client();
     let url = format!("{}/api/deliveryrequests/batch", tier.base);
     let mut body = format!("[{}]", valid_request(0)).into_bytes();
