@@ -168,6 +168,7 @@ fn sink_config(data: &str) -> SinkConfig {
             compact_interval_secs: 0,
             ..Default::default()
         },
+        offsets_scope: String::new(),
         fail_at: None,
     }
 }

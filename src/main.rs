@@ -370,8 +370,17 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         OnShutdown::Stop
     };
+    // The embedded broker starts empty: its offsets must not be read against the ones an
+    // earlier run left in the history's log.
+    let mut sink = args.sink;
+    if embedded.is_some() {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        sink.offsets_scope = format!("embedded-{}-{}/", started.as_millis(), std::process::id());
+    }
     let mut sink_task = tokio::spawn(analytics::sink::run(
-        args.sink,
+        sink,
         settings.clone(),
         stop_back.clone(),
         on_shutdown,

@@ -54,6 +54,7 @@ impl Fixture {
                 compact_interval_secs: 0,
                 ..CompactionConfig::default()
             },
+            offsets_scope: String::new(),
             fail_at,
         }
     }

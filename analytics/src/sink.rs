@@ -67,6 +67,12 @@ pub struct SinkConfig {
     #[command(flatten)]
     pub compaction: CompactionConfig,
 
+    /// What the log's offsets are scoped to: empty for a Kafka cluster whose offsets last
+    /// as long as the history; a fresh value for a bus that starts empty (the embedded
+    /// broker), so that its offsets are not taken for an earlier bus's.
+    #[arg(skip)]
+    pub offsets_scope: String,
+
     /// A crash to inject (tests only).
     #[arg(skip)]
     pub fail_at: Option<FailPoint>,
@@ -281,7 +287,7 @@ impl Sink {
         // Already durable (re-read after a crash or a rebalance), or already buffered
         // (re-delivered after a partition came back to this member).
         let read = self.buffer.read.get(&(topic.to_owned(), partition));
-        let resume = self.durable.next_offset(topic, partition);
+        let resume = self.durable.next_offset(&self.log_topic(topic), partition);
         if resume.is_some_and(|next| offset < next) || read.is_some_and(|r| offset < r.next) {
             metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "already_written")
                 .increment(1);
@@ -369,6 +375,11 @@ impl Sink {
         None
     }
 
+    /// The name a topic's offsets have in the log.
+    fn log_topic(&self, topic: &str) -> String {
+        format!("{}{topic}", self.config.offsets_scope)
+    }
+
     /// After a rebalance, what is durable is read again: another instance may have
     /// written partitions this one now reads.
     async fn after_rebalance(&mut self) -> Result<()> {
@@ -442,7 +453,7 @@ impl Sink {
         let mut offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>> = BTreeMap::new();
         for ((topic, partition), range) in &buffer.read {
             offsets
-                .entry(topic.clone())
+                .entry(self.log_topic(topic))
                 .or_default()
                 .insert(*partition, *range);
         }
@@ -517,7 +528,7 @@ impl Sink {
         for ((topic, partition), range) in read {
             let to = self
                 .durable
-                .next_offset(topic, *partition)
+                .next_offset(&self.log_topic(topic), *partition)
                 .map_or(range.from, |next| next.max(range.from));
             let consumer = Arc::clone(&self.consumer);
             let (topic, partition) = (topic.clone(), *partition);
