@@ -502,10 +502,7 @@ impl ingest::SqlEndpoint for HistorySql {
                 use analytics::AnalyticsError as E;
                 let kind = match &e {
                     E::ReadOnly { .. } => Kind::Refused,
-                    E::TooManyRows { .. } | E::Timeout { .. } => Kind::OverLimit,
-                    E::Query { .. } if e.to_string().contains("Resources exhausted") => {
-                        Kind::OverLimit
-                    }
+                    _ if e.is_over_limit() => Kind::OverLimit,
                     E::Query { .. } => Kind::Invalid,
                     _ => Kind::Internal,
                 };

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use futures_util::TryStreamExt;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::ObjectStoreExt;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
 
@@ -241,23 +241,7 @@ async fn merge(root: &DataRoot, table: &str, date: &str, files: &[&DataFile]) ->
             reason: format!("bad date partition: {e}"),
         }
     })?;
-    let name = crate::sink::new_file_name(table, date);
-    let size = bytes.len() as u64;
-    root.store
-        .put(&root.path(&name), PutPayload::from(bytes))
-        .await
-        .map_err(|source| AnalyticsError::Store {
-            action: "writing a compacted file",
-            source,
-        })?;
-    Ok(DataFile {
-        table: table.to_owned(),
-        date: date.format("%Y-%m-%d").to_string(),
-        path: name,
-        size,
-        rows,
-        added_ms: chrono::Utc::now().timestamp_millis(),
-    })
+    crate::sink::put_new_file(root, table, date, bytes, rows, "writing a compacted file").await
 }
 
 /// Deletes removed files past the retention, and files no commit names past the orphan

@@ -92,5 +92,22 @@ pub enum AnalyticsError {
     },
 }
 
+impl AnalyticsError {
+    /// Whether a query failed on one of its limits (memory, rows, time) rather than on
+    /// what it asked.
+    pub fn is_over_limit(&self) -> bool {
+        match self {
+            Self::TooManyRows { .. } | Self::Timeout { .. } => true,
+            Self::Query { source } => {
+                matches!(
+                    source,
+                    datafusion::error::DataFusionError::ResourcesExhausted(_)
+                ) || source.to_string().contains("Resources exhausted")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The analytics result type.
 pub type Result<T, E = AnalyticsError> = std::result::Result<T, E>;

@@ -112,19 +112,9 @@ type DataStream =
 fn to_status(e: AnalyticsError) -> Status {
     match &e {
         AnalyticsError::ReadOnly { .. } => Status::permission_denied(e.to_string()),
-        AnalyticsError::TooManyRows { .. } => Status::resource_exhausted(e.to_string()),
         AnalyticsError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
-        AnalyticsError::Query { source } => {
-            if matches!(
-                source,
-                datafusion::error::DataFusionError::ResourcesExhausted(_)
-            ) || e.to_string().contains("Resources exhausted")
-            {
-                Status::resource_exhausted(e.to_string())
-            } else {
-                Status::invalid_argument(e.to_string())
-            }
-        }
+        _ if e.is_over_limit() => Status::resource_exhausted(e.to_string()),
+        AnalyticsError::Query { .. } => Status::invalid_argument(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

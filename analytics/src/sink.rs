@@ -198,12 +198,7 @@ impl Sink {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
-                received = consumer.recv() => {
-                    self.after_rebalance().await?;
-                    if let Some((topic, partition, offset)) = self.read_one(received) {
-                        self.skip_ahead(topic, partition, offset).await;
-                    }
-                }
+                received = consumer.recv() => self.take(received).await?,
             }
             if self.buffer.due(&self.config) {
                 self.roll().await?;
@@ -255,10 +250,7 @@ impl Sink {
                     }
                     () = wait => break,
                     received = consumer.recv() => {
-                        self.after_rebalance().await?;
-                        if let Some((topic, partition, offset)) = self.read_one(received) {
-                            self.skip_ahead(topic, partition, offset).await;
-                        }
+                        self.take(received).await?;
                         if self.buffer.due(&self.config) {
                             self.roll().await?;
                         }
@@ -266,6 +258,17 @@ impl Sink {
                 }
             }
         }
+    }
+
+    /// Handles one received record: what is durable is re-read after a rebalance, the
+    /// record is buffered (or skipped), and the consumer seeks ahead when it is far behind
+    /// the log.
+    async fn take(&mut self, received: bus::Result<bus::Received<'_>>) -> Result<()> {
+        self.after_rebalance().await?;
+        if let Some((topic, partition, offset)) = self.read_one(received) {
+            self.skip_ahead(topic, partition, offset).await;
+        }
+        Ok(())
     }
 
     /// Takes one record into the buffer. Returns where to seek when the record is far
@@ -327,8 +330,8 @@ impl Sink {
         let date = DateTime::from_timestamp_millis(ingest_millis)
             .unwrap_or_default()
             .date_naive();
-        let payload_len = record.payload().map_or(0, <[u8]>::len);
-        self.buffer.bytes += payload_len + record.key().map_or(0, <[u8]>::len);
+        self.buffer.bytes +=
+            record.payload().map_or(0, <[u8]>::len) + record.key().map_or(0, <[u8]>::len);
         let view = RecordView {
             key: record.key(),
             payload: record.payload().unwrap_or_default(),
@@ -427,15 +430,7 @@ impl Sink {
             let batch = pending.rows.finish()?;
             let topic = pending.rows.table().topic.name;
             added.push(
-                write_file(
-                    self.log.root(),
-                    table,
-                    date,
-                    &batch,
-                    topic,
-                    &pending.offsets,
-                )
-                .await?,
+                write_file(self.log.root(), table, date, batch, topic, &pending.offsets).await?,
             );
         }
         self.rolls += 1;
@@ -564,28 +559,37 @@ async fn write_file(
     root: &DataRoot,
     table: &str,
     date: NaiveDate,
-    batch: &arrow::record_batch::RecordBatch,
+    batch: arrow::record_batch::RecordBatch,
     topic: &str,
     offsets: &BTreeMap<i32, (i64, i64)>,
 ) -> Result<DataFile> {
     let rows = batch.num_rows() as u64;
     let metadata = offsets_metadata(topic, offsets);
-    let batch = batch.clone();
     // Encoding is CPU work: keep it off the async workers that serve HTTP.
     let bytes = tokio::task::spawn_blocking(move || encode(&[batch], Some(metadata)))
         .await
         .map_err(|e| AnalyticsError::Task {
             reason: e.to_string(),
         })??;
+    put_new_file(root, table, date, bytes, rows, "writing a Parquet file").await
+}
+
+/// Puts an encoded Parquet file of `table` for `date` under a new name (one atomic put)
+/// and describes it for the log.
+pub(crate) async fn put_new_file(
+    root: &DataRoot,
+    table: &str,
+    date: NaiveDate,
+    bytes: Vec<u8>,
+    rows: u64,
+    action: &'static str,
+) -> Result<DataFile> {
     let name = new_file_name(table, date);
     let size = bytes.len() as u64;
     root.store
         .put(&root.path(&name), PutPayload::from(bytes))
         .await
-        .map_err(|source| AnalyticsError::Store {
-            action: "writing a Parquet file",
-            source,
-        })?;
+        .map_err(|source| AnalyticsError::Store { action, source })?;
     Ok(DataFile {
         table: table.to_owned(),
         date: date.format("%Y-%m-%d").to_string(),
@@ -597,7 +601,7 @@ async fn write_file(
 }
 
 /// A new, unique file name in `table`'s folder for `date`.
-pub(crate) fn new_file_name(table: &str, date: NaiveDate) -> String {
+fn new_file_name(table: &str, date: NaiveDate) -> String {
     format!(
         "{}/part-{}-{}.parquet",
         history::partition_dir(table, date),
