@@ -74,6 +74,10 @@ enum Command {
     /// Fly the assigned drones: read drone-assignments and post each drone's positions
     /// to the ingestion API, faster than real time.
     Simulate(Box<SimulateArgs>),
+    /// Load the ingestion API like bulk business clients: N tenants, M connections,
+    /// batches of B, open loop (--rate) or closed loop, for a fixed duration; prints
+    /// throughput, latency percentiles and every answer by status.
+    Loadgen(Box<loadgen::LoadgenConfig>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
             Command::Sql(args) => sql(args).await,
             Command::Compact(args) => compact(args).await,
             Command::Simulate(args) => simulate(*args).await,
+            Command::Loadgen(config) => load(*config).await,
         }
     });
     // librdkafka and DataFusion may leave blocking threads behind; do not wait for them.
@@ -636,6 +641,21 @@ async fn sql(args: SqlArgs) -> Result<()> {
         None => std::io::stdout()
             .write_all(&bytes)
             .context("writing the result")?,
+    }
+    Ok(())
+}
+
+async fn load(config: loadgen::LoadgenConfig) -> Result<()> {
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        signal.cancel();
+    });
+    let report = loadgen::run(config, stop).await?;
+    print!("{report}");
+    if report.answered() == 0 {
+        anyhow::bail!("no call was answered");
     }
     Ok(())
 }

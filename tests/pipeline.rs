@@ -1130,3 +1130,153 @@ async fn a_second_run_on_the_same_history_keeps_every_row() -> Result<()> {
     assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), all);
     Ok(())
 }
+
+/// `count(*)`-style query over the history: the first column of the first row.
+async fn history_count(data: &std::path::Path, sql: &str) -> Result<i64> {
+    let history = History::open(data.to_str().context("path")?, &QueryLimits::default()).await?;
+    let result = history.query(sql).await?;
+    Ok(result
+        .batches
+        .first()
+        .map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)))
+}
+
+/// Runs `dronedelivery loadgen` with `args` against `base`; its JSON report.
+fn loadgen(base: &str, args: &[&str], dir: &std::path::Path) -> Result<loadgen::Report> {
+    let json = dir.join(format!("loadgen-{}.json", uuid::Uuid::new_v4()));
+    let output = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+        .args(["loadgen", "--target", base])
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("DRONEDELIVERY_LOG", "warn")
+        .output()
+        .context("running dronedelivery loadgen")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("records/s") && text.contains("p99.9"),
+        "{text}"
+    );
+    let report: loadgen::Report = serde_json::from_slice(&std::fs::read(&json)?)?;
+
+    // The counters and the histogram tell one story.
+    let l = &report.latency_ms;
+    assert_eq!(l.count, report.answered(), "one latency per answer");
+    assert_eq!(
+        report.calls,
+        report.answered() + report.transport_errors + report.timeouts
+    );
+    assert_eq!(
+        report.records_sent,
+        report.accepted + report.telemetry_accepted + report.rejected + report.failed,
+        "every record sent has one outcome"
+    );
+    assert!(l.p50 <= l.p90 && l.p90 <= l.p99 && l.p99 <= l.p999 && l.p999 <= l.max);
+    assert!(l.p50 > 0.0 && l.mean <= l.max);
+    assert!(report.elapsed_secs > 0.0);
+    let rate = (report.accepted + report.telemetry_accepted) as f64 / report.elapsed_secs;
+    assert!((report.records_per_sec - rate).abs() < 1e-6 * rate.max(1.0));
+    Ok(report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_the_load_generator_counts_as_accepted_is_in_the_history() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let pipeline = Pipeline::start(data.path())?;
+
+    // Open loop: batches of 50 at 2,000 records/s, a tenth of the calls telemetry.
+    let open = loadgen(
+        &pipeline.base,
+        &[
+            "--duration",
+            "3s",
+            "--batch-size",
+            "50",
+            "--connections",
+            "3",
+            "--rate",
+            "2000",
+            "--telemetry-percent",
+            "10",
+            "--format",
+            "ndjson",
+            "--compression",
+            "zstd",
+        ],
+        data.path(),
+    )?;
+    assert_eq!(open.mode, "open");
+    assert_eq!(open.by_status.get(&202), Some(&open.calls), "{open:?}");
+    assert_eq!(open.records_sent, open.calls * 50);
+    assert!(open.telemetry_accepted > 0 && open.accepted > 0, "{open:?}");
+    // Paced: about 2,000 records/s for 3 s (loose bounds: the machine is shared).
+    assert!(open.records_sent <= 6_000, "{open:?}");
+    assert!(open.records_sent + open.not_sent * 50 >= 5_950, "{open:?}");
+
+    // Closed loop: single requests over keep-alive connections.
+    let single = loadgen(
+        &pipeline.base,
+        &[
+            "--duration",
+            "1s",
+            "--batch-size",
+            "1",
+            "--connections",
+            "4",
+            "--tenants",
+            "3",
+        ],
+        data.path(),
+    )?;
+    assert_eq!(single.mode, "closed");
+    assert!(single.accepted > 0, "{single:?}");
+    assert_eq!(single.non_2xx(), 0, "{single:?}");
+
+    // Every accepted record reaches the history, once.
+    let accepted = (open.accepted + single.accepted) as i64;
+    let fixes = open.telemetry_accepted as i64;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let rows = history_count(data.path(), "SELECT count(*) FROM delivery_requests").await?;
+        let fixes_found = history_count(data.path(), "SELECT count(*) FROM telemetry").await?;
+        if rows >= accepted && fixes_found >= fixes {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history has {rows} of {accepted} requests, {fixes_found} of {fixes} fixes"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    pipeline.stop("TERM")?;
+    let distinct = history_count(
+        data.path(),
+        "SELECT count(DISTINCT delivery_id) FROM delivery_requests",
+    )
+    .await?;
+    let rows = history_count(data.path(), "SELECT count(*) FROM delivery_requests").await?;
+    assert_eq!(
+        (rows, distinct),
+        (accepted, accepted),
+        "exactly the accepted, once each"
+    );
+    let tenants = history_count(
+        data.path(),
+        "SELECT count(DISTINCT owner_id) FROM delivery_requests",
+    )
+    .await?;
+    assert_eq!(
+        tenants, 10,
+        "the open-loop run's ten tenants (the closed one's three among them)"
+    );
+    assert_eq!(
+        history_count(data.path(), "SELECT count(*) FROM telemetry").await?,
+        fixes
+    );
+    Ok(())
+}
