@@ -548,7 +548,9 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
         .await?
         .with_metrics(render)
         .with_status(view);
-    tracing::info!(addr = %ingest.local_addr()?, "ingest listening");
+    let addr = ingest.local_addr()?;
+    println!("dronedelivery listening on http://{addr}");
+    tracing::info!(%addr, "ingest listening");
     let task = tokio::spawn(ingest.run(stop.clone()));
     shutdown_signal().await;
     stop.cancel();

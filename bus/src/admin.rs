@@ -12,14 +12,38 @@ use crate::settings::ClientSettings;
 
 /// Creates those of `topics` that do not exist yet, with the partition counts of the
 /// topic table, the settings' replication factor, and `cleanup.policy=compact` for state
-/// changelogs. Existing topics are left as they are.
+/// changelogs. Existing topics are left as they are; when every topic exists, nothing is
+/// asked of the cluster but its metadata (so clients without the right to create topics,
+/// and brokers without the CreateTopics API such as the embedded one, work too).
 pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = settings
         .admin_config()
         .create()
         .map_err(BusError::client("creating an admin client"))?;
+    let admin = std::sync::Arc::new(admin);
+    let lookup = admin.clone();
+    let existing: Vec<String> = tokio::task::spawn_blocking(move || {
+        lookup
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(30))
+            .map(|metadata| {
+                metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                    .map(|t| t.name().to_owned())
+                    .collect()
+            })
+    })
+    .await
+    .map_err(|e| BusError::Config {
+        key: "topics".into(),
+        reason: format!("the metadata lookup failed: {e}"),
+    })?
+    .map_err(BusError::client("fetching metadata"))?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
+        .filter(|t| !existing.iter().any(|name| name == t.name))
         .map(|t| {
             let topic = NewTopic::new(
                 t.name,
@@ -33,6 +57,9 @@ pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Resul
             }
         })
         .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&new, &options)

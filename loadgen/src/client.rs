@@ -208,7 +208,9 @@ pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<R
 /// The tenant names, and each one's `Authorization` when keys are used.
 fn tenants(config: &LoadgenConfig) -> Result<(Vec<String>, Vec<Option<HeaderValue>>)> {
     let Some(path) = &config.api_keys else {
-        let names: Vec<String> = (0..config.tenants).map(|i| format!("tenant-{i}")).collect();
+        let names: Vec<String> = (0..config.tenants)
+            .map(|i| format!("{}{i}", config.tenant_prefix))
+            .collect();
         let auth = vec![None; names.len()];
         return Ok((names, auth));
     };

@@ -52,11 +52,20 @@ pub struct LoadgenConfig {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub connections: u32,
 
-    /// Tenants the generated requests belong to (`tenant-0` ...); ignored with
+    /// Tenants the generated requests belong to (see --tenant-prefix); ignored with
     /// --api-keys, which names the tenants.
     #[arg(long, env = "DRONEDELIVERY_LOADGEN_TENANTS", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub tenants: u32,
+
+    /// Prefix of the generated tenant names (`PREFIX0`, `PREFIX1`, ...), e.g. to tell one
+    /// run's records from another's in the history.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_LOADGEN_TENANT_PREFIX",
+        default_value = "tenant-"
+    )]
+    pub tenant_prefix: String,
 
     /// File of `tenant:key` lines (the ingestion tier's own format): each batch is sent
     /// by one of these tenants with its key as `Authorization: Bearer`.
@@ -114,6 +123,7 @@ impl Default for LoadgenConfig {
             batch_size: 1000,
             connections: 8,
             tenants: 10,
+            tenant_prefix: "tenant-".into(),
             api_keys: None,
             format: Framing::Json,
             compression: Compression::None,
