@@ -1489,40 +1489,61 @@ async fn settle(
     }
 }
 
-/// The status and JSON body of a batch answer.
+/// The status and JSON body of a batch answer. Written directly rather than through
+/// `serde_json::Value` (one map per record was about 8% of the tier's CPU on batches of
+/// 10,000); keys are in the order `serde_json` would give them.
 fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode, Bytes) {
+    use std::io::Write as _;
+    /// Appends `text` as a JSON string.
+    fn string(out: &mut Vec<u8>, text: &str) {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
     let (mut accepted, mut rejected, mut failed) = (0usize, 0usize, 0usize);
-    let results: Vec<serde_json::Value> = outcomes
-        .iter()
-        .enumerate()
-        .map(|(index, outcome)| match outcome {
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Accepted(_) => accepted += 1,
+            Outcome::Rejected(_) => rejected += 1,
+            Outcome::Failed(_) => failed += 1,
+        }
+    }
+    let mut out = Vec::with_capacity(64 + outcomes.len() * 64);
+    let _ = write!(
+        out,
+        r#"{{"accepted":{accepted},"failed":{failed},"rejected":{rejected},"results":["#
+    );
+    for (index, outcome) in outcomes.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        match outcome {
             Outcome::Accepted(Some(id)) => {
-                accepted += 1;
-                serde_json::json!({ "index": index, "deliveryId": id })
+                out.extend_from_slice(br#"{"deliveryId":"#);
+                string(&mut out, id);
+                let _ = write!(out, r#","index":{index}}}"#);
             }
             Outcome::Accepted(None) => {
-                accepted += 1;
-                serde_json::json!({ "index": index })
+                let _ = write!(out, r#"{{"index":{index}}}"#);
             }
             Outcome::Rejected(e) => {
-                rejected += 1;
-                serde_json::json!({
-                    "index": index,
-                    "error": "invalid record",
-                    "field": e.field,
-                    "reason": e.reason,
-                })
+                let _ = write!(out, r#"{{"error":"invalid record","field":"#);
+                string(&mut out, &e.field);
+                let _ = write!(out, r#","index":{index},"reason":"#);
+                string(&mut out, &e.reason);
+                out.push(b'}');
             }
             Outcome::Failed(e) => {
-                failed += 1;
-                serde_json::json!({
-                    "index": index,
-                    "error": e.to_string(),
-                    "retryable": e.status() == StatusCode::SERVICE_UNAVAILABLE,
-                })
+                out.extend_from_slice(br#"{"error":"#);
+                string(&mut out, &e.to_string());
+                let _ = write!(
+                    out,
+                    r#","index":{index},"retryable":{}}}"#,
+                    e.status() == StatusCode::SERVICE_UNAVAILABLE
+                );
             }
-        })
-        .collect();
+        }
+    }
+    out.extend_from_slice(b"]}");
     tenant.accepted.increment(accepted as u64);
     tenant.rejected_invalid.increment(rejected as u64);
     tenant.rejected_unavailable.increment(failed as u64);
@@ -1535,13 +1556,7 @@ fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode, Bytes) {
     } else {
         StatusCode::BAD_REQUEST
     };
-    let body = serde_json::json!({
-        "accepted": accepted,
-        "rejected": rejected,
-        "failed": failed,
-        "results": results,
-    });
-    (status, Bytes::from(body.to_string()))
+    (status, Bytes::from(out))
 }
 
 fn report_response(status: StatusCode, report: Bytes) -> Response<Full<Bytes>> {
@@ -1558,6 +1573,53 @@ fn report_response(status: StatusCode, report: Bytes) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_answers_are_valid_json_listing_every_record() {
+        let tenant = crate::tenants::Tenant::new("t", None, 0.0, false);
+        let outcomes = vec![
+            Outcome::Accepted(Some("d-\"1\"\\é".into())),
+            Outcome::Accepted(None),
+            Outcome::Rejected(schemas::ValidationError {
+                field: "packageInfo.size".into(),
+                reason: "bad \"size\"\n".into(),
+            }),
+            Outcome::Failed(not_acknowledged()),
+        ];
+        let (status, body) = batch_report(&tenant, &outcomes);
+        assert_eq!(status, StatusCode::MULTI_STATUS);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let expected = serde_json::json!({
+            "accepted": 2, "rejected": 1, "failed": 1,
+            "results": [
+                {"index": 0, "deliveryId": "d-\"1\"\\é"},
+                {"index": 1},
+                {"index": 2, "error": "invalid record", "field": "packageInfo.size", "reason": "bad \"size\"\n"},
+                {"index": 3, "error": not_acknowledged().to_string(), "retryable": true},
+            ],
+        });
+        assert_eq!(answer, expected);
+        // The same bytes serde_json would write (keys in its order).
+        assert_eq!(body, expected.to_string().into_bytes());
+        for (outcomes, status) in [
+            (vec![Outcome::Accepted(None)], StatusCode::ACCEPTED),
+            (
+                vec![Outcome::Failed(not_acknowledged())],
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                vec![Outcome::Rejected(schemas::ValidationError {
+                    field: "".into(),
+                    reason: "x".into(),
+                })],
+                StatusCode::BAD_REQUEST,
+            ),
+        ] {
+            let (got, body) = batch_report(&tenant, &outcomes);
+            assert_eq!(got, status);
+            assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        }
+    }
 
     #[test]
     fn the_openapi_document_covers_every_route_and_its_example_is_valid() {

@@ -184,7 +184,7 @@ pub(crate) struct Tenant {
 }
 
 impl Tenant {
-    fn new(name: &str, rate: Option<f64>, burst: f64, telemetry: bool) -> Self {
+    pub(crate) fn new(name: &str, rate: Option<f64>, burst: f64, telemetry: bool) -> Self {
         let label = name.to_owned();
         let limiter = rate.map(|rate| {
             let burst = if burst > 0.0 { burst } else { rate };
