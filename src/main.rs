@@ -88,6 +88,22 @@ struct SimulateArgs {
     simulator: SimulatorConfig,
 }
 
+/// Backpressure from the consumers' lag.
+#[derive(Debug, Clone, clap::Args)]
+struct BackpressureArgs {
+    /// Refuse writes (503 with Retry-After) while a partition of any of the pipeline's
+    /// consumer groups is more than this many records behind; take them again below half
+    /// of it. 0 turns it off. Default: 20,000 with the embedded broker (it keeps only
+    /// about 45,000 requests per partition, so a consumer further behind loses records),
+    /// off with --brokers.
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONSUMER_LAG", value_name = "RECORDS")]
+    max_consumer_lag: Option<u64>,
+
+    /// How often the consumers' lag is checked, in milliseconds.
+    #[arg(long, env = "DRONEDELIVERY_LAG_CHECK_MS", default_value_t = 500)]
+    lag_check_ms: u64,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -118,6 +134,8 @@ struct RunArgs {
     simulate_drones: bool,
     #[command(flatten)]
     simulator: SimulatorConfig,
+    #[command(flatten)]
+    backpressure: BackpressureArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +146,8 @@ struct IngestArgs {
     producer: ProducerArgs,
     #[command(flatten)]
     ingest: IngestConfig,
+    #[command(flatten)]
+    backpressure: BackpressureArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -324,11 +344,20 @@ async fn run(args: RunArgs) -> Result<()> {
     );
     check_retention(&args.sink, &args.sql)?;
     let history = History::open(&args.sink.data, &args.sql).await?;
-    let ingest = Ingest::bind(args.ingest, producer.clone())
+    let mut ingest = Ingest::bind(args.ingest, producer.clone())
         .await?
         .with_metrics(render)
         .with_status(view)
         .with_sql(Arc::new(HistorySql(history.clone())));
+    let lag_watch = watch_lag(
+        &settings,
+        &args.backpressure,
+        embedded.is_some(),
+        stop_back.clone(),
+    )?;
+    if let Some((behind, _)) = &lag_watch {
+        ingest = ingest.with_backpressure(behind.clone());
+    }
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
     let flight_task = match flight_address(&args.flight_listen)? {
@@ -448,6 +477,9 @@ async fn run(args: RunArgs) -> Result<()> {
     if finished != Some("history sink") {
         result = result.and(join("history sink", sink_task).await);
     }
+    if let Some((_, task)) = lag_watch {
+        let _ = task.await;
+    }
     let flushed =
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     if let Ok(Err(e)) = flushed {
@@ -456,6 +488,86 @@ async fn run(args: RunArgs) -> Result<()> {
     drop(embedded);
     tracing::info!("dronedelivery stopped");
     result
+}
+
+/// Watches the lag of every consumer group of the pipeline and sets `behind` while the
+/// worst partition is more than `max` records behind (until it is below half of that).
+/// `None` when off.
+fn watch_lag(
+    settings: &ClientSettings,
+    args: &BackpressureArgs,
+    embedded: bool,
+    shutdown: CancellationToken,
+) -> Result<Option<(Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>)>> {
+    use schemas::topics::{self, groups};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let max = args
+        .max_consumer_lag
+        .unwrap_or(if embedded { 20_000 } else { 0 });
+    if max == 0 {
+        return Ok(None);
+    }
+    let history: Vec<&str> = schemas::history::TABLES
+        .iter()
+        .map(|t| t.topic.name)
+        .collect();
+    let watch = Arc::new(bus::LagWatch::new(
+        settings,
+        &[
+            (groups::WORKFLOW, &[topics::DELIVERY_REQUESTS.name]),
+            (groups::SCHEDULING, &[topics::DRONE_SCHEDULING.name]),
+            (groups::DELIVERIES, &[topics::DELIVERIES.name]),
+            (
+                groups::TRACKING,
+                &[topics::DRONE_ASSIGNMENTS.name, topics::DRONE_TELEMETRY.name],
+            ),
+            (groups::HISTORY, &history),
+        ],
+    )?);
+    let behind = Arc::new(AtomicBool::new(false));
+    let flag = behind.clone();
+    let every = Duration::from_millis(args.lag_check_ms.max(50));
+    let task = tokio::spawn(async move {
+        let gauge = metrics::gauge!("pipeline_max_consumer_lag");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let probe = watch.clone();
+            let worst = match tokio::task::spawn_blocking(move || {
+                probe.worst(Duration::from_secs(2))
+            })
+            .await
+            {
+                Ok(Ok(worst)) => worst,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer lag not measured");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the lag check failed");
+                    continue;
+                }
+            };
+            let lag = worst.as_ref().map_or(0, |w| w.lag);
+            gauge.set(lag as f64);
+            let was = flag.load(Ordering::Relaxed);
+            if !was && lag > max as i64 {
+                flag.store(true, Ordering::Relaxed);
+                if let Some(w) = &worst {
+                    tracing::warn!(
+                        group = %w.group, topic = %w.topic, partition = w.partition, lag, max,
+                        "a consumer is behind: refusing writes (503) until it catches up"
+                    );
+                }
+            } else if was && lag < (max / 2) as i64 {
+                flag.store(false, Ordering::Relaxed);
+                tracing::info!(lag, "the consumers caught up: taking writes again");
+            }
+        }
+    });
+    Ok(Some((behind, task)))
 }
 
 /// `--flight-listen`: an address, or `off`.
@@ -544,16 +656,23 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
         args.ingest.status_max_deliveries,
         stop.clone(),
     );
-    let ingest = Ingest::bind(args.ingest, producer)
+    let mut ingest = Ingest::bind(args.ingest, producer)
         .await?
         .with_metrics(render)
         .with_status(view);
+    let lag_watch = watch_lag(&settings, &args.backpressure, false, stop.clone())?;
+    if let Some((behind, _)) = &lag_watch {
+        ingest = ingest.with_backpressure(behind.clone());
+    }
     let addr = ingest.local_addr()?;
     println!("dronedelivery listening on http://{addr}");
     tracing::info!(%addr, "ingest listening");
     let task = tokio::spawn(ingest.run(stop.clone()));
     shutdown_signal().await;
     stop.cancel();
+    if let Some((_, watch)) = lag_watch {
+        let _ = watch.await;
+    }
     join("ingest", task).await
 }
 

@@ -1280,3 +1280,65 @@ async fn every_record_the_load_generator_counts_as_accepted_is_in_the_history() 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_with_503_while_consumers_lag_and_nothing_accepted_is_lost()
+-> Result<()> {
+    let data = tempfile::tempdir()?;
+    // A small lag bound, so that a few seconds of batches exceed it.
+    let (pipeline, _) = Pipeline::start_with(data.path(), &["--max-consumer-lag", "300"])?;
+    let report = loadgen(
+        &pipeline.base,
+        &[
+            "--duration",
+            "4s",
+            "--batch-size",
+            "500",
+            "--connections",
+            "4",
+        ],
+        data.path(),
+    )?;
+    assert!(report.accepted > 0, "{report:?}");
+    assert!(
+        report.by_status.get(&503).copied().unwrap_or(0) > 0,
+        "the tier pushed back: {report:?}"
+    );
+    let (_, _, metrics) = call_bytes(
+        &client(),
+        "GET",
+        &format!("{}/metrics", pipeline.base),
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    assert!(
+        String::from_utf8_lossy(&metrics).contains("ingest_backpressure_refusals_total"),
+        "refusals are counted"
+    );
+    let accepted = report.accepted as i64;
+    let deadline = Instant::now() + SETTLE;
+    while history_count(data.path(), "SELECT count(*) FROM delivery_requests").await? < accepted {
+        assert!(Instant::now() < deadline, "the history did not catch up");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // After the load, the consumers catch up and writes are taken again.
+    let http = client();
+    let url = format!("{}/api/deliveryrequests", pipeline.base);
+    loop {
+        let (status, _, body) = post(&http, &url, &valid_request(1)).await?;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "writes were never taken again");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    pipeline.stop("TERM")?;
+    assert_eq!(
+        history_count(data.path(), "SELECT count(*) FROM delivery_requests").await?,
+        accepted + 1,
+        "every accepted record, once"
+    );
+    Ok(())
+}

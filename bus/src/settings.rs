@@ -250,6 +250,17 @@ impl ClientSettings {
         self.finish(config)
     }
 
+    /// A client that only looks up `group`'s committed offsets: it never joins the group,
+    /// reads or commits.
+    pub(crate) fn watcher_config(&self, group: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        self.finish(config)
+    }
+
     /// A consumer outside any group that reads partitions it is given and never commits.
     pub(crate) fn reader_config(&self) -> ClientConfig {
         let mut config = self.base();

@@ -77,6 +77,14 @@ pub enum IngestError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The pipeline's consumers are further behind than the operator allows (its
+    /// backpressure is on). Nothing was read or accepted; the client should retry after
+    /// the given delay.
+    #[error("service unavailable: the pipeline's consumers are behind; retry later")]
+    PipelineBehind {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// Request bodies already hold `--max-in-flight-bytes`. The body may be partly
     /// unread and nothing was accepted; the client should retry after a second.
     #[error("service unavailable: too many body bytes in flight")]
@@ -172,6 +180,7 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. }
             | Self::TooManyInFlight { .. }
+            | Self::PipelineBehind { .. }
             | Self::TooManyBytesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Sql { kind, .. } => match kind {
@@ -198,6 +207,7 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyInFlight { .. } => "in_flight",
+            Self::PipelineBehind { .. } => "pipeline_behind",
             Self::TooManyBytesInFlight => "in_flight_bytes",
             Self::Unauthorized { .. } => "unauthorized",
             Self::Forbidden { .. } => "forbidden",
@@ -248,6 +258,7 @@ impl IngestError {
         match &self {
             Self::Unavailable { retry_after, .. }
             | Self::TooManyInFlight { retry_after }
+            | Self::PipelineBehind { retry_after }
             | Self::RateLimited { retry_after, .. } => {
                 builder = builder.header(header::RETRY_AFTER, retry_after_secs(*retry_after));
             }

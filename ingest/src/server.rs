@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,8 @@ struct App {
     tenants: Tenants,
     /// Delivery state for the status routes; `None` when not served.
     status: Option<Arc<StatusView>>,
+    /// Set while the pipeline's consumers are too far behind: writes get 503.
+    behind: Option<Arc<AtomicBool>>,
     /// Recent Idempotency-Keys; `None` when the window is switched off.
     window: Option<Mutex<Window>>,
     /// The history's SQL engine for `POST /api/sql`; `None` when not served.
@@ -329,6 +332,7 @@ impl Ingest {
                 status: None,
                 window,
                 sql: None,
+                behind: None,
             }),
         })
     }
@@ -345,6 +349,16 @@ impl Ingest {
     pub fn with_status(mut self, view: Arc<StatusView>) -> Self {
         if let Some(app) = Arc::get_mut(&mut self.app) {
             app.status = Some(view);
+        }
+        self
+    }
+
+    /// Refuses writes (requests, batches, telemetry, changes) with 503 and Retry-After
+    /// while `behind` is set: backpressure from the consumers' lag, set by whoever
+    /// watches it. Reads (status, SQL) are still served.
+    pub fn with_backpressure(mut self, behind: Arc<AtomicBool>) -> Self {
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.behind = Some(behind);
         }
         self
     }
@@ -846,8 +860,24 @@ impl Drop for Admission<'_> {
     }
 }
 
-/// Takes one of the `--max-in-flight` places, or answers 503 at once.
+/// Takes one of the `--max-in-flight` places for a write, or answers 503 at once (also
+/// while the pipeline is behind).
 fn admit(app: &App) -> Result<Admission<'_>> {
+    if app
+        .behind
+        .as_ref()
+        .is_some_and(|behind| behind.load(Ordering::Relaxed))
+    {
+        metrics::counter!("ingest_backpressure_refusals_total").increment(1);
+        return Err(IngestError::PipelineBehind {
+            retry_after: RETRY_AFTER,
+        });
+    }
+    admit_read(app)
+}
+
+/// Takes one of the `--max-in-flight` places, or answers 503 at once.
+fn admit_read(app: &App) -> Result<Admission<'_>> {
     let permit = app
         .in_flight
         .try_acquire()
@@ -1333,7 +1363,7 @@ async fn post_sql(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut admission = admit(app)?;
+    let mut admission = admit_read(app)?;
     let body = read_body(req, MAX_SQL_BODY, &mut admission).await?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -1,0 +1,118 @@
+//! How far consumer groups are behind, seen from outside the groups: each group's
+//! committed offsets against the partitions' high watermarks. For backpressure: a
+//! front end that stops taking writes while a consumer is too far behind keeps a broker
+//! with a small retention window (such as the embedded one) from dropping records
+//! before they were read.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::{BusError, Result};
+use crate::settings::ClientSettings;
+
+/// The partition furthest behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorstLag {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Records between the group's committed offset and the high watermark.
+    pub lag: i64,
+}
+
+/// Watches a set of consumer groups, each with the topics it reads.
+pub struct LagWatch {
+    groups: Vec<(String, Vec<String>, BaseConsumer)>,
+}
+
+impl std::fmt::Debug for LagWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagWatch")
+            .field(
+                "groups",
+                &self
+                    .groups
+                    .iter()
+                    .map(|(g, t, _)| (g, t))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl LagWatch {
+    /// A watch over `groups` (group id, topics it reads). Connects lazily.
+    pub fn new(settings: &ClientSettings, groups: &[(&str, &[&str])]) -> Result<Self> {
+        let mut watched = Vec::with_capacity(groups.len());
+        for (group, topics) in groups {
+            let client: BaseConsumer = settings
+                .watcher_config(group)
+                .create()
+                .map_err(BusError::client("creating a lag watcher"))?;
+            watched.push((
+                (*group).to_owned(),
+                topics.iter().map(|t| (*t).to_owned()).collect(),
+                client,
+            ));
+        }
+        Ok(Self { groups: watched })
+    }
+
+    /// The partition of any watched group that is furthest behind, or `None` when there
+    /// is nothing to read. A partition the group never committed counts from the oldest
+    /// retained record. Blocks the calling thread (one metadata, one offsets and one
+    /// watermark request per partition, each up to `timeout`).
+    pub fn worst(&self, timeout: Duration) -> Result<Option<WorstLag>> {
+        let mut watermarks: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+        let mut worst: Option<WorstLag> = None;
+        for (group, topics, client) in &self.groups {
+            let mut wanted = TopicPartitionList::new();
+            for topic in topics {
+                let metadata = client
+                    .fetch_metadata(Some(topic), timeout)
+                    .map_err(BusError::client("fetching metadata"))?;
+                for t in metadata.topics() {
+                    for p in t.partitions() {
+                        wanted.add_partition(t.name(), p.id());
+                    }
+                }
+            }
+            let committed = client
+                .committed_offsets(wanted, timeout)
+                .map_err(BusError::client("reading committed offsets"))?;
+            for elem in committed.elements() {
+                let key = (elem.topic().to_owned(), elem.partition());
+                let (low, high) = match watermarks.get(&key) {
+                    Some(w) => *w,
+                    None => {
+                        let w = client
+                            .fetch_watermarks(elem.topic(), elem.partition(), timeout)
+                            .map_err(BusError::client("fetching watermarks"))?;
+                        watermarks.insert(key, w);
+                        w
+                    }
+                };
+                let at = match elem.offset() {
+                    Offset::Offset(at) => at.max(low),
+                    _ => low,
+                };
+                let lag = (high - at).max(0);
+                if lag > 0 && worst.as_ref().is_none_or(|w| lag > w.lag) {
+                    worst = Some(WorstLag {
+                        group: group.clone(),
+                        topic: elem.topic().to_owned(),
+                        partition: elem.partition(),
+                        lag,
+                    });
+                }
+            }
+        }
+        Ok(worst)
+    }
+}
