@@ -419,7 +419,7 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
     let bootstrap = broker.bootstrap();
     let data = tempfile::tempdir().unwrap();
     let data_path = data.path().to_str().unwrap().to_owned();
-    let service = Service::start(&[
+    let mut flags = vec![
         "run",
         "--brokers",
         &bootstrap,
@@ -429,7 +429,13 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
         "off",
         "--data",
         &data_path,
-    ]);
+    ];
+    if args.brokers.is_none() {
+        // The broker is this process's embedded one: the same backpressure as `run`
+        // gives itself with its own.
+        flags.extend(["--max-consumer-lag", "20000"]);
+    }
+    let service = Service::start(&flags);
     let history = History::open(&data_path, &QueryLimits::default())
         .await
         .unwrap();
@@ -473,9 +479,11 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
     let mut config = load_config(&service.base, 1000, 8, args.seconds);
     config.rate = rate;
     config.tenant_prefix = format!("{run}-tenant-");
+    let sampler = RssSampler::start(service.pid());
     let load_start = Instant::now();
     let report = load(config).await;
     let load_secs = load_start.elapsed().as_secs_f64();
+    let samples = sampler.stop().await;
     let accepted = report.accepted as i64;
     stop_probes.store(true, Ordering::Relaxed);
 
@@ -533,6 +541,8 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
         "end_to_end_deliveries_per_sec": end_to_end,
         "freshness_secs": freshness,
         "peak_rss_mb": mb(peak),
+        "rss_mb_at_half_load": rss_at(&samples, load_secs / 2.0),
+        "rss_mb_at_end_of_load": rss_at(&samples, load_secs),
     })
 }
 
@@ -645,37 +655,15 @@ async fn overload(args: &Args) -> Value {
     let service = Service::start(&["ingest", "--brokers", &bootstrap, "--listen", "127.0.0.1:0"]);
     let pid = service.pid();
     let seconds = args.seconds * 2.0;
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let sampling = sampling.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            let mut samples = Vec::new();
-            while sampling.load(Ordering::Relaxed) {
-                samples.push((
-                    start.elapsed().as_secs_f64(),
-                    mb(proc_status_kb(pid, "VmRSS:") * 1024),
-                ));
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            samples
-        })
-    };
+    let sampler = RssSampler::start(pid);
     // 1,000 connections with batches of 100, open loop at 2,000,000 records/s.
     let mut config = load_config(&service.base, 100, 1000, seconds);
     config.rate = 2_000_000.0;
     config.timeout = Duration::from_secs(10);
     let report = load(config).await;
-    sampling.store(false, Ordering::Relaxed);
-    let samples = sampler.await.unwrap();
+    let samples = sampler.stop().await;
     let peak = service.peak_rss();
-    let at = |fraction: f64| -> f64 {
-        let t = seconds * fraction;
-        samples
-            .iter()
-            .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
-            .map_or(0.0, |s| s.1)
-    };
+    let at = |fraction: f64| rss_at(&samples, seconds * fraction);
     let rss_now = mb(service.rss());
     service.stop();
     drop(broker);
@@ -696,6 +684,45 @@ async fn overload(args: &Args) -> Value {
         "peak_rss_mb": mb(peak),
         "samples": samples.iter().map(|(t, m)| json!([t, m])).collect::<Vec<_>>(),
     })
+}
+
+/// Samples a process's resident memory every 250 ms: (seconds, MB).
+struct RssSampler {
+    running: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(f64, f64)>>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let flag = running.clone();
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            while flag.load(Ordering::Relaxed) {
+                samples.push((
+                    start.elapsed().as_secs_f64(),
+                    mb(proc_status_kb(pid, "VmRSS:") * 1024),
+                ));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            samples
+        });
+        Self { running, task }
+    }
+
+    async fn stop(self) -> Vec<(f64, f64)> {
+        self.running.store(false, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// The sample nearest `t` seconds.
+fn rss_at(samples: &[(f64, f64)], t: f64) -> f64 {
+    samples
+        .iter()
+        .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
+        .map_or(0.0, |s| s.1)
 }
 
 fn machine() -> Value {
@@ -836,7 +863,7 @@ fn markdown(r: &Value) -> String {
         let fresh = &entry["freshness_secs"];
         let _ = writeln!(
             out,
-            "**Whole pipeline, {what}** ({:.0} records/s offered): {} of {} accepted requests in the history ({} with their `Created` event), all queryable {:.1} s after the load started ({:.1} s after it ended): {:.0} deliveries/s end to end. Freshness (ack until a query sees it) over {} probes: p50 {:.2} s, p99 {:.2} s, max {:.2} s. Peak resident memory {:.0} MB.\n",
+            "**Whole pipeline, {what}** ({:.0} records/s offered): {} of {} accepted requests in the history ({} with their `Created` event), all queryable {:.1} s after the load started ({:.1} s after it ended): {:.0} deliveries/s end to end. Freshness (ack until a query sees it) over {} probes: p50 {:.2} s, p99 {:.2} s, max {:.2} s. Resident memory {:.0} MB half-way through the load, {:.0} MB at its end, peak {:.0} MB.\n",
             f(&entry["offered_records_per_sec"]),
             entry["history_rows"],
             entry["report"]["accepted"],
@@ -848,6 +875,8 @@ fn markdown(r: &Value) -> String {
             f(&fresh["p50"]),
             f(&fresh["p99"]),
             f(&fresh["max"]),
+            f(&entry["rss_mb_at_half_load"]),
+            f(&entry["rss_mb_at_end_of_load"]),
             f(&entry["peak_rss_mb"]),
         );
     }
@@ -941,9 +970,9 @@ fn chart(r: &Value) -> String {
     let ry = y0 - plot_h * raw / top;
     let _ = writeln!(
         svg,
-        r##"<line x1="{x0}" y1="{ry}" x2="{}" y2="{ry}" stroke="#c0392b" stroke-dasharray="6 4"/><text x="{}" y="{}" text-anchor="end" fill="#c0392b">raw producer {}</text>"##,
+        r##"<line x1="{x0}" y1="{ry}" x2="{}" y2="{ry}" stroke="#c0392b" stroke-dasharray="6 4"/><text x="{}" y="{}" fill="#c0392b">raw producer {}</text>"##,
         x0 + panel,
-        x0 + panel,
+        x0 + 4.0,
         ry - 4.0,
         human(raw)
     );
@@ -996,12 +1025,14 @@ fn chart(r: &Value) -> String {
             r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"##,
             path.join(" ")
         );
+        // p99 labels above their points, p50 below.
+        let dy = if key == "p99" { -8.0 } else { 16.0 };
         for (i, (x, y)) in points.iter().enumerate() {
             let _ = writeln!(
                 svg,
                 r##"<circle cx="{x}" cy="{y}" r="4" fill="{color}"/><text x="{}" y="{}" fill="{color}">{series} {:.1}</text>"##,
                 x + 6.0,
-                y - 6.0,
+                y + dy,
                 f(&entries[i]["report"]["latency_ms"][key])
             );
         }
