@@ -522,10 +522,38 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
     let all_in = load_start.elapsed().as_secs_f64();
     let freshness = probe_task.await.unwrap();
     let events = count(&history, &exact_events_sql).await;
+    // Records on each topic (as retained: the embedded broker drops the oldest past
+    // 5 MiB per partition), per delivery.
+    let names: Vec<&str> = topics::ALL.iter().map(|t| t.name).collect();
+    let counter = bus::LagWatch::new(
+        &ClientSettings::plain(&bootstrap),
+        &[("dronedelivery-bench-counter", &names)],
+    )
+    .unwrap();
+    let mut per_topic = serde_json::Map::new();
+    let mut total = 0i64;
+    for lag in tokio::task::spawn_blocking(move || counter.lags(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        total += lag.lag;
+        let entry = per_topic.entry(lag.topic).or_insert(json!(0));
+        *entry = json!(entry.as_i64().unwrap_or(0) + lag.lag);
+    }
+    let probes_total = count(&history, &probes_sql).await;
+    let per_delivery = total as f64 / (accepted + probes_total).max(1) as f64;
     let peak = service.peak_rss();
     service.stop();
     drop(broker);
     let end_to_end = accepted as f64 / all_in;
+    // Kept up: took everything offered (no refusal, nothing left unsent), lost nothing,
+    // and had it all queryable within 5 s of the load's end.
+    let kept_up = report.non_2xx() == 0
+        && report.not_sent == 0
+        && rows >= accepted
+        && events >= accepted
+        && all_in - load_secs <= 5.0;
     println!(
         "whole pipeline at {rate:.0} records/s offered:\n{report}  history: {rows} of {accepted} requests, {events} Created events; all in {all_in:.1} s after the load started ({end_to_end:.0} deliveries/s end to end); freshness {freshness}",
     );
@@ -539,8 +567,11 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
         "all_queryable_after_secs": all_in,
         "drain_secs": all_in - load_secs,
         "end_to_end_deliveries_per_sec": end_to_end,
+        "kept_up": kept_up,
         "freshness_secs": freshness,
         "peak_rss_mb": mb(peak),
+        "kafka_records": per_topic,
+        "kafka_records_per_delivery": per_delivery,
         "rss_mb_at_half_load": rss_at(&samples, load_secs / 2.0),
         "rss_mb_at_end_of_load": rss_at(&samples, load_secs),
     })
@@ -863,8 +894,13 @@ fn markdown(r: &Value) -> String {
         let fresh = &entry["freshness_secs"];
         let _ = writeln!(
             out,
-            "**Whole pipeline, {what}** ({:.0} records/s offered): {} of {} accepted requests in the history ({} with their `Created` event), all queryable {:.1} s after the load started ({:.1} s after it ended): {:.0} deliveries/s end to end. Freshness (ack until a query sees it) over {} probes: p50 {:.2} s, p99 {:.2} s, max {:.2} s. Resident memory {:.0} MB half-way through the load, {:.0} MB at its end, peak {:.0} MB.\n",
+            "**Whole pipeline, {what}** ({:.0} records/s offered; kept up: {}): {} of {} accepted requests in the history ({} with their `Created` event), all queryable {:.1} s after the load started ({:.1} s after it ended): {:.0} deliveries/s end to end. Freshness (ack until a query sees it) over {} probes: p50 {:.2} s, p99 {:.2} s, max {:.2} s. Resident memory {:.0} MB half-way through the load, {:.0} MB at its end, peak {:.0} MB.\n",
             f(&entry["offered_records_per_sec"]),
+            if entry["kept_up"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
             entry["history_rows"],
             entry["report"]["accepted"],
             entry["created_events"],
@@ -880,6 +916,21 @@ fn markdown(r: &Value) -> String {
             f(&entry["peak_rss_mb"]),
         );
     }
+    let topics: Vec<String> = sustained["kafka_records"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, n)| n.as_i64().unwrap_or(0) > 0)
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "**Kafka records per delivery** (sustained pass, every topic): {:.2} ({}).\n",
+        f(&sustained["kafka_records_per_delivery"]),
+        topics.join(", ")
+    );
     let rss = &o["rss_mb"];
     let _ = writeln!(
         out,

@@ -13,9 +13,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
 
-/// The partition furthest behind.
+/// How far one group is behind on one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorstLag {
+pub struct PartitionLag {
     /// The consumer group.
     pub group: String,
     /// The topic.
@@ -65,12 +65,22 @@ impl LagWatch {
     }
 
     /// The partition of any watched group that is furthest behind, or `None` when there
-    /// is nothing to read. A partition the group never committed counts from the oldest
-    /// retained record. Blocks the calling thread (one metadata, one offsets and one
-    /// watermark request per partition, each up to `timeout`).
-    pub fn worst(&self, timeout: Duration) -> Result<Option<WorstLag>> {
+    /// is nothing to read. Blocks the calling thread (see [`lags`](Self::lags)).
+    pub fn worst(&self, timeout: Duration) -> Result<Option<PartitionLag>> {
+        Ok(self
+            .lags(timeout)?
+            .into_iter()
+            .filter(|l| l.lag > 0)
+            .max_by_key(|l| l.lag))
+    }
+
+    /// Every partition of every watched group with its lag. A partition the group never
+    /// committed counts from the oldest retained record. Blocks the calling thread (one
+    /// metadata request per topic, one offsets request per group and one watermark request
+    /// per partition, each up to `timeout`).
+    pub fn lags(&self, timeout: Duration) -> Result<Vec<PartitionLag>> {
         let mut watermarks: HashMap<(String, i32), (i64, i64)> = HashMap::new();
-        let mut worst: Option<WorstLag> = None;
+        let mut lags = Vec::new();
         for (group, topics, client) in &self.groups {
             let mut wanted = TopicPartitionList::new();
             for topic in topics {
@@ -102,17 +112,14 @@ impl LagWatch {
                     Offset::Offset(at) => at.max(low),
                     _ => low,
                 };
-                let lag = (high - at).max(0);
-                if lag > 0 && worst.as_ref().is_none_or(|w| lag > w.lag) {
-                    worst = Some(WorstLag {
-                        group: group.clone(),
-                        topic: elem.topic().to_owned(),
-                        partition: elem.partition(),
-                        lag,
-                    });
-                }
+                lags.push(PartitionLag {
+                    group: group.clone(),
+                    topic: elem.topic().to_owned(),
+                    partition: elem.partition(),
+                    lag: (high - at).max(0),
+                });
             }
         }
-        Ok(worst)
+        Ok(lags)
     }
 }

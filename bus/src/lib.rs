@@ -21,6 +21,6 @@ pub use admin::ensure_topics;
 pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
 pub use error::{BusError, Result};
-pub use lag::{LagWatch, WorstLag};
+pub use lag::{LagWatch, PartitionLag};
 pub use producer::{Delivered, OutRecord, Producer};
 pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings};
