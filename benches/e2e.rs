@@ -105,9 +105,15 @@ enum Broker {
 }
 
 impl Broker {
-    fn fresh(args: &Args) -> Self {
+    /// A new embedded broker, or the given one (its topics created if missing).
+    async fn fresh(args: &Args) -> Self {
         match &args.brokers {
-            Some(b) => Self::External(b.clone()),
+            Some(b) => {
+                bus::ensure_topics(&ClientSettings::plain(b), &topics::ALL)
+                    .await
+                    .unwrap();
+                Self::External(b.clone())
+            }
             None => Self::Embedded(EmbeddedBroker::start(1, &topics::ALL).unwrap()),
         }
     }
@@ -221,9 +227,20 @@ async fn bench(args: Args) {
     std::fs::create_dir_all(&args.out).unwrap();
     println!("end-to-end benchmark, {} s per phase", args.seconds);
 
-    // 1. The raw producer.
+    // The whole pipeline first: with a shared (external) broker its consumers would
+    // otherwise begin by reading everything the other phases produced. Saturated
+    // (offered more than it takes), then at 80% of the end-to-end rate that gave, to see
+    // that it keeps up and how fresh the history is.
+    let saturated = whole_pipeline(&args, args.pipeline_rate).await;
+    let capacity = saturated["end_to_end_deliveries_per_sec"]
+        .as_f64()
+        .unwrap_or(10_000.0);
+    let sustained =
+        whole_pipeline(&args, (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0).await;
+
+    // The raw producer.
     let raw = {
-        let broker = Broker::fresh(&args);
+        let broker = Broker::fresh(&args).await;
         raw_producer(&broker.bootstrap(), args.seconds).await
     };
     println!(
@@ -232,23 +249,14 @@ async fn bench(args: Args) {
         raw["mb_per_sec"].as_f64().unwrap_or_default()
     );
 
-    // 2. The HTTP tier by batch size (closed loop), then single requests at a fixed rate.
+    // The HTTP tier by batch size (closed loop), then single requests at a fixed rate.
     let mut http = Vec::new();
     for (batch, connections) in [(1, 256), (100, 16), (10_000, 4)] {
         http.push(http_tier(&args, batch, connections, None).await);
     }
     let single_open = http_tier(&args, 1, 256, Some(args.single_rate)).await;
 
-    // 3. The whole pipeline: saturated (offered more than it takes), then at 80% of the
-    //    end-to-end rate that gave, to see that it keeps up and how fresh the history is.
-    let saturated = whole_pipeline(&args, args.pipeline_rate).await;
-    let capacity = saturated["end_to_end_deliveries_per_sec"]
-        .as_f64()
-        .unwrap_or(10_000.0);
-    let sustained =
-        whole_pipeline(&args, (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0).await;
-
-    // 4. Memory under sustained overload.
+    // Memory under sustained overload.
     let overload = overload(&args).await;
 
     let raw_rate = raw["records_per_sec"].as_f64().unwrap_or(1.0).max(1.0);
@@ -377,7 +385,7 @@ async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
 
 /// Phase 2: the ingestion tier alone, on a fresh broker.
 async fn http_tier(args: &Args, batch: u32, connections: u32, rate: Option<f64>) -> Value {
-    let broker = Broker::fresh(args);
+    let broker = Broker::fresh(args).await;
     let bootstrap = broker.bootstrap();
     let service = Service::start(&["ingest", "--brokers", &bootstrap, "--listen", "127.0.0.1:0"]);
     // Warm up: connections, producer, broker.
@@ -415,7 +423,7 @@ async fn count(history: &History, sql: &str) -> i64 {
 
 /// Phase 3: the whole pipeline at a fixed offered rate, with freshness probes.
 async fn whole_pipeline(args: &Args, rate: f64) -> Value {
-    let broker = Broker::fresh(args);
+    let broker = Broker::fresh(args).await;
     let bootstrap = broker.bootstrap();
     let data = tempfile::tempdir().unwrap();
     let data_path = data.path().to_str().unwrap().to_owned();
@@ -681,7 +689,7 @@ async fn probes(client: Probe, history: History, run: String, stop: Arc<AtomicBo
 /// Phase 4: far more offered than the tier can take, for a while; its resident memory
 /// over time.
 async fn overload(args: &Args) -> Value {
-    let broker = Broker::fresh(args);
+    let broker = Broker::fresh(args).await;
     let bootstrap = broker.bootstrap();
     let service = Service::start(&["ingest", "--brokers", &bootstrap, "--listen", "127.0.0.1:0"]);
     let pid = service.pid();
