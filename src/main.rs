@@ -542,11 +542,16 @@ fn watch_lag(
             {
                 Ok(Ok(worst)) => worst,
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "consumer lag not measured");
+                    // While writes are refused, say why they stay refused.
+                    if flag.load(Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "consumer lag not measured; writes stay refused");
+                    } else {
+                        tracing::debug!(error = %e, "consumer lag not measured");
+                    }
                     continue;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "the lag check failed");
+                    tracing::warn!(error = %e, "the lag check failed");
                     continue;
                 }
             };
@@ -561,7 +566,7 @@ fn watch_lag(
                         "a consumer is behind: refusing writes (503) until it catches up"
                     );
                 }
-            } else if was && lag < (max / 2) as i64 {
+            } else if was && lag <= (max / 2) as i64 {
                 flag.store(false, Ordering::Relaxed);
                 tracing::info!(lag, "the consumers caught up: taking writes again");
             }

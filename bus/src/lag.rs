@@ -22,8 +22,11 @@ pub struct PartitionLag {
     pub topic: String,
     /// The partition.
     pub partition: i32,
-    /// Records between the group's committed offset and the high watermark.
+    /// Records between the group's committed offset (or, without one, the oldest
+    /// retained record) and the high watermark.
     pub lag: i64,
+    /// Whether the group has committed an offset for this partition.
+    pub committed: bool,
 }
 
 /// Watches a set of consumer groups, each with the topics it reads.
@@ -64,13 +67,15 @@ impl LagWatch {
         Ok(Self { groups: watched })
     }
 
-    /// The partition of any watched group that is furthest behind, or `None` when there
-    /// is nothing to read. Blocks the calling thread (see [`lags`](Self::lags)).
+    /// The partition furthest behind among those the watched groups have committed, or
+    /// `None` when none is behind. A group that has not committed a partition yet is not
+    /// counted there (it may not be deployed at all). Blocks the calling thread (see
+    /// [`lags`](Self::lags)).
     pub fn worst(&self, timeout: Duration) -> Result<Option<PartitionLag>> {
         Ok(self
             .lags(timeout)?
             .into_iter()
-            .filter(|l| l.lag > 0)
+            .filter(|l| l.committed && l.lag > 0)
             .max_by_key(|l| l.lag))
     }
 
@@ -108,15 +113,16 @@ impl LagWatch {
                         w
                     }
                 };
-                let at = match elem.offset() {
-                    Offset::Offset(at) => at.max(low),
-                    _ => low,
+                let (at, committed) = match elem.offset() {
+                    Offset::Offset(at) => (at.max(low), true),
+                    _ => (low, false),
                 };
                 lags.push(PartitionLag {
                     group: group.clone(),
                     topic: elem.topic().to_owned(),
                     partition: elem.partition(),
                     lag: (high - at).max(0),
+                    committed,
                 });
             }
         }

@@ -229,6 +229,7 @@ impl IngestError {
             self,
             Self::PayloadTooLarge { .. }
                 | Self::TooManyInFlight { .. }
+                | Self::PipelineBehind { .. }
                 | Self::TooManyBytesInFlight
                 | Self::NotFound { .. }
                 | Self::MethodNotAllowed { .. }
@@ -313,6 +314,14 @@ mod tests {
         .into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        // Refused before the body was read: the connection closes.
+        let r = IngestError::PipelineBehind {
+            retry_after: Duration::from_secs(1),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(r.headers()[header::CONNECTION], "close");
         let r = IngestError::RateLimited {
             tenant: "t".into(),
             retry_after: Duration::from_millis(2100),

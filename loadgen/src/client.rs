@@ -117,6 +117,23 @@ pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<R
             ),
         });
     }
+    if config.rate > 0.0
+        && plan::due(1, config.rate, config.batch_size) > Duration::from_secs(86_400)
+    {
+        return Err(LoadgenError::Config {
+            setting: "--rate",
+            reason: format!(
+                "{} records/s with batches of {} is less than one call a day",
+                config.rate, config.batch_size
+            ),
+        });
+    }
+    if config.timeout.is_zero() {
+        return Err(LoadgenError::Config {
+            setting: "--timeout",
+            reason: "must be more than zero".into(),
+        });
+    }
     if config.duration.is_zero() {
         return Err(LoadgenError::Config {
             setting: "--duration",
@@ -124,11 +141,7 @@ pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<R
         });
     }
     let (tenants, auth) = tenants(&config)?;
-    let calls = plan::calls_to_prepare(
-        config.distinct_records,
-        config.batch_size,
-        config.connections,
-    );
+    let calls = plan::calls_to_prepare(config.distinct_records, config.batch_size);
     let (seed, batch, telemetry, framing, compression) = (
         config.seed,
         config.batch_size,
@@ -287,7 +300,13 @@ fn report(config: &LoadgenConfig, shared: &Shared, total: Tally, tenants: usize)
 /// A keep-alive connection's sender, or none after a failure.
 type Sender = http1::SendRequest<Full<Bytes>>;
 
-async fn connect(authority: &str) -> std::io::Result<Sender> {
+async fn connect(authority: &str, timeout: Duration) -> std::io::Result<Sender> {
+    tokio::time::timeout(timeout, handshake(authority))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))?
+}
+
+async fn handshake(authority: &str) -> std::io::Result<Sender> {
     let stream = TcpStream::connect(authority).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
@@ -312,10 +331,13 @@ async fn connection(shared: Arc<Shared>, shutdown: CancellationToken) -> Tally {
         let slot = shared.next.fetch_add(1, Ordering::Relaxed);
         let due = match shared.rate {
             Some(rate) => {
-                let due = shared.start + plan::due(slot, rate, shared.batch_size);
-                if due >= shared.end {
+                let Some(due) = shared
+                    .start
+                    .checked_add(plan::due(slot, rate, shared.batch_size))
+                    .filter(|due| *due < shared.end)
+                else {
                     break;
-                }
+                };
                 tokio::select! {
                     () = tokio::time::sleep_until(due.into()) => {}
                     () = shutdown.cancelled() => break,
@@ -328,8 +350,20 @@ async fn connection(shared: Arc<Shared>, shutdown: CancellationToken) -> Tally {
         let Some(call) = shared.calls.get(index) else {
             break;
         };
-        if sender.as_ref().is_none_or(|s| s.is_closed()) {
-            match connect(&shared.authority).await {
+        // A connection the server closed after its last answer is replaced before the
+        // call counts: nothing was sent on it.
+        if let Some(s) = sender.as_mut() {
+            let ready = tokio::time::timeout(shared.timeout, s.ready()).await;
+            if !matches!(ready, Ok(Ok(()))) {
+                sender = None;
+            }
+        }
+        if sender.is_none() {
+            let connected = tokio::select! {
+                c = connect(&shared.authority, shared.timeout) => c,
+                () = shutdown.cancelled() => break,
+            };
+            match connected {
                 Ok(s) => sender = Some(s),
                 Err(e) => {
                     tracing::debug!(error = %e, "connecting failed");
@@ -349,7 +383,10 @@ async fn connection(shared: Arc<Shared>, shutdown: CancellationToken) -> Tally {
         let answer = tokio::time::timeout(shared.timeout, send(s, &shared, call)).await;
         let now = Instant::now();
         match answer {
-            Ok(Ok((status, body))) => {
+            Ok(Ok((status, body, close))) => {
+                if close {
+                    sender = None;
+                }
                 let micros = now.saturating_duration_since(due).as_micros();
                 tally
                     .histogram
@@ -385,7 +422,7 @@ async fn send(
     sender: &mut Sender,
     shared: &Shared,
     call: &Prepared,
-) -> std::result::Result<(u16, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+) -> std::result::Result<(u16, Bytes, bool), Box<dyn std::error::Error + Send + Sync>> {
     sender.ready().await?;
     let mut request = Request::builder()
         .method(Method::POST)
@@ -409,9 +446,13 @@ async fn send(
     }
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
+    let close = response
+        .headers()
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
         .collect()
         .await?
         .to_bytes();
-    Ok((status, body))
+    Ok((status, body, close))
 }

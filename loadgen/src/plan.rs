@@ -209,18 +209,18 @@ pub fn compress(raw: Vec<u8>, compression: Compression) -> Vec<u8> {
     }
 }
 
-/// How many distinct calls to prepare: enough for `distinct_records`, at least one per
-/// connection, at most 100,000 calls.
-pub fn calls_to_prepare(distinct_records: u32, batch_size: u32, connections: u32) -> usize {
+/// How many distinct calls to prepare: enough for `distinct_records`, at least one, at
+/// most 100,000 (connections share them, so memory does not grow with connections).
+pub fn calls_to_prepare(distinct_records: u32, batch_size: u32) -> usize {
     let calls = distinct_records.div_ceil(batch_size.max(1)) as usize;
-    calls.min(100_000).max(connections.max(1) as usize)
+    calls.clamp(1, 100_000)
 }
 
 /// In open loop, the time call number `slot` is due, from the start: calls are spread
 /// evenly at `records_per_sec / batch_size` calls per second.
 pub fn due(slot: u64, records_per_sec: f64, batch_size: u32) -> Duration {
     let calls_per_sec = records_per_sec / f64::from(batch_size.max(1));
-    Duration::from_secs_f64(slot as f64 / calls_per_sec)
+    Duration::try_from_secs_f64(slot as f64 / calls_per_sec).unwrap_or(Duration::MAX)
 }
 
 /// `host:port` and the `Host` header of an `http://` base URL.
@@ -304,6 +304,12 @@ pub fn parse_keys(text: &str) -> Result<Vec<(String, String)>, String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn absurd_rates_do_not_overflow() {
+        assert_eq!(due(1, 1e-300, 1), Duration::MAX);
+        assert_eq!(due(0, 1.0, 1), Duration::ZERO);
+    }
 
     #[test]
     fn durations() {
@@ -444,10 +450,10 @@ mod tests {
         }
 
         #[test]
-        fn enough_calls_are_prepared(records in 1u32..10_000_000, batch in 1u32..100_000, connections in 1u32..10_000) {
-            let calls = calls_to_prepare(records, batch, connections);
-            prop_assert!(calls >= connections as usize);
-            prop_assert!(calls <= 100_000.max(connections as usize));
+        fn enough_calls_are_prepared(records in 1u32..10_000_000, batch in 1u32..100_000) {
+            let calls = calls_to_prepare(records, batch);
+            prop_assert!((1..=100_000).contains(&calls));
+            prop_assert!(calls as u64 * u64::from(batch) >= u64::from(records).min(100_000 * u64::from(batch)));
         }
     }
 }
