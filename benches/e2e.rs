@@ -238,7 +238,7 @@ async fn bench(args: Args) {
     let sustained =
         whole_pipeline(&args, (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0).await;
 
-    // The raw producer.
+    // The raw producer: the ceiling for the HTTP tier.
     let raw = {
         let broker = Broker::fresh(&args).await;
         raw_producer(&broker.bootstrap(), args.seconds).await
@@ -290,7 +290,12 @@ async fn bench(args: Args) {
     println!("report written to {}", args.out.display());
 }
 
-/// Phase 1: generated requests straight to the broker, each acknowledged.
+/// Tasks producing at once in the raw producer phase (the tier, too, produces from
+/// several connections' tasks through one producer).
+const RAW_TASKS: usize = 4;
+
+/// Phase 1: generated requests straight to the broker, each acknowledged, from
+/// `RAW_TASKS` tasks sharing one producer.
 async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
     let settings = ClientSettings::plain(bootstrap);
     let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
@@ -298,23 +303,73 @@ async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
         .check_reachable(topics::DELIVERY_REQUESTS.name, Duration::from_secs(10))
         .unwrap();
     let mut generator = schemas::generate::Generator::new(1, 50);
-    let records: Vec<(String, String, String)> = (0..50_000)
-        .map(|i| {
-            let (tenant, body) = generator.request();
-            let id = format!("raw-{i}");
-            (schemas::delivery_key(&tenant, &id), tenant, body)
-        })
-        .collect();
+    let records: Arc<Vec<(String, String, String)>> = Arc::new(
+        (0..50_000)
+            .map(|i| {
+                let (tenant, body) = generator.request();
+                let id = format!("raw-{i}");
+                (schemas::delivery_key(&tenant, &id), tenant, body)
+            })
+            .collect(),
+    );
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..RAW_TASKS {
+        let producer = producer.clone();
+        let records = records.clone();
+        tasks.spawn(async move { raw_task(&producer, &records, task, end).await });
+    }
+    let (mut sent, mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_ack = start;
+    while let Some(done) = tasks.join_next().await {
+        let (s, a, f, b, last) = done.unwrap();
+        sent += s;
+        acked += a;
+        failed += f;
+        bytes += b;
+        last_ack = last_ack.max(last);
+    }
+    let secs = last_ack.duration_since(start).as_secs_f64().max(1e-3);
+    json!({
+        "tasks": RAW_TASKS,
+        "records_sent": sent,
+        "records_acked": acked,
+        "records_failed": failed,
+        "elapsed_secs": secs,
+        "records_per_sec": acked as f64 / secs,
+        "mb_per_sec": bytes as f64 / 1e6 / secs,
+    })
+}
+
+/// One producing task: sends until `end`, at most 100,000 records awaiting their ack;
+/// (sent, acked, failed, bytes, last ack).
+async fn raw_task(
+    producer: &Producer,
+    records: &[(String, String, String)],
+    task: usize,
+    end: Instant,
+) -> (u64, u64, u64, u64, Instant) {
     let correlation = uuid::Uuid::new_v4().to_string();
     let mut acks = FuturesUnordered::new();
     let (mut sent, mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(seconds);
-    let mut last_ack = start;
-    let mut i = 0usize;
+    let mut last_ack = Instant::now();
+    let mut i = task * records.len() / RAW_TASKS;
+    let mut ingest_time = String::new();
+    let mut tally = |result: bus::Result<bus::Delivered>, acked: &mut u64, failed: &mut u64| {
+        if result.is_ok() {
+            *acked += 1;
+        } else {
+            *failed += 1;
+        }
+        last_ack = Instant::now();
+    };
     while Instant::now() < end {
+        if sent % 1024 == 0 {
+            ingest_time = chrono::Utc::now().timestamp_millis().to_string();
+            tokio::task::yield_now().await;
+        }
         let (key, tenant, body) = &records[i % records.len()];
-        let ingest_time = chrono::Utc::now().timestamp_millis().to_string();
         let headers: [(&str, &[u8]); 6] = [
             (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
             (h::TENANT, tenant.as_bytes()),
@@ -336,51 +391,24 @@ async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
                 bytes += body.len() as u64;
                 i += 1;
             }
+            // The producer's queue is full: wait for an acknowledgement to make room.
             Err(BusError::QueueFull) => {
-                // Wait for an acknowledgement to make room.
                 if let Some(result) = acks.next().await {
-                    if result.is_ok() {
-                        acked += 1;
-                    } else {
-                        failed += 1;
-                    }
-                    last_ack = Instant::now();
+                    tally(result, &mut acked, &mut failed);
                 }
             }
             Err(e) => panic!("producing: {e}"),
         }
-        // Do not let the futures pile up past the producer's own queue bound.
-        while acks.len() >= 500_000 {
+        while acks.len() >= 100_000 {
             if let Some(result) = acks.next().await {
-                if result.is_ok() {
-                    acked += 1;
-                } else {
-                    failed += 1;
-                }
-                last_ack = Instant::now();
+                tally(result, &mut acked, &mut failed);
             }
-        }
-        if i.is_multiple_of(1024) {
-            tokio::task::yield_now().await;
         }
     }
     while let Some(result) = acks.next().await {
-        if result.is_ok() {
-            acked += 1;
-        } else {
-            failed += 1;
-        }
-        last_ack = Instant::now();
+        tally(result, &mut acked, &mut failed);
     }
-    let secs = last_ack.duration_since(start).as_secs_f64().max(1e-3);
-    json!({
-        "records_sent": sent,
-        "records_acked": acked,
-        "records_failed": failed,
-        "elapsed_secs": secs,
-        "records_per_sec": acked as f64 / secs,
-        "mb_per_sec": bytes as f64 / 1e6 / secs,
-    })
+    (sent, acked, failed, bytes, last_ack)
 }
 
 /// Phase 2: the ingestion tier alone, on a fresh broker.
