@@ -1287,6 +1287,20 @@ async fn overload_is_refused_with_503_while_consumers_lag_and_nothing_accepted_i
     let data = tempfile::tempdir()?;
     // A small lag bound, so that a few seconds of batches exceed it.
     let (pipeline, _) = Pipeline::start_with(data.path(), &["--max-consumer-lag", "300"])?;
+    // Lag counts only where a group has committed: wait until the consumers have joined
+    // and handled a first request.
+    let http = client();
+    let url = format!("{}/api/deliveryrequests", pipeline.base);
+    let (status, _, body) = post(&http, &url, &valid_request(0)).await?;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + SETTLE;
+    while history_count(data.path(), "SELECT count(*) FROM delivery_events").await? < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the pipeline never handled a request"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let report = loadgen(
         &pipeline.base,
         &[
@@ -1316,15 +1330,14 @@ async fn overload_is_refused_with_503_while_consumers_lag_and_nothing_accepted_i
         String::from_utf8_lossy(&metrics).contains("ingest_backpressure_refusals_total"),
         "refusals are counted"
     );
-    let accepted = report.accepted as i64;
+    // The warm-up request, and what the load got in.
+    let accepted = report.accepted as i64 + 1;
     let deadline = Instant::now() + SETTLE;
     while history_count(data.path(), "SELECT count(*) FROM delivery_requests").await? < accepted {
         assert!(Instant::now() < deadline, "the history did not catch up");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // After the load, the consumers catch up and writes are taken again.
-    let http = client();
-    let url = format!("{}/api/deliveryrequests", pipeline.base);
     loop {
         let (status, _, body) = post(&http, &url, &valid_request(1)).await?;
         if status == 202 {
