@@ -160,6 +160,16 @@ struct ProcessArgs {
     workflow: WorkflowConfig,
     #[command(flatten)]
     stateful: StatefulConfig,
+    /// The processors to run (comma-separated). Each is its own consumer group, so each
+    /// can run as its own deployment and scale on its own lag.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_PROCESSORS",
+        value_enum,
+        value_delimiter = ',',
+        default_values_t = processors::Processor::ALL
+    )]
+    processors: Vec<processors::Processor>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -682,40 +692,64 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
 }
 
 async fn process_only(args: ProcessArgs) -> Result<()> {
+    use processors::Processor;
     init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
     let stop = CancellationToken::new();
-    let mut workflow = tokio::spawn(processors::workflow::run(
-        args.workflow,
-        settings.clone(),
-        producer.clone(),
-        stop.clone(),
-    ));
-    let mut stateful = tokio::spawn(processors::run_stateful(
-        args.stateful,
-        settings,
-        producer.clone(),
-        stop.clone(),
-    ));
+    let mut tasks: Vec<(&'static str, JoinHandle<processors::Result<()>>)> = Vec::new();
+    if args.processors.contains(&Processor::Workflow) {
+        tasks.push((
+            "workflow",
+            tokio::spawn(processors::workflow::run(
+                args.workflow,
+                settings.clone(),
+                producer.clone(),
+                stop.clone(),
+            )),
+        ));
+    }
+    let stateful: Vec<Processor> = args
+        .processors
+        .iter()
+        .copied()
+        .filter(|p| p.is_stateful())
+        .collect();
+    if !stateful.is_empty() {
+        let mut config = args.stateful;
+        config.only = stateful;
+        tasks.push((
+            "processors",
+            tokio::spawn(processors::run_stateful(
+                config,
+                settings,
+                producer.clone(),
+                stop.clone(),
+            )),
+        ));
+    }
+    if tasks.is_empty() {
+        anyhow::bail!("--processors names no processor");
+    }
     // Until asked to stop, or until one of them stops on its own (an error).
     let early = tokio::select! {
         () = shutdown_signal() => None,
-        r = &mut workflow => Some(("workflow", outcome("workflow", r))),
-        r = &mut stateful => Some(("processors", outcome("processors", r))),
+        (r, index, _) = futures_util::future::select_all(tasks.iter_mut().map(|(_, t)| t)) => {
+            let name = tasks[index].0;
+            Some((index, name, outcome(name, r)))
+        }
     };
     stop.cancel();
-    let finished = early.as_ref().map(|(name, _)| *name);
+    let finished = early.as_ref().map(|(index, _, _)| *index);
     let mut result = match early {
-        Some((_, Err(e))) => Err(e),
-        Some((name, Ok(()))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+        Some((_, _, Err(e))) => Err(e),
+        Some((_, name, Ok(()))) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
         None => Ok(()),
     };
-    if finished != Some("workflow") {
-        result = result.and(join("workflow", workflow).await);
-    }
-    if finished != Some("processors") {
-        result = result.and(join("processors", stateful).await);
+    for (index, (name, task)) in tasks.into_iter().enumerate() {
+        if finished != Some(index) {
+            result = result.and(join(name, task).await);
+        }
     }
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     result

@@ -1355,3 +1355,82 @@ async fn overload_is_refused_with_503_while_consumers_lag_and_nothing_accepted_i
     );
     Ok(())
 }
+
+/// Starts `dronedelivery process` against `brokers` with `--processors which`.
+fn start_processors(brokers: &str, which: &str) -> Result<Child> {
+    Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+        .args(["process", "--brokers", brokers, "--processors", which])
+        .env("DRONEDELIVERY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting dronedelivery process")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let http = client();
+    let url = format!("{}/api/deliveryrequests", tier.base);
+    for i in 0..3 {
+        let (status, _, body) = post(&http, &url, &valid_request(i)).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    let brokers = tier.broker.bootstrap_servers().to_owned();
+
+    // The workflow alone fans out, and nothing else runs.
+    let mut workflow = start_processors(&brokers, "workflow")?;
+    tier.records_of(topics::DELIVERIES.name, 3).await?;
+    tier.records_of(topics::DRONE_SCHEDULING.name, 3).await?;
+    let settings = ClientSettings::plain(&brokers);
+    // Partitions a group has committed: none for a processor that never ran.
+    let committed = |group: &'static str, topic: &'static str| -> Result<usize> {
+        let watch = bus::LagWatch::new(&settings, &[(group, &[topic])])?;
+        Ok(watch
+            .lags(Duration::from_secs(10))?
+            .iter()
+            .filter(|l| l.committed)
+            .count())
+    };
+    assert_eq!(
+        committed(schemas::topics::groups::DELIVERIES, topics::DELIVERIES.name)?,
+        0,
+        "the delivery consumer did not run"
+    );
+
+    // The delivery consumer alone picks up what the workflow wrote.
+    let mut deliveries = start_processors(&brokers, "deliveries")?;
+    let events = tier.records_of(topics::DELIVERY_EVENTS.name, 3).await?;
+    assert_eq!(events.len(), 3, "one Created event per request");
+    assert_eq!(
+        committed(
+            schemas::topics::groups::SCHEDULING,
+            topics::DRONE_SCHEDULING.name
+        )?,
+        0,
+        "the scheduler did not run"
+    );
+
+    // A name that is not a processor is refused.
+    let refused = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+        .args(["process", "--brokers", &brokers, "--processors", "bogus"])
+        .output()?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("bogus"));
+
+    for child in [&mut workflow, &mut deliveries] {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                assert!(status.success(), "a clean stop");
+                break;
+            }
+            assert!(Instant::now() < deadline, "process did not stop");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    tier.stop().await
+}

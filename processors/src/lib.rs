@@ -77,6 +77,51 @@ pub struct StatefulConfig {
         default_value_t = PROCESSOR_BATCH_RECORDS
     )]
     pub processor_batch_records: usize,
+
+    /// The stateful consumers to run; empty runs all three. Set by the binary from
+    /// `process --processors`, not a flag of its own.
+    #[arg(skip)]
+    pub only: Vec<Processor>,
+}
+
+/// A processor, each its own consumer group: what `dronedelivery process --processors`
+/// chooses from, so that each can be deployed and scaled on its own lag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Processor {
+    /// The fan-out of `delivery-requests`.
+    Workflow,
+    /// The scheduling consumer (drone assignment per region).
+    Scheduling,
+    /// The drone tracker (assignments and telemetry to each drone's delivery).
+    Tracking,
+    /// The delivery consumer (state, stages and ETAs).
+    Deliveries,
+}
+
+impl Processor {
+    /// Every processor.
+    pub const ALL: [Self; 4] = [
+        Self::Workflow,
+        Self::Scheduling,
+        Self::Tracking,
+        Self::Deliveries,
+    ];
+
+    /// Its consumer group.
+    pub fn group(self) -> &'static str {
+        use schemas::topics::groups;
+        match self {
+            Self::Workflow => groups::WORKFLOW,
+            Self::Scheduling => groups::SCHEDULING,
+            Self::Tracking => groups::TRACKING,
+            Self::Deliveries => groups::DELIVERIES,
+        }
+    }
+
+    /// Whether it is one of the stateful consumers (run by [`run_stateful`]).
+    pub fn is_stateful(self) -> bool {
+        self != Self::Workflow
+    }
 }
 
 const PROCESSOR_BATCH_RECORDS: usize = 2000;
@@ -86,12 +131,13 @@ impl Default for StatefulConfig {
         Self {
             fleet: None,
             processor_batch_records: PROCESSOR_BATCH_RECORDS,
+            only: Vec::new(),
         }
     }
 }
 
-/// Runs the scheduling consumer, the drone tracker and the delivery consumer until
-/// `shutdown` is cancelled, or until one of them fails (then the others are stopped and
+/// Runs the scheduling consumer, the drone tracker and the delivery consumer (those in
+/// `config.only`, or all three when it is empty) until `shutdown` is cancelled, or until one of them fails (then the others are stopped and
 /// the error returned).
 pub async fn run_stateful(
     config: StatefulConfig,
@@ -108,31 +154,38 @@ pub async fn run_stateful(
         ..stateful::EngineConfig::default()
     };
     let stop = shutdown.child_token();
+    let runs = |p: Processor| config.only.is_empty() || config.only.contains(&p);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(stateful::run(
-        scheduler::SPEC,
-        engine,
-        scheduler::Scheduler::new(fleet),
-        settings.clone(),
-        producer.clone(),
-        stop.clone(),
-    ));
-    tasks.spawn(stateful::run(
-        tracker::SPEC,
-        engine,
-        tracker::Tracker::default(),
-        settings.clone(),
-        producer.clone(),
-        stop.clone(),
-    ));
-    tasks.spawn(stateful::run(
-        deliveries::SPEC,
-        engine,
-        deliveries::Deliveries::default(),
-        settings,
-        producer,
-        stop.clone(),
-    ));
+    if runs(Processor::Scheduling) {
+        tasks.spawn(stateful::run(
+            scheduler::SPEC,
+            engine,
+            scheduler::Scheduler::new(fleet),
+            settings.clone(),
+            producer.clone(),
+            stop.clone(),
+        ));
+    }
+    if runs(Processor::Tracking) {
+        tasks.spawn(stateful::run(
+            tracker::SPEC,
+            engine,
+            tracker::Tracker::default(),
+            settings.clone(),
+            producer.clone(),
+            stop.clone(),
+        ));
+    }
+    if runs(Processor::Deliveries) {
+        tasks.spawn(stateful::run(
+            deliveries::SPEC,
+            engine,
+            deliveries::Deliveries::default(),
+            settings,
+            producer,
+            stop.clone(),
+        ));
+    }
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let outcome = joined.unwrap_or_else(|e| {
