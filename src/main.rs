@@ -92,8 +92,8 @@ struct SimulateArgs {
 #[derive(Debug, Clone, clap::Args)]
 struct BackpressureArgs {
     /// Refuse writes (503 with Retry-After) while a partition of any of the pipeline's
-    /// consumer groups is more than this many records behind; take them again below half
-    /// of it. 0 turns it off. Default: 20,000 with the embedded broker (it keeps only
+    /// consumer groups is more than this many records behind; take them again at half of
+    /// it or less. 0 turns it off. Default: 20,000 with the embedded broker (it keeps only
     /// about 45,000 requests per partition, so a consumer further behind loses records),
     /// off with --brokers.
     #[arg(long, env = "DRONEDELIVERY_MAX_CONSUMER_LAG", value_name = "RECORDS")]
@@ -501,7 +501,7 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Watches the lag of every consumer group of the pipeline and sets `behind` while the
-/// worst partition is more than `max` records behind (until it is below half of that).
+/// worst partition is more than `max` records behind (until it is at most half of that).
 /// `None` when off.
 fn watch_lag(
     settings: &ClientSettings,
@@ -509,7 +509,6 @@ fn watch_lag(
     embedded: bool,
     shutdown: CancellationToken,
 ) -> Result<Option<(Arc<std::sync::atomic::AtomicBool>, JoinHandle<()>)>> {
-    use schemas::topics::{self, groups};
     use std::sync::atomic::{AtomicBool, Ordering};
     let max = args
         .max_consumer_lag
@@ -521,19 +520,12 @@ fn watch_lag(
         .iter()
         .map(|t| t.topic.name)
         .collect();
-    let watch = Arc::new(bus::LagWatch::new(
-        settings,
-        &[
-            (groups::WORKFLOW, &[topics::DELIVERY_REQUESTS.name]),
-            (groups::SCHEDULING, &[topics::DRONE_SCHEDULING.name]),
-            (groups::DELIVERIES, &[topics::DELIVERIES.name]),
-            (
-                groups::TRACKING,
-                &[topics::DRONE_ASSIGNMENTS.name, topics::DRONE_TELEMETRY.name],
-            ),
-            (groups::HISTORY, &history),
-        ],
-    )?);
+    let mut groups: Vec<(&str, &[&str])> = processors::Processor::ALL
+        .iter()
+        .map(|p| (p.group(), p.inputs()))
+        .collect();
+    groups.push((schemas::topics::groups::HISTORY, history.as_slice()));
+    let watch = Arc::new(bus::LagWatch::new(settings, &groups)?);
     let behind = Arc::new(AtomicBool::new(false));
     let flag = behind.clone();
     let every = Duration::from_millis(args.lag_check_ms.max(50));
@@ -809,7 +801,7 @@ async fn load(config: loadgen::LoadgenConfig) -> Result<()> {
     let stop = CancellationToken::new();
     let signal = stop.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         signal.cancel();
     });
     let report = loadgen::run(config, stop).await?;

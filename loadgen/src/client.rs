@@ -205,8 +205,7 @@ pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<R
             Err(e) => tracing::error!(error = %e, "a load connection task failed"),
         }
     }
-    let mut report = report(&config, &shared, total, tenants.len());
-    report.describe(config.format, config.compression);
+    let report = report(&config, &shared, total, tenants.len());
     if let Some(path) = &config.json {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
         std::fs::write(path, text + "\n").map_err(|source| LoadgenError::File {
@@ -275,8 +274,8 @@ fn report(config: &LoadgenConfig, shared: &Shared, total: Tally, tenants: usize)
         batch_size: config.batch_size,
         connections: config.connections,
         tenants: tenants as u32,
-        format: String::new(),
-        compression: String::new(),
+        format: config.format,
+        compression: config.compression,
         telemetry_percent: config.telemetry_percent,
         elapsed_secs: elapsed,
         calls: total.calls,

@@ -46,7 +46,7 @@ impl Latency {
 }
 
 /// The report of one load run.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// The base URL loaded.
     pub target: String,
@@ -61,9 +61,9 @@ pub struct Report {
     /// Tenants sending.
     pub tenants: u32,
     /// Batch framing (`json` or `ndjson`).
-    pub format: String,
+    pub format: Framing,
     /// Body compression (`none`, `gzip`, `zstd`).
-    pub compression: String,
+    pub compression: Compression,
     /// Percent of calls posting telemetry.
     pub telemetry_percent: u8,
     /// Seconds from the first call due to the last answer.
@@ -101,20 +101,6 @@ pub struct Report {
 }
 
 impl Report {
-    pub(crate) fn describe(&mut self, framing: Framing, compression: Compression) {
-        self.format = match framing {
-            Framing::Json => "json",
-            Framing::Ndjson => "ndjson",
-        }
-        .into();
-        self.compression = match compression {
-            Compression::None => "none",
-            Compression::Gzip => "gzip",
-            Compression::Zstd => "zstd",
-        }
-        .into();
-    }
-
     /// Calls that got an answer, whatever its status.
     pub fn answered(&self) -> u64 {
         self.by_status.values().sum()
@@ -144,11 +130,14 @@ impl fmt::Display for Report {
             self.batch_size,
             self.connections,
             self.tenants,
-            self.format,
-            if self.compression == "none" {
-                String::new()
-            } else {
-                format!(" + {}", self.compression)
+            match self.format {
+                Framing::Json => "json",
+                Framing::Ndjson => "ndjson",
+            },
+            match self.compression {
+                Compression::None => "",
+                Compression::Gzip => " + gzip",
+                Compression::Zstd => " + zstd",
             },
             if self.telemetry_percent > 0 {
                 format!(", {}% telemetry", self.telemetry_percent)

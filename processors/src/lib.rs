@@ -109,12 +109,21 @@ impl Processor {
 
     /// Its consumer group.
     pub fn group(self) -> &'static str {
-        use schemas::topics::groups;
         match self {
-            Self::Workflow => groups::WORKFLOW,
-            Self::Scheduling => groups::SCHEDULING,
-            Self::Tracking => groups::TRACKING,
-            Self::Deliveries => groups::DELIVERIES,
+            Self::Workflow => workflow::GROUP,
+            Self::Scheduling => scheduler::SPEC.group,
+            Self::Tracking => tracker::SPEC.group,
+            Self::Deliveries => deliveries::SPEC.group,
+        }
+    }
+
+    /// The topics its group reads.
+    pub fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Self::Workflow => workflow::INPUTS,
+            Self::Scheduling => scheduler::SPEC.inputs,
+            Self::Tracking => tracker::SPEC.inputs,
+            Self::Deliveries => deliveries::SPEC.inputs,
         }
     }
 

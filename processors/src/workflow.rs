@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{ProcessorError, Result};
 
 const NAME: &str = "workflow";
+/// The workflow's consumer group.
+pub const GROUP: &str = topics::groups::WORKFLOW;
+/// The topics it reads.
+pub const INPUTS: &[&str] = &[topics::DELIVERY_REQUESTS.name];
 
 const MAX_IN_FLIGHT: usize = 10_000;
 
@@ -166,12 +170,7 @@ pub async fn run(
         processor: NAME,
         source,
     };
-    let consumer = Consumer::subscribe(
-        &settings,
-        topics::groups::WORKFLOW,
-        &[topics::DELIVERY_REQUESTS.name],
-    )
-    .map_err(bus_err)?;
+    let consumer = Consumer::subscribe(&settings, GROUP, INPUTS).map_err(bus_err)?;
     crate::report_lag(consumer.lag_probe(), NAME, shutdown.clone());
     // Cancelled only after the loop stops, so that in-flight retries get their chance.
     let retries = CancellationToken::new();
