@@ -67,6 +67,9 @@ enum Command {
     Process(Box<ProcessArgs>),
     /// Run the history sink (Kafka to Parquet) against a Kafka cluster.
     History(Box<HistoryArgs>),
+    /// Serve SQL over the history: POST /api/sql and Arrow Flight SQL, with health and
+    /// metrics, and no ingestion routes. Needs no broker: it reads the object store only.
+    SqlServer(Box<SqlServerArgs>),
     /// Run one SQL query over the history and print the result (or write it to a file).
     Sql(SqlArgs),
     /// Merge the small files of the history and delete files no longer needed, once.
@@ -86,6 +89,77 @@ struct SimulateArgs {
     kafka: KafkaArgs,
     #[command(flatten)]
     simulator: SimulatorConfig,
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+/// The health listener of a service without a public API.
+#[derive(Debug, Clone, clap::Args)]
+struct HealthArgs {
+    /// Address of the health listener: GET /healthz (alive), /readyz (a broker answers
+    /// and the service is not stopping) and /metrics (Prometheus), for probes and
+    /// scrapers; or `off`.
+    #[arg(long, env = "DRONEDELIVERY_HEALTH_LISTEN", default_value = "off")]
+    health_listen: String,
+}
+
+/// `dronedelivery sql-server`.
+#[derive(Debug, clap::Args)]
+struct SqlServerArgs {
+    /// Address the HTTP API (POST /api/sql, /healthz, /readyz, /metrics) listens on.
+    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: std::net::SocketAddr,
+
+    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
+    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
+    data: String,
+
+    /// File of API keys, one `tenant:key` per line (the ingestion tier's file). Only
+    /// --sql-tenants may query. Without it, only loopback clients are served.
+    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
+    api_keys: Option<std::path::PathBuf>,
+
+    /// Tenants (from the key file) that may query (comma-separated). They see every
+    /// tenant's history.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SQL_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    sql_tenants: Vec<String>,
+
+    /// Most open client connections.
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = 1_000)]
+    max_connections: usize,
+
+    /// Most HTTP requests handled at once; past it clients get 503 with Retry-After.
+    /// With --sql-memory-mb this bounds the memory of queries.
+    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 16)]
+    max_in_flight: usize,
+
+    /// Longest time a client may take to send a request's headers, in seconds.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    header_read_timeout_secs: u64,
+
+    /// How long shutdown waits for running queries to finish, in seconds.
+    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = 30)]
+    drain_secs: u64,
+
+    #[command(flatten)]
+    sql: QueryLimits,
+
+    /// Address of the Arrow Flight SQL endpoint (same keys and --sql-tenants), or `off`.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_FLIGHT_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    flight_listen: String,
 }
 
 /// Backpressure from the consumers' lag.
@@ -160,6 +234,8 @@ struct ProcessArgs {
     workflow: WorkflowConfig,
     #[command(flatten)]
     stateful: StatefulConfig,
+    #[command(flatten)]
+    health: HealthArgs,
     /// The processors to run (comma-separated). Each is its own consumer group, so each
     /// can run as its own deployment and scale on its own lag.
     #[arg(
@@ -188,6 +264,8 @@ struct HistoryArgs {
     kafka: KafkaArgs,
     #[command(flatten)]
     sink: SinkConfig,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 fn main() -> ExitCode {
@@ -209,6 +287,7 @@ fn main() -> ExitCode {
             Command::Ingest(args) => ingest_only(*args).await,
             Command::Process(args) => process_only(*args).await,
             Command::History(args) => history_only(*args).await,
+            Command::SqlServer(args) => sql_server(*args).await,
             Command::Sql(args) => sql(args).await,
             Command::Compact(args) => compact(args).await,
             Command::Simulate(args) => simulate(*args).await,
@@ -347,6 +426,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let producer = Producer::new(&settings, &args.producer)?;
     let stop_front = CancellationToken::new();
     let stop_back = CancellationToken::new();
+    report_producer_queue(producer.clone(), stop_back.clone());
     let view = ingest::StatusView::start(
         settings.clone(),
         args.ingest.status_max_deliveries,
@@ -370,29 +450,13 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
-    let flight_task = match flight_address(&args.flight_listen)? {
-        Some(listen) => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen} for Flight SQL"))?;
-            let flight_addr = listener.local_addr()?;
-            println!("flight sql on grpc://{flight_addr}");
-            tracing::info!(%flight_addr, "Arrow Flight SQL on grpc://{flight_addr}");
-            let authenticator = ingest.sql_authenticator();
-            let authenticate: analytics::flight::Authenticate = Arc::new(move |header, peer| {
-                // A peer tonic cannot name is treated as remote.
-                let peer = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-                authenticator.check(header, peer).map_err(|e| e.to_string())
-            });
-            Some(tokio::spawn(analytics::flight::serve(
-                listener,
-                history,
-                authenticate,
-                stop_front.clone(),
-            )))
-        }
-        None => None,
-    };
+    let flight_task = start_flight(
+        &args.flight_listen,
+        history,
+        ingest.sql_authenticator(),
+        stop_front.clone(),
+    )
+    .await?;
 
     let mut ingest_task = tokio::spawn(ingest.run(stop_front.clone()));
     let mut workflow_task = tokio::spawn(processors::workflow::run(
@@ -577,6 +641,102 @@ fn watch_lag(
     Ok(Some((behind, task)))
 }
 
+/// Starts Arrow Flight SQL over `history` on `listen` (unless it is `off`), checking
+/// callers as `POST /api/sql` does.
+async fn start_flight(
+    listen: &str,
+    history: History,
+    authenticator: ingest::SqlAuthenticator,
+    stop: CancellationToken,
+) -> Result<Option<JoinHandle<analytics::Result<()>>>> {
+    let Some(listen) = flight_address(listen)? else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for Flight SQL"))?;
+    let flight_addr = listener.local_addr()?;
+    println!("flight sql on grpc://{flight_addr}");
+    tracing::info!(%flight_addr, "Arrow Flight SQL on grpc://{flight_addr}");
+    let authenticate: analytics::flight::Authenticate = Arc::new(move |header, peer| {
+        // A peer tonic cannot name is treated as remote.
+        let peer = peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        authenticator.check(header, peer).map_err(|e| e.to_string())
+    });
+    Ok(Some(tokio::spawn(analytics::flight::serve(
+        listener,
+        history,
+        authenticate,
+        stop,
+    ))))
+}
+
+/// Starts the health listener (unless `off`): `/readyz` passes while `ready` does and
+/// `stopping` is not cancelled. It serves until `shutdown` is cancelled, which should
+/// come after the service stopped, so liveness holds while it drains.
+async fn start_health(
+    args: &HealthArgs,
+    ready: ingest::ops::Readiness,
+    render: MetricsRender,
+    stopping: CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<Option<JoinHandle<ingest::Result<()>>>> {
+    if args.health_listen.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let listen: std::net::SocketAddr = args.health_listen.parse().with_context(|| {
+        format!(
+            "--health-listen {:?} is neither an address nor `off`",
+            args.health_listen
+        )
+    })?;
+    let check: ingest::ops::Readiness = Arc::new(move || {
+        if stopping.is_cancelled() {
+            return Box::pin(async { Err("stopping".to_owned()) });
+        }
+        ready()
+    });
+    let server = ingest::ops::HealthServer::bind(listen, check, Some(render)).await?;
+    let addr = server.local_addr()?;
+    println!("health on http://{addr}");
+    tracing::info!(%addr, "health checks and metrics on http://{addr}");
+    Ok(Some(tokio::spawn(server.run(shutdown))))
+}
+
+/// Readiness: a broker answers a metadata request within two seconds.
+fn broker_readiness(settings: &ClientSettings) -> Result<ingest::ops::Readiness> {
+    let probe = Arc::new(bus::Reachability::new(settings)?);
+    Ok(Arc::new(move || {
+        let probe = Arc::clone(&probe);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                probe.check(
+                    schemas::topics::DELIVERY_REQUESTS.name,
+                    Duration::from_secs(2),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the broker is not reachable: {e}"))
+        })
+    }))
+}
+
+/// Reports the producer's queue (records enqueued and not yet acknowledged) as the gauge
+/// `producer_queue_records` every second, until `stop` is cancelled.
+fn report_producer_queue(producer: Producer, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let gauge = metrics::gauge!("producer_queue_records");
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => gauge.set(f64::from(producer.in_flight())),
+            }
+        }
+    });
+}
+
 /// `--flight-listen`: an address, or `off`.
 fn flight_address(text: &str) -> Result<Option<std::net::SocketAddr>> {
     if text.eq_ignore_ascii_case("off") {
@@ -658,6 +818,7 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
     let stop = CancellationToken::new();
+    report_producer_queue(producer.clone(), stop.clone());
     let view = ingest::StatusView::start(
         settings.clone(),
         args.ingest.status_max_deliveries,
@@ -674,21 +835,121 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
     let addr = ingest.local_addr()?;
     println!("dronedelivery listening on http://{addr}");
     tracing::info!(%addr, "ingest listening");
-    let task = tokio::spawn(ingest.run(stop.clone()));
-    shutdown_signal().await;
+    let mut task = tokio::spawn(ingest.run(stop.clone()));
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut task => Some(outcome("ingest", r)),
+    };
     stop.cancel();
     if let Some((_, watch)) = lag_watch {
         let _ = watch.await;
     }
-    join("ingest", task).await
+    match early {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow::anyhow!("ingest stopped unexpectedly")),
+        None => join("ingest", task).await,
+    }
+}
+
+async fn sql_server(args: SqlServerArgs) -> Result<()> {
+    let render = init_metrics()?;
+    if args.sql.sql_timeout_secs == 0 {
+        anyhow::bail!("--sql-timeout-secs must be at least 1");
+    }
+    let history = History::open(&args.data, &args.sql).await?;
+    history
+        .check()
+        .await
+        .with_context(|| format!("reading the history at {}", args.data))?;
+    let config = IngestConfig {
+        listen: args.listen,
+        api_keys: args.api_keys,
+        sql_tenants: args.sql_tenants,
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        header_read_timeout_secs: args.header_read_timeout_secs,
+        drain_secs: args.drain_secs,
+        // Nothing is ingested here: no idempotency window to keep.
+        idempotency_window_bytes: 0,
+        ..IngestConfig::default()
+    };
+    let readable = history.clone();
+    let ready: ingest::ops::Readiness = Arc::new(move || {
+        let history = readable.clone();
+        Box::pin(async move {
+            history
+                .check()
+                .await
+                .map_err(|e| format!("the history cannot be read: {e}"))
+        })
+    });
+    let server = Ingest::bind_read_only(config)
+        .await?
+        .with_metrics(render)
+        .with_readiness(ready)
+        .with_sql(Arc::new(HistorySql(history.clone())));
+    let stop = CancellationToken::new();
+    let flight_task = start_flight(
+        &args.flight_listen,
+        history,
+        server.sql_authenticator(),
+        stop.clone(),
+    )
+    .await?;
+    let addr = server.local_addr()?;
+    if server.is_unauthenticated() {
+        println!("no --api-keys: serving loopback clients only, without keys");
+    }
+    println!("sql server listening on http://{addr}");
+    tracing::info!(%addr, "sql server listening on http://{addr}");
+    let mut task = tokio::spawn(server.run(stop.clone()));
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut task => Some(outcome("sql server", r)),
+    };
+    stop.cancel();
+    let mut result = match early {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow::anyhow!("the sql server stopped unexpectedly")),
+        None => join("sql server", task).await,
+    };
+    if let Some(task) = flight_task {
+        result = result.and(join("flight sql", task).await);
+    }
+    result
 }
 
 async fn process_only(args: ProcessArgs) -> Result<()> {
     use processors::Processor;
-    init_metrics()?;
+    let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
     let stop = CancellationToken::new();
+    let stop_health = CancellationToken::new();
+    report_producer_queue(producer.clone(), stop.clone());
+    let ready_producer = producer.clone();
+    let ready: ingest::ops::Readiness = Arc::new(move || {
+        let producer = ready_producer.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                producer.check_reachable(
+                    schemas::topics::DELIVERY_REQUESTS.name,
+                    Duration::from_secs(2),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the broker is not reachable: {e}"))
+        })
+    });
+    let health = start_health(
+        &args.health,
+        ready,
+        render,
+        stop.clone(),
+        stop_health.clone(),
+    )
+    .await?;
     let mut tasks: Vec<(&'static str, JoinHandle<processors::Result<()>>)> = Vec::new();
     if args.processors.contains(&Processor::Workflow) {
         tasks.push((
@@ -744,36 +1005,82 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
         }
     }
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    stop_health.cancel();
+    if let Some(task) = health {
+        result = result.and(join("health listener", task).await);
+    }
     result
 }
 
 async fn history_only(args: HistoryArgs) -> Result<()> {
-    init_metrics()?;
+    let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(analytics::sink::run(
+    let stop_health = CancellationToken::new();
+    let health = start_health(
+        &args.health,
+        broker_readiness(&settings)?,
+        render,
+        stop.clone(),
+        stop_health.clone(),
+    )
+    .await?;
+    let mut task = tokio::spawn(analytics::sink::run(
         args.sink,
         settings,
         stop.clone(),
         OnShutdown::Stop,
     ));
-    shutdown_signal().await;
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut task => Some(outcome("history sink", r)),
+    };
     stop.cancel();
-    join("history sink", task).await
+    let mut result = match early {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow::anyhow!("the history sink stopped unexpectedly")),
+        None => join("history sink", task).await,
+    };
+    stop_health.cancel();
+    if let Some(task) = health {
+        result = result.and(join("health listener", task).await);
+    }
+    result
 }
 
 async fn simulate(args: SimulateArgs) -> Result<()> {
-    init_metrics()?;
+    let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let stop = CancellationToken::new();
-    let task = tokio::spawn(processors::simulator::run(
+    let stop_health = CancellationToken::new();
+    let health = start_health(
+        &args.health,
+        broker_readiness(&settings)?,
+        render,
+        stop.clone(),
+        stop_health.clone(),
+    )
+    .await?;
+    let mut task = tokio::spawn(processors::simulator::run(
         args.simulator,
         settings,
         stop.clone(),
     ));
-    shutdown_signal().await;
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut task => Some(outcome("simulator", r)),
+    };
     stop.cancel();
-    join("simulator", task).await
+    let mut result = match early {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow::anyhow!("the simulator stopped unexpectedly")),
+        None => join("simulator", task).await,
+    };
+    stop_health.cancel();
+    if let Some(task) = health {
+        result = result.and(join("health listener", task).await);
+    }
+    result
 }
 
 async fn sql(args: SqlArgs) -> Result<()> {

@@ -1434,3 +1434,227 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
     }
     tier.stop().await
 }
+
+/// A service of the binary started on its own, with the addresses it printed.
+struct Service {
+    child: Child,
+    name: &'static str,
+}
+
+impl Service {
+    /// Starts `dronedelivery ARGS` and waits for each of `announces` (a line prefix such
+    /// as `health on http://`) on its stdout; returns what follows each prefix.
+    fn start(
+        name: &'static str,
+        args: &[&str],
+        announces: &[&'static str],
+    ) -> Result<(Self, Vec<String>)> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+            .args(args)
+            .env("DRONEDELIVERY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting dronedelivery {name}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        let prefixes = announces.to_vec();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                for (i, prefix) in prefixes.iter().enumerate() {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        let _ = tx.send((i, rest.to_owned()));
+                    }
+                }
+            }
+        });
+        let service = Self { child, name };
+        let mut found = vec![String::new(); announces.len()];
+        for _ in announces {
+            let (i, rest) = rx
+                .recv_timeout(STARTUP)
+                .with_context(|| format!("{name} did not say where it listens"))?;
+            found[i] = rest;
+        }
+        Ok((service, found))
+    }
+
+    /// SIGTERM, then a clean exit within the settle time.
+    fn stop(mut self) -> Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("dronedelivery {} exited with {status}", self.name);
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("dronedelivery {} did not stop within {SETTLE:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `url` (GET) answers 200 with a body containing `needle`.
+async fn eventually_contains(client: &HttpClient, url: &str, needle: &str) -> Result<String> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, _, body) = call_bytes(client, "GET", url, &[], Vec::new()).await?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status == 200 && body.contains(needle) {
+            return Ok(body);
+        }
+        if Instant::now() > deadline {
+            bail!("{url} answered {status} without {needle:?}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The services as they are deployed apart: the processors and the history sink each
+/// with a health listener, and the SQL server over the history the sink wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let http = client();
+    let brokers = tier.broker.bootstrap_servers().to_owned();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("history");
+    let data = data.to_str().context("path")?;
+
+    let (workflow, found) = Service::start(
+        "process",
+        &[
+            "process",
+            "--brokers",
+            &brokers,
+            "--processors",
+            "workflow",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &["health on "],
+    )?;
+    let workflow_health = found[0].clone();
+    let (sink, found) = Service::start(
+        "history",
+        &[
+            "history",
+            "--brokers",
+            &brokers,
+            "--data",
+            data,
+            "--roll-interval-ms",
+            "300",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &["health on "],
+    )?;
+    let sink_health = found[0].clone();
+
+    for i in 0..5 {
+        let url = format!("{}/api/deliveryrequests", tier.base);
+        let (status, _, body) = post(&http, &url, &valid_request(i)).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    tier.records_of(topics::DELIVERIES.name, 5).await?;
+
+    for (base, metric) in [
+        (&workflow_health, "producer_queue_records"),
+        (&sink_health, "history_rows_written_total"),
+    ] {
+        let (status, _, body) =
+            call_bytes(&http, "GET", &format!("{base}/healthz"), &[], Vec::new()).await?;
+        assert_eq!(status, 200, "{body:?}");
+        eventually_contains(&http, &format!("{base}/readyz"), "ready").await?;
+        eventually_contains(&http, &format!("{base}/metrics"), metric).await?;
+        // Each member reports its group's lag per partition.
+        eventually_contains(&http, &format!("{base}/metrics"), "kafka_consumer_lag{").await?;
+        let (status, headers, _) =
+            call_bytes(&http, "POST", &format!("{base}/readyz"), &[], Vec::new()).await?;
+        assert_eq!(status, 405);
+        assert!(headers.contains_key("allow"));
+        let (status, _, _) = call_bytes(
+            &http,
+            "GET",
+            &format!("{base}/api/deliveryrequests"),
+            &[],
+            Vec::new(),
+        )
+        .await?;
+        assert_eq!(status, 404, "a health listener serves nothing else");
+    }
+
+    // The SQL server reads what the sink wrote, and takes no writes.
+    let (sql, found) = Service::start(
+        "sql-server",
+        &[
+            "sql-server",
+            "--data",
+            data,
+            "--listen",
+            "127.0.0.1:0",
+            "--flight-listen",
+            "127.0.0.1:0",
+        ],
+        &["sql server listening on ", "flight sql on grpc://"],
+    )?;
+    let base = found[0].clone();
+    let query = serde_json::to_vec(&serde_json::json!({
+        "sql": "SELECT count(DISTINCT delivery_id) AS n FROM delivery_requests"
+    }))?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, _, body) = call(
+            &http,
+            "POST",
+            &format!("{base}/api/sql"),
+            &[],
+            query.clone(),
+        )
+        .await?;
+        assert_eq!(status, 200, "{body}");
+        if body[0]["n"] == 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "history: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let flight = found[1].clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{flight}"))?
+        .connect()
+        .await?;
+    let mut flight_sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    let info = flight_sql
+        .execute("SELECT count(*) AS n FROM delivery_requests".into(), None)
+        .await?;
+    assert_eq!(info.endpoint.len(), 1, "one ticket");
+
+    let (status, _, body) = post(
+        &http,
+        &format!("{base}/api/deliveryrequests"),
+        &valid_request(9),
+    )
+    .await?;
+    assert_eq!(status, 404, "the SQL server takes no writes: {body}");
+    eventually_contains(&http, &format!("{base}/readyz"), "ready").await?;
+    eventually_contains(&http, &format!("{base}/metrics"), "sql_queries_total").await?;
+
+    sql.stop()?;
+    workflow.stop()?;
+    sink.stop()?;
+    tier.stop().await
+}

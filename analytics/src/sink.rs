@@ -158,6 +158,11 @@ pub async fn run(
         schemas::topics::groups::HISTORY,
         &topics,
     )?);
+    let _lag = consumer.lag_probe().report(
+        schemas::topics::groups::HISTORY,
+        std::time::Duration::from_secs(10),
+        shutdown.clone(),
+    );
     let compaction = (config.compaction.compact_interval_secs > 0).then(|| {
         let config = config.compaction.clone();
         let root = root.clone();

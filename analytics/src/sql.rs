@@ -235,6 +235,11 @@ impl History {
         })
     }
 
+    /// Reads the log's newest version: whether the store answers (for readiness).
+    pub async fn check(&self) -> Result<()> {
+        self.log.snapshot().await.map(|_| ())
+    }
+
     /// The limits queries run under.
     pub fn limits(&self) -> &QueryLimits {
         &self.limits

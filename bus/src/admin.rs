@@ -78,3 +78,35 @@ pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Resul
     }
     Ok(())
 }
+
+/// A client that only asks the cluster for metadata: whether a broker answers, for
+/// readiness probes of services that have no producer of their own.
+pub struct Reachability {
+    client: rdkafka::consumer::BaseConsumer,
+}
+
+impl std::fmt::Debug for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reachability").finish()
+    }
+}
+
+impl Reachability {
+    /// A metadata-only client with `settings` (it joins no group and reads nothing).
+    pub fn new(settings: &ClientSettings) -> Result<Self> {
+        let client = settings
+            .reader_config()
+            .create()
+            .map_err(BusError::client("creating a metadata client"))?;
+        Ok(Self { client })
+    }
+
+    /// Asks for metadata of `topic` within `timeout`. Blocks the calling thread.
+    pub fn check(&self, topic: &str, timeout: Duration) -> Result<()> {
+        use rdkafka::consumer::Consumer as _;
+        self.client
+            .fetch_metadata(Some(topic), timeout)
+            .map(|_| ())
+            .map_err(BusError::client("fetching metadata"))
+    }
+}

@@ -71,6 +71,45 @@ impl LagProbe {
     pub fn lag(&self, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
         partition_lags(&self.inner, timeout)
     }
+
+    /// Reports the lag of each partition assigned to this member as the gauge
+    /// `kafka_consumer_lag{group, topic, partition}` every `every`, until `shutdown` is
+    /// cancelled. A partition revoked from this member keeps its last value here; sum
+    /// over members with `max by (group, topic, partition)`.
+    pub fn report(
+        self,
+        group: &'static str,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let probe = self.clone();
+                let measured =
+                    tokio::task::spawn_blocking(move || probe.lag(Duration::from_secs(2))).await;
+                match measured {
+                    Ok(Ok(lags)) => {
+                        for (topic, partition, lag) in lags {
+                            metrics::gauge!(
+                                "kafka_consumer_lag",
+                                "group" => group,
+                                "topic" => topic,
+                                "partition" => partition.to_string()
+                            )
+                            .set(lag as f64);
+                        }
+                    }
+                    Ok(Err(e)) => tracing::debug!(group, error = %e, "lag not measured"),
+                    Err(e) => tracing::debug!(group, error = %e, "lag task failed"),
+                }
+            }
+        })
+    }
 }
 
 impl std::fmt::Debug for Consumer {

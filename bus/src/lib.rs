@@ -17,10 +17,10 @@ mod lag;
 mod producer;
 mod settings;
 
-pub use admin::ensure_topics;
+pub use admin::{Reachability, ensure_topics};
 pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
 pub use error::{BusError, Result};
 pub use lag::{LagWatch, PartitionLag};
 pub use producer::{Delivered, OutRecord, Producer};
-pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings};
+pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings, parse_properties};

@@ -32,6 +32,12 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
 
+    /// A librdkafka properties file, `key=value` per line (`#` starts a comment), such as
+    /// a cluster's SASL settings mounted from a secret. Applied after the pipeline's own
+    /// settings and before any --kafka-option.
+    #[arg(long, env = "DRONEDELIVERY_KAFKA_CONFIG", value_name = "FILE")]
+    pub kafka_config: Option<std::path::PathBuf>,
+
     /// Replication factor of the topics the pipeline creates when they do not exist.
     #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR", default_value_t = 1)]
     pub replication_factor: i32,
@@ -43,9 +49,49 @@ impl Default for KafkaArgs {
             brokers: None,
             eventhubs_connection_string: None,
             kafka_options: Vec::new(),
+            kafka_config: None,
             replication_factor: 1,
         }
     }
+}
+
+/// Largest `--kafka-config` file read.
+const MAX_KAFKA_CONFIG_BYTES: u64 = 64 * 1024;
+
+/// Parses a librdkafka properties file: `key=value` per line; blank lines and lines
+/// starting with `#` are skipped; whitespace around the key is not part of it. Values are
+/// taken as written after the first `=` (a password may contain `=` or `#`).
+pub fn parse_properties(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = parse_key_value(line.trim_end_matches('\r'))
+            .map_err(|reason| format!("line {}: {reason}", n + 1))?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn read_properties(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    use std::io::Read as _;
+    let err = |reason: String| BusError::Config {
+        key: "kafka-config".into(),
+        reason: format!("{}: {reason}", path.display()),
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut text = String::new();
+    file.take(MAX_KAFKA_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| err(e.to_string()))?;
+    if text.len() as u64 > MAX_KAFKA_CONFIG_BYTES {
+        return Err(err(format!(
+            "is larger than {MAX_KAFKA_CONFIG_BYTES} bytes"
+        )));
+    }
+    parse_properties(&text).map_err(err)
 }
 
 const LINGER_MS: u32 = 5;
@@ -167,7 +213,13 @@ impl ClientSettings {
                 reason: "is empty".into(),
             });
         }
-        settings.overrides = args.kafka_options.clone();
+        settings.overrides = match &args.kafka_config {
+            Some(path) => read_properties(path)?,
+            None => Vec::new(),
+        };
+        settings
+            .overrides
+            .extend(args.kafka_options.iter().cloned());
         if args.replication_factor < 1 {
             return Err(BusError::Config {
                 key: "replication-factor".into(),
@@ -394,6 +446,44 @@ mod tests {
         assert_eq!(config.get("enable.idempotence"), Some("true"));
         assert!(Cli::try_parse_from(["x", "--kafka-option", "novalue"]).is_err());
         assert!(Cli::try_parse_from(["x", "--kafka-option", "=v"]).is_err());
+    }
+
+    #[test]
+    fn a_properties_file_is_applied_before_the_options() {
+        let dir = std::env::temp_dir().join(format!("bus-props-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client.properties");
+        std::fs::write(
+            &path,
+            "# SASL\nsecurity.protocol=SASL_SSL\n\n  sasl.password=a=b#c\r\nlinger.ms=7\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--brokers",
+            "b:9092",
+            "--kafka-config",
+            path.to_str().unwrap(),
+            "--kafka-option",
+            "linger.ms=9",
+        ])
+        .unwrap();
+        let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
+        let config = s.producer_config(&ProducerArgs::default());
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.password"), Some("a=b#c"));
+        assert_eq!(config.get("linger.ms"), Some("9"));
+
+        std::fs::write(&path, "security.protocol\n").unwrap();
+        let err = ClientSettings::from_args(&cli.kafka, None).unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        std::fs::write(&path, vec![b'#'; 70 * 1024]).unwrap();
+        let err = ClientSettings::from_args(&cli.kafka, None).unwrap_err();
+        assert!(err.to_string().contains("larger"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = ClientSettings::from_args(&cli.kafka, None).unwrap_err();
+        assert!(err.to_string().contains("kafka-config"), "{err}");
+        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]

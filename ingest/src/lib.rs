@@ -12,6 +12,7 @@
 pub mod batch;
 mod error;
 pub mod idempotency;
+pub mod ops;
 mod server;
 pub mod status;
 pub mod tenants;

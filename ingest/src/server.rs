@@ -188,7 +188,10 @@ impl Default for IngestConfig {
 /// What every handler shares.
 struct App {
     config: IngestConfig,
-    producer: Producer,
+    /// Where writes go; `None` on a read-only server (write routes answer 404).
+    producer: Option<Producer>,
+    /// A further readiness check (`/readyz`), beside the broker's.
+    readiness: Option<crate::ops::Readiness>,
     in_flight: Semaphore,
     /// Body bytes held by requests, one permit per byte.
     body_bytes: Arc<Semaphore>,
@@ -269,6 +272,16 @@ impl std::fmt::Debug for Ingest {
 impl Ingest {
     /// Reads the API keys and binds the listener. Records go out through `producer`.
     pub async fn bind(config: IngestConfig, producer: Producer) -> Result<Self> {
+        Self::bind_with(config, Some(producer)).await
+    }
+
+    /// A read-only server: it serves what it is given of `POST /api/sql` and the status
+    /// routes, with health, metrics and the same API keys; the write routes answer 404.
+    pub async fn bind_read_only(config: IngestConfig) -> Result<Self> {
+        Self::bind_with(config, None).await
+    }
+
+    async fn bind_with(config: IngestConfig, producer: Option<Producer>) -> Result<Self> {
         let largest_body = config.max_batch_bytes.max(config.max_request_bytes);
         if config.max_in_flight_bytes < largest_body.saturating_mul(2) {
             return Err(IngestError::Config {
@@ -324,6 +337,7 @@ impl Ingest {
             app: Arc::new(App {
                 config,
                 producer,
+                readiness: None,
                 in_flight,
                 body_bytes,
                 decoders,
@@ -341,6 +355,15 @@ impl Ingest {
     pub fn with_metrics(mut self, render: MetricsRender) -> Self {
         if let Some(app) = Arc::get_mut(&mut self.app) {
             app.metrics = Some(render);
+        }
+        self
+    }
+
+    /// Adds `check` to what `/readyz` requires (beside a broker that answers, when the
+    /// server has a producer).
+    pub fn with_readiness(mut self, check: crate::ops::Readiness) -> Self {
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.readiness = Some(check);
         }
         self
     }
@@ -473,14 +496,15 @@ impl Ingest {
         {
             tracing::warn!(?drain, "ingest: drain time passed with requests still open");
         }
-        let producer = self.app.producer.clone();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(drain))
-            .await
-            .map_err(|e| IngestError::Internal {
-                reason: e.to_string(),
-            })?;
-        if let Err(e) = flushed {
-            tracing::warn!(error = %e, "ingest: producer flush incomplete");
+        if let Some(producer) = self.app.producer.clone() {
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(drain))
+                .await
+                .map_err(|e| IngestError::Internal {
+                    reason: e.to_string(),
+                })?;
+            if let Err(e) = flushed {
+                tracing::warn!(error = %e, "ingest: producer flush incomplete");
+            }
         }
         tracing::info!("ingest: stopped");
         Ok(())
@@ -599,6 +623,16 @@ async fn route_api(
     caller: &Caller<'_>,
 ) -> Result<Response<Full<Bytes>>> {
     let path = req.uri().path().to_owned();
+    let writes = matches!(
+        path.as_str(),
+        "/api/deliveryrequests" | "/api/deliveryrequests/batch"
+    ) || telemetry_path(&path).is_some()
+        || delivery_request_path(&path).is_some();
+    if writes && app.producer.is_none() {
+        return Err(IngestError::NotFound {
+            path: path.chars().take(256).collect(),
+        });
+    }
     match (req.method(), path.as_str()) {
         (&Method::POST, "/api/deliveryrequests") => post_delivery_request(app, req, caller).await,
         (&Method::POST, "/api/deliveryrequests/batch") => post_batch(app, req, caller).await,
@@ -640,26 +674,34 @@ async fn route_api(
     }
 }
 
-/// Ready when a broker answers a metadata request for `delivery-requests` in time.
+/// Ready when a broker answers a metadata request for `delivery-requests` in time (on a
+/// server with a producer) and the further check given, if any, passes.
 async fn readyz(app: &App) -> Result<Response<Full<Bytes>>> {
-    let producer = app.producer.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        producer.check_reachable(
-            schemas::topics::DELIVERY_REQUESTS.name,
-            Duration::from_secs(2),
-        )
-    })
-    .await
-    .map_err(|e| IngestError::Internal {
-        reason: e.to_string(),
-    })?;
-    match checked {
-        Ok(()) => Ok(text(StatusCode::OK, "ready\n")),
-        Err(e) => Err(IngestError::Unavailable {
-            reason: format!("the broker is not reachable: {e}"),
-            retry_after: RETRY_AFTER,
-        }),
+    if let Some(producer) = app.producer.clone() {
+        let checked = tokio::task::spawn_blocking(move || {
+            producer.check_reachable(
+                schemas::topics::DELIVERY_REQUESTS.name,
+                Duration::from_secs(2),
+            )
+        })
+        .await
+        .map_err(|e| IngestError::Internal {
+            reason: e.to_string(),
+        })?;
+        if let Err(e) = checked {
+            return Err(IngestError::Unavailable {
+                reason: format!("the broker is not reachable: {e}"),
+                retry_after: RETRY_AFTER,
+            });
+        }
     }
+    if let Some(check) = &app.readiness {
+        check().await.map_err(|reason| IngestError::Unavailable {
+            reason,
+            retry_after: RETRY_AFTER,
+        })?;
+    }
+    Ok(text(StatusCode::OK, "ready\n"))
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -1031,7 +1073,7 @@ fn enqueue(
         headers.push(h::IDEMPOTENCY_KEY, idempotency_key.as_bytes());
     }
     let ack = app
-        .producer
+        .producer()?
         .send(OutRecord {
             topic: schemas::topics::DELIVERY_REQUESTS.name,
             key: key.as_bytes(),
@@ -1046,7 +1088,20 @@ fn enqueue(
 /// `message.timeout.ms`; the extra second only guards against an acknowledgement that
 /// never comes back at all.
 fn ack_wait(app: &App) -> Duration {
-    app.producer.ack_timeout() + Duration::from_secs(1)
+    app.producer
+        .as_ref()
+        .map_or(Duration::ZERO, Producer::ack_timeout)
+        + Duration::from_secs(1)
+}
+
+impl App {
+    /// Where writes go. The write routes are not served without a producer, so this
+    /// fails only if a handler is reached that should not have been.
+    fn producer(&self) -> Result<&Producer> {
+        self.producer.as_ref().ok_or_else(|| IngestError::Internal {
+            reason: "a write route reached a read-only server".into(),
+        })
+    }
 }
 
 fn not_acknowledged() -> IngestError {
@@ -1278,7 +1333,7 @@ async fn post_telemetry(
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
-        let sent = app.producer.send(OutRecord {
+        let sent = app.producer()?.send(OutRecord {
             topic: schemas::topics::DRONE_TELEMETRY.name,
             key: drone_id.as_bytes(),
             payload,
@@ -1432,7 +1487,7 @@ async fn change_delivery(
     let mut headers = Headers::of(caller, event_type);
     headers.push(h::DELIVERY_ID, delivery_id.as_bytes());
     let ack = app
-        .producer
+        .producer()?
         .send(OutRecord {
             topic: schemas::topics::DELIVERY_REQUESTS.name,
             key: key.as_bytes(),

@@ -173,6 +173,9 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// How often a consumer's lag is reported.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs `machine` until `shutdown` is cancelled.
 pub async fn run<M: Machine>(
     spec: Spec,
@@ -188,7 +191,9 @@ pub async fn run<M: Machine>(
     };
     let consumer =
         Consumer::subscribe_copartitioned(&settings, spec.group, spec.inputs).map_err(bus_err)?;
-    crate::report_lag(consumer.lag_probe(), spec.name, shutdown.clone());
+    let _lag = consumer
+        .lag_probe()
+        .report(spec.group, LAG_EVERY, shutdown.clone());
     let mut partitions: HashMap<i32, PartitionInfo> = HashMap::new();
     loop {
         let first = tokio::select! {

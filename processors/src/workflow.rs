@@ -171,7 +171,10 @@ pub async fn run(
         source,
     };
     let consumer = Consumer::subscribe(&settings, GROUP, INPUTS).map_err(bus_err)?;
-    crate::report_lag(consumer.lag_probe(), NAME, shutdown.clone());
+    let _lag =
+        consumer
+            .lag_probe()
+            .report(GROUP, std::time::Duration::from_secs(10), shutdown.clone());
     // Cancelled only after the loop stops, so that in-flight retries get their chance.
     let retries = CancellationToken::new();
     let mut in_flight = FuturesOrdered::new();
