@@ -5,6 +5,11 @@
 //! record (`acks=all`, idempotent producer). The record's payload is the client's own
 //! bytes, keyed by delivery id; what the tier adds travels in Kafka headers.
 //!
+//! The same server, built read-only (`Ingest::bind_read_only`), serves the SQL server:
+//! `POST /api/sql` with the same keys, health and metrics, and 404 on the write routes.
+//! `ops` is the small health listener (`/healthz`, `/readyz`, `/metrics`) of services
+//! that have no public API.
+//!
 //! It must not decide anything downstream (scheduling, state) and never imports the
 //! processors or analytics crates: it meets them only through the `delivery-requests`
 //! topic.
