@@ -39,8 +39,9 @@ pub struct KafkaArgs {
     pub kafka_config: Option<std::path::PathBuf>,
 
     /// Replication factor of the topics the pipeline creates when they do not exist.
-    #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR", default_value_t = 1)]
-    pub replication_factor: i32,
+    /// Default: 3 on Event Hubs, 1 otherwise.
+    #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR")]
+    pub replication_factor: Option<i32>,
 }
 
 impl Default for KafkaArgs {
@@ -50,7 +51,7 @@ impl Default for KafkaArgs {
             eventhubs_connection_string: None,
             kafka_options: Vec::new(),
             kafka_config: None,
-            replication_factor: 1,
+            replication_factor: None,
         }
     }
 }
@@ -220,13 +221,15 @@ impl ClientSettings {
         settings
             .overrides
             .extend(args.kafka_options.iter().cloned());
-        if args.replication_factor < 1 {
-            return Err(BusError::Config {
-                key: "replication-factor".into(),
-                reason: "must be at least 1".into(),
-            });
+        if let Some(factor) = args.replication_factor {
+            if factor < 1 {
+                return Err(BusError::Config {
+                    key: "replication-factor".into(),
+                    reason: "must be at least 1".into(),
+                });
+            }
+            settings.replication_factor = factor;
         }
-        settings.replication_factor = args.replication_factor;
         Ok(settings)
     }
 
@@ -410,6 +413,27 @@ mod tests {
         assert_eq!(get("sasl.mechanism"), Some("PLAIN"));
         assert_eq!(get("sasl.username"), Some("$ConnectionString"));
         assert_eq!(get("sasl.password"), Some(CONN));
+        // Through the flags: the Event Hubs default replication factor holds unless given.
+        let cli = Cli::try_parse_from(["x", "--eventhubs-connection-string", CONN]).unwrap();
+        let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
+        assert_eq!(s.replication_factor, 3);
+        let cli = Cli::try_parse_from([
+            "x",
+            "--eventhubs-connection-string",
+            CONN,
+            "--replication-factor",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            ClientSettings::from_args(&cli.kafka, None)
+                .unwrap()
+                .replication_factor,
+            2
+        );
+        let cli =
+            Cli::try_parse_from(["x", "--brokers", "b:1", "--replication-factor", "0"]).unwrap();
+        assert!(ClientSettings::from_args(&cli.kafka, None).is_err());
     }
 
     #[test]
