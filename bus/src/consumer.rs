@@ -74,8 +74,10 @@ impl LagProbe {
 
     /// Reports the lag of each partition assigned to this member as the gauge
     /// `kafka_consumer_lag{group, topic, partition}` every `every`, until `shutdown` is
-    /// cancelled. A partition revoked from this member keeps its last value here; sum
-    /// over members with `max by (group, topic, partition)`.
+    /// cancelled. A partition no longer assigned here is reported as 0 (its new owner
+    /// reports it), so summing over members counts each partition once; during a
+    /// rebalance two members may both report one, hence `max by (group, topic,
+    /// partition)` before summing.
     pub fn report(
         self,
         group: &'static str,
@@ -84,6 +86,8 @@ impl LagProbe {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
+            let mut reported: std::collections::HashSet<(String, i32)> =
+                std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -94,15 +98,23 @@ impl LagProbe {
                     tokio::task::spawn_blocking(move || probe.lag(Duration::from_secs(2))).await;
                 match measured {
                     Ok(Ok(lags)) => {
-                        for (topic, partition, lag) in lags {
+                        let gauge = |topic: &str, partition: i32| {
                             metrics::gauge!(
                                 "kafka_consumer_lag",
                                 "group" => group,
-                                "topic" => topic,
+                                "topic" => topic.to_owned(),
                                 "partition" => partition.to_string()
                             )
-                            .set(lag as f64);
+                        };
+                        let now: std::collections::HashSet<(String, i32)> =
+                            lags.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+                        for (topic, partition) in reported.difference(&now) {
+                            gauge(topic, *partition).set(0.0);
                         }
+                        for (topic, partition, lag) in &lags {
+                            gauge(topic, *partition).set(*lag as f64);
+                        }
+                        reported = now;
                     }
                     Ok(Err(e)) => tracing::debug!(group, error = %e, "lag not measured"),
                     Err(e) => tracing::debug!(group, error = %e, "lag task failed"),
