@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use crate::error::{BusError, Result};
 
 /// Where the Kafka cluster is and how to reach it.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, `host:port[,host:port...]`. Without it (and without an
     /// Event Hubs connection string), `run` starts an in-memory broker.
@@ -42,18 +42,6 @@ pub struct KafkaArgs {
     /// Default: 3 on Event Hubs, 1 otherwise.
     #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR")]
     pub replication_factor: Option<i32>,
-}
-
-impl Default for KafkaArgs {
-    fn default() -> Self {
-        Self {
-            brokers: None,
-            eventhubs_connection_string: None,
-            kafka_options: Vec::new(),
-            kafka_config: None,
-            replication_factor: None,
-        }
-    }
 }
 
 /// Largest `--kafka-config` file read.
