@@ -45,6 +45,11 @@ struct Cli {
     )]
     log_format: LogFormat,
 
+    /// Parse the command line and the environment, say what is wrong, and exit without
+    /// starting anything (deployment manifests are checked this way).
+    #[arg(long, global = true, hide = true)]
+    check_config: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -270,6 +275,18 @@ struct HistoryArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check_config {
+        return match check_config(&cli.command) {
+            Ok(()) => {
+                println!("configuration ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(&cli.log, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -302,6 +319,26 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `--check-config` checks beyond clap's parsing: the settings given as text.
+fn check_config(command: &Command) -> Result<()> {
+    let health = |args: &HealthArgs| -> Result<()> {
+        if !args.health_listen.eq_ignore_ascii_case("off") {
+            args.health_listen
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| format!("--health-listen {:?}", args.health_listen))?;
+        }
+        Ok(())
+    };
+    match command {
+        Command::Run(args) => flight_address(&args.flight_listen).map(drop),
+        Command::SqlServer(args) => flight_address(&args.flight_listen).map(drop),
+        Command::Process(args) => health(&args.health),
+        Command::History(args) => health(&args.health),
+        Command::Simulate(args) => health(&args.health),
+        Command::Ingest(_) | Command::Sql(_) | Command::Compact(_) | Command::Loadgen(_) => Ok(()),
     }
 }
 

@@ -336,6 +336,38 @@ fn check_against_the_binary(invocation: &Invocation) -> Result<()> {
             "{origin}: `dronedelivery {subcommand}` has no {flag}"
         );
     }
+    // The values too: clap parses the arguments and the environment as the container
+    // would give them (an invalid value, or two settings that exclude each other, fail).
+    let mut parse = Command::new(BINARY);
+    parse
+        .env_clear()
+        .args(&invocation.args)
+        .arg("--check-config");
+    for (name, value) in &invocation.env {
+        if !name.starts_with("DRONEDELIVERY_") {
+            continue;
+        }
+        match value {
+            Some(value) => {
+                parse.env(name, value);
+            }
+            // From a secret: a value of the right shape.
+            None if name.ends_with("CONNECTION_STRING") => {
+                parse.env(
+                    name,
+                    "Endpoint=sb://example.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=x",
+                );
+            }
+            None => {}
+        }
+    }
+    let out = parse.output()?;
+    ensure!(
+        out.status.success(),
+        "{origin}: `dronedelivery {}` refuses its configuration: {}",
+        invocation.args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     for name in invocation.env.keys() {
         if name.starts_with("DRONEDELIVERY_") {
             // `[env: NAME=value]`, or `[env: NAME]` for a secret whose value is hidden.
@@ -389,6 +421,22 @@ fn the_manifests_name_only_subcommands_flags_and_variables_the_binary_has() -> R
         env: BTreeMap::from([("DRONEDELIVERY_MAX_CONSUMER_LAG".into(), None)]),
     };
     ensure!(check_against_the_binary(&bogus).is_err());
+    for (name, value) in [
+        // Brokers beside an Event Hubs connection string: they exclude each other.
+        ("DRONEDELIVERY_BROKERS", "kafka:9092"),
+        // Not a value the flag takes.
+        ("DRONEDELIVERY_LOG_FORMAT", "JSON"),
+    ] {
+        let bogus = Invocation {
+            origin: "a deliberate mistake".into(),
+            args: vec!["history".into()],
+            env: BTreeMap::from([
+                (name.into(), Some(value.into())),
+                ("DRONEDELIVERY_EVENTHUBS_CONNECTION_STRING".into(), None),
+            ]),
+        };
+        ensure!(check_against_the_binary(&bogus).is_err(), "{name}={value}");
+    }
     Ok(())
 }
 
@@ -492,6 +540,26 @@ fn probes_scaling_and_grace_periods_agree_with_the_services() -> Result<()> {
                     "{origin}: {probe} on {number}, the service listens on {port}"
                 );
             }
+            let scraped = &doc["spec"]["template"]["metadata"]["annotations"];
+            ensure!(
+                int(&scraped["prometheus.io/port"]) == port
+                    && scraped["prometheus.io/scrape"] == "true",
+                "{origin}: Prometheus is told to scrape another port than {port}"
+            );
+            let image = container["image"].as_str().unwrap_or_default();
+            match overlay {
+                "overlays/dev" => ensure!(
+                    image == "dronedelivery:dev",
+                    "{origin}: runs {image}, not the image the dev overlay says to build"
+                ),
+                "base" => {}
+                _ => ensure!(
+                    image
+                        .rsplit_once(':')
+                        .is_some_and(|(_, tag)| tag != "latest" && !tag.contains('/')),
+                    "{origin}: runs {image}: pin a version"
+                ),
+            }
             ensure!(
                 container["resources"]["requests"].is_object()
                     && container["resources"]["limits"]["memory"].is_string(),
@@ -547,6 +615,14 @@ fn probes_scaling_and_grace_periods_agree_with_the_services() -> Result<()> {
                 let spec = &scaled["spec"];
                 let trigger = &spec["triggers"][0];
                 ensure!(trigger["type"] == "kafka", "{origin}: a kafka trigger");
+                if let Some(auth) = trigger["authenticationRef"]["name"].as_str() {
+                    ensure!(
+                        of_kind("TriggerAuthentication")
+                            .iter()
+                            .any(|t| t["metadata"]["name"] == auth),
+                        "{origin}: no TriggerAuthentication {auth}"
+                    );
+                }
                 let metadata = &trigger["metadata"];
                 ensure!(
                     metadata["consumerGroup"] == group,

@@ -619,5 +619,26 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
         matches!(err, analytics::AnalyticsError::TooManyRows { limit: 10 }),
         "{err}"
     );
+
+    // One query at a time: the others wait their turn and all finish.
+    let one = History::open(
+        &path,
+        &QueryLimits {
+            sql_max_concurrent: 1,
+            ..QueryLimits::default()
+        },
+    )
+    .await?;
+    let queries = (1..=4).map(|n| {
+        let one = one.clone();
+        async move {
+            one.query(&format!("SELECT * FROM generate_series(1, {n})"))
+                .await
+                .map(|r| r.rows())
+        }
+    });
+    let rows = futures_util::future::join_all(queries).await;
+    let rows: Vec<usize> = rows.into_iter().collect::<Result<_, _>>()?;
+    assert_eq!(rows, [1, 2, 3, 4]);
     Ok(())
 }

@@ -99,6 +99,7 @@ impl OutputFormat {
 const MEMORY_MB: usize = 1024;
 const TIMEOUT_SECS: u64 = 60;
 const MAX_ROWS: usize = 1_000_000;
+const MAX_CONCURRENT: usize = 4;
 
 /// Limits of one query.
 #[derive(Debug, Clone, clap::Args)]
@@ -115,6 +116,12 @@ pub struct QueryLimits {
     /// Most rows a query may return (aggregate, or add a LIMIT, for more).
     #[arg(long, env = "DRONEDELIVERY_SQL_MAX_ROWS", default_value_t = MAX_ROWS)]
     pub sql_max_rows: usize,
+
+    /// Most queries running at once, over HTTP and Flight SQL together; others wait
+    /// (their wait counts toward --sql-timeout-secs). With --sql-memory-mb this bounds
+    /// the memory of queries.
+    #[arg(long, env = "DRONEDELIVERY_SQL_MAX_CONCURRENT", default_value_t = MAX_CONCURRENT)]
+    pub sql_max_concurrent: usize,
 }
 
 impl Default for QueryLimits {
@@ -123,6 +130,7 @@ impl Default for QueryLimits {
             sql_memory_mb: MEMORY_MB,
             sql_timeout_secs: TIMEOUT_SECS,
             sql_max_rows: MAX_ROWS,
+            sql_max_concurrent: MAX_CONCURRENT,
         }
     }
 }
@@ -204,6 +212,8 @@ pub struct History {
     /// are never rewritten (every file has a new name), so an entry never goes stale.
     footers: Arc<FileMetadataCache>,
     statistics: Arc<FileStatisticsCache>,
+    /// Places for running queries (`--sql-max-concurrent`).
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 /// Memory for cached Parquet footers, shared by all queries.
@@ -232,6 +242,9 @@ impl History {
             statistics: Arc::new(
                 DefaultCache::new(STATISTICS_CACHE_BYTES).with_name("history statistics"),
             ),
+            running: Arc::new(tokio::sync::Semaphore::new(
+                limits.sql_max_concurrent.max(1),
+            )),
         })
     }
 
@@ -332,6 +345,11 @@ impl History {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
         let max_rows = self.limits.sql_max_rows;
         let run = async {
+            let _place = self
+                .running
+                .acquire()
+                .await
+                .map_err(|_| AnalyticsError::Timeout { limit: timeout })?;
             let frame = self.plan(sql).await?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let mut stream = frame.execute_stream().await.map_err(query_err)?;

@@ -94,8 +94,9 @@ impl std::fmt::Debug for Reachability {
 impl Reachability {
     /// A metadata-only client with `settings` (it joins no group and reads nothing).
     pub fn new(settings: &ClientSettings) -> Result<Self> {
+        // No group.id: librdkafka then keeps no consumer queue that would need polling.
         let client = settings
-            .reader_config()
+            .admin_config()
             .create()
             .map_err(BusError::client("creating a metadata client"))?;
         Ok(Self { client })
@@ -104,6 +105,13 @@ impl Reachability {
     /// Asks for metadata of `topic` within `timeout`. Blocks the calling thread.
     pub fn check(&self, topic: &str, timeout: Duration) -> Result<()> {
         use rdkafka::consumer::Consumer as _;
+        // Serve the client's events (connection errors while a broker is down), so that
+        // they do not pile up between checks; it reads no records.
+        for _ in 0..1_000 {
+            if self.client.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
         self.client
             .fetch_metadata(Some(topic), timeout)
             .map(|_| ())

@@ -48,8 +48,9 @@ pub struct KafkaArgs {
 const MAX_KAFKA_CONFIG_BYTES: u64 = 64 * 1024;
 
 /// Parses a librdkafka properties file: `key=value` per line; blank lines and lines
-/// starting with `#` are skipped; whitespace around the key is not part of it. Values are
-/// taken as written after the first `=` (a password may contain `=` or `#`).
+/// starting with `#` are skipped; whitespace around the key and before the value is not
+/// part of them. Values are otherwise taken as written after the first `=` (a password
+/// may contain `=` or `#`).
 pub fn parse_properties(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -59,7 +60,8 @@ pub fn parse_properties(text: &str) -> std::result::Result<Vec<(String, String)>
         }
         let (k, v) = parse_key_value(line.trim_end_matches('\r'))
             .map_err(|reason| format!("line {}: {reason}", n + 1))?;
-        out.push((k, v));
+        // As in Java properties files, whitespace after the `=` is not part of the value.
+        out.push((k, v.trim_start().to_owned()));
     }
     Ok(out)
 }
@@ -290,6 +292,11 @@ impl ClientSettings {
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
             .set("partition.assignment.strategy", strategy);
+        // The connection's own settings (Event Hubs' longer session timeout) win over
+        // these defaults.
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
         self.finish(config)
     }
 
@@ -401,6 +408,10 @@ mod tests {
         assert_eq!(get("sasl.mechanism"), Some("PLAIN"));
         assert_eq!(get("sasl.username"), Some("$ConnectionString"));
         assert_eq!(get("sasl.password"), Some(CONN));
+        // Consumers keep Event Hubs' session timeout, not the group default.
+        let consumer = s.consumer_config("g");
+        assert_eq!(consumer.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(consumer.get("group.id"), Some("g"));
         // Through the flags: the Event Hubs default replication factor holds unless given.
         let cli = Cli::try_parse_from(["x", "--eventhubs-connection-string", CONN]).unwrap();
         let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
@@ -467,7 +478,7 @@ mod tests {
         let path = dir.join("client.properties");
         std::fs::write(
             &path,
-            "# SASL\nsecurity.protocol=SASL_SSL\n\n  sasl.password=a=b#c\r\nlinger.ms=7\n",
+            "# SASL\nsecurity.protocol=SASL_SSL\n\n  sasl.password = a=b#c\r\nlinger.ms=7\n",
         )
         .unwrap();
         let cli = Cli::try_parse_from([

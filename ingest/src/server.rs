@@ -696,7 +696,10 @@ async fn readyz(app: &App) -> Result<Response<Full<Bytes>>> {
         }
     }
     if let Some(check) = &app.readiness {
-        check().await.map_err(|reason| IngestError::Unavailable {
+        let checked = tokio::time::timeout(Duration::from_secs(5), check())
+            .await
+            .unwrap_or_else(|_| Err("the readiness check timed out".into()));
+        checked.map_err(|reason| IngestError::Unavailable {
             reason,
             retry_after: RETRY_AFTER,
         })?;
