@@ -1658,3 +1658,150 @@ async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
     sink.stop()?;
     tier.stop().await
 }
+
+/// The pipeline as the compose file and the Kubernetes manifests run it: every service
+/// its own process of the binary (ingest, one `process` per processor, the history sink,
+/// the simulator, the SQL server), meeting only through the broker and the object store.
+/// Deliveries go from the HTTP API to `Completed`, are seen by the status route, and
+/// their whole history is answered by the SQL server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_topology_completes_deliveries_end_to_end() -> Result<()> {
+    let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+    let brokers = broker.bootstrap_servers().to_owned();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("history");
+    let data = data.to_str().context("path")?;
+    let http = client();
+    let mut services = Vec::new();
+
+    let (ingest, found) = Service::start(
+        "ingest",
+        &["ingest", "--brokers", &brokers, "--listen", "127.0.0.1:0"],
+        &["dronedelivery listening on "],
+    )?;
+    let api = found[0].clone();
+    services.push(ingest);
+    for processor in ["workflow", "deliveries", "scheduling", "tracking"] {
+        let (service, _) = Service::start(
+            "process",
+            &[
+                "process",
+                "--brokers",
+                &brokers,
+                "--processors",
+                processor,
+                "--health-listen",
+                "127.0.0.1:0",
+            ],
+            &["health on "],
+        )?;
+        services.push(service);
+    }
+    let (sink, _) = Service::start(
+        "history",
+        &[
+            "history",
+            "--brokers",
+            &brokers,
+            "--data",
+            data,
+            "--roll-interval-ms",
+            "300",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &["health on "],
+    )?;
+    services.push(sink);
+    let (simulator, _) = Service::start(
+        "simulate",
+        &[
+            "simulate",
+            "--brokers",
+            &brokers,
+            "--simulate-target",
+            &api,
+            "--simulate-speedup",
+            "20000",
+            "--simulate-tick-ms",
+            "20",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &["health on "],
+    )?;
+    services.push(simulator);
+    let (sql, found) = Service::start(
+        "sql-server",
+        &[
+            "sql-server",
+            "--data",
+            data,
+            "--listen",
+            "127.0.0.1:0",
+            "--flight-listen",
+            "off",
+        ],
+        &["sql server listening on "],
+    )?;
+    let sql_base = found[0].clone();
+    services.push(sql);
+
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let url = format!("{api}/api/deliveryrequests");
+        let (status, _, body) = post(&http, &url, &valid_request(i)).await?;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["deliveryId"].as_str().context("an id")?.to_owned());
+    }
+
+    // The status route of ingest follows each delivery to its end.
+    for id in &ids {
+        eventually_contains(
+            &http,
+            &format!("{api}/api/deliveries/{id}/status"),
+            "\"Completed\"",
+        )
+        .await?;
+    }
+    // The SQL server answers the whole history of each: requested, assigned, picked up,
+    // completed.
+    let query = serde_json::to_vec(&serde_json::json!({
+        "sql": "SELECT delivery_id, events FROM deliveries \
+                WHERE assigned_at IS NOT NULL AND picked_up_at IS NOT NULL \
+                AND completed_at IS NOT NULL ORDER BY delivery_id"
+    }))?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let url = format!("{sql_base}/api/sql");
+        let (status, _, body) = call(&http, "POST", &url, &[], query.clone()).await?;
+        assert_eq!(status, 200, "{body}");
+        let mut found: Vec<String> = body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["delivery_id"].as_str().map(str::to_owned))
+            .collect();
+        found.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        if found == expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            let what = serde_json::to_vec(&serde_json::json!({
+                "sql": "SELECT 'requests' AS t, owner_id AS k, count(*) AS n                         FROM delivery_requests GROUP BY owner_id                         UNION ALL SELECT 'events', concat(owner_id, ' ', tenant, ' ', stage),                         count(*) FROM delivery_events GROUP BY owner_id, tenant, stage"
+            }))?;
+            let (_, _, tables) = call(&http, "POST", &url, &[], what).await?;
+            bail!("the history has {found:?} complete, not {expected:?}: {body}; {tables}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Every service stops cleanly on SIGTERM.
+    for service in services.into_iter().rev() {
+        service.stop()?;
+    }
+    drop(broker);
+    Ok(())
+}
