@@ -806,3 +806,102 @@ fn the_image_builds_with_the_pinned_toolchain_and_runs_the_one_binary() -> Resul
     }
     Ok(())
 }
+
+/// Every `expr` in a rule group list.
+fn rule_exprs(groups: &Value) -> Vec<String> {
+    groups
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .filter_map(|r| r["expr"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_alerting_rules_are_one_set_over_metrics_the_code_exports() -> Result<()> {
+    let read = |path: &str| -> Result<Vec<Value>> {
+        documents(&std::fs::read_to_string(Path::new(ROOT).join(path))?)
+    };
+    let plain = read("deploy/prometheus/alerts.yml")?;
+    let operator = read("deploy/k8s/components/prometheus-operator/prometheusrule.yaml")?;
+    let groups = &plain[0]["groups"];
+    ensure!(
+        groups == &operator[0]["spec"]["groups"],
+        "deploy/prometheus/alerts.yml and the PrometheusRule differ"
+    );
+    let exprs = rule_exprs(groups);
+    ensure!(exprs.len() >= 5, "{} rules", exprs.len());
+    let mut sources = String::new();
+    rust_sources(Path::new(ROOT), &mut sources)?;
+    for expr in &exprs {
+        for metric in metric_names(expr) {
+            ensure!(
+                sources.contains(&format!("\"{metric}\"")),
+                "a rule uses {metric}, which no code exports: {expr}"
+            );
+        }
+    }
+    // The compose Prometheus loads them.
+    let config = read("deploy/prometheus/prometheus.yml")?;
+    ensure!(
+        config[0]["rule_files"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "/etc/prometheus/alerts.yml")),
+        "prometheus.yml does not load the rules"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_prometheus_operator_component_renders_and_scrapes_named_ports() -> Result<()> {
+    // A kustomization of the base with the component, beside the overlays (Kustomize
+    // takes only relative paths), removed afterwards.
+    let dir = tempfile::Builder::new()
+        .prefix(".check-")
+        .tempdir_in(Path::new(ROOT).join("deploy/k8s"))?;
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources:\n  - ../base\ncomponents:\n  - ../components/prometheus-operator\n",
+    )?;
+    let mut kubectl = tool("kubectl");
+    kubectl.arg("kustomize").arg(dir.path());
+    let yaml = run(kubectl, None)?;
+    let mut validate = tool("kubernetes-validate");
+    validate.args(["--strict", "--quiet", "-k", KUBERNETES, "-"]);
+    let report = run(validate, Some(yaml.as_bytes()))?;
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        ensure!(
+            line.contains("Couldn't find schema")
+                && (line.contains("keda.sh/") || line.contains("monitoring.coreos.com/")),
+            "{line}"
+        );
+    }
+    let docs = documents(&yaml)?;
+    let monitor = docs
+        .iter()
+        .find(|d| d["kind"] == "PodMonitor")
+        .context("no PodMonitor")?;
+    let ports: BTreeSet<&str> = monitor["spec"]["podMetricsEndpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["port"].as_str())
+        .collect();
+    // Every service exposes its metrics on a port the PodMonitor names.
+    for (doc, invocation) in k8s_invocations("base", &docs)? {
+        let named: Vec<&str> = doc["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        ensure!(
+            named.iter().any(|n| ports.contains(n)),
+            "{}: no port the PodMonitor scrapes ({named:?})",
+            invocation.origin
+        );
+    }
+    Ok(())
+}
