@@ -560,6 +560,18 @@ fn probes_scaling_and_grace_periods_agree_with_the_services() -> Result<()> {
                     "{origin}: runs {image}: pin a version"
                 ),
             }
+            // Secrets (API keys, client credentials) are not readable by every user.
+            for volume in pod["volumes"].as_array().into_iter().flatten() {
+                if volume["secret"].is_object() {
+                    let mode = volume["secret"]["defaultMode"].as_i64().unwrap_or(0o644);
+                    ensure!(
+                        mode & 0o004 == 0 && pod["securityContext"]["fsGroup"].is_i64(),
+                        "{origin}: secret volume {} is world-readable (mode {mode:o}) or \
+                         the pod has no fsGroup",
+                        volume["name"]
+                    );
+                }
+            }
             ensure!(
                 container["resources"]["requests"].is_object()
                     && container["resources"]["limits"]["memory"].is_string(),
