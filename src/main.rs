@@ -158,7 +158,15 @@ struct SqlServerArgs {
     #[command(flatten)]
     sql: QueryLimits,
 
-    /// Address of the Arrow Flight SQL endpoint (same keys and --sql-tenants), or `off`.
+    #[command(flatten)]
+    flight: FlightArgs,
+}
+
+/// Arrow Flight SQL over the history.
+#[derive(Debug, Clone, clap::Args)]
+struct FlightArgs {
+    /// Address of the Arrow Flight SQL endpoint over the history (same keys and
+    /// --sql-tenants as POST /api/sql), or `off`.
     #[arg(
         long,
         env = "DRONEDELIVERY_FLIGHT_LISTEN",
@@ -199,14 +207,8 @@ struct RunArgs {
     sink: SinkConfig,
     #[command(flatten)]
     sql: QueryLimits,
-    /// Address of the Arrow Flight SQL endpoint over the history (same keys and
-    /// --sql-tenants as POST /api/sql), or `off`.
-    #[arg(
-        long,
-        env = "DRONEDELIVERY_FLIGHT_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
-    flight_listen: String,
+    #[command(flatten)]
+    flight: FlightArgs,
     /// Also fly the assigned drones in this process (a demo), reporting to this
     /// process's own API unless --simulate-target says otherwise.
     #[arg(long, env = "DRONEDELIVERY_SIMULATE_DRONES")]
@@ -324,20 +326,12 @@ fn main() -> ExitCode {
 
 /// What `--check-config` checks beyond clap's parsing: the settings given as text.
 fn check_config(command: &Command) -> Result<()> {
-    let health = |args: &HealthArgs| -> Result<()> {
-        if !args.health_listen.eq_ignore_ascii_case("off") {
-            args.health_listen
-                .parse::<std::net::SocketAddr>()
-                .with_context(|| format!("--health-listen {:?}", args.health_listen))?;
-        }
-        Ok(())
-    };
     match command {
-        Command::Run(args) => flight_address(&args.flight_listen).map(drop),
-        Command::SqlServer(args) => flight_address(&args.flight_listen).map(drop),
-        Command::Process(args) => health(&args.health),
-        Command::History(args) => health(&args.health),
-        Command::Simulate(args) => health(&args.health),
+        Command::Run(args) => flight_address(&args.flight.flight_listen).map(drop),
+        Command::SqlServer(args) => flight_address(&args.flight.flight_listen).map(drop),
+        Command::Process(args) => health_address(&args.health).map(drop),
+        Command::History(args) => health_address(&args.health).map(drop),
+        Command::Simulate(args) => health_address(&args.health).map(drop),
         Command::Ingest(_) | Command::Sql(_) | Command::Compact(_) | Command::Loadgen(_) => Ok(()),
     }
 }
@@ -488,7 +482,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
     let flight_task = start_flight(
-        &args.flight_listen,
+        &args.flight.flight_listen,
         history,
         ingest.sql_authenticator(),
         stop_front.clone(),
@@ -718,15 +712,9 @@ async fn start_health(
     stopping: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<Option<JoinHandle<ingest::Result<()>>>> {
-    if args.health_listen.eq_ignore_ascii_case("off") {
+    let Some(listen) = health_address(args)? else {
         return Ok(None);
-    }
-    let listen: std::net::SocketAddr = args.health_listen.parse().with_context(|| {
-        format!(
-            "--health-listen {:?} is neither an address nor `off`",
-            args.health_listen
-        )
-    })?;
+    };
     let check: ingest::ops::Readiness = Arc::new(move || {
         if stopping.is_cancelled() {
             return Box::pin(async { Err("stopping".to_owned()) });
@@ -772,6 +760,51 @@ fn report_producer_queue(producer: Producer, stop: CancellationToken) {
             }
         }
     });
+}
+
+/// `--health-listen`: an address, or `off`.
+fn health_address(args: &HealthArgs) -> Result<Option<std::net::SocketAddr>> {
+    let text = &args.health_listen;
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .with_context(|| format!("--health-listen {text:?} is neither an address nor `off`"))
+}
+
+/// Waits until the process is asked to stop or `task` ends on its own (an error: a
+/// service stops only when told to), cancels `stop`, and returns the task's outcome.
+async fn until_stopped<E>(
+    name: &str,
+    mut task: JoinHandle<Result<(), E>>,
+    stop: &CancellationToken,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut task => Some(outcome(name, r)),
+    };
+    stop.cancel();
+    match early {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+        None => join(name, task).await,
+    }
+}
+
+/// Stops the health listener (after its service stopped) and waits for it.
+async fn stop_health(
+    stop: CancellationToken,
+    task: Option<JoinHandle<ingest::Result<()>>>,
+) -> Result<()> {
+    stop.cancel();
+    match task {
+        Some(task) => join("health listener", task).await,
+        None => Ok(()),
+    }
 }
 
 /// `--flight-listen`: an address, or `off`.
@@ -872,20 +905,12 @@ async fn ingest_only(args: IngestArgs) -> Result<()> {
     let addr = ingest.local_addr()?;
     println!("dronedelivery listening on http://{addr}");
     tracing::info!(%addr, "ingest listening");
-    let mut task = tokio::spawn(ingest.run(stop.clone()));
-    let early = tokio::select! {
-        () = shutdown_signal() => None,
-        r = &mut task => Some(outcome("ingest", r)),
-    };
-    stop.cancel();
+    let task = tokio::spawn(ingest.run(stop.clone()));
+    let result = until_stopped("ingest", task, &stop).await;
     if let Some((_, watch)) = lag_watch {
         let _ = watch.await;
     }
-    match early {
-        Some(Err(e)) => Err(e),
-        Some(Ok(())) => Err(anyhow::anyhow!("ingest stopped unexpectedly")),
-        None => join("ingest", task).await,
-    }
+    result
 }
 
 async fn sql_server(args: SqlServerArgs) -> Result<()> {
@@ -927,7 +952,7 @@ async fn sql_server(args: SqlServerArgs) -> Result<()> {
         .with_sql(Arc::new(HistorySql(history.clone())));
     let stop = CancellationToken::new();
     let flight_task = start_flight(
-        &args.flight_listen,
+        &args.flight.flight_listen,
         history,
         server.sql_authenticator(),
         stop.clone(),
@@ -939,17 +964,8 @@ async fn sql_server(args: SqlServerArgs) -> Result<()> {
     }
     println!("sql server listening on http://{addr}");
     tracing::info!(%addr, "sql server listening on http://{addr}");
-    let mut task = tokio::spawn(server.run(stop.clone()));
-    let early = tokio::select! {
-        () = shutdown_signal() => None,
-        r = &mut task => Some(outcome("sql server", r)),
-    };
-    stop.cancel();
-    let mut result = match early {
-        Some(Err(e)) => Err(e),
-        Some(Ok(())) => Err(anyhow::anyhow!("the sql server stopped unexpectedly")),
-        None => join("sql server", task).await,
-    };
+    let task = tokio::spawn(server.run(stop.clone()));
+    let mut result = until_stopped("sql server", task, &stop).await;
     if let Some(task) = flight_task {
         result = result.and(join("flight sql", task).await);
     }
@@ -962,29 +978,14 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
     let (settings, _) = connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
     let stop = CancellationToken::new();
-    let stop_health = CancellationToken::new();
+    let stop_health_token = CancellationToken::new();
     report_producer_queue(producer.clone(), stop.clone());
-    let ready_producer = producer.clone();
-    let ready: ingest::ops::Readiness = Arc::new(move || {
-        let producer = ready_producer.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                producer.check_reachable(
-                    schemas::topics::DELIVERY_REQUESTS.name,
-                    Duration::from_secs(2),
-                )
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("the broker is not reachable: {e}"))
-        })
-    });
     let health = start_health(
         &args.health,
-        ready,
+        broker_readiness(&settings)?,
         render,
         stop.clone(),
-        stop_health.clone(),
+        stop_health_token.clone(),
     )
     .await?;
     let mut tasks: Vec<(&'static str, JoinHandle<processors::Result<()>>)> = Vec::new();
@@ -1042,82 +1043,52 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
         }
     }
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
-    stop_health.cancel();
-    if let Some(task) = health {
-        result = result.and(join("health listener", task).await);
-    }
-    result
+    result.and(stop_health(stop_health_token, health).await)
 }
 
 async fn history_only(args: HistoryArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let stop = CancellationToken::new();
-    let stop_health = CancellationToken::new();
+    let stop_health_token = CancellationToken::new();
     let health = start_health(
         &args.health,
         broker_readiness(&settings)?,
         render,
         stop.clone(),
-        stop_health.clone(),
+        stop_health_token.clone(),
     )
     .await?;
-    let mut task = tokio::spawn(analytics::sink::run(
+    let task = tokio::spawn(analytics::sink::run(
         args.sink,
         settings,
         stop.clone(),
         OnShutdown::Stop,
     ));
-    let early = tokio::select! {
-        () = shutdown_signal() => None,
-        r = &mut task => Some(outcome("history sink", r)),
-    };
-    stop.cancel();
-    let mut result = match early {
-        Some(Err(e)) => Err(e),
-        Some(Ok(())) => Err(anyhow::anyhow!("the history sink stopped unexpectedly")),
-        None => join("history sink", task).await,
-    };
-    stop_health.cancel();
-    if let Some(task) = health {
-        result = result.and(join("health listener", task).await);
-    }
-    result
+    let result = until_stopped("history sink", task, &stop).await;
+    result.and(stop_health(stop_health_token, health).await)
 }
 
 async fn simulate(args: SimulateArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, _) = connect(&args.kafka, false).await?;
     let stop = CancellationToken::new();
-    let stop_health = CancellationToken::new();
+    let stop_health_token = CancellationToken::new();
     let health = start_health(
         &args.health,
         broker_readiness(&settings)?,
         render,
         stop.clone(),
-        stop_health.clone(),
+        stop_health_token.clone(),
     )
     .await?;
-    let mut task = tokio::spawn(processors::simulator::run(
+    let task = tokio::spawn(processors::simulator::run(
         args.simulator,
         settings,
         stop.clone(),
     ));
-    let early = tokio::select! {
-        () = shutdown_signal() => None,
-        r = &mut task => Some(outcome("simulator", r)),
-    };
-    stop.cancel();
-    let mut result = match early {
-        Some(Err(e)) => Err(e),
-        Some(Ok(())) => Err(anyhow::anyhow!("the simulator stopped unexpectedly")),
-        None => join("simulator", task).await,
-    };
-    stop_health.cancel();
-    if let Some(task) = health {
-        result = result.and(join("health listener", task).await);
-    }
-    result
+    let result = until_stopped("simulator", task, &stop).await;
+    result.and(stop_health(stop_health_token, health).await)
 }
 
 async fn sql(args: SqlArgs) -> Result<()> {

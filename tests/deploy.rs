@@ -124,15 +124,20 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() -> Resul
     Ok(())
 }
 
-#[test]
-fn the_compose_file_is_accepted_with_every_profile() -> Result<()> {
+/// `docker-compose` on the compose file with every profile, then `args`.
+fn compose(args: &[&str]) -> Command {
     let mut compose = tool("docker-compose");
     compose.args(["-f", "deploy/compose.yaml"]);
     for profile in ["loadgen", "simulator", "monitoring"] {
         compose.args(["--profile", profile]);
     }
-    compose.args(["config", "-q"]);
-    run(compose, None)?;
+    compose.args(args);
+    compose
+}
+
+#[test]
+fn the_compose_file_is_accepted_with_every_profile() -> Result<()> {
+    run(compose(&["config", "-q"]), None)?;
     Ok(())
 }
 
@@ -268,13 +273,7 @@ fn k8s_invocations(overlay: &str, docs: &[Value]) -> Result<Vec<(Value, Invocati
 /// Every service of the compose file (as docker-compose resolves it) that runs the
 /// binary.
 fn compose_invocations() -> Result<Vec<Invocation>> {
-    let mut compose = tool("docker-compose");
-    compose.args(["-f", "deploy/compose.yaml"]);
-    for profile in ["loadgen", "simulator", "monitoring"] {
-        compose.args(["--profile", profile]);
-    }
-    compose.arg("config");
-    let resolved = documents(&run(compose, None)?)?;
+    let resolved = documents(&run(compose(&["config"]), None)?)?;
     let services = resolved[0]["services"].as_object().context("no services")?;
     let mut out = Vec::new();
     for (name, service) in services {
@@ -723,6 +722,16 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Those of `metrics` no code of the workspace names as a string literal.
+fn not_exported(metrics: impl IntoIterator<Item = String>) -> Result<Vec<String>> {
+    let mut sources = String::new();
+    rust_sources(Path::new(ROOT), &mut sources)?;
+    Ok(metrics
+        .into_iter()
+        .filter(|m| !sources.contains(&format!("\"{m}\"")))
+        .collect())
+}
+
 fn rust_sources(dir: &Path, out: &mut String) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -765,12 +774,7 @@ fn the_dashboard_shows_only_metrics_the_code_exports() -> Result<()> {
         "the dashboard names {} metrics",
         used.len()
     );
-    let mut sources = String::new();
-    rust_sources(Path::new(ROOT), &mut sources)?;
-    let missing: Vec<&String> = used
-        .iter()
-        .filter(|m| !sources.contains(&format!("\"{m}\"")))
-        .collect();
+    let missing = not_exported(used.iter().cloned())?;
     ensure!(
         missing.is_empty(),
         "the dashboard uses metrics no code exports: {missing:?}"
@@ -844,16 +848,11 @@ fn the_alerting_rules_are_one_set_over_metrics_the_code_exports() -> Result<()> 
     );
     let exprs = rule_exprs(groups);
     ensure!(exprs.len() >= 5, "{} rules", exprs.len());
-    let mut sources = String::new();
-    rust_sources(Path::new(ROOT), &mut sources)?;
-    for expr in &exprs {
-        for metric in metric_names(expr) {
-            ensure!(
-                sources.contains(&format!("\"{metric}\"")),
-                "a rule uses {metric}, which no code exports: {expr}"
-            );
-        }
-    }
+    let missing = not_exported(exprs.iter().flat_map(|e| metric_names(e)))?;
+    ensure!(
+        missing.is_empty(),
+        "the rules use metrics no code exports: {missing:?}"
+    );
     // The compose Prometheus loads them.
     let config = read("deploy/prometheus/prometheus.yml")?;
     ensure!(

@@ -1479,6 +1479,27 @@ impl Service {
         Ok((service, found))
     }
 
+    /// The history sink on `brokers`, writing to `data`, rolling files every 300 ms;
+    /// also returns its health listener's base URL.
+    fn history(brokers: &str, data: &str) -> Result<(Self, String)> {
+        let (service, mut found) = Self::start(
+            "history",
+            &[
+                "history",
+                "--brokers",
+                brokers,
+                "--data",
+                data,
+                "--roll-interval-ms",
+                "300",
+                "--health-listen",
+                "127.0.0.1:0",
+            ],
+            &["health on "],
+        )?;
+        Ok((service, found.remove(0)))
+    }
+
     /// SIGTERM, then a clean exit within the settle time.
     fn stop(mut self) -> Result<()> {
         Command::new("kill")
@@ -1548,22 +1569,7 @@ async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
         &["health on "],
     )?;
     let workflow_health = found[0].clone();
-    let (sink, found) = Service::start(
-        "history",
-        &[
-            "history",
-            "--brokers",
-            &brokers,
-            "--data",
-            data,
-            "--roll-interval-ms",
-            "300",
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
-        &["health on "],
-    )?;
-    let sink_health = found[0].clone();
+    let (sink, sink_health) = Service::history(&brokers, data)?;
 
     for i in 0..5 {
         let url = format!("{}/api/deliveryrequests", tier.base);
@@ -1697,21 +1703,7 @@ async fn the_deployed_topology_completes_deliveries_end_to_end() -> Result<()> {
         )?;
         services.push(service);
     }
-    let (sink, _) = Service::start(
-        "history",
-        &[
-            "history",
-            "--brokers",
-            &brokers,
-            "--data",
-            data,
-            "--roll-interval-ms",
-            "300",
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
-        &["health on "],
-    )?;
+    let (sink, _) = Service::history(&brokers, data)?;
     services.push(sink);
     let (simulator, _) = Service::start(
         "simulate",
