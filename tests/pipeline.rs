@@ -22,6 +22,7 @@ use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::service::{Service, eventually_contains};
 use common::*;
 
 const STARTUP: Duration = Duration::from_secs(60);
@@ -1433,115 +1434,6 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
         }
     }
     tier.stop().await
-}
-
-/// A service of the binary started on its own, with the addresses it printed.
-struct Service {
-    child: Child,
-    name: &'static str,
-}
-
-impl Service {
-    /// Starts `dronedelivery ARGS` and waits for each of `announces` (a line prefix such
-    /// as `health on http://`) on its stdout; returns what follows each prefix.
-    fn start(
-        name: &'static str,
-        args: &[&str],
-        announces: &[&'static str],
-    ) -> Result<(Self, Vec<String>)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
-            .args(args)
-            .env("DRONEDELIVERY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting dronedelivery {name}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        let prefixes = announces.to_vec();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                for (i, prefix) in prefixes.iter().enumerate() {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        let _ = tx.send((i, rest.to_owned()));
-                    }
-                }
-            }
-        });
-        let service = Self { child, name };
-        let mut found = vec![String::new(); announces.len()];
-        for _ in announces {
-            let (i, rest) = rx
-                .recv_timeout(STARTUP)
-                .with_context(|| format!("{name} did not say where it listens"))?;
-            found[i] = rest;
-        }
-        Ok((service, found))
-    }
-
-    /// The history sink on `brokers`, writing to `data`, rolling files every 300 ms;
-    /// also returns its health listener's base URL.
-    fn history(brokers: &str, data: &str) -> Result<(Self, String)> {
-        let (service, mut found) = Self::start(
-            "history",
-            &[
-                "history",
-                "--brokers",
-                brokers,
-                "--data",
-                data,
-                "--roll-interval-ms",
-                "300",
-                "--health-listen",
-                "127.0.0.1:0",
-            ],
-            &["health on "],
-        )?;
-        Ok((service, found.remove(0)))
-    }
-
-    /// SIGTERM, then a clean exit within the settle time.
-    fn stop(mut self) -> Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("dronedelivery {} exited with {status}", self.name);
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("dronedelivery {} did not stop within {SETTLE:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits until `url` (GET) answers 200 with a body containing `needle`.
-async fn eventually_contains(client: &HttpClient, url: &str, needle: &str) -> Result<String> {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let (status, _, body) = call_bytes(client, "GET", url, &[], Vec::new()).await?;
-        let body = String::from_utf8_lossy(&body).into_owned();
-        if status == 200 && body.contains(needle) {
-            return Ok(body);
-        }
-        if Instant::now() > deadline {
-            bail!("{url} answered {status} without {needle:?}: {body}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The services as they are deployed apart: the processors and the history sink each

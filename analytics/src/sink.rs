@@ -270,10 +270,33 @@ impl Sink {
     /// the log.
     async fn take(&mut self, received: bus::Result<bus::Received<'_>>) -> Result<()> {
         self.after_rebalance().await?;
+        if let Ok(record) = &received
+            && self.beyond_durable(record.topic(), record.partition(), record.offset())
+        {
+            // Another member of the group may have written this partition since the log
+            // was last read (it owned the partition until a rebalance and committed its
+            // last roll after this member looked): read the log again before calling the
+            // jump a loss.
+            self.durable = self.log.snapshot().await?;
+        }
         if let Some((topic, partition, offset)) = self.read_one(received) {
             self.skip_ahead(topic, partition, offset).await;
         }
         Ok(())
+    }
+
+    /// Whether `offset` is past what the log held when last read, with nothing of its
+    /// partition buffered: a jump that is either another member's writes or a loss.
+    fn beyond_durable(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        history::table_of(topic).is_some()
+            && !self
+                .buffer
+                .read
+                .contains_key(&(topic.to_owned(), partition))
+            && self
+                .durable
+                .next_offset(&self.log_topic(topic), partition)
+                .is_some_and(|next| offset > next)
     }
 
     /// Takes one record into the buffer. Returns where to seek when the record is far

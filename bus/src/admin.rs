@@ -12,7 +12,7 @@ use crate::settings::ClientSettings;
 
 /// Creates those of `topics` that do not exist yet, with the partition counts of the
 /// topic table, the settings' replication factor, and `cleanup.policy=compact` for state
-/// changelogs. Existing topics are left as they are; when every topic exists, nothing is
+/// changelogs (the replication factor is the cluster's default unless set). Existing topics are left as they are; when every topic exists, nothing is
 /// asked of the cluster but its metadata (so clients without the right to create topics,
 /// and brokers without the CreateTopics API such as the embedded one, work too).
 pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Result<()> {
@@ -48,7 +48,8 @@ pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Resul
             let topic = NewTopic::new(
                 t.name,
                 t.partitions,
-                TopicReplication::Fixed(settings.replication_factor),
+                // -1: the cluster's default.replication.factor (CreateTopics v4 and later).
+                TopicReplication::Fixed(settings.replication_factor.unwrap_or(-1)),
             );
             if t.compacted {
                 topic.set("cleanup.policy", "compact")
@@ -117,4 +118,131 @@ impl Reachability {
             .map(|_| ())
             .map_err(BusError::client("fetching metadata"))
     }
+}
+
+/// One partition of a topic as the cluster's metadata describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The partition number.
+    pub id: i32,
+    /// The broker that leads it (-1 while it has no leader).
+    pub leader: i32,
+    /// The brokers holding a replica.
+    pub replicas: Vec<i32>,
+    /// The replicas in sync with the leader.
+    pub in_sync: Vec<i32>,
+}
+
+/// A topic as the cluster describes it: its partitions and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// The topic's name.
+    pub name: String,
+    /// Its partitions, by number.
+    pub partitions: Vec<PartitionInfo>,
+    /// Every setting the broker reports (DescribeConfigs), defaults included.
+    pub configs: std::collections::BTreeMap<String, String>,
+}
+
+fn admin_client(settings: &ClientSettings) -> Result<AdminClient<DefaultClientContext>> {
+    settings
+        .admin_config()
+        .create()
+        .map_err(BusError::client("creating an admin client"))
+}
+
+/// Describes `names`: partitions with leaders, replicas and in-sync replicas from the
+/// metadata, and each topic's settings (DescribeConfigs). For operators and tests.
+pub async fn describe_topics(settings: &ClientSettings, names: &[&str]) -> Result<Vec<TopicInfo>> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin = std::sync::Arc::new(admin_client(settings)?);
+    let lookup = admin.clone();
+    let wanted: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut topics: Vec<TopicInfo> = tokio::task::spawn_blocking(move || {
+        let metadata = lookup
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(30))
+            .map_err(BusError::client("fetching metadata"))?;
+        wanted
+            .iter()
+            .map(|name| {
+                let topic = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())
+                    .ok_or_else(|| BusError::Config {
+                        key: format!("topic {name}"),
+                        reason: "is not in the cluster's metadata".into(),
+                    })?;
+                let mut partitions: Vec<PartitionInfo> = topic
+                    .partitions()
+                    .iter()
+                    .map(|p| PartitionInfo {
+                        id: p.id(),
+                        leader: p.leader(),
+                        replicas: p.replicas().to_vec(),
+                        in_sync: p.isr().to_vec(),
+                    })
+                    .collect();
+                partitions.sort_by_key(|p| p.id);
+                Ok(TopicInfo {
+                    name: name.clone(),
+                    partitions,
+                    configs: Default::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| BusError::Config {
+        key: "topics".into(),
+        reason: format!("the metadata lookup failed: {e}"),
+    })??;
+    let resources: Vec<ResourceSpecifier<'_>> =
+        names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .describe_configs(&resources, &options)
+        .await
+        .map_err(BusError::client("describing topic configs"))?;
+    for (topic, result) in topics.iter_mut().zip(results) {
+        let resource = result.map_err(|code| BusError::Config {
+            key: format!("topic {}", topic.name),
+            reason: format!("its configs cannot be described: {code}"),
+        })?;
+        topic.configs = resource
+            .entries
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+    }
+    Ok(topics)
+}
+
+/// Sets `configs` on topic `name` (AlterConfigs). The settings given replace every
+/// setting the topic had that is not a cluster default, so give all of those that are to
+/// stay (such as `cleanup.policy`).
+pub async fn alter_topic(
+    settings: &ClientSettings,
+    name: &str,
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let admin = admin_client(settings)?;
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(name));
+    for (k, v) in configs {
+        change = change.set(k, v);
+    }
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .alter_configs(&[change], &options)
+        .await
+        .map_err(BusError::client("altering topic configs"))?;
+    for result in results {
+        result.map_err(|(_, code)| BusError::Config {
+            key: format!("topic {name}"),
+            reason: format!("its configs cannot be altered: {code}"),
+        })?;
+    }
+    Ok(())
 }

@@ -17,7 +17,9 @@ mod lag;
 mod producer;
 mod settings;
 
-pub use admin::{Reachability, ensure_topics};
+pub use admin::{
+    PartitionInfo, Reachability, TopicInfo, alter_topic, describe_topics, ensure_topics,
+};
 pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
 pub use error::{BusError, Result};

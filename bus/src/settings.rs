@@ -39,7 +39,8 @@ pub struct KafkaArgs {
     pub kafka_config: Option<std::path::PathBuf>,
 
     /// Replication factor of the topics the pipeline creates when they do not exist.
-    /// Default: 3 on Event Hubs, 1 otherwise.
+    /// Default: 3 on Event Hubs, otherwise the cluster's own `default.replication.factor`
+    /// (so a three-broker cluster set up for it gets three replicas).
     #[arg(long, env = "DRONEDELIVERY_REPLICATION_FACTOR")]
     pub replication_factor: Option<i32>,
 }
@@ -169,8 +170,9 @@ pub struct ClientSettings {
     pub properties: Vec<(String, String)>,
     /// Settings applied last of all (the user's `--kafka-option`s).
     pub overrides: Vec<(String, String)>,
-    /// Replication factor for topics the pipeline creates.
-    pub replication_factor: i32,
+    /// Replication factor for topics the pipeline creates; `None` leaves it to the
+    /// cluster's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
 }
 
 impl ClientSettings {
@@ -180,7 +182,7 @@ impl ClientSettings {
             bootstrap_servers: bootstrap_servers.into(),
             properties: Vec::new(),
             overrides: Vec::new(),
-            replication_factor: 1,
+            replication_factor: None,
         }
     }
 
@@ -218,7 +220,7 @@ impl ClientSettings {
                     reason: "must be at least 1".into(),
                 });
             }
-            settings.replication_factor = factor;
+            settings.replication_factor = Some(factor);
         }
         Ok(settings)
     }
@@ -377,7 +379,7 @@ pub fn eventhubs_settings(connection_string: &str) -> Result<ClientSettings> {
         bootstrap_servers: format!("{host}:9093"),
         properties,
         overrides: Vec::new(),
-        replication_factor: 3,
+        replication_factor: Some(3),
     })
 }
 
@@ -415,7 +417,7 @@ mod tests {
         // Through the flags: the Event Hubs default replication factor holds unless given.
         let cli = Cli::try_parse_from(["x", "--eventhubs-connection-string", CONN]).unwrap();
         let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
-        assert_eq!(s.replication_factor, 3);
+        assert_eq!(s.replication_factor, Some(3));
         let cli = Cli::try_parse_from([
             "x",
             "--eventhubs-connection-string",
@@ -428,8 +430,11 @@ mod tests {
             ClientSettings::from_args(&cli.kafka, None)
                 .unwrap()
                 .replication_factor,
-            2
+            Some(2)
         );
+        let cli = Cli::try_parse_from(["x", "--brokers", "b:1"]).unwrap();
+        let s = ClientSettings::from_args(&cli.kafka, None).unwrap();
+        assert_eq!(s.replication_factor, None, "the cluster's default");
         let cli =
             Cli::try_parse_from(["x", "--brokers", "b:1", "--replication-factor", "0"]).unwrap();
         assert!(ClientSettings::from_args(&cli.kafka, None).is_err());

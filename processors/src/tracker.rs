@@ -5,10 +5,17 @@
 //! partition counts, and this consumer's group uses the range assignor, so a drone's
 //! assignments and fixes meet in one member. It remembers each drone's latest assignment
 //! (`tracking-state`) and forwards the assignment and every later fix to `deliveries`
-//! under the delivery's key, where the delivery consumer owns the state. Fixes of drones
-//! with no assignment are counted and dropped.
+//! under the delivery's key, where the delivery consumer owns the state.
+//!
+//! The two topics are read independently: after a pause (a rebalance, a restart, a slow
+//! broker) a member can receive a drone's fixes before the assignment that was written
+//! first, so fixes of a new flight would go to the drone's previous delivery, or nowhere.
+//! The tracker therefore remembers each drone's latest few fixes (bounded per drone and
+//! per partition) and, when an assignment comes, forwards after it those taken at or after
+//! its `assigned_at`. Fixes of drones with no assignment are counted and kept that way
+//! until an assignment claims them or newer fixes push them out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use schemas::headers as h;
 use schemas::topics;
@@ -25,10 +32,24 @@ pub const SPEC: Spec = Spec {
     changelog: topics::TRACKING_STATE.name,
 };
 
-/// Each drone's latest assignment, by partition.
+/// Fixes remembered per drone, for an assignment that comes after them.
+const RECENT_FIXES_PER_DRONE: usize = 16;
+/// Drones whose recent fixes are remembered, per partition; past it, the memory of a
+/// partition starts anew (unknown drone ids cannot grow it without bound).
+const RECENT_DRONES_PER_PARTITION: usize = 20_000;
+
+/// Each drone's latest assignment, and its latest fixes, by partition.
 #[derive(Debug, Default)]
 pub struct Tracker {
     drones: HashMap<i32, HashMap<String, Assignment>>,
+    recent: HashMap<i32, HashMap<String, VecDeque<(i64, Vec<u8>)>>>,
+}
+
+/// When a fix was taken, in milliseconds (None when the payload is not a valid fix).
+fn fix_millis(payload: &[u8]) -> Option<i64> {
+    schemas::telemetry::parse_position_fix(payload)
+        .ok()
+        .map(|f| f.timestamp.timestamp_millis())
 }
 
 fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>) -> Output {
@@ -52,6 +73,7 @@ fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>) -> Output {
 impl Machine for Tracker {
     fn forget(&mut self, partition: i32) {
         self.drones.remove(&partition);
+        self.recent.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
@@ -65,6 +87,7 @@ impl Machine for Tracker {
 
     fn handle(&mut self, record: &Record, _now_ms: i64, effects: &mut Effects) {
         let drones = self.drones.entry(record.partition).or_default();
+        let recent = self.recent.entry(record.partition).or_default();
         let payload = record.payload.as_deref().unwrap_or_default();
         if record.topic == topics::DRONE_ASSIGNMENTS.name {
             let Ok(a) = serde_json::from_slice::<Assignment>(payload) else {
@@ -79,10 +102,31 @@ impl Machine for Tracker {
             effects
                 .outputs
                 .push(forward(&a, h::event_type::DRONE_ASSIGNED, payload.to_vec()));
+            // Fixes of this flight that came before its assignment.
+            if let Some(fixes) = recent.get(&a.drone_id) {
+                for (_, fix) in fixes.iter().filter(|(at, _)| *at >= a.assigned_at) {
+                    effects.outputs.push(forward(
+                        &a,
+                        h::event_type::DRONE_POSITION_REPORTED,
+                        fix.clone(),
+                    ));
+                }
+            }
             drones.insert(a.drone_id.clone(), a);
             return;
         }
-        match drones.get(record.key_text()) {
+        let drone = record.key_text();
+        if let Some(at) = fix_millis(payload) {
+            if recent.len() >= RECENT_DRONES_PER_PARTITION && !recent.contains_key(drone) {
+                recent.clear();
+            }
+            let fixes = recent.entry(drone.to_owned()).or_default();
+            if fixes.len() == RECENT_FIXES_PER_DRONE {
+                fixes.pop_front();
+            }
+            fixes.push_back((at, payload.to_vec()));
+        }
+        match drones.get(drone) {
             Some(a) => effects.outputs.push(forward(
                 a,
                 h::event_type::DRONE_POSITION_REPORTED,
@@ -147,9 +191,12 @@ mod tests {
             0,
             &mut fx,
         );
-        assert_eq!(fx.outputs.len(), 2);
+        // The assignment, the fix that came before it (taken after `assigned_at`), and
+        // the fix after it.
+        assert_eq!(fx.outputs.len(), 3);
         assert!(fx.outputs.iter().all(|o| o.key == b"fabrikam/d1"));
         assert_eq!(fx.outputs[1].payload, fix);
+        assert_eq!(fx.outputs[2].payload, fix);
         // Restored from its changelog, it still knows the drone.
         let log = fx.changes.into_iter().collect();
         let mut restored = Tracker::default();
@@ -161,5 +208,74 @@ mod tests {
             &mut fx,
         );
         assert_eq!(fx.outputs.len(), 1);
+    }
+
+    #[test]
+    fn fixes_of_a_new_flight_that_come_before_its_assignment_reach_its_delivery() {
+        let here = Location {
+            latitude: 47.0,
+            longitude: -122.0,
+        };
+        let assignment = |delivery: &str, assigned_at: i64| Assignment {
+            drone_id: "r1".into(),
+            region: "47:-123".into(),
+            delivery_key: format!("fabrikam/{delivery}"),
+            delivery_id: delivery.into(),
+            from: here,
+            pickup: here,
+            drop_off: here,
+            speed_mps: 10.0,
+            assigned_at,
+            pickup_eta: 0,
+            delivery_eta: 0,
+        };
+        let record = |topic: &str, payload: Vec<u8>| Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(b"r1".to_vec()),
+            payload: Some(payload),
+            headers: Vec::new(),
+        };
+        let fix = |second: u32| {
+            format!(
+                r#"{{"latitude":47,"longitude":-122,"timestamp":"2026-11-24T10:00:{second:02}Z"}}"#
+            )
+            .into_bytes()
+        };
+        let ten_o_clock = 1_795_514_400_000; // 2026-11-24T10:00:00Z
+        let mut tracker = Tracker::default();
+        let mut fx = Effects::default();
+        let first = serde_json::to_vec(&assignment("d1", ten_o_clock)).unwrap();
+        tracker.handle(&record(topics::DRONE_ASSIGNMENTS.name, first), 0, &mut fx);
+        tracker.handle(&record(topics::DRONE_TELEMETRY.name, fix(1)), 0, &mut fx);
+        // The second flight's fixes arrive before its assignment: they go to d1 first...
+        for second in 20..40 {
+            tracker.handle(
+                &record(topics::DRONE_TELEMETRY.name, fix(second)),
+                0,
+                &mut fx,
+            );
+        }
+        assert!(fx.outputs.iter().all(|o| o.key == b"fabrikam/d1"));
+        // ...and, once the assignment comes, the recent ones taken since it go to d2.
+        let mut fx = Effects::default();
+        let second = serde_json::to_vec(&assignment("d2", ten_o_clock + 30_000)).unwrap();
+        tracker.handle(&record(topics::DRONE_ASSIGNMENTS.name, second), 0, &mut fx);
+        let to_d2: Vec<_> = fx
+            .outputs
+            .iter()
+            .filter(|o| o.key == b"fabrikam/d2")
+            .map(|o| o.payload.clone())
+            .collect();
+        assert_eq!(
+            to_d2.len(),
+            1 + 10,
+            "the assignment and the fixes from :30 on"
+        );
+        assert_eq!(to_d2[1], fix(30));
+        assert_eq!(to_d2[10], fix(39));
+        // Memory stays bounded per drone.
+        assert!(tracker.recent[&0]["r1"].len() <= RECENT_FIXES_PER_DRONE);
     }
 }

@@ -2,6 +2,10 @@
 //! process, an HTTP client, and generated requests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod kafka;
+pub mod service;
+pub mod writer;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -169,4 +173,127 @@ pub async fn call_bytes(
 /// An HTTP/1.1 client.
 pub fn client() -> HttpClient {
     Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// The first column of the first row of `sql` over the history in `data` (0 when there
+/// is no row).
+pub async fn history_scalar(data: &str, sql: &str) -> Result<i64> {
+    use arrow::array::AsArray;
+    let history =
+        analytics::sql::History::open(data, &analytics::sql::QueryLimits::default()).await?;
+    let result = history.query(sql).await.with_context(|| sql.to_owned())?;
+    Ok(result.batches.first().map_or(0, |b| {
+        b.column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0)
+    }))
+}
+
+/// Waits (up to `limit`) until `sql` over the history in `data` answers `expected`.
+pub async fn history_reaches(data: &str, sql: &str, expected: i64, limit: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let found = history_scalar(data, sql).await?;
+        if found == expected {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{sql}: {found}, not {expected}, after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// POSTs `body` as JSON; answers status, headers and the JSON answer.
+pub async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let headers = [("content-type", "application/json")];
+    call(client, "POST", url, &headers, body.to_string().into_bytes()).await
+}
+
+/// The first column (text) of every row of `sql` over the history in `data`.
+pub async fn history_strings(data: &str, sql: &str) -> Result<Vec<String>> {
+    use arrow::array::AsArray;
+    let history =
+        analytics::sql::History::open(data, &analytics::sql::QueryLimits::default()).await?;
+    let result = history.query(sql).await.with_context(|| sql.to_owned())?;
+    let mut out = Vec::new();
+    for batch in &result.batches {
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+        out.extend(
+            column
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap_or_default().to_owned()),
+        );
+    }
+    Ok(out)
+}
+
+/// A valid request with id `id` and owner `owner`, picked up in one of 32 one-degree
+/// regions west of longitude `lon` (latitudes 40 to 47, longitudes `lon-1` to `lon-4`) and
+/// dropped off nearby. Tests that share a cluster give each its own `lon`, so that no
+/// test's deliveries wait for drones behind another's.
+pub fn request_in(i: usize, id: &str, owner: &str, lon: i32) -> serde_json::Value {
+    let lat = 40.5 + (i % 8) as f64;
+    let lon = f64::from(lon) - 0.5 - ((i / 8) % 4) as f64;
+    let mut r = valid_request(i);
+    r["deliveryId"] = id.into();
+    r["ownerId"] = owner.into();
+    r["pickupLocation"] = format!("{lat},{lon}").into();
+    r["dropOffLocation"] = serde_json::json!({"latitude": lat + 0.02, "longitude": lon - 0.03});
+    // A package every drone can carry, whatever `i` (valid_request's weight grows with it).
+    r["packageInfo"]["size"] = "Small".into();
+    r["packageInfo"]["weight"] = serde_json::json!(1.0 + (i % 3) as f64 * 0.5);
+    r
+}
+
+/// Of the deliveries with ids starting `prefix-`, those in `delivery_requests` that have
+/// not completed in `delivery_events`, each with the stages it has (at most `limit`): what
+/// a test that waited in vain shows.
+pub async fn unfinished_deliveries(data: &str, prefix: &str, limit: usize) -> Result<String> {
+    let requested = history_strings(
+        data,
+        &format!(
+            "SELECT DISTINCT delivery_id FROM delivery_requests WHERE delivery_id LIKE '{prefix}-%'"
+        ),
+    )
+    .await?;
+    let events = history_strings(
+        data,
+        &format!(
+            "SELECT concat(delivery_id, ' ', CAST(seq AS VARCHAR), ':', stage) FROM delivery_events \
+             WHERE delivery_id LIKE '{prefix}-%'"
+        ),
+    )
+    .await?;
+    let mut stages: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for line in &events {
+        if let Some((id, stage)) = line.split_once(' ') {
+            stages.entry(id).or_default().push(stage);
+        }
+    }
+    let unfinished: Vec<String> = requested
+        .iter()
+        .filter(|id| {
+            !stages
+                .get(id.as_str())
+                .is_some_and(|s| s.iter().any(|s| s.ends_with(":Completed")))
+        })
+        .map(|id| {
+            format!(
+                "{id}: {:?}",
+                stages.get(id.as_str()).cloned().unwrap_or_default()
+            )
+        })
+        .collect();
+    Ok(format!(
+        "{} of {} requested not completed, e.g. {:?}",
+        unfinished.len(),
+        requested.len(),
+        &unfinished[..unfinished.len().min(limit)]
+    ))
 }
