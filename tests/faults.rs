@@ -108,6 +108,23 @@ struct Figures {
     settled_after: Duration,
 }
 
+impl Figures {
+    fn summary(&self) -> String {
+        format!(
+            "{} acknowledged, {} lost, {} duplicate rows; {} repeated events, {} second \
+             assignments; writes refused until {:.1} s after the fault; every delivery \
+             completed {:.1} s after the load",
+            self.accepted,
+            self.lost,
+            self.duplicate_rows,
+            self.repeated_events,
+            self.second_assignments,
+            self.recovered_after.as_secs_f64(),
+            self.settled_after.as_secs_f64()
+        )
+    }
+}
+
 fn rank(stage: &str) -> u8 {
     match stage {
         "Created" => 0,
@@ -221,7 +238,11 @@ async fn settle(owner: &str, data: &str, report: &WriterReport, fault: Instant) 
         recovered_after: report.recovered_after(fault),
         settled_after,
     };
-    eprintln!("{owner}: {figures:?}; clients: {:?}", report.by_status);
+    eprintln!(
+        "{owner}: {}; clients: {:?}",
+        figures.summary(),
+        report.by_status
+    );
     if figures.lost > 0 || figures.duplicate_rows > 0 {
         bail!("{owner}: the history is not exactly the accepted records: {figures:?}");
     }

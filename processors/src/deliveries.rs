@@ -7,6 +7,15 @@
 //! transitions on `delivery-events`; released drones and cancels of waiting requests on
 //! `drone-scheduling`, keyed by region. State in `delivery-state`: each delivery's
 //! latest [`DeliveryState`], which the status API reads.
+//!
+//! The workflow writes a request to `deliveries` and to `drone-scheduling` as two
+//! records; when the first is slow (a broker retried it) the scheduler's assignment can
+//! reach `deliveries` through the tracker before the request does. An assignment or fix
+//! for a delivery not seen yet therefore waits (bounded: per delivery, per partition, and
+//! for [`EARLY_WAIT_MS`] of processing time) and is applied right after its request; one
+//! whose request never comes gives its drone back, as an unknown delivery's assignment
+//! always did. Waiting records live in memory only: a crash or a rebalance in that window
+//! loses them (the exactly-once mode's transactions keep the request first).
 
 use std::collections::HashMap;
 
@@ -26,10 +35,28 @@ pub const SPEC: Spec = Spec {
     changelog: topics::DELIVERY_STATE.name,
 };
 
+/// How long an assignment or fix for a delivery not seen yet waits for its request, in
+/// milliseconds of processing time.
+pub const EARLY_WAIT_MS: i64 = 60_000;
+/// Records waiting per delivery; past it, the newest are dropped.
+const EARLY_RECORDS_PER_DELIVERY: usize = 64;
+/// Deliveries with waiting records, per partition; past it, the oldest waiting delivery
+/// gives up at once.
+const EARLY_DELIVERIES_PER_PARTITION: usize = 10_000;
+
+/// Records that came before their delivery's request.
+#[derive(Debug)]
+struct Early {
+    since_ms: i64,
+    records: Vec<Record>,
+}
+
 /// Deliveries by partition and key.
 #[derive(Debug, Default)]
 pub struct Deliveries {
     states: HashMap<i32, HashMap<String, DeliveryState>>,
+    early: HashMap<i32, HashMap<String, Early>>,
+    next_expiry_ms: HashMap<i32, i64>,
 }
 
 fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String, Vec<u8>)> {
@@ -47,6 +74,8 @@ fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String
 impl Machine for Deliveries {
     fn forget(&mut self, partition: i32) {
         self.states.remove(&partition);
+        self.early.remove(&partition);
+        self.next_expiry_ms.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
@@ -63,6 +92,87 @@ impl Machine for Deliveries {
     }
 
     fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
+        self.expire_early(record.partition, now_ms, effects);
+        let event_type = record.header(h::EVENT_TYPE).unwrap_or_default();
+        let key = record.key_text();
+        let known = self
+            .states
+            .get(&record.partition)
+            .is_some_and(|s| s.contains_key(key));
+        let drone_event = event_type == h::event_type::DRONE_ASSIGNED.as_bytes()
+            || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes();
+        if !known && drone_event {
+            self.wait_for_request(record, now_ms, effects);
+            return;
+        }
+        self.apply_record(record, now_ms, effects);
+        if event_type == h::event_type::DELIVERY_REQUESTED.as_bytes()
+            && let Some(early) = self
+                .early
+                .get_mut(&record.partition)
+                .and_then(|e| e.remove(record.key_text()))
+        {
+            for waiting in &early.records {
+                self.apply_record(waiting, now_ms, effects);
+            }
+        }
+    }
+}
+
+impl Deliveries {
+    /// Keeps `record` (an assignment or fix of a delivery not seen yet) until its request.
+    fn wait_for_request(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
+        let early = self.early.entry(record.partition).or_default();
+        if early.len() >= EARLY_DELIVERIES_PER_PARTITION
+            && !early.contains_key(record.key_text())
+            && let Some(oldest) = early
+                .iter()
+                .min_by_key(|(_, e)| e.since_ms)
+                .map(|(k, _)| k.clone())
+            && let Some(gone) = early.remove(&oldest)
+        {
+            for waiting in &gone.records {
+                self.apply_record(waiting, now_ms, effects);
+            }
+        }
+        let early = self.early.entry(record.partition).or_default();
+        let waiting = early
+            .entry(record.key_text().to_owned())
+            .or_insert_with(|| Early {
+                since_ms: now_ms,
+                records: Vec::new(),
+            });
+        if waiting.records.len() < EARLY_RECORDS_PER_DELIVERY {
+            waiting.records.push(record.clone());
+        }
+        metrics::counter!("deliveries_records_before_request_total").increment(1);
+    }
+
+    /// Applies the records that waited longer than [`EARLY_WAIT_MS`] as they are (an
+    /// assignment of an unknown delivery gives its drone back). Looks at most once a
+    /// second of processing time per partition.
+    fn expire_early(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
+        let next = self.next_expiry_ms.entry(partition).or_insert(0);
+        if now_ms < *next {
+            return;
+        }
+        *next = now_ms + 1_000;
+        let Some(early) = self.early.get_mut(&partition) else {
+            return;
+        };
+        let expired: Vec<String> = early
+            .iter()
+            .filter(|(_, e)| now_ms - e.since_ms >= EARLY_WAIT_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let gone: Vec<Early> = expired.iter().filter_map(|k| early.remove(k)).collect();
+        for waiting in gone.iter().flat_map(|e| &e.records) {
+            self.apply_record(waiting, now_ms, effects);
+        }
+    }
+
+    /// Applies one record to its delivery's state.
+    fn apply_record(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
         let key = record.key_text().to_owned();
         let (tenant, key_id) = schemas::split_delivery_key(&key);
         let Some(tenant) = tenant.filter(|t| !t.is_empty() && !key_id.is_empty()) else {
@@ -253,5 +363,105 @@ mod tests {
             assert_eq!(fx.outputs.len(), 1);
             assert_eq!(fx.outputs[0].topic, topics::DEAD_LETTERS.name);
         }
+    }
+
+    fn assigned(offset: i64, key: &str) -> Record {
+        let here = schemas::Location {
+            latitude: 47.6062,
+            longitude: -122.3321,
+        };
+        let a = Assignment {
+            drone_id: "47:-123-s1".into(),
+            region: "47:-123".into(),
+            delivery_key: key.into(),
+            delivery_id: key.split('/').nth(1).unwrap_or_default().into(),
+            from: here,
+            pickup: here,
+            drop_off: here,
+            speed_mps: 10.0,
+            assigned_at: 0,
+            pickup_eta: 0,
+            delivery_eta: 0,
+        };
+        Record {
+            key: Some(key.as_bytes().to_vec()),
+            headers: vec![
+                (
+                    h::EVENT_TYPE.into(),
+                    h::event_type::DRONE_ASSIGNED.as_bytes().to_vec(),
+                ),
+                (h::DRONE_ID.into(), b"47:-123-s1".to_vec()),
+            ],
+            ..record(
+                offset,
+                h::event_type::DRONE_ASSIGNED,
+                &serde_json::to_vec(&a).unwrap(),
+            )
+        }
+    }
+
+    fn stages(fx: &Effects) -> Vec<Stage> {
+        fx.outputs
+            .iter()
+            .filter(|o| o.topic == topics::DELIVERY_EVENTS.name)
+            .map(|o| {
+                serde_json::from_slice::<DeliveryEvent>(&o.payload)
+                    .unwrap()
+                    .stage
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_assignment_that_comes_before_its_request_waits_for_it() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        d.handle(&assigned(0, "fabrikam/d1"), 0, &mut fx);
+        assert!(fx.outputs.is_empty(), "waits: no release, no event");
+        let request = record(
+            1,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&request, 1_000, &mut fx);
+        assert_eq!(stages(&fx), [Stage::Created, Stage::HeadedToPickup]);
+        assert!(d.early[&1].is_empty());
+    }
+
+    #[test]
+    fn an_assignment_whose_request_never_comes_gives_the_drone_back_in_time() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        d.handle(&assigned(0, "fabrikam/lost"), 0, &mut fx);
+        assert!(fx.outputs.is_empty());
+        // Another delivery's records move processing time on.
+        let request = record(
+            1,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&request, EARLY_WAIT_MS - 1, &mut fx);
+        assert!(
+            fx.outputs
+                .iter()
+                .all(|o| o.topic != topics::DRONE_SCHEDULING.name)
+        );
+        let mut fx = Effects::default();
+        d.handle(
+            &record(2, h::event_type::DELIVERY_CANCELLED, b"{}"),
+            EARLY_WAIT_MS + 1_000,
+            &mut fx,
+        );
+        let released: Vec<_> = fx
+            .outputs
+            .iter()
+            .filter(|o| o.topic == topics::DRONE_SCHEDULING.name && o.key == b"47:-123")
+            .collect();
+        assert_eq!(
+            released.len(),
+            2,
+            "the lost delivery's drone, and d1's cancel"
+        );
+        assert!(d.early[&1].is_empty());
     }
 }

@@ -38,11 +38,14 @@ const RECENT_FIXES_PER_DRONE: usize = 16;
 /// partition starts anew (unknown drone ids cannot grow it without bound).
 const RECENT_DRONES_PER_PARTITION: usize = 20_000;
 
+/// A drone's latest fixes: when each was taken (milliseconds) and its bytes.
+type RecentFixes = VecDeque<(i64, Vec<u8>)>;
+
 /// Each drone's latest assignment, and its latest fixes, by partition.
 #[derive(Debug, Default)]
 pub struct Tracker {
     drones: HashMap<i32, HashMap<String, Assignment>>,
-    recent: HashMap<i32, HashMap<String, VecDeque<(i64, Vec<u8>)>>>,
+    recent: HashMap<i32, HashMap<String, RecentFixes>>,
 }
 
 /// When a fix was taken, in milliseconds (None when the payload is not a valid fix).
