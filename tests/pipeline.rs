@@ -22,7 +22,7 @@ use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::service::{Service, eventually_contains};
+use common::service::{Service, Topology, eventually_contains};
 use common::*;
 
 const STARTUP: Duration = Duration::from_secs(60);
@@ -1570,66 +1570,8 @@ async fn the_deployed_topology_completes_deliveries_end_to_end() -> Result<()> {
     let data = dir.path().join("history");
     let data = data.to_str().context("path")?;
     let http = client();
-    let mut services = Vec::new();
-
-    let (ingest, found) = Service::start(
-        "ingest",
-        &["ingest", "--brokers", &brokers, "--listen", "127.0.0.1:0"],
-        &["dronedelivery listening on "],
-    )?;
-    let api = found[0].clone();
-    services.push(ingest);
-    for processor in ["workflow", "deliveries", "scheduling", "tracking"] {
-        let (service, _) = Service::start(
-            "process",
-            &[
-                "process",
-                "--brokers",
-                &brokers,
-                "--processors",
-                processor,
-                "--health-listen",
-                "127.0.0.1:0",
-            ],
-            &["health on "],
-        )?;
-        services.push(service);
-    }
-    let (sink, _) = Service::history(&brokers, data)?;
-    services.push(sink);
-    let (simulator, _) = Service::start(
-        "simulate",
-        &[
-            "simulate",
-            "--brokers",
-            &brokers,
-            "--simulate-target",
-            &api,
-            "--simulate-speedup",
-            "20000",
-            "--simulate-tick-ms",
-            "20",
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
-        &["health on "],
-    )?;
-    services.push(simulator);
-    let (sql, found) = Service::start(
-        "sql-server",
-        &[
-            "sql-server",
-            "--data",
-            data,
-            "--listen",
-            "127.0.0.1:0",
-            "--flight-listen",
-            "off",
-        ],
-        &["sql server listening on "],
-    )?;
-    let sql_base = found[0].clone();
-    services.push(sql);
+    let topology = Topology::start(&brokers, data, &[])?;
+    let (api, sql_base) = (topology.api.clone(), topology.sql.clone());
 
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -1683,9 +1625,7 @@ async fn the_deployed_topology_completes_deliveries_end_to_end() -> Result<()> {
     }
 
     // Every service stops cleanly on SIGTERM.
-    for service in services.into_iter().rev() {
-        service.stop()?;
-    }
+    topology.stop_all()?;
     drop(broker);
     Ok(())
 }

@@ -11,10 +11,11 @@ use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
 
 /// Creates those of `topics` that do not exist yet, with the partition counts of the
-/// topic table, the settings' replication factor, and `cleanup.policy=compact` for state
-/// changelogs (the replication factor is the cluster's default unless set). Existing topics are left as they are; when every topic exists, nothing is
-/// asked of the cluster but its metadata (so clients without the right to create topics,
-/// and brokers without the CreateTopics API such as the embedded one, work too).
+/// topic table, the settings' replication factor (the cluster's default unless set), and
+/// `cleanup.policy=compact` for state changelogs. Existing topics are left as they are;
+/// when every topic exists, nothing is asked of the cluster but its metadata (so clients
+/// without the right to create topics, and brokers without the CreateTopics API such as
+/// the embedded one, work too).
 pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = settings
         .admin_config()
@@ -205,16 +206,21 @@ pub async fn describe_topics(settings: &ClientSettings, names: &[&str]) -> Resul
         .describe_configs(&resources, &options)
         .await
         .map_err(BusError::client("describing topic configs"))?;
-    for (topic, result) in topics.iter_mut().zip(results) {
+    for result in results {
         let resource = result.map_err(|code| BusError::Config {
-            key: format!("topic {}", topic.name),
-            reason: format!("its configs cannot be described: {code}"),
+            key: "topics".into(),
+            reason: format!("configs cannot be described: {code}"),
         })?;
-        topic.configs = resource
-            .entries
-            .into_iter()
-            .filter_map(|e| Some((e.name, e.value?)))
-            .collect();
+        let rdkafka::admin::OwnedResourceSpecifier::Topic(name) = &resource.specifier else {
+            continue;
+        };
+        if let Some(topic) = topics.iter_mut().find(|t| &t.name == name) {
+            topic.configs = resource
+                .entries
+                .into_iter()
+                .filter_map(|e| Some((e.name, e.value?)))
+                .collect();
+        }
     }
     Ok(topics)
 }

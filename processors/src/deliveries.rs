@@ -14,8 +14,8 @@
 //! for a delivery not seen yet therefore waits (bounded: per delivery, per partition, and
 //! for [`EARLY_WAIT_MS`] of processing time) and is applied right after its request; one
 //! whose request never comes gives its drone back, as an unknown delivery's assignment
-//! always did. Waiting records live in memory only: a crash or a rebalance in that window
-//! loses them (the exactly-once mode's transactions keep the request first).
+//! always did. Waiting records are state like any other: they are written to the
+//! changelog (under keys starting with byte 1) and restored with it.
 
 use std::collections::HashMap;
 
@@ -38,17 +38,70 @@ pub const SPEC: Spec = Spec {
 /// How long an assignment or fix for a delivery not seen yet waits for its request, in
 /// milliseconds of processing time.
 pub const EARLY_WAIT_MS: i64 = 60_000;
-/// Records waiting per delivery; past it, the newest are dropped.
+/// Records waiting per delivery; past it, the oldest fix makes room (an assignment stays).
 const EARLY_RECORDS_PER_DELIVERY: usize = 64;
-/// Deliveries with waiting records, per partition; past it, the oldest waiting delivery
-/// gives up at once.
-const EARLY_DELIVERIES_PER_PARTITION: usize = 10_000;
+/// Payload bytes of waiting records per partition; past it, the deliveries that waited
+/// longest give up first.
+const EARLY_BYTES_PER_PARTITION: usize = 8 * 1024 * 1024;
+/// Changelog keys of waiting records start with this byte (offset markers with 0), then
+/// the delivery's key.
+const WAITING: u8 = 1;
 
-/// Records that came before their delivery's request.
-#[derive(Debug)]
+/// Records that came before their delivery's request, as kept in the changelog.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Early {
     since_ms: i64,
-    records: Vec<Record>,
+    records: Vec<Held>,
+}
+
+/// One waiting record: what applying it later needs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Held {
+    offset: i64,
+    payload: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Held {
+    fn of(record: &Record) -> Self {
+        Self {
+            offset: record.offset,
+            payload: String::from_utf8_lossy(record.payload.as_deref().unwrap_or_default())
+                .into_owned(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect(),
+        }
+    }
+
+    fn record(&self, partition: i32, key: &str) -> Record {
+        Record {
+            topic: topics::DELIVERIES.name.into(),
+            partition,
+            offset: self.offset,
+            key: Some(key.as_bytes().to_vec()),
+            payload: Some(self.payload.as_bytes().to_vec()),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn is_assignment(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(k, v)| k == h::EVENT_TYPE && v == h::event_type::DRONE_ASSIGNED)
+    }
+}
+
+fn waiting_key(key: &str) -> Vec<u8> {
+    let mut out = vec![WAITING];
+    out.extend_from_slice(key.as_bytes());
+    out
 }
 
 /// Deliveries by partition and key.
@@ -79,20 +132,29 @@ impl Machine for Deliveries {
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
-        let states = entries
-            .into_iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    String::from_utf8(k).ok()?,
-                    serde_json::from_slice::<DeliveryState>(&v).ok()?,
-                ))
-            })
-            .collect();
+        let mut states = HashMap::new();
+        let mut early = HashMap::new();
+        for (k, v) in entries {
+            if k.first() == Some(&WAITING) {
+                if let (Ok(key), Ok(waiting)) = (
+                    String::from_utf8(k[1..].to_vec()),
+                    serde_json::from_slice::<Early>(&v),
+                ) {
+                    early.insert(key, waiting);
+                }
+            } else if let (Ok(key), Ok(state)) = (
+                String::from_utf8(k),
+                serde_json::from_slice::<DeliveryState>(&v),
+            ) {
+                states.insert(key, state);
+            }
+        }
         self.states.insert(partition, states);
+        self.early.insert(partition, early);
+        self.next_expiry_ms.remove(&partition);
     }
 
     fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
-        self.expire_early(record.partition, now_ms, effects);
         let event_type = record.header(h::EVENT_TYPE).unwrap_or_default();
         let key = record.key_text();
         let known = self
@@ -103,49 +165,75 @@ impl Machine for Deliveries {
             || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes();
         if !known && drone_event {
             self.wait_for_request(record, now_ms, effects);
-            return;
-        }
-        self.apply_record(record, now_ms, effects);
-        if event_type == h::event_type::DELIVERY_REQUESTED.as_bytes()
-            && let Some(early) = self
-                .early
-                .get_mut(&record.partition)
-                .and_then(|e| e.remove(record.key_text()))
-        {
-            for waiting in &early.records {
-                self.apply_record(waiting, now_ms, effects);
+        } else {
+            self.apply_record(record, now_ms, effects);
+            if event_type == h::event_type::DELIVERY_REQUESTED.as_bytes() {
+                self.release_waiting(record.partition, key, now_ms, effects);
             }
         }
+        // After the record: a request that waited as long as its drone's assignment
+        // claims the assignment before it could expire.
+        self.expire_early(record.partition, now_ms, effects);
     }
 }
 
 impl Deliveries {
-    /// Keeps `record` (an assignment or fix of a delivery not seen yet) until its request.
+    /// Keeps `record` (an assignment or fix of a delivery not seen yet) until its
+    /// request, in memory and in the changelog.
     fn wait_for_request(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
-        let early = self.early.entry(record.partition).or_default();
-        if early.len() >= EARLY_DELIVERIES_PER_PARTITION
-            && !early.contains_key(record.key_text())
-            && let Some(oldest) = early
+        let partition = record.partition;
+        let key = record.key_text().to_owned();
+        let held = Held::of(record);
+        // The byte budget: the deliveries that waited longest give up first.
+        loop {
+            let early = self.early.entry(partition).or_default();
+            let bytes: usize = early
+                .values()
+                .flat_map(|e| &e.records)
+                .map(|r| r.payload.len())
+                .sum();
+            if bytes + held.payload.len() <= EARLY_BYTES_PER_PARTITION || early.is_empty() {
+                break;
+            }
+            let Some(oldest) = early
                 .iter()
                 .min_by_key(|(_, e)| e.since_ms)
                 .map(|(k, _)| k.clone())
-            && let Some(gone) = early.remove(&oldest)
+            else {
+                break;
+            };
+            self.release_waiting(partition, &oldest, now_ms, effects);
+        }
+        let early = self.early.entry(partition).or_default();
+        let waiting = early.entry(key.clone()).or_insert_with(|| Early {
+            since_ms: now_ms,
+            records: Vec::new(),
+        });
+        if waiting.records.len() >= EARLY_RECORDS_PER_DELIVERY
+            && let Some(oldest_fix) = waiting.records.iter().position(|r| !r.is_assignment())
         {
-            for waiting in &gone.records {
-                self.apply_record(waiting, now_ms, effects);
-            }
+            waiting.records.remove(oldest_fix);
         }
-        let early = self.early.entry(record.partition).or_default();
-        let waiting = early
-            .entry(record.key_text().to_owned())
-            .or_insert_with(|| Early {
-                since_ms: now_ms,
-                records: Vec::new(),
-            });
         if waiting.records.len() < EARLY_RECORDS_PER_DELIVERY {
-            waiting.records.push(record.clone());
+            waiting.records.push(held);
         }
+        effects.changes.push((
+            waiting_key(&key),
+            serde_json::to_vec(&*waiting).unwrap_or_default(),
+        ));
         metrics::counter!("deliveries_records_before_request_total").increment(1);
+    }
+
+    /// Applies what waited for delivery `key` (after its request, or when it gave up) and
+    /// deletes it from the changelog.
+    fn release_waiting(&mut self, partition: i32, key: &str, now_ms: i64, effects: &mut Effects) {
+        let Some(waiting) = self.early.get_mut(&partition).and_then(|e| e.remove(key)) else {
+            return;
+        };
+        effects.changes.push((waiting_key(key), Vec::new()));
+        for held in &waiting.records {
+            self.apply_record(&held.record(partition, key), now_ms, effects);
+        }
     }
 
     /// Applies the records that waited longer than [`EARLY_WAIT_MS`] as they are (an
@@ -157,17 +245,16 @@ impl Deliveries {
             return;
         }
         *next = now_ms + 1_000;
-        let Some(early) = self.early.get_mut(&partition) else {
-            return;
-        };
-        let expired: Vec<String> = early
-            .iter()
+        let expired: Vec<String> = self
+            .early
+            .get(&partition)
+            .into_iter()
+            .flatten()
             .filter(|(_, e)| now_ms - e.since_ms >= EARLY_WAIT_MS)
             .map(|(k, _)| k.clone())
             .collect();
-        let gone: Vec<Early> = expired.iter().filter_map(|k| early.remove(k)).collect();
-        for waiting in gone.iter().flat_map(|e| &e.records) {
-            self.apply_record(waiting, now_ms, effects);
+        for key in expired {
+            self.release_waiting(partition, &key, now_ms, effects);
         }
     }
 
@@ -426,6 +513,33 @@ mod tests {
         d.handle(&request, 1_000, &mut fx);
         assert_eq!(stages(&fx), [Stage::Created, Stage::HeadedToPickup]);
         assert!(d.early[&1].is_empty());
+        // Applied, the waiting records leave the changelog (a tombstone last).
+        let waiting = waiting_key("fabrikam/d1");
+        let last = fx
+            .changes
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == waiting)
+            .unwrap();
+        assert!(last.1.is_empty());
+    }
+
+    #[test]
+    fn waiting_records_are_restored_from_the_changelog() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        d.handle(&assigned(0, "fabrikam/d1"), 0, &mut fx);
+        // A new owner of the partition restores what was written, and the request comes.
+        let mut restored = Deliveries::default();
+        restored.restore(1, fx.changes.into_iter().collect());
+        let mut fx = Effects::default();
+        let request = record(
+            1,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        restored.handle(&request, 1_000, &mut fx);
+        assert_eq!(stages(&fx), [Stage::Created, Stage::HeadedToPickup]);
     }
 
     #[test]

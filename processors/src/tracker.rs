@@ -34,9 +34,12 @@ pub const SPEC: Spec = Spec {
 
 /// Fixes remembered per drone, for an assignment that comes after them.
 const RECENT_FIXES_PER_DRONE: usize = 16;
-/// Drones whose recent fixes are remembered, per partition; past it, the memory of a
-/// partition starts anew (unknown drone ids cannot grow it without bound).
+/// Drones whose recent fixes are remembered, per partition; past it, or past
+/// [`RECENT_BYTES_PER_PARTITION`], the memory of a partition starts anew (unknown drone
+/// ids and large fixes cannot grow it without bound).
 const RECENT_DRONES_PER_PARTITION: usize = 20_000;
+/// Bytes of remembered fixes per partition.
+const RECENT_BYTES_PER_PARTITION: usize = 8 * 1024 * 1024;
 
 /// A drone's latest fixes: when each was taken (milliseconds) and its bytes.
 type RecentFixes = VecDeque<(i64, Vec<u8>)>;
@@ -46,6 +49,7 @@ type RecentFixes = VecDeque<(i64, Vec<u8>)>;
 pub struct Tracker {
     drones: HashMap<i32, HashMap<String, Assignment>>,
     recent: HashMap<i32, HashMap<String, RecentFixes>>,
+    recent_bytes: HashMap<i32, usize>,
 }
 
 /// When a fix was taken, in milliseconds (None when the payload is not a valid fix).
@@ -77,6 +81,7 @@ impl Machine for Tracker {
     fn forget(&mut self, partition: i32) {
         self.drones.remove(&partition);
         self.recent.remove(&partition);
+        self.recent_bytes.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
@@ -120,14 +125,21 @@ impl Machine for Tracker {
         }
         let drone = record.key_text();
         if let Some(at) = fix_millis(payload) {
-            if recent.len() >= RECENT_DRONES_PER_PARTITION && !recent.contains_key(drone) {
+            let bytes = self.recent_bytes.entry(record.partition).or_default();
+            if (recent.len() >= RECENT_DRONES_PER_PARTITION && !recent.contains_key(drone))
+                || *bytes + payload.len() > RECENT_BYTES_PER_PARTITION
+            {
                 recent.clear();
+                *bytes = 0;
             }
             let fixes = recent.entry(drone.to_owned()).or_default();
-            if fixes.len() == RECENT_FIXES_PER_DRONE {
-                fixes.pop_front();
+            if fixes.len() == RECENT_FIXES_PER_DRONE
+                && let Some((_, oldest)) = fixes.pop_front()
+            {
+                *bytes -= oldest.len();
             }
             fixes.push_back((at, payload.to_vec()));
+            *bytes += payload.len();
         }
         match drones.get(drone) {
             Some(a) => effects.outputs.push(forward(

@@ -77,11 +77,19 @@ impl KafkaCluster {
         remove_clusters_of_dead_processes(&root);
         let dir = root.join(format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()));
         let pid = std::process::id().to_string();
-        let out = run_script(
+        let started = run_script(
             &["start", "--nodes", &nodes.to_string(), "--owner-pid", &pid],
             &dir,
-        )
-        .with_context(|| format!("starting a {nodes}-node Apache Kafka cluster"))?;
+        );
+        let out = match started {
+            Ok(out) => out,
+            Err(e) => {
+                // Whatever did start is stopped now, not when this process ends.
+                let _ = run_script(&["stop", "--now"], &dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.context(format!("starting a {nodes}-node Apache Kafka cluster")));
+            }
+        };
         let bootstrap = out
             .lines()
             .last()
@@ -119,19 +127,21 @@ impl KafkaCluster {
     /// The three-node cluster this test binary shares between its tests (started by the
     /// first test that asks). Tests on it use their own tenants and ids; tests that stop
     /// brokers or need the cluster to themselves take [`exclusive`] first.
+    ///
+    /// A cluster that could not be started fails every test that asks, with the reason,
+    /// without trying again.
     pub fn shared() -> &'static KafkaCluster {
-        static SHARED: OnceLock<KafkaCluster> = OnceLock::new();
-        SHARED.get_or_init(|| match std::env::var_os("DRONEDELIVERY_TEST_KAFKA_DIR") {
-            Some(dir) => KafkaCluster::existing(Path::new(&dir))
-                .unwrap_or_else(|e| panic!("DRONEDELIVERY_TEST_KAFKA_DIR: {e:#}")),
-            None => Self::start_shared(),
-        })
-    }
-
-    fn start_shared() -> KafkaCluster {
-        match KafkaCluster::start(3) {
+        static SHARED: OnceLock<std::result::Result<KafkaCluster, String>> = OnceLock::new();
+        let shared =
+            SHARED.get_or_init(|| match std::env::var_os("DRONEDELIVERY_TEST_KAFKA_DIR") {
+                Some(dir) => KafkaCluster::existing(Path::new(&dir))
+                    .map_err(|e| format!("DRONEDELIVERY_TEST_KAFKA_DIR: {e:#}")),
+                None => KafkaCluster::start(3)
+                    .map_err(|e| format!("a real Kafka cluster is needed for this test: {e:#}")),
+            });
+        match shared {
             Ok(cluster) => cluster,
-            Err(e) => panic!("a real Kafka cluster is needed for this test: {e:#}"),
+            Err(reason) => panic!("{reason}"),
         }
     }
 
@@ -151,8 +161,11 @@ impl KafkaCluster {
     }
 
     /// The node (1-based) whose broker has Kafka node id `id` (they are the same).
-    pub fn node_of_broker(&self, id: i32) -> usize {
-        usize::try_from(id).unwrap_or(0)
+    pub fn node_of_broker(&self, id: i32) -> Result<usize> {
+        usize::try_from(id)
+            .ok()
+            .filter(|n| (1..=self.nodes).contains(n))
+            .with_context(|| format!("no node has broker id {id}"))
     }
 
     /// SIGKILL node `n` (1-based); returns once it is gone.

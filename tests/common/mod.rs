@@ -182,11 +182,15 @@ pub async fn history_scalar(data: &str, sql: &str) -> Result<i64> {
     let history =
         analytics::sql::History::open(data, &analytics::sql::QueryLimits::default()).await?;
     let result = history.query(sql).await.with_context(|| sql.to_owned())?;
-    Ok(result.batches.first().map_or(0, |b| {
-        b.column(0)
-            .as_primitive::<arrow::datatypes::Int64Type>()
-            .value(0)
-    }))
+    Ok(result
+        .batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .map_or(0, |b| {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0)
+        }))
 }
 
 /// Waits (up to `limit`) until `sql` over the history in `data` answers `expected`.
@@ -296,4 +300,49 @@ pub async fn unfinished_deliveries(data: &str, prefix: &str, limit: usize) -> Re
         requested.len(),
         &unfinished[..unfinished.len().min(limit)]
     ))
+}
+
+/// Waits (up to `limit`) until `delivery_requests` holds every id of `accepted` for
+/// `owner`, then checks that it holds each exactly once and nothing else of that owner.
+pub async fn history_holds_exactly(
+    data: &str,
+    owner: &str,
+    accepted: &std::collections::BTreeSet<String>,
+    limit: Duration,
+) -> Result<()> {
+    let sql = format!("SELECT delivery_id FROM delivery_requests WHERE owner_id = '{owner}'");
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let rows = history_strings(data, &sql).await?;
+        let found: std::collections::BTreeSet<String> = rows.iter().cloned().collect();
+        if accepted.is_subset(&found) {
+            if rows.len() != found.len() || found != *accepted {
+                bail!(
+                    "{owner}: {} rows, {} distinct ids, {} accepted: not exactly the accepted records",
+                    rows.len(),
+                    found.len(),
+                    accepted.len()
+                );
+            }
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<_> = accepted.difference(&found).take(10).collect();
+            bail!(
+                "{owner}: after {limit:?} the history lacks {} of {} accepted ids, e.g. {missing:?}",
+                accepted.difference(&found).count(),
+                accepted.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A temporary folder for a test's history: the folder (removed when dropped) and the
+/// history root inside it.
+pub fn history_folder() -> Result<(tempfile::TempDir, String)> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("history");
+    let data = data.to_str().context("a UTF-8 temporary path")?.to_owned();
+    Ok((dir, data))
 }
