@@ -26,7 +26,6 @@ const SETTLE_HISTORY: Duration = Duration::from_secs(180);
 
 /// One test's pipeline under load: the cluster, every service, the history's folder.
 struct Run {
-    name: &'static str,
     topology: Topology,
     _dir: tempfile::TempDir,
     writer: Writer,
@@ -53,7 +52,6 @@ impl Run {
         // The load runs for a while before the fault.
         tokio::time::sleep(Duration::from_secs(5)).await;
         Ok(Self {
-            name,
             topology,
             _dir: dir,
             writer,
@@ -68,7 +66,7 @@ impl Run {
         if client_rules {
             check_clients(&report)?;
         }
-        let figures = settle(self.name, &self.topology.data, &report, fault).await?;
+        let figures = settle(&report.ids, &self.topology.data, &report, fault).await?;
         self.topology.stop_all()?;
         Ok(figures)
     }
@@ -152,7 +150,9 @@ async fn settle(owner: &str, data: &str, report: &WriterReport, fault: Instant) 
             .collect();
         let ids: BTreeSet<String> = history_strings(
             data,
-            &format!("SELECT delivery_id FROM delivery_requests WHERE owner_id = '{owner}'"),
+            &format!(
+                "SELECT delivery_id FROM delivery_requests WHERE delivery_id LIKE '{owner}-%'"
+            ),
         )
         .await?
         .into_iter()
@@ -177,7 +177,7 @@ async fn settle(owner: &str, data: &str, report: &WriterReport, fault: Instant) 
 
     let rows = history_strings(
         data,
-        &format!("SELECT delivery_id FROM delivery_requests WHERE owner_id = '{owner}'"),
+        &format!("SELECT delivery_id FROM delivery_requests WHERE delivery_id LIKE '{owner}-%'"),
     )
     .await?;
     let distinct: BTreeSet<&String> = rows.iter().collect();
@@ -249,6 +249,26 @@ async fn settle(owner: &str, data: &str, report: &WriterReport, fault: Instant) 
         bail!("{owner}: the history is not exactly the accepted records: {figures:?}");
     }
     Ok(figures)
+}
+
+/// Sets a topic's configs, trying again for a while: right after brokers came back the
+/// cluster may not take AlterConfigs yet.
+async fn alter_soon(
+    settings: &bus::ClientSettings,
+    topic: &str,
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match bus::alter_topic(settings, topic, configs).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("altering {topic}: {e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The node leading most partitions of `delivery-requests`.
@@ -346,7 +366,9 @@ async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> 
     let _turn = exclusive().await;
     // The restarted processors restore from changelogs that the cleaner compacts while
     // the test runs (segments roll every second), not from their whole history.
-    let settings = KafkaCluster::shared().settings();
+    let cluster = KafkaCluster::shared();
+    cluster.start_all()?;
+    let settings = cluster.settings();
     bus::ensure_topics(&settings, &topics::ALL).await?;
     let changelogs = [
         topics::DELIVERY_STATE.name,
@@ -354,7 +376,7 @@ async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> 
         topics::TRACKING_STATE.name,
     ];
     for changelog in changelogs {
-        bus::alter_topic(
+        alter_soon(
             &settings,
             changelog,
             &[
@@ -365,18 +387,23 @@ async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> 
         )
         .await?;
     }
-    let mut run = Run::start("processorkill", -95).await?;
-    let fault = Instant::now();
-    for processor in ["workflow", "scheduling", "tracking", "deliveries"] {
-        run.topology.kill(processor)?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        run.topology.add(processor)?;
-        tokio::time::sleep(Duration::from_secs(4)).await;
+    let outcome = async {
+        let mut run = Run::start("processorkill", -95).await?;
+        let fault = Instant::now();
+        for processor in ["workflow", "scheduling", "tracking", "deliveries"] {
+            run.topology.kill(processor)?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            run.topology.add(processor)?;
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        run.finish(fault, true).await
     }
-    let figures = run.finish(fault, true).await?;
+    .await;
+    // The changelogs get their settings back whatever happened.
     for changelog in changelogs {
-        bus::alter_topic(&settings, changelog, &[("cleanup.policy", "compact")]).await?;
+        alter_soon(&settings, changelog, &[("cleanup.policy", "compact")]).await?;
     }
+    let figures = outcome?;
     // At-least-once processing: kills may repeat work. The figure is the point here.
     eprintln!(
         "processor kills: {} second assignments, {} repeated events",

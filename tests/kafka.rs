@@ -249,10 +249,10 @@ async fn the_history_stays_exactly_once_across_sink_restarts() -> Result<()> {
         (0, 0),
         "{report:?}"
     );
-    history_holds_exactly(data, "sinkrestart", &report.accepted, HISTORY).await?;
+    history_holds_exactly(data, &report.ids, &report.accepted, HISTORY).await?;
     sink.stop()?;
     // Still exactly so once the last sink has stopped.
-    history_holds_exactly(data, "sinkrestart", &report.accepted, HISTORY).await?;
+    history_holds_exactly(data, &report.ids, &report.accepted, HISTORY).await?;
     ingest.stop()
 }
 
@@ -407,25 +407,28 @@ async fn every_group_grows_to_three_members_and_shrinks_back_under_traffic() -> 
         (0, 0),
         "{report:?}"
     );
-    history_holds_exactly(data, "scaling", &report.accepted, HISTORY).await?;
+    let ids = &report.ids;
+    history_holds_exactly(data, ids, &report.accepted, HISTORY).await?;
     if let Err(e) = history_reaches(
         data,
-        "SELECT count(DISTINCT delivery_id) FROM delivery_events \
-         WHERE delivery_id LIKE 'scaling-%' AND stage = 'Completed'",
+        &format!(
+            "SELECT count(DISTINCT delivery_id) FROM delivery_events \
+             WHERE delivery_id LIKE '{ids}-%' AND stage = 'Completed'"
+        ),
         n,
         HISTORY,
     )
     .await
     {
-        bail!(
-            "{e:#}; {}",
-            unfinished_deliveries(data, "scaling", 10).await?
-        );
+        bail!("{e:#}; {}", unfinished_deliveries(data, ids, 10).await?);
     }
     assert_eq!(
         history_scalar(
             data,
-            "SELECT count(DISTINCT delivery_id) FROM drone_assignments WHERE delivery_id LIKE 'scaling-%'"
+            &format!(
+                "SELECT count(DISTINCT delivery_id) FROM drone_assignments \
+                 WHERE delivery_id LIKE '{ids}-%'"
+            )
         )
         .await?,
         n,
@@ -434,18 +437,25 @@ async fn every_group_grows_to_three_members_and_shrinks_back_under_traffic() -> 
     // Processing is at-least-once: a rebalance may repeat work. Reported, not asserted.
     let repeated_assignments = history_scalar(
         data,
-        "SELECT count(*) - count(DISTINCT delivery_id) FROM drone_assignments WHERE delivery_id LIKE 'scaling-%'",
+        &format!(
+            "SELECT count(*) - count(DISTINCT delivery_id) FROM drone_assignments \
+             WHERE delivery_id LIKE '{ids}-%'"
+        ),
     )
     .await?;
     let repeated_events = history_scalar(
         data,
-        "SELECT count(*) - count(DISTINCT concat(delivery_id, '/', CAST(seq AS VARCHAR))) \
-         FROM delivery_events WHERE delivery_id LIKE 'scaling-%'",
+        &format!(
+            "SELECT count(*) - count(DISTINCT concat(delivery_id, '/', CAST(seq AS VARCHAR))) \
+             FROM delivery_events WHERE delivery_id LIKE '{ids}-%'"
+        ),
     )
     .await?;
     eprintln!(
         "scaling 1 -> 3 -> 1 members: {n} deliveries accepted and completed; \
          {repeated_assignments} second assignments, {repeated_events} repeated events"
     );
-    topology.stop_all()
+    topology.stop_all()?;
+    // Still exactly the accepted requests once every sink has stopped.
+    history_holds_exactly(data, ids, &report.accepted, HISTORY).await
 }

@@ -40,9 +40,14 @@ pub const SPEC: Spec = Spec {
 pub const EARLY_WAIT_MS: i64 = 60_000;
 /// Records waiting per delivery; past it, the oldest fix makes room (an assignment stays).
 const EARLY_RECORDS_PER_DELIVERY: usize = 64;
-/// Payload bytes of waiting records per partition; past it, the deliveries that waited
-/// longest give up first.
+/// Bytes of records waiting per delivery (one changelog value, far below Kafka's record
+/// size limit); past it, the oldest fix makes room.
+const EARLY_BYTES_PER_DELIVERY: usize = 128 * 1024;
+/// Bytes of waiting records per partition; past it, the deliveries that waited longest
+/// give up first.
 const EARLY_BYTES_PER_PARTITION: usize = 8 * 1024 * 1024;
+/// Deliveries with waiting records per partition; past it, the same.
+const EARLY_DELIVERIES_PER_PARTITION: usize = 10_000;
 /// Changelog keys of waiting records start with this byte (offset markers with 0), then
 /// the delivery's key.
 const WAITING: u8 = 1;
@@ -52,6 +57,9 @@ const WAITING: u8 = 1;
 struct Early {
     since_ms: i64,
     records: Vec<Held>,
+    /// What the records take, roughly (kept up to date, not stored).
+    #[serde(skip)]
+    bytes: usize,
 }
 
 /// One waiting record: what applying it later needs.
@@ -89,6 +97,16 @@ impl Held {
                 .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
                 .collect(),
         }
+    }
+
+    /// Roughly what it takes in memory and in the changelog.
+    fn size(&self) -> usize {
+        64 + self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| 8 + k.len() + v.len())
+                .sum::<usize>()
     }
 
     fn is_assignment(&self) -> bool {
@@ -136,10 +154,11 @@ impl Machine for Deliveries {
         let mut early = HashMap::new();
         for (k, v) in entries {
             if k.first() == Some(&WAITING) {
-                if let (Ok(key), Ok(waiting)) = (
+                if let (Ok(key), Ok(mut waiting)) = (
                     String::from_utf8(k[1..].to_vec()),
                     serde_json::from_slice::<Early>(&v),
                 ) {
+                    waiting.bytes = waiting.records.iter().map(Held::size).sum();
                     early.insert(key, waiting);
                 }
             } else if let (Ok(key), Ok(state)) = (
@@ -184,15 +203,20 @@ impl Deliveries {
         let partition = record.partition;
         let key = record.key_text().to_owned();
         let held = Held::of(record);
-        // The byte budget: the deliveries that waited longest give up first.
+        let early = self.early.entry(partition).or_default();
+        if early
+            .get(&key)
+            .is_some_and(|e| e.records.iter().any(|r| r.offset == held.offset))
+        {
+            // Replayed after a crash: already waiting.
+            return;
+        }
+        // The budgets: the deliveries that waited longest give up first.
         loop {
             let early = self.early.entry(partition).or_default();
-            let bytes: usize = early
-                .values()
-                .flat_map(|e| &e.records)
-                .map(|r| r.payload.len())
-                .sum();
-            if bytes + held.payload.len() <= EARLY_BYTES_PER_PARTITION || early.is_empty() {
+            let bytes: usize = early.values().map(|e| e.bytes).sum();
+            let fits = early.len() < EARLY_DELIVERIES_PER_PARTITION || early.contains_key(&key);
+            if (fits && bytes + held.size() <= EARLY_BYTES_PER_PARTITION) || early.is_empty() {
                 break;
             }
             let Some(oldest) = early
@@ -208,15 +232,25 @@ impl Deliveries {
         let waiting = early.entry(key.clone()).or_insert_with(|| Early {
             since_ms: now_ms,
             records: Vec::new(),
+            bytes: 0,
         });
-        if waiting.records.len() >= EARLY_RECORDS_PER_DELIVERY
-            && let Some(oldest_fix) = waiting.records.iter().position(|r| !r.is_assignment())
+        waiting.records.push(held);
+        // One changelog value stays far below a record's size limit: the oldest fixes
+        // make room (an assignment stays).
+        while waiting.records.len() > EARLY_RECORDS_PER_DELIVERY
+            || waiting.records.iter().map(Held::size).sum::<usize>() > EARLY_BYTES_PER_DELIVERY
         {
-            waiting.records.remove(oldest_fix);
+            match waiting.records.iter().position(|r| !r.is_assignment()) {
+                Some(oldest_fix) => {
+                    waiting.records.remove(oldest_fix);
+                }
+                None => {
+                    waiting.records.pop();
+                    break;
+                }
+            }
         }
-        if waiting.records.len() < EARLY_RECORDS_PER_DELIVERY {
-            waiting.records.push(held);
-        }
+        waiting.bytes = waiting.records.iter().map(Held::size).sum();
         effects.changes.push((
             waiting_key(&key),
             serde_json::to_vec(&*waiting).unwrap_or_default(),
@@ -577,5 +611,62 @@ mod tests {
             "the lost delivery's drone, and d1's cancel"
         );
         assert!(d.early[&1].is_empty());
+    }
+
+    #[test]
+    fn waiting_records_are_bounded_and_keep_the_assignment() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        d.handle(&assigned(0, "fabrikam/d1"), 0, &mut fx);
+        let fix = |offset: i64, pad: usize| {
+            Record {
+            headers: vec![
+                (
+                    h::EVENT_TYPE.into(),
+                    h::event_type::DRONE_POSITION_REPORTED.as_bytes().to_vec(),
+                ),
+                (h::DRONE_ID.into(), b"47:-123-s1".to_vec()),
+            ],
+            ..record(
+                offset,
+                h::event_type::DRONE_POSITION_REPORTED,
+                format!(
+                    r#"{{"latitude":47.6,"longitude":-122.3,"timestamp":"2026-11-24T10:00:00Z","pad":"{}"}}"#,
+                    "x".repeat(pad)
+                )
+                .as_bytes(),
+            )
+        }
+        };
+        for offset in 1..200 {
+            d.handle(&fix(offset, 4_000), 0, &mut fx);
+        }
+        // A replayed record is not held twice.
+        d.handle(&fix(199, 4_000), 0, &mut fx);
+        let waiting = &d.early[&1]["fabrikam/d1"];
+        assert!(waiting.records.len() <= EARLY_RECORDS_PER_DELIVERY);
+        assert!(
+            waiting.bytes <= EARLY_BYTES_PER_DELIVERY,
+            "{}",
+            waiting.bytes
+        );
+        assert!(waiting.records[0].is_assignment(), "the assignment stays");
+        assert_eq!(
+            waiting.records.last().unwrap().offset,
+            199,
+            "the newest fixes stay"
+        );
+        assert_eq!(
+            waiting.records.iter().filter(|r| r.offset == 199).count(),
+            1
+        );
+        // Every changelog value written stays under the per-delivery budget (plus JSON).
+        let waiting_key = waiting_key("fabrikam/d1");
+        assert!(
+            fx.changes
+                .iter()
+                .filter(|(k, _)| *k == waiting_key)
+                .all(|(_, v)| v.len() < 2 * EARLY_BYTES_PER_DELIVERY)
+        );
     }
 }

@@ -302,15 +302,16 @@ pub async fn unfinished_deliveries(data: &str, prefix: &str, limit: usize) -> Re
     ))
 }
 
-/// Waits (up to `limit`) until `delivery_requests` holds every id of `accepted` for
-/// `owner`, then checks that it holds each exactly once and nothing else of that owner.
+/// Waits (up to `limit`) until `delivery_requests` holds every id of `accepted`, then
+/// checks that it holds each exactly once and no other id starting `ids-`.
 pub async fn history_holds_exactly(
     data: &str,
-    owner: &str,
+    ids: &str,
     accepted: &std::collections::BTreeSet<String>,
     limit: Duration,
 ) -> Result<()> {
-    let sql = format!("SELECT delivery_id FROM delivery_requests WHERE owner_id = '{owner}'");
+    let owner = ids;
+    let sql = format!("SELECT delivery_id FROM delivery_requests WHERE delivery_id LIKE '{ids}-%'");
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let rows = history_strings(data, &sql).await?;

@@ -14,6 +14,8 @@ use super::{call, client, request_in};
 /// What the writer saw.
 #[derive(Debug, Default)]
 pub struct WriterReport {
+    /// What every id of this run starts with: `PREFIX-RUN`.
+    pub ids: String,
     /// Ids of the records answered as accepted.
     pub accepted: BTreeSet<String>,
     /// Records sent.
@@ -73,6 +75,7 @@ impl WriterReport {
 
 /// Batches posted from a few connections until stopped.
 pub struct Writer {
+    ids: String,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<WriterReport>>,
 }
@@ -155,13 +158,20 @@ impl Writer {
                 })
             })
             .collect();
-        Self { stop, tasks }
+        Self {
+            ids: format!("{prefix}-{run}"),
+            stop,
+            tasks,
+        }
     }
 
     /// Stops writing; what every connection saw.
     pub async fn finish(self) -> Result<WriterReport> {
         self.stop.cancel();
-        let mut total = WriterReport::default();
+        let mut total = WriterReport {
+            ids: self.ids,
+            ..WriterReport::default()
+        };
         for task in self.tasks {
             total.merge(task.await?);
         }
