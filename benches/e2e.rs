@@ -13,19 +13,35 @@
 //! 4. **memory**: the peak resident memory of each service process, and its resident
 //!    memory over time under sustained overload (offered far more than it can take).
 //!
+//! It does so twice, in two passes: on the **embedded broker** (librdkafka's mock
+//! cluster, in memory, in this process) and on **Apache Kafka**, a three-node KRaft
+//! cluster (`deploy/tools/kafka`, replication factor 3, `min.insync.replicas=2`) that the
+//! bench starts on 127.0.0.1. On the embedded broker every phase gets a fresh one; on
+//! Kafka the phases share the cluster, the whole pipeline first, each run of it with a
+//! history of its own. The cluster is first warmed up by a minute of the whole pipeline
+//! whose figures are not kept (`--warm-up SECONDS`): its JVMs start cold.
+//! `--brokers HOST:PORT` makes the Kafka pass use a cluster of your own instead (give it
+//! fresh topics for comparable figures). `--only embedded|kafka` runs one pass.
+//!
 //! The services run as their own processes (the release binary built with this bench);
-//! the broker and the load generator run in this one. Each phase gets a fresh embedded
-//! broker (librdkafka's mock cluster, in memory) unless `--brokers HOST:PORT` names a
-//! real one, which all phases then share (give it fresh topics for comparable figures).
+//! the embedded broker and the load generator run in this one, the Kafka nodes are `java`
+//! processes, all on the same cores.
 //!
-//! The report goes to `benches/results/` (or `--out DIR`): `e2e.json`, `e2e.md` and
-//! `e2e.svg` (throughput and latency by batch size).
+//! The report goes to `benches/results/` (or `--out DIR`): `e2e.json`, `e2e.md` (the two
+//! passes side by side, then each in full) and `e2e.svg` (throughput and latency by
+//! batch size, both passes).
 //!
-//! `cargo bench --bench e2e [-- --brokers HOST:PORT] [--seconds N] [--out DIR]`;
-//! `--pipeline-rate` (records/s, default 100,000) and `--single-rate` (requests/s,
-//! default 30,000) set the offered rates of the open-loop phases.
+//! `cargo bench --bench e2e [-- --only embedded|kafka] [--brokers HOST:PORT] [--nodes N]
+//! [--warm-up SECONDS] [--seconds N] [--out DIR]`; `--pipeline-rate` (records/s, default 100,000) and
+//! `--single-rate` (requests/s, default 30,000) set the offered rates of the open-loop
+//! phases.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+
+/// The test harness's real Kafka cluster (`deploy/tools/kafka`), shared with this bench.
+#[path = "../tests/common/kafka.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod kafka;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -52,9 +68,37 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dronedelivery");
 
+/// The whole pipeline's lag backpressure in both passes (`run`'s default with the embedded
+/// broker; off by default with `--brokers`), so that the passes differ in the broker only.
+const MAX_CONSUMER_LAG: &str = "20000";
+
+/// Which broker a pass runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// librdkafka's mock cluster, a fresh one per phase.
+    Embedded,
+    /// Apache Kafka: a fresh cluster per phase started by the bench, or `--brokers`.
+    Kafka,
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Kafka => "kafka",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Args {
+    /// The Kafka pass's cluster, instead of one the bench starts.
     brokers: Option<String>,
+    passes: Vec<Pass>,
+    /// Nodes of the cluster the bench starts (1 or 3).
+    nodes: usize,
+    /// Seconds of load that warm a new Kafka cluster up before it is measured.
+    warm_up: f64,
     seconds: f64,
     out: PathBuf,
     pipeline_rate: f64,
@@ -64,6 +108,9 @@ struct Args {
 fn args() -> Args {
     let mut args = Args {
         brokers: None,
+        passes: vec![Pass::Embedded, Pass::Kafka],
+        nodes: 3,
+        warm_up: 60.0,
         seconds: 10.0,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
         pipeline_rate: 100_000.0,
@@ -78,6 +125,18 @@ fn args() -> Args {
         };
         match arg.as_str() {
             "--brokers" => args.brokers = Some(value()),
+            "--only" => {
+                args.passes = match value().as_str() {
+                    "embedded" => vec![Pass::Embedded],
+                    "kafka" => vec![Pass::Kafka],
+                    other => panic!("--only embedded|kafka, not {other}"),
+                }
+            }
+            "--nodes" => {
+                args.nodes = value().parse().expect("--nodes 1|3");
+                assert!(matches!(args.nodes, 1 | 3), "--nodes 1|3");
+            }
+            "--warm-up" => args.warm_up = value().parse().expect("--warm-up SECONDS"),
             "--seconds" => args.seconds = value().parse().expect("--seconds N"),
             "--out" => args.out = PathBuf::from(value()),
             "--pipeline-rate" => args.pipeline_rate = value().parse().expect("records/s"),
@@ -101,29 +160,81 @@ fn main() {
 /// The broker of a phase.
 enum Broker {
     Embedded(EmbeddedBroker),
+    /// Started for this phase; stopped and removed when dropped.
+    Cluster(kafka::KafkaCluster),
     External(String),
 }
 
 impl Broker {
-    /// A new embedded broker, or the given one (its topics created if missing).
-    async fn fresh(args: &Args) -> Self {
-        match &args.brokers {
-            Some(b) => {
-                bus::ensure_topics(&ClientSettings::plain(b), &topics::ALL)
-                    .await
-                    .unwrap();
-                Self::External(b.clone())
+    /// A new embedded broker or Kafka cluster, or the given one, with every topic.
+    async fn fresh(args: &Args, pass: Pass) -> Self {
+        let broker = match (pass, &args.brokers) {
+            (Pass::Embedded, _) => {
+                return Self::Embedded(EmbeddedBroker::start(1, &topics::ALL).unwrap());
             }
-            None => Self::Embedded(EmbeddedBroker::start(1, &topics::ALL).unwrap()),
-        }
+            (Pass::Kafka, Some(b)) => Self::External(b.clone()),
+            (Pass::Kafka, None) => {
+                let nodes = args.nodes;
+                let cluster =
+                    tokio::task::spawn_blocking(move || kafka::KafkaCluster::start(nodes))
+                        .await
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("{e:#}"));
+                Self::Cluster(cluster)
+            }
+        };
+        bus::ensure_topics(&ClientSettings::plain(broker.bootstrap()), &topics::ALL)
+            .await
+            .unwrap();
+        broker
     }
 
     fn bootstrap(&self) -> String {
         match self {
             Self::Embedded(b) => b.bootstrap_servers().to_owned(),
+            Self::Cluster(c) => c.bootstrap().to_owned(),
             Self::External(b) => b.clone(),
         }
     }
+
+    /// Stops a cluster started for the phase (off the async threads).
+    async fn stop(self) {
+        if let Self::Cluster(cluster) = self {
+            tokio::task::spawn_blocking(move || drop(cluster))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// What the broker of a pass is, for the report.
+fn broker_label(args: &Args, pass: Pass) -> String {
+    match (pass, &args.brokers) {
+        (Pass::Embedded, _) => "embedded (librdkafka mock cluster)".to_owned(),
+        (Pass::Kafka, Some(b)) => format!("Kafka-compatible cluster at {b}"),
+        (Pass::Kafka, None) => format!(
+            "Apache Kafka {}, {} KRaft node{} on 127.0.0.1{}",
+            kafka_version(),
+            args.nodes,
+            if args.nodes == 1 { "" } else { "s" },
+            if args.nodes == 3 {
+                " (replication factor 3, min.insync.replicas=2)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+/// The Kafka version `deploy/tools/kafka` pins.
+fn kafka_version() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tools/kafka");
+    std::fs::read_to_string(script)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("KAFKA_VERSION="))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "?".into())
 }
 
 /// A service process; killed when dropped.
@@ -226,23 +337,136 @@ async fn bench(args: Args) {
     let started = chrono::Utc::now();
     std::fs::create_dir_all(&args.out).unwrap();
     println!("end-to-end benchmark, {} s per phase", args.seconds);
+    if args.passes.contains(&Pass::Kafka) && args.brokers.is_none() {
+        // Java and the jars are checked (and fetched) before any pass runs.
+        kafka::KafkaCluster::fetch().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let mut passes = Vec::new();
+    for &pass in &args.passes {
+        passes.push(run_pass(&args, pass).await);
+        // Written after each pass, so that a failed later pass keeps the earlier ones.
+        let results = json!({
+            "started": started.to_rfc3339(),
+            "machine": machine(),
+            "commit": commit(),
+            "seconds_per_phase": args.seconds,
+            "max_consumer_lag": MAX_CONSUMER_LAG.parse::<u64>().unwrap(),
+            "command": command(&args),
+            "passes": passes,
+        });
+        write_report(&args.out, &results);
+    }
+}
 
-    // The whole pipeline first: with a shared (external) broker its consumers would
-    // otherwise begin by reading everything the other phases produced. Saturated
-    // (offered more than it takes), then at 80% of the end-to-end rate that gave, to see
-    // that it keeps up and how fresh the history is.
-    let saturated = whole_pipeline(&args, args.pipeline_rate).await;
+/// `e2e.json`, `e2e.svg` and `e2e.md` in `out`; prints the summary.
+fn write_report(out: &Path, results: &Value) {
+    std::fs::write(
+        out.join("e2e.json"),
+        serde_json::to_string_pretty(results).unwrap() + "\n",
+    )
+    .unwrap();
+    std::fs::write(out.join("e2e.svg"), chart(results)).unwrap();
+    let summary = markdown(results);
+    std::fs::write(out.join("e2e.md"), &summary).unwrap();
+    println!("\n{summary}");
+    println!("report written to {}", out.display());
+}
+
+/// The command that reproduces this run (its options that differ from the defaults).
+fn command(args: &Args) -> String {
+    let mut command = String::from("cargo bench --bench e2e");
+    let mut options = Vec::new();
+    if args.passes.len() == 1 {
+        options.push(format!("--only {}", args.passes[0].name()));
+    }
+    if let Some(brokers) = &args.brokers {
+        options.push(format!("--brokers {brokers}"));
+    }
+    for (flag, value, default) in [
+        ("--nodes", args.nodes as f64, 3.0),
+        ("--warm-up", args.warm_up, 60.0),
+        ("--seconds", args.seconds, 10.0),
+        ("--pipeline-rate", args.pipeline_rate, 100_000.0),
+        ("--single-rate", args.single_rate, 30_000.0),
+    ] {
+        if (value - default).abs() > f64::EPSILON {
+            options.push(format!("{flag} {value}"));
+        }
+    }
+    if !options.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&options.join(" "));
+    }
+    command
+}
+
+/// The HTTP tier's closed-loop phases: (batch size, connections).
+const HTTP_TIERS: [(u32, u32); 3] = [(1, 256), (100, 16), (10_000, 4)];
+
+/// Runs `phase` on `shared`, or on a fresh embedded broker of its own.
+async fn on_broker<F, Fut>(args: &Args, pass: Pass, shared: Option<&Broker>, phase: F) -> Value
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    if let Some(broker) = shared {
+        return phase(broker.bootstrap()).await;
+    }
+    let broker = Broker::fresh(args, pass).await;
+    let result = phase(broker.bootstrap()).await;
+    broker.stop().await;
+    result
+}
+
+/// Records/s offered while a Kafka cluster warms up.
+const WARM_UP_RATE: f64 = 5_000.0;
+
+/// Every phase on one kind of broker.
+///
+/// On the embedded broker every phase gets a fresh one. On Kafka the phases share one
+/// cluster, as they would share a long-running one, and the whole pipeline runs first
+/// (otherwise its consumers would begin by reading what the other phases produced).
+/// Each pipeline run has a history of its own and its consumer groups begin where the
+/// previous run's left off. A new cluster is first warmed up by a pipeline run whose
+/// figures are not kept: its JVMs start cold, and the first minute of load measured
+/// several times slower per request here.
+async fn run_pass(args: &Args, pass: Pass) -> Value {
+    let broker = broker_label(args, pass);
+    println!("\n== {broker} ==");
+    let shared = match pass {
+        Pass::Kafka => Some(Broker::fresh(args, pass).await),
+        Pass::Embedded => None,
+    };
+    if let Some(cluster) = &shared
+        && args.warm_up > 0.0
+    {
+        println!(
+            "warming the cluster up: the whole pipeline for {:.0} s",
+            args.warm_up
+        );
+        let _ = whole_pipeline(&cluster.bootstrap(), WARM_UP_RATE, args.warm_up).await;
+    }
+
+    // The whole pipeline: saturated (offered more than it takes), then at 80% of the
+    // end-to-end rate that gave, to see that it keeps up and how fresh the history is.
+    let saturated = on_broker(args, pass, shared.as_ref(), |b| async move {
+        whole_pipeline(&b, args.pipeline_rate, args.seconds).await
+    })
+    .await;
     let capacity = saturated["end_to_end_deliveries_per_sec"]
         .as_f64()
         .unwrap_or(10_000.0);
-    let sustained =
-        whole_pipeline(&args, (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0).await;
+    let sustained_rate = (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0;
+    let sustained = on_broker(args, pass, shared.as_ref(), |b| async move {
+        whole_pipeline(&b, sustained_rate, args.seconds).await
+    })
+    .await;
 
     // The raw producer: the ceiling for the HTTP tier.
-    let raw = {
-        let broker = Broker::fresh(&args).await;
-        raw_producer(&broker.bootstrap(), args.seconds).await
-    };
+    let raw = on_broker(args, pass, shared.as_ref(), |b| async move {
+        raw_producer(&b, args.seconds).await
+    })
+    .await;
     println!(
         "raw producer: {:.0} records/s ({:.1} MB/s)",
         raw["records_per_sec"].as_f64().unwrap_or_default(),
@@ -251,25 +475,37 @@ async fn bench(args: Args) {
 
     // The HTTP tier by batch size (closed loop), then single requests at a fixed rate.
     let mut http = Vec::new();
-    for (batch, connections) in [(1, 256), (100, 16), (10_000, 4)] {
-        http.push(http_tier(&args, batch, connections, None).await);
+    for (batch, connections) in HTTP_TIERS {
+        http.push(
+            on_broker(args, pass, shared.as_ref(), |b| async move {
+                http_tier(args, &b, batch, connections, None).await
+            })
+            .await,
+        );
     }
-    let single_open = http_tier(&args, 1, 256, Some(args.single_rate)).await;
+    let single_open = on_broker(args, pass, shared.as_ref(), |b| async move {
+        http_tier(args, &b, 1, 256, Some(args.single_rate)).await
+    })
+    .await;
 
     // Memory under sustained overload.
-    let overload = overload(&args).await;
+    let overload = on_broker(args, pass, shared.as_ref(), |b| async move {
+        overload(args, &b).await
+    })
+    .await;
+    if let Some(shared) = shared {
+        shared.stop().await;
+    }
 
     let raw_rate = raw["records_per_sec"].as_f64().unwrap_or(1.0).max(1.0);
     let bulk_rate = http
         .last()
         .and_then(|r| r["report"]["records_per_sec"].as_f64())
         .unwrap_or_default();
-    let results = json!({
-        "started": started.to_rfc3339(),
-        "machine": machine(),
-        "commit": commit(),
-        "broker": args.brokers.clone().unwrap_or_else(|| "embedded (librdkafka mock cluster)".into()),
-        "seconds_per_phase": args.seconds,
+    json!({
+        "pass": pass.name(),
+        "broker": broker,
+        "warm_up_secs": if pass == Pass::Kafka { args.warm_up } else { 0.0 },
         "raw_producer": raw,
         "http_tier": http,
         "single_open_loop": single_open,
@@ -277,17 +513,7 @@ async fn bench(args: Args) {
         "pipeline": saturated,
         "pipeline_sustained": sustained,
         "overload": overload,
-    });
-    std::fs::write(
-        args.out.join("e2e.json"),
-        serde_json::to_string_pretty(&results).unwrap() + "\n",
-    )
-    .unwrap();
-    std::fs::write(args.out.join("e2e.svg"), chart(&results)).unwrap();
-    let summary = markdown(&results);
-    std::fs::write(args.out.join("e2e.md"), &summary).unwrap();
-    println!("\n{summary}");
-    println!("report written to {}", args.out.display());
+    })
 }
 
 /// Tasks producing at once in the raw producer phase (the tier, too, produces from
@@ -295,15 +521,38 @@ async fn bench(args: Args) {
 const RAW_TASKS: usize = 4;
 
 /// Phase 1: generated requests straight to the broker, each acknowledged, from
-/// `RAW_TASKS` tasks sharing one producer.
+/// `RAW_TASKS` tasks sharing one producer, after a second of warm-up (connections and
+/// producer), as the HTTP tier gets.
 async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
+    let producer = reachable_producer(bootstrap, topics::DELIVERY_REQUESTS.name);
+    let records = generated_records();
+    let _ = produce_for(&producer, &records, 1.0).await;
+    let (sent, acked, failed, bytes, secs) = produce_for(&producer, &records, seconds).await;
+    json!({
+        "tasks": RAW_TASKS,
+        "records_sent": sent,
+        "records_acked": acked,
+        "records_failed": failed,
+        "elapsed_secs": secs,
+        "records_per_sec": acked as f64 / secs,
+        "mb_per_sec": bytes as f64 / 1e6 / secs,
+    })
+}
+
+/// An acknowledged producer (the tier's settings) that has reached `topic`.
+fn reachable_producer(bootstrap: &str, topic: &str) -> Producer {
     let settings = ClientSettings::plain(bootstrap);
     let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
     producer
-        .check_reachable(topics::DELIVERY_REQUESTS.name, Duration::from_secs(10))
+        .check_reachable(topic, Duration::from_secs(10))
         .unwrap();
+    producer
+}
+
+/// 50,000 generated requests: (key, tenant, body).
+fn generated_records() -> Arc<Vec<(String, String, String)>> {
     let mut generator = schemas::generate::Generator::new(1, 50);
-    let records: Arc<Vec<(String, String, String)>> = Arc::new(
+    Arc::new(
         (0..50_000)
             .map(|i| {
                 let (tenant, body) = generator.request();
@@ -311,7 +560,16 @@ async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
                 (schemas::delivery_key(&tenant, &id), tenant, body)
             })
             .collect(),
-    );
+    )
+}
+
+/// `RAW_TASKS` tasks producing for `seconds`: (sent, acked, failed, bytes, seconds from
+/// the start until the last acknowledgement).
+async fn produce_for(
+    producer: &Producer,
+    records: &Arc<Vec<(String, String, String)>>,
+    seconds: f64,
+) -> (u64, u64, u64, u64, f64) {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     let mut tasks = tokio::task::JoinSet::new();
@@ -331,15 +589,7 @@ async fn raw_producer(bootstrap: &str, seconds: f64) -> Value {
         last_ack = last_ack.max(last);
     }
     let secs = last_ack.duration_since(start).as_secs_f64().max(1e-3);
-    json!({
-        "tasks": RAW_TASKS,
-        "records_sent": sent,
-        "records_acked": acked,
-        "records_failed": failed,
-        "elapsed_secs": secs,
-        "records_per_sec": acked as f64 / secs,
-        "mb_per_sec": bytes as f64 / 1e6 / secs,
-    })
+    (sent, acked, failed, bytes, secs)
 }
 
 /// One producing task: sends until `end`, at most 100,000 records awaiting their ack;
@@ -411,11 +661,15 @@ async fn raw_task(
     (sent, acked, failed, bytes, last_ack)
 }
 
-/// Phase 2: the ingestion tier alone, on a fresh broker.
-async fn http_tier(args: &Args, batch: u32, connections: u32, rate: Option<f64>) -> Value {
-    let broker = Broker::fresh(args).await;
-    let bootstrap = broker.bootstrap();
-    let service = Service::start(&["ingest", "--brokers", &bootstrap, "--listen", "127.0.0.1:0"]);
+/// Phase 2: the ingestion tier alone.
+async fn http_tier(
+    args: &Args,
+    bootstrap: &str,
+    batch: u32,
+    connections: u32,
+    rate: Option<f64>,
+) -> Value {
+    let service = Service::start(&["ingest", "--brokers", bootstrap, "--listen", "127.0.0.1:0"]);
     // Warm up: connections, producer, broker.
     let _ = load(load_config(&service.base, batch, connections, 1.0)).await;
     let mut config = load_config(&service.base, batch, connections, args.seconds);
@@ -425,7 +679,6 @@ async fn http_tier(args: &Args, batch: u32, connections: u32, rate: Option<f64>)
     let report = load(config).await;
     let peak = service.peak_rss();
     service.stop();
-    drop(broker);
     println!(
         "http tier, batch {batch}, {connections} connections{}:\n{report}",
         rate.map(|r| format!(", open loop at {r:.0} calls/s"))
@@ -449,34 +702,30 @@ async fn count(history: &History, sql: &str) -> i64 {
     }
 }
 
-/// Phase 3: the whole pipeline at a fixed offered rate, with freshness probes.
-async fn whole_pipeline(args: &Args, rate: f64) -> Value {
-    let broker = Broker::fresh(args).await;
-    let bootstrap = broker.bootstrap();
+/// Phase 3: the whole pipeline at a fixed offered rate for `seconds`, with freshness
+/// probes.
+async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Value {
     let data = tempfile::tempdir().unwrap();
     let data_path = data.path().to_str().unwrap().to_owned();
-    let mut flags = vec![
+    let flags = [
         "run",
         "--brokers",
-        &bootstrap,
+        bootstrap,
         "--listen",
         "127.0.0.1:0",
         "--flight-listen",
         "off",
         "--data",
         &data_path,
+        "--max-consumer-lag",
+        MAX_CONSUMER_LAG,
     ];
-    if args.brokers.is_none() {
-        // The broker is this process's embedded one: the same backpressure as `run`
-        // gives itself with its own.
-        flags.extend(["--max-consumer-lag", "20000"]);
-    }
     let service = Service::start(&flags);
     let history = History::open(&data_path, &QueryLimits::default())
         .await
         .unwrap();
-    // Each pass names its own tenants and probes (a shared broker may still hold the
-    // previous pass's records).
+    // Each run names its own tenants and probes (a shared broker may still hold the
+    // previous run's records).
     let run = format!("bench{}r{rate:.0}", std::process::id());
 
     // Wait until the consumers have joined and the sink writes: one probe seen.
@@ -514,7 +763,8 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
         tokio::spawn(async move { probes(client, history, run, stop).await })
     };
 
-    let mut config = load_config(&service.base, 1000, 8, args.seconds);
+    let records_before = topic_records(bootstrap).await;
+    let mut config = load_config(&service.base, 1000, 8, seconds);
     config.rate = rate;
     config.tenant_prefix = format!("{run}-tenant-");
     let sampler = RssSampler::start(service.pid());
@@ -527,7 +777,8 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
 
     // Drain: until every accepted request is a row and has its `Created` event. Events
     // carry the caller's tenant, not the body's owner, so they are counted cheaply in
-    // total (this phase's broker and history are fresh) and then exactly, by a join.
+    // total (this run's history is fresh, and its sink begins where the previous run's
+    // left off; a late event of that run may count) and then exactly, by a join.
     let requests_sql =
         format!("SELECT count(*) FROM delivery_requests WHERE owner_id LIKE '{run}-tenant-%'");
     let probes_sql =
@@ -566,30 +817,20 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
     .as_secs_f64();
     let freshness = probe_task.await.unwrap();
     let events = count(&history, &exact_events_sql).await;
-    // Records on each topic (as retained: the embedded broker drops the oldest past
-    // 5 MiB per partition), per delivery.
-    let names: Vec<&str> = topics::ALL.iter().map(|t| t.name).collect();
-    let counter = bus::LagWatch::new(
-        &ClientSettings::plain(&bootstrap),
-        &[("dronedelivery-bench-counter", &names)],
-    )
-    .unwrap();
+    // Records this run added to each topic (as retained: the embedded broker drops the
+    // oldest past 5 MiB per partition), per delivery.
     let mut per_topic = serde_json::Map::new();
     let mut total = 0i64;
-    for lag in tokio::task::spawn_blocking(move || counter.lags(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        total += lag.lag;
-        let entry = per_topic.entry(lag.topic).or_insert(json!(0));
-        *entry = json!(entry.as_i64().unwrap_or(0) + lag.lag);
+    for (topic, after) in topic_records(bootstrap).await {
+        let added = after - records_before.get(&topic).copied().unwrap_or(0);
+        total += added;
+        per_topic.insert(topic, json!(added));
     }
+    // The first probe's records were there before the load.
     let probes_total = count(&history, &probes_sql).await;
-    let per_delivery = total as f64 / (accepted + probes_total).max(1) as f64;
+    let per_delivery = total as f64 / (accepted + probes_total - 1).max(1) as f64;
     let peak = service.peak_rss();
     service.stop();
-    drop(broker);
     let end_to_end = rows.min(events) as f64 / all_in;
     // Kept up: took everything offered (no refusal, nothing left unsent), lost nothing,
     // and had it all queryable within 5 s of the load's end.
@@ -622,6 +863,26 @@ async fn whole_pipeline(args: &Args, rate: f64) -> Value {
         "rss_mb_at_half_load": rss_at(&samples, load_secs / 2.0),
         "rss_mb_at_end_of_load": rss_at(&samples, load_secs),
     })
+}
+
+/// Records retained on each of the pipeline's topics.
+async fn topic_records(bootstrap: &str) -> std::collections::BTreeMap<String, i64> {
+    let names: Vec<&str> = topics::ALL.iter().map(|t| t.name).collect();
+    // A group that never commits: its lag is every retained record.
+    let counter = bus::LagWatch::new(
+        &ClientSettings::plain(bootstrap),
+        &[("dronedelivery-bench-counter", &names)],
+    )
+    .unwrap();
+    let mut per_topic = std::collections::BTreeMap::new();
+    for lag in tokio::task::spawn_blocking(move || counter.lags(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        *per_topic.entry(lag.topic).or_insert(0) += lag.lag;
+    }
+    per_topic
 }
 
 /// Posts single probe requests of the owner `RUN-probe`.
@@ -727,10 +988,8 @@ async fn probes(client: Probe, history: History, run: String, stop: Arc<AtomicBo
 
 /// Phase 4: far more offered than the tier can take, for a while; its resident memory
 /// over time.
-async fn overload(args: &Args) -> Value {
-    let broker = Broker::fresh(args).await;
-    let bootstrap = broker.bootstrap();
-    let service = Service::start(&["ingest", "--brokers", &bootstrap, "--listen", "127.0.0.1:0"]);
+async fn overload(args: &Args, bootstrap: &str) -> Value {
+    let service = Service::start(&["ingest", "--brokers", bootstrap, "--listen", "127.0.0.1:0"]);
     let pid = service.pid();
     let seconds = args.seconds * 2.0;
     let sampler = RssSampler::start(pid);
@@ -744,7 +1003,6 @@ async fn overload(args: &Args) -> Value {
     let at = |fraction: f64| rss_at(&samples, seconds * fraction);
     let rss_now = mb(service.rss());
     service.stop();
-    drop(broker);
     let (half, end) = (at(0.5), at(1.0));
     println!(
         "overload (1,000 connections, 2M records/s offered, {seconds:.0} s):\n{report}  resident MB at 25/50/75/100%: {:.0} {:.0} {:.0} {:.0}; peak {:.0}",
@@ -845,15 +1103,184 @@ fn markdown(r: &Value) -> String {
     let _ = writeln!(out, "# End-to-end benchmark\n");
     let _ = writeln!(
         out,
-        "{} · {} cores · {} GiB · broker: {} · commit {} · {} s per phase\n",
+        "{} · {} cores · {} GiB · commit {} · {} s per phase · `run` with lag backpressure at {} records in both passes\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["memory_gib"],
-        r["broker"].as_str().unwrap_or("?"),
         r["commit"].as_str().unwrap_or("?"),
         r["seconds_per_phase"],
+        r["max_consumer_lag"],
     );
-    let _ = writeln!(out, "Reproduce: `cargo bench --bench e2e`\n");
+    let _ = writeln!(
+        out,
+        "Reproduce: `{}`\n",
+        r["command"].as_str().unwrap_or("cargo bench --bench e2e")
+    );
+    let passes: Vec<&Value> = r["passes"].as_array().into_iter().flatten().collect();
+    side_by_side(&mut out, &passes);
+    for pass in &passes {
+        pass_markdown(&mut out, pass);
+    }
+    let _ = writeln!(out, "![throughput and latency by batch size](e2e.svg)");
+    out
+}
+
+/// The headline figures of every pass, one column each.
+fn side_by_side(out: &mut String, passes: &[&Value]) {
+    let _ = writeln!(out, "## The passes side by side\n");
+    let mut header = String::from("| figure |");
+    let mut rule = String::from("| --- |");
+    for pass in passes {
+        let _ = write!(header, " {} |", short_label(pass));
+        rule.push_str(" ---: |");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    let latency = |e: &Value| {
+        let l = &e["report"]["latency_ms"];
+        format!(
+            "{} · p50 {} / p99 {} ms",
+            thousands(f(&e["report"]["records_per_sec"])),
+            num(f(&l["p50"]), 1),
+            num(f(&l["p99"]), 1)
+        )
+    };
+    let mut line = |what: &str, cell: &dyn Fn(&Value) -> String| {
+        let mut row = format!("| {what} |");
+        for pass in passes {
+            let _ = write!(row, " {} |", cell(pass));
+        }
+        let _ = writeln!(out, "{row}");
+    };
+    line(
+        &format!("raw producer, records/s ({RAW_TASKS} tasks, one producer)"),
+        &|p| thousands(f(&p["raw_producer"]["records_per_sec"])),
+    );
+    for (i, (batch, connections)) in HTTP_TIERS.into_iter().enumerate() {
+        line(
+            &format!("HTTP, batch {batch} ({connections} connections, closed loop), records/s"),
+            &|p| latency(&p["http_tier"][i]),
+        );
+    }
+    line("HTTP, single requests in open loop, records/s", &|p| {
+        latency(&p["single_open_loop"])
+    });
+    line(
+        "HTTP tier efficiency (batch 10,000 over the raw producer)",
+        &|p| format!("{}", num(f(&p["http_tier_efficiency"]), 2)),
+    );
+    line("whole pipeline, saturated: accepted records/s", &|p| {
+        let e = &p["pipeline"];
+        format!(
+            "{} of {} offered · {} answers 503",
+            thousands(f(&e["report"]["records_per_sec"])),
+            thousands(f(&e["offered_records_per_sec"])),
+            e["report"]["by_status"]["503"].as_u64().unwrap_or(0)
+        )
+    });
+    line("whole pipeline, saturated: deliveries/s end to end", &|p| {
+        let e = &p["pipeline"];
+        format!(
+            "{} · {} lost",
+            thousands(f(&e["end_to_end_deliveries_per_sec"])),
+            e["lost"]
+        )
+    });
+    line(
+        "whole pipeline, sustained (80% of its own end-to-end rate)",
+        &|p| {
+            let e = &p["pipeline_sustained"];
+            format!(
+                "{}/s offered · kept up: {} · all in {} s after the load",
+                thousands(f(&e["offered_records_per_sec"])),
+                if e["kept_up"].as_bool().unwrap_or(false) {
+                    "yes"
+                } else {
+                    "no"
+                },
+                num(f(&e["drain_secs"]), 1)
+            )
+        },
+    );
+    line("history freshness, sustained (ack until queryable)", &|p| {
+        let fresh = &p["pipeline_sustained"]["freshness_secs"];
+        format!(
+            "p50 {} / p99 {} s",
+            num(f(&fresh["p50"]), 2),
+            num(f(&fresh["p99"]), 2)
+        )
+    });
+    line("Kafka records per delivery", &|p| {
+        format!(
+            "{}",
+            num(f(&p["pipeline_sustained"]["kafka_records_per_delivery"]), 2)
+        )
+    });
+    line("`run` peak resident MB (saturated / sustained)", &|p| {
+        format!(
+            "{} / {}",
+            num(f(&p["pipeline"]["peak_rss_mb"]), 0),
+            num(f(&p["pipeline_sustained"]["peak_rss_mb"]), 0)
+        )
+    });
+    line("`ingest` resident MB under overload (end / peak)", &|p| {
+        format!(
+            "{} / {}",
+            num(f(&p["overload"]["rss_mb"]["end"]), 0),
+            num(f(&p["overload"]["peak_rss_mb"]), 0)
+        )
+    });
+    let _ = writeln!(out);
+}
+
+/// `v` with `digits` decimals, or `?` when it is missing.
+fn num(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "?".to_owned()
+    }
+}
+
+/// A pass's name for a column or a legend.
+fn short_label(pass: &Value) -> String {
+    match pass["pass"].as_str() {
+        Some("embedded") => "embedded broker".to_owned(),
+        _ => {
+            let broker = pass["broker"].as_str().unwrap_or("Apache Kafka");
+            broker
+                .split(" on ")
+                .next()
+                .unwrap_or(broker)
+                .split(" at ")
+                .next()
+                .unwrap_or(broker)
+                .to_owned()
+        }
+    }
+}
+
+/// `1234567.8` as `1,234,568`.
+fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "?".to_owned();
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < -0.5 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// One pass in full: every phase's row, then the pipeline, records and memory.
+fn pass_markdown(out: &mut String, r: &Value) {
+    let _ = writeln!(out, "## {}\n", r["broker"].as_str().unwrap_or("?"));
     let raw = &r["raw_producer"];
     let _ = writeln!(
         out,
@@ -896,7 +1323,7 @@ fn markdown(r: &Value) -> String {
     };
     for entry in r["http_tier"].as_array().into_iter().flatten() {
         row(
-            &mut out,
+            out,
             format!(
                 "HTTP, batch {} ({} connections, closed loop)",
                 entry["batch_size"], entry["connections"]
@@ -906,7 +1333,7 @@ fn markdown(r: &Value) -> String {
     }
     let single = &r["single_open_loop"];
     row(
-        &mut out,
+        out,
         format!(
             "HTTP, single requests, open loop at {:.0}/s ({} connections)",
             f(&single["report"]["rate"]),
@@ -918,7 +1345,7 @@ fn markdown(r: &Value) -> String {
     let sustained = &r["pipeline_sustained"];
     for (what, entry) in [("saturated", p), ("sustained", sustained)] {
         row(
-            &mut out,
+            out,
             format!(
                 "whole pipeline, {what}: batch 1000, open loop at {:.0}/s",
                 f(&entry["offered_records_per_sec"])
@@ -928,7 +1355,7 @@ fn markdown(r: &Value) -> String {
     }
     let o = &r["overload"];
     row(
-        &mut out,
+        out,
         format!(
             "HTTP under overload (1,000 connections, 2M/s offered; {} calls due were never sent, their wait is not in the latencies)",
             o["report"]["not_sent"]
@@ -977,7 +1404,7 @@ fn markdown(r: &Value) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "**Kafka records per delivery** (sustained pass, every topic): {:.2} ({}).\n",
+        "**Kafka records per delivery** (sustained run, every topic, as retained): {:.2} ({}).\n",
         f(&sustained["kafka_records_per_delivery"]),
         topics.join(", ")
     );
@@ -993,30 +1420,39 @@ fn markdown(r: &Value) -> String {
         f(&o["growth_second_half_mb"]),
         f(&o["peak_rss_mb"]),
     );
-    let _ = writeln!(out, "![throughput and latency by batch size](e2e.svg)");
-    out
 }
 
-/// Two panels: accepted records/s by batch size (with the raw producer as a line), and
-/// p50/p99 latency by batch size (log scale).
+/// Two panels, one colour per pass: accepted records/s by batch size (each pass's raw
+/// producer as a dashed line, its figure in the legend), and p50 (solid) and p99 (dashed) latency by batch size
+/// on a log scale.
 fn chart(r: &Value) -> String {
-    let entries: Vec<&Value> = r["http_tier"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default();
-    let raw = f(&r["raw_producer"]["records_per_sec"]);
-    let rates: Vec<f64> = entries
-        .iter()
-        .map(|e| f(&e["report"]["records_per_sec"]))
-        .collect();
-    let labels: Vec<String> = entries
+    const COLORS: [&str; 2] = ["#4878a8", "#d35400"];
+    let passes: Vec<&Value> = r["passes"].as_array().into_iter().flatten().collect();
+    let tiers =
+        |pass: &Value| -> Vec<Value> { pass["http_tier"].as_array().cloned().unwrap_or_default() };
+    let labels: Vec<String> = passes
+        .first()
+        .map(|p| tiers(p))
+        .unwrap_or_default()
         .iter()
         .map(|e| format!("batch {}", e["batch_size"]))
         .collect();
-    let top = rates.iter().copied().chain([raw]).fold(1.0, f64::max) * 1.15;
-    let (w, h, pad) = (900.0, 380.0, 60.0);
+    let raws: Vec<f64> = passes
+        .iter()
+        .map(|p| f(&p["raw_producer"]["records_per_sec"]))
+        .collect();
+    let top = passes
+        .iter()
+        .flat_map(|p| tiers(p))
+        .map(|e| f(&e["report"]["records_per_sec"]))
+        .chain(raws.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.15;
+    let (w, h, pad) = (900.0, 420.0, 60.0);
     let panel = (w - 3.0 * pad) / 2.0;
-    let plot_h = h - 2.0 * pad;
+    let plot_h = h - 2.5 * pad;
+    let y0 = h - 1.5 * pad;
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -1028,9 +1464,8 @@ fn chart(r: &Value) -> String {
         pad + panel / 2.0,
         2.0 * pad + panel * 1.5
     );
-    // Left panel: bars.
+    // Left panel: bars, one per pass in each batch size's slot.
     let x0 = pad;
-    let y0 = h - pad;
     let _ = writeln!(
         svg,
         r##"<line x1="{x0}" y1="{y0}" x2="{}" y2="{y0}" stroke="black"/>"##,
@@ -1038,7 +1473,8 @@ fn chart(r: &Value) -> String {
     );
     let _ = writeln!(
         svg,
-        r##"<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{pad}" stroke="black"/>"##
+        r##"<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{}" stroke="black"/>"##,
+        y0 - plot_h
     );
     for i in 0..=4 {
         let v = top * f64::from(i) / 4.0;
@@ -1052,31 +1488,44 @@ fn chart(r: &Value) -> String {
             x0 + panel
         );
     }
-    let slot = panel / rates.len().max(1) as f64;
-    for (i, (rate, label)) in rates.iter().zip(&labels).enumerate() {
-        let bh = plot_h * rate / top;
-        let x = x0 + slot * i as f64 + slot * 0.2;
+    let slot = panel / labels.len().max(1) as f64;
+    let bar = slot * 0.7 / passes.len().max(1) as f64;
+    for (k, pass) in passes.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        for (i, e) in tiers(pass).iter().enumerate() {
+            let rate = f(&e["report"]["records_per_sec"]);
+            if !rate.is_finite() {
+                continue;
+            }
+            let bh = plot_h * rate / top;
+            let x = x0 + slot * i as f64 + slot * 0.15 + bar * k as f64;
+            let _ = writeln!(
+                svg,
+                r##"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{bh:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"##,
+                y0 - bh,
+                x + bar / 2.0,
+                y0 - bh - 4.0,
+                human(rate),
+            );
+        }
+        let raw = raws[k];
+        if raw.is_finite() {
+            let ry = y0 - plot_h * raw / top;
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x0}" y1="{ry:.1}" x2="{}" y2="{ry:.1}" stroke="{color}" stroke-dasharray="6 4"/>"##,
+                x0 + panel,
+            );
+        }
+    }
+    for (i, label) in labels.iter().enumerate() {
         let _ = writeln!(
             svg,
-            r##"<rect x="{x}" y="{}" width="{}" height="{bh}" fill="#4878a8"/><text x="{}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle">{label}</text>"##,
-            y0 - bh,
-            slot * 0.6,
-            x + slot * 0.3,
-            y0 - bh - 4.0,
-            human(*rate),
-            x + slot * 0.3,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text>"##,
+            x0 + slot * (i as f64 + 0.5),
             y0 + 16.0
         );
     }
-    let ry = y0 - plot_h * raw / top;
-    let _ = writeln!(
-        svg,
-        r##"<line x1="{x0}" y1="{ry}" x2="{}" y2="{ry}" stroke="#c0392b" stroke-dasharray="6 4"/><text x="{}" y="{}" fill="#c0392b">raw producer {}</text>"##,
-        x0 + panel,
-        x0 + 4.0,
-        ry - 4.0,
-        human(raw)
-    );
     // Right panel: p50 and p99 on a log scale from 0.1 ms to 10 s.
     let x1 = 2.0 * pad + panel;
     let _ = writeln!(
@@ -1086,7 +1535,8 @@ fn chart(r: &Value) -> String {
     );
     let _ = writeln!(
         svg,
-        r##"<line x1="{x1}" y1="{y0}" x2="{x1}" y2="{pad}" stroke="black"/>"##
+        r##"<line x1="{x1}" y1="{y0}" x2="{x1}" y2="{}" stroke="black"/>"##,
+        y0 - plot_h
     );
     let (lo, hi) = (-1.0_f64, 4.0_f64);
     let ly = |ms: f64| y0 - plot_h * ((ms.max(0.1).log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
@@ -1106,49 +1556,71 @@ fn chart(r: &Value) -> String {
             x1 + panel
         );
     }
-    for (series, color, key) in [("p50", "#4878a8", "p50"), ("p99", "#e67e22", "p99")] {
-        let points: Vec<(f64, f64)> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                (
-                    x1 + slot * (i as f64 + 0.5),
-                    ly(f(&e["report"]["latency_ms"][key])),
-                )
-            })
-            .collect();
-        let path: Vec<String> = points
-            .iter()
-            .map(|(x, y)| format!("{x:.1},{y:.1}"))
-            .collect();
-        let _ = writeln!(
-            svg,
-            r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"##,
-            path.join(" ")
-        );
-        // p99 labels above their points, p50 below.
-        let dy = if key == "p99" { -8.0 } else { 16.0 };
-        for (i, (x, y)) in points.iter().enumerate() {
+    for (k, pass) in passes.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let entries = tiers(pass);
+        // The passes' points side by side in each slot, the first one's labels on its
+        // left, the others' on their right.
+        let shift = (k as f64 - (passes.len() as f64 - 1.0) / 2.0) * 14.0;
+        let (anchor, dx) = if k == 0 && passes.len() > 1 {
+            ("end", -6.0)
+        } else {
+            ("start", 6.0)
+        };
+        for (key, dash) in [("p50", ""), ("p99", r#" stroke-dasharray="6 4""#)] {
+            let points: Vec<(f64, f64, f64)> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let ms = f(&e["report"]["latency_ms"][key]);
+                    (x1 + slot * (i as f64 + 0.5) + shift, ly(ms), ms)
+                })
+                .filter(|p| p.2.is_finite())
+                .collect();
+            let path: Vec<String> = points
+                .iter()
+                .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
+                .collect();
             let _ = writeln!(
                 svg,
-                r##"<circle cx="{x}" cy="{y}" r="4" fill="{color}"/><text x="{}" y="{}" fill="{color}">{series} {:.1}</text>"##,
-                x + 6.0,
-                y + dy,
-                f(&entries[i]["report"]["latency_ms"][key])
+                r##"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"##,
+                path.join(" ")
             );
+            for (x, y, ms) in &points {
+                let _ = writeln!(
+                    svg,
+                    r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{color}"/><text x="{:.1}" y="{:.1}" fill="{color}" font-size="10" text-anchor="{anchor}">{key} {ms:.1}</text>"##,
+                    x + dx,
+                    y + if key == "p99" { -6.0 } else { 12.0 },
+                );
+            }
         }
     }
     for (i, label) in labels.iter().enumerate() {
         let _ = writeln!(
             svg,
-            r##"<text x="{}" y="{}" text-anchor="middle">{label}</text>"##,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle">{label}</text>"##,
             x1 + slot * (i as f64 + 0.5),
             y0 + 16.0
         );
     }
+    // Legend: one swatch per pass.
+    for (k, pass) in passes.iter().enumerate() {
+        let x = pad + 400.0 * k as f64;
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{} (raw producer {}, dashed)</text>"##,
+            h - 50.0,
+            COLORS[k % COLORS.len()],
+            x + 18.0,
+            h - 40.0,
+            short_label(pass),
+            human(raws[k]),
+        );
+    }
     let _ = writeln!(
         svg,
-        r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">{} · {} cores · closed loop · commit {}</text>"##,
+        r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">{} · {} cores · closed loop · p99 dashed · commit {}</text>"##,
         w / 2.0,
         h - 12.0,
         r["machine"]["cpu"].as_str().unwrap_or(""),

@@ -1,5 +1,6 @@
-//! A real Apache Kafka cluster for the tests: KRaft nodes started by `deploy/tools/kafka`
-//! as `java` processes on 127.0.0.1.
+//! A real Apache Kafka cluster for the tests and the end-to-end benchmark
+//! (`benches/e2e.rs` includes this file): KRaft nodes started by `deploy/tools/kafka` as
+//! `java` processes on 127.0.0.1.
 //!
 //! A cluster is stopped when dropped, also when a test panics; the script's watchdog stops
 //! it once the test process is gone (a cluster shared by a test file lives in a static,
@@ -51,8 +52,9 @@ fn run_script(args: &[&str], dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Where the clusters of the tests keep their folders: one per cluster, named by the test
-/// process that owns it, so that the folders of processes that are gone can be removed.
+/// Where the clusters of the tests (and the benchmark) keep their folders: one per
+/// cluster, named by the process that owns it, so that the folders of processes that
+/// are gone can be removed.
 fn clusters_root() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("kafka")
 }
@@ -69,6 +71,22 @@ fn remove_clusters_of_dead_processes(root: &Path) {
 }
 
 impl KafkaCluster {
+    /// Checks Java and fetches the jars (once per machine); the reason when it cannot.
+    pub fn fetch() -> Result<()> {
+        let output = Command::new(script())
+            .arg("fetch")
+            .output()
+            .context("running deploy/tools/kafka fetch")?;
+        if !output.status.success() {
+            bail!(
+                "deploy/tools/kafka fetch failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Formats and starts `nodes` (1 or 3) KRaft nodes; returns once every node answers
     /// metadata.
     pub fn start(nodes: usize) -> Result<Self> {
