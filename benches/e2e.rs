@@ -34,7 +34,8 @@
 //! `cargo bench --bench e2e [-- --only embedded|kafka] [--brokers HOST:PORT] [--nodes N]
 //! [--warm-up SECONDS] [--seconds N] [--out DIR]`; `--pipeline-rate` (records/s, default 100,000) and
 //! `--single-rate` (requests/s, default 30,000) set the offered rates of the open-loop
-//! phases.
+//! phases. `--render FILE` measures nothing and writes `e2e.md` and `e2e.svg` again from
+//! an `e2e.json`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -99,6 +100,8 @@ struct Args {
     nodes: usize,
     /// Seconds of load that warm a new Kafka cluster up before it is measured.
     warm_up: f64,
+    /// Measure nothing: write `e2e.md` and `e2e.svg` again from this `e2e.json`.
+    render: Option<PathBuf>,
     seconds: f64,
     out: PathBuf,
     pipeline_rate: f64,
@@ -111,6 +114,7 @@ fn args() -> Args {
         passes: vec![Pass::Embedded, Pass::Kafka],
         nodes: 3,
         warm_up: 60.0,
+        render: None,
         seconds: 10.0,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
         pipeline_rate: 100_000.0,
@@ -136,6 +140,7 @@ fn args() -> Args {
                 args.nodes = value().parse().expect("--nodes 1|3");
                 assert!(matches!(args.nodes, 1 | 3), "--nodes 1|3");
             }
+            "--render" => args.render = Some(PathBuf::from(value())),
             "--warm-up" => args.warm_up = value().parse().expect("--warm-up SECONDS"),
             "--seconds" => args.seconds = value().parse().expect("--seconds N"),
             "--out" => args.out = PathBuf::from(value()),
@@ -336,11 +341,18 @@ fn load_config(base: &str, batch: u32, connections: u32, seconds: f64) -> Loadge
 async fn bench(args: Args) {
     let started = chrono::Utc::now();
     std::fs::create_dir_all(&args.out).unwrap();
+    if let Some(json) = &args.render {
+        let results: Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        write_summary(&args.out, &results);
+        return;
+    }
     println!("end-to-end benchmark, {} s per phase", args.seconds);
     if args.passes.contains(&Pass::Kafka) && args.brokers.is_none() {
         // Java and the jars are checked (and fetched) before any pass runs.
         kafka::KafkaCluster::fetch().unwrap_or_else(|e| panic!("{e:#}"));
     }
+    // Before the report files (tracked) are written.
+    let commit = commit();
     let mut passes = Vec::new();
     for &pass in &args.passes {
         passes.push(run_pass(&args, pass).await);
@@ -348,7 +360,7 @@ async fn bench(args: Args) {
         let results = json!({
             "started": started.to_rfc3339(),
             "machine": machine(),
-            "commit": commit(),
+            "commit": commit,
             "seconds_per_phase": args.seconds,
             "max_consumer_lag": MAX_CONSUMER_LAG.parse::<u64>().unwrap(),
             "command": command(&args),
@@ -365,6 +377,11 @@ fn write_report(out: &Path, results: &Value) {
         serde_json::to_string_pretty(results).unwrap() + "\n",
     )
     .unwrap();
+    write_summary(out, results);
+}
+
+/// `e2e.svg` and `e2e.md` in `out`; prints the summary.
+fn write_summary(out: &Path, results: &Value) {
     std::fs::write(out.join("e2e.svg"), chart(results)).unwrap();
     let summary = markdown(results);
     std::fs::write(out.join("e2e.md"), &summary).unwrap();
@@ -1082,15 +1099,22 @@ fn machine() -> Value {
     })
 }
 
+/// The commit measured, with `+changes` when the working tree differs from it.
 fn commit() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_default();
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if !changes.is_empty() => format!("{head}+changes"),
+        _ => head,
+    }
 }
 
 fn f(v: &Value) -> f64 {
@@ -1166,7 +1190,7 @@ fn side_by_side(out: &mut String, passes: &[&Value]) {
     });
     line(
         "HTTP tier efficiency (batch 10,000 over the raw producer)",
-        &|p| format!("{}", num(f(&p["http_tier_efficiency"]), 2)),
+        &|p| num(f(&p["http_tier_efficiency"]), 2),
     );
     line("whole pipeline, saturated: accepted records/s", &|p| {
         let e = &p["pipeline"];
@@ -1210,10 +1234,7 @@ fn side_by_side(out: &mut String, passes: &[&Value]) {
         )
     });
     line("Kafka records per delivery", &|p| {
-        format!(
-            "{}",
-            num(f(&p["pipeline_sustained"]["kafka_records_per_delivery"]), 2)
-        )
+        num(f(&p["pipeline_sustained"]["kafka_records_per_delivery"]), 2)
     });
     line("`run` peak resident MB (saturated / sustained)", &|p| {
         format!(
