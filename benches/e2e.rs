@@ -17,11 +17,13 @@
 //! cluster, in memory, in this process) and on **Apache Kafka**, a three-node KRaft
 //! cluster (`deploy/tools/kafka`, replication factor 3, `min.insync.replicas=2`) that the
 //! bench starts on 127.0.0.1. On the embedded broker every phase gets a fresh one; on
-//! Kafka the phases share the cluster, the whole pipeline first, each run of it with a
-//! history of its own. The cluster is first warmed up by a minute of the whole pipeline
-//! whose figures are not kept (`--warm-up SECONDS`): its JVMs start cold.
-//! `--brokers HOST:PORT` makes the Kafka pass use a cluster of your own instead (give it
-//! fresh topics for comparable figures). `--only embedded|kafka` runs one pass.
+//! Kafka the phases share the cluster, the whole pipeline first. The cluster is first
+//! warmed up by a minute of the whole pipeline, reported apart (`--warm-up SECONDS`):
+//! its JVMs start cold. Before each measured run of the pipeline its topics and groups
+//! are deleted and created again, so that it starts from nothing, as on a fresh embedded
+//! broker. `--brokers HOST:PORT` makes the Kafka pass use a cluster of your own instead,
+//! with neither warm-up nor deletion (give it fresh topics for comparable figures).
+//! `--only embedded|kafka` runs one pass.
 //!
 //! The services run as their own processes (the release binary built with this bench);
 //! the embedded broker and the load generator run in this one, the Kafka nodes are `java`
@@ -78,7 +80,7 @@ const MAX_CONSUMER_LAG: &str = "20000";
 enum Pass {
     /// librdkafka's mock cluster, a fresh one per phase.
     Embedded,
-    /// Apache Kafka: a fresh cluster per phase started by the bench, or `--brokers`.
+    /// Apache Kafka: one cluster for the pass, started by the bench, or `--brokers`.
     Kafka,
 }
 
@@ -162,10 +164,10 @@ fn main() {
     runtime.block_on(bench(args));
 }
 
-/// The broker of a phase.
+/// The broker of a phase (embedded) or of a pass (Kafka).
 enum Broker {
     Embedded(EmbeddedBroker),
-    /// Started for this phase; stopped and removed when dropped.
+    /// Started by the bench; stopped and removed when dropped.
     Cluster(kafka::KafkaCluster),
     External(String),
 }
@@ -202,7 +204,103 @@ impl Broker {
         }
     }
 
-    /// Stops a cluster started for the phase (off the async threads).
+    /// Stops a cluster the bench started (off the async threads).
+    /// Deletes the pipeline's topics and consumer groups on a cluster the bench started,
+    /// and creates the topics again: the next run of the whole pipeline starts from
+    /// nothing (no state to restore, every drone free), as on a fresh embedded broker,
+    /// while the cluster's JVMs stay warm. Does nothing to other brokers.
+    async fn reset(&self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use rdkafka::types::RDKafkaErrorCode;
+
+        let Self::Cluster(cluster) = self else {
+            return;
+        };
+        let bootstrap = cluster.bootstrap().to_owned();
+        let config = || {
+            let mut config = rdkafka::ClientConfig::new();
+            config.set("bootstrap.servers", &bootstrap);
+            config
+        };
+        let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The last run has stopped and its members have left; a group that still has
+        // members (a session not expired yet) is tried again.
+        let groups = [
+            topics::groups::WORKFLOW,
+            topics::groups::HISTORY,
+            topics::groups::SCHEDULING,
+            topics::groups::TRACKING,
+            topics::groups::DELIVERIES,
+        ];
+        loop {
+            let failed: Vec<String> = admin
+                .delete_groups(&groups, &options)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|result| match result {
+                    Err((group, code)) if code != RDKafkaErrorCode::GroupIdNotFound => {
+                        Some(format!("{group}: {code}"))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if failed.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deleting the consumer groups: {failed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let names: Vec<&str> = topics::ALL.iter().map(|t| t.name).collect();
+        for result in admin.delete_topics(&names, &options).await.unwrap() {
+            if let Err((topic, code)) = result {
+                assert_eq!(
+                    code,
+                    RDKafkaErrorCode::UnknownTopicOrPartition,
+                    "deleting {topic}"
+                );
+            }
+        }
+        // Creating a topic that is still being deleted fails: wait until the cluster's
+        // metadata lists none of them.
+        let metadata: BaseConsumer = config().create().unwrap();
+        let metadata = Arc::new(metadata);
+        loop {
+            let client = metadata.clone();
+            let left = tokio::task::spawn_blocking(move || {
+                client
+                    .fetch_metadata(None, Duration::from_secs(10))
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .filter(|t| topics::ALL.iter().any(|a| a.name == t.name()))
+                            .count()
+                    })
+                    .unwrap_or(usize::MAX)
+            })
+            .await
+            .unwrap();
+            if left == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline's topics were not deleted within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bus::ensure_topics(&ClientSettings::plain(&bootstrap), &topics::ALL)
+            .await
+            .unwrap();
+    }
+
     async fn stop(self) {
         if let Self::Cluster(cluster) = self {
             tokio::task::spawn_blocking(move || drop(cluster))
@@ -420,7 +518,8 @@ fn command(args: &Args) -> String {
 /// The HTTP tier's closed-loop phases: (batch size, connections).
 const HTTP_TIERS: [(u32, u32); 3] = [(1, 256), (100, 16), (10_000, 4)];
 
-/// Runs `phase` on `shared`, or on a fresh embedded broker of its own.
+/// Runs `phase` on `shared` (the Kafka pass's cluster), or on a fresh broker of its own
+/// (an embedded one).
 async fn on_broker<F, Fut>(args: &Args, pass: Pass, shared: Option<&Broker>, phase: F) -> Value
 where
     F: FnOnce(String) -> Fut,
@@ -443,10 +542,12 @@ const WARM_UP_RATE: f64 = 5_000.0;
 /// On the embedded broker every phase gets a fresh one. On Kafka the phases share one
 /// cluster, as they would share a long-running one, and the whole pipeline runs first
 /// (otherwise its consumers would begin by reading what the other phases produced).
-/// Each pipeline run has a history of its own and its consumer groups begin where the
-/// previous run's left off. A new cluster is first warmed up by a pipeline run whose
-/// figures are not kept: its JVMs start cold, and the first minute of load measured
-/// several times slower per request here.
+/// A cluster the bench started is first warmed up by a run of the whole pipeline, kept
+/// apart in the report (its JVMs start cold: the first minute of load was several times
+/// slower per request here), and its pipeline topics and groups are deleted and created
+/// again before each measured run, so that every run starts from nothing. With
+/// `--brokers`, nothing is deleted: the runs share the topics, and a later run restores
+/// the state of the earlier ones.
 async fn run_pass(args: &Args, pass: Pass) -> Value {
     let broker = broker_label(args, pass);
     println!("\n== {broker} ==");
@@ -454,18 +555,22 @@ async fn run_pass(args: &Args, pass: Pass) -> Value {
         Pass::Kafka => Some(Broker::fresh(args, pass).await),
         Pass::Embedded => None,
     };
-    if let Some(cluster) = &shared
-        && args.warm_up > 0.0
-    {
-        println!(
-            "warming the cluster up: the whole pipeline for {:.0} s",
-            args.warm_up
-        );
-        let _ = whole_pipeline(&cluster.bootstrap(), WARM_UP_RATE, args.warm_up).await;
-    }
+    let warm_up = match &shared {
+        Some(cluster @ Broker::Cluster(_)) if args.warm_up > 0.0 => {
+            println!(
+                "warming the cluster up: the whole pipeline for {:.0} s",
+                args.warm_up
+            );
+            Some(whole_pipeline(&cluster.bootstrap(), WARM_UP_RATE, args.warm_up).await)
+        }
+        _ => None,
+    };
 
     // The whole pipeline: saturated (offered more than it takes), then at 80% of the
     // end-to-end rate that gave, to see that it keeps up and how fresh the history is.
+    if let Some(cluster) = &shared {
+        cluster.reset().await;
+    }
     let saturated = on_broker(args, pass, shared.as_ref(), |b| async move {
         whole_pipeline(&b, args.pipeline_rate, args.seconds).await
     })
@@ -474,6 +579,9 @@ async fn run_pass(args: &Args, pass: Pass) -> Value {
         .as_f64()
         .unwrap_or(10_000.0);
     let sustained_rate = (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0;
+    if let Some(cluster) = &shared {
+        cluster.reset().await;
+    }
     let sustained = on_broker(args, pass, shared.as_ref(), |b| async move {
         whole_pipeline(&b, sustained_rate, args.seconds).await
     })
@@ -522,7 +630,7 @@ async fn run_pass(args: &Args, pass: Pass) -> Value {
     json!({
         "pass": pass.name(),
         "broker": broker,
-        "warm_up_secs": if pass == Pass::Kafka { args.warm_up } else { 0.0 },
+        "warm_up": warm_up,
         "raw_producer": raw,
         "http_tier": http,
         "single_open_loop": single_open,
@@ -745,7 +853,7 @@ async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Value {
     // previous run's records).
     let run = format!("bench{}r{rate:.0}", std::process::id());
 
-    // Wait until the consumers have joined and the sink writes: one probe seen.
+    // Wait until the workflow and the sink run: one probe in the history.
     let client = Probe::new(&service.base, &run);
     let ready = Instant::now();
     let first = client.post(0).await;
@@ -771,6 +879,8 @@ async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Value {
     );
 
     // Probes: one request every 250 ms, each watched until a query sees it.
+    // Before the probe task posts its first probe.
+    let records_before = topic_records(bootstrap).await;
     let stop_probes = Arc::new(AtomicBool::new(false));
     let probe_task = {
         let stop = stop_probes.clone();
@@ -780,7 +890,6 @@ async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Value {
         tokio::spawn(async move { probes(client, history, run, stop).await })
     };
 
-    let records_before = topic_records(bootstrap).await;
     let mut config = load_config(&service.base, 1000, 8, seconds);
     config.rate = rate;
     config.tenant_prefix = format!("{run}-tenant-");
@@ -812,7 +921,12 @@ async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Value {
         rows = count(&history, &requests_sql).await;
         let events = count(&history, events_sql).await;
         let probes = count(&history, &probes_sql).await;
-        if rows >= accepted && events >= accepted + probes {
+        // The cheap count may include another run's events (a shared broker): the
+        // exact one decides.
+        if rows >= accepted
+            && events >= accepted + probes
+            && count(&history, &exact_events_sql).await >= accepted
+        {
             break true;
         }
         if (rows, events) != last {
@@ -1127,7 +1241,7 @@ fn markdown(r: &Value) -> String {
     let _ = writeln!(out, "# End-to-end benchmark\n");
     let _ = writeln!(
         out,
-        "{} · {} cores · {} GiB · commit {} · {} s per phase · `run` with lag backpressure at {} records in both passes\n",
+        "{} · {} cores · {} GiB · commit {} · {} s per phase · `run` with lag backpressure at {} records\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["memory_gib"],
@@ -1159,13 +1273,20 @@ fn side_by_side(out: &mut String, passes: &[&Value]) {
         rule.push_str(" ---: |");
     }
     let _ = writeln!(out, "{header}\n{rule}");
+    // Calls an open-loop run could not send (the service fell behind): their wait is not
+    // in the latencies.
+    let not_sent = |e: &Value| match e["report"]["not_sent"].as_u64().unwrap_or(0) {
+        0 => String::new(),
+        n => format!(" · {} calls not sent", thousands(n as f64)),
+    };
     let latency = |e: &Value| {
         let l = &e["report"]["latency_ms"];
         format!(
-            "{} · p50 {} / p99 {} ms",
+            "{} · p50 {} / p99 {} ms{}",
             thousands(f(&e["report"]["records_per_sec"])),
             num(f(&l["p50"]), 1),
-            num(f(&l["p99"]), 1)
+            num(f(&l["p99"]), 1),
+            not_sent(e)
         )
     };
     let mut line = |what: &str, cell: &dyn Fn(&Value) -> String| {
@@ -1195,10 +1316,11 @@ fn side_by_side(out: &mut String, passes: &[&Value]) {
     line("whole pipeline, saturated: accepted records/s", &|p| {
         let e = &p["pipeline"];
         format!(
-            "{} of {} offered · {} answers 503",
+            "{} of {} offered · {} answers 503{}",
             thousands(f(&e["report"]["records_per_sec"])),
             thousands(f(&e["offered_records_per_sec"])),
-            e["report"]["by_status"]["503"].as_u64().unwrap_or(0)
+            e["report"]["by_status"]["503"].as_u64().unwrap_or(0),
+            not_sent(e)
         )
     });
     line("whole pipeline, saturated: deliveries/s end to end", &|p| {
@@ -1302,6 +1424,17 @@ fn thousands(v: f64) -> String {
 /// One pass in full: every phase's row, then the pipeline, records and memory.
 fn pass_markdown(out: &mut String, r: &Value) {
     let _ = writeln!(out, "## {}\n", r["broker"].as_str().unwrap_or("?"));
+    let warm_up = &r["warm_up"];
+    if warm_up.is_object() {
+        let _ = writeln!(
+            out,
+            "Warmed up first by the whole pipeline, not measured: {} s at {} records/s offered, {} accepted, all in the history {} s after the load started; then the pipeline's topics and groups were deleted and created again before each measured run.\n",
+            num(f(&warm_up["load_secs"]), 0),
+            thousands(f(&warm_up["offered_records_per_sec"])),
+            thousands(f(&warm_up["report"]["accepted"])),
+            num(f(&warm_up["all_queryable_after_secs"]), 1),
+        );
+    }
     let raw = &r["raw_producer"];
     let _ = writeln!(
         out,
