@@ -1,0 +1,5 @@
+//! The `dronedelivery` package's library side: what the binary shares with the programs
+//! that start it (the integration tests, the end-to-end benchmark). It holds no service
+//! logic; the services live in their own crates.
+
+pub mod announce;
