@@ -1,0 +1,79 @@
+//! The process's way to the bus: the Kafka cluster named by the flags, or an embedded
+//! in-memory broker when none is named and the command allows it; a readiness probe that
+//! asks a broker for metadata; and the producer queue's gauge. It does not produce or
+//! consume records itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer};
+use ingest::ops::Readiness;
+use tokio_util::sync::CancellationToken;
+
+/// Brokers from the flags, or an embedded in-memory broker when none are given and
+/// `allow_embedded`. The pipeline's topics exist when it returns.
+pub(crate) async fn connect(
+    kafka: &KafkaArgs,
+    allow_embedded: bool,
+) -> Result<(ClientSettings, Option<EmbeddedBroker>)> {
+    let wants_embedded = kafka.brokers.is_none() && kafka.eventhubs_connection_string.is_none();
+    if wants_embedded && allow_embedded {
+        let broker = EmbeddedBroker::start(1, &schemas::topics::ALL)
+            .context("starting the embedded broker")?;
+        tracing::warn!(
+            bootstrap = broker.bootstrap_servers(),
+            "the bus is IN MEMORY (embedded broker): records not yet in the history are lost \
+             if the process dies; give --brokers for a durable Kafka cluster"
+        );
+        let settings = ClientSettings::from_args(kafka, Some(broker.bootstrap_servers()))?;
+        return Ok((settings, Some(broker)));
+    }
+    let settings = ClientSettings::from_args(kafka, None)?;
+    bus::ensure_topics(&settings, &schemas::topics::ALL)
+        .await
+        .context("creating the pipeline's topics")?;
+    Ok((settings, None))
+}
+
+/// Readiness: a broker answers a metadata request within two seconds.
+pub(crate) fn readiness(settings: &ClientSettings) -> Result<Readiness> {
+    let probe = Arc::new(bus::Reachability::new(settings)?);
+    Ok(Arc::new(move || {
+        let probe = Arc::clone(&probe);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                probe.check(
+                    schemas::topics::DELIVERY_REQUESTS.name,
+                    Duration::from_secs(2),
+                )
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the broker is not reachable: {e}"))
+        })
+    }))
+}
+
+/// Reports the producer's queue (records enqueued and not yet acknowledged) as the gauge
+/// `producer_queue_records` every second, until `stop` is cancelled.
+pub(crate) async fn report_producer_queue(producer: Producer, stop: CancellationToken) {
+    let gauge = metrics::gauge!("producer_queue_records");
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => gauge.set(f64::from(producer.in_flight())),
+        }
+    }
+}
+
+/// Waits (off the async threads) until the producer has delivered what it holds, for at
+/// most ten seconds; says so when it could not.
+pub(crate) async fn flush(producer: Producer) {
+    let flushed =
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "producer flush incomplete");
+    }
+}

@@ -1,0 +1,21 @@
+//! `dronedelivery compact`: one pass of the history's maintenance (merge small files,
+//! delete files no longer needed), then exit; safe beside running writers.
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::CompactArgs;
+
+/// Runs one compaction pass and reports what it did on stderr.
+pub(crate) async fn run(args: CompactArgs) -> Result<()> {
+    let cwd = std::env::current_dir().context("reading the working directory")?;
+    let root = analytics::store::DataRoot::open(&args.data, &cwd)?;
+    let log = analytics::log::Log::open(root).await?;
+    let report =
+        analytics::compact::compact_once(&log, &args.compaction, &CancellationToken::new()).await?;
+    eprintln!(
+        "merged {} files into {}, {} lost a race, {} deleted",
+        report.replaced, report.merged, report.conflicts, report.deleted
+    );
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `dronedelivery history`: the history sink (Kafka to Parquet) alone, against a Kafka
+//! cluster, with a health listener that stays up until it has stopped.
+
+use analytics::sink::OnShutdown;
+use anyhow::Result;
+
+use crate::broker;
+use crate::cli::HistoryArgs;
+use crate::diagnostics::init_metrics;
+use crate::listeners;
+use crate::supervisor::{Supervisor, shutdown_signal};
+
+/// Runs the sink until the process is asked to stop or the sink fails.
+pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
+    let render = init_metrics()?;
+    let (settings, _) = broker::connect(&args.kafka, false).await?;
+    let mut supervisor = Supervisor::new();
+    let (service, stop) = supervisor.stage();
+    let (last, stop_health) = supervisor.stage();
+    if let Some(health) = listeners::health(
+        args.health.health_listen,
+        broker::readiness(&settings)?,
+        render,
+        stop.clone(),
+        stop_health,
+    )
+    .await?
+    {
+        supervisor.spawn_helper(last, "health listener", health);
+    }
+    supervisor.spawn(
+        service,
+        "history sink",
+        analytics::sink::run(args.sink, settings, stop, OnShutdown::Stop),
+    );
+    supervisor.run_until(shutdown_signal()).await
+}

@@ -1,0 +1,55 @@
+//! `dronedelivery ingest`: the HTTP ingestion tier alone, against a Kafka cluster, with
+//! the status view it answers status routes from and, when configured, backpressure from
+//! the consumers' lag.
+
+use anyhow::Result;
+use bus::Producer;
+use dronedelivery::announce;
+use ingest::Ingest;
+
+use crate::backpressure::watch_lag;
+use crate::broker;
+use crate::cli::IngestArgs;
+use crate::diagnostics::init_metrics;
+use crate::supervisor::{Supervisor, infallible, shutdown_signal};
+
+/// Runs the tier until the process is asked to stop or the tier fails.
+pub(crate) async fn run(args: IngestArgs) -> Result<()> {
+    let render = init_metrics()?;
+    let (settings, _) = broker::connect(&args.kafka, false).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let mut supervisor = Supervisor::new();
+    let (stage, stop) = supervisor.stage();
+    supervisor.spawn_helper(
+        stage,
+        "producer queue gauge",
+        infallible(broker::report_producer_queue(
+            producer.clone(),
+            stop.clone(),
+        )),
+    );
+    let view = ingest::StatusView::start(
+        settings.clone(),
+        args.ingest.status_max_deliveries,
+        stop.clone(),
+    );
+    let mut ingest = Ingest::bind(args.ingest, producer)
+        .await?
+        .with_metrics(render)
+        .with_status(view);
+    if let Some((behind, task)) = watch_lag(&settings, &args.backpressure, false, stop.clone())? {
+        ingest = ingest.with_backpressure(behind);
+        supervisor.spawn_helper(
+            stage,
+            "lag watch",
+            infallible(async move {
+                let _ = task.await;
+            }),
+        );
+    }
+    let addr = ingest.local_addr()?;
+    println!("{}", announce::line(announce::API, addr));
+    tracing::info!(%addr, "ingest listening");
+    supervisor.spawn(stage, "ingest", ingest.run(stop));
+    supervisor.run_until(shutdown_signal()).await
+}

@@ -1,0 +1,76 @@
+//! `dronedelivery process`: the stream processors named by `--processors` (each its own
+//! consumer group), against a Kafka cluster, with a health listener that stays up until
+//! they have stopped.
+
+use anyhow::Result;
+use bus::Producer;
+use processors::Processor;
+
+use crate::broker;
+use crate::cli::ProcessArgs;
+use crate::diagnostics::init_metrics;
+use crate::listeners;
+use crate::supervisor::{Supervisor, infallible, shutdown_signal};
+
+/// Runs the chosen processors until the process is asked to stop or one fails.
+pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
+    let stateful: Vec<Processor> = args
+        .processors
+        .iter()
+        .copied()
+        .filter(|p| p.is_stateful())
+        .collect();
+    let workflow = args.processors.contains(&Processor::Workflow);
+    if !workflow && stateful.is_empty() {
+        anyhow::bail!("--processors names no processor");
+    }
+    let render = init_metrics()?;
+    let (settings, _) = broker::connect(&args.kafka, false).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let mut supervisor = Supervisor::new();
+    let (services, stop) = supervisor.stage();
+    let (last, stop_health) = supervisor.stage();
+    supervisor.spawn_helper(
+        services,
+        "producer queue gauge",
+        infallible(broker::report_producer_queue(
+            producer.clone(),
+            stop.clone(),
+        )),
+    );
+    if let Some(health) = listeners::health(
+        args.health.health_listen,
+        broker::readiness(&settings)?,
+        render,
+        stop.clone(),
+        stop_health,
+    )
+    .await?
+    {
+        supervisor.spawn_helper(last, "health listener", health);
+    }
+    if workflow {
+        supervisor.spawn(
+            services,
+            "workflow",
+            processors::workflow::run(
+                args.workflow,
+                settings.clone(),
+                producer.clone(),
+                stop.clone(),
+            ),
+        );
+    }
+    if !stateful.is_empty() {
+        let mut config = args.stateful;
+        config.only = stateful;
+        supervisor.spawn(
+            services,
+            "processors",
+            processors::run_stateful(config, settings, producer.clone(), stop),
+        );
+    }
+    let result = supervisor.run_until(shutdown_signal()).await;
+    broker::flush(producer).await;
+    result
+}

@@ -1,0 +1,170 @@
+//! `dronedelivery run`: the whole pipeline in one process (ingestion, processors, history
+//! sink, SQL and Flight SQL, optionally the drone simulator), on the embedded broker
+//! unless `--brokers` names a cluster.
+//!
+//! Stop order: the front (HTTP API, Flight SQL, simulator) stops and drains first, then
+//! the back ends (processors, history sink, lag watch), so that they see every record the
+//! front acknowledged; then the producer is flushed and the embedded broker goes last.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use analytics::sink::{OnShutdown, SinkConfig};
+use analytics::sql::{History, QueryLimits};
+use anyhow::Result;
+use bus::Producer;
+use dronedelivery::announce;
+use ingest::Ingest;
+use processors::simulator::SimulatorConfig;
+
+use crate::backpressure::watch_lag;
+use crate::broker;
+use crate::cli::RunArgs;
+use crate::diagnostics::init_metrics;
+use crate::history_sql::HistorySql;
+use crate::listeners;
+use crate::supervisor::{Supervisor, infallible, shutdown_signal};
+
+/// Runs the whole pipeline until the process is asked to stop or a service fails.
+pub(crate) async fn run(args: RunArgs) -> Result<()> {
+    let render = init_metrics()?;
+    let (settings, embedded) = broker::connect(&args.kafka, true).await?;
+    let producer = Producer::new(&settings, &args.producer)?;
+    let mut supervisor = Supervisor::new();
+    let (front, stop_front) = supervisor.stage();
+    let (back, stop_back) = supervisor.stage();
+    supervisor.spawn_helper(
+        back,
+        "producer queue gauge",
+        infallible(broker::report_producer_queue(
+            producer.clone(),
+            stop_back.clone(),
+        )),
+    );
+    let view = ingest::StatusView::start(
+        settings.clone(),
+        args.ingest.status_max_deliveries,
+        stop_back.clone(),
+    );
+    check_retention(&args.sink, &args.sql)?;
+    let history = History::open(&args.sink.data, &args.sql).await?;
+    let mut ingest = Ingest::bind(args.ingest, producer.clone())
+        .await?
+        .with_metrics(render)
+        .with_status(view)
+        .with_sql(Arc::new(HistorySql(history.clone())));
+    let lag_watch = watch_lag(
+        &settings,
+        &args.backpressure,
+        embedded.is_some(),
+        stop_back.clone(),
+    )?;
+    if let Some((behind, task)) = lag_watch {
+        ingest = ingest.with_backpressure(behind);
+        supervisor.spawn_helper(
+            back,
+            "lag watch",
+            infallible(async move {
+                let _ = task.await;
+            }),
+        );
+    }
+    let addr = ingest.local_addr()?;
+    let unauthenticated = ingest.is_unauthenticated();
+    if let Some(flight) = listeners::flight(
+        args.flight.flight_listen,
+        history,
+        ingest.sql_authenticator(),
+        stop_front.clone(),
+    )
+    .await?
+    {
+        supervisor.spawn_helper(front, "flight sql", flight);
+    }
+
+    supervisor.spawn(front, "ingest", ingest.run(stop_front.clone()));
+    supervisor.spawn(
+        back,
+        "workflow",
+        processors::workflow::run(
+            args.workflow,
+            settings.clone(),
+            producer.clone(),
+            stop_back.clone(),
+        ),
+    );
+    supervisor.spawn(
+        back,
+        "processors",
+        processors::run_stateful(
+            args.stateful,
+            settings.clone(),
+            producer.clone(),
+            stop_back.clone(),
+        ),
+    );
+    // An in-memory bus is gone when the process exits: on shutdown the sink first reads
+    // everything the front end acknowledged.
+    let on_shutdown = if embedded.is_some() {
+        OnShutdown::Drain(Duration::from_secs(30))
+    } else {
+        OnShutdown::Stop
+    };
+    // The embedded broker starts empty: its offsets must not be read against the ones an
+    // earlier run left in the history's log.
+    let mut sink = args.sink;
+    if embedded.is_some() {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        sink.offsets_scope = format!("embedded-{}-{}/", started.as_millis(), std::process::id());
+    }
+    supervisor.spawn(
+        back,
+        "history sink",
+        analytics::sink::run(sink, settings.clone(), stop_back.clone(), on_shutdown),
+    );
+    if unauthenticated {
+        println!(
+            "no --api-keys: serving loopback clients only, without keys, as tenant \"default\""
+        );
+    }
+    println!("{}", announce::line(announce::API, addr));
+    tracing::info!(%addr, "dronedelivery listening on http://{addr}");
+    if let Some(broker) = &embedded {
+        println!(
+            "{}",
+            announce::line(announce::EMBEDDED_BROKER, broker.bootstrap_servers())
+        );
+    }
+    if args.simulate_drones {
+        let mut simulator = args.simulator.clone();
+        if simulator.target == SimulatorConfig::default().target {
+            simulator.target = format!("http://{addr}");
+        }
+        supervisor.spawn_helper(
+            front,
+            "simulator",
+            processors::simulator::run(simulator, settings.clone(), stop_front.clone()),
+        );
+    }
+
+    let result = supervisor.run_until(shutdown_signal()).await;
+    broker::flush(producer).await;
+    drop(embedded);
+    tracing::info!("dronedelivery stopped");
+    result
+}
+
+/// Files that compaction replaced are kept for queries that may still read them: longer
+/// than a query may run.
+fn check_retention(sink: &SinkConfig, limits: &QueryLimits) -> Result<()> {
+    let retention = sink.compaction.vacuum_retention_secs;
+    if retention <= limits.sql_timeout_secs {
+        anyhow::bail!(
+            "--vacuum-retention-secs ({retention}) must be longer than --sql-timeout-secs ({})",
+            limits.sql_timeout_secs
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! `dronedelivery sql-server`: SQL over the history (`POST /api/sql` and Arrow Flight
+//! SQL) with health and metrics, and no ingestion routes. It needs no broker: it reads the
+//! object store only, and is ready while the history can be read.
+
+use std::sync::Arc;
+
+use analytics::sql::History;
+use anyhow::{Context, Result};
+use dronedelivery::announce;
+use ingest::ops::Readiness;
+use ingest::{Ingest, IngestConfig};
+
+use crate::cli::SqlServerArgs;
+use crate::diagnostics::init_metrics;
+use crate::history_sql::HistorySql;
+use crate::listeners;
+use crate::supervisor::{Supervisor, shutdown_signal};
+
+/// Serves SQL until the process is asked to stop or the server fails.
+pub(crate) async fn run(args: SqlServerArgs) -> Result<()> {
+    let render = init_metrics()?;
+    if args.sql.sql_timeout_secs == 0 {
+        anyhow::bail!("--sql-timeout-secs must be at least 1");
+    }
+    let history = History::open(&args.data, &args.sql).await?;
+    history
+        .check()
+        .await
+        .with_context(|| format!("reading the history at {}", args.data))?;
+    let config = IngestConfig {
+        listen: args.listen,
+        api_keys: args.api_keys,
+        sql_tenants: args.sql_tenants,
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        header_read_timeout_secs: args.header_read_timeout_secs,
+        drain_secs: args.drain_secs,
+        // Nothing is ingested here: no idempotency window to keep.
+        idempotency_window_bytes: 0,
+        ..IngestConfig::default()
+    };
+    let readable = history.clone();
+    let ready: Readiness = Arc::new(move || {
+        let history = readable.clone();
+        Box::pin(async move {
+            history
+                .check()
+                .await
+                .map_err(|e| format!("the history cannot be read: {e}"))
+        })
+    });
+    let server = Ingest::bind_read_only(config)
+        .await?
+        .with_metrics(render)
+        .with_readiness(ready)
+        .with_sql(Arc::new(HistorySql(history.clone())));
+    let mut supervisor = Supervisor::new();
+    let (stage, stop) = supervisor.stage();
+    if let Some(flight) = listeners::flight(
+        args.flight.flight_listen,
+        history,
+        server.sql_authenticator(),
+        stop.clone(),
+    )
+    .await?
+    {
+        supervisor.spawn_helper(stage, "flight sql", flight);
+    }
+    let addr = server.local_addr()?;
+    if server.is_unauthenticated() {
+        println!("no --api-keys: serving loopback clients only, without keys");
+    }
+    println!("{}", announce::line(announce::SQL_SERVER, addr));
+    tracing::info!(%addr, "sql server listening on http://{addr}");
+    supervisor.spawn(stage, "sql server", server.run(stop));
+    supervisor.run_until(shutdown_signal()).await
+}

@@ -1,0 +1,74 @@
+//! The secondary listeners a command may open beside its services: Arrow Flight SQL over
+//! the history, and the health listener (`/healthz`, `/readyz`, `/metrics`) of services
+//! without a public API. Each is bound here, announced on stdout (`crate::announce`'s
+//! lines), and handed back as a future for the command's supervisor to run; nothing here
+//! spawns or stops a task.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use analytics::sql::History;
+use anyhow::{Context, Result};
+use dronedelivery::announce;
+use ingest::MetricsRender;
+use ingest::ops::{HealthServer, Readiness};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Listen;
+
+/// Binds Arrow Flight SQL over `history` on `listen` (none when `off`), checking callers
+/// as `POST /api/sql` does; it serves until `stop` is cancelled.
+pub(crate) async fn flight(
+    listen: Listen,
+    history: History,
+    authenticator: ingest::SqlAuthenticator,
+    stop: CancellationToken,
+) -> Result<Option<impl Future<Output = analytics::Result<()>> + Send + 'static>> {
+    let Some(listen) = listen.address() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} for Flight SQL"))?;
+    let flight_addr = listener.local_addr()?;
+    println!("{}", announce::line(announce::FLIGHT_SQL, flight_addr));
+    tracing::info!(%flight_addr, "Arrow Flight SQL on grpc://{flight_addr}");
+    let authenticate: analytics::flight::Authenticate = Arc::new(move |header, peer| {
+        // A peer tonic cannot name is treated as remote.
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        authenticator.check(header, peer).map_err(|e| e.to_string())
+    });
+    Ok(Some(analytics::flight::serve(
+        listener,
+        history,
+        authenticate,
+        stop,
+    )))
+}
+
+/// Binds the health listener on `listen` (none when `off`): `/readyz` passes while
+/// `ready` does and `stopping` is not cancelled. It serves until `stop` is cancelled,
+/// which should come after its service stopped, so liveness holds while that drains.
+pub(crate) async fn health(
+    listen: Listen,
+    ready: Readiness,
+    render: MetricsRender,
+    stopping: CancellationToken,
+    stop: CancellationToken,
+) -> Result<Option<impl Future<Output = ingest::Result<()>> + Send + 'static>> {
+    let Some(listen) = listen.address() else {
+        return Ok(None);
+    };
+    let check: Readiness = Arc::new(move || {
+        if stopping.is_cancelled() {
+            return Box::pin(async { Err("stopping".to_owned()) });
+        }
+        ready()
+    });
+    let server = HealthServer::bind(listen, check, Some(render)).await?;
+    let addr = server.local_addr()?;
+    println!("{}", announce::line(announce::HEALTH, addr));
+    tracing::info!(%addr, "health checks and metrics on http://{addr}");
+    Ok(Some(server.run(stop)))
+}
