@@ -1,7 +1,9 @@
 //! What the integration tests share: an ingestion tier on an embedded broker in this
-//! process, an HTTP client, and generated requests.
+//! process, an HTTP client, and generated requests. The binary as a child process is
+//! `binary` (the harness), its services as deployed are `service`.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
 pub mod kafka;
 pub mod service;
 pub mod writer;
