@@ -1,7 +1,8 @@
 //! The package's binary as a child process, for the integration tests and the end-to-end
 //! benchmark (`benches/e2e.rs` includes this file with
-//! `#[path = "../tests/common/binary.rs"] mod binary;`, so it uses only std, `anyhow`
-//! and `dronedelivery::announce`, never `super::`).
+//! `#[path = "../tests/common/binary.rs"] mod binary;`, so it uses only std and
+//! `anyhow`, never `super::`; the prefixes come from the caller, normally from
+//! `dronedelivery::announce`).
 //!
 //! It owns starting `dronedelivery ARGS`, learning where the child listens from the
 //! lines it prints (the prefixes of [`dronedelivery::announce`]), and ending the child.
@@ -37,6 +38,17 @@
 //! - Dropping a [`Binary`] kills and reaps the child, also when a test panics.
 //!
 //! Signals are sent with the `kill` command (the tests forbid unsafe code).
+//!
+//! ```ignore
+//! let run = Launch::new("run")
+//!     .args(["run", "--listen", "127.0.0.1:0", "--data", data])
+//!     .stderr(Stderr::Null)
+//!     .start(&[announce::API, announce::EMBEDDED_BROKER])?;
+//! let base = format!("http://{}", run.announced(announce::API)?);
+//! let brokers = run.announced(announce::EMBEDDED_BROKER)?.to_owned();
+//! // ...
+//! run.stop(Duration::from_secs(30))?;
+//! ```
 
 #![allow(dead_code, unreachable_pub)]
 
