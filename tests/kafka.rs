@@ -215,9 +215,9 @@ async fn the_history_stays_exactly_once_across_sink_restarts() -> Result<()> {
     let (ingest, found) = Service::start(
         "ingest",
         &["ingest", "--brokers", brokers, "--listen", "127.0.0.1:0"],
-        &["dronedelivery listening on "],
+        &[dronedelivery::announce::API],
     )?;
-    let api = found[0].clone();
+    let api = format!("http://{}", found[0]);
     let writer = Writer::start(
         &api,
         "sinkrestart",

@@ -1,7 +1,9 @@
 //! What the integration tests share: an ingestion tier on an embedded broker in this
-//! process, an HTTP client, and generated requests.
+//! process, an HTTP client, and generated requests. The binary as a child process is
+//! `binary` (the harness), its services as deployed are `service`.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod binary;
 pub mod kafka;
 pub mod service;
 pub mod writer;
@@ -113,6 +115,44 @@ impl IngestOnly {
         tokio::time::timeout(SETTLE, self.task).await???;
         Ok(())
     }
+}
+
+/// POSTs `body` as JSON; answers status, headers and the JSON answer (an error when the
+/// answer is not JSON, unlike [`post_json`]).
+pub async fn post(
+    client: &HttpClient,
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .context("request timed out")??;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, headers, serde_json::from_slice(&bytes)?))
+}
+
+/// Any request with a `content-type`; answers status and headers only.
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, hyper::HeaderMap)> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .context("request timed out")??;
+    Ok((response.status().as_u16(), response.headers().clone()))
 }
 
 /// A POST with `headers` and `body` (see [`call`]).

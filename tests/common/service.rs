@@ -1,66 +1,46 @@
 //! The binary's services as separate processes, as they are deployed: started with their
-//! flags, found by the addresses they print, stopped with SIGTERM or killed.
+//! flags, found by the addresses they print, stopped with SIGTERM or killed. Starting and
+//! ending a process is the harness's (`binary.rs`); this module knows the services' flags
+//! and probes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use dronedelivery::announce;
 
+use super::binary::{Binary, Launch};
 use super::{HttpClient, SETTLE, call_bytes};
 
 /// How long a service may take to say where it listens.
-pub const STARTUP: Duration = Duration::from_secs(60);
+pub const STARTUP: Duration = super::binary::STARTUP;
 
 /// A service of the binary started on its own, with the addresses it printed.
+#[derive(Debug)]
 pub struct Service {
-    child: Child,
-    name: &'static str,
+    binary: Binary,
 }
 
 impl Service {
-    /// Starts `dronedelivery ARGS` and waits for each of `announces` (a line prefix such
-    /// as `health on http://`) on its stdout; returns what follows each prefix.
+    /// Starts `dronedelivery ARGS` and waits for each of `announces` (a line prefix from
+    /// `dronedelivery::announce`, such as `announce::HEALTH`) on its stdout; returns what
+    /// follows each prefix (the bare `host:port`).
     pub fn start(
         name: &'static str,
         args: &[&str],
         announces: &[&'static str],
     ) -> Result<(Self, Vec<String>)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+        let binary = Launch::new(name)
             .args(args)
-            .env("DRONEDELIVERY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting dronedelivery {name}"))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        let prefixes = announces.to_vec();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                for (i, prefix) in prefixes.iter().enumerate() {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        let _ = tx.send((i, rest.to_owned()));
-                    }
-                }
-            }
-        });
-        let service = Self { child, name };
-        let mut found = vec![String::new(); announces.len()];
-        for _ in announces {
-            let (i, rest) = rx
-                .recv_timeout(STARTUP)
-                .with_context(|| format!("{name} did not say where it listens"))?;
-            found[i] = rest;
-        }
-        Ok((service, found))
+            .startup_timeout(STARTUP)
+            .start(announces)?;
+        let found = binary.addresses();
+        Ok((Self { binary }, found))
     }
 
     /// The history sink on `brokers`, writing to `data`, rolling files every 300 ms;
     /// also returns its health listener's base URL.
     pub fn history(brokers: &str, data: &str) -> Result<(Self, String)> {
-        let (service, mut found) = Self::start(
+        let (service, found) = Self::start(
             "history",
             &[
                 "history",
@@ -73,48 +53,24 @@ impl Service {
                 "--health-listen",
                 "127.0.0.1:0",
             ],
-            &["health on "],
+            &[announce::HEALTH],
         )?;
-        Ok((service, found.remove(0)))
+        Ok((service, format!("http://{}", found[0])))
     }
 
     /// SIGKILL: the process dies at once, as in a crash.
-    pub fn kill(mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
+    pub fn kill(self) -> Result<()> {
+        self.binary.kill().map(drop)
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.binary.pid()
     }
 
     /// SIGTERM, then a clean exit within the settle time.
-    pub fn stop(mut self) -> Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("dronedelivery {} exited with {status}", self.name);
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("dronedelivery {} did not stop within {SETTLE:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self) -> Result<()> {
+        self.binary.stop(SETTLE)
     }
 }
 
@@ -155,11 +111,11 @@ impl Topology {
     pub fn start(brokers: &str, data: &str, ingest_args: &[&str]) -> Result<Self> {
         let mut args = vec!["ingest", "--brokers", brokers, "--listen", "127.0.0.1:0"];
         args.extend_from_slice(ingest_args);
-        let (ingest, found) = Service::start("ingest", &args, &["dronedelivery listening on "])?;
+        let (ingest, found) = Service::start("ingest", &args, &[announce::API])?;
         let mut topology = Self {
             brokers: brokers.to_owned(),
             data: data.to_owned(),
-            api: found[0].clone(),
+            api: format!("http://{}", found[0]),
             sql: String::new(),
             services: vec![("ingest".to_owned(), ingest)],
         };
@@ -184,9 +140,9 @@ impl Topology {
                 "--flight-listen",
                 "off",
             ],
-            &["sql server listening on "],
+            &[announce::SQL_SERVER],
         )?;
-        topology.sql = found[0].clone();
+        topology.sql = format!("http://{}", found[0]);
         topology.services.push(("sql-server".to_owned(), sql));
         Ok(topology)
     }
@@ -213,7 +169,7 @@ impl Topology {
                         "--health-listen",
                         "127.0.0.1:0",
                     ],
-                    &["health on "],
+                    &[announce::HEALTH],
                 )?
                 .0
             }
@@ -229,7 +185,7 @@ impl Topology {
                         "--health-listen",
                         "127.0.0.1:0",
                     ],
-                    &["health on "],
+                    &[announce::HEALTH],
                 )?
                 .0
             }

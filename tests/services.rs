@@ -1,35 +1,35 @@
-//! End-to-end tests of the whole pipeline on the embedded broker: the real binary, real
-//! HTTP on 127.0.0.1, real Kafka protocol, real Parquet and real SQL.
+//! The real binary end to end on the embedded broker: real HTTP on 127.0.0.1, real Kafka
+//! protocol, real Parquet and real SQL. `dronedelivery run` (routes and limits, accepted
+//! requests becoming history rows, SIGTERM and Ctrl-C, a second run on the same history,
+//! the load generator, overload refused while consumers lag, SQL over HTTP and Flight SQL
+//! agreeing), `dronedelivery process --processors`, the services split apart with their
+//! health listeners, and the whole deployed topology, one process per service. Every
+//! process starts through the harness (`common::binary`); needs the binary cargo builds
+//! for the tests, nothing else.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use analytics::sql::{History, QueryLimits};
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
-use bus::{ClientSettings, Consumer, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use bus::{ClientSettings, EmbeddedBroker};
+use dronedelivery::announce;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use schemas::topics;
-use tokio_util::sync::CancellationToken;
 
 mod common;
+use common::binary::{Binary, Launch, Signal};
 use common::service::{Service, Topology, eventually_contains};
 use common::*;
 
-const STARTUP: Duration = Duration::from_secs(60);
-
 /// The `dronedelivery run` process, killed if a test fails half-way.
 struct Pipeline {
-    child: Child,
+    binary: Binary,
     base: String,
 }
 
@@ -40,7 +40,7 @@ impl Pipeline {
 
     /// Starts `run` with `extra` flags; also returns the Flight SQL address.
     fn start_with(data: &std::path::Path, extra: &[&str]) -> Result<(Self, String)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+        let binary = Launch::new("run")
             .args([
                 "run",
                 "--listen",
@@ -53,63 +53,24 @@ impl Pipeline {
             .args(extra)
             .arg("--data")
             .arg(data)
-            .env("DRONEDELIVERY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting dronedelivery run")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        let (flight_tx, flight_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("dronedelivery listening on ") {
-                    let _ = tx.send(addr.to_owned());
-                }
-                if let Some(addr) = line.strip_prefix("flight sql on grpc://") {
-                    let _ = flight_tx.send(format!("http://{addr}"));
-                }
-            }
-        });
-        let mut pipeline = Self {
-            child,
-            base: String::new(),
-        };
-        let flight = flight_rx
-            .recv_timeout(STARTUP)
-            .context("the pipeline did not say where Flight SQL listens")?;
-        pipeline.base = rx
-            .recv_timeout(STARTUP)
-            .context("the pipeline did not say where it listens")?;
-        Ok((pipeline, flight))
+            .start(&[announce::FLIGHT_SQL, announce::API])?;
+        let flight = format!("http://{}", binary.announced(announce::FLIGHT_SQL)?);
+        let base = format!("http://{}", binary.announced(announce::API)?);
+        Ok((Self { binary, base }, flight))
     }
 
     /// Sends `signal` (`TERM` or `INT`) and waits (bounded) for a clean exit.
-    fn stop(mut self, signal: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()?;
-        assert!(status.success());
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!("dronedelivery run exited with {status}");
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("dronedelivery run did not stop within {SETTLE:?} of SIG{signal}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+    fn stop(self, signal: &str) -> Result<()> {
+        let signal = match signal {
+            "TERM" => Signal::Term,
+            "INT" => Signal::Int,
+            other => bail!("no signal {other} to stop with"),
+        };
+        let status = self.binary.terminate(signal, SETTLE)?;
+        if !status.success() {
+            bail!("dronedelivery run exited with {status}");
         }
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok(())
     }
 }
 
@@ -132,41 +93,6 @@ fn invalid_requests() -> Vec<(serde_json::Value, &'static str)> {
     r["packageInfo"]["size"] = serde_json::json!("Enormous");
     out.push((r, "packageInfo.size"));
     out
-}
-
-async fn post(
-    client: &HttpClient,
-    url: &str,
-    body: &serde_json::Value,
-) -> Result<(u16, hyper::HeaderMap, serde_json::Value)> {
-    let request = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))?;
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .context("request timed out")??;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((status, headers, serde_json::from_slice(&bytes)?))
-}
-
-async fn send(
-    client: &HttpClient,
-    method: &str,
-    url: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> Result<(u16, hyper::HeaderMap)> {
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", content_type)
-        .body(Full::new(Bytes::from(body)))?;
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-        .await
-        .context("request timed out")??;
-    Ok((response.status().as_u16(), response.headers().clone()))
 }
 
 /// Routes, methods and limits answer with the right status.
@@ -320,560 +246,6 @@ async fn ctrl_c_right_after_the_acks_loses_nothing_from_the_in_memory_bus() -> R
     );
     assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), ids);
     Ok(())
-}
-
-/// The workflow processor fans each request out to `deliveries` (keyed by delivery id)
-/// and `drone-scheduling` (keyed by region), and a poison record to `dead-letters`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
-    let broker = EmbeddedBroker::start(1, &topics::ALL)?;
-    let settings = ClientSettings::plain(broker.bootstrap_servers());
-    let producer = Producer::new(&settings, &ProducerArgs::default())?;
-    let stop = CancellationToken::new();
-    let workflow = tokio::spawn(processors::workflow::run(
-        processors::workflow::WorkflowConfig::default(),
-        settings.clone(),
-        producer.clone(),
-        stop.clone(),
-    ));
-
-    let requested: [(&str, &[u8]); 1] = [(
-        schemas::headers::EVENT_TYPE,
-        schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes(),
-    )];
-    let n = 20;
-    for i in 0..n {
-        let payload = valid_request(i).to_string();
-        let key = format!("d-{i}");
-        producer
-            .send_and_wait(OutRecord {
-                topic: topics::DELIVERY_REQUESTS.name,
-                key: key.as_bytes(),
-                payload: payload.as_bytes(),
-                headers: &requested,
-            })
-            .await?;
-    }
-    producer
-        .send_and_wait(OutRecord {
-            topic: topics::DELIVERY_REQUESTS.name,
-            key: b"poison",
-            payload: b"{not json",
-            headers: &requested,
-        })
-        .await?;
-
-    let reader = Consumer::subscribe(
-        &settings,
-        "test-reader",
-        &[
-            topics::DELIVERIES.name,
-            topics::DRONE_SCHEDULING.name,
-            topics::DEAD_LETTERS.name,
-        ],
-    )?;
-    let mut deliveries = BTreeSet::new();
-    let mut scheduled = BTreeSet::new();
-    let mut dead = Vec::new();
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    while deliveries.len() < n || scheduled.len() < n || dead.is_empty() {
-        let record = tokio::time::timeout_at(deadline, reader.recv())
-            .await
-            .context("fan-out did not arrive in time")??;
-        let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
-        match record.topic() {
-            t if t == topics::DELIVERIES.name => {
-                assert!(deliveries.insert(key), "delivered once");
-            }
-            t if t == topics::DRONE_SCHEDULING.name => {
-                assert!(key.contains(':'), "keyed by region, got {key}");
-                let id = record
-                    .header(schemas::headers::DELIVERY_ID)
-                    .context("scheduling record without delivery id")?;
-                assert!(scheduled.insert(String::from_utf8_lossy(id).into_owned()));
-            }
-            _ => {
-                assert_eq!(record.payload(), Some(&b"{not json"[..]));
-                let reason = record
-                    .header(schemas::headers::DEAD_LETTER_REASON)
-                    .context("dead letter without reason")?;
-                assert!(String::from_utf8_lossy(reason).contains("invalid delivery request"));
-                dead.push(key);
-            }
-        }
-    }
-    let expected: BTreeSet<String> = (0..n).map(|i| format!("d-{i}")).collect();
-    assert_eq!(deliveries, expected);
-    assert_eq!(scheduled, expected);
-    assert_eq!(dead, ["poison"]);
-
-    stop.cancel();
-    tokio::time::timeout(SETTLE, workflow).await???;
-    Ok(())
-}
-
-/// The consumer helper moves the group only past records the application stored: a new
-/// member of the group starts right after the last stored record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
-    let topic = schemas::Topic {
-        name: "offsets-test",
-        keyed_by: schemas::topics::KeyedBy::OriginalKey,
-        partitions: 1,
-        compacted: false,
-    };
-    let broker = EmbeddedBroker::start(1, &[topic])?;
-    let settings = ClientSettings::plain(broker.bootstrap_servers());
-    let producer = Producer::new(&settings, &ProducerArgs::default())?;
-    for i in 0..10u8 {
-        producer
-            .send_and_wait(OutRecord {
-                topic: topic.name,
-                key: b"k",
-                payload: &[i],
-                headers: &[],
-            })
-            .await?;
-    }
-    let deadline = tokio::time::Instant::now() + SETTLE;
-    {
-        let first = Consumer::subscribe(&settings, "resume", &[topic.name])?;
-        for i in 0..10u8 {
-            let record = tokio::time::timeout_at(deadline, first.recv()).await??;
-            assert_eq!(record.payload(), Some(&[i][..]));
-            // Handled only the first five.
-            if i < 5 {
-                first.store(topic.name, record.partition(), record.offset())?;
-            }
-        }
-        tokio::task::spawn_blocking(move || first.commit()).await??;
-    }
-    let second = Consumer::subscribe(&settings, "resume", &[topic.name])?;
-    let record = tokio::time::timeout_at(deadline, second.recv()).await??;
-    assert_eq!(
-        record.payload(),
-        Some(&[5u8][..]),
-        "resumes at the first unstored record"
-    );
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Result<()> {
-    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let url = format!("{}/api/deliveryrequests/batch", tier.base);
-    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
-
-    // A JSON array mixing valid and invalid records, with odd spacing and escapes: the
-    // valid records must reach Kafka byte for byte as they stand in the body.
-    let valid0 = valid_request(0).to_string();
-    let valid2 = r#"{ "ownerId" : "fabri\"kam",  "pickupLocation":"1,2","dropOffLocation":"1.5,2",
-        "pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T11:00:00Z",
-        "packageInfo":{"packageId":"p\u00e9","size":"Large","weight":4}}"#;
-    let mut no_owner = valid_request(1);
-    no_owner.as_object_mut().unwrap().remove("ownerId");
-    let mut weightless = valid_request(3);
-    weightless["packageInfo"]["weight"] = serde_json::json!(-1);
-    let body = format!("[\n  {valid0},\n  {no_owner} ,{valid2},\n{weightless}\n]\n");
-    let (status, _, report) = post_raw(
-        &client,
-        &url,
-        &[("content-type", "application/json")],
-        body.into_bytes(),
-    )
-    .await?;
-    assert_eq!(status, 207, "{report}");
-    assert_eq!(report["accepted"], 2);
-    assert_eq!(report["rejected"], 2);
-    assert_eq!(report["failed"], 0);
-    let results = report["results"].as_array().context("results")?;
-    assert_eq!(results.len(), 4);
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(r["index"], i);
-    }
-    assert_eq!(results[1]["field"], "ownerId");
-    assert_eq!(results[3]["field"], "packageInfo.weight");
-    let id = |i: usize| results[i]["deliveryId"].as_str().unwrap().to_owned();
-    expected.push((id(0), valid0.into_bytes()));
-    expected.push((id(2), valid2.as_bytes().to_vec()));
-
-    // NDJSON, gzip-compressed, all valid: 202 with an id for every record.
-    let lines: Vec<String> = (10..13).map(|i| valid_request(i).to_string()).collect();
-    let body = gzip(format!("{}\n", lines.join("\n")).as_bytes());
-    let headers = [
-        ("content-type", "application/x-ndjson"),
-        ("content-encoding", "gzip"),
-    ];
-    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
-    assert_eq!(status, 202, "{report}");
-    assert_eq!(report["accepted"], 3);
-    for (i, line) in lines.iter().enumerate() {
-        let id = report["results"][i]["deliveryId"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        expected.push((id, line.clone().into_bytes()));
-    }
-
-    // A zstd JSON array, one record carrying the client's own delivery id.
-    let mut own = valid_request(20);
-    own["deliveryId"] = serde_json::json!("client-chosen-1");
-    let text = own.to_string();
-    let body = zstd::stream::encode_all(format!("[{text}]").as_bytes(), 1)?;
-    let headers = [
-        ("content-type", "application/json"),
-        ("content-encoding", "zstd"),
-    ];
-    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
-    assert_eq!(status, 202, "{report}");
-    assert_eq!(report["results"][0]["deliveryId"], "client-chosen-1");
-    expected.push(("client-chosen-1".into(), text.into_bytes()));
-
-    // Every record invalid: 400 with the report.
-    let (status, _, report) = post_raw(
-        &client,
-        &url,
-        &[("content-type", "application/json")],
-        b"[{}, {\"ownerId\": 1}]".to_vec(),
-    )
-    .await?;
-    assert_eq!(status, 400, "{report}");
-    assert_eq!(report["rejected"], 2);
-
-    let mut got = tier.records(expected.len()).await?;
-    for (key, _) in &mut expected {
-        *key = format!("default/{key}");
-    }
-    got.sort();
-    expected.sort();
-    assert_eq!(got, expected, "exactly the valid records, byte for byte");
-    tier.stop().await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_limits_and_malformed_bodies_are_refused_whole() -> Result<()> {
-    let tier = IngestOnly::start(ingest::IngestConfig {
-        max_batch_records: 3,
-        max_batch_bytes: 4096,
-        ..ingest::IngestConfig::default()
-    })
-    .await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let url = format!("{}/api/deliveryrequests/batch", tier.base);
-    let json = [("content-type", "application/json")];
-    let record = valid_request(0).to_string();
-
-    let four = format!("[{record},{record},{record},{record}]");
-    let (status, _, body) = post_raw(&client, &url, &json, four.into_bytes()).await?;
-    assert_eq!(status, 413, "too many records: {body}");
-
-    // One record, padded with white space past the byte limit.
-    let big = format!("[{record}{}]", " ".repeat(5000));
-    assert!(big.len() > 4096);
-    let (status, _, body) = post_raw(&client, &url, &json, big.into_bytes()).await?;
-    assert_eq!(status, 413, "too many bytes: {body}");
-
-    // A small gzip body that inflates past the byte limit.
-    let bomb = gzip(&vec![b' '; 100_000]);
-    let gz = [
-        ("content-type", "application/json"),
-        ("content-encoding", "gzip"),
-    ];
-    let (status, _, body) = post_raw(&client, &url, &gz, bomb).await?;
-    assert_eq!(status, 413, "inflates too far: {body}");
-
-    let whole = gzip(format!("[{record}]").as_bytes());
-    let truncated = whole[..whole.len() - 10].to_vec();
-    let (status, _, body) = post_raw(&client, &url, &gz, truncated).await?;
-    assert_eq!(status, 400, "truncated gzip: {body}");
-
-    let (status, _, body) =
-        post_raw(&client, &url, &json, format!("[{record},").into_bytes()).await?;
-    assert_eq!(status, 400, "malformed array: {body}");
-
-    let csv = [("content-type", "text/csv")];
-    let (status, _, _) = post_raw(&client, &url, &csv, b"a,b".to_vec()).await?;
-    assert_eq!(status, 415);
-    let br = [
-        ("content-type", "application/json"),
-        ("content-encoding", "br"),
-    ];
-    let (status, _, _) = post_raw(&client, &url, &br, b"[]".to_vec()).await?;
-    assert_eq!(status, 415);
-
-    assert!(
-        tier.records(0).await?.is_empty(),
-        "nothing from a refused batch"
-    );
-    tier.stop().await
-}
-
-/// With the broker down, a request gets 503 with Retry-After once the ack timeout passes,
-/// `/readyz` says not ready, and the refused record never shows up later.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_down_means_503_and_nothing_accepted_later() -> Result<()> {
-    let tier = IngestOnly::start_with(
-        ingest::IngestConfig::default(),
-        ProducerArgs {
-            ack_timeout_ms: 2_000,
-            ..ProducerArgs::default()
-        },
-    )
-    .await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let url = format!("{}/api/deliveryrequests", tier.base);
-    let ready = format!("{}/readyz", tier.base);
-    let json = "application/json";
-    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
-    assert_eq!(status, 200);
-
-    tier.broker.broker_down(1)?;
-    let mut refused = valid_request(1);
-    refused["deliveryId"] = serde_json::json!("refused-1");
-    let (status, headers, body) = post(&client, &url, &refused).await?;
-    assert_eq!(status, 503, "{body}");
-    assert!(headers.contains_key("retry-after"));
-    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
-    assert_eq!(status, 503);
-
-    tier.broker.broker_up(1)?;
-    let mut later = valid_request(2);
-    later["deliveryId"] = serde_json::json!("accepted-2");
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let (status, _, body) = post(&client, &url, &later).await?;
-        if status == 202 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker did not come back: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
-    assert!(
-        !keys.contains("default/refused-1"),
-        "a 503'd record must not land"
-    );
-    assert!(keys.contains("default/accepted-2"));
-    tier.stop().await
-}
-
-/// HTTP/2 without TLS (prior knowledge) works as well as HTTP/1.1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2c_clients_are_served() -> Result<()> {
-    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    let (status, _, body) = post(
-        &client,
-        &format!("{}/api/deliveryrequests", tier.base),
-        &valid_request(0),
-    )
-    .await?;
-    assert_eq!(status, 202, "{body}");
-    tier.stop().await
-}
-
-/// Drone telemetry: a single fix or a batch, validated per fix, keyed by drone id, bytes
-/// as sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
-    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let json = [("content-type", "application/json")];
-    let fix = |i: u32| {
-        format!(
-            r#"{{"latitude": 47.{i}, "longitude": -122.3, "timestamp": "2026-11-24T10:00:0{i}Z", "battery": 90}}"#
-        )
-    };
-    // A single, pretty-printed fix.
-    let single = "{\n  \"latitude\": 47.6,\n  \"longitude\": -122.3,\n  \"timestamp\": \"2026-11-24T10:00:00Z\"\n}".to_owned();
-    let url = format!("{}/api/drones/drone-7/telemetry", tier.base);
-    let (status, _, report) = post_raw(&client, &url, &json, single.clone().into_bytes()).await?;
-    assert_eq!(status, 202, "{report}");
-    assert_eq!(report["accepted"], 1);
-
-    // A batch with one bad fix.
-    let bad = r#"{"latitude": 95, "longitude": 0, "timestamp": "2026-11-24T10:00:00Z"}"#;
-    let body = format!("[{}, {bad}, {}]", fix(1), fix(2));
-    let url = format!("{}/api/drones/drone-8/telemetry", tier.base);
-    let (status, _, report) = post_raw(&client, &url, &json, body.into_bytes()).await?;
-    assert_eq!(status, 207, "{report}");
-    assert_eq!(report["results"][1]["field"], "latitude");
-
-    // A drone id that is not a safe token.
-    let url = format!("{}/api/drones/bad%20id/telemetry", tier.base);
-    let (status, _, _) = post_raw(&client, &url, &json, fix(3).into_bytes()).await?;
-    assert_eq!(status, 400);
-
-    let mut got = tier.records_of(topics::DRONE_TELEMETRY.name, 3).await?;
-    got.sort();
-    let mut expected = vec![
-        ("drone-7".to_owned(), single.trim().as_bytes().to_vec()),
-        ("drone-8".to_owned(), fix(1).into_bytes()),
-        ("drone-8".to_owned(), fix(2).into_bytes()),
-    ];
-    expected.sort();
-    assert_eq!(got, expected);
-    tier.stop().await
-}
-
-/// Request bodies share a byte budget: while slow clients hold it, others get 503 with
-/// Retry-After instead of growing memory, and get in once the budget is free again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_bytes_in_flight_are_bounded() -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let tier = IngestOnly::start(ingest::IngestConfig {
-        max_batch_bytes: 64 * 1024,
-        max_in_flight_bytes: 128 * 1024,
-        ..Default::default()
-    })
-    .await?;
-    let addr = tier.base.trim_start_matches("http://").to_owned();
-    // Two clients declare 60 KB bodies and send one byte of each.
-    let mut slow = Vec::new();
-    for _ in 0..2 {
-        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
-        stream
-            .write_all(
-                b"POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\n\
-                  content-type: application/json\r\ncontent-length: 60000\r\n\r\n[",
-            )
-            .await?;
-        slow.push(stream);
-    }
-    // Let the tier reserve both declared bodies before the first full-size probe: a probe
-    // that got in first would take the budget, the second slow request would be refused
-    // (and wait for a body that never comes), and every later probe would fit.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = client();
-    let url = format!("{}/api/deliveryrequests/batch", tier.base);
-    let mut body = format!("[{}]", valid_request(0)).into_bytes();
-    body.resize(60_000, b' ');
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let (status, headers, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
-        if status == 503 {
-            assert!(headers.contains_key("retry-after"), "{answer}");
-            assert!(
-                answer["error"].as_str().unwrap_or("").contains("bytes"),
-                "{answer}"
-            );
-            break;
-        }
-        assert_eq!(status, 202, "{answer}");
-        assert!(Instant::now() < deadline, "the budget was never full");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(slow);
-    loop {
-        let (status, _, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
-        if status == 202 {
-            break;
-        }
-        assert_eq!(status, 503, "{answer}");
-        assert!(Instant::now() < deadline, "the budget was never given back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tier.stop().await
-}
-
-/// A full producer queue is backpressure: records that do not fit are failed at once as
-/// retryable, never queued without bound, and none of a 503'd batch lands later.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
-    let tier = IngestOnly::start_with(
-        ingest::IngestConfig::default(),
-        ProducerArgs {
-            ack_timeout_ms: 2_000,
-            producer_queue_records: 5,
-            ..ProducerArgs::default()
-        },
-    )
-    .await?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let url = format!("{}/api/deliveryrequests/batch", tier.base);
-    tier.broker.broker_down(1)?;
-    let records: Vec<String> = (0..20)
-        .map(|i| {
-            let mut r = valid_request(i);
-            r["deliveryId"] = serde_json::json!(format!("queued-{i}"));
-            r.to_string()
-        })
-        .collect();
-    let body = format!("[{}]", records.join(","));
-    let (status, headers, report) = post_raw(
-        &client,
-        &url,
-        &[("content-type", "application/json")],
-        body.into_bytes(),
-    )
-    .await?;
-    assert_eq!(status, 503, "{report}");
-    assert!(headers.contains_key("retry-after"));
-    assert_eq!(report["failed"], 20);
-    let results = report["results"].as_array().context("results")?;
-    assert!(results.iter().all(|r| r["retryable"] == true), "{report}");
-    assert!(
-        results
-            .iter()
-            .any(|r| r["error"].as_str().unwrap_or("").contains("queue is full")),
-        "records past the queue bound fail at once: {report}"
-    );
-
-    tier.broker.broker_up(1)?;
-    let mut marker = valid_request(99);
-    marker["deliveryId"] = serde_json::json!("after-recovery");
-    let single = format!("{}/api/deliveryrequests", tier.base);
-    let deadline = Instant::now() + SETTLE;
-    while post(&client, &single, &marker).await?.0 != 202 {
-        assert!(Instant::now() < deadline, "the broker did not come back");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
-    assert_eq!(keys, BTreeSet::from(["default/after-recovery".to_owned()]));
-    tier.stop().await
-}
-
-/// Connections are bounded, and one that never sends its headers is closed after the
-/// header read timeout, so it cannot hold its place forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
-    let tier = IngestOnly::start(ingest::IngestConfig {
-        max_connections: 1,
-        header_read_timeout_secs: 1,
-        ..ingest::IngestConfig::default()
-    })
-    .await?;
-    let addr = tier.base.trim_start_matches("http://").to_owned();
-    // Takes the only place and sends nothing.
-    let mut idle = tokio::net::TcpStream::connect(&addr).await?;
-    // The server closes it once the header read timeout passes.
-    let mut buf = [0u8; 256];
-    let read = tokio::time::timeout(SETTLE, tokio::io::AsyncReadExt::read(&mut idle, &mut buf))
-        .await
-        .context("the idle connection was never closed")?;
-    assert!(matches!(read, Ok(_) | Err(_)));
-    // Then the place is free again for a real client.
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let (status, _) = tokio::time::timeout(
-        SETTLE,
-        send(
-            &client,
-            "GET",
-            &format!("{}/healthz", tier.base),
-            "text/plain",
-            Vec::new(),
-        ),
-    )
-    .await
-    .context("no place freed")??;
-    assert_eq!(status, 200);
-    tier.stop().await
 }
 
 /// `POST /api/sql` and Arrow Flight SQL over the same history: the same rows, the same
@@ -1145,13 +517,12 @@ async fn history_count(data: &std::path::Path, sql: &str) -> Result<i64> {
 /// Runs `dronedelivery loadgen` with `args` against `base`; its JSON report.
 fn loadgen(base: &str, args: &[&str], dir: &std::path::Path) -> Result<loadgen::Report> {
     let json = dir.join(format!("loadgen-{}.json", uuid::Uuid::new_v4()));
-    let output = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+    let output = Launch::new("loadgen")
         .args(["loadgen", "--target", base])
         .args(args)
         .arg("--json")
         .arg(&json)
-        .env("DRONEDELIVERY_LOG", "warn")
-        .output()
+        .output(2 * SETTLE)
         .context("running dronedelivery loadgen")?;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -1358,14 +729,10 @@ async fn overload_is_refused_with_503_while_consumers_lag_and_nothing_accepted_i
 }
 
 /// Starts `dronedelivery process` against `brokers` with `--processors which`.
-fn start_processors(brokers: &str, which: &str) -> Result<Child> {
-    Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+fn start_processors(brokers: &str, which: &str) -> Result<Binary> {
+    Launch::new("process")
         .args(["process", "--brokers", brokers, "--processors", which])
-        .env("DRONEDELIVERY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting dronedelivery process")
+        .start(&[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1380,7 +747,7 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
     let brokers = tier.broker.bootstrap_servers().to_owned();
 
     // The workflow alone fans out, and nothing else runs.
-    let mut workflow = start_processors(&brokers, "workflow")?;
+    let workflow = start_processors(&brokers, "workflow")?;
     tier.records_of(topics::DELIVERIES.name, 3).await?;
     tier.records_of(topics::DRONE_SCHEDULING.name, 3).await?;
     let settings = ClientSettings::plain(&brokers);
@@ -1400,7 +767,7 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
     );
 
     // The delivery consumer alone picks up what the workflow wrote.
-    let mut deliveries = start_processors(&brokers, "deliveries")?;
+    let deliveries = start_processors(&brokers, "deliveries")?;
     let events = tier.records_of(topics::DELIVERY_EVENTS.name, 3).await?;
     assert_eq!(events.len(), 3, "one Created event per request");
     assert_eq!(
@@ -1413,25 +780,17 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
     );
 
     // A name that is not a processor is refused.
-    let refused = Command::new(env!("CARGO_BIN_EXE_dronedelivery"))
+    let refused = Launch::new("process")
         .args(["process", "--brokers", &brokers, "--processors", "bogus"])
-        .output()?;
+        .output(SETTLE)?;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("bogus"));
 
-    for child in [&mut workflow, &mut deliveries] {
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                assert!(status.success(), "a clean stop");
-                break;
-            }
-            assert!(Instant::now() < deadline, "process did not stop");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    for child in [workflow, deliveries] {
+        let status = child
+            .terminate(Signal::Term, Duration::from_secs(30))
+            .context("process did not stop")?;
+        assert!(status.success(), "a clean stop");
     }
     tier.stop().await
 }
@@ -1458,9 +817,9 @@ async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
             "--health-listen",
             "127.0.0.1:0",
         ],
-        &["health on "],
+        &[announce::HEALTH],
     )?;
-    let workflow_health = found[0].clone();
+    let workflow_health = format!("http://{}", found[0]);
     let (sink, sink_health) = Service::history(&brokers, data)?;
 
     for i in 0..5 {
@@ -1508,9 +867,9 @@ async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
             "--flight-listen",
             "127.0.0.1:0",
         ],
-        &["sql server listening on ", "flight sql on grpc://"],
+        &[announce::SQL_SERVER, announce::FLIGHT_SQL],
     )?;
-    let base = found[0].clone();
+    let base = format!("http://{}", found[0]);
     let query = serde_json::to_vec(&serde_json::json!({
         "sql": "SELECT count(DISTINCT delivery_id) AS n FROM delivery_requests"
     }))?;

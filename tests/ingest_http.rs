@@ -1,0 +1,437 @@
+//! The ingestion tier over real HTTP on 127.0.0.1, in this process on an embedded broker
+//! (`common::IngestOnly`): batches (JSON arrays, NDJSON, gzip and zstd bodies) and what
+//! reaches Kafka byte for byte, batch limits and malformed bodies, the broker down, h2c
+//! clients, drone telemetry, the in-flight body budget, a full producer queue, and idle
+//! connections. Needs nothing outside this process.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bus::ProducerArgs;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use schemas::topics;
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+
+    // A JSON array mixing valid and invalid records, with odd spacing and escapes: the
+    // valid records must reach Kafka byte for byte as they stand in the body.
+    let valid0 = valid_request(0).to_string();
+    let valid2 = r#"{ "ownerId" : "fabri\"kam",  "pickupLocation":"1,2","dropOffLocation":"1.5,2",
+        "pickupTime":"2026-11-24T10:00:00Z","deadline":"2026-11-24T11:00:00Z",
+        "packageInfo":{"packageId":"p\u00e9","size":"Large","weight":4}}"#;
+    let mut no_owner = valid_request(1);
+    no_owner.as_object_mut().unwrap().remove("ownerId");
+    let mut weightless = valid_request(3);
+    weightless["packageInfo"]["weight"] = serde_json::json!(-1);
+    let body = format!("[\n  {valid0},\n  {no_owner} ,{valid2},\n{weightless}\n]\n");
+    let (status, _, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["accepted"], 2);
+    assert_eq!(report["rejected"], 2);
+    assert_eq!(report["failed"], 0);
+    let results = report["results"].as_array().context("results")?;
+    assert_eq!(results.len(), 4);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["index"], i);
+    }
+    assert_eq!(results[1]["field"], "ownerId");
+    assert_eq!(results[3]["field"], "packageInfo.weight");
+    let id = |i: usize| results[i]["deliveryId"].as_str().unwrap().to_owned();
+    expected.push((id(0), valid0.into_bytes()));
+    expected.push((id(2), valid2.as_bytes().to_vec()));
+
+    // NDJSON, gzip-compressed, all valid: 202 with an id for every record.
+    let lines: Vec<String> = (10..13).map(|i| valid_request(i).to_string()).collect();
+    let body = gzip(format!("{}\n", lines.join("\n")).as_bytes());
+    let headers = [
+        ("content-type", "application/x-ndjson"),
+        ("content-encoding", "gzip"),
+    ];
+    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["accepted"], 3);
+    for (i, line) in lines.iter().enumerate() {
+        let id = report["results"][i]["deliveryId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        expected.push((id, line.clone().into_bytes()));
+    }
+
+    // A zstd JSON array, one record carrying the client's own delivery id.
+    let mut own = valid_request(20);
+    own["deliveryId"] = serde_json::json!("client-chosen-1");
+    let text = own.to_string();
+    let body = zstd::stream::encode_all(format!("[{text}]").as_bytes(), 1)?;
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "zstd"),
+    ];
+    let (status, _, report) = post_raw(&client, &url, &headers, body).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["results"][0]["deliveryId"], "client-chosen-1");
+    expected.push(("client-chosen-1".into(), text.into_bytes()));
+
+    // Every record invalid: 400 with the report.
+    let (status, _, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        b"[{}, {\"ownerId\": 1}]".to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 400, "{report}");
+    assert_eq!(report["rejected"], 2);
+
+    let mut got = tier.records(expected.len()).await?;
+    for (key, _) in &mut expected {
+        *key = format!("default/{key}");
+    }
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected, "exactly the valid records, byte for byte");
+    tier.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_limits_and_malformed_bodies_are_refused_whole() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_batch_records: 3,
+        max_batch_bytes: 4096,
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let json = [("content-type", "application/json")];
+    let record = valid_request(0).to_string();
+
+    let four = format!("[{record},{record},{record},{record}]");
+    let (status, _, body) = post_raw(&client, &url, &json, four.into_bytes()).await?;
+    assert_eq!(status, 413, "too many records: {body}");
+
+    // One record, padded with white space past the byte limit.
+    let big = format!("[{record}{}]", " ".repeat(5000));
+    assert!(big.len() > 4096);
+    let (status, _, body) = post_raw(&client, &url, &json, big.into_bytes()).await?;
+    assert_eq!(status, 413, "too many bytes: {body}");
+
+    // A small gzip body that inflates past the byte limit.
+    let bomb = gzip(&vec![b' '; 100_000]);
+    let gz = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    let (status, _, body) = post_raw(&client, &url, &gz, bomb).await?;
+    assert_eq!(status, 413, "inflates too far: {body}");
+
+    let whole = gzip(format!("[{record}]").as_bytes());
+    let truncated = whole[..whole.len() - 10].to_vec();
+    let (status, _, body) = post_raw(&client, &url, &gz, truncated).await?;
+    assert_eq!(status, 400, "truncated gzip: {body}");
+
+    let (status, _, body) =
+        post_raw(&client, &url, &json, format!("[{record},").into_bytes()).await?;
+    assert_eq!(status, 400, "malformed array: {body}");
+
+    let csv = [("content-type", "text/csv")];
+    let (status, _, _) = post_raw(&client, &url, &csv, b"a,b".to_vec()).await?;
+    assert_eq!(status, 415);
+    let br = [
+        ("content-type", "application/json"),
+        ("content-encoding", "br"),
+    ];
+    let (status, _, _) = post_raw(&client, &url, &br, b"[]".to_vec()).await?;
+    assert_eq!(status, 415);
+
+    assert!(
+        tier.records(0).await?.is_empty(),
+        "nothing from a refused batch"
+    );
+    tier.stop().await
+}
+
+/// With the broker down, a request gets 503 with Retry-After once the ack timeout passes,
+/// `/readyz` says not ready, and the refused record never shows up later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_means_503_and_nothing_accepted_later() -> Result<()> {
+    let tier = IngestOnly::start_with(
+        ingest::IngestConfig::default(),
+        ProducerArgs {
+            ack_timeout_ms: 2_000,
+            ..ProducerArgs::default()
+        },
+    )
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests", tier.base);
+    let ready = format!("{}/readyz", tier.base);
+    let json = "application/json";
+    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
+    assert_eq!(status, 200);
+
+    tier.broker.broker_down(1)?;
+    let mut refused = valid_request(1);
+    refused["deliveryId"] = serde_json::json!("refused-1");
+    let (status, headers, body) = post(&client, &url, &refused).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(headers.contains_key("retry-after"));
+    let (status, _) = send(&client, "GET", &ready, json, Vec::new()).await?;
+    assert_eq!(status, 503);
+
+    tier.broker.broker_up(1)?;
+    let mut later = valid_request(2);
+    later["deliveryId"] = serde_json::json!("accepted-2");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, _, body) = post(&client, &url, &later).await?;
+        if status == 202 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not come back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
+    assert!(
+        !keys.contains("default/refused-1"),
+        "a 503'd record must not land"
+    );
+    assert!(keys.contains("default/accepted-2"));
+    tier.stop().await
+}
+
+/// HTTP/2 without TLS (prior knowledge) works as well as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (status, _, body) = post(
+        &client,
+        &format!("{}/api/deliveryrequests", tier.base),
+        &valid_request(0),
+    )
+    .await?;
+    assert_eq!(status, 202, "{body}");
+    tier.stop().await
+}
+
+/// Drone telemetry: a single fix or a batch, validated per fix, keyed by drone id, bytes
+/// as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let json = [("content-type", "application/json")];
+    let fix = |i: u32| {
+        format!(
+            r#"{{"latitude": 47.{i}, "longitude": -122.3, "timestamp": "2026-11-24T10:00:0{i}Z", "battery": 90}}"#
+        )
+    };
+    // A single, pretty-printed fix.
+    let single = "{\n  \"latitude\": 47.6,\n  \"longitude\": -122.3,\n  \"timestamp\": \"2026-11-24T10:00:00Z\"\n}".to_owned();
+    let url = format!("{}/api/drones/drone-7/telemetry", tier.base);
+    let (status, _, report) = post_raw(&client, &url, &json, single.clone().into_bytes()).await?;
+    assert_eq!(status, 202, "{report}");
+    assert_eq!(report["accepted"], 1);
+
+    // A batch with one bad fix.
+    let bad = r#"{"latitude": 95, "longitude": 0, "timestamp": "2026-11-24T10:00:00Z"}"#;
+    let body = format!("[{}, {bad}, {}]", fix(1), fix(2));
+    let url = format!("{}/api/drones/drone-8/telemetry", tier.base);
+    let (status, _, report) = post_raw(&client, &url, &json, body.into_bytes()).await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["results"][1]["field"], "latitude");
+
+    // A drone id that is not a safe token.
+    let url = format!("{}/api/drones/bad%20id/telemetry", tier.base);
+    let (status, _, _) = post_raw(&client, &url, &json, fix(3).into_bytes()).await?;
+    assert_eq!(status, 400);
+
+    let mut got = tier.records_of(topics::DRONE_TELEMETRY.name, 3).await?;
+    got.sort();
+    let mut expected = vec![
+        ("drone-7".to_owned(), single.trim().as_bytes().to_vec()),
+        ("drone-8".to_owned(), fix(1).into_bytes()),
+        ("drone-8".to_owned(), fix(2).into_bytes()),
+    ];
+    expected.sort();
+    assert_eq!(got, expected);
+    tier.stop().await
+}
+
+/// Request bodies share a byte budget: while slow clients hold it, others get 503 with
+/// Retry-After instead of growing memory, and get in once the budget is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_bytes_in_flight_are_bounded() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_batch_bytes: 64 * 1024,
+        max_in_flight_bytes: 128 * 1024,
+        ..Default::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Two clients declare 60 KB bodies and send one byte of each.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        stream
+            .write_all(
+                b"POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\n\
+                  content-type: application/json\r\ncontent-length: 60000\r\n\r\n[",
+            )
+            .await?;
+        slow.push(stream);
+    }
+    // Let the tier reserve both declared bodies before the first full-size probe: a probe
+    // that got in first would take the budget, the second slow request would be refused
+    // (and wait for a body that never comes), and every later probe would fit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = client();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let mut body = format!("[{}]", valid_request(0)).into_bytes();
+    body.resize(60_000, b' ');
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, headers, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
+        if status == 503 {
+            assert!(headers.contains_key("retry-after"), "{answer}");
+            assert!(
+                answer["error"].as_str().unwrap_or("").contains("bytes"),
+                "{answer}"
+            );
+            break;
+        }
+        assert_eq!(status, 202, "{answer}");
+        assert!(Instant::now() < deadline, "the budget was never full");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(slow);
+    loop {
+        let (status, _, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
+        if status == 202 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "the budget was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tier.stop().await
+}
+
+/// A full producer queue is backpressure: records that do not fit are failed at once as
+/// retryable, never queued without bound, and none of a 503'd batch lands later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
+    let tier = IngestOnly::start_with(
+        ingest::IngestConfig::default(),
+        ProducerArgs {
+            ack_timeout_ms: 2_000,
+            producer_queue_records: 5,
+            ..ProducerArgs::default()
+        },
+    )
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    tier.broker.broker_down(1)?;
+    let records: Vec<String> = (0..20)
+        .map(|i| {
+            let mut r = valid_request(i);
+            r["deliveryId"] = serde_json::json!(format!("queued-{i}"));
+            r.to_string()
+        })
+        .collect();
+    let body = format!("[{}]", records.join(","));
+    let (status, headers, report) = post_raw(
+        &client,
+        &url,
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 503, "{report}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(report["failed"], 20);
+    let results = report["results"].as_array().context("results")?;
+    assert!(results.iter().all(|r| r["retryable"] == true), "{report}");
+    assert!(
+        results
+            .iter()
+            .any(|r| r["error"].as_str().unwrap_or("").contains("queue is full")),
+        "records past the queue bound fail at once: {report}"
+    );
+
+    tier.broker.broker_up(1)?;
+    let mut marker = valid_request(99);
+    marker["deliveryId"] = serde_json::json!("after-recovery");
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let deadline = Instant::now() + SETTLE;
+    while post(&client, &single, &marker).await?.0 != 202 {
+        assert!(Instant::now() < deadline, "the broker did not come back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let keys: BTreeSet<String> = tier.records(1).await?.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, BTreeSet::from(["default/after-recovery".to_owned()]));
+    tier.stop().await
+}
+
+/// Connections are bounded, and one that never sends its headers is closed after the
+/// header read timeout, so it cannot hold its place forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        max_connections: 1,
+        header_read_timeout_secs: 1,
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Takes the only place and sends nothing.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await?;
+    // The server closes it once the header read timeout passes.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(SETTLE, tokio::io::AsyncReadExt::read(&mut idle, &mut buf))
+        .await
+        .context("the idle connection was never closed")?;
+    assert!(matches!(read, Ok(_) | Err(_)));
+    // Then the place is free again for a real client.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (status, _) = tokio::time::timeout(
+        SETTLE,
+        send(
+            &client,
+            "GET",
+            &format!("{}/healthz", tier.base),
+            "text/plain",
+            Vec::new(),
+        ),
+    )
+    .await
+    .context("no place freed")??;
+    assert_eq!(status, 200);
+    tier.stop().await
+}
