@@ -57,9 +57,10 @@ impl Broker {
     }
 
     /// Deletes the pipeline's topics and consumer groups on a cluster the bench started,
-    /// and creates the topics again (the groups come back with the next run's members): the next run of the whole pipeline starts from
-    /// nothing (no state to restore, every drone free), as on a fresh embedded broker,
-    /// while the cluster's JVMs stay warm. Does nothing to other brokers.
+    /// and creates the topics again (the groups come back with the next run's members):
+    /// the next run of the whole pipeline starts from nothing (no state to restore, every
+    /// drone free), as on a fresh embedded broker, while the cluster's JVMs stay warm.
+    /// Does nothing to other brokers.
     pub(crate) async fn reset(&self) {
         use rdkafka::admin::{AdminClient, AdminOptions};
         use rdkafka::client::DefaultClientContext;

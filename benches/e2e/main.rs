@@ -35,10 +35,10 @@
 //!
 //! The modules: `main.rs` runs the passes and their phases in order; `plan.rs` fixes what
 //! is measured; `cluster.rs` provides the brokers; `service.rs` starts the service
-//! processes and reads their memory; `phases.rs` holds the raw producer, the HTTP tier
-//! and the overload, `pipeline.rs` the whole pipeline; `machine.rs` the machine and
-//! commit; `report.rs` the report's structs (`e2e.json`) and `e2e.md`; `chart.rs`
-//! `e2e.svg`.
+//! processes (with the test harness's starter, `tests/common/binary.rs`) and reads their
+//! memory; `phases.rs` holds the raw producer, the HTTP tier and the overload,
+//! `pipeline.rs` the whole pipeline; `machine.rs` the machine and commit; `report.rs`
+//! the report's structs (`e2e.json`) and `e2e.md`; `chart.rs` `e2e.svg`.
 //!
 //! `cargo bench --bench e2e [-- --only embedded|kafka] [--brokers HOST:PORT] [--nodes N]
 //! [--warm-up SECONDS] [--seconds N] [--out DIR]`; `--pipeline-rate` (records/s, default 100,000) and
@@ -52,6 +52,10 @@
 #[path = "../../tests/common/kafka.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod kafka;
+
+/// The test harness's starter of the package's binary, shared with this bench.
+#[path = "../../tests/common/binary.rs"]
+mod binary;
 
 mod chart;
 mod cluster;

@@ -1,21 +1,19 @@
 //! A service of the binary under measurement, started as its own process (`ingest` or
-//! `run`), found by the address it announces, stopped with SIGTERM; and its resident
-//! memory, read from `/proc`, now, at its peak and sampled over a load. It starts no
-//! broker and no load.
+//! `run`) through the test harness's starter (`tests/common/binary.rs`), found by the
+//! address it announces, stopped with SIGTERM; and its resident memory, read from
+//! `/proc`, now, at its peak and sampled over a load. It starts no broker and no load.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dronedelivery::announce;
 
-const BIN: &str = env!("CARGO_BIN_EXE_dronedelivery");
+use crate::binary::{Binary, Launch, Signal};
 
 /// A service process; killed when dropped.
 pub(crate) struct Service {
-    child: Child,
+    binary: Binary,
     /// Its HTTP API's base URL (`http://host:port`).
     pub(crate) base: String,
 }
@@ -23,30 +21,16 @@ pub(crate) struct Service {
 impl Service {
     /// Starts `dronedelivery ARGS` and waits until it says where its HTTP API listens.
     pub(crate) fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
+        let binary = Launch::new(args.first().copied().unwrap_or("dronedelivery"))
             .args(args)
-            .env("DRONEDELIVERY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(address) = line.strip_prefix(announce::API) {
-                    let _ = tx.send(format!("http://{address}"));
-                }
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the service did not say where it listens");
-        Self { child, base }
+            .start(&[announce::API])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let base = format!("http://{}", binary.announced(announce::API).unwrap());
+        Self { binary, base }
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.binary.pid()
     }
 
     /// Peak resident memory so far (VmHWM), in bytes.
@@ -59,26 +43,10 @@ impl Service {
         proc_status_kb(self.pid(), "VmRSS:") * 1024
     }
 
-    /// SIGTERM, then a kill if it has not exited within 30 s.
-    pub(crate) fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGTERM, then a kill if it has not exited within 30 s; how it exited is not
+    /// looked at.
+    pub(crate) fn stop(self) {
+        let _ = self.binary.terminate(Signal::Term, Duration::from_secs(30));
     }
 }
 
