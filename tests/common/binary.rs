@@ -1,6 +1,6 @@
 //! The package's binary as a child process, for the integration tests and the end-to-end
-//! benchmark (`benches/e2e.rs` includes this file with
-//! `#[path = "../tests/common/binary.rs"] mod binary;`, so it uses only std and
+//! benchmark (`benches/e2e/main.rs` includes this file with
+//! `#[path = "../../tests/common/binary.rs"] mod binary;`, so it uses only std and
 //! `anyhow`, never `super::`; the prefixes come from the caller, normally from
 //! `dronedelivery::announce`).
 //!

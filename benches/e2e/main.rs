@@ -1,0 +1,353 @@
+//! The end-to-end throughput benchmark: one run on one machine measures
+//!
+//! 1. **the raw producer**: librdkafka producing generated delivery requests (same key,
+//!    headers and producer settings as the ingestion tier, every record acknowledged)
+//!    straight to the broker: the ceiling for the HTTP tier;
+//! 2. **the HTTP tier** (`dronedelivery ingest`) under the load generator at batch sizes
+//!    1, 100 and 10,000 (closed loop), and single requests in open loop at a fixed rate
+//!    for honest latency;
+//! 3. **the whole pipeline** (`dronedelivery run`: ingest, processors, history sink) at a
+//!    fixed offered rate: what it sustains, how long until every accepted request is a
+//!    row of the history (and a `Created` event of the delivery consumer), and the
+//!    freshness of the history (probe requests from ack until a query sees them);
+//! 4. **memory**: the peak resident memory of each service process, and its resident
+//!    memory over time under sustained overload (offered far more than it can take).
+//!
+//! It does so twice, in two passes: on the **embedded broker** (librdkafka's mock
+//! cluster, in memory, in this process) and on **Apache Kafka**, a three-node KRaft
+//! cluster (`deploy/tools/kafka`, replication factor 3, `min.insync.replicas=2`) that the
+//! bench starts on 127.0.0.1. On the embedded broker every phase gets a fresh one; on
+//! Kafka the phases share the cluster, the whole pipeline first. The cluster is first
+//! warmed up by a minute of the whole pipeline, reported apart (`--warm-up SECONDS`):
+//! its JVMs start cold. Before each measured run of the pipeline its topics and groups
+//! are deleted and created again, so that it starts from nothing, as on a fresh embedded
+//! broker. `--brokers HOST:PORT` makes the Kafka pass use a cluster of your own instead,
+//! with neither warm-up nor deletion (give it fresh topics for comparable figures).
+//! `--only embedded|kafka` runs one pass.
+//!
+//! The services run as their own processes (the release binary built with this bench);
+//! the embedded broker and the load generator run in this one, the Kafka nodes are `java`
+//! processes, all on the same cores.
+//!
+//! The report goes to `benches/results/` (or `--out DIR`): `e2e.json`, `e2e.md` (the two
+//! passes side by side, then each in full) and `e2e.svg` (throughput and latency by
+//! batch size, both passes).
+//!
+//! The modules: `main.rs` runs the passes and their phases in order; `plan.rs` fixes what
+//! is measured; `cluster.rs` provides the brokers; `service.rs` starts the service
+//! processes (with the test harness's starter, `tests/common/binary.rs`) and reads their
+//! memory; `phases.rs` holds the raw producer, the HTTP tier and the overload,
+//! `pipeline.rs` the whole pipeline; `machine.rs` the machine and commit; `report.rs`
+//! the report's structs (`e2e.json`) and `e2e.md`; `chart.rs` `e2e.svg`.
+//!
+//! `cargo bench --bench e2e [-- --only embedded|kafka] [--brokers HOST:PORT] [--nodes N]
+//! [--warm-up SECONDS] [--seconds N] [--out DIR]`; `--pipeline-rate` (records/s, default 100,000) and
+//! `--single-rate` (requests/s, default 30,000) set the offered rates of the open-loop
+//! phases. `--render FILE` measures nothing and writes `e2e.md` and `e2e.svg` again from
+//! an `e2e.json`.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+
+/// The test harness's real Kafka cluster (`deploy/tools/kafka`), shared with this bench.
+#[path = "../../tests/common/kafka.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod kafka;
+
+/// The test harness's starter of the package's binary, shared with this bench.
+#[path = "../../tests/common/binary.rs"]
+mod binary;
+
+mod chart;
+mod cluster;
+mod machine;
+mod phases;
+mod pipeline;
+mod plan;
+mod report;
+mod service;
+
+use std::path::{Path, PathBuf};
+
+use cluster::Broker;
+use plan::{HTTP_TIERS, MAX_CONSUMER_LAG, Pass, WARM_UP_RATE};
+use report::{E2eReport, PassReport};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Clone)]
+struct Args {
+    /// The Kafka pass's cluster, instead of one the bench starts.
+    brokers: Option<String>,
+    passes: Vec<Pass>,
+    /// Nodes of the cluster the bench starts (1 or 3).
+    nodes: usize,
+    /// Seconds of load that warm a new Kafka cluster up before it is measured.
+    warm_up: f64,
+    /// Measure nothing: write `e2e.md` and `e2e.svg` again from this `e2e.json`.
+    render: Option<PathBuf>,
+    seconds: f64,
+    out: PathBuf,
+    pipeline_rate: f64,
+    single_rate: f64,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        brokers: None,
+        passes: vec![Pass::Embedded, Pass::Kafka],
+        nodes: 3,
+        warm_up: 60.0,
+        render: None,
+        seconds: 10.0,
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
+        pipeline_rate: 100_000.0,
+        single_rate: 30_000.0,
+    };
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        let mut value = || {
+            given
+                .next()
+                .unwrap_or_else(|| panic!("{arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--brokers" => args.brokers = Some(value()),
+            "--only" => {
+                args.passes = match value().as_str() {
+                    "embedded" => vec![Pass::Embedded],
+                    "kafka" => vec![Pass::Kafka],
+                    other => panic!("--only embedded|kafka, not {other}"),
+                }
+            }
+            "--nodes" => {
+                args.nodes = value().parse().expect("--nodes 1|3");
+                assert!(matches!(args.nodes, 1 | 3), "--nodes 1|3");
+            }
+            "--render" => args.render = Some(PathBuf::from(value())),
+            "--warm-up" => args.warm_up = value().parse().expect("--warm-up SECONDS"),
+            "--seconds" => args.seconds = value().parse().expect("--seconds N"),
+            "--out" => args.out = PathBuf::from(value()),
+            "--pipeline-rate" => args.pipeline_rate = value().parse().expect("records/s"),
+            "--single-rate" => args.single_rate = value().parse().expect("requests/s"),
+            // cargo bench passes --bench; filters are not used.
+            _ => {}
+        }
+    }
+    args
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench(args));
+}
+
+async fn bench(args: Args) {
+    let started = chrono::Utc::now();
+    std::fs::create_dir_all(&args.out).unwrap();
+    if let Some(json) = &args.render {
+        let text = std::fs::read_to_string(json)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", json.display()));
+        let results: E2eReport = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", json.display()));
+        write_summary(&args.out, &results);
+        return;
+    }
+    println!("end-to-end benchmark, {} s per phase", args.seconds);
+    if args.passes.contains(&Pass::Kafka) && args.brokers.is_none() {
+        // Java and the jars are checked (and fetched) before any pass runs.
+        kafka::KafkaCluster::fetch().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let mut results = E2eReport {
+        started: started.to_rfc3339(),
+        machine: machine::machine(),
+        // Before the report files (tracked) are written.
+        commit: machine::commit(),
+        seconds_per_phase: args.seconds,
+        max_consumer_lag: MAX_CONSUMER_LAG.parse::<u64>().unwrap(),
+        command: command(&args),
+        passes: Vec::new(),
+    };
+    for &pass in &args.passes {
+        results.passes.push(run_pass(&args, pass).await);
+        // Written after each pass, so that a failed later pass keeps the earlier ones.
+        write_report(&args.out, &results);
+    }
+}
+
+/// `e2e.json`, `e2e.svg` and `e2e.md` in `out`; prints the summary.
+fn write_report(out: &Path, results: &E2eReport) {
+    // Through a `Value`, whose maps sort their keys: the file lists its fields in the
+    // order the reports written before it do, so that they compare line by line.
+    let json = serde_json::to_value(results).unwrap();
+    std::fs::write(
+        out.join("e2e.json"),
+        serde_json::to_string_pretty(&json).unwrap() + "\n",
+    )
+    .unwrap();
+    write_summary(out, results);
+}
+
+/// `e2e.svg` and `e2e.md` in `out`; prints the summary.
+fn write_summary(out: &Path, results: &E2eReport) {
+    std::fs::write(out.join("e2e.svg"), chart::chart(results)).unwrap();
+    let summary = report::markdown(results);
+    std::fs::write(out.join("e2e.md"), &summary).unwrap();
+    println!("\n{summary}");
+    println!("report written to {}", out.display());
+}
+
+/// The command that reproduces this run (its options that differ from the defaults).
+fn command(args: &Args) -> String {
+    let mut command = String::from("cargo bench --bench e2e");
+    let mut options = Vec::new();
+    if args.passes.len() == 1 {
+        options.push(format!("--only {}", args.passes[0].name()));
+    }
+    if let Some(brokers) = &args.brokers {
+        options.push(format!("--brokers {brokers}"));
+    }
+    for (flag, value, default) in [
+        ("--nodes", args.nodes as f64, 3.0),
+        ("--warm-up", args.warm_up, 60.0),
+        ("--seconds", args.seconds, 10.0),
+        ("--pipeline-rate", args.pipeline_rate, 100_000.0),
+        ("--single-rate", args.single_rate, 30_000.0),
+    ] {
+        if (value - default).abs() > f64::EPSILON {
+            options.push(format!("{flag} {value}"));
+        }
+    }
+    if !options.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&options.join(" "));
+    }
+    command
+}
+
+/// Runs `phase` on `shared` (the Kafka pass's cluster), or on a fresh embedded broker of
+/// its own.
+async fn on_broker<T, F, Fut>(shared: Option<&Broker>, phase: F) -> T
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    if let Some(broker) = shared {
+        return phase(broker.bootstrap()).await;
+    }
+    let broker = Broker::embedded();
+    let result = phase(broker.bootstrap()).await;
+    broker.stop().await;
+    result
+}
+
+/// A figure of the report, or `default` when it is not a number (written as `null`).
+fn finite_or(v: f64, default: f64) -> f64 {
+    if v.is_finite() { v } else { default }
+}
+
+/// Every phase on one kind of broker.
+///
+/// On the embedded broker every phase gets a fresh one. On Kafka the phases share one
+/// cluster, as they would share a long-running one, and the whole pipeline runs first
+/// (with `--brokers`, its consumers would otherwise begin by reading what the other
+/// phases produced).
+/// A cluster the bench started is first warmed up by a run of the whole pipeline, kept
+/// apart in the report (its JVMs start cold: the first minute of load was several times
+/// slower per request here), and its pipeline topics and groups are deleted and created
+/// again before each measured run, so that every run starts from nothing. With
+/// `--brokers`, nothing is deleted: the runs share the topics, and a later run restores
+/// the state of the earlier ones.
+async fn run_pass(args: &Args, pass: Pass) -> PassReport {
+    let broker = cluster::label(pass, args.brokers.as_deref(), args.nodes);
+    println!("\n== {broker} ==");
+    let shared = match pass {
+        Pass::Kafka => Some(Broker::kafka(args.brokers.as_deref(), args.nodes).await),
+        Pass::Embedded => None,
+    };
+    let warm_up = match &shared {
+        Some(cluster @ Broker::Cluster(_)) if args.warm_up > 0.0 => {
+            println!(
+                "warming the cluster up: the whole pipeline for {:.0} s",
+                args.warm_up
+            );
+            Some(pipeline::whole_pipeline(&cluster.bootstrap(), WARM_UP_RATE, args.warm_up).await)
+        }
+        _ => None,
+    };
+
+    // The whole pipeline: saturated (offered more than it takes), then at 80% of the
+    // end-to-end rate that gave, to see that it keeps up and how fresh the history is.
+    if let Some(cluster) = &shared {
+        cluster.reset().await;
+    }
+    let saturated = on_broker(shared.as_ref(), |b| async move {
+        pipeline::whole_pipeline(&b, args.pipeline_rate, args.seconds).await
+    })
+    .await;
+    let capacity = finite_or(saturated.end_to_end_deliveries_per_sec, 10_000.0);
+    let sustained_rate = (capacity * 0.8 / 1000.0).round().max(1.0) * 1000.0;
+    if let Some(cluster) = &shared {
+        cluster.reset().await;
+    }
+    let sustained = on_broker(shared.as_ref(), |b| async move {
+        pipeline::whole_pipeline(&b, sustained_rate, args.seconds).await
+    })
+    .await;
+
+    // The raw producer: the ceiling for the HTTP tier.
+    let raw = on_broker(shared.as_ref(), |b| async move {
+        phases::raw_producer(&b, args.seconds).await
+    })
+    .await;
+    println!(
+        "raw producer: {:.0} records/s ({:.1} MB/s)",
+        finite_or(raw.records_per_sec, 0.0),
+        finite_or(raw.mb_per_sec, 0.0)
+    );
+
+    // The HTTP tier by batch size (closed loop), then single requests at a fixed rate.
+    let mut http = Vec::new();
+    for (batch, connections) in HTTP_TIERS {
+        http.push(
+            on_broker(shared.as_ref(), |b| async move {
+                phases::http_tier(&b, args.seconds, batch, connections, None).await
+            })
+            .await,
+        );
+    }
+    let single_open = on_broker(shared.as_ref(), |b| async move {
+        phases::http_tier(&b, args.seconds, 1, 256, Some(args.single_rate)).await
+    })
+    .await;
+
+    // Memory under sustained overload.
+    let overload = on_broker(shared.as_ref(), |b| async move {
+        phases::overload(&b, args.seconds).await
+    })
+    .await;
+    if let Some(shared) = shared {
+        shared.stop().await;
+    }
+
+    let raw_rate = finite_or(raw.records_per_sec, 1.0).max(1.0);
+    let bulk_rate = http
+        .last()
+        .map_or(0.0, |r| finite_or(r.report.records_per_sec, 0.0));
+    PassReport {
+        pass,
+        broker,
+        warm_up,
+        raw_producer: raw,
+        http_tier: http,
+        single_open_loop: single_open,
+        http_tier_efficiency: bulk_rate / raw_rate,
+        pipeline: saturated,
+        pipeline_sustained: sustained,
+        overload,
+    }
+}

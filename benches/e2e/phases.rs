@@ -1,0 +1,257 @@
+//! The phases that load the ingestion side alone: the raw producer (generated requests
+//! straight to the broker, the ceiling for the HTTP tier), the HTTP tier under the load
+//! generator (closed loop by batch size, or open loop at a fixed rate), and the HTTP tier
+//! under sustained overload with its resident memory over time; and the load generator
+//! runs they share with the whole pipeline (`pipeline.rs`).
+//!
+//! Each phase is given a broker's bootstrap servers and returns its part of the report;
+//! which broker, and in what order the phases run, is `main.rs`'s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus::{BusError, ClientSettings, OutRecord, Producer, ProducerArgs};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use loadgen::{LoadgenConfig, Report};
+use schemas::headers as h;
+use schemas::topics;
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::RAW_TASKS;
+use crate::report::{HttpTier, Overload, OverloadRss, RawProducer};
+use crate::service::{RssSampler, Service, mb, rss_at};
+
+/// A load generator run to its end.
+pub(crate) async fn load(config: LoadgenConfig) -> Report {
+    loadgen::run(config, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// Load on `base` for `seconds` from 50 tenants: closed loop unless its rate is set.
+pub(crate) fn load_config(base: &str, batch: u32, connections: u32, seconds: f64) -> LoadgenConfig {
+    LoadgenConfig {
+        target: base.to_owned(),
+        duration: Duration::from_secs_f64(seconds),
+        batch_size: batch,
+        connections,
+        tenants: 50,
+        ..LoadgenConfig::default()
+    }
+}
+
+/// Phase 1: generated requests straight to the broker, each acknowledged, from
+/// `RAW_TASKS` tasks sharing one producer, after a second of warm-up (connections and
+/// producer), as the HTTP tier gets.
+pub(crate) async fn raw_producer(bootstrap: &str, seconds: f64) -> RawProducer {
+    let producer = reachable_producer(bootstrap, topics::DELIVERY_REQUESTS.name);
+    let records = generated_records();
+    let _ = produce_for(&producer, &records, 1.0).await;
+    let (sent, acked, failed, bytes, secs) = produce_for(&producer, &records, seconds).await;
+    RawProducer {
+        tasks: RAW_TASKS,
+        records_sent: sent,
+        records_acked: acked,
+        records_failed: failed,
+        elapsed_secs: secs,
+        records_per_sec: acked as f64 / secs,
+        mb_per_sec: bytes as f64 / 1e6 / secs,
+    }
+}
+
+/// An acknowledged producer (the tier's settings) that has reached `topic`.
+fn reachable_producer(bootstrap: &str, topic: &str) -> Producer {
+    let settings = ClientSettings::plain(bootstrap);
+    let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
+    producer
+        .check_reachable(topic, Duration::from_secs(10))
+        .unwrap();
+    producer
+}
+
+/// 50,000 generated requests: (key, tenant, body).
+fn generated_records() -> Arc<Vec<(String, String, String)>> {
+    let mut generator = schemas::generate::Generator::new(1, 50);
+    Arc::new(
+        (0..50_000)
+            .map(|i| {
+                let (tenant, body) = generator.request();
+                let id = format!("raw-{i}");
+                (schemas::delivery_key(&tenant, &id), tenant, body)
+            })
+            .collect(),
+    )
+}
+
+/// `RAW_TASKS` tasks producing for `seconds`: (sent, acked, failed, bytes, seconds from
+/// the start until the last acknowledgement).
+async fn produce_for(
+    producer: &Producer,
+    records: &Arc<Vec<(String, String, String)>>,
+    seconds: f64,
+) -> (u64, u64, u64, u64, f64) {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..RAW_TASKS {
+        let producer = producer.clone();
+        let records = records.clone();
+        tasks.spawn(async move { raw_task(&producer, &records, task, end).await });
+    }
+    let (mut sent, mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_ack = start;
+    while let Some(done) = tasks.join_next().await {
+        let (s, a, f, b, last) = done.unwrap();
+        sent += s;
+        acked += a;
+        failed += f;
+        bytes += b;
+        last_ack = last_ack.max(last);
+    }
+    let secs = last_ack.duration_since(start).as_secs_f64().max(1e-3);
+    (sent, acked, failed, bytes, secs)
+}
+
+/// One producing task: sends until `end`, at most 100,000 records awaiting their ack;
+/// (sent, acked, failed, bytes, last ack).
+async fn raw_task(
+    producer: &Producer,
+    records: &[(String, String, String)],
+    task: usize,
+    end: Instant,
+) -> (u64, u64, u64, u64, Instant) {
+    let correlation = uuid::Uuid::new_v4().to_string();
+    let mut acks = FuturesUnordered::new();
+    let (mut sent, mut acked, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_ack = Instant::now();
+    let mut i = task * records.len() / RAW_TASKS;
+    let mut ingest_time = String::new();
+    let mut tally = |result: bus::Result<bus::Delivered>, acked: &mut u64, failed: &mut u64| {
+        if result.is_ok() {
+            *acked += 1;
+        } else {
+            *failed += 1;
+        }
+        last_ack = Instant::now();
+    };
+    while Instant::now() < end {
+        if sent % 1024 == 0 {
+            ingest_time = chrono::Utc::now().timestamp_millis().to_string();
+            tokio::task::yield_now().await;
+        }
+        let (key, tenant, body) = &records[i % records.len()];
+        let headers: [(&str, &[u8]); 6] = [
+            (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
+            (h::TENANT, tenant.as_bytes()),
+            (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
+            (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
+            (h::INGEST_TIME, ingest_time.as_bytes()),
+            (h::CORRELATION_ID, correlation.as_bytes()),
+        ];
+        let record = OutRecord {
+            topic: topics::DELIVERY_REQUESTS.name,
+            key: key.as_bytes(),
+            payload: body.as_bytes(),
+            headers: &headers,
+        };
+        match producer.send(record) {
+            Ok(ack) => {
+                acks.push(ack);
+                sent += 1;
+                bytes += body.len() as u64;
+                i += 1;
+            }
+            // The producer's queue is full: wait for an acknowledgement to make room.
+            Err(BusError::QueueFull) => {
+                if let Some(result) = acks.next().await {
+                    tally(result, &mut acked, &mut failed);
+                }
+            }
+            Err(e) => panic!("producing: {e}"),
+        }
+        while acks.len() >= 100_000 {
+            if let Some(result) = acks.next().await {
+                tally(result, &mut acked, &mut failed);
+            }
+        }
+    }
+    while let Some(result) = acks.next().await {
+        tally(result, &mut acked, &mut failed);
+    }
+    (sent, acked, failed, bytes, last_ack)
+}
+
+/// Phase 2: the ingestion tier alone, for `seconds` after a second of warm-up; closed
+/// loop, or open loop at `rate` calls/s.
+pub(crate) async fn http_tier(
+    bootstrap: &str,
+    seconds: f64,
+    batch: u32,
+    connections: u32,
+    rate: Option<f64>,
+) -> HttpTier {
+    let service = Service::start(&["ingest", "--brokers", bootstrap, "--listen", "127.0.0.1:0"]);
+    // Warm up: connections, producer, broker.
+    let _ = load(load_config(&service.base, batch, connections, 1.0)).await;
+    let mut config = load_config(&service.base, batch, connections, seconds);
+    if let Some(rate) = rate {
+        config.rate = rate * f64::from(batch);
+    }
+    let report = load(config).await;
+    let peak = service.peak_rss();
+    service.stop();
+    println!(
+        "http tier, batch {batch}, {connections} connections{}:\n{report}",
+        rate.map(|r| format!(", open loop at {r:.0} calls/s"))
+            .unwrap_or_default()
+    );
+    HttpTier {
+        batch_size: batch,
+        connections,
+        report,
+        peak_rss_mb: mb(peak),
+    }
+}
+
+/// Phase 4: far more offered than the tier can take, for twice `seconds_per_phase`; its
+/// resident memory over time.
+pub(crate) async fn overload(bootstrap: &str, seconds_per_phase: f64) -> Overload {
+    let service = Service::start(&["ingest", "--brokers", bootstrap, "--listen", "127.0.0.1:0"]);
+    let pid = service.pid();
+    let seconds = seconds_per_phase * 2.0;
+    let sampler = RssSampler::start(pid);
+    // 1,000 connections with batches of 100, open loop at 2,000,000 records/s.
+    let mut config = load_config(&service.base, 100, 1000, seconds);
+    config.rate = 2_000_000.0;
+    config.timeout = Duration::from_secs(10);
+    let report = load(config).await;
+    let samples = sampler.stop().await;
+    let peak = service.peak_rss();
+    let at = |fraction: f64| rss_at(&samples, seconds * fraction);
+    let rss_now = mb(service.rss());
+    service.stop();
+    let (half, end) = (at(0.5), at(1.0));
+    println!(
+        "overload (1,000 connections, 2M records/s offered, {seconds:.0} s):\n{report}  resident MB at 25/50/75/100%: {:.0} {:.0} {:.0} {:.0}; peak {:.0}",
+        at(0.25),
+        half,
+        at(0.75),
+        end,
+        mb(peak)
+    );
+    Overload {
+        seconds,
+        report,
+        rss_mb: OverloadRss {
+            p25: at(0.25),
+            p50: half,
+            p75: at(0.75),
+            end,
+            after: rss_now,
+        },
+        growth_second_half_mb: end - half,
+        peak_rss_mb: mb(peak),
+        samples,
+    }
+}
