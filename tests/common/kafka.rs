@@ -1,5 +1,5 @@
 //! A real Apache Kafka cluster for the tests and the end-to-end benchmark
-//! (`benches/e2e.rs` includes this file): KRaft nodes started by `deploy/tools/kafka` as
+//! (`benches/e2e/main.rs` includes this file): KRaft nodes started by `deploy/tools/kafka` as
 //! `java` processes on 127.0.0.1.
 //!
 //! A cluster is stopped when dropped, also when a test panics; the script's watchdog stops
