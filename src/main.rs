@@ -707,7 +707,7 @@ async fn start_flight(
 /// come after the service stopped, so liveness holds while it drains.
 async fn start_health(
     args: &HealthArgs,
-    ready: ingest::ops::Readiness,
+    ready: ingest::health::Readiness,
     render: MetricsRender,
     stopping: CancellationToken,
     shutdown: CancellationToken,
@@ -715,13 +715,13 @@ async fn start_health(
     let Some(listen) = health_address(args)? else {
         return Ok(None);
     };
-    let check: ingest::ops::Readiness = Arc::new(move || {
+    let check: ingest::health::Readiness = Arc::new(move || {
         if stopping.is_cancelled() {
             return Box::pin(async { Err("stopping".to_owned()) });
         }
         ready()
     });
-    let server = ingest::ops::HealthServer::bind(listen, check, Some(render)).await?;
+    let server = ingest::health::HealthServer::bind(listen, check, Some(render)).await?;
     let addr = server.local_addr()?;
     println!("health on http://{addr}");
     tracing::info!(%addr, "health checks and metrics on http://{addr}");
@@ -729,7 +729,7 @@ async fn start_health(
 }
 
 /// Readiness: a broker answers a metadata request within two seconds.
-fn broker_readiness(settings: &ClientSettings) -> Result<ingest::ops::Readiness> {
+fn broker_readiness(settings: &ClientSettings) -> Result<ingest::health::Readiness> {
     let probe = Arc::new(bus::Reachability::new(settings)?);
     Ok(Arc::new(move || {
         let probe = Arc::clone(&probe);
@@ -936,7 +936,7 @@ async fn sql_server(args: SqlServerArgs) -> Result<()> {
         ..IngestConfig::default()
     };
     let readable = history.clone();
-    let ready: ingest::ops::Readiness = Arc::new(move || {
+    let ready: ingest::health::Readiness = Arc::new(move || {
         let history = readable.clone();
         Box::pin(async move {
             history
