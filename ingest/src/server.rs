@@ -293,3 +293,56 @@ fn correlation_id(req: &Request<Incoming>) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{SqlAnswer, SqlFailure, SqlFailureKind};
+
+    struct NoEngine;
+
+    impl SqlEndpoint for NoEngine {
+        fn query(
+            &self,
+            _sql: String,
+            _accept: Option<String>,
+        ) -> futures_util::future::BoxFuture<'static, std::result::Result<SqlAnswer, SqlFailure>>
+        {
+            Box::pin(async {
+                Err(SqlFailure {
+                    kind: SqlFailureKind::Internal,
+                    message: "no engine".into(),
+                })
+            })
+        }
+    }
+
+    /// Every part plugged in takes effect, also after an authenticator was handed out
+    /// (which shares the server's keys).
+    #[tokio::test]
+    async fn parts_plugged_in_after_an_authenticator_was_handed_out_take_effect() {
+        let config = IngestConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..IngestConfig::default()
+        };
+        let server = Ingest::bind_read_only(config).await.unwrap();
+        let authenticator = server.sql_authenticator();
+        let check: Readiness = Arc::new(|| Box::pin(async { Ok(()) }));
+        let server = server
+            .with_metrics(Arc::new(String::new))
+            .with_readiness(check)
+            .with_sql(Arc::new(NoEngine))
+            .with_backpressure(Arc::new(AtomicBool::new(true)));
+        let app = server.state.build();
+        assert!(app.metrics.is_some());
+        assert!(app.readiness.is_some());
+        assert!(app.sql.is_some());
+        assert!(matches!(
+            app.budgets.admit(),
+            Err(IngestError::PipelineBehind { .. })
+        ));
+        assert!(app.budgets.admit_read().is_ok());
+        // Without keys, loopback callers may query.
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        assert_eq!(authenticator.check(None, peer).unwrap(), "default");
+    }
+}
