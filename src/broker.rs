@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer};
-use ingest::ops::Readiness;
+use ingest::health::Readiness;
 use tokio_util::sync::CancellationToken;
 
 /// Brokers from the flags, or an embedded in-memory broker when none are given and

@@ -12,7 +12,7 @@ use analytics::sql::History;
 use anyhow::{Context, Result};
 use dronedelivery::announce;
 use ingest::MetricsRender;
-use ingest::ops::{HealthServer, Readiness};
+use ingest::health::{HealthServer, Readiness};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Listen;

@@ -1,13 +1,23 @@
 //! The one error type of the ingestion tier, and the one place where errors become HTTP
 //! status codes and bodies.
+//!
+//! It owns [`IngestError`], its statuses, metric labels and JSON answers, and the retry
+//! delay the tier asks for. It must not import the server, the routes or the handlers:
+//! they depend on it, never the other way round (of the tier's modules it uses only the
+//! SQL seam, `sql.rs`, which imports nothing back).
 
-use crate::server::SqlFailureKind;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 use schemas::ValidationError;
+
+use crate::sql::SqlFailureKind;
+
+/// The `Retry-After` the tier asks for when it is momentarily full or cannot reach the
+/// broker.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything the ingestion tier can answer other than success.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +146,7 @@ pub enum IngestError {
     #[error("{message}")]
     Sql {
         /// What kind of failure.
-        kind: crate::server::SqlFailureKind,
+        kind: SqlFailureKind,
         /// The engine's message.
         message: String,
     },

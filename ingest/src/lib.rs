@@ -5,26 +5,45 @@
 //! record (`acks=all`, idempotent producer). The record's payload is the client's own
 //! bytes, keyed by delivery id; what the tier adds travels in Kafka headers.
 //!
+//! A request reads top to bottom through these modules: `server` (listener, connections,
+//! shutdown, the top-level `handle`) → `routes` (the one table of routes) → `handlers`
+//! (`deliveries`, `telemetry`, `sql`) → `admission` (budgets, bounded bodies) → `produce`
+//! (headers, enqueueing, acknowledgements) → `response` (the answer). Beside them:
+//! `config` (the flags), `state` (what every handler shares, built once), `error` (the
+//! one error type and its HTTP statuses), `sql` (the seam to the history's SQL engine),
+//! `batch` (batch framing and decoding), `idempotency` (the `Idempotency-Key` window),
+//! `tenants` (API keys and rate limits) and `status` (the delivery status view).
+//!
 //! The same server, built read-only (`Ingest::bind_read_only`), serves the SQL server:
 //! `POST /api/sql` with the same keys, health and metrics, and 404 on the write routes.
-//! `ops` is the small health listener (`/healthz`, `/readyz`, `/metrics`) of services
+//! `health` is the small health listener (`/healthz`, `/readyz`, `/metrics`) of services
 //! that have no public API.
 //!
 //! It must not decide anything downstream (scheduling, state) and never imports the
 //! processors or analytics crates: it meets them only through the `delivery-requests`
 //! topic.
 
+mod admission;
 pub mod batch;
+mod config;
 mod error;
+mod handlers;
+pub mod health;
 pub mod idempotency;
-pub mod ops;
+mod produce;
+mod response;
+mod routes;
 mod server;
+mod sql;
+mod state;
 pub mod status;
 pub mod tenants;
 
+pub use config::IngestConfig;
 pub use error::{IngestError, Result};
-pub use server::{
-    Ingest, IngestConfig, MetricsRender, OPENAPI, SqlAnswer, SqlAuthenticator, SqlEndpoint,
-    SqlFailure, SqlFailureKind,
-};
+pub use handlers::sql::SqlAuthenticator;
+pub use health::MetricsRender;
+pub use routes::OPENAPI;
+pub use server::Ingest;
+pub use sql::{SqlAnswer, SqlEndpoint, SqlFailure, SqlFailureKind};
 pub use status::StatusView;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use analytics::sql::History;
 use anyhow::{Context, Result};
 use dronedelivery::announce;
-use ingest::ops::Readiness;
+use ingest::health::Readiness;
 use ingest::{Ingest, IngestConfig};
 
 use crate::cli::SqlServerArgs;

@@ -1,6 +1,10 @@
 //! The health listener of services that have no public HTTP API (the stream processors,
 //! the history sink, the simulator): `GET /healthz`, `GET /readyz` and `GET /metrics`,
 //! for orchestrators' probes and Prometheus. It serves nothing else.
+//!
+//! It owns that listener and the two hooks every server of the tier takes: a readiness
+//! check ([`Readiness`]) and a metrics renderer ([`MetricsRender`]). It must not import
+//! the ingestion server, its routes or its state: they use it, not the reverse.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +23,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{IngestError, Result};
-use crate::server::MetricsRender;
+
+/// Renders the process's metrics in the Prometheus text format.
+pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// A readiness check: `Ok` when the service can do its work, else why not.
 pub type Readiness =

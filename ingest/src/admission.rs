@@ -1,0 +1,257 @@
+//! What a request may hold while it is served: a place among the open connections, one
+//! of the in-flight places, its body bytes within the byte budget and a place to
+//! decompress; and the bounded reading of bodies into those budgets.
+//!
+//! It owns [`Budgets`], the [`Admission`] guard of one request, and [`read_body`] /
+//! [`read_decoded`]. It must not route, parse records or produce: it refuses early (503,
+//! 413) and hands bytes back. It must not import the state, the routes, the handlers or
+//! the server (they use it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, header};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+
+use crate::batch;
+use crate::config::IngestConfig;
+use crate::error::{IngestError, RETRY_AFTER, Result};
+use crate::tenants::Tenant;
+
+/// The tier's budgets, shared by every request.
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    /// Open client connections, `--max-connections`.
+    connections: Arc<Semaphore>,
+    /// Requests handled at once, `--max-in-flight`.
+    in_flight: Semaphore,
+    /// Body bytes held by requests, one permit per byte.
+    body_bytes: Arc<Semaphore>,
+    /// Places for decompressing bodies (CPU-bound, each up to the batch limit).
+    decoders: Semaphore,
+    /// Set while the pipeline's consumers are too far behind: writes get 503.
+    behind: Option<Arc<AtomicBool>>,
+}
+
+impl Budgets {
+    /// The budgets `config` names, with the backpressure flag `behind` if writes watch one.
+    pub(crate) fn new(config: &IngestConfig, behind: Option<Arc<AtomicBool>>) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            body_bytes: Arc::new(Semaphore::new(
+                config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            decoders: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
+            ),
+            behind,
+        }
+    }
+
+    /// Waits for a place among the open connections; `None` once the budget is closed.
+    pub(crate) async fn connection(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.connections).acquire_owned().await.ok()
+    }
+
+    /// Takes one of the `--max-in-flight` places for a write, or answers 503 at once
+    /// (also while the pipeline is behind).
+    pub(crate) fn admit(&self) -> Result<Admission<'_>> {
+        if self
+            .behind
+            .as_ref()
+            .is_some_and(|behind| behind.load(Ordering::Relaxed))
+        {
+            metrics::counter!("ingest_backpressure_refusals_total").increment(1);
+            return Err(IngestError::PipelineBehind {
+                retry_after: RETRY_AFTER,
+            });
+        }
+        self.admit_read()
+    }
+
+    /// Takes one of the `--max-in-flight` places, or answers 503 at once.
+    pub(crate) fn admit_read(&self) -> Result<Admission<'_>> {
+        let permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| IngestError::TooManyInFlight {
+                retry_after: RETRY_AFTER,
+            })?;
+        metrics::gauge!("ingest_in_flight_requests").increment(1.0);
+        Ok(Admission {
+            _request: permit,
+            budgets: self,
+            bytes: None,
+            reserved: 0,
+        })
+    }
+}
+
+/// A request's places: one of `--max-in-flight`, and its body bytes within
+/// `--max-in-flight-bytes`. Given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Admission<'a> {
+    _request: SemaphorePermit<'a>,
+    budgets: &'a Budgets,
+    bytes: Option<OwnedSemaphorePermit>,
+    reserved: usize,
+}
+
+impl Admission<'_> {
+    /// Holds `total` body bytes in all for this request, or answers 503 at once.
+    fn hold(&mut self, total: usize) -> Result<()> {
+        if total <= self.reserved {
+            return Ok(());
+        }
+        let more =
+            u32::try_from(total - self.reserved).map_err(|_| IngestError::TooManyBytesInFlight)?;
+        let permit = Arc::clone(&self.budgets.body_bytes)
+            .try_acquire_many_owned(more)
+            .map_err(|_| IngestError::TooManyBytesInFlight)?;
+        match &mut self.bytes {
+            Some(held) => held.merge(permit),
+            None => self.bytes = Some(permit),
+        }
+        self.reserved = total;
+        Ok(())
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        metrics::gauge!("ingest_in_flight_requests").decrement(1.0);
+    }
+}
+
+/// Past the body limit, up to this many more bytes are read and thrown away before the
+/// 413 is sent, so that a client still writing its body gets the answer rather than a
+/// reset connection. Bodies declared larger than that are refused without reading.
+const DISCARD_MAX: u64 = 8 * 1024 * 1024;
+
+/// Reads the whole body into one `Bytes`, refusing more than `limit` bytes and holding
+/// what it keeps in the request's `admission`. A body that arrives in one frame is kept as
+/// it is; several frames are joined once. A body refused (too large, or no room in the
+/// byte budget) is read on and thrown away, up to `DISCARD_MAX`, before the answer.
+pub(crate) async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    admission: &mut Admission<'_>,
+) -> Result<Bytes> {
+    let too_large = || IngestError::PayloadTooLarge { limit };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
+        return Err(too_large());
+    }
+    let mut refused = declared.and_then(|n| admission.hold((n as usize).min(limit)).err());
+    let mut body = req.into_body();
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| IngestError::BodyRead {
+            reason: e.to_string(),
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if refused.is_none() && seen <= limit as u64 {
+            refused = admission.hold(seen as usize).err();
+        }
+        if refused.is_some() || seen > limit as u64 {
+            // Refused: keep reading (and dropping) up to DISCARD_MAX, then answer.
+            first = None;
+            joined = None;
+            if seen > limit as u64 + DISCARD_MAX {
+                break;
+            }
+            continue;
+        }
+        match (&mut first, &mut joined) {
+            (None, None) => first = Some(data),
+            (Some(head), None) => {
+                let mut buf = BytesMut::with_capacity(
+                    declared
+                        .map_or(head.len() + data.len(), |n| n as usize)
+                        .min(limit),
+                );
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&data);
+                first = None;
+                joined = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    if seen > limit as u64 {
+        return Err(too_large());
+    }
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    Ok(match (first, joined) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// A batch body as decoded, with the framing its content type names.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    /// The framing the `Content-Type` names; `None` lets the body's first byte decide.
+    pub(crate) framing: Option<batch::Framing>,
+    /// The decompressed body.
+    pub(crate) body: Bytes,
+}
+
+/// Reads a batch body (bounded by `limit` as sent, counted to `tenant`) and decodes it
+/// (bounded by `limit` again, with a decoder place); returns the framing its content type
+/// names and the decoded bytes.
+pub(crate) async fn read_decoded(
+    req: Request<Incoming>,
+    limit: usize,
+    tenant: &Tenant,
+    admission: &mut Admission<'_>,
+) -> Result<Decoded> {
+    let header_text = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_owned())
+    };
+    let framing = batch::framing(header_text(header::CONTENT_TYPE).as_deref());
+    let encoding = batch::encoding(header_text(header::CONTENT_ENCODING).as_deref());
+    let wire = read_body(req, limit, admission).await?;
+    tenant.bytes.increment(wire.len() as u64);
+    let (framing, encoding) = (framing?, encoding?);
+    let body = if encoding == batch::Encoding::Identity {
+        wire
+    } else {
+        let wire_len = wire.len();
+        let budgets = admission.budgets;
+        let _decoder = budgets
+            .decoders
+            .acquire()
+            .await
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })?;
+        let decoded = tokio::task::spawn_blocking(move || batch::decode(wire, encoding, limit))
+            .await
+            .map_err(|e| IngestError::Internal {
+                reason: e.to_string(),
+            })??;
+        admission.hold(wire_len + decoded.len())?;
+        decoded
+    };
+    metrics::counter!("ingest_decoded_bytes_total").increment(body.len() as u64);
+    Ok(Decoded { framing, body })
+}

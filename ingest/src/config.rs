@@ -1,0 +1,173 @@
+//! The tier's settings: `IngestConfig`, its command-line flags, environment variables
+//! and defaults.
+//!
+//! It owns only the settings and their defaults. It must not check them against each
+//! other (that happens where the state is assembled) nor act on them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const LISTEN: &str = "127.0.0.1:8080";
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+const MAX_BATCH_RECORDS: usize = 10_000;
+const MAX_CONNECTIONS: usize = 10_000;
+const HEADER_READ_TIMEOUT_SECS: u64 = 30;
+const MAX_IN_FLIGHT: usize = 4096;
+const DRAIN_SECS: u64 = 30;
+const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
+const STATUS_MAX_DELIVERIES: usize = 1_000_000;
+const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
+
+/// Settings of the HTTP ingestion tier.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestConfig {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Largest accepted body of a single delivery request, in bytes; larger ones get 413.
+    #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
+    /// Largest accepted batch body, in bytes, both as sent and after decompression;
+    /// larger ones get 413.
+    #[arg(long, env = "DRONEDELIVERY_MAX_BATCH_BYTES", default_value_t = MAX_BATCH_BYTES)]
+    pub max_batch_bytes: usize,
+
+    /// Most records in one batch; more get 413.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_BATCH_RECORDS",
+        default_value_t = MAX_BATCH_RECORDS
+    )]
+    pub max_batch_records: usize,
+
+    /// Most open client connections; further ones wait in the listen backlog until one
+    /// closes.
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send a request's headers, in seconds; then its
+    /// connection is closed.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = HEADER_READ_TIMEOUT_SECS
+    )]
+    pub header_read_timeout_secs: u64,
+
+    /// Most requests handled at once; past it clients get 503 with Retry-After.
+    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+
+    /// Most request body bytes held at once (as sent plus decoded), across all requests;
+    /// past it clients get 503 with Retry-After.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_IN_FLIGHT_BYTES",
+        default_value_t = MAX_IN_FLIGHT_BYTES
+    )]
+    pub max_in_flight_bytes: usize,
+
+    /// How long shutdown waits for in-flight requests to finish, in seconds.
+    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
+    pub drain_secs: u64,
+
+    /// File of API keys, one `tenant:key` per line (optionally `tenant:key:records_per_sec`
+    /// for the tenant's own rate limit; `#` starts a comment). Clients send
+    /// `Authorization: Bearer KEY`. Without it, only loopback clients are served, as the
+    /// tenant `default`.
+    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Records per second each tenant may send (a batch counts its records); past it
+    /// clients get 429 with Retry-After. 0 means no limit.
+    #[arg(long, env = "DRONEDELIVERY_TENANT_RATE_LIMIT", default_value_t = 0.0)]
+    pub tenant_rate_limit: f64,
+
+    /// Records a tenant may send at once above its rate; 0 means one second's worth.
+    #[arg(long, env = "DRONEDELIVERY_TENANT_BURST", default_value_t = 0.0)]
+    pub tenant_burst: f64,
+
+    /// Most deliveries the status routes keep in memory; past it, finished ones are
+    /// forgotten first.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_STATUS_MAX_DELIVERIES",
+        default_value_t = STATUS_MAX_DELIVERIES
+    )]
+    pub status_max_deliveries: usize,
+
+    /// Tenants that may post drone telemetry (comma-separated); empty lets every tenant.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TELEMETRY_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    pub telemetry_tenants: Vec<String>,
+
+    /// Tenants (from the key file) that may query the history with `POST /api/sql`
+    /// (comma-separated). They see every tenant's history. Without keys, loopback clients
+    /// may.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SQL_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    pub sql_tenants: Vec<String>,
+
+    /// How long an Idempotency-Key's answer is kept for replay, in seconds.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_IDEMPOTENCY_WINDOW_SECS",
+        default_value_t = IDEMPOTENCY_WINDOW_SECS
+    )]
+    pub idempotency_window_secs: u64,
+
+    /// Memory for kept Idempotency-Key answers, in bytes; the oldest go first. 0 turns
+    /// the window off: no replays, 409s or 422s (retries still get the same delivery ids).
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_IDEMPOTENCY_WINDOW_BYTES",
+        default_value_t = IDEMPOTENCY_WINDOW_BYTES
+    )]
+    pub idempotency_window_bytes: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_request_bytes: MAX_REQUEST_BYTES,
+            max_batch_bytes: MAX_BATCH_BYTES,
+            max_batch_records: MAX_BATCH_RECORDS,
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
+            max_in_flight: MAX_IN_FLIGHT,
+            max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
+            drain_secs: DRAIN_SECS,
+            api_keys: None,
+            tenant_rate_limit: 0.0,
+            tenant_burst: 0.0,
+            telemetry_tenants: Vec::new(),
+            sql_tenants: Vec::new(),
+            status_max_deliveries: STATUS_MAX_DELIVERIES,
+            idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
+            idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_matches_the_flag_defaults() {
+        assert_eq!(IngestConfig::default().listen.to_string(), LISTEN);
+    }
+}

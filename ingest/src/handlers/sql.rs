@@ -1,0 +1,123 @@
+//! `POST /api/sql`: queries over the history, and who may send them ([`may_query`],
+//! [`SqlAuthenticator`] for the other SQL interfaces).
+//!
+//! It owns the request's shape (`{"sql": "..."}`), the access rule (`--sql-tenants`) and
+//! the hand-over to the [`SqlEndpoint`](crate::SqlEndpoint) the binary plugged in. It must
+//! not run queries itself, and must not import the routes or the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, header};
+
+use super::check_json_content_type;
+use crate::admission::read_body;
+use crate::error::{IngestError, Result};
+use crate::produce::Caller;
+use crate::sql::SqlFailureKind;
+use crate::state::App;
+use crate::tenants::{Tenant, Tenants};
+
+/// Largest `POST /api/sql` body.
+const MAX_SQL_BODY: usize = 256 * 1024;
+
+/// `POST /api/sql` with `{"sql": "SELECT ..."}`: the result as JSON (an array of
+/// objects), NDJSON, CSV, text, Arrow IPC or Parquet, by `Accept`. For tenants named in
+/// `--sql-tenants` (and loopback clients of a tier without keys).
+pub(crate) async fn post_sql(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+) -> Result<Response<Full<Bytes>>> {
+    let Some(engine) = app.sql.clone() else {
+        return Err(IngestError::NotFound {
+            path: "/api/sql".into(),
+        });
+    };
+    may_query(&app.config.sql_tenants, caller.tenant)?;
+    check_json_content_type(&req)?;
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut admission = app.budgets.admit_read()?;
+    let body = read_body(req, MAX_SQL_BODY, &mut admission).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SqlRequest {
+        sql: String,
+    }
+    let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| IngestError::Sql {
+        kind: SqlFailureKind::Invalid,
+        message: format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"),
+    })?;
+    let answer = engine
+        .query(request.sql, accept)
+        .await
+        .map_err(|f| IngestError::Sql {
+            kind: f.kind,
+            message: f.message,
+        })?;
+    tracing::debug!(
+        rows = answer.rows,
+        bytes = answer.body.len(),
+        "sql answered"
+    );
+    let mut response = Response::new(Full::new(answer.body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(answer.content_type),
+    );
+    Ok(response)
+}
+
+/// Whether `tenant` may query the history: it is named in `sql_tenants`
+/// (`--sql-tenants`), or it is the loopback tenant of a tier without keys.
+fn may_query(sql_tenants: &[String], tenant: &Tenant) -> Result<()> {
+    if tenant.is_unauthenticated() || sql_tenants.iter().any(|t| **t == *tenant.name) {
+        Ok(())
+    } else {
+        Err(IngestError::Forbidden {
+            reason: format!(
+                "tenant {} may not query the history (see --sql-tenants)",
+                &*tenant.name
+            ),
+        })
+    }
+}
+
+/// Checks callers of other SQL interfaces (Arrow Flight SQL) the way `POST /api/sql`
+/// does: the same keys, the same `--sql-tenants`.
+#[derive(Clone)]
+pub struct SqlAuthenticator {
+    tenants: Arc<Tenants>,
+    sql_tenants: Arc<[String]>,
+}
+
+impl std::fmt::Debug for SqlAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlAuthenticator").finish_non_exhaustive()
+    }
+}
+
+impl SqlAuthenticator {
+    /// Checks callers against `tenants` (the server's own, shared) and `sql_tenants`.
+    pub(crate) fn new(tenants: Arc<Tenants>, sql_tenants: &[String]) -> Self {
+        Self {
+            tenants,
+            sql_tenants: sql_tenants.into(),
+        }
+    }
+
+    /// The calling tenant's name, if the `Authorization` value (`Bearer KEY`) from `peer`
+    /// may query the history.
+    pub fn check(&self, authorization: Option<&[u8]>, peer: SocketAddr) -> Result<String> {
+        let tenant = self.tenants.authenticate(authorization, peer)?;
+        may_query(&self.sql_tenants, tenant)?;
+        Ok(tenant.name.to_string())
+    }
+}

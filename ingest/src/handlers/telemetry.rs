@@ -1,0 +1,82 @@
+//! `POST /api/drones/{id}/telemetry`: drone position fixes to `drone-telemetry`.
+//!
+//! It owns who may post telemetry, the single-fix-or-batch body and the validation of
+//! each fix. It must not import the routes or the server.
+
+use bus::OutRecord;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use schemas::headers as h;
+
+use crate::admission::{Decoded, read_decoded};
+use crate::batch;
+use crate::error::{IngestError, Result};
+use crate::produce::{self, Caller, Headers, Outcome};
+use crate::response::{batch_report, report_response};
+use crate::state::App;
+
+/// `POST /api/drones/{id}/telemetry`: one position fix, or a batch of them (JSON array or
+/// NDJSON, optionally gzip or zstd), to `drone-telemetry` keyed by drone id. Answers as
+/// the delivery request batch does, without ids.
+pub(crate) async fn post_telemetry(
+    app: &App,
+    req: Request<Incoming>,
+    caller: &Caller<'_>,
+    drone_id: &str,
+) -> Result<Response<Full<Bytes>>> {
+    if !caller.tenant.telemetry {
+        return Err(IngestError::Forbidden {
+            reason: format!(
+                "tenant {} may not post drone telemetry",
+                &*caller.tenant.name
+            ),
+        });
+    }
+    let mut admission = app.budgets.admit()?;
+    let Decoded { framing, body } = read_decoded(
+        req,
+        app.config.max_batch_bytes,
+        caller.tenant,
+        &mut admission,
+    )
+    .await?;
+    schemas::delivery::check_id(drone_id, "droneId")?;
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let records = if first == Some(b'{') && framing != Some(batch::Framing::Ndjson) {
+        vec![body.trim_ascii()]
+    } else {
+        batch::split(&body, framing, app.config.max_batch_records)?
+    };
+    caller.tenant.take(records.len())?;
+    let mut headers = Headers::of(caller, h::event_type::DRONE_POSITION_REPORTED);
+    headers.push(h::DRONE_ID, drone_id.as_bytes());
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut acks = Vec::with_capacity(records.len());
+    for (index, payload) in records.iter().enumerate() {
+        if let Err(e) = schemas::telemetry::parse_position_fix(payload) {
+            outcomes.push(Outcome::Rejected(e));
+            continue;
+        }
+        let sent = produce::enqueue(
+            app.producer()?,
+            OutRecord {
+                topic: schemas::topics::DRONE_TELEMETRY.name,
+                key: drone_id.as_bytes(),
+                payload,
+                headers: headers.as_slice(),
+            },
+        );
+        match sent {
+            Ok(ack) => {
+                acks.push((index, ack));
+                outcomes.push(Outcome::Accepted(None));
+            }
+            Err(e) => outcomes.push(Outcome::Failed(e)),
+        }
+    }
+    produce::settle(app, &mut outcomes, acks).await;
+    let (status, report) = batch_report(caller.tenant, &outcomes);
+    Ok(report_response(status, report))
+}

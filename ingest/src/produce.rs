@@ -1,0 +1,187 @@
+//! From an accepted record to the broker's acknowledgement: who the caller is and what
+//! every record carries in its Kafka headers, enqueueing, waiting (bounded) for
+//! acknowledgements and settling the fate of every record of a batch.
+//!
+//! It owns [`Caller`], [`Headers`], [`Outcome`] and the mapping of producer failures to
+//! the client's answer (503 when transient). It must not parse or validate requests nor
+//! build HTTP responses, and it must not import the routes, the handlers or the server.
+
+use std::time::Duration;
+
+use bus::{OutRecord, Producer};
+use schemas::headers as h;
+
+use crate::error::{IngestError, RETRY_AFTER, Result};
+use crate::state::App;
+use crate::tenants::Tenant;
+
+/// Who sent a request and what every record it produces carries in its headers.
+#[derive(Debug)]
+pub(crate) struct Caller<'a> {
+    pub(crate) tenant: &'a Tenant,
+    correlation: &'a str,
+    ingest_time: String,
+}
+
+impl<'a> Caller<'a> {
+    /// The authenticated `tenant`, with the request's correlation id; its records are
+    /// stamped with the time now.
+    pub(crate) fn new(tenant: &'a Tenant, correlation: &'a str) -> Self {
+        Self {
+            tenant,
+            correlation,
+            ingest_time: now_millis().to_string(),
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The Kafka headers of one record, without allocating.
+#[derive(Debug)]
+pub(crate) struct Headers<'a> {
+    items: [(&'a str, &'a [u8]); 10],
+    len: usize,
+}
+
+impl<'a> Headers<'a> {
+    /// The headers every record gets: event type, tenant, schema version, content type,
+    /// ingest time and correlation id.
+    pub(crate) fn of(caller: &'a Caller<'_>, event_type: &'static str) -> Self {
+        let mut headers = Self {
+            items: [("", &[]); 10],
+            len: 0,
+        };
+        headers.push(h::EVENT_TYPE, event_type.as_bytes());
+        headers.push(h::TENANT, caller.tenant.name.as_bytes());
+        headers.push(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes());
+        headers.push(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes());
+        headers.push(h::INGEST_TIME, caller.ingest_time.as_bytes());
+        headers.push(h::CORRELATION_ID, caller.correlation.as_bytes());
+        headers
+    }
+
+    pub(crate) fn push(&mut self, name: &'a str, value: &'a [u8]) {
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = (name, value);
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[(&'a str, &'a [u8])] {
+        &self.items[..self.len]
+    }
+}
+
+/// The fate of one record of a batch.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Acknowledged by the broker, with the delivery id where the record has one.
+    Accepted(Option<String>),
+    Rejected(schemas::ValidationError),
+    Failed(IngestError),
+}
+
+/// Maps a producer failure to the client's answer: transient ones are 503 + Retry-After.
+pub(crate) fn unavailable(e: bus::BusError) -> IngestError {
+    if e.is_transient() {
+        IngestError::Unavailable {
+            reason: e.to_string(),
+            retry_after: RETRY_AFTER,
+        }
+    } else {
+        IngestError::Internal {
+            reason: e.to_string(),
+        }
+    }
+}
+
+pub(crate) fn not_acknowledged() -> IngestError {
+    IngestError::Unavailable {
+        reason: "the broker did not acknowledge in time".into(),
+        retry_after: RETRY_AFTER,
+    }
+}
+
+/// Enqueues one record; returns the future of the broker's acknowledgement.
+pub(crate) fn enqueue(
+    producer: &Producer,
+    record: OutRecord<'_>,
+) -> Result<impl Future<Output = bus::Result<bus::Delivered>> + use<>> {
+    producer.send(record).map_err(unavailable)
+}
+
+/// Enqueues an event about one delivery (`payload` as the client sent it) on
+/// `delivery-requests`, keyed by `tenant/deliveryId` so that every event of a delivery
+/// stays in order; with the request's `Idempotency-Key` in its headers when it has one.
+pub(crate) fn enqueue_delivery_event(
+    app: &App,
+    caller: &Caller<'_>,
+    event_type: &'static str,
+    delivery_id: &str,
+    payload: &[u8],
+    idempotency_key: Option<&str>,
+) -> Result<impl Future<Output = bus::Result<bus::Delivered>> + use<>> {
+    let key = schemas::delivery_key(&caller.tenant.name, delivery_id);
+    let mut headers = Headers::of(caller, event_type);
+    headers.push(h::DELIVERY_ID, delivery_id.as_bytes());
+    if let Some(idempotency_key) = idempotency_key {
+        headers.push(h::IDEMPOTENCY_KEY, idempotency_key.as_bytes());
+    }
+    enqueue(
+        app.producer()?,
+        OutRecord {
+            topic: schemas::topics::DELIVERY_REQUESTS.name,
+            key: key.as_bytes(),
+            payload,
+            headers: headers.as_slice(),
+        },
+    )
+}
+
+/// How long to wait for acknowledgements. librdkafka fails a record after
+/// `message.timeout.ms`; the extra second only guards against an acknowledgement that
+/// never comes back at all.
+pub(crate) fn ack_wait(app: &App) -> Duration {
+    app.writer().map_or(Duration::ZERO, Producer::ack_timeout) + Duration::from_secs(1)
+}
+
+/// Waits (bounded) for one acknowledgement.
+pub(crate) async fn acknowledged(
+    app: &App,
+    ack: impl Future<Output = bus::Result<bus::Delivered>>,
+) -> Result<bus::Delivered> {
+    tokio::time::timeout(ack_wait(app), ack)
+        .await
+        .map_err(|_| not_acknowledged())?
+        .map_err(unavailable)
+}
+
+/// Waits (bounded) for the acknowledgement of every enqueued record and marks those
+/// that were not acknowledged as failed.
+pub(crate) async fn settle(
+    app: &App,
+    outcomes: &mut [Outcome],
+    acks: Vec<(usize, impl Future<Output = bus::Result<bus::Delivered>>)>,
+) {
+    let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+    let acked = tokio::time::timeout(ack_wait(app), futures_util::future::join_all(futures)).await;
+    match acked {
+        Ok(results) => {
+            for (index, result) in indexes.into_iter().zip(results) {
+                if let Err(e) = result {
+                    outcomes[index] = Outcome::Failed(unavailable(e));
+                }
+            }
+        }
+        Err(_) => {
+            for index in indexes {
+                outcomes[index] = Outcome::Failed(not_acknowledged());
+            }
+        }
+    }
+}
