@@ -511,14 +511,14 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     // The embedded broker starts empty: its offsets must not be read against the ones an
     // earlier run left in the history's log.
-    let mut sink = args.sink;
+    let mut sink = analytics::history::HistoryConfig::from(args.sink);
     if embedded.is_some() {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         sink.offsets_scope = format!("embedded-{}-{}/", started.as_millis(), std::process::id());
     }
-    let mut sink_task = tokio::spawn(analytics::sink::run(
+    let mut sink_task = tokio::spawn(analytics::history::run(
         sink,
         settings.clone(),
         stop_back.clone(),
@@ -1059,8 +1059,8 @@ async fn history_only(args: HistoryArgs) -> Result<()> {
         stop_health_token.clone(),
     )
     .await?;
-    let task = tokio::spawn(analytics::sink::run(
-        args.sink,
+    let task = tokio::spawn(analytics::history::run(
+        args.sink.into(),
         settings,
         stop.clone(),
         OnShutdown::Stop,
