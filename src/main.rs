@@ -498,6 +498,7 @@ async fn run(args: RunArgs) -> Result<()> {
     ));
     let mut stateful_task = tokio::spawn(processors::run_stateful(
         args.stateful,
+        processors::Processor::ALL.to_vec(),
         settings.clone(),
         producer.clone(),
         stop_back.clone(),
@@ -1007,12 +1008,11 @@ async fn process_only(args: ProcessArgs) -> Result<()> {
         .filter(|p| p.is_stateful())
         .collect();
     if !stateful.is_empty() {
-        let mut config = args.stateful;
-        config.only = stateful;
         tasks.push((
             "processors",
             tokio::spawn(processors::run_stateful(
-                config,
+                args.stateful,
+                stateful,
                 settings,
                 producer.clone(),
                 stop.clone(),
