@@ -11,7 +11,7 @@
 //!
 //! The `history` module runs both every `--compact-interval-secs` beside the sink;
 //! `dronedelivery compact` runs them once. Files are encoded and put by
-//! [`parquet_files`](crate::parquet_files); this module must not know the sink.
+//! `parquet_files`; this module must not know the sink.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

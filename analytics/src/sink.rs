@@ -22,7 +22,7 @@
 //!
 //! This module owns reading the topics, buffering and rolling. It must not start
 //! compaction (the `history` module runs it beside the sink) nor encode or name files
-//! itself (that is [`parquet_files`](crate::parquet_files)).
+//! itself (that is `parquet_files`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

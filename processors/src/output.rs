@@ -1,6 +1,6 @@
 //! What a processor produces and how it is produced: one owned record ([`Output`]) and
 //! the batch send that waits for every acknowledgement and retries in order
-//! ([`produce_batch`]).
+//! (`produce_batch`).
 //!
 //! The workflow and the stateful engine produce through it; the machines only return
 //! [`Output`]s. It must not decide what to produce, nor store or commit offsets: the

@@ -5,7 +5,8 @@
 //! Records are handled in batches. For each batch: apply every record to the state (a
 //! [`Machine`], pure apart from its own memory), produce what it said and wait for every
 //! acknowledgement, then write the changed state and, per input partition, the offset of
-//! the last record applied (a marker in the changelog), wait again, and only then store
+//! the last record applied (a marker in the changelog, under
+//! [`schemas::topics::changelog_marker_key`]), wait again, and only then store
 //! the input offsets. So:
 //!
 //! - a crash before the changelog write re-reads the batch from old state: outputs may be

@@ -1,4 +1,5 @@
-//! The table of topics: names, what each record is keyed by, and partition counts.
+//! The table of topics: names, what each record is keyed by, and partition counts; and
+//! the key under which a state changelog holds its offset markers.
 //!
 //! The key decides ordering and ownership: everything about one delivery is keyed by its
 //! delivery id (so a request, its reschedules and its cancel stay in order), scheduling is
