@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use analytics::history::HistoryConfig;
 use analytics::sink::{OnShutdown, SinkConfig};
 use analytics::sql::{History, QueryLimits};
 use arrow::array::AsArray;
@@ -168,8 +169,6 @@ fn sink_config(data: &str) -> SinkConfig {
             compact_interval_secs: 0,
             ..Default::default()
         },
-        offsets_scope: String::new(),
-        fail_at: None,
     }
 }
 
@@ -183,11 +182,11 @@ async fn run(n: usize) {
     // 1. Sink throughput. The embedded broker keeps only the newest 5 MiB of each
     // partition, so requests go in chunks that fit, each once the sink has the last.
     let stop = CancellationToken::new();
-    let sink = tokio::spawn(analytics::sink::run(
-        SinkConfig {
+    let sink = tokio::spawn(analytics::history::run(
+        HistoryConfig::from(SinkConfig {
             roll_interval_ms: 200,
             ..sink_config(&data)
-        },
+        }),
         settings.clone(),
         stop.clone(),
         OnShutdown::Stop,
@@ -296,11 +295,11 @@ async fn run(n: usize) {
 
     // 3. Freshness at the default roll interval.
     let stop = CancellationToken::new();
-    let sink = tokio::spawn(analytics::sink::run(
-        SinkConfig {
+    let sink = tokio::spawn(analytics::history::run(
+        HistoryConfig::from(SinkConfig {
             roll_rows: 200_000,
             ..sink_config(&data)
-        },
+        }),
         settings.clone(),
         stop.clone(),
         OnShutdown::Stop,

@@ -92,6 +92,7 @@ async fn run(n: usize) {
     ));
     let stateful = tokio::spawn(processors::run_stateful(
         processors::StatefulConfig::default(),
+        processors::Processor::ALL.to_vec(),
         settings.clone(),
         producer.clone(),
         stop.clone(),

@@ -6,8 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use analytics::compact::CompactionConfig;
+use analytics::failpoint::FailPoint;
+use analytics::history::HistoryConfig;
 use analytics::log::Log;
-use analytics::sink::{FailPoint, OnShutdown, SinkConfig};
+use analytics::sink::{OnShutdown, SinkConfig};
 use analytics::sql::{History, QueryLimits, QueryResult};
 use analytics::store::DataRoot;
 use anyhow::{Context, Result};
@@ -44,15 +46,17 @@ impl Fixture {
         self.data.path().display().to_string()
     }
 
-    fn sink_config(&self, roll_rows: usize, fail_at: Option<FailPoint>) -> SinkConfig {
-        SinkConfig {
-            data: self.data(),
-            roll_rows,
-            roll_bytes: 64 * 1024 * 1024,
-            roll_interval_ms: 300,
-            compaction: CompactionConfig {
-                compact_interval_secs: 0,
-                ..CompactionConfig::default()
+    fn sink_config(&self, roll_rows: usize, fail_at: Option<FailPoint>) -> HistoryConfig {
+        HistoryConfig {
+            sink: SinkConfig {
+                data: self.data(),
+                roll_rows,
+                roll_bytes: 64 * 1024 * 1024,
+                roll_interval_ms: 300,
+                compaction: CompactionConfig {
+                    compact_interval_secs: 0,
+                    ..CompactionConfig::default()
+                },
             },
             offsets_scope: String::new(),
             fail_at,
@@ -65,7 +69,7 @@ impl Fixture {
         stop.cancel();
         tokio::time::timeout(
             Duration::from_secs(120),
-            analytics::sink::run(
+            analytics::history::run(
                 self.sink_config(roll_rows, fail_at),
                 self.settings.clone(),
                 stop,

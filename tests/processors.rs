@@ -111,6 +111,7 @@ impl Stack {
         ));
         let stateful = tokio::spawn(processors::run_stateful(
             processors::StatefulConfig::default(),
+            processors::Processor::ALL.to_vec(),
             self.settings.clone(),
             self.producer.clone(),
             stop.clone(),
@@ -128,6 +129,7 @@ impl Stack {
         let workflow = tokio::spawn(async { Ok(()) });
         let stateful = tokio::spawn(processors::run_stateful(
             processors::StatefulConfig::default(),
+            processors::Processor::ALL.to_vec(),
             self.settings.clone(),
             self.producer.clone(),
             stop.clone(),

@@ -9,8 +9,9 @@
 //!   files no commit names (a crash between writing a file and committing it) once they
 //!   are `--vacuum-orphan-secs` old.
 //!
-//! The sink runs both every `--compact-interval-secs`; `dronedelivery compact` runs them
-//! once.
+//! The `history` module runs both every `--compact-interval-secs` beside the sink;
+//! `dronedelivery compact` runs them once. Files are encoded and put by
+//! `parquet_files`; this module must not know the sink.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{AnalyticsError, Result};
 use crate::log::{Commit, DataFile, Log};
+use crate::parquet_files;
 use crate::store::DataRoot;
 
 /// Settings of compaction and vacuum.
@@ -228,7 +230,7 @@ async fn merge(root: &DataRoot, table: &str, date: &str, files: &[&DataFile]) ->
             }
         }
         let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-        Ok((crate::sink::encode(&batches, None)?, rows))
+        Ok((parquet_files::encode(&batches, None)?, rows))
     })
     .await
     .map_err(|e| AnalyticsError::Task {
@@ -241,7 +243,7 @@ async fn merge(root: &DataRoot, table: &str, date: &str, files: &[&DataFile]) ->
             reason: format!("bad date partition: {e}"),
         }
     })?;
-    crate::sink::put_new_file(root, table, date, bytes, rows, "writing a compacted file").await
+    parquet_files::put_new_file(root, table, date, bytes, rows, "writing a compacted file").await
 }
 
 /// Deletes removed files past the retention, and files no commit names past the orphan

@@ -36,7 +36,7 @@ pub enum AnalyticsError {
     },
     /// A crash injected by a test.
     #[error("injected failure at {0:?}")]
-    Injected(crate::sink::FailPoint),
+    Injected(crate::failpoint::FailPoint),
     /// Encoding a Parquet file failed.
     #[error("parquet error while {action}: {source}")]
     Parquet {

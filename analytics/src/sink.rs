@@ -19,25 +19,26 @@
 //!
 //! Records that give no row (reschedules and cancels on `delivery-requests`, invalid
 //! records) are counted and logged, and their offsets still move on.
+//!
+//! This module owns reading the topics, buffering and rolling. It must not start
+//! compaction (the `history` module runs it beside the sink) nor encode or name files
+//! itself (that is `parquet_files`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bus::{ClientSettings, Consumer};
 use chrono::{DateTime, NaiveDate};
-use object_store::{ObjectStoreExt, PutPayload};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use object_store::ObjectStoreExt;
 use schemas::history;
 use tokio_util::sync::CancellationToken;
 
-use crate::compact::{self, CompactionConfig};
+use crate::compact::CompactionConfig;
 use crate::error::{AnalyticsError, Result};
+use crate::failpoint::FailPoint;
 use crate::log::{Commit, DataFile, Log, OffsetRange, Snapshot};
+use crate::parquet_files::write_file;
 use crate::rows::{Provenance, RecordView, Skip, TableRows};
 use crate::store::DataRoot;
 
@@ -64,27 +65,10 @@ pub struct SinkConfig {
     #[arg(long, env = "DRONEDELIVERY_ROLL_INTERVAL_MS", default_value_t = 2_000)]
     pub roll_interval_ms: u64,
 
+    /// Compaction and vacuum, which run beside the sink (the sink only reads the orphan
+    /// age from here).
     #[command(flatten)]
     pub compaction: CompactionConfig,
-
-    /// What the log's offsets are scoped to: empty for a Kafka cluster whose offsets last
-    /// as long as the history; a fresh value for a bus that starts empty (the embedded
-    /// broker), so that its offsets are not taken for an earlier bus's.
-    #[arg(skip)]
-    pub offsets_scope: String,
-
-    /// A crash to inject (tests only).
-    #[arg(skip)]
-    pub fail_at: Option<FailPoint>,
-}
-
-/// Where a test makes the sink fail as if the process died there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailPoint {
-    /// After the first roll wrote its Parquet files, before the log commit.
-    AfterFileWrite,
-    /// After the first roll's log commit, before the Kafka commit.
-    AfterLogCommit,
 }
 
 /// A record this far behind the log's offset makes the sink seek instead of skipping
@@ -130,8 +114,12 @@ impl Buffer {
 }
 
 /// The sink's state between rolls.
-struct Sink {
+pub(crate) struct Sink {
     config: SinkConfig,
+    /// Prefixed to every topic name in the log's offsets: what they are scoped to (empty
+    /// for a Kafka cluster, a fresh value for a bus that starts empty).
+    offsets_scope: String,
+    fail_at: Option<FailPoint>,
     log: Log,
     consumer: Arc<Consumer>,
     /// The log as of the last commit or refresh: what is durable.
@@ -140,60 +128,50 @@ struct Sink {
     rolls: u64,
 }
 
-/// Runs the sink until `shutdown` is cancelled.
-pub async fn run(
-    config: SinkConfig,
-    settings: ClientSettings,
-    shutdown: CancellationToken,
-    on_shutdown: OnShutdown,
-) -> Result<()> {
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let root = DataRoot::open(&config.data, &cwd)?;
-    tracing::info!(data = %root.url, "history sink: writing Parquet");
-    let log = Log::open(root.clone()).await?;
-    let durable = log.snapshot().await?;
-    let topics: Vec<&str> = history::TABLES.iter().map(|t| t.topic.name).collect();
-    let consumer = Arc::new(Consumer::subscribe(
-        &settings,
-        schemas::topics::groups::HISTORY,
-        &topics,
-    )?);
-    let _lag = consumer.lag_probe().report(
-        schemas::topics::groups::HISTORY,
-        std::time::Duration::from_secs(10),
-        shutdown.clone(),
-    );
-    let compaction = (config.compaction.compact_interval_secs > 0).then(|| {
-        let config = config.compaction.clone();
-        let root = root.clone();
-        let stop = shutdown.child_token();
-        (
-            stop.clone(),
-            tokio::spawn(compact::run_periodically(root, config, stop)),
-        )
-    });
-    let mut sink = Sink {
-        config,
-        log,
-        consumer,
-        durable,
-        buffer: Buffer::default(),
-        rolls: 0,
-    };
-    let result = sink.run(&shutdown, on_shutdown).await;
-    if let Some((stop, task)) = compaction {
-        stop.cancel();
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "compaction stopped with an error"),
-            Err(e) => tracing::warn!(error = %e, "compaction task failed"),
-        }
-    }
-    result
-}
-
 impl Sink {
-    async fn run(&mut self, shutdown: &CancellationToken, on_shutdown: OnShutdown) -> Result<()> {
+    /// Reads what the log holds and subscribes to every event topic (reporting the
+    /// group's lag until `shutdown`). Nothing is read from the topics yet.
+    pub(crate) async fn open(
+        root: DataRoot,
+        config: SinkConfig,
+        offsets_scope: String,
+        fail_at: Option<FailPoint>,
+        settings: &ClientSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<Self> {
+        tracing::info!(data = %root.url, "history sink: writing Parquet");
+        let log = Log::open(root).await?;
+        let durable = log.snapshot().await?;
+        let topics: Vec<&str> = history::TABLES.iter().map(|t| t.topic.name).collect();
+        let consumer = Arc::new(Consumer::subscribe(
+            settings,
+            schemas::topics::groups::HISTORY,
+            &topics,
+        )?);
+        let _lag = consumer.lag_probe().report(
+            schemas::topics::groups::HISTORY,
+            std::time::Duration::from_secs(10),
+            shutdown.clone(),
+        );
+        Ok(Self {
+            config,
+            offsets_scope,
+            fail_at,
+            log,
+            consumer,
+            durable,
+            buffer: Buffer::default(),
+            rolls: 0,
+        })
+    }
+
+    /// Reads and writes until `shutdown` is cancelled, then (after draining, if asked)
+    /// writes what is buffered and commits to Kafka one last time.
+    pub(crate) async fn run(
+        &mut self,
+        shutdown: &CancellationToken,
+        on_shutdown: OnShutdown,
+    ) -> Result<()> {
         let tick = Duration::from_millis(self.config.roll_interval_ms.clamp(10, 1000) / 2 + 1);
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -408,7 +386,7 @@ impl Sink {
 
     /// The name a topic's offsets have in the log.
     fn log_topic(&self, topic: &str) -> String {
-        format!("{}{topic}", self.config.offsets_scope)
+        format!("{}{topic}", self.offsets_scope)
     }
 
     /// After a rebalance, what is durable is read again: another instance may have
@@ -470,7 +448,7 @@ impl Sink {
             self.abandon(&added, &buffer.read).await?;
             return Ok(());
         }
-        if self.rolls == 1 && self.config.fail_at == Some(FailPoint::AfterFileWrite) {
+        if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterFileWrite) {
             return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
         }
         let mut offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>> = BTreeMap::new();
@@ -515,7 +493,7 @@ impl Sink {
             rows,
             "history sink: committed"
         );
-        if self.rolls == 1 && self.config.fail_at == Some(FailPoint::AfterLogCommit) {
+        if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterLogCommit) {
             return Err(AnalyticsError::Injected(FailPoint::AfterLogCommit));
         }
         for ((topic, partition), range) in &buffer.read {
@@ -579,101 +557,4 @@ fn table_name(name: &str) -> &'static str {
         .iter()
         .find(|t| t.name == name)
         .map_or("other", |t| t.name)
-}
-
-/// Writes one batch as a Parquet file of `table` for `date`; the offsets it holds go in
-/// its key-value metadata.
-async fn write_file(
-    root: &DataRoot,
-    table: &str,
-    date: NaiveDate,
-    batch: arrow::record_batch::RecordBatch,
-    topic: &str,
-    offsets: &BTreeMap<i32, (i64, i64)>,
-) -> Result<DataFile> {
-    let rows = batch.num_rows() as u64;
-    let metadata = offsets_metadata(topic, offsets);
-    // Encoding is CPU work: keep it off the async workers that serve HTTP.
-    let bytes = tokio::task::spawn_blocking(move || encode(&[batch], Some(metadata)))
-        .await
-        .map_err(|e| AnalyticsError::Task {
-            reason: e.to_string(),
-        })??;
-    put_new_file(root, table, date, bytes, rows, "writing a Parquet file").await
-}
-
-/// Puts an encoded Parquet file of `table` for `date` under a new name (one atomic put)
-/// and describes it for the log.
-pub(crate) async fn put_new_file(
-    root: &DataRoot,
-    table: &str,
-    date: NaiveDate,
-    bytes: Vec<u8>,
-    rows: u64,
-    action: &'static str,
-) -> Result<DataFile> {
-    let name = new_file_name(table, date);
-    let size = bytes.len() as u64;
-    root.store
-        .put(&root.path(&name), PutPayload::from(bytes))
-        .await
-        .map_err(|source| AnalyticsError::Store { action, source })?;
-    Ok(DataFile {
-        table: table.to_owned(),
-        date: date.format("%Y-%m-%d").to_string(),
-        path: name,
-        size,
-        rows,
-        added_ms: chrono::Utc::now().timestamp_millis(),
-    })
-}
-
-/// A new, unique file name in `table`'s folder for `date`.
-fn new_file_name(table: &str, date: NaiveDate) -> String {
-    format!(
-        "{}/part-{}-{}.parquet",
-        history::partition_dir(table, date),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
-fn offsets_metadata(topic: &str, offsets: &BTreeMap<i32, (i64, i64)>) -> String {
-    let partitions: serde_json::Map<String, serde_json::Value> = offsets
-        .iter()
-        .map(|(p, (first, last))| (p.to_string(), serde_json::json!([first, last])))
-        .collect();
-    serde_json::json!({
-        "topic": topic,
-        "partitions": partitions,
-    })
-    .to_string()
-}
-
-/// Encodes batches (of one schema) as a zstd-compressed Parquet file with page
-/// statistics and, if given, the offsets it covers in its key-value metadata.
-pub(crate) fn encode(
-    batches: &[arrow::record_batch::RecordBatch],
-    offsets_json: Option<String>,
-) -> Result<Vec<u8>> {
-    let parquet_err = |action| move |source| AnalyticsError::Parquet { action, source };
-    let Some(first) = batches.first() else {
-        return Ok(Vec::new());
-    };
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_key_value_metadata(offsets_json.map(|json| {
-            vec![KeyValue::new(
-                history::OFFSETS_METADATA_KEY.to_owned(),
-                json,
-            )]
-        }))
-        .build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), first.schema(), Some(props))
-        .map_err(parquet_err("creating a writer"))?;
-    for batch in batches {
-        writer.write(batch).map_err(parquet_err("writing rows"))?;
-    }
-    writer.into_inner().map_err(parquet_err("closing a file"))
 }

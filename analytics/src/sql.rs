@@ -463,9 +463,12 @@ pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
         }
         OutputFormat::Parquet => {
             if batches.is_empty() {
-                crate::sink::encode(&[RecordBatch::new_empty(Arc::clone(&result.schema))], None)
+                crate::parquet_files::encode(
+                    &[RecordBatch::new_empty(Arc::clone(&result.schema))],
+                    None,
+                )
             } else {
-                crate::sink::encode(batches, None)
+                crate::parquet_files::encode(batches, None)
             }
         }
         OutputFormat::Arrow => {

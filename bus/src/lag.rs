@@ -3,12 +3,25 @@
 //! front end that stops taking writes while a consumer is too far behind keeps a broker
 //! with a small retention window (such as the embedded one) from dropping records
 //! before they were read.
+//!
+//! - [`LagWatch`] measures (blocking Kafka requests).
+//! - [`Backpressure`] decides, pure: refuse writes once the worst lag is above the
+//!   maximum, take them again once it is at most half of it.
+//! - [`spawn_lag_watch`] measures periodically and publishes the decision as a flag the
+//!   front end reads.
+//!
+//! This module must not know which groups make up the pipeline (the caller names them)
+//! nor refuse anything itself: it only raises and lowers the flag.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
@@ -127,5 +140,226 @@ impl LagWatch {
             }
         }
         Ok(lags)
+    }
+}
+
+/// What [`Backpressure::observe`] decided: writes switch from taken to refused or back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// The worst lag went above the maximum: refuse writes from now on.
+    Refuse,
+    /// The worst lag came down to at most half the maximum: take writes again.
+    Resume,
+}
+
+/// The backpressure decision, with hysteresis. Pure: no I/O, no clock.
+///
+/// Writes are refused once the worst lag is above `max`, and taken again only once it is
+/// at most `max / 2` (rounded down), so that a lag hovering around `max` does not switch
+/// them on and off with every measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backpressure {
+    max: i64,
+    refusing: bool,
+}
+
+impl Backpressure {
+    /// Taking writes, refusing them above `max` records of lag.
+    pub fn new(max: u64) -> Self {
+        Self {
+            max: i64::try_from(max).unwrap_or(i64::MAX),
+            refusing: false,
+        }
+    }
+
+    /// Whether writes are refused now.
+    pub fn refusing(&self) -> bool {
+        self.refusing
+    }
+
+    /// Takes one measurement of the worst lag; says whether writes switch.
+    pub fn observe(&mut self, lag: i64) -> Option<Transition> {
+        if !self.refusing && lag > self.max {
+            self.refusing = true;
+            Some(Transition::Refuse)
+        } else if self.refusing && lag <= self.max / 2 {
+            self.refusing = false;
+            Some(Transition::Resume)
+        } else {
+            None
+        }
+    }
+}
+
+/// Measures the worst lag of `watch`'s groups every `every` until `shutdown`, reports it
+/// as the gauge `pipeline_max_consumer_lag`, and keeps the returned flag set while
+/// [`Backpressure`] with `max` says writes are refused. Each measurement runs on the
+/// blocking pool; one that fails leaves the flag as it is.
+pub fn spawn_lag_watch(
+    watch: LagWatch,
+    max: u64,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> (Arc<AtomicBool>, JoinHandle<()>) {
+    let watch = Arc::new(watch);
+    let behind = Arc::new(AtomicBool::new(false));
+    let flag = behind.clone();
+    let task = tokio::spawn(async move {
+        let gauge = metrics::gauge!("pipeline_max_consumer_lag");
+        let mut decision = Backpressure::new(max);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let probe = watch.clone();
+            let worst = match tokio::task::spawn_blocking(move || {
+                probe.worst(Duration::from_secs(2))
+            })
+            .await
+            {
+                Ok(Ok(worst)) => worst,
+                Ok(Err(e)) => {
+                    // While writes are refused, say why they stay refused.
+                    if decision.refusing() {
+                        tracing::warn!(error = %e, "consumer lag not measured; writes stay refused");
+                    } else {
+                        tracing::debug!(error = %e, "consumer lag not measured");
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the lag check failed");
+                    continue;
+                }
+            };
+            let lag = worst.as_ref().map_or(0, |w| w.lag);
+            gauge.set(lag as f64);
+            match decision.observe(lag) {
+                Some(Transition::Refuse) => {
+                    flag.store(true, Ordering::Relaxed);
+                    if let Some(w) = &worst {
+                        tracing::warn!(
+                            group = %w.group, topic = %w.topic, partition = w.partition, lag, max,
+                            "a consumer is behind: refusing writes (503) until it catches up"
+                        );
+                    }
+                }
+                Some(Transition::Resume) => {
+                    flag.store(false, Ordering::Relaxed);
+                    tracing::info!(lag, "the consumers caught up: taking writes again");
+                }
+                None => {}
+            }
+        }
+    });
+    (behind, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The transitions of a fresh decision over `lags`.
+    fn run(max: u64, lags: &[i64]) -> Vec<Option<Transition>> {
+        let mut decision = Backpressure::new(max);
+        lags.iter().map(|&lag| decision.observe(lag)).collect()
+    }
+
+    #[test]
+    fn refuses_only_above_the_maximum() {
+        assert_eq!(run(100, &[0, 99, 100]), [None, None, None]);
+        assert_eq!(run(100, &[101]), [Some(Transition::Refuse)]);
+        let mut decision = Backpressure::new(100);
+        decision.observe(100);
+        assert!(!decision.refusing());
+        decision.observe(101);
+        assert!(decision.refusing());
+    }
+
+    #[test]
+    fn while_refusing_only_half_the_maximum_resumes() {
+        assert_eq!(
+            run(100, &[101, 500, 100, 51, 50]),
+            [
+                Some(Transition::Refuse),
+                None,
+                None,
+                None,
+                Some(Transition::Resume)
+            ]
+        );
+        // Taking writes again, the maximum is the bound again, not half of it.
+        assert_eq!(
+            run(100, &[101, 0, 60, 100, 101]),
+            [
+                Some(Transition::Refuse),
+                Some(Transition::Resume),
+                None,
+                None,
+                Some(Transition::Refuse)
+            ]
+        );
+    }
+
+    #[test]
+    fn odd_maximums_round_the_half_down() {
+        // 7 / 2 = 3: a lag of 4 keeps refusing, 3 resumes.
+        assert_eq!(
+            run(7, &[8, 4, 3]),
+            [Some(Transition::Refuse), None, Some(Transition::Resume)]
+        );
+        // 1 / 2 = 0: refused above 1, resumed only at 0.
+        assert_eq!(
+            run(1, &[1, 2, 1, 0]),
+            [
+                None,
+                Some(Transition::Refuse),
+                None,
+                Some(Transition::Resume)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_zero_maximum_refuses_any_lag_and_resumes_at_none() {
+        assert_eq!(
+            run(0, &[0, 1, 0, 0]),
+            [
+                None,
+                Some(Transition::Refuse),
+                Some(Transition::Resume),
+                None
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn transitions_alternate_and_follow_the_thresholds(
+            max in 0u64..1_000,
+            lags in proptest::collection::vec(0i64..2_000, 0..64),
+        ) {
+            let mut decision = Backpressure::new(max);
+            let max = max as i64;
+            for lag in lags {
+                let was = decision.refusing();
+                let transition = decision.observe(lag);
+                let now = decision.refusing();
+                match transition {
+                    Some(Transition::Refuse) => prop_assert!(!was && now && lag > max),
+                    Some(Transition::Resume) => prop_assert!(was && !now && lag <= max / 2),
+                    None => {
+                        prop_assert_eq!(was, now);
+                        if was {
+                            prop_assert!(lag > max / 2);
+                        } else {
+                            prop_assert!(lag <= max);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

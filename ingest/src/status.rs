@@ -78,7 +78,8 @@ impl StatusView {
                         let key = record.key().and_then(|k| std::str::from_utf8(k).ok());
                         // Keys starting with a control byte are the processor's own
                         // (offset markers, records waiting for their request).
-                        if let Some(key) = key.filter(|k| !k.starts_with(['\0', '\u{1}'])) {
+                        let marker = char::from(schemas::topics::CHANGELOG_MARKER);
+                        if let Some(key) = key.filter(|k| !k.starts_with([marker, '\u{1}'])) {
                             tail_view.apply(key, record.payload().unwrap_or_default());
                         }
                     }

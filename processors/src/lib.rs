@@ -9,56 +9,36 @@
 //! after everything it produced was acknowledged, and a record that cannot be processed
 //! goes to `dead-letters` with its reason instead of blocking its partition.
 //!
-//! - [`scheduler`] (pure decisions in [`scheduling`]): assigns drones per region.
+//! - [`scheduling`] (pure decisions in [`scheduling::region`]): assigns drones per
+//!   region.
 //! - [`tracker`]: brings each drone's assignment and fixes to its delivery's key.
-//! - [`deliveries`] (pure stage machine in [`stages`]): each delivery's state and its
-//!   transitions on `delivery-events`.
+//! - [`deliveries`] (pure stage machine in [`deliveries::stages`]): each delivery's
+//!   state and its transitions on `delivery-events`.
 //! - [`stateful`]: the engine the three run on (batches, changelog, restore).
+//! - [`output`]: the record a processor produces and the acknowledged batch send that
+//!   the workflow and the engine share.
+//! - [`geo`]: distances and flight times (pure).
 //! - [`simulator`]: flies assigned drones and reports through the HTTP API, for demos
 //!   and tests.
+//!
+//! This root holds what the binary chooses and starts: the [`Processor`]s and
+//! [`run_stateful`]. The modules never import it (the error type is in its own module).
 //!
 //! This crate never imports the ingestion or analytics crates; it meets them only through
 //! topics named in `schemas` (and the simulator through the public HTTP API, as a
 //! client). It does not serve HTTP.
 
 pub mod deliveries;
-pub mod scheduler;
+mod error;
+pub mod geo;
+pub mod output;
 pub mod scheduling;
 pub mod simulator;
-pub mod stages;
 pub mod stateful;
 pub mod tracker;
 pub mod workflow;
 
-/// The processors' error type.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcessorError {
-    /// The Kafka boundary failed.
-    #[error("{processor}: {source}")]
-    Bus {
-        /// Which processor.
-        processor: &'static str,
-        /// The bus error.
-        source: bus::BusError,
-    },
-    /// A setting or configuration file is wrong.
-    #[error("configuration: {reason}")]
-    Config {
-        /// What is wrong.
-        reason: String,
-    },
-    /// A background task of the processor failed.
-    #[error("{processor}: task failed: {reason}")]
-    Task {
-        /// Which processor.
-        processor: &'static str,
-        /// What happened.
-        reason: String,
-    },
-}
-
-/// The processors' result type.
-pub type Result<T, E = ProcessorError> = std::result::Result<T, E>;
+pub use error::{ProcessorError, Result};
 
 /// Settings of the scheduling, tracking and delivery consumers.
 #[derive(Debug, Clone, clap::Args)]
@@ -77,11 +57,6 @@ pub struct StatefulConfig {
         default_value_t = PROCESSOR_BATCH_RECORDS
     )]
     pub processor_batch_records: usize,
-
-    /// The stateful consumers to run; empty runs all three. Set by the binary from
-    /// `process --processors`, not a flag of its own.
-    #[arg(skip)]
-    pub only: Vec<Processor>,
 }
 
 /// A processor, each its own consumer group: what `dronedelivery process --processors`
@@ -111,7 +86,7 @@ impl Processor {
     pub fn group(self) -> &'static str {
         match self {
             Self::Workflow => workflow::GROUP,
-            Self::Scheduling => scheduler::SPEC.group,
+            Self::Scheduling => scheduling::SPEC.group,
             Self::Tracking => tracker::SPEC.group,
             Self::Deliveries => deliveries::SPEC.group,
         }
@@ -121,7 +96,7 @@ impl Processor {
     pub fn inputs(self) -> &'static [&'static str] {
         match self {
             Self::Workflow => workflow::INPUTS,
-            Self::Scheduling => scheduler::SPEC.inputs,
+            Self::Scheduling => scheduling::SPEC.inputs,
             Self::Tracking => tracker::SPEC.inputs,
             Self::Deliveries => deliveries::SPEC.inputs,
         }
@@ -140,36 +115,37 @@ impl Default for StatefulConfig {
         Self {
             fleet: None,
             processor_batch_records: PROCESSOR_BATCH_RECORDS,
-            only: Vec::new(),
         }
     }
 }
 
-/// Runs the scheduling consumer, the drone tracker and the delivery consumer (those in
-/// `config.only`, or all three when it is empty) until `shutdown` is cancelled, or until one of them fails (then the others are stopped and
-/// the error returned).
+/// Runs the stateful consumers among `processors` (the scheduling consumer, the drone
+/// tracker, the delivery consumer; [`Processor::Workflow`] is not one of them and is
+/// ignored here) until `shutdown` is cancelled, or until one of them fails (then the
+/// others are stopped and the error returned). [`Processor::ALL`] runs all three.
 pub async fn run_stateful(
     config: StatefulConfig,
+    processors: Vec<Processor>,
     settings: bus::ClientSettings,
     producer: bus::Producer,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     let fleet = match &config.fleet {
-        Some(path) => scheduler::Fleet::load(path)?,
-        None => scheduler::Fleet::Default,
+        Some(path) => scheduling::Fleet::load(path)?,
+        None => scheduling::Fleet::Default,
     };
     let engine = stateful::EngineConfig {
         batch_records: config.processor_batch_records.max(1),
         ..stateful::EngineConfig::default()
     };
     let stop = shutdown.child_token();
-    let runs = |p: Processor| config.only.is_empty() || config.only.contains(&p);
+    let runs = |p: Processor| processors.contains(&p);
     let mut tasks = tokio::task::JoinSet::new();
     if runs(Processor::Scheduling) {
         tasks.spawn(stateful::run(
-            scheduler::SPEC,
+            scheduling::SPEC,
             engine,
-            scheduler::Scheduler::new(fleet),
+            scheduling::Scheduler::new(fleet),
             settings.clone(),
             producer.clone(),
             stop.clone(),

@@ -23,8 +23,8 @@ use schemas::tracking::Assignment;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::scheduling::distance_m;
-use crate::{ProcessorError, Result};
+use crate::error::{ProcessorError, Result};
+use crate::geo::distance_m;
 
 const NAME: &str = "simulator";
 

@@ -5,7 +5,8 @@
 //! Records are handled in batches. For each batch: apply every record to the state (a
 //! [`Machine`], pure apart from its own memory), produce what it said and wait for every
 //! acknowledgement, then write the changed state and, per input partition, the offset of
-//! the last record applied (a marker in the changelog), wait again, and only then store
+//! the last record applied (a marker in the changelog, under
+//! [`schemas::topics::changelog_marker_key`]), wait again, and only then store
 //! the input offsets. So:
 //!
 //! - a crash before the changelog write re-reads the batch from old state: outputs may be
@@ -21,14 +22,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use bus::{ClientSettings, Consumer, OutRecord, Producer};
+use bus::{ClientSettings, Consumer, Producer};
+use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
-use crate::workflow::Output;
-use crate::{ProcessorError, Result};
-
-/// Changelog keys starting with this byte are offset markers, not state.
-const MARKER: u8 = 0;
+use crate::error::{ProcessorError, Result};
+use crate::output::{Output, produce_batch};
 
 /// A record as received, owned.
 #[derive(Debug, Clone)]
@@ -159,12 +158,6 @@ struct PartitionInfo {
     /// Per input topic: the offset expected next (a jump means someone else handled
     /// records of this partition meanwhile).
     next: HashMap<String, i64>,
-}
-
-fn marker_key(topic: &str) -> Vec<u8> {
-    let mut key = vec![MARKER];
-    key.extend_from_slice(topic.as_bytes());
-    key
 }
 
 fn now_millis() -> i64 {
@@ -318,7 +311,11 @@ pub async fn run<M: Machine>(
             .into_iter()
             .map(|((partition, topic), offset)| {
                 (
-                    changelog_record(spec, marker_key(&topic), offset.to_string().into_bytes()),
+                    changelog_record(
+                        spec,
+                        topics::changelog_marker_key(&topic),
+                        offset.to_string().into_bytes(),
+                    ),
                     Some(partition),
                 )
             })
@@ -343,12 +340,6 @@ pub async fn run<M: Machine>(
     }
     tracing::info!(processor = spec.name, "stopped");
     Ok(())
-}
-
-fn is_changelog(topic: &str) -> bool {
-    schemas::topics::ALL
-        .iter()
-        .any(|t| t.compacted && t.name == topic)
 }
 
 /// The last value of each key, in the order the keys first changed.
@@ -446,8 +437,8 @@ async fn restore_once(
     let mut state = HashMap::new();
     let mut markers = HashMap::new();
     for record in records {
-        if record.key.first() == Some(&MARKER) {
-            let topic = String::from_utf8_lossy(&record.key[1..]).into_owned();
+        if let Some((&topics::CHANGELOG_MARKER, topic)) = record.key.split_first() {
+            let topic = String::from_utf8_lossy(topic).into_owned();
             if let Some(offset) = std::str::from_utf8(&record.payload)
                 .ok()
                 .and_then(|t| t.parse().ok())
@@ -469,82 +460,4 @@ async fn restore_once(
         "state restored"
     );
     Ok(Restored { state, markers })
-}
-
-/// Produces every record (to its partition when given) and waits for all
-/// acknowledgements. A full producer queue is waited out. When some records fail, every
-/// record from the first failed one on is sent again, in order (later ones may then be
-/// written twice, never out of order: the last value of a key stays the last), with
-/// backoff, until all are acknowledged or `shutdown` is cancelled (then `false`).
-pub(crate) async fn produce_batch(
-    producer: &Producer,
-    records: Vec<(Output, Option<i32>)>,
-    shutdown: &CancellationToken,
-    name: &'static str,
-) -> bool {
-    let mut pending = records;
-    let mut backoff = Duration::from_millis(100);
-    while !pending.is_empty() {
-        let mut acks = Vec::with_capacity(pending.len());
-        let mut first_failed: Option<(usize, bus::BusError)> = None;
-        for (i, (output, partition)) in pending.iter().enumerate() {
-            let headers: Vec<(&str, &[u8])> = output
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect();
-            let record = OutRecord {
-                topic: output.topic,
-                key: &output.key,
-                payload: &output.payload,
-                headers: &headers,
-            };
-            // An empty value on a changelog deletes the key: a tombstone, so that
-            // compaction drops it.
-            let tombstone = output.payload.is_empty() && is_changelog(output.topic);
-            loop {
-                match producer.send_record(record, *partition, tombstone) {
-                    Ok(ack) => {
-                        acks.push((i, ack));
-                        break;
-                    }
-                    Err(bus::BusError::QueueFull) => {
-                        tokio::select! {
-                            () = shutdown.cancelled() => return false,
-                            () = tokio::time::sleep(Duration::from_millis(5)) => {}
-                        }
-                    }
-                    Err(e) => {
-                        first_failed = Some((i, e));
-                        break;
-                    }
-                }
-            }
-            if first_failed.is_some() {
-                break;
-            }
-        }
-        let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
-        for (i, result) in indexes
-            .into_iter()
-            .zip(futures_util::future::join_all(futures).await)
-        {
-            if let Err(e) = result
-                && first_failed.as_ref().is_none_or(|(f, _)| i < *f)
-            {
-                first_failed = Some((i, e));
-            }
-        }
-        let Some((from, e)) = first_failed else {
-            return true;
-        };
-        tracing::warn!(processor = name, from, of = pending.len(), error = %e, ?backoff, "produce failed; sending again from the first failure");
-        pending.drain(..from);
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    }
-    true
 }

@@ -21,8 +21,8 @@ use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::Assignment;
 
+use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
-use crate::workflow::Output;
 
 /// What the tracker reads and writes.
 pub const SPEC: Spec = Spec {

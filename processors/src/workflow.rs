@@ -20,7 +20,8 @@ use schemas::headers as h;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ProcessorError, Result};
+use crate::error::{ProcessorError, Result};
+use crate::output::{Output, produce_batch};
 
 const NAME: &str = "workflow";
 /// The workflow's consumer group.
@@ -48,19 +49,6 @@ impl Default for WorkflowConfig {
             workflow_max_in_flight: MAX_IN_FLIGHT,
         }
     }
-}
-
-/// One record to produce, owned so that it can be retried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Output {
-    /// The topic.
-    pub topic: &'static str,
-    /// The key.
-    pub key: Vec<u8>,
-    /// The payload.
-    pub payload: Vec<u8>,
-    /// The headers.
-    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 /// Decides what one `delivery-requests` record becomes.
@@ -155,7 +143,7 @@ async fn produce_all(
     shutdown: CancellationToken,
 ) -> bool {
     let records = outputs.into_iter().map(|o| (o, None)).collect();
-    crate::stateful::produce_batch(&producer, records, &shutdown, NAME).await
+    produce_batch(&producer, records, &shutdown, NAME).await
 }
 
 /// Runs the workflow processor until `shutdown` is cancelled, then waits for the records

@@ -1,4 +1,5 @@
-//! The table of topics: names, what each record is keyed by, and partition counts.
+//! The table of topics: names, what each record is keyed by, and partition counts; and
+//! the key under which a state changelog holds its offset markers.
 //!
 //! The key decides ordering and ownership: everything about one delivery is keyed by its
 //! delivery id (so a request, its reschedules and its cancel stay in order), scheduling is
@@ -129,6 +130,23 @@ pub const ALL: [Topic; 10] = [
     TRACKING_STATE,
 ];
 
+/// The first byte of a changelog key that holds an offset marker, not state.
+///
+/// A stateful processor writes, per input partition, the offset of the last input record
+/// whose effects its state holds under the key [`changelog_marker_key`] (this byte, then
+/// the input topic's name), with the offset as decimal text for value. No state key
+/// starts with this byte (state keys are delivery ids, regions, drone ids), so readers of
+/// a changelog (the status view) skip marker keys by it.
+pub const CHANGELOG_MARKER: u8 = 0;
+
+/// The changelog key of the offset marker for the input topic `topic`.
+pub fn changelog_marker_key(topic: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(topic.len() + 1);
+    key.push(CHANGELOG_MARKER);
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
 /// Consumer group names, one per role, so that scaled-out replicas share the work.
 pub mod groups {
     /// The workflow processor (fan-out of delivery requests).
@@ -146,6 +164,12 @@ pub mod groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marker_keys_are_the_marker_byte_then_the_topic() {
+        assert_eq!(changelog_marker_key("deliveries"), b"\0deliveries".to_vec());
+        assert_eq!(changelog_marker_key("")[..], [CHANGELOG_MARKER]);
+    }
 
     #[test]
     fn names_are_unique_and_valid_kafka_names() {

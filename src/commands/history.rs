@@ -31,7 +31,7 @@ pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
     supervisor.spawn(
         service,
         "history sink",
-        analytics::sink::run(args.sink, settings, stop, OnShutdown::Stop),
+        analytics::history::run(args.sink.into(), settings, stop, OnShutdown::Stop),
     );
     supervisor.run_until(shutdown_signal()).await
 }

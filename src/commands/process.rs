@@ -62,12 +62,10 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
         );
     }
     if !stateful.is_empty() {
-        let mut config = args.stateful;
-        config.only = stateful;
         supervisor.spawn(
             services,
             "processors",
-            processors::run_stateful(config, settings, producer.clone(), stop),
+            processors::run_stateful(args.stateful, stateful, settings, producer.clone(), stop),
         );
     }
     let result = supervisor.run_until(shutdown_signal()).await;

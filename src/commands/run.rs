@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use analytics::history::HistoryConfig;
 use analytics::sink::{OnShutdown, SinkConfig};
 use analytics::sql::{History, QueryLimits};
 use anyhow::Result;
@@ -98,6 +99,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         "processors",
         processors::run_stateful(
             args.stateful,
+            processors::Processor::ALL.to_vec(),
             settings.clone(),
             producer.clone(),
             stop_back.clone(),
@@ -112,7 +114,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     };
     // The embedded broker starts empty: its offsets must not be read against the ones an
     // earlier run left in the history's log.
-    let mut sink = args.sink;
+    let mut sink = HistoryConfig::from(args.sink);
     if embedded.is_some() {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -122,7 +124,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     supervisor.spawn(
         back,
         "history sink",
-        analytics::sink::run(sink, settings.clone(), stop_back.clone(), on_shutdown),
+        analytics::history::run(sink, settings.clone(), stop_back.clone(), on_shutdown),
     );
     if unauthenticated {
         println!(

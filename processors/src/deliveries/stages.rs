@@ -3,6 +3,9 @@
 //!
 //! Inputs arrive in order on the delivery's key. Every one is idempotent: a repeated
 //! request, assignment or position changes nothing more the second time.
+//!
+//! It must not know topics, records or the changelog: the delivery consumer (the parent
+//! module) turns records into [`Input`]s and [`Effects`] into outputs.
 
 use chrono::{DateTime, Utc};
 use schemas::delivery::Location;
@@ -10,7 +13,7 @@ use schemas::telemetry::PositionFix;
 use schemas::tracking::{Assignment, DeliveryEvent, DeliveryState, DroneReleased, Stage};
 use schemas::{DeliveryRequest, DeliveryReschedule};
 
-use crate::scheduling::{distance_m, flight_ms};
+use crate::geo::{distance_m, flight_ms};
 
 /// How close a drone must be to a pickup or drop-off to count as there, metres.
 pub const ARRIVAL_RADIUS_M: f64 = 30.0;

@@ -1,11 +1,17 @@
 //! The scheduling consumer: owns the fleets of the regions whose `drone-scheduling`
-//! partitions it is assigned, assigns drones (see [`crate::scheduling`]) and emits
-//! `drone-assignments` keyed by drone id.
+//! partitions it is assigned, assigns drones (the pure decisions are in [`region`]) and
+//! emits `drone-assignments` keyed by drone id.
 //!
 //! Inputs on `drone-scheduling`, keyed by region: requests (from the workflow), drones
 //! released (from the delivery consumer, when a delivery completes or is cancelled) and
 //! cancels of requests that may still be waiting. State in `scheduling-state`: one entry
 //! per drone and one per waiting request.
+//!
+//! This module is the stateful [`Machine`]: records in, outputs and changelog entries
+//! out. It must not decide which drone takes a job (that is [`region`]'s) nor produce
+//! or consume itself (that is the [engine](crate::stateful)'s).
+
+pub mod region;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +21,10 @@ use schemas::topics;
 use schemas::tracking::{Assignment, DroneReleased, SchedulingCancelled};
 use serde::{Deserialize, Serialize};
 
-use crate::scheduling::{Decision, Drone, Job, Region, default_fleet};
+use crate::error::{ProcessorError, Result};
+use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
-use crate::workflow::Output;
-use crate::{ProcessorError, Result};
+use region::{Decision, Drone, Job, Region, default_fleet};
 
 /// What the scheduling consumer reads and writes.
 pub const SPEC: Spec = Spec {

@@ -16,6 +16,12 @@
 //! whose request never comes gives its drone back, as an unknown delivery's assignment
 //! always did. Waiting records are state like any other: they are written to the
 //! changelog (under keys starting with byte 1) and restored with it.
+//!
+//! This module is the stateful [`Machine`]: records in, outputs and changelog entries
+//! out. It must not decide how an input moves a delivery's stage (that is [`stages`]'s,
+//! pure) nor produce or consume itself (that is the [engine](crate::stateful)'s).
+
+pub mod stages;
 
 use std::collections::HashMap;
 
@@ -23,9 +29,9 @@ use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::{Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled};
 
-use crate::stages::{self, Input};
+use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
-use crate::workflow::Output;
+use stages::Input;
 
 /// What the delivery consumer reads and writes.
 pub const SPEC: Spec = Spec {

@@ -5,6 +5,9 @@
 //! and size) and delivers it earliest, preferring drones that make the deadline; when no
 //! drone is free the request waits, first come first served, and is assigned when a
 //! drone is released. A request no drone of the region could ever carry is refused.
+//!
+//! It must not know topics, records or the changelog: the scheduling consumer (the
+//! parent module) turns records into calls here and decisions into outputs.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
@@ -12,22 +15,7 @@ use schemas::delivery::Location;
 use schemas::{PackageSize, tracking::Assignment};
 use serde::{Deserialize, Serialize};
 
-/// Mean Earth radius, metres.
-const EARTH_RADIUS_M: f64 = 6_371_000.0;
-
-/// Great-circle distance in metres.
-pub fn distance_m(a: Location, b: Location) -> f64 {
-    let (lat1, lat2) = (a.latitude.to_radians(), b.latitude.to_radians());
-    let dlat = lat2 - lat1;
-    let dlon = (b.longitude - a.longitude).to_radians();
-    let h = (dlat / 2.0).sin().powi(2) + lat1.cos() * lat2.cos() * (dlon / 2.0).sin().powi(2);
-    2.0 * EARTH_RADIUS_M * h.sqrt().min(1.0).asin()
-}
-
-/// Milliseconds to fly `metres` at `speed_mps`.
-pub fn flight_ms(metres: f64, speed_mps: f64) -> i64 {
-    (metres / speed_mps.max(0.1) * 1000.0).ceil() as i64
-}
+use crate::geo::{distance_m, flight_ms};
 
 /// One drone of a region's fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -307,13 +295,6 @@ mod tests {
             pickup_time_ms: NOW,
             deadline_ms: NOW + 3_600_000,
         }
-    }
-
-    #[test]
-    fn distances_are_great_circle_metres() {
-        let d = distance_m(loc(0.0, 0.0), loc(0.0, 1.0));
-        assert!((d - 111_195.0).abs() < 10.0, "{d}");
-        assert_eq!(distance_m(loc(47.0, -122.0), loc(47.0, -122.0)), 0.0);
     }
 
     #[test]

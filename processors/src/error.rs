@@ -1,0 +1,31 @@
+//! The one error type of the processors crate.
+
+/// The processors' error type.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    /// The Kafka boundary failed.
+    #[error("{processor}: {source}")]
+    Bus {
+        /// Which processor.
+        processor: &'static str,
+        /// The bus error.
+        source: bus::BusError,
+    },
+    /// A setting or configuration file is wrong.
+    #[error("configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A background task of the processor failed.
+    #[error("{processor}: task failed: {reason}")]
+    Task {
+        /// Which processor.
+        processor: &'static str,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The processors' result type.
+pub type Result<T, E = ProcessorError> = std::result::Result<T, E>;
