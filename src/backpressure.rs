@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bus::ClientSettings;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::BackpressureArgs;
-use tokio::task::JoinHandle;
 
 /// Watches the lag of every consumer group of the pipeline and sets `behind` while the
 /// worst partition is more than `max` records behind (until it is at most half of that).
