@@ -17,8 +17,9 @@
 use std::time::{Duration, Instant};
 
 use analytics::history::HistoryConfig;
-use analytics::sink::{OnShutdown, SinkConfig};
-use analytics::sql::{History, QueryLimits};
+use analytics::sink::{OnShutdown, SinkArgs};
+use analytics::sql::{History, QueryLimitsArgs};
+use analytics::store::DataArgs;
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
@@ -159,13 +160,12 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     total
 }
 
-fn sink_config(data: &str) -> SinkConfig {
-    SinkConfig {
-        data: data.to_owned(),
+fn sink_config() -> SinkArgs {
+    SinkArgs {
         roll_rows: 200_000,
         roll_bytes: 256 * 1024 * 1024,
         roll_interval_ms: 2_000,
-        compaction: analytics::compact::CompactionConfig {
+        compaction: analytics::compact::CompactionArgs {
             compact_interval_secs: 0,
             ..Default::default()
         },
@@ -183,10 +183,13 @@ async fn run(n: usize) {
     // partition, so requests go in chunks that fit, each once the sink has the last.
     let stop = CancellationToken::new();
     let sink = tokio::spawn(analytics::history::run(
-        HistoryConfig::from(SinkConfig {
-            roll_interval_ms: 200,
-            ..sink_config(&data)
-        }),
+        HistoryConfig::new(
+            DataArgs::new(&data),
+            SinkArgs {
+                roll_interval_ms: 200,
+                ..sink_config()
+            },
+        ),
         settings.clone(),
         stop.clone(),
         OnShutdown::Stop,
@@ -231,10 +234,10 @@ async fn run(n: usize) {
     // 2. Query latency.
     let history = History::open(
         &data,
-        &QueryLimits {
+        &QueryLimitsArgs {
             sql_memory_mb: 8192,
             sql_timeout_secs: 600,
-            ..QueryLimits::default()
+            ..QueryLimitsArgs::default()
         },
     )
     .await
@@ -296,10 +299,13 @@ async fn run(n: usize) {
     // 3. Freshness at the default roll interval.
     let stop = CancellationToken::new();
     let sink = tokio::spawn(analytics::history::run(
-        HistoryConfig::from(SinkConfig {
-            roll_rows: 200_000,
-            ..sink_config(&data)
-        }),
+        HistoryConfig::new(
+            DataArgs::new(&data),
+            SinkArgs {
+                roll_rows: 200_000,
+                ..sink_config()
+            },
+        ),
         settings.clone(),
         stop.clone(),
         OnShutdown::Stop,

@@ -85,13 +85,13 @@ async fn run(n: usize) {
 
     let stop = CancellationToken::new();
     let workflow = tokio::spawn(processors::workflow::run(
-        processors::workflow::WorkflowConfig::default(),
+        processors::workflow::WorkflowArgs::default(),
         settings.clone(),
         producer.clone(),
         stop.clone(),
     ));
     let stateful = tokio::spawn(processors::run_stateful(
-        processors::StatefulConfig::default(),
+        processors::StatefulArgs::default(),
         processors::Processor::ALL.to_vec(),
         settings.clone(),
         producer.clone(),

@@ -8,14 +8,15 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use analytics::sink::SinkConfig;
-use analytics::sql::{QueryLimits, SqlArgs};
+use analytics::sink::SinkArgs;
+use analytics::sql::{QueryLimitsArgs, SqlArgs};
+use analytics::store::DataArgs;
 use bus::{KafkaArgs, ProducerArgs};
 use clap::{Parser, Subcommand};
-use ingest::IngestConfig;
-use processors::StatefulConfig;
-use processors::simulator::SimulatorConfig;
-use processors::workflow::WorkflowConfig;
+use ingest::{AuthArgs, HttpServerArgs, TierArgs};
+use processors::StatefulArgs;
+use processors::simulator::SimulatorArgs;
+use processors::workflow::WorkflowArgs;
 
 /// A high-throughput ingestion and stream-processing pipeline for drone deliveries:
 /// HTTP in, Kafka in the middle, Parquet history out, SQL on top.
@@ -77,7 +78,7 @@ pub(crate) enum Command {
     /// Load the ingestion API like bulk business clients: N tenants, M connections,
     /// batches of B, open loop (--rate) or closed loop, for a fixed duration; prints
     /// throughput, latency percentiles and every answer by status.
-    Loadgen(Box<loadgen::LoadgenConfig>),
+    Loadgen(Box<loadgen::LoadgenArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,7 +86,7 @@ pub(crate) struct SimulateArgs {
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
     #[command(flatten)]
-    pub(crate) simulator: SimulatorConfig,
+    pub(crate) simulator: SimulatorArgs,
     #[command(flatten)]
     pub(crate) health: HealthArgs,
 }
@@ -100,56 +101,23 @@ pub(crate) struct HealthArgs {
     pub(crate) health_listen: Listen,
 }
 
-/// `dronedelivery sql-server`.
+/// `dronedelivery sql-server`: the HTTP server's flags with lower defaults (a query
+/// holds far more memory than a posted batch).
 #[derive(Debug, clap::Args)]
+#[command(
+    mut_arg("listen", |a| a.default_value("127.0.0.1:8081")),
+    mut_arg("max_connections", |a| a.default_value("1000")),
+    mut_arg("max_in_flight", |a| a.default_value("16")),
+)]
 pub(crate) struct SqlServerArgs {
-    /// Address the HTTP API (POST /api/sql, /healthz, /readyz, /metrics) listens on.
-    #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = "127.0.0.1:8081")]
-    pub(crate) listen: std::net::SocketAddr,
-
-    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
-    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
-    pub(crate) data: String,
-
-    /// File of API keys, one `tenant:key` per line (the ingestion tier's file). Only
-    /// --sql-tenants may query. Without it, only loopback clients are served.
-    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
-    pub(crate) api_keys: Option<std::path::PathBuf>,
-
-    /// Tenants (from the key file) that may query (comma-separated). They see every
-    /// tenant's history.
-    #[arg(
-        long,
-        env = "DRONEDELIVERY_SQL_TENANTS",
-        value_delimiter = ',',
-        value_name = "TENANT,..."
-    )]
-    pub(crate) sql_tenants: Vec<String>,
-
-    /// Most open client connections.
-    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = 1_000)]
-    pub(crate) max_connections: usize,
-
-    /// Most HTTP requests handled at once; past it clients get 503 with Retry-After.
-    /// With --sql-memory-mb this bounds the memory of queries.
-    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = 16)]
-    pub(crate) max_in_flight: usize,
-
-    /// Longest time a client may take to send a request's headers, in seconds.
-    #[arg(
-        long,
-        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
-        default_value_t = 30
-    )]
-    pub(crate) header_read_timeout_secs: u64,
-
-    /// How long shutdown waits for running queries to finish, in seconds.
-    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = 30)]
-    pub(crate) drain_secs: u64,
-
     #[command(flatten)]
-    pub(crate) sql: QueryLimits,
-
+    pub(crate) http: HttpServerArgs,
+    #[command(flatten)]
+    pub(crate) auth: AuthArgs,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) sql: QueryLimitsArgs,
     #[command(flatten)]
     pub(crate) flight: FlightArgs,
 }
@@ -190,15 +158,21 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) producer: ProducerArgs,
     #[command(flatten)]
-    pub(crate) ingest: IngestConfig,
+    pub(crate) http: HttpServerArgs,
     #[command(flatten)]
-    pub(crate) workflow: WorkflowConfig,
+    pub(crate) auth: AuthArgs,
     #[command(flatten)]
-    pub(crate) stateful: StatefulConfig,
+    pub(crate) tier: TierArgs,
     #[command(flatten)]
-    pub(crate) sink: SinkConfig,
+    pub(crate) data: DataArgs,
     #[command(flatten)]
-    pub(crate) sql: QueryLimits,
+    pub(crate) workflow: WorkflowArgs,
+    #[command(flatten)]
+    pub(crate) stateful: StatefulArgs,
+    #[command(flatten)]
+    pub(crate) sink: SinkArgs,
+    #[command(flatten)]
+    pub(crate) sql: QueryLimitsArgs,
     #[command(flatten)]
     pub(crate) flight: FlightArgs,
     /// Also fly the assigned drones in this process (a demo), reporting to this
@@ -206,7 +180,7 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "DRONEDELIVERY_SIMULATE_DRONES")]
     pub(crate) simulate_drones: bool,
     #[command(flatten)]
-    pub(crate) simulator: SimulatorConfig,
+    pub(crate) simulator: SimulatorArgs,
     #[command(flatten)]
     pub(crate) backpressure: BackpressureArgs,
 }
@@ -218,7 +192,11 @@ pub(crate) struct IngestArgs {
     #[command(flatten)]
     pub(crate) producer: ProducerArgs,
     #[command(flatten)]
-    pub(crate) ingest: IngestConfig,
+    pub(crate) http: HttpServerArgs,
+    #[command(flatten)]
+    pub(crate) auth: AuthArgs,
+    #[command(flatten)]
+    pub(crate) tier: TierArgs,
     #[command(flatten)]
     pub(crate) backpressure: BackpressureArgs,
 }
@@ -230,9 +208,9 @@ pub(crate) struct ProcessArgs {
     #[command(flatten)]
     pub(crate) producer: ProducerArgs,
     #[command(flatten)]
-    pub(crate) workflow: WorkflowConfig,
+    pub(crate) workflow: WorkflowArgs,
     #[command(flatten)]
-    pub(crate) stateful: StatefulConfig,
+    pub(crate) stateful: StatefulArgs,
     #[command(flatten)]
     pub(crate) health: HealthArgs,
     /// The processors to run (comma-separated). Each is its own consumer group, so each
@@ -249,12 +227,11 @@ pub(crate) struct ProcessArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CompactArgs {
-    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
-    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
-    pub(crate) data: String,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
 
     #[command(flatten)]
-    pub(crate) compaction: analytics::compact::CompactionConfig,
+    pub(crate) compaction: analytics::compact::CompactionArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -262,7 +239,9 @@ pub(crate) struct HistoryArgs {
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
     #[command(flatten)]
-    pub(crate) sink: SinkConfig,
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) sink: SinkArgs,
     #[command(flatten)]
     pub(crate) health: HealthArgs,
 }
@@ -326,8 +305,8 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run");
         };
-        assert_eq!(args.ingest.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(args.sink.data, "file://./data");
+        assert_eq!(args.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.data.url, "file://./data");
         assert!(args.kafka.brokers.is_none());
         assert_eq!(
             args.flight.flight_listen,
@@ -356,5 +335,40 @@ mod tests {
             panic!("not process");
         };
         assert_eq!(args.health.health_listen.address(), None);
+    }
+
+    #[test]
+    fn the_sql_server_shares_the_http_flags_with_its_own_defaults() {
+        let cli = Cli::try_parse_from(["dronedelivery", "sql-server"]).unwrap();
+        let Command::SqlServer(args) = cli.command else {
+            panic!("not sql-server");
+        };
+        assert_eq!(args.http.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(args.http.max_connections, 1_000);
+        assert_eq!(args.http.max_in_flight, 16);
+        assert_eq!(args.http.header_read_timeout_secs, 30);
+        assert_eq!(args.http.drain_secs, 30);
+        assert_eq!(args.data.url, "file://./data");
+        let cli = Cli::try_parse_from([
+            "dronedelivery",
+            "sql-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-in-flight",
+            "4",
+        ])
+        .unwrap();
+        let Command::SqlServer(args) = cli.command else {
+            panic!("not sql-server");
+        };
+        assert_eq!(args.http.listen.port(), 0);
+        assert_eq!(args.http.max_in_flight, 4);
+        // The ingestion tier keeps the block's own defaults.
+        let cli = Cli::try_parse_from(["dronedelivery", "ingest"]).unwrap();
+        let Command::Ingest(args) = cli.command else {
+            panic!("not ingest");
+        };
+        assert_eq!(args.http.max_connections, 10_000);
+        assert_eq!(args.http.max_in_flight, 4096);
     }
 }

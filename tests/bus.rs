@@ -29,7 +29,7 @@ async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
     let producer = Producer::new(&settings, &ProducerArgs::default())?;
     let stop = CancellationToken::new();
     let workflow = tokio::spawn(processors::workflow::run(
-        processors::workflow::WorkflowConfig::default(),
+        processors::workflow::WorkflowArgs::default(),
         settings.clone(),
         producer.clone(),
         stop.clone(),

@@ -5,13 +5,13 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use analytics::compact::CompactionConfig;
+use analytics::compact::CompactionArgs;
 use analytics::failpoint::FailPoint;
 use analytics::history::HistoryConfig;
 use analytics::log::Log;
-use analytics::sink::{OnShutdown, SinkConfig};
-use analytics::sql::{History, QueryLimits, QueryResult};
-use analytics::store::DataRoot;
+use analytics::sink::{OnShutdown, SinkArgs};
+use analytics::sql::{History, QueryLimitsArgs, QueryResult};
+use analytics::store::{DataArgs, DataRoot};
 use anyhow::{Context, Result};
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
@@ -48,14 +48,14 @@ impl Fixture {
 
     fn sink_config(&self, roll_rows: usize, fail_at: Option<FailPoint>) -> HistoryConfig {
         HistoryConfig {
-            sink: SinkConfig {
-                data: self.data(),
+            data: DataArgs::new(self.data()),
+            sink: SinkArgs {
                 roll_rows,
                 roll_bytes: 64 * 1024 * 1024,
                 roll_interval_ms: 300,
-                compaction: CompactionConfig {
+                compaction: CompactionArgs {
                     compact_interval_secs: 0,
-                    ..CompactionConfig::default()
+                    ..CompactionArgs::default()
                 },
             },
             offsets_scope: String::new(),
@@ -85,7 +85,7 @@ impl Fixture {
     }
 
     async fn history(&self) -> Result<History> {
-        Ok(History::open(&self.data(), &QueryLimits::default()).await?)
+        Ok(History::open(&self.data(), &QueryLimitsArgs::default()).await?)
     }
 
     async fn log(&self) -> Result<Log> {
@@ -445,11 +445,11 @@ async fn a_crash_at_each_step_leaves_exactly_n_rows() -> Result<()> {
         let log = f.log().await?;
         let report = analytics::compact::compact_once(
             &log,
-            &CompactionConfig {
+            &CompactionArgs {
                 compact_min_files: 1_000,
                 vacuum_retention_secs: 0,
                 vacuum_orphan_secs: 0,
-                ..CompactionConfig::default()
+                ..CompactionArgs::default()
             },
             &CancellationToken::new(),
         )
@@ -498,10 +498,10 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
             anyhow::Ok((counts, queries))
         })
     };
-    let config = CompactionConfig {
+    let config = CompactionArgs {
         compact_min_files: 2,
         vacuum_retention_secs: 3_600,
-        ..CompactionConfig::default()
+        ..CompactionArgs::default()
     };
     let mut merged = 0;
     for _ in 0..3 {
@@ -525,7 +525,7 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
     );
     analytics::compact::compact_once(
         &log,
-        &CompactionConfig {
+        &CompactionArgs {
             vacuum_retention_secs: 0,
             vacuum_orphan_secs: 0,
             ..config
@@ -550,7 +550,7 @@ const HASH_AGGREGATE: &str = "SELECT (v * 7919) % 3000017 AS k, count(*) AS n \
 async fn sql_is_read_only_and_bounded() -> Result<()> {
     let data = tempfile::tempdir()?;
     let path = data.path().display().to_string();
-    let history = History::open(&path, &QueryLimits::default()).await?;
+    let history = History::open(&path, &QueryLimitsArgs::default()).await?;
     // An empty history is empty tables, not an error.
     for table in schemas::history::TABLES {
         let sql = format!("SELECT count(*) FROM {}", table.name);
@@ -593,9 +593,9 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
     // Over the memory limit: a clean error, not an abort.
     let small = History::open(
         &path,
-        &QueryLimits {
+        &QueryLimitsArgs {
             sql_memory_mb: 1,
-            ..QueryLimits::default()
+            ..QueryLimitsArgs::default()
         },
     )
     .await?;
@@ -610,9 +610,9 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
     // More rows than allowed.
     let few = History::open(
         &path,
-        &QueryLimits {
+        &QueryLimitsArgs {
             sql_max_rows: 10,
-            ..QueryLimits::default()
+            ..QueryLimitsArgs::default()
         },
     )
     .await?;
@@ -634,9 +634,9 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
     // One query at a time: the others wait their turn and all finish.
     let one = History::open(
         &path,
-        &QueryLimits {
+        &QueryLimitsArgs {
             sql_max_concurrent: 1,
-            ..QueryLimits::default()
+            ..QueryLimitsArgs::default()
         },
     )
     .await?;

@@ -114,8 +114,11 @@ async fn batches_report_each_record_and_produce_exactly_the_valid_bytes() -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_limits_and_malformed_bodies_are_refused_whole() -> Result<()> {
     let tier = IngestOnly::start(ingest::IngestConfig {
-        max_batch_records: 3,
-        max_batch_bytes: 4096,
+        tier: ingest::TierArgs {
+            max_batch_records: 3,
+            max_batch_bytes: 4096,
+            ..Default::default()
+        },
         ..ingest::IngestConfig::default()
     })
     .await?;
@@ -288,8 +291,11 @@ async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
 async fn body_bytes_in_flight_are_bounded() -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let tier = IngestOnly::start(ingest::IngestConfig {
-        max_batch_bytes: 64 * 1024,
-        max_in_flight_bytes: 128 * 1024,
+        tier: ingest::TierArgs {
+            max_batch_bytes: 64 * 1024,
+            max_in_flight_bytes: 128 * 1024,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?;
@@ -404,8 +410,11 @@ async fn a_full_producer_queue_is_a_retryable_503() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
     let tier = IngestOnly::start(ingest::IngestConfig {
-        max_connections: 1,
-        header_read_timeout_secs: 1,
+        http: ingest::HttpServerArgs {
+            max_connections: 1,
+            header_read_timeout_secs: 1,
+            ..Default::default()
+        },
         ..ingest::IngestConfig::default()
     })
     .await?;

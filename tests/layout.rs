@@ -208,3 +208,30 @@ fn no_file_of_the_ingestion_tier_is_over_600_lines() -> Result<()> {
     assert!(long.is_empty(), "split these by concern: {long:#?}");
     Ok(())
 }
+
+#[test]
+fn every_flag_is_declared_once() -> Result<()> {
+    // Every flag has its `DRONEDELIVERY_*` variable; a block shared by several commands
+    // is flattened where needed, never declared again.
+    let mut declared: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for krate in CRATES {
+        for file in sources(&root().join(krate))? {
+            let text = std::fs::read_to_string(&file)?;
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (at, _) in code.match_indices("env = \"DRONEDELIVERY_") {
+                let name: String = code[at + "env = \"".len()..]
+                    .chars()
+                    .take_while(|c| *c != '"')
+                    .collect();
+                declared
+                    .entry(name)
+                    .or_default()
+                    .push(file.display().to_string());
+            }
+        }
+    }
+    assert!(declared.len() > 50, "found only {} flags", declared.len());
+    let twice: Vec<_> = declared.iter().filter(|(_, at)| at.len() > 1).collect();
+    assert!(twice.is_empty(), "declared more than once: {twice:#?}");
+    Ok(())
+}

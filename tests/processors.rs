@@ -68,7 +68,10 @@ impl Stack {
         let view = ingest::StatusView::start(settings.clone(), 100_000, stop.clone());
         let server = ingest::Ingest::bind(
             ingest::IngestConfig {
-                listen: "127.0.0.1:0".parse()?,
+                http: ingest::HttpServerArgs {
+                    listen: "127.0.0.1:0".parse()?,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             producer.clone(),
@@ -81,7 +84,7 @@ impl Stack {
         tasks.push(tokio::spawn(async move {
             let _ = server.run(ingest_stop).await;
         }));
-        let simulator = processors::simulator::SimulatorConfig {
+        let simulator = processors::simulator::SimulatorArgs {
             target: base.clone(),
             speedup: 20_000.0,
             tick_ms: 20,
@@ -104,13 +107,13 @@ impl Stack {
     fn processors(&self) -> Processors {
         let stop = CancellationToken::new();
         let workflow = tokio::spawn(processors::workflow::run(
-            processors::workflow::WorkflowConfig::default(),
+            processors::workflow::WorkflowArgs::default(),
             self.settings.clone(),
             self.producer.clone(),
             stop.clone(),
         ));
         let stateful = tokio::spawn(processors::run_stateful(
-            processors::StatefulConfig::default(),
+            processors::StatefulArgs::default(),
             processors::Processor::ALL.to_vec(),
             self.settings.clone(),
             self.producer.clone(),
@@ -128,7 +131,7 @@ impl Stack {
         let stop = CancellationToken::new();
         let workflow = tokio::spawn(async { Ok(()) });
         let stateful = tokio::spawn(processors::run_stateful(
-            processors::StatefulConfig::default(),
+            processors::StatefulArgs::default(),
             processors::Processor::ALL.to_vec(),
             self.settings.clone(),
             self.producer.clone(),

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use analytics::sql::{History, QueryLimits};
+use analytics::sql::{History, QueryLimitsArgs};
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
@@ -155,7 +155,8 @@ async fn post_all(base: &str, n: usize) -> Result<BTreeSet<String>> {
 }
 
 async fn history_ids(data: &std::path::Path) -> Result<Vec<String>> {
-    let history = History::open(data.to_str().context("path")?, &QueryLimits::default()).await?;
+    let history =
+        History::open(data.to_str().context("path")?, &QueryLimitsArgs::default()).await?;
     let batches = history
         .query("SELECT delivery_id FROM delivery_requests ORDER BY delivery_id")
         .await?;
@@ -209,7 +210,7 @@ async fn accepted_requests_become_history_rows_while_running_and_after_sigterm()
     // The date partition column is there and SQL aggregates work on it.
     let history = History::open(
         data.path().to_str().context("path")?,
-        &QueryLimits::default(),
+        &QueryLimitsArgs::default(),
     )
     .await?;
     let batches = history
@@ -506,7 +507,8 @@ async fn a_second_run_on_the_same_history_keeps_every_row() -> Result<()> {
 
 /// `count(*)`-style query over the history: the first column of the first row.
 async fn history_count(data: &std::path::Path, sql: &str) -> Result<i64> {
-    let history = History::open(data.to_str().context("path")?, &QueryLimits::default()).await?;
+    let history =
+        History::open(data.to_str().context("path")?, &QueryLimitsArgs::default()).await?;
     let result = history.query(sql).await?;
     Ok(result
         .batches

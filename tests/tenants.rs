@@ -40,8 +40,14 @@ async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
          fleet:{FLEET_KEY}\n"
     ))?;
     let tier = IngestOnly::start(ingest::IngestConfig {
-        api_keys: Some(keys),
-        telemetry_tenants: vec!["fleet".into()],
+        auth: ingest::AuthArgs {
+            api_keys: Some(keys),
+            ..Default::default()
+        },
+        tier: ingest::TierArgs {
+            telemetry_tenants: vec!["fleet".into()],
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?;
@@ -174,8 +180,14 @@ async fn an_over_quota_tenant_gets_429_and_nothing_of_it_lands() -> Result<()> {
     // `slow` may send 0.01 records per second after a burst of 10; `fabrikam` has no limit.
     let (_dir, keys) = key_file(&format!("slow:{SLOW_KEY}:0.01\nfabrikam:{FABRIKAM_KEY}\n"))?;
     let tier = IngestOnly::start(ingest::IngestConfig {
-        api_keys: Some(keys),
-        tenant_burst: 10.0,
+        auth: ingest::AuthArgs {
+            api_keys: Some(keys),
+            ..Default::default()
+        },
+        tier: ingest::TierArgs {
+            tenant_burst: 10.0,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?;
@@ -333,7 +345,10 @@ async fn a_retried_batch_with_the_same_idempotency_key_yields_no_duplicates() ->
     // Past the window (here: no window at all, as after a restart or on another replica)
     // a retry is produced again, but under the same keys, so consumers dedupe by key.
     let tier = IngestOnly::start(ingest::IngestConfig {
-        idempotency_window_bytes: 0,
+        tier: ingest::TierArgs {
+            idempotency_window_bytes: 0,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?;

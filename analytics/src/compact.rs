@@ -29,7 +29,7 @@ use crate::store::DataRoot;
 
 /// Settings of compaction and vacuum.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CompactionConfig {
+pub struct CompactionArgs {
     /// How often the sink compacts and vacuums, in seconds; 0 turns it off (then run
     /// `dronedelivery compact` on a schedule).
     #[arg(
@@ -63,7 +63,7 @@ pub struct CompactionConfig {
     pub vacuum_orphan_secs: u64,
 }
 
-impl Default for CompactionConfig {
+impl Default for CompactionArgs {
     fn default() -> Self {
         Self {
             compact_interval_secs: 60,
@@ -116,7 +116,7 @@ pub fn plan<'a>(files: &[&'a DataFile], min_files: usize, target_bytes: u64) -> 
 /// Runs compaction and vacuum every `compact_interval_secs` until `stop`.
 pub async fn run_periodically(
     root: DataRoot,
-    config: CompactionConfig,
+    config: CompactionArgs,
     stop: CancellationToken,
 ) -> Result<()> {
     let log = Log::open(root).await?;
@@ -141,7 +141,7 @@ pub async fn run_periodically(
 /// One pass of compaction, then vacuum.
 pub async fn compact_once(
     log: &Log,
-    config: &CompactionConfig,
+    config: &CompactionArgs,
     stop: &CancellationToken,
 ) -> Result<Report> {
     let mut report = Report::default();
@@ -249,7 +249,7 @@ async fn merge(root: &DataRoot, table: &str, date: &str, files: &[&DataFile]) ->
 /// Deletes removed files past the retention, and files no commit names past the orphan
 /// age.
 /// Returns how many were deleted.
-async fn vacuum(log: &Log, config: &CompactionConfig) -> Result<usize> {
+async fn vacuum(log: &Log, config: &CompactionArgs) -> Result<usize> {
     let root = log.root();
     let retention_ms =
         i64::try_from(config.vacuum_retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);

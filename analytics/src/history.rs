@@ -18,15 +18,18 @@ use tokio_util::sync::CancellationToken;
 use crate::compact;
 use crate::error::Result;
 use crate::failpoint::FailPoint;
-use crate::sink::{OnShutdown, Sink, SinkConfig};
-use crate::store::DataRoot;
+use crate::sink::{OnShutdown, Sink, SinkArgs};
+use crate::store::{DataArgs, DataRoot};
 
 /// What [`run`] takes: the command-line settings and what only the program or a test
 /// sets.
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
+    /// Where the history lives.
+    pub data: DataArgs,
+
     /// The command-line settings of the sink and of compaction.
-    pub sink: SinkConfig,
+    pub sink: SinkArgs,
 
     /// What the log's offsets are scoped to: empty for a Kafka cluster whose offsets last
     /// as long as the history; a fresh value for a bus that starts empty (the embedded
@@ -37,10 +40,11 @@ pub struct HistoryConfig {
     pub fail_at: Option<FailPoint>,
 }
 
-impl From<SinkConfig> for HistoryConfig {
+impl HistoryConfig {
     /// The command-line settings, offsets not scoped, no crash injected.
-    fn from(sink: SinkConfig) -> Self {
+    pub fn new(data: DataArgs, sink: SinkArgs) -> Self {
         Self {
+            data,
             sink,
             offsets_scope: String::new(),
             fail_at: None,
@@ -56,12 +60,13 @@ pub async fn run(
     on_shutdown: OnShutdown,
 ) -> Result<()> {
     let HistoryConfig {
+        data,
         sink,
         offsets_scope,
         fail_at,
     } = config;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let root = DataRoot::open(&sink.data, &cwd)?;
+    let root = DataRoot::open(&data.url, &cwd)?;
     let compaction_config = sink.compaction.clone();
     let mut sink = Sink::open(
         root.clone(),

@@ -34,7 +34,7 @@ use object_store::ObjectStoreExt;
 use schemas::history;
 use tokio_util::sync::CancellationToken;
 
-use crate::compact::CompactionConfig;
+use crate::compact::CompactionArgs;
 use crate::error::{AnalyticsError, Result};
 use crate::failpoint::FailPoint;
 use crate::log::{Commit, DataFile, Log, OffsetRange, Snapshot};
@@ -44,14 +44,7 @@ use crate::store::DataRoot;
 
 /// Settings of the history sink.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SinkConfig {
-    /// Where the history lives: `file:///path`, a path, `s3://bucket/prefix`,
-    /// `az://container/prefix` or `gs://bucket/prefix` (credentials from the store's usual
-    /// environment variables, such as `AWS_ACCESS_KEY_ID`, `AZURE_STORAGE_ACCOUNT_NAME` or
-    /// `GOOGLE_SERVICE_ACCOUNT`).
-    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
-    pub data: String,
-
+pub struct SinkArgs {
     /// Rows buffered (all tables together) before files are written.
     #[arg(long, env = "DRONEDELIVERY_ROLL_ROWS", default_value_t = 200_000)]
     pub roll_rows: usize,
@@ -68,7 +61,7 @@ pub struct SinkConfig {
     /// Compaction and vacuum, which run beside the sink (the sink only reads the orphan
     /// age from here).
     #[command(flatten)]
-    pub compaction: CompactionConfig,
+    pub compaction: CompactionArgs,
 }
 
 /// A record this far behind the log's offset makes the sink seek instead of skipping
@@ -104,7 +97,7 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn due(&self, config: &SinkConfig) -> bool {
+    fn due(&self, config: &SinkArgs) -> bool {
         self.rows >= config.roll_rows.max(1)
             || self.bytes >= config.roll_bytes.max(1)
             || self
@@ -115,7 +108,7 @@ impl Buffer {
 
 /// The sink's state between rolls.
 pub(crate) struct Sink {
-    config: SinkConfig,
+    config: SinkArgs,
     /// Prefixed to every topic name in the log's offsets: what they are scoped to (empty
     /// for a Kafka cluster, a fresh value for a bus that starts empty).
     offsets_scope: String,
@@ -133,7 +126,7 @@ impl Sink {
     /// group's lag until `shutdown`). Nothing is read from the topics yet.
     pub(crate) async fn open(
         root: DataRoot,
-        config: SinkConfig,
+        config: SinkArgs,
         offsets_scope: String,
         fail_at: Option<FailPoint>,
         settings: &ClientSettings,

@@ -103,7 +103,7 @@ const MAX_CONCURRENT: usize = 4;
 
 /// Limits of one query.
 #[derive(Debug, Clone, clap::Args)]
-pub struct QueryLimits {
+pub struct QueryLimitsArgs {
     /// Memory a query may use for sorting, joining and aggregating, in MiB; past it the
     /// query fails with a clear error.
     #[arg(long, env = "DRONEDELIVERY_SQL_MEMORY_MB", default_value_t = MEMORY_MB)]
@@ -124,7 +124,7 @@ pub struct QueryLimits {
     pub sql_max_concurrent: usize,
 }
 
-impl Default for QueryLimits {
+impl Default for QueryLimitsArgs {
     fn default() -> Self {
         Self {
             sql_memory_mb: MEMORY_MB,
@@ -138,9 +138,8 @@ impl Default for QueryLimits {
 /// Arguments of the `sql` command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SqlArgs {
-    /// Where the history lives: `file:///path`, a path, `s3://`, `az://` or `gs://`.
-    #[arg(long, env = "DRONEDELIVERY_DATA", default_value = "file://./data")]
-    pub data: String,
+    #[command(flatten)]
+    pub data: crate::store::DataArgs,
 
     /// How to write the result (`parquet` and `arrow` need `--output`).
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
@@ -151,7 +150,7 @@ pub struct SqlArgs {
     pub output: Option<PathBuf>,
 
     #[command(flatten)]
-    pub limits: QueryLimits,
+    pub limits: QueryLimitsArgs,
 
     /// The query, such as `SELECT count(*) FROM delivery_requests`.
     pub query: String,
@@ -213,7 +212,7 @@ pub const VIEWS: [(&str, &str); 1] = [(
 #[derive(Clone)]
 pub struct History {
     log: Arc<Log>,
-    limits: QueryLimits,
+    limits: QueryLimitsArgs,
     /// Parquet footers and per-file statistics, shared by every query's session: files
     /// are never rewritten (every file has a new name), so an entry never goes stale.
     footers: Arc<FileMetadataCache>,
@@ -238,7 +237,7 @@ impl fmt::Debug for History {
 
 impl History {
     /// Opens the history at `data` with `limits`.
-    pub async fn open(data: &str, limits: &QueryLimits) -> Result<Self> {
+    pub async fn open(data: &str, limits: &QueryLimitsArgs) -> Result<Self> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let root = DataRoot::open(data, &cwd)?;
         Ok(Self {
@@ -260,7 +259,7 @@ impl History {
     }
 
     /// The limits queries run under.
-    pub fn limits(&self) -> &QueryLimits {
+    pub fn limits(&self) -> &QueryLimitsArgs {
         &self.limits
     }
 

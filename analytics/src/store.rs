@@ -9,6 +9,41 @@ use url::Url;
 
 use crate::error::{AnalyticsError, Result};
 
+/// Where the history lives: the one `--data` flag of every command that reads or writes
+/// it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Where the history lives: `file:///path`, a path, `s3://bucket/prefix`,
+    /// `az://container/prefix` or `gs://bucket/prefix` (credentials from the store's usual
+    /// environment variables, such as `AWS_ACCESS_KEY_ID`, `AZURE_STORAGE_ACCOUNT_NAME` or
+    /// `GOOGLE_SERVICE_ACCOUNT`).
+    #[arg(
+        id = "data",
+        long = "data",
+        env = "DRONEDELIVERY_DATA",
+        default_value = DEFAULT_DATA
+    )]
+    pub url: String,
+}
+
+/// The history next to the working directory.
+pub const DEFAULT_DATA: &str = "file://./data";
+
+impl Default for DataArgs {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_DATA.to_owned(),
+        }
+    }
+}
+
+impl DataArgs {
+    /// The history at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into() }
+    }
+}
+
 /// The root of the history: a URL ending in `/`, and the store that holds it.
 #[derive(Debug, Clone)]
 pub struct DataRoot {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bus::{BusError, ClientSettings, OutRecord, Producer, ProducerArgs};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use loadgen::{LoadgenConfig, Report};
+use loadgen::{LoadgenArgs, Report};
 use schemas::headers as h;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
@@ -23,21 +23,21 @@ use crate::report::{HttpTier, Overload, OverloadRss, RawProducer};
 use crate::service::{RssSampler, Service, mb, rss_at};
 
 /// A load generator run to its end.
-pub(crate) async fn load(config: LoadgenConfig) -> Report {
+pub(crate) async fn load(config: LoadgenArgs) -> Report {
     loadgen::run(config, CancellationToken::new())
         .await
         .unwrap()
 }
 
 /// Load on `base` for `seconds` from 50 tenants: closed loop unless its rate is set.
-pub(crate) fn load_config(base: &str, batch: u32, connections: u32, seconds: f64) -> LoadgenConfig {
-    LoadgenConfig {
+pub(crate) fn load_config(base: &str, batch: u32, connections: u32, seconds: f64) -> LoadgenArgs {
+    LoadgenArgs {
         target: base.to_owned(),
         duration: Duration::from_secs_f64(seconds),
         batch_size: batch,
         connections,
         tenants: 50,
-        ..LoadgenConfig::default()
+        ..LoadgenArgs::default()
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use analytics::sql::{History, QueryLimits};
+use analytics::sql::{History, QueryLimitsArgs};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use bus::ClientSettings;
@@ -53,7 +53,7 @@ pub(crate) async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> 
         MAX_CONSUMER_LAG,
     ];
     let service = Service::start(&flags);
-    let history = History::open(&data_path, &QueryLimits::default())
+    let history = History::open(&data_path, &QueryLimitsArgs::default())
         .await
         .unwrap();
     // Each run names its own tenants and probes (a shared broker may still hold the

@@ -40,10 +40,13 @@ impl Budgets {
     /// The budgets `config` names, with the backpressure flag `behind` if writes watch one.
     pub(crate) fn new(config: &IngestConfig, behind: Option<Arc<AtomicBool>>) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
-            in_flight: Semaphore::new(config.max_in_flight.max(1)),
+            connections: Arc::new(Semaphore::new(config.http.max_connections.max(1))),
+            in_flight: Semaphore::new(config.http.max_in_flight.max(1)),
             body_bytes: Arc::new(Semaphore::new(
-                config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
+                config
+                    .tier
+                    .max_in_flight_bytes
+                    .clamp(1, Semaphore::MAX_PERMITS),
             )),
             decoders: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get() * 2),

@@ -1,5 +1,8 @@
-//! The tier's settings: `IngestConfig`, its command-line flags, environment variables
-//! and defaults.
+//! The tier's settings, as the command-line blocks the binary flattens where it needs
+//! them (each flag declared once): `HttpServerArgs` (the listener and its bounds, shared
+//! with the SQL server), `AuthArgs` (API keys and who may query), `TierArgs` (request
+//! limits, tenancy, idempotency, the status view); and `IngestConfig`, the three together,
+//! which is what the server is built from.
 //!
 //! It owns only the settings and their defaults. It must not check them against each
 //! other (that happens where the state is assembled) nor act on them.
@@ -20,13 +23,76 @@ const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
 const STATUS_MAX_DELIVERIES: usize = 1_000_000;
 const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
-/// Settings of the HTTP ingestion tier.
+/// The HTTP listener and its bounds: shared by the ingestion tier and the SQL server
+/// (which lowers some defaults, see the binary's `sql-server`).
 #[derive(Debug, Clone, clap::Args)]
-pub struct IngestConfig {
+pub struct HttpServerArgs {
     /// Address the HTTP API listens on (port 0 picks a free port).
     #[arg(long, env = "DRONEDELIVERY_LISTEN", default_value = LISTEN)]
     pub listen: SocketAddr,
 
+    /// Most open client connections; further ones wait in the listen backlog until one
+    /// closes.
+    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Longest time a client may take to send a request's headers, in seconds; then its
+    /// connection is closed.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
+        default_value_t = HEADER_READ_TIMEOUT_SECS
+    )]
+    pub header_read_timeout_secs: u64,
+
+    /// Most requests handled at once; past it clients get 503 with Retry-After. On the
+    /// SQL server this also bounds the memory of queries (with --sql-memory-mb).
+    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+
+    /// How long shutdown waits for in-flight requests (and running queries) to finish, in seconds.
+    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
+    pub drain_secs: u64,
+}
+
+impl Default for HttpServerArgs {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
+            max_in_flight: MAX_IN_FLIGHT,
+            drain_secs: DRAIN_SECS,
+        }
+    }
+}
+
+/// Who may call: API keys, and the tenants that may query the history.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// File of API keys, one `tenant:key` per line (optionally `tenant:key:records_per_sec`
+    /// for the tenant's own rate limit; `#` starts a comment). Clients send
+    /// `Authorization: Bearer KEY`. Without it, only loopback clients are served, as the
+    /// tenant `default`.
+    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Tenants (from the key file) that may query the history with `POST /api/sql` and
+    /// Arrow Flight SQL (comma-separated). They see every tenant's history. Without keys,
+    /// loopback clients may.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SQL_TENANTS",
+        value_delimiter = ',',
+        value_name = "TENANT,..."
+    )]
+    pub sql_tenants: Vec<String>,
+}
+
+/// What the ingestion tier accepts: request limits, per-tenant rates, who may post
+/// telemetry, idempotency and the status view.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TierArgs {
     /// Largest accepted body of a single delivery request, in bytes; larger ones get 413.
     #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
@@ -44,24 +110,6 @@ pub struct IngestConfig {
     )]
     pub max_batch_records: usize,
 
-    /// Most open client connections; further ones wait in the listen backlog until one
-    /// closes.
-    #[arg(long, env = "DRONEDELIVERY_MAX_CONNECTIONS", default_value_t = MAX_CONNECTIONS)]
-    pub max_connections: usize,
-
-    /// Longest time a client may take to send a request's headers, in seconds; then its
-    /// connection is closed.
-    #[arg(
-        long,
-        env = "DRONEDELIVERY_HEADER_READ_TIMEOUT_SECS",
-        default_value_t = HEADER_READ_TIMEOUT_SECS
-    )]
-    pub header_read_timeout_secs: u64,
-
-    /// Most requests handled at once; past it clients get 503 with Retry-After.
-    #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
-    pub max_in_flight: usize,
-
     /// Most request body bytes held at once (as sent plus decoded), across all requests;
     /// past it clients get 503 with Retry-After.
     #[arg(
@@ -70,17 +118,6 @@ pub struct IngestConfig {
         default_value_t = MAX_IN_FLIGHT_BYTES
     )]
     pub max_in_flight_bytes: usize,
-
-    /// How long shutdown waits for in-flight requests to finish, in seconds.
-    #[arg(long, env = "DRONEDELIVERY_DRAIN_SECS", default_value_t = DRAIN_SECS)]
-    pub drain_secs: u64,
-
-    /// File of API keys, one `tenant:key` per line (optionally `tenant:key:records_per_sec`
-    /// for the tenant's own rate limit; `#` starts a comment). Clients send
-    /// `Authorization: Bearer KEY`. Without it, only loopback clients are served, as the
-    /// tenant `default`.
-    #[arg(long, env = "DRONEDELIVERY_API_KEYS", value_name = "FILE")]
-    pub api_keys: Option<PathBuf>,
 
     /// Records per second each tenant may send (a batch counts its records); past it
     /// clients get 429 with Retry-After. 0 means no limit.
@@ -109,17 +146,6 @@ pub struct IngestConfig {
     )]
     pub telemetry_tenants: Vec<String>,
 
-    /// Tenants (from the key file) that may query the history with `POST /api/sql`
-    /// (comma-separated). They see every tenant's history. Without keys, loopback clients
-    /// may.
-    #[arg(
-        long,
-        env = "DRONEDELIVERY_SQL_TENANTS",
-        value_delimiter = ',',
-        value_name = "TENANT,..."
-    )]
-    pub sql_tenants: Vec<String>,
-
     /// How long an Idempotency-Key's answer is kept for replay, in seconds.
     #[arg(
         long,
@@ -138,23 +164,16 @@ pub struct IngestConfig {
     pub idempotency_window_bytes: usize,
 }
 
-impl Default for IngestConfig {
+impl Default for TierArgs {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_request_bytes: MAX_REQUEST_BYTES,
             max_batch_bytes: MAX_BATCH_BYTES,
             max_batch_records: MAX_BATCH_RECORDS,
-            max_connections: MAX_CONNECTIONS,
-            header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
-            max_in_flight: MAX_IN_FLIGHT,
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
-            drain_secs: DRAIN_SECS,
-            api_keys: None,
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
             telemetry_tenants: Vec::new(),
-            sql_tenants: Vec::new(),
             status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
@@ -162,12 +181,39 @@ impl Default for IngestConfig {
     }
 }
 
+/// Everything the HTTP server is built from (`Ingest::bind`, `Ingest::bind_read_only`).
+#[derive(Debug, Clone, Default)]
+pub struct IngestConfig {
+    /// The listener and its bounds.
+    pub http: HttpServerArgs,
+    /// Who may call.
+    pub auth: AuthArgs,
+    /// What the tier accepts.
+    pub tier: TierArgs,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        http: HttpServerArgs,
+        #[command(flatten)]
+        auth: AuthArgs,
+        #[command(flatten)]
+        tier: TierArgs,
+    }
+
     #[test]
     fn default_config_matches_the_flag_defaults() {
-        assert_eq!(IngestConfig::default().listen.to_string(), LISTEN);
+        use clap::Parser as _;
+        let parsed = Flags::try_parse_from(["ingest"]).unwrap();
+        let default = IngestConfig::default();
+        assert_eq!(format!("{:?}", parsed.http), format!("{:?}", default.http));
+        assert_eq!(format!("{:?}", parsed.auth), format!("{:?}", default.auth));
+        assert_eq!(format!("{:?}", parsed.tier), format!("{:?}", default.tier));
+        assert_eq!(default.http.listen.to_string(), LISTEN);
     }
 }

@@ -39,7 +39,7 @@ mod state;
 pub mod status;
 pub mod tenants;
 
-pub use config::IngestConfig;
+pub use config::{AuthArgs, HttpServerArgs, IngestConfig, TierArgs};
 pub use error::{IngestError, Result};
 pub use handlers::sql::SqlAuthenticator;
 pub use health::MetricsRender;

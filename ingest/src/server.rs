@@ -65,7 +65,7 @@ impl Ingest {
 
     async fn bind_with(config: IngestConfig, producer: Option<Producer>) -> Result<Self> {
         let state = StateBuilder::new(config, producer)?;
-        let listen = state.config().listen;
+        let listen = state.config().http.listen;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| IngestError::Internal {
@@ -105,7 +105,7 @@ impl Ingest {
     pub fn sql_authenticator(&self) -> SqlAuthenticator {
         SqlAuthenticator::new(
             Arc::clone(self.state.tenants()),
-            &self.state.config().sql_tenants,
+            &self.state.config().auth.sql_tenants,
         )
     }
 
@@ -147,7 +147,7 @@ impl Ingest {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // A client that opens a connection and sends nothing (or dribbles its headers)
         // loses it after the header read timeout instead of holding a place forever.
-        let header_timeout = Duration::from_secs(app.config.header_read_timeout_secs.max(1));
+        let header_timeout = Duration::from_secs(app.config.http.header_read_timeout_secs.max(1));
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -200,7 +200,7 @@ impl Ingest {
             });
         }
         drop(listener);
-        let drain = Duration::from_secs(app.config.drain_secs);
+        let drain = Duration::from_secs(app.config.http.drain_secs);
         tracing::info!(
             connections = graceful.count(),
             "ingest: draining in-flight requests"

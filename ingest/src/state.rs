@@ -45,7 +45,7 @@ pub(crate) struct App {
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("App")
-            .field("listen", &self.config.listen)
+            .field("listen", &self.config.http.listen)
             .field("writes", &self.producer.is_some())
             .finish_non_exhaustive()
     }
@@ -84,7 +84,7 @@ pub(crate) struct StateBuilder {
 impl std::fmt::Debug for StateBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateBuilder")
-            .field("listen", &self.config.listen)
+            .field("listen", &self.config.http.listen)
             .field("writes", &self.producer.is_some())
             .finish_non_exhaustive()
     }
@@ -94,19 +94,22 @@ impl StateBuilder {
     /// Checks `config`, reads the API keys and sets up the idempotency window. Writes go
     /// to `producer`; without one the server is read-only.
     pub(crate) fn new(config: IngestConfig, producer: Option<Producer>) -> Result<Self> {
-        let largest_body = config.max_batch_bytes.max(config.max_request_bytes);
-        if config.max_in_flight_bytes < largest_body.saturating_mul(2) {
+        let largest_body = config
+            .tier
+            .max_batch_bytes
+            .max(config.tier.max_request_bytes);
+        if config.tier.max_in_flight_bytes < largest_body.saturating_mul(2) {
             return Err(IngestError::Config {
                 reason: format!(
                     "--max-in-flight-bytes ({}) must hold at least one largest body as sent and \
                      decoded ({} bytes)",
-                    config.max_in_flight_bytes,
+                    config.tier.max_in_flight_bytes,
                     largest_body.saturating_mul(2)
                 ),
             });
         }
-        let rate = config.tenant_rate_limit;
-        let burst = config.tenant_burst;
+        let rate = config.tier.tenant_rate_limit;
+        let burst = config.tier.tenant_burst;
         if !(rate == 0.0 || (rate.is_finite() && rate >= tenants::MIN_RATE))
             || !(burst.is_finite() && burst >= 0.0)
         {
@@ -119,17 +122,17 @@ impl StateBuilder {
             });
         }
         let tenants = Tenants::load(
-            config.api_keys.as_deref(),
+            config.auth.api_keys.as_deref(),
             &Limits {
-                rate: config.tenant_rate_limit,
-                burst: config.tenant_burst,
-                telemetry_tenants: config.telemetry_tenants.clone(),
+                rate: config.tier.tenant_rate_limit,
+                burst: config.tier.tenant_burst,
+                telemetry_tenants: config.tier.telemetry_tenants.clone(),
             },
         )?;
-        let window = (config.idempotency_window_bytes > 0).then(|| {
+        let window = (config.tier.idempotency_window_bytes > 0).then(|| {
             Mutex::new(Window::new(
-                Duration::from_secs(config.idempotency_window_secs),
-                config.idempotency_window_bytes,
+                Duration::from_secs(config.tier.idempotency_window_secs),
+                config.tier.idempotency_window_bytes,
             ))
         });
         Ok(Self {

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::LoadgenConfig;
+use crate::LoadgenArgs;
 use crate::error::{LoadgenError, Result};
 use crate::plan::{self, Kind, Prepared};
 use crate::report::{Latency, Report};
@@ -103,7 +103,7 @@ impl Tally {
 
 /// Runs the load described by `config` until its duration is over (or `shutdown`),
 /// waits for the calls in flight, and reports. Writes the JSON report when asked.
-pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<Report> {
+pub async fn run(config: LoadgenArgs, shutdown: CancellationToken) -> Result<Report> {
     let authority = plan::authority(&config.target).map_err(|reason| LoadgenError::Config {
         setting: "--target",
         reason,
@@ -218,7 +218,7 @@ pub async fn run(config: LoadgenConfig, shutdown: CancellationToken) -> Result<R
 }
 
 /// The tenant names, and each one's `Authorization` when keys are used.
-fn tenants(config: &LoadgenConfig) -> Result<(Vec<String>, Vec<Option<HeaderValue>>)> {
+fn tenants(config: &LoadgenArgs) -> Result<(Vec<String>, Vec<Option<HeaderValue>>)> {
     let Some(path) = &config.api_keys else {
         let names: Vec<String> = (0..config.tenants)
             .map(|i| format!("{}{i}", config.tenant_prefix))
@@ -249,7 +249,7 @@ fn tenants(config: &LoadgenConfig) -> Result<(Vec<String>, Vec<Option<HeaderValu
     Ok((names, auth))
 }
 
-fn report(config: &LoadgenConfig, shared: &Shared, total: Tally, tenants: usize) -> Report {
+fn report(config: &LoadgenArgs, shared: &Shared, total: Tally, tenants: usize) -> Report {
     let elapsed = total
         .last_answer
         .map_or(config.duration, |last| {

@@ -27,7 +27,7 @@ pub use report::{Latency, Report};
 
 /// What to load and how. Every field has a flag (and an environment variable).
 #[derive(Debug, Clone, clap::Args)]
-pub struct LoadgenConfig {
+pub struct LoadgenArgs {
     /// Base URL of the ingestion tier (`http://host:port`); only `http` is supported.
     #[arg(
         long,
@@ -115,7 +115,7 @@ pub struct LoadgenConfig {
     pub json: Option<PathBuf>,
 }
 
-impl Default for LoadgenConfig {
+impl Default for LoadgenArgs {
     fn default() -> Self {
         Self {
             target: "http://127.0.0.1:8080".into(),

@@ -42,7 +42,7 @@ pub use error::{ProcessorError, Result};
 
 /// Settings of the scheduling, tracking and delivery consumers.
 #[derive(Debug, Clone, clap::Args)]
-pub struct StatefulConfig {
+pub struct StatefulArgs {
     /// The drone fleet: a JSON array of `{"id", "home", "maxWeightKg", "maxSize",
     /// "speedMps"}`, each drone serving the one-degree region of its home. Without it,
     /// every region that gets a request has eight drones at its centre.
@@ -110,7 +110,7 @@ impl Processor {
 
 const PROCESSOR_BATCH_RECORDS: usize = 2000;
 
-impl Default for StatefulConfig {
+impl Default for StatefulArgs {
     fn default() -> Self {
         Self {
             fleet: None,
@@ -124,7 +124,7 @@ impl Default for StatefulConfig {
 /// ignored here) until `shutdown` is cancelled, or until one of them fails (then the
 /// others are stopped and the error returned). [`Processor::ALL`] runs all three.
 pub async fn run_stateful(
-    config: StatefulConfig,
+    config: StatefulArgs,
     processors: Vec<Processor>,
     settings: bus::ClientSettings,
     producer: bus::Producer,

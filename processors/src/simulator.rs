@@ -33,7 +33,7 @@ pub const GROUP: &str = "dronedelivery-simulator";
 
 /// Settings of the drone simulator.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SimulatorConfig {
+pub struct SimulatorArgs {
     /// Base URL of the ingestion API the drones report to.
     #[arg(
         long = "simulate-target",
@@ -72,7 +72,7 @@ pub struct SimulatorConfig {
     pub max_flights: usize,
 }
 
-impl Default for SimulatorConfig {
+impl Default for SimulatorArgs {
     fn default() -> Self {
         Self {
             target: "http://127.0.0.1:8080".into(),
@@ -98,7 +98,7 @@ pub fn along(a: Location, b: Location, fraction: f64) -> Location {
 
 /// Runs the simulator until `shutdown` is cancelled.
 pub async fn run(
-    config: SimulatorConfig,
+    config: SimulatorArgs,
     settings: ClientSettings,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -162,7 +162,7 @@ pub async fn run(
 
 async fn fly(
     client: &HttpClient,
-    config: &SimulatorConfig,
+    config: &SimulatorArgs,
     a: &Assignment,
     stop: &CancellationToken,
 ) {
@@ -198,7 +198,7 @@ async fn fly(
 /// Posts one fix, retrying (bounded) while the tier answers 429 or 503.
 async fn report(
     client: &HttpClient,
-    config: &SimulatorConfig,
+    config: &SimulatorArgs,
     drone_id: &str,
     here: Location,
     speed: f64,

@@ -33,7 +33,7 @@ const MAX_IN_FLIGHT: usize = 10_000;
 
 /// Settings of the workflow processor.
 #[derive(Debug, Clone, clap::Args)]
-pub struct WorkflowConfig {
+pub struct WorkflowArgs {
     /// Most records whose outputs are awaiting acknowledgement at once.
     #[arg(
         long,
@@ -43,7 +43,7 @@ pub struct WorkflowConfig {
     pub workflow_max_in_flight: usize,
 }
 
-impl Default for WorkflowConfig {
+impl Default for WorkflowArgs {
     fn default() -> Self {
         Self {
             workflow_max_in_flight: MAX_IN_FLIGHT,
@@ -149,7 +149,7 @@ async fn produce_all(
 /// Runs the workflow processor until `shutdown` is cancelled, then waits for the records
 /// in flight (up to `drain`), stores their offsets and commits.
 pub async fn run(
-    config: WorkflowConfig,
+    config: WorkflowArgs,
     settings: ClientSettings,
     producer: Producer,
     shutdown: CancellationToken,

@@ -9,7 +9,7 @@ use crate::cli::CompactArgs;
 /// Runs one compaction pass and reports what it did on stderr.
 pub(crate) async fn run(args: CompactArgs) -> Result<()> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
-    let root = analytics::store::DataRoot::open(&args.data, &cwd)?;
+    let root = analytics::store::DataRoot::open(&args.data.url, &cwd)?;
     let log = analytics::log::Log::open(root).await?;
     let report =
         analytics::compact::compact_once(&log, &args.compaction, &CancellationToken::new()).await?;

@@ -1,6 +1,7 @@
 //! `dronedelivery history`: the history sink (Kafka to Parquet) alone, against a Kafka
 //! cluster, with a health listener that stays up until it has stopped.
 
+use analytics::history::HistoryConfig;
 use analytics::sink::OnShutdown;
 use anyhow::Result;
 
@@ -31,7 +32,12 @@ pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
     supervisor.spawn(
         service,
         "history sink",
-        analytics::history::run(args.sink.into(), settings, stop, OnShutdown::Stop),
+        analytics::history::run(
+            HistoryConfig::new(args.data, args.sink),
+            settings,
+            stop,
+            OnShutdown::Stop,
+        ),
     );
     supervisor.run_until(shutdown_signal()).await
 }

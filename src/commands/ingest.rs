@@ -5,7 +5,7 @@
 use anyhow::Result;
 use bus::Producer;
 use dronedelivery::announce;
-use ingest::Ingest;
+use ingest::{Ingest, IngestConfig};
 
 use crate::backpressure::watch_lag;
 use crate::broker;
@@ -30,10 +30,15 @@ pub(crate) async fn run(args: IngestArgs) -> Result<()> {
     );
     let view = ingest::StatusView::start(
         settings.clone(),
-        args.ingest.status_max_deliveries,
+        args.tier.status_max_deliveries,
         stop.clone(),
     );
-    let mut ingest = Ingest::bind(args.ingest, producer)
+    let config = IngestConfig {
+        http: args.http,
+        auth: args.auth,
+        tier: args.tier,
+    };
+    let mut ingest = Ingest::bind(config, producer)
         .await?
         .with_metrics(render)
         .with_status(view);

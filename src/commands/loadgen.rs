@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::supervisor::shutdown_signal;
 
 /// Runs the load and prints its report; fails when no call was answered.
-pub(crate) async fn run(config: loadgen::LoadgenConfig) -> Result<()> {
+pub(crate) async fn run(config: loadgen::LoadgenArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let watcher = tokio::spawn(async move {

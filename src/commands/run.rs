@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use analytics::history::HistoryConfig;
-use analytics::sink::{OnShutdown, SinkConfig};
-use analytics::sql::{History, QueryLimits};
+use analytics::sink::{OnShutdown, SinkArgs};
+use analytics::sql::{History, QueryLimitsArgs};
 use anyhow::Result;
 use bus::Producer;
 use dronedelivery::announce;
-use ingest::Ingest;
-use processors::simulator::SimulatorConfig;
+use ingest::{Ingest, IngestConfig};
+use processors::simulator::SimulatorArgs;
 
 use crate::backpressure::watch_lag;
 use crate::broker;
@@ -44,12 +44,17 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     );
     let view = ingest::StatusView::start(
         settings.clone(),
-        args.ingest.status_max_deliveries,
+        args.tier.status_max_deliveries,
         stop_back.clone(),
     );
     check_retention(&args.sink, &args.sql)?;
-    let history = History::open(&args.sink.data, &args.sql).await?;
-    let mut ingest = Ingest::bind(args.ingest, producer.clone())
+    let history = History::open(&args.data.url, &args.sql).await?;
+    let config = IngestConfig {
+        http: args.http,
+        auth: args.auth,
+        tier: args.tier,
+    };
+    let mut ingest = Ingest::bind(config, producer.clone())
         .await?
         .with_metrics(render)
         .with_status(view)
@@ -114,7 +119,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     };
     // The embedded broker starts empty: its offsets must not be read against the ones an
     // earlier run left in the history's log.
-    let mut sink = HistoryConfig::from(args.sink);
+    let mut sink = HistoryConfig::new(args.data, args.sink);
     if embedded.is_some() {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -141,7 +146,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     }
     if args.simulate_drones {
         let mut simulator = args.simulator.clone();
-        if simulator.target == SimulatorConfig::default().target {
+        if simulator.target == SimulatorArgs::default().target {
             simulator.target = format!("http://{addr}");
         }
         supervisor.spawn_helper(
@@ -160,7 +165,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
 
 /// Files that compaction replaced are kept for queries that may still read them: longer
 /// than a query may run.
-fn check_retention(sink: &SinkConfig, limits: &QueryLimits) -> Result<()> {
+fn check_retention(sink: &SinkArgs, limits: &QueryLimitsArgs) -> Result<()> {
     let retention = sink.compaction.vacuum_retention_secs;
     if retention <= limits.sql_timeout_secs {
         anyhow::bail!(

@@ -11,7 +11,7 @@ pub(crate) async fn run(args: SqlArgs) -> Result<()> {
     if args.output.is_none() && matches!(args.format, OutputFormat::Parquet | OutputFormat::Arrow) {
         anyhow::bail!("--format parquet and --format arrow write binary data: give --output FILE");
     }
-    let history = History::open(&args.data, &args.limits).await?;
+    let history = History::open(&args.data.url, &args.limits).await?;
     let result = history.query(&args.query).await?;
     let bytes = analytics::sql::render(&result, args.format)?;
     match &args.output {

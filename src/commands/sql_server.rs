@@ -8,7 +8,7 @@ use analytics::sql::History;
 use anyhow::{Context, Result};
 use dronedelivery::announce;
 use ingest::health::Readiness;
-use ingest::{Ingest, IngestConfig};
+use ingest::{Ingest, IngestConfig, TierArgs};
 
 use crate::cli::SqlServerArgs;
 use crate::diagnostics::init_metrics;
@@ -22,22 +22,19 @@ pub(crate) async fn run(args: SqlServerArgs) -> Result<()> {
     if args.sql.sql_timeout_secs == 0 {
         anyhow::bail!("--sql-timeout-secs must be at least 1");
     }
-    let history = History::open(&args.data, &args.sql).await?;
+    let history = History::open(&args.data.url, &args.sql).await?;
     history
         .check()
         .await
-        .with_context(|| format!("reading the history at {}", args.data))?;
+        .with_context(|| format!("reading the history at {}", args.data.url))?;
     let config = IngestConfig {
-        listen: args.listen,
-        api_keys: args.api_keys,
-        sql_tenants: args.sql_tenants,
-        max_connections: args.max_connections,
-        max_in_flight: args.max_in_flight,
-        header_read_timeout_secs: args.header_read_timeout_secs,
-        drain_secs: args.drain_secs,
-        // Nothing is ingested here: no idempotency window to keep.
-        idempotency_window_bytes: 0,
-        ..IngestConfig::default()
+        http: args.http,
+        auth: args.auth,
+        tier: TierArgs {
+            // Nothing is ingested here: no idempotency window to keep.
+            idempotency_window_bytes: 0,
+            ..TierArgs::default()
+        },
     };
     let readable = history.clone();
     let ready: Readiness = Arc::new(move || {

@@ -56,7 +56,10 @@ impl IngestOnly {
         let producer = Producer::new(&settings, &tuning)?;
         let server = ingest::Ingest::bind(
             ingest::IngestConfig {
-                listen: "127.0.0.1:0".parse()?,
+                http: ingest::HttpServerArgs {
+                    listen: "127.0.0.1:0".parse()?,
+                    ..config.http
+                },
                 ..config
             },
             producer,
@@ -220,7 +223,7 @@ pub fn client() -> HttpClient {
 pub async fn history_scalar(data: &str, sql: &str) -> Result<i64> {
     use arrow::array::AsArray;
     let history =
-        analytics::sql::History::open(data, &analytics::sql::QueryLimits::default()).await?;
+        analytics::sql::History::open(data, &analytics::sql::QueryLimitsArgs::default()).await?;
     let result = history.query(sql).await.with_context(|| sql.to_owned())?;
     Ok(result
         .batches
@@ -262,7 +265,7 @@ pub async fn post_json(
 pub async fn history_strings(data: &str, sql: &str) -> Result<Vec<String>> {
     use arrow::array::AsArray;
     let history =
-        analytics::sql::History::open(data, &analytics::sql::QueryLimits::default()).await?;
+        analytics::sql::History::open(data, &analytics::sql::QueryLimitsArgs::default()).await?;
     let result = history.query(sql).await.with_context(|| sql.to_owned())?;
     let mut out = Vec::new();
     for batch in &result.batches {

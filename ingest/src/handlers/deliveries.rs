@@ -38,7 +38,7 @@ pub(crate) async fn post_delivery_request(
     let content_type = check_json_content_type(&req);
     let key = idempotency_key(&req);
     // The body is read (bounded) before any other answer, so the connection stays usable.
-    let body = read_body(req, app.config.max_request_bytes, &mut admission).await?;
+    let body = read_body(req, app.config.tier.max_request_bytes, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     let key = key?;
@@ -105,7 +105,7 @@ pub(crate) async fn post_batch(
     let key = idempotency_key(&req);
     let Decoded { framing, body } = read_decoded(
         req,
-        app.config.max_batch_bytes,
+        app.config.tier.max_batch_bytes,
         caller.tenant,
         &mut admission,
     )
@@ -116,7 +116,7 @@ pub(crate) async fn post_batch(
         ClaimOutcome::Untracked => None,
         ClaimOutcome::Replay(stored) => return Ok(replay(stored)),
     };
-    let records = batch::split(&body, framing, app.config.max_batch_records)?;
+    let records = batch::split(&body, framing, app.config.tier.max_batch_records)?;
     metrics::histogram!("ingest_batch_records").record(records.len() as f64);
     caller.tenant.take(records.len())?;
     let mut outcomes = Vec::with_capacity(records.len());
@@ -260,7 +260,7 @@ pub(crate) async fn change_delivery(
         }
         Change::Cancel => Ok(()),
     };
-    let body = read_body(req, app.config.max_request_bytes, &mut admission).await?;
+    let body = read_body(req, app.config.tier.max_request_bytes, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     caller.tenant.take(1)?;

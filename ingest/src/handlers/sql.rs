@@ -37,7 +37,7 @@ pub(crate) async fn post_sql(
             path: "/api/sql".into(),
         });
     };
-    may_query(&app.config.sql_tenants, caller.tenant)?;
+    may_query(&app.config.auth.sql_tenants, caller.tenant)?;
     check_json_content_type(&req)?;
     let accept = req
         .headers()

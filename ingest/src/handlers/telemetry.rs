@@ -37,7 +37,7 @@ pub(crate) async fn post_telemetry(
     let mut admission = app.budgets.admit()?;
     let Decoded { framing, body } = read_decoded(
         req,
-        app.config.max_batch_bytes,
+        app.config.tier.max_batch_bytes,
         caller.tenant,
         &mut admission,
     )
@@ -47,7 +47,7 @@ pub(crate) async fn post_telemetry(
     let records = if first == Some(b'{') && framing != Some(batch::Framing::Ndjson) {
         vec![body.trim_ascii()]
     } else {
-        batch::split(&body, framing, app.config.max_batch_records)?
+        batch::split(&body, framing, app.config.tier.max_batch_records)?
     };
     caller.tenant.take(records.len())?;
     let mut headers = Headers::of(caller, h::event_type::DRONE_POSITION_REPORTED);
