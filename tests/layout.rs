@@ -1,6 +1,6 @@
 //! The source layout's rules, checked on the source text: within each crate, no module
-//! imports (through `crate::` paths) a module that imports it back, directly or through
-//! others; the binary's `main.rs` stays a thin parser and dispatcher; no file of the
+//! imports (through `crate::`, `super::` or `self::` paths, or the root's own items) a
+//! module that imports it back, directly or through others; the binary's `main.rs` stays a thin parser and dispatcher; no file of the
 //! ingestion tier grows past one screenful of concerns. It reads files only.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,47 +40,138 @@ fn sources(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// The top-level module a file of the crate belongs to (`server` for `server.rs`,
-/// `handlers` for `handlers/sql.rs`); `None` for the crate root.
-fn module_of(src: &Path, file: &Path) -> Option<String> {
-    let relative = file.strip_prefix(src).ok()?;
-    let first = relative.components().next()?.as_os_str().to_str()?;
-    let name = first.strip_suffix(".rs").unwrap_or(first);
-    (!matches!(name, "lib" | "main")).then(|| name.to_owned())
+/// The module a file of the crate is (`server` for `server.rs`, `handlers::sql` for
+/// `handlers/sql.rs`, `handlers` for `handlers/mod.rs`); empty for the crate root.
+fn module_of(src: &Path, file: &Path) -> String {
+    let relative = file.strip_prefix(src).unwrap_or(file).with_extension("");
+    let mut parts: Vec<String> = relative
+        .components()
+        .filter_map(|c| c.as_os_str().to_str().map(str::to_owned))
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts.join("::")
 }
 
-/// The top-level modules a piece of source names through `crate::` paths, including
-/// `use crate::{a, b::c}` groups.
-fn imports(text: &str) -> BTreeSet<String> {
-    let mut named = BTreeSet::new();
-    for (at, _) in text.match_indices("crate::") {
-        if text[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
-            continue; // `dronedelivery::crate::` cannot happen, `mycrate::` can.
-        }
-        let rest = &text[at + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            for item in group[..end].split(',') {
-                let head: String = item
-                    .trim()
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !head.is_empty() {
-                    named.insert(head);
+/// The code of a file without its tests and comments (`//` at a line's start or after
+/// a space; `http://` in a string stays).
+fn code_of(text: &str) -> String {
+    text.split("#[cfg(test)]")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            if line.trim_start().starts_with("//") {
+                ""
+            } else {
+                line.find(" //").map_or(line, |at| &line[..at])
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// The paths a piece of code names, each as its segments, with `use` groups expanded
+/// (`use crate::{a, b::{c, d}}` names `crate::a`, `crate::b::c`, `crate::b::d`). Only
+/// paths that start with `crate`, `super` or `self`, or with `first` (the crate root's
+/// own modules, since the root names them without a prefix).
+fn paths(code: &str, first: &BTreeSet<String>) -> Vec<Vec<String>> {
+    fn expand(prefix: &[String], text: &str, out: &mut Vec<Vec<String>>) {
+        let mut path = prefix.to_vec();
+        let mut rest = text.trim_start();
+        loop {
+            let word: String = rest.chars().take_while(|c| is_ident(*c)).collect();
+            if word.is_empty() {
+                break;
+            }
+            path.push(word.clone());
+            rest = &rest[word.len()..];
+            let Some(next) = rest.strip_prefix("::") else {
+                break;
+            };
+            rest = next;
+            if let Some(group) = rest.strip_prefix('{') {
+                let mut depth = 1;
+                let mut start = 0;
+                for (at, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' | ',' if depth == 1 => {
+                            expand(&path, &group[start..at], out);
+                            start = at + 1;
+                            if c == '}' {
+                                break;
+                            }
+                        }
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
                 }
+                return;
             }
-        } else {
-            let head: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            if !head.is_empty() {
-                named.insert(head);
-            }
+        }
+        if path.len() > prefix.len() {
+            out.push(path);
         }
     }
-    named
+    let mut out = Vec::new();
+    for (at, c) in code.char_indices() {
+        if !is_ident(c) || code[..at].ends_with(|p: char| is_ident(p) || p == ':') {
+            continue;
+        }
+        let word: String = code[at..].chars().take_while(|c| is_ident(*c)).collect();
+        let known = matches!(word.as_str(), "crate" | "super" | "self") || first.contains(&word);
+        if known && code[at + word.len()..].starts_with("::") {
+            expand(&[], &code[at..], &mut out);
+        }
+    }
+    out
+}
+
+/// The module a path names: the longest prefix that is a module of the crate, resolved
+/// from `module` (for `super::` and `self::`); the root (`""`) for the root's own items.
+fn target(module: &str, path: &[String], modules: &BTreeSet<String>) -> Option<String> {
+    let mut base: Vec<&str> = if module.is_empty() {
+        Vec::new()
+    } else {
+        module.split("::").collect()
+    };
+    let mut rest = path;
+    match rest.first().map(String::as_str) {
+        Some("crate") => {
+            base.clear();
+            rest = &rest[1..];
+        }
+        Some("self") => rest = &rest[1..],
+        Some("super") => {
+            while rest.first().map(String::as_str) == Some("super") {
+                base.pop()?;
+                rest = &rest[1..];
+            }
+        }
+        // A module of the root named from the root itself.
+        _ => base.clear(),
+    }
+    let mut found = base.join("::");
+    let mut candidate = base.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    for segment in rest {
+        candidate.push(segment.clone());
+        let name = candidate.join("::");
+        if modules.contains(&name) {
+            found = name;
+        } else {
+            break;
+        }
+    }
+    Some(found)
 }
 
 /// A cycle in `edges`, if there is one, as the modules along it.
@@ -118,36 +209,60 @@ fn cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     None
 }
 
+/// Which module imports which, in one crate: `module -> modules it names` (`mod x;`
+/// declares, it does not import). The root's `pub use` of what it re-exports is not an
+/// import; a module naming an item the root defines imports the root.
+fn import_graph(files: &[(String, String)]) -> BTreeMap<String, BTreeSet<String>> {
+    let modules: BTreeSet<String> = files.iter().map(|(m, _)| m.clone()).collect();
+    let top: BTreeSet<String> = modules
+        .iter()
+        .filter(|m| !m.is_empty() && !m.contains("::"))
+        .cloned()
+        .collect();
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (module, code) in files {
+        let code: String = if module.is_empty() {
+            code.lines()
+                .filter(|l| !l.trim_start().starts_with("pub use "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            code.clone()
+        };
+        let first = if module.is_empty() {
+            &top
+        } else {
+            &BTreeSet::new()
+        };
+        for path in paths(&code, first) {
+            let Some(to) = target(module, &path, &modules) else {
+                continue;
+            };
+            if to == *module {
+                continue;
+            }
+            edges.entry(module.clone()).or_default().insert(to);
+        }
+    }
+    edges
+}
+
 #[test]
 fn no_module_imports_a_module_that_imports_it_back() -> Result<()> {
     let mut circles = Vec::new();
     for krate in CRATES {
         let src = root().join(krate);
-        let files = sources(&src)?;
-        let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(&src, f)).collect();
-        let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for file in &files {
-            let Some(module) = module_of(&src, file) else {
-                continue;
-            };
-            let text = std::fs::read_to_string(file)?;
-            // Tests may reach anywhere in their crate; comments import nothing.
-            let code: String = text
-                .split("#[cfg(test)]")
-                .next()
-                .unwrap_or_default()
-                .lines()
-                .map(|line| line.split("//").next().unwrap_or_default())
-                .collect::<Vec<_>>()
-                .join("\n");
-            for named in imports(&code) {
-                if named != module && modules.contains(&named) {
-                    edges.entry(module.clone()).or_default().insert(named);
-                }
-            }
+        let mut files = Vec::new();
+        for file in sources(&src)? {
+            let text = std::fs::read_to_string(&file)?;
+            files.push((module_of(&src, &file), code_of(&text)));
         }
-        if let Some(found) = cycle(&edges) {
-            circles.push(format!("{krate}: {}", found.join(" -> ")));
+        if let Some(found) = cycle(&import_graph(&files)) {
+            let named: Vec<&str> = found
+                .iter()
+                .map(|m| if m.is_empty() { "(crate root)" } else { m })
+                .collect();
+            circles.push(format!("{krate}: {}", named.join(" -> ")));
         }
     }
     assert!(circles.is_empty(), "import circles: {circles:#?}");
@@ -156,26 +271,78 @@ fn no_module_imports_a_module_that_imports_it_back() -> Result<()> {
 
 #[test]
 fn the_checker_sees_import_circles() {
-    assert_eq!(
-        imports("use crate::a::X;\nuse crate::{b, c::D};\nlet x = crate::e::f();"),
-        ["a", "b", "c", "e"].map(String::from).into()
+    let graph = |files: &[(&str, &str)]| {
+        let files: Vec<(String, String)> = files
+            .iter()
+            .map(|(m, t)| ((*m).to_owned(), code_of(t)))
+            .collect();
+        cycle(&import_graph(&files))
+    };
+    // Directly, through a group, and through a third module.
+    assert!(graph(&[("", ""), ("a", "use crate::b::X;"), ("b", "use crate::a;")]).is_some());
+    assert!(
+        graph(&[
+            ("", ""),
+            ("a", "use crate::{c::{self, Y}, b::X};"),
+            ("b", "fn f() { crate::a::g() }"),
+            ("c", ""),
+        ])
+        .is_some()
     );
-    let edges: BTreeMap<String, BTreeSet<String>> = [
-        ("a", vec!["b"]),
-        ("b", vec!["c"]),
-        ("c", vec!["a"]),
-        ("d", vec!["a"]),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.into_iter().map(String::from).collect()))
-    .collect();
-    assert_eq!(
-        cycle(&edges),
-        Some(["a", "b", "c", "a"].map(String::from).to_vec())
+    assert!(
+        graph(&[
+            ("", ""),
+            ("a", "use crate::b;"),
+            ("b", "use crate::c;"),
+            ("c", "use crate::a::Z;"),
+        ])
+        .is_some()
     );
-    let mut acyclic = edges;
-    acyclic.remove("c");
-    assert_eq!(cycle(&acyclic), None);
+    // Between a folder's module and its child, through `super::`.
+    assert!(
+        graph(&[
+            ("", ""),
+            ("h", "mod d;\nfn f() { d::g() }\nuse self::d::G;"),
+            ("h::d", "use super::helper;"),
+        ])
+        .is_some()
+    );
+    // Through the root's own items, not through its re-exports.
+    assert!(
+        graph(&[
+            ("", "pub struct Args;\nfn run() { client::go() }"),
+            ("client", "use crate::Args;"),
+        ])
+        .is_some()
+    );
+    assert!(
+        graph(&[
+            ("", "pub use client::go;\npub struct Args;"),
+            ("client", "use crate::Args;"),
+        ])
+        .is_none()
+    );
+    // Comments and strings with `//` in them.
+    assert!(
+        graph(&[
+            ("", ""),
+            (
+                "a",
+                "// use crate::b;\nlet u = \"http://x\"; use crate::b::Y;"
+            ),
+            ("b", "use crate::a::X; // crate::c"),
+        ])
+        .is_some()
+    );
+    assert!(
+        graph(&[
+            ("", ""),
+            ("a", "use crate::b::X;"),
+            ("b", "use crate::c::Y;"),
+            ("c", "")
+        ])
+        .is_none()
+    );
 }
 
 fn lines(path: &Path) -> Result<usize> {

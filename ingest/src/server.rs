@@ -321,7 +321,10 @@ mod tests {
     #[tokio::test]
     async fn parts_plugged_in_after_an_authenticator_was_handed_out_take_effect() {
         let config = IngestConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: crate::config::HttpServerArgs {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            },
             ..IngestConfig::default()
         };
         let server = Ingest::bind_read_only(config).await.unwrap();

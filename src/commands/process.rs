@@ -29,7 +29,19 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
     let producer = Producer::new(&settings, &args.producer)?;
     let mut supervisor = Supervisor::new();
     let (services, stop) = supervisor.stage();
+    // Once the processors have stopped, what they produced is flushed; the health
+    // listener answers until then.
+    let (flush, flushing) = supervisor.stage();
     let (last, stop_health) = supervisor.stage();
+    let flushed = producer.clone();
+    supervisor.spawn_helper(
+        flush,
+        "producer flush",
+        infallible(async move {
+            flushing.cancelled().await;
+            broker::flush(flushed).await;
+        }),
+    );
     supervisor.spawn_helper(
         services,
         "producer queue gauge",
@@ -68,7 +80,5 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
             processors::run_stateful(args.stateful, stateful, settings, producer.clone(), stop),
         );
     }
-    let result = supervisor.run_until(shutdown_signal()).await;
-    broker::flush(producer).await;
-    result
+    supervisor.run_until(shutdown_signal()).await
 }
