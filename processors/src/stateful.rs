@@ -114,6 +114,15 @@ pub trait Machine: Send + 'static {
 
     /// Drops what it keeps of `partition` (revoked: another member owns it now).
     fn forget(&mut self, partition: i32);
+
+    /// Time-driven decisions for a restored `partition` at `now_ms` (processing time):
+    /// expiry, retention, eviction. The engine calls it after each batch for every
+    /// partition the batch touched, and about once a second for every restored partition
+    /// while no records arrive; its effects are written like a record's (in the same
+    /// transaction under exactly-once). The default does nothing.
+    fn tick(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
+        let _ = (partition, now_ms, effects);
+    }
 }
 
 /// What a stateful processor reads and writes.
