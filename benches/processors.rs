@@ -87,14 +87,14 @@ async fn run(n: usize) {
     let workflow = tokio::spawn(processors::workflow::run(
         processors::workflow::WorkflowArgs::default(),
         settings.clone(),
-        producer.clone(),
+        processors::guarantee::Durability::at_least_once(settings.clone(), producer.clone()),
         stop.clone(),
     ));
     let stateful = tokio::spawn(processors::run_stateful(
         processors::StatefulArgs::default(),
         processors::Processor::ALL.to_vec(),
         settings.clone(),
-        producer.clone(),
+        processors::guarantee::Durability::at_least_once(settings.clone(), producer.clone()),
         stop.clone(),
     ));
     let started = Instant::now();

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer};
+use bus::{ClientSettings, EmbeddedBroker, KafkaArgs, Producer, ProducerArgs};
 use ingest::health::Readiness;
+use processors::guarantee::{self, Cluster, Durability, GuaranteeArgs};
 use tokio_util::sync::CancellationToken;
 
 /// Brokers from the flags, or an embedded in-memory broker when none are given and
@@ -34,6 +35,44 @@ pub(crate) async fn connect(
         .await
         .context("creating the pipeline's topics")?;
     Ok((settings, None))
+}
+
+/// How this member's processors write: the guarantee in force on this cluster (printed
+/// with its reason) and the member's identity.
+pub(crate) fn durability(
+    kafka: &KafkaArgs,
+    embedded: bool,
+    args: &GuaranteeArgs,
+    settings: &ClientSettings,
+    tuning: &ProducerArgs,
+    producer: &Producer,
+) -> Result<Durability> {
+    let cluster = if embedded {
+        Cluster::Embedded
+    } else if kafka.eventhubs_connection_string.is_some() {
+        Cluster::EventHubs
+    } else {
+        Cluster::Kafka
+    };
+    let (guarantee, why) = guarantee::resolve(args.processing_guarantee, cluster)
+        .map_err(|reason| anyhow::anyhow!("--processing-guarantee: {reason}"))?;
+    let instance_id = args
+        .instance_id
+        .clone()
+        .unwrap_or_else(guarantee::random_instance_id);
+    tracing::info!(
+        %guarantee,
+        reason = why,
+        instance_id = %instance_id,
+        "processing guarantee: {guarantee} ({why})"
+    );
+    Ok(Durability {
+        guarantee,
+        instance_id,
+        settings: settings.clone(),
+        tuning: tuning.clone(),
+        shared: producer.clone(),
+    })
 }
 
 /// Readiness: a broker answers a metadata request within two seconds.

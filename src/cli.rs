@@ -15,6 +15,7 @@ use bus::{KafkaArgs, ProducerArgs};
 use clap::{Parser, Subcommand};
 use ingest::{AuthArgs, HttpServerArgs, TierArgs};
 use processors::StatefulArgs;
+use processors::guarantee::GuaranteeArgs;
 use processors::simulator::SimulatorArgs;
 use processors::workflow::WorkflowArgs;
 
@@ -170,6 +171,8 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) stateful: StatefulArgs,
     #[command(flatten)]
+    pub(crate) guarantee: GuaranteeArgs,
+    #[command(flatten)]
     pub(crate) sink: SinkArgs,
     #[command(flatten)]
     pub(crate) sql: QueryLimitsArgs,
@@ -211,6 +214,8 @@ pub(crate) struct ProcessArgs {
     pub(crate) workflow: WorkflowArgs,
     #[command(flatten)]
     pub(crate) stateful: StatefulArgs,
+    #[command(flatten)]
+    pub(crate) guarantee: GuaranteeArgs,
     #[command(flatten)]
     pub(crate) health: HealthArgs,
     /// The processors to run (comma-separated). Each is its own consumer group, so each

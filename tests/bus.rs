@@ -31,7 +31,7 @@ async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
     let workflow = tokio::spawn(processors::workflow::run(
         processors::workflow::WorkflowArgs::default(),
         settings.clone(),
-        producer.clone(),
+        processors::guarantee::Durability::at_least_once(settings.clone(), producer.clone()),
         stop.clone(),
     ));
 

@@ -109,14 +109,20 @@ impl Stack {
         let workflow = tokio::spawn(processors::workflow::run(
             processors::workflow::WorkflowArgs::default(),
             self.settings.clone(),
-            self.producer.clone(),
+            processors::guarantee::Durability::at_least_once(
+                self.settings.clone(),
+                self.producer.clone(),
+            ),
             stop.clone(),
         ));
         let stateful = tokio::spawn(processors::run_stateful(
             processors::StatefulArgs::default(),
             processors::Processor::ALL.to_vec(),
             self.settings.clone(),
-            self.producer.clone(),
+            processors::guarantee::Durability::at_least_once(
+                self.settings.clone(),
+                self.producer.clone(),
+            ),
             stop.clone(),
         ));
         Processors {
@@ -134,7 +140,10 @@ impl Stack {
             processors::StatefulArgs::default(),
             processors::Processor::ALL.to_vec(),
             self.settings.clone(),
-            self.producer.clone(),
+            processors::guarantee::Durability::at_least_once(
+                self.settings.clone(),
+                self.producer.clone(),
+            ),
             stop.clone(),
         ));
         Processors {

@@ -238,6 +238,77 @@ impl Consumer {
         })
     }
 
+    /// Joins `group` and subscribes to `topics` for exactly-once processing: the
+    /// consumer never commits by itself; a transactional producer commits its offsets
+    /// with the group's metadata ([`Producer::send_offsets`](crate::Producer::send_offsets)),
+    /// so a member that lost its partitions in a rebalance cannot commit them. With
+    /// `copartitioned`, members get the same partition numbers of every topic (see
+    /// [`subscribe_copartitioned`](Self::subscribe_copartitioned)).
+    pub fn subscribe_transactional(
+        settings: &ClientSettings,
+        group: &str,
+        topics: &[&str],
+        copartitioned: bool,
+    ) -> Result<Self> {
+        let inner: Inner = settings
+            .transactional_consumer_config(group, copartitioned)
+            .create_with_context(BusContext::default())
+            .map_err(BusError::client("creating a consumer"))?;
+        inner
+            .subscribe(topics)
+            .map_err(BusError::client("subscribing"))?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            group: group.to_owned(),
+        })
+    }
+
+    /// The group's metadata as this member knows it (generation, member id), for a
+    /// transactional offset commit.
+    pub(crate) fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        self.inner.group_metadata()
+    }
+
+    /// Moves this member's position in each of `partitions` back to the group's
+    /// committed offset (after an aborted transaction: its records are read again).
+    /// Partitions this member no longer owns are left alone (their new owner starts
+    /// from the committed offsets anyway). Blocks the calling thread for up to
+    /// `timeout` per request.
+    pub fn rewind(&self, partitions: &[(String, i32)], timeout: Duration) -> Result<()> {
+        use rdkafka::TopicPartitionList;
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let assigned = self
+            .inner
+            .assignment()
+            .map_err(BusError::client("reading the assignment"))?;
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            if assigned.find_partition(topic, *partition).is_some() {
+                list.add_partition(topic, *partition);
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        let committed = self
+            .inner
+            .committed_offsets(list, timeout)
+            .map_err(BusError::client("reading committed offsets"))?;
+        for elem in committed.elements() {
+            // Nothing committed yet: where a new member starts (`auto.offset.reset`).
+            let to = match elem.offset() {
+                Offset::Offset(at) => Offset::Offset(at),
+                _ => Offset::Beginning,
+            };
+            self.inner
+                .seek(elem.topic(), elem.partition(), to, timeout)
+                .map_err(BusError::client("seeking back to the committed offset"))?;
+        }
+        Ok(())
+    }
+
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
@@ -339,10 +410,13 @@ pub struct StoredRecord {
     pub payload: Vec<u8>,
 }
 
-/// Reads every record of `topic`/`partition` from its start up to its high watermark at
-/// the time of the call (a state changelog being restored). Blocks the calling thread:
-/// call it from `spawn_blocking`. Fails when the partition cannot be read to the end
-/// within `timeout`.
+/// Reads every committed record of `topic`/`partition` from its start up to its end at
+/// the time of the call (a state changelog being restored): the high watermark, or,
+/// with transactions in the partition, the last stable offset (records of aborted or
+/// still open transactions are never returned, and the transaction markers that often
+/// end a partition are not records: the end is known from librdkafka's end-of-partition
+/// event). Blocks the calling thread: call it from `spawn_blocking`. Fails when the
+/// partition cannot be read to the end within `timeout`.
 pub fn read_partition(
     settings: &ClientSettings,
     topic: &str,
@@ -350,8 +424,9 @@ pub fn read_partition(
     timeout: Duration,
 ) -> Result<Vec<StoredRecord>> {
     use rdkafka::TopicPartitionList;
-    let consumer: BaseConsumer = settings
-        .reader_config()
+    let mut config = settings.reader_config();
+    config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = config
         .create()
         .map_err(BusError::client("creating a reader"))?;
     let (low, high) = consumer
@@ -372,7 +447,11 @@ pub fn read_partition(
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let message = message.map_err(BusError::client("reading a partition"))?;
+        let message = match message {
+            Ok(message) => message,
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => return Ok(out),
+            Err(e) => return Err(BusError::client("reading a partition")(e)),
+        };
         out.push(StoredRecord {
             offset: message.offset(),
             key: message.key().unwrap_or_default().to_vec(),

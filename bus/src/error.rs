@@ -45,6 +45,17 @@ pub enum BusError {
         /// What was being done.
         action: &'static str,
     },
+    /// A transaction failed. [`TransactionFailure`] says whether it can be aborted and
+    /// tried again, or whether this producer was fenced for good.
+    #[error("transaction failed while {action} ({failure:?}): {source}")]
+    Transaction {
+        /// What the producer was doing.
+        action: &'static str,
+        /// What the caller may do next.
+        failure: TransactionFailure,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
     /// The embedded broker could not be started or driven.
     #[error("embedded broker: {reason}")]
     Embedded {
@@ -53,7 +64,70 @@ pub enum BusError {
     },
 }
 
+/// What a failed transaction leaves the producer able to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionFailure {
+    /// Abort the transaction, then go on with a new one (the records and offsets of the
+    /// aborted one are never seen by `read_committed` readers).
+    Abortable,
+    /// The call may simply be made again (a timeout; the transaction is still open).
+    Retriable,
+    /// The producer was fenced (a newer member holds its transactional id, or the
+    /// broker refused its epoch) or failed for good: it must not write again.
+    Fatal,
+}
+
+impl TransactionFailure {
+    /// Classifies librdkafka's error of a transactional call.
+    pub(crate) fn of(error: &KafkaError) -> Self {
+        match error {
+            KafkaError::Transaction(e) if e.is_fatal() => Self::Fatal,
+            KafkaError::Transaction(e) if e.txn_requires_abort() => Self::Abortable,
+            KafkaError::Transaction(e) if e.is_retriable() => Self::Retriable,
+            e if matches!(
+                e.rdkafka_error_code(),
+                Some(
+                    RDKafkaErrorCode::Fenced
+                        | RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                )
+            ) =>
+            {
+                Self::Fatal
+            }
+            _ => Self::Abortable,
+        }
+    }
+}
+
 impl BusError {
+    pub(crate) fn transaction(action: &'static str) -> impl FnOnce(KafkaError) -> Self {
+        move |source| Self::Transaction {
+            action,
+            failure: TransactionFailure::of(&source),
+            source,
+        }
+    }
+
+    /// Whether a record's failure or a transactional call's means the producer was
+    /// fenced or failed for good.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Self::Transaction { failure, .. } => *failure == TransactionFailure::Fatal,
+            Self::NotAcknowledged { source, .. } | Self::Client { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(
+                    RDKafkaErrorCode::Fatal
+                        | RDKafkaErrorCode::Fenced
+                        | RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                )
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn client(action: &'static str) -> impl FnOnce(KafkaError) -> Self {
         move |source| Self::Client { action, source }
     }
@@ -81,6 +155,7 @@ impl BusError {
                     )
                 )
             }
+            Self::Transaction { failure, .. } => *failure == TransactionFailure::Retriable,
             Self::Config { .. } | Self::Embedded { .. } => false,
         }
     }

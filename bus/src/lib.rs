@@ -22,7 +22,7 @@ pub use admin::{
 };
 pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
-pub use error::{BusError, Result};
+pub use error::{BusError, Result, TransactionFailure};
 pub use lag::{Backpressure, LagWatch, PartitionLag, Transition, spawn_lag_watch};
 pub use producer::{Delivered, OutRecord, Producer};
 pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings, parse_properties};

@@ -7,6 +7,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
+use crate::consumer::Consumer;
 use crate::error::{BusError, Result};
 use crate::settings::{ClientSettings, ProducerArgs};
 
@@ -59,6 +60,84 @@ impl Producer {
             inner,
             ack_timeout: tuning.ack_timeout(),
         })
+    }
+
+    /// Creates a transactional producer with the given stable `transactional_id`, and
+    /// registers it with the cluster (`init_transactions`): an open transaction of an
+    /// earlier producer with the same id is aborted, and that producer is fenced (its
+    /// later writes are refused). Blocks the calling thread for up to `timeout`.
+    pub fn transactional(
+        settings: &ClientSettings,
+        tuning: &ProducerArgs,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let inner: FutureProducer = settings
+            .transactional_producer_config(tuning, transactional_id)
+            .create()
+            .map_err(BusError::client("creating a transactional producer"))?;
+        inner
+            .init_transactions(timeout)
+            .map_err(BusError::transaction("registering the transactional id"))?;
+        Ok(Self {
+            inner,
+            ack_timeout: tuning.ack_timeout(),
+        })
+    }
+
+    /// Opens a transaction: every record sent until it is committed or aborted belongs
+    /// to it. Does not block.
+    pub fn begin_transaction(&self) -> Result<()> {
+        self.inner
+            .begin_transaction()
+            .map_err(BusError::transaction("beginning a transaction"))
+    }
+
+    /// Adds `consumer`'s input offsets to the open transaction: per (topic, partition),
+    /// the offset of the next record to read. They count as committed for the group
+    /// only if the transaction commits, and the group coordinator refuses them (the
+    /// transaction must then be aborted) when `consumer` is no longer the member that
+    /// owns those partitions. Blocks the calling thread for up to `timeout`.
+    pub fn send_offsets(
+        &self,
+        consumer: &Consumer,
+        offsets: &[(String, i32, i64)],
+        timeout: Duration,
+    ) -> Result<()> {
+        use rdkafka::{Offset, TopicPartitionList};
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for (topic, partition, next) in offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(BusError::client("listing offsets"))?;
+        }
+        let metadata = consumer.group_metadata().ok_or(BusError::Config {
+            key: "group.id".into(),
+            reason: "the consumer has no group metadata".into(),
+        })?;
+        self.inner
+            .send_offsets_to_transaction(&list, &metadata, timeout)
+            .map_err(BusError::transaction(
+                "adding input offsets to a transaction",
+            ))
+    }
+
+    /// Commits the open transaction, after every record of it was acknowledged. Blocks
+    /// the calling thread for up to `timeout`.
+    pub fn commit_transaction(&self, timeout: Duration) -> Result<()> {
+        self.inner
+            .commit_transaction(timeout)
+            .map_err(BusError::transaction("committing a transaction"))
+    }
+
+    /// Aborts the open transaction: its records are purged or marked aborted, and its
+    /// offsets are dropped. Blocks the calling thread for up to `timeout`.
+    pub fn abort_transaction(&self, timeout: Duration) -> Result<()> {
+        self.inner
+            .abort_transaction(timeout)
+            .map_err(BusError::transaction("aborting a transaction"))
     }
 
     /// Enqueues a record and returns a future that resolves when the broker acknowledged

@@ -269,6 +269,26 @@ impl ClientSettings {
         self.finish(config)
     }
 
+    /// The configuration of a transactional producer: a durable producer whose records,
+    /// and the input offsets sent with them, become visible all at once when its
+    /// transaction commits (`transactional.id`). A transaction left open by a member
+    /// that stopped answering is aborted by the broker after `transaction.timeout.ms`
+    /// (10 s, as Kafka Streams sets it under exactly-once, or the acknowledgement
+    /// timeout when that is longer: librdkafka requires it), unless a member with the
+    /// same id fences it first.
+    pub(crate) fn transactional_producer_config(
+        &self,
+        tuning: &ProducerArgs,
+        transactional_id: &str,
+    ) -> ClientConfig {
+        let mut config = self.producer_config(tuning);
+        config.set("transactional.id", transactional_id).set(
+            "transaction.timeout.ms",
+            tuning.ack_timeout_ms.max(10_000).to_string(),
+        );
+        self.finish(config)
+    }
+
     /// The configuration of a consumer in `group`: offsets are stored by the application
     /// only once a record was handled (`enable.auto.offset.store=false`) and the stored
     /// offsets are committed in the background and on close.
@@ -283,10 +303,30 @@ impl ClientSettings {
         self.group_config(group, "range")
     }
 
+    /// A group consumer whose offsets are committed only by a transactional producer
+    /// (with the group's metadata), never by itself; copartitioned when asked.
+    pub(crate) fn transactional_consumer_config(
+        &self,
+        group: &str,
+        copartitioned: bool,
+    ) -> ClientConfig {
+        let strategy = if copartitioned {
+            "range"
+        } else {
+            "cooperative-sticky"
+        };
+        let mut config = self.group_config(group, strategy);
+        config.set("enable.auto.commit", "false");
+        self.finish(config)
+    }
+
     fn group_config(&self, group: &str, strategy: &str) -> ClientConfig {
         let mut config = self.base();
         config
             .set("group.id", group)
+            // Records of aborted transactions, and of open ones, are never read: every
+            // consumer of the pipeline sees only what a processor committed.
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
@@ -318,6 +358,7 @@ impl ClientSettings {
         let mut config = self.base();
         config
             .set("group.id", "dronedelivery-reader")
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false");

@@ -17,6 +17,20 @@ pub enum ProcessorError {
         /// What is wrong.
         reason: String,
     },
+    /// The processor's transactional producer was fenced: a newer member with the same
+    /// instance id took over (this one is a zombie and must stop), or the cluster
+    /// refused its transactions for good.
+    #[error(
+        "{processor}: fenced: transactional id {transactional_id} is no longer this process's          ({source}); stopping so that only its replacement writes"
+    )]
+    Fenced {
+        /// Which processor.
+        processor: &'static str,
+        /// Its transactional id.
+        transactional_id: String,
+        /// The bus error.
+        source: bus::BusError,
+    },
     /// A background task of the processor failed.
     #[error("{processor}: task failed: {reason}")]
     Task {

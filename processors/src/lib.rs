@@ -5,16 +5,19 @@
 //!   (the delivery consumer's input, keyed by delivery id) and `drone-scheduling` (the
 //!   scheduling consumer's input, keyed by region).
 //!
-//! Processing is at-least-once with idempotent effects: a record's offset is stored only
-//! after everything it produced was acknowledged, and a record that cannot be processed
-//! goes to `dead-letters` with its reason instead of blocking its partition.
+//! Processing is exactly-once on a Kafka cluster (one transaction per batch: outputs,
+//! state and input offsets) and at-least-once elsewhere ([`guarantee`]); a record that
+//! cannot be processed goes to `dead-letters` with its reason instead of blocking its
+//! partition.
 //!
 //! - [`scheduling`] (pure decisions in [`scheduling::region`]): assigns drones per
 //!   region.
 //! - [`tracker`]: brings each drone's assignment and fixes to its delivery's key.
 //! - [`deliveries`] (pure stage machine in [`deliveries::stages`]): each delivery's
 //!   state and its transitions on `delivery-events`.
-//! - [`stateful`]: the engine the three run on (batches, changelog, restore).
+//! - [`stateful`]: the engine the three run on (changelog, restore, ticks), with its
+//!   batches (`batch`: received records, never of a partition given away) and the
+//!   `commit` of each batch under the [`guarantee`] in force.
 //! - [`output`]: the record a processor produces and the acknowledged batch send that
 //!   the workflow and the engine share.
 //! - [`geo`]: distances and flight times (pure).
@@ -28,9 +31,12 @@
 //! topics named in `schemas` (and the simulator through the public HTTP API, as a
 //! client). It does not serve HTTP.
 
+mod batch;
+mod commit;
 pub mod deliveries;
 mod error;
 pub mod geo;
+pub mod guarantee;
 pub mod output;
 pub mod scheduling;
 pub mod simulator;
@@ -127,7 +133,7 @@ pub async fn run_stateful(
     config: StatefulArgs,
     processors: Vec<Processor>,
     settings: bus::ClientSettings,
-    producer: bus::Producer,
+    durability: guarantee::Durability,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
     let fleet = match &config.fleet {
@@ -136,7 +142,7 @@ pub async fn run_stateful(
     };
     let engine = stateful::EngineConfig {
         batch_records: config.processor_batch_records.max(1),
-        ..stateful::EngineConfig::default()
+        ..stateful::EngineConfig::for_guarantee(durability.guarantee)
     };
     let stop = shutdown.child_token();
     let runs = |p: Processor| processors.contains(&p);
@@ -147,7 +153,7 @@ pub async fn run_stateful(
             engine,
             scheduling::Scheduler::new(fleet),
             settings.clone(),
-            producer.clone(),
+            durability.clone(),
             stop.clone(),
         ));
     }
@@ -157,7 +163,7 @@ pub async fn run_stateful(
             engine,
             tracker::Tracker::default(),
             settings.clone(),
-            producer.clone(),
+            durability.clone(),
             stop.clone(),
         ));
     }
@@ -167,7 +173,7 @@ pub async fn run_stateful(
             engine,
             deliveries::Deliveries::default(),
             settings,
-            producer,
+            durability,
             stop.clone(),
         ));
     }

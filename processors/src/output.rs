@@ -104,7 +104,7 @@ pub(crate) async fn produce_batch(
 
 /// Whether `topic` is a state changelog (a compacted topic), where an empty value deletes
 /// its key.
-fn is_changelog(topic: &str) -> bool {
+pub(crate) fn is_changelog(topic: &str) -> bool {
     schemas::topics::ALL
         .iter()
         .any(|t| t.compacted && t.name == topic)

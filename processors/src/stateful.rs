@@ -2,93 +2,44 @@
 //! group member that keeps its state in memory, per input partition, and durable in a
 //! changelog topic whose partition numbers match the input's.
 //!
-//! Records are handled in batches. For each batch: apply every record to the state (a
-//! [`Machine`], pure apart from its own memory), produce what it said and wait for every
-//! acknowledgement, then write the changed state and, per input partition, the offset of
-//! the last record applied (a marker in the changelog, under
-//! [`schemas::topics::changelog_marker_key`]), wait again, and only then store
-//! the input offsets. So:
+//! Records are handled in [batches](crate::batch). For each batch: apply every record to
+//! the state (a [`Machine`], pure apart from its own memory), let the machine's
+//! [`tick`](Machine::tick) decide what time alone changes, then make it all durable
+//! through the [committer](crate::commit), under the guarantee in force:
 //!
-//! - a crash before the changelog write re-reads the batch from old state: outputs may be
-//!   repeated (downstream is idempotent), nothing is lost;
-//! - a crash after it re-reads records the changelog already covers: they are skipped,
-//!   so no effect is applied twice.
+//! - exactly-once: the outputs, the changed state and the input offsets commit in one
+//!   transaction. A failed one is aborted: the batch's partitions are restored from the
+//!   changelog (read committed) and their input is read again from the committed
+//!   offsets, so no effect is applied twice and none is lost;
+//! - at-least-once: outputs, then the changed state with, per input partition, the offset
+//!   of the last record applied (a marker in the changelog, under
+//!   [`schemas::topics::changelog_marker_key`]), each acknowledged before the next, and
+//!   only then the input offsets are stored. A crash before the changelog write re-reads
+//!   the batch from old state (outputs may be repeated); a crash after it re-reads
+//!   records the changelog already covers, which are skipped.
 //!
 //! A partition's state is restored from its changelog partition before its first record
-//! is handled, again after it was revoked and came back, and whenever its offsets jump
-//! (another member handled records of it in between). Records of a partition revoked
-//! while a batch was being collected are dropped unhandled: the new owner handles them.
+//! is handled, again after it was revoked and came back, after an aborted transaction,
+//! and (at-least-once) whenever its offsets jump (another member handled records of it in
+//! between; under exactly-once, offsets have gaps where transaction markers are). A batch
+//! never holds records of a partition revoked while it was collected: the new owner
+//! handles them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use bus::{ClientSettings, Consumer, Producer};
+use std::sync::Arc;
+
+use bus::{ClientSettings, Consumer};
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Batch;
+pub use crate::batch::Record;
+use crate::commit::{Committed, Committer, Stages};
 use crate::error::{ProcessorError, Result};
-use crate::output::{Output, produce_batch};
-
-/// A record as received, owned.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// The topic.
-    pub topic: String,
-    /// The partition.
-    pub partition: i32,
-    /// The offset.
-    pub offset: i64,
-    /// The key, if any.
-    pub key: Option<Vec<u8>>,
-    /// The payload, if any.
-    pub payload: Option<Vec<u8>>,
-    /// Headers, in order.
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl Record {
-    /// The value of the first header named `name`.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// The key as text (empty when none or not UTF-8).
-    pub fn key_text(&self) -> &str {
-        self.key
-            .as_deref()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .unwrap_or_default()
-    }
-
-    /// `topic/partition/offset`, for dead letters and logs.
-    pub fn source(&self) -> String {
-        format!("{}/{}/{}", self.topic, self.partition, self.offset)
-    }
-
-    /// A dead letter of this record: its key, payload and headers, with the reason.
-    pub fn dead_letter(&self, reason: &str) -> Output {
-        let mut headers = self.headers.clone();
-        headers.push((
-            schemas::headers::DEAD_LETTER_REASON.to_owned(),
-            reason.as_bytes().to_vec(),
-        ));
-        headers.push((
-            schemas::headers::DEAD_LETTER_SOURCE.to_owned(),
-            self.source().into_bytes(),
-        ));
-        metrics::counter!("processor_dead_letters_total", "topic" => self.topic.clone())
-            .increment(1);
-        Output {
-            topic: schemas::topics::DEAD_LETTERS.name,
-            key: self.key.clone().unwrap_or_default(),
-            payload: self.payload.clone().unwrap_or_default(),
-            headers,
-        }
-    }
-}
+use crate::guarantee::{Durability, Guarantee};
+use crate::output::Output;
 
 /// A state change: key and new value (empty for deleted).
 pub type Change = (Vec<u8>, Vec<u8>);
@@ -149,6 +100,21 @@ pub struct EngineConfig {
     pub restore_timeout: Duration,
 }
 
+impl EngineConfig {
+    /// The defaults under `guarantee`: under exactly-once a batch waits longer for more
+    /// records (100 ms, Kafka Streams' commit interval under exactly-once), since each
+    /// batch is a transaction.
+    pub fn for_guarantee(guarantee: Guarantee) -> Self {
+        match guarantee {
+            Guarantee::AtLeastOnce => Self::default(),
+            Guarantee::ExactlyOnce => Self {
+                batch_wait: Duration::from_millis(100),
+                ..Self::default()
+            },
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
@@ -178,78 +144,52 @@ fn now_millis() -> i64 {
 /// How often a consumer's lag is reported.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs `machine` until `shutdown` is cancelled.
+/// How often every restored partition is ticked while no records arrive.
+const TICK_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs `machine` until `shutdown` is cancelled, or until its producer is fenced (an
+/// error: a newer member with this member's instance id took over).
 pub async fn run<M: Machine>(
     spec: Spec,
     config: EngineConfig,
     mut machine: M,
     settings: ClientSettings,
-    producer: Producer,
+    durability: Durability,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let bus_err = |source| ProcessorError::Bus {
         processor: spec.name,
         source,
     };
-    let consumer =
-        Consumer::subscribe_copartitioned(&settings, spec.group, spec.inputs).map_err(bus_err)?;
+    let Some(committer) = Committer::open(spec.name, &durability, &shutdown).await? else {
+        return Ok(());
+    };
+    let exactly_once = committer.guarantee() == Guarantee::ExactlyOnce;
+    let consumer = Arc::new(
+        committer
+            .subscribe(&settings, spec.group, spec.inputs, true)
+            .map_err(bus_err)?,
+    );
     let _lag = consumer
         .lag_probe()
         .report(spec.group, LAG_EVERY, shutdown.clone());
     let mut partitions: HashMap<i32, PartitionInfo> = HashMap::new();
+    let mut ticked_all = std::time::Instant::now();
+    let mut ticks = tokio::time::interval(TICK_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = tokio::select! {
+        let batch = tokio::select! {
             () = shutdown.cancelled() => break,
-            received = consumer.recv() => received,
-        };
-        let mut batch = Vec::new();
-        // Partitions revoked during a `recv` lose the records received before it (their
-        // new owner handles them; a partition given back restarts from its committed
-        // offset); the record that `recv` returned is from the new assignment.
-        let mut forgotten: HashSet<i32> = HashSet::new();
-        let mut collect = |batch: &mut Vec<Record>,
-                           partitions: &mut HashMap<i32, PartitionInfo>,
-                           received: bus::Result<bus::Received<'_>>|
-         -> bool {
-            let revoked = consumer.take_revoked();
-            if !revoked.is_empty() {
-                let gone: HashSet<i32> = revoked.iter().map(|(_, p)| *p).collect();
-                let before = batch.len();
-                batch.retain(|r| !gone.contains(&r.partition));
-                for p in &gone {
-                    partitions.remove(p);
-                    forgotten.insert(*p);
-                }
-                tracing::info!(processor = spec.name, partitions = ?gone, dropped = before - batch.len(), "partitions revoked");
-            }
-            match received {
-                Ok(record) => {
-                    batch.push(own(&record));
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(processor = spec.name, error = %e, "receive failed");
-                    false
-                }
+            _ = ticks.tick() => Batch::revocations(&consumer, spec.name),
+            received = consumer.recv() => {
+                Batch::collect(&consumer, received, config.batch_records, config.batch_wait, spec.name).await
             }
         };
-        if !collect(&mut batch, &mut partitions, first) {
-            continue;
+        for p in &batch.revoked {
+            partitions.remove(p);
+            machine.forget(*p);
         }
-        while batch.len() < config.batch_records.max(1) {
-            match tokio::time::timeout(config.batch_wait, consumer.recv()).await {
-                Ok(received) => {
-                    if !collect(&mut batch, &mut partitions, received) {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        for p in forgotten {
-            machine.forget(p);
-        }
-        let mut effects = Effects::default();
+        let mut outputs = Vec::new();
         // Per changelog partition: state changes in order, and the markers.
         let mut changes: BTreeMap<i32, Vec<Change>> = BTreeMap::new();
         let mut markers: BTreeMap<(i32, String), i64> = BTreeMap::new();
@@ -257,16 +197,19 @@ pub async fn run<M: Machine>(
         let now = now_millis();
         let mut handled = 0u64;
         let mut skipped = 0u64;
-        for record in &batch {
+        let mut restored_all = true;
+        for record in &batch.records {
             let info = partitions.entry(record.partition).or_default();
-            let jumped = info
-                .next
-                .get(&record.topic)
-                .is_some_and(|next| record.offset > *next);
+            let jumped = !exactly_once
+                && info
+                    .next
+                    .get(&record.topic)
+                    .is_some_and(|next| record.offset > *next);
             if !info.restored || jumped {
                 let Some(entries) =
                     restore(&settings, spec, config, record.partition, &shutdown).await
                 else {
+                    restored_all = false;
                     break;
                 };
                 info.applied = entries.markers;
@@ -284,59 +227,83 @@ pub async fn run<M: Machine>(
                 continue;
             }
             info.applied.insert(record.topic.clone(), record.offset);
-            let mut own_effects = Effects::default();
-            machine.handle(record, now, &mut own_effects);
-            effects.outputs.append(&mut own_effects.outputs);
+            let mut effects = Effects::default();
+            machine.handle(record, now, &mut effects);
+            outputs.append(&mut effects.outputs);
             changes
                 .entry(record.partition)
                 .or_default()
-                .append(&mut own_effects.changes);
+                .append(&mut effects.changes);
             markers.insert((record.partition, record.topic.clone()), record.offset);
             handled += 1;
         }
+        if !restored_all {
+            // Stopping while a restore waited: nothing of this batch is written.
+            break;
+        }
+        // Time-driven decisions: for the partitions this batch touched, and about once a
+        // second for every restored partition.
+        let all = ticked_all.elapsed() >= TICK_EVERY;
+        if all {
+            ticked_all = std::time::Instant::now();
+        }
+        let mut ticked: Vec<i32> = partitions
+            .iter()
+            .filter(|(p, info)| info.restored && (all || changes.contains_key(p)))
+            .map(|(p, _)| *p)
+            .collect();
+        ticked.sort_unstable();
+        for partition in &ticked {
+            let mut effects = Effects::default();
+            machine.tick(*partition, now, &mut effects);
+            outputs.append(&mut effects.outputs);
+            if !effects.changes.is_empty() {
+                changes
+                    .entry(*partition)
+                    .or_default()
+                    .append(&mut effects.changes);
+            }
+        }
         if shutdown.is_cancelled() && handled == 0 {
             break;
+        }
+        if outputs.is_empty() && changes.is_empty() && last.is_empty() {
+            continue;
         }
         metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "handled")
             .increment(handled);
         metrics::counter!("processor_records_total", "processor" => spec.name, "outcome" => "skipped_replay")
             .increment(skipped);
-        // Outputs, then state, then markers, each acknowledged before the next: a marker
-        // is never durable before the state it covers (see the module docs).
-        let outputs = effects.outputs.into_iter().map(|o| (o, None)).collect();
-        if !produce_batch(&producer, outputs, &shutdown, spec.name).await {
-            break;
-        }
-        let mut state_writes = Vec::new();
-        for (partition, list) in changes {
-            for (key, value) in latest_per_key(list) {
-                state_writes.push((changelog_record(spec, key, value), Some(partition)));
-            }
-        }
-        if !produce_batch(&producer, state_writes, &shutdown, spec.name).await {
-            break;
-        }
-        let marker_writes = markers
-            .into_iter()
-            .map(|((partition, topic), offset)| {
-                (
-                    changelog_record(
-                        spec,
-                        topics::changelog_marker_key(&topic),
-                        offset.to_string().into_bytes(),
-                    ),
-                    Some(partition),
-                )
-            })
+        let touched: Vec<i32> = changes
+            .keys()
+            .copied()
+            .chain(last.keys().map(|(_, p)| *p))
             .collect();
-        if !produce_batch(&producer, marker_writes, &shutdown, spec.name).await {
-            break;
-        }
-        for ((topic, partition), offset) in last {
-            if let Err(e) = consumer.store(&topic, partition, offset) {
-                tracing::debug!(processor = spec.name, %topic, partition, error = %e, "offset not stored (revoked?)");
+        let stages = stages(spec, outputs, changes, markers, exactly_once);
+        match committer
+            .commit(&consumer, stages, &last, &shutdown)
+            .await?
+        {
+            Committed::Done => {}
+            Committed::Stopped => break,
+            Committed::Aborted => {
+                // The state of these partitions has effects that were never committed:
+                // restore it, and read their input again from the committed offsets.
+                for p in &touched {
+                    partitions.remove(p);
+                    machine.forget(*p);
+                }
+                let read: Vec<(String, i32)> = last.into_keys().collect();
+                if !rewind(&consumer, read, spec.name, &shutdown).await {
+                    break;
+                }
             }
         }
+    }
+    if exactly_once {
+        // Nothing is stored: offsets move only with transactions.
+        tracing::info!(processor = spec.name, "stopped");
+        return Ok(());
     }
     let committed = tokio::task::spawn_blocking(move || consumer.commit())
         .await
@@ -349,6 +316,70 @@ pub async fn run<M: Machine>(
     }
     tracing::info!(processor = spec.name, "stopped");
     Ok(())
+}
+
+/// What a batch writes, stage by stage: its outputs; the latest value of each changed
+/// key per changelog partition; and, at-least-once only, the offset markers (under
+/// exactly-once the offsets commit with the transaction).
+fn stages(
+    spec: Spec,
+    outputs: Vec<Output>,
+    changes: BTreeMap<i32, Vec<Change>>,
+    markers: BTreeMap<(i32, String), i64>,
+    exactly_once: bool,
+) -> Stages {
+    let outputs = outputs.into_iter().map(|o| (o, None)).collect();
+    let mut state_writes = Vec::new();
+    for (partition, list) in changes {
+        for (key, value) in latest_per_key(list) {
+            state_writes.push((changelog_record(spec, key, value), Some(partition)));
+        }
+    }
+    let marker_writes = if exactly_once {
+        Vec::new()
+    } else {
+        markers
+            .into_iter()
+            .map(|((partition, topic), offset)| {
+                (
+                    changelog_record(
+                        spec,
+                        topics::changelog_marker_key(&topic),
+                        offset.to_string().into_bytes(),
+                    ),
+                    Some(partition),
+                )
+            })
+            .collect()
+    };
+    vec![outputs, state_writes, marker_writes]
+}
+
+/// Moves the consumer back to the committed offsets of `read`, retrying with backoff
+/// until it succeeds or `shutdown` is cancelled (then `false`): going on without it
+/// would skip the aborted records.
+async fn rewind(
+    consumer: &Arc<Consumer>,
+    read: Vec<(String, i32)>,
+    name: &'static str,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (c, list) = (Arc::clone(consumer), read.clone());
+        match tokio::task::spawn_blocking(move || c.rewind(&list, Duration::from_secs(10))).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => {
+                tracing::warn!(processor = name, error = %e, ?backoff, "rewinding to the committed offsets failed; retrying");
+            }
+            Err(e) => tracing::warn!(processor = name, error = %e, "rewind task failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// The last value of each key, in the order the keys first changed.
@@ -373,21 +404,6 @@ fn changelog_record(spec: Spec, key: Vec<u8>, value: Vec<u8>) -> Output {
         key,
         payload: value,
         headers: Vec::new(),
-    }
-}
-
-fn own(record: &bus::Received<'_>) -> Record {
-    Record {
-        topic: record.topic().to_owned(),
-        partition: record.partition(),
-        offset: record.offset(),
-        key: record.key().map(<[u8]>::to_vec),
-        payload: record.payload().map(<[u8]>::to_vec),
-        headers: record
-            .headers()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_vec()))
-            .collect(),
     }
 }
 

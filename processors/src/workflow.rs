@@ -7,12 +7,18 @@
 //! with the reason when the record cannot be processed. Produced records carry the original
 //! payload bytes and headers.
 //!
-//! Many records are in flight at once, but offsets are stored in the order records were
-//! received, and only once every record a record produced was acknowledged. A record whose
-//! outputs cannot be produced is retried with backoff until it succeeds or the processor
-//! stops; it is never skipped.
+//! Under exactly-once, records are handled in batches, each one transaction with its
+//! input offsets; an aborted one is read again from the committed offsets.
+//!
+//! Under at-least-once, many records are in flight at once, but offsets are stored in the
+//! order records were received, and only once every record a record produced was
+//! acknowledged. A record whose outputs cannot be produced is retried with backoff until
+//! it succeeds or the processor stops; it is never skipped.
 
 use std::time::Duration;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bus::{ClientSettings, Consumer, Producer};
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -20,7 +26,10 @@ use schemas::headers as h;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Batch;
+use crate::commit::{Committed, Committer};
 use crate::error::{ProcessorError, Result};
+use crate::guarantee::{Durability, Guarantee};
 use crate::output::{Output, produce_batch};
 
 const NAME: &str = "workflow";
@@ -34,7 +43,8 @@ const MAX_IN_FLIGHT: usize = 10_000;
 /// Settings of the workflow processor.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkflowArgs {
-    /// Most records whose outputs are awaiting acknowledgement at once.
+    /// Most records whose outputs are awaiting acknowledgement at once (under
+    /// exactly-once: most records in one transaction).
     #[arg(
         long,
         env = "DRONEDELIVERY_WORKFLOW_MAX_IN_FLIGHT",
@@ -146,9 +156,110 @@ async fn produce_all(
     produce_batch(&producer, records, &shutdown, NAME).await
 }
 
-/// Runs the workflow processor until `shutdown` is cancelled, then waits for the records
-/// in flight (up to `drain`), stores their offsets and commits.
+/// Runs the workflow processor until `shutdown` is cancelled (or, under exactly-once,
+/// until its producer is fenced: an error).
 pub async fn run(
+    config: WorkflowArgs,
+    settings: ClientSettings,
+    durability: Durability,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    match durability.guarantee {
+        Guarantee::AtLeastOnce => {
+            run_at_least_once(config, settings, durability.shared, shutdown).await
+        }
+        Guarantee::ExactlyOnce => run_exactly_once(config, settings, &durability, shutdown).await,
+    }
+}
+
+/// How long a transaction's batch waits for more records after its first.
+const BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// One transaction per batch: its outputs and its input offsets.
+async fn run_exactly_once(
+    config: WorkflowArgs,
+    settings: ClientSettings,
+    durability: &Durability,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let Some(committer) = Committer::open(NAME, durability, &shutdown).await? else {
+        return Ok(());
+    };
+    let consumer = Arc::new(
+        committer
+            .subscribe(&settings, GROUP, INPUTS, false)
+            .map_err(|source| ProcessorError::Bus {
+                processor: NAME,
+                source,
+            })?,
+    );
+    let _lag = consumer
+        .lag_probe()
+        .report(GROUP, Duration::from_secs(10), shutdown.clone());
+    let max = config.workflow_max_in_flight.max(1);
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => break,
+            received = consumer.recv() => {
+                Batch::collect(&consumer, received, max, BATCH_WAIT, NAME).await
+            }
+        };
+        if batch.records.is_empty() {
+            continue;
+        }
+        let mut outputs = Vec::new();
+        let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for record in &batch.records {
+            let headers: Vec<(&str, &[u8])> = record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            let routed = route(
+                record.key.as_deref(),
+                record.payload.as_deref(),
+                &headers,
+                &record.source(),
+            );
+            metrics::counter!("workflow_records_total", "outcome" => outcome(&routed)).increment(1);
+            outputs.extend(routed.into_iter().map(|o| (o, None)));
+            last.insert((record.topic.clone(), record.partition), record.offset);
+        }
+        match committer
+            .commit(&consumer, vec![outputs], &last, &shutdown)
+            .await?
+        {
+            Committed::Done => {}
+            Committed::Stopped => break,
+            Committed::Aborted => {
+                let read: Vec<(String, i32)> = last.into_keys().collect();
+                let c = Arc::clone(&consumer);
+                let rewound =
+                    tokio::task::spawn_blocking(move || c.rewind(&read, Duration::from_secs(10)))
+                        .await
+                        .map_err(|e| ProcessorError::Task {
+                            processor: NAME,
+                            reason: e.to_string(),
+                        })?;
+                if let Err(source) = rewound {
+                    // Going on would skip the aborted records: stop, and let the group
+                    // give the partitions to a member that starts from the committed
+                    // offsets.
+                    return Err(ProcessorError::Bus {
+                        processor: NAME,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    tracing::info!("workflow: stopped");
+    Ok(())
+}
+
+/// Many records in flight; offsets stored in order once acknowledged, committed in the
+/// background and once more at the end (after waiting for what is in flight).
+async fn run_at_least_once(
     config: WorkflowArgs,
     settings: ClientSettings,
     producer: Producer,

@@ -27,6 +27,14 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, _) = broker::connect(&args.kafka, false).await?;
     let producer = Producer::new(&settings, &args.producer)?;
+    let durability = broker::durability(
+        &args.kafka,
+        false,
+        &args.guarantee,
+        &settings,
+        &args.producer,
+        &producer,
+    )?;
     let mut supervisor = Supervisor::new();
     let (services, stop) = supervisor.stage();
     // Once the processors have stopped, what they produced is flushed; the health
@@ -68,7 +76,7 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
             processors::workflow::run(
                 args.workflow,
                 settings.clone(),
-                producer.clone(),
+                durability.clone(),
                 stop.clone(),
             ),
         );
@@ -77,7 +85,7 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
         supervisor.spawn(
             services,
             "processors",
-            processors::run_stateful(args.stateful, stateful, settings, producer.clone(), stop),
+            processors::run_stateful(args.stateful, stateful, settings, durability, stop),
         );
     }
     supervisor.run_until(shutdown_signal()).await

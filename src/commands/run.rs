@@ -31,6 +31,14 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let render = init_metrics()?;
     let (settings, embedded) = broker::connect(&args.kafka, true).await?;
     let producer = Producer::new(&settings, &args.producer)?;
+    let durability = broker::durability(
+        &args.kafka,
+        embedded.is_some(),
+        &args.guarantee,
+        &settings,
+        &args.producer,
+        &producer,
+    )?;
     let mut supervisor = Supervisor::new();
     let (front, stop_front) = supervisor.stage();
     let (back, stop_back) = supervisor.stage();
@@ -95,7 +103,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         processors::workflow::run(
             args.workflow,
             settings.clone(),
-            producer.clone(),
+            durability.clone(),
             stop_back.clone(),
         ),
     );
@@ -106,7 +114,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             args.stateful,
             processors::Processor::ALL.to_vec(),
             settings.clone(),
-            producer.clone(),
+            durability,
             stop_back.clone(),
         ),
     );

@@ -1,0 +1,321 @@
+//! How a batch's effects and its input offsets become durable, under the guarantee in
+//! force ([`crate::guarantee`]).
+//!
+//! - At-least-once: each stage of records (outputs, then state, then offset markers) is
+//!   produced and acknowledged before the next, retried in order until it is; then the
+//!   input offsets are stored for the consumer's background commit.
+//! - Exactly-once: one transaction holds every record of every stage and the input
+//!   offsets (sent with the group's metadata). Any failure aborts it: nothing of it is
+//!   ever read, and the caller restores its state and reads the batch again. A fenced
+//!   producer is an error: this member must stop.
+//!
+//! It must not decide what to produce, nor handle records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::{BusError, ClientSettings, Consumer, OutRecord, Producer, TransactionFailure};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ProcessorError, Result};
+use crate::guarantee::{Durability, Guarantee, transactional_id};
+use crate::output::{Output, is_changelog, produce_batch};
+
+/// How long one transactional call (register, add offsets, commit, abort) may block.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most attempts of a transactional call that failed with a retriable error.
+const RETRIABLE_ATTEMPTS: u32 = 5;
+
+/// Records to produce (to a given partition when set), stage by stage.
+pub(crate) type Stages = Vec<Vec<(Output, Option<i32>)>>;
+
+/// What became of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// Durable: its effects and offsets are in.
+    Done,
+    /// The processor is stopping; nothing of the batch is committed (at-least-once: some
+    /// of its outputs may be, and are written again after a restart).
+    Stopped,
+    /// Exactly-once: the transaction was aborted. The caller restores the state of the
+    /// batch's partitions and rewinds its input to the committed offsets.
+    Aborted,
+}
+
+/// Writes a processor's batches under the guarantee in force.
+#[derive(Debug)]
+pub(crate) struct Committer {
+    name: &'static str,
+    guarantee: Guarantee,
+    producer: Producer,
+    transactional_id: String,
+}
+
+impl Committer {
+    /// The committer of processor `name`. Under exactly-once, registers its
+    /// transactional producer (fencing a predecessor with the same id), retrying with
+    /// backoff while the cluster is unreachable; `None` when `shutdown` came first.
+    pub(crate) async fn open(
+        name: &'static str,
+        durability: &Durability,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>> {
+        let id = transactional_id(name, &durability.instance_id);
+        if durability.guarantee == Guarantee::AtLeastOnce {
+            return Ok(Some(Self {
+                name,
+                guarantee: Guarantee::AtLeastOnce,
+                producer: durability.shared.clone(),
+                transactional_id: id,
+            }));
+        }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let (settings, tuning, tid): (ClientSettings, _, String) = (
+                durability.settings.clone(),
+                durability.tuning.clone(),
+                id.clone(),
+            );
+            let created = tokio::task::spawn_blocking(move || {
+                Producer::transactional(&settings, &tuning, &tid, TRANSACTION_CALL_TIMEOUT)
+            })
+            .await
+            .map_err(|e| task_failed(name, &e))?;
+            match created {
+                Ok(producer) => {
+                    tracing::info!(processor = name, transactional_id = %id, "transactional producer registered");
+                    return Ok(Some(Self {
+                        name,
+                        guarantee: Guarantee::ExactlyOnce,
+                        producer,
+                        transactional_id: id,
+                    }));
+                }
+                Err(e) if e.is_fatal() || matches!(e, BusError::Config { .. }) => {
+                    return Err(ProcessorError::Bus {
+                        processor: name,
+                        source: e,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(processor = name, error = %e, ?backoff, "registering the transactional producer failed; retrying");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// The guarantee this committer writes with.
+    pub(crate) fn guarantee(&self) -> Guarantee {
+        self.guarantee
+    }
+
+    /// Joins `group` as a consumer of `inputs` whose offsets this committer moves.
+    pub(crate) fn subscribe(
+        &self,
+        settings: &ClientSettings,
+        group: &str,
+        inputs: &[&str],
+        copartitioned: bool,
+    ) -> bus::Result<Consumer> {
+        match (self.guarantee, copartitioned) {
+            (Guarantee::ExactlyOnce, _) => {
+                Consumer::subscribe_transactional(settings, group, inputs, copartitioned)
+            }
+            (Guarantee::AtLeastOnce, true) => {
+                Consumer::subscribe_copartitioned(settings, group, inputs)
+            }
+            (Guarantee::AtLeastOnce, false) => Consumer::subscribe(settings, group, inputs),
+        }
+    }
+
+    /// Makes a batch durable: `stages` in order, then the input offsets (`last`: per
+    /// topic and partition, the last offset the batch read).
+    pub(crate) async fn commit(
+        &self,
+        consumer: &Arc<Consumer>,
+        stages: Stages,
+        last: &BTreeMap<(String, i32), i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<Committed> {
+        match self.guarantee {
+            Guarantee::AtLeastOnce => {
+                for stage in stages {
+                    if !stage.is_empty()
+                        && !produce_batch(&self.producer, stage, shutdown, self.name).await
+                    {
+                        return Ok(Committed::Stopped);
+                    }
+                }
+                for ((topic, partition), offset) in last {
+                    if let Err(e) = consumer.store(topic, *partition, *offset) {
+                        tracing::debug!(processor = self.name, %topic, partition, error = %e, "offset not stored (revoked?)");
+                    }
+                }
+                Ok(Committed::Done)
+            }
+            Guarantee::ExactlyOnce => self.transaction(consumer, stages, last, shutdown).await,
+        }
+    }
+
+    async fn transaction(
+        &self,
+        consumer: &Arc<Consumer>,
+        stages: Stages,
+        last: &BTreeMap<(String, i32), i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<Committed> {
+        let started = std::time::Instant::now();
+        if let Err(e) = self.producer.begin_transaction() {
+            return self.failed(e, "begin").await;
+        }
+        let mut acks = Vec::new();
+        for (output, partition) in stages.iter().flatten() {
+            let headers: Vec<(&str, &[u8])> = output
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            let record = OutRecord {
+                topic: output.topic,
+                key: &output.key,
+                payload: &output.payload,
+                headers: &headers,
+            };
+            let tombstone = output.payload.is_empty() && is_changelog(output.topic);
+            loop {
+                match self.producer.send_record(record, *partition, tombstone) {
+                    Ok(ack) => {
+                        acks.push(ack);
+                        break;
+                    }
+                    Err(BusError::QueueFull) => {
+                        if shutdown.is_cancelled() {
+                            self.abort().await?;
+                            return Ok(Committed::Stopped);
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => return self.failed(e, "produce").await,
+                }
+            }
+        }
+        let records = acks.len();
+        for result in futures_util::future::join_all(acks).await {
+            if let Err(e) = result {
+                return self.failed(e, "acknowledge").await;
+            }
+        }
+        let offsets: Vec<(String, i32, i64)> = last
+            .iter()
+            .map(|((topic, partition), offset)| (topic.clone(), *partition, offset + 1))
+            .collect();
+        if !offsets.is_empty() {
+            let (producer, consumer) = (self.producer.clone(), Arc::clone(consumer));
+            let sent = self
+                .blocking(move || {
+                    producer.send_offsets(&consumer, &offsets, TRANSACTION_CALL_TIMEOUT)
+                })
+                .await?;
+            if let Err(e) = sent {
+                return self.failed(e, "send offsets").await;
+            }
+        }
+        let producer = self.producer.clone();
+        let committed = self
+            .blocking(move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT))
+            .await?;
+        if let Err(e) = committed {
+            return self.failed(e, "commit").await;
+        }
+        metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "committed")
+            .increment(1);
+        metrics::histogram!("processor_transaction_seconds", "processor" => self.name)
+            .record(started.elapsed().as_secs_f64());
+        tracing::trace!(processor = self.name, records, "transaction committed");
+        Ok(Committed::Done)
+    }
+
+    /// Runs a blocking transactional call, retrying a retriable failure a few times.
+    async fn blocking<F>(&self, call: F) -> Result<bus::Result<()>>
+    where
+        F: Fn() -> bus::Result<()> + Send + Sync + 'static,
+    {
+        let call = Arc::new(call);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let once = Arc::clone(&call);
+            let outcome = tokio::task::spawn_blocking(move || once())
+                .await
+                .map_err(|e| task_failed(self.name, &e))?;
+            match outcome {
+                Err(BusError::Transaction {
+                    failure: TransactionFailure::Retriable,
+                    ..
+                }) if attempt < RETRIABLE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// A failed transaction: fenced is an error; anything else aborts.
+    async fn failed(&self, error: BusError, step: &'static str) -> Result<Committed> {
+        if error.is_fatal() {
+            metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "fenced")
+                .increment(1);
+            return Err(self.fenced(error));
+        }
+        tracing::warn!(processor = self.name, step, error = %error, "transaction failed; aborting it and restoring from the changelog");
+        self.abort().await?;
+        metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "aborted")
+            .increment(1);
+        Ok(Committed::Aborted)
+    }
+
+    /// Aborts the open transaction (stopping, or after a failure).
+    pub(crate) async fn abort(&self) -> Result<()> {
+        if self.guarantee == Guarantee::AtLeastOnce {
+            return Ok(());
+        }
+        let producer = self.producer.clone();
+        match self
+            .blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT))
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_fatal() => Err(self.fenced(e)),
+            // Nothing open (or the broker is gone): the transaction times out on its own,
+            // and a new one starts from a fresh registration only if this one is fenced.
+            Err(e) => {
+                tracing::warn!(processor = self.name, error = %e, "aborting the transaction failed");
+                Err(ProcessorError::Bus {
+                    processor: self.name,
+                    source: e,
+                })
+            }
+        }
+    }
+
+    fn fenced(&self, source: BusError) -> ProcessorError {
+        ProcessorError::Fenced {
+            processor: self.name,
+            transactional_id: self.transactional_id.clone(),
+            source,
+        }
+    }
+}
+
+fn task_failed(processor: &'static str, e: &tokio::task::JoinError) -> ProcessorError {
+    ProcessorError::Task {
+        processor,
+        reason: e.to_string(),
+    }
+}
