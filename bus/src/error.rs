@@ -128,6 +128,18 @@ impl BusError {
         }
     }
 
+    /// Whether a record failed only because the producer purged it (an aborted
+    /// transaction, or one that became abortable because of another record).
+    pub fn is_purged(&self) -> bool {
+        match self {
+            Self::NotAcknowledged { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn client(action: &'static str) -> impl FnOnce(KafkaError) -> Self {
         move |source| Self::Client { action, source }
     }

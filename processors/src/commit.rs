@@ -206,10 +206,20 @@ impl Committer {
             }
         }
         let records = acks.len();
+        // Records purged by librdkafka (once the transaction became abortable) say
+        // nothing of why: the failure worth reporting is another record's.
+        let mut failure: Option<BusError> = None;
         for result in futures_util::future::join_all(acks).await {
-            if let Err(e) = result {
-                return self.failed(e, "acknowledge").await;
+            if let Err(e) = result
+                && failure
+                    .as_ref()
+                    .is_none_or(|f| f.is_purged() && !e.is_purged())
+            {
+                failure = Some(e);
             }
+        }
+        if let Some(e) = failure {
+            return self.failed(e, "acknowledge").await;
         }
         let offsets: Vec<(String, i32, i64)> = last
             .iter()
