@@ -119,7 +119,26 @@ pub(crate) struct Sink {
     durable: Arc<Snapshot>,
     buffer: Buffer,
     rolls: u64,
+    /// Jumps in offsets not yet checked against the broker (see [`Gap`]).
+    gaps: Vec<Gap>,
 }
+
+/// A jump in a partition's offsets between two records read. Under transactions most are
+/// commit markers and aborted records (never returned to a `read_committed` reader);
+/// another member's writes after a rebalance are jumps too. Only offsets the broker no
+/// longer has (below its low watermark) were lost.
+#[derive(Debug, Clone)]
+struct Gap {
+    topic: String,
+    partition: i32,
+    /// The offset expected next.
+    from: i64,
+    /// The offset read instead.
+    to: i64,
+}
+
+/// Most jumps remembered between two checks; more are counted unchecked.
+const MAX_GAPS: usize = 4096;
 
 impl Sink {
     /// Reads what the log holds and subscribes to every event topic (reporting the
@@ -155,6 +174,7 @@ impl Sink {
             durable,
             buffer: Buffer::default(),
             rolls: 0,
+            gaps: Vec::new(),
         })
     }
 
@@ -241,33 +261,10 @@ impl Sink {
     /// the log.
     async fn take(&mut self, received: bus::Result<bus::Received<'_>>) -> Result<()> {
         self.after_rebalance().await?;
-        if let Ok(record) = &received
-            && self.beyond_durable(record.topic(), record.partition(), record.offset())
-        {
-            // Another member of the group may have written this partition since the log
-            // was last read (it owned the partition until a rebalance and committed its
-            // last roll after this member looked): read the log again before calling the
-            // jump a loss.
-            self.durable = self.log.snapshot().await?;
-        }
         if let Some((topic, partition, offset)) = self.read_one(received) {
             self.skip_ahead(topic, partition, offset).await;
         }
         Ok(())
-    }
-
-    /// Whether `offset` is past what the log held when last read, with nothing of its
-    /// partition buffered: a jump that is either another member's writes or a loss.
-    fn beyond_durable(&self, topic: &str, partition: i32, offset: i64) -> bool {
-        history::table_of(topic).is_some()
-            && !self
-                .buffer
-                .read
-                .contains_key(&(topic.to_owned(), partition))
-            && self
-                .durable
-                .next_offset(&self.log_topic(topic), partition)
-                .is_some_and(|next| offset > next)
     }
 
     /// Takes one record into the buffer. Returns where to seek when the record is far
@@ -297,20 +294,21 @@ impl Sink {
                 .filter(|next| next - offset > SEEK_AHEAD && read.is_none())
                 .map(|next| (table.topic.name, partition, next));
         }
-        // The history topics are neither compacted nor transactional: a jump in offsets
-        // means records were deleted (retention) before the history read them.
+        // A jump in offsets: transaction markers, aborted records, another member's
+        // writes, or records deleted (retention) before the history read them. Which
+        // one is told at the next roll, by the broker's low watermark.
         let expected = read.map(|r| r.next).or(resume);
         if let Some(expected) = expected.filter(|&e| offset > e) {
-            metrics::counter!("history_records_lost_total", "table" => table.name)
-                .increment((offset - expected) as u64);
-            tracing::error!(
-                topic,
-                partition,
-                from = expected,
-                to = offset,
-                "history sink: records were deleted from the broker before the history read them \
-                 (retention too short for the sink's lag)"
-            );
+            if self.gaps.len() < MAX_GAPS {
+                self.gaps.push(Gap {
+                    topic: topic.to_owned(),
+                    partition,
+                    from: expected,
+                    to: offset,
+                });
+            } else {
+                metrics::counter!("history_offset_jumps_unchecked_total").increment(1);
+            }
         }
         self.buffer
             .read
@@ -413,9 +411,63 @@ impl Sink {
         }
     }
 
+    /// Tells the jumps in offsets read since the last check that were losses: offsets
+    /// below the partition's low watermark were deleted before the history read them
+    /// (retention too short for the sink's lag). One watermark request per partition;
+    /// a partition whose watermarks cannot be read is left unchecked (counted).
+    async fn check_gaps(&mut self) {
+        if self.gaps.is_empty() {
+            return;
+        }
+        let gaps = std::mem::take(&mut self.gaps);
+        let consumer = Arc::clone(&self.consumer);
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut low: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
+            gaps.into_iter()
+                .map(|gap| {
+                    let low = *low
+                        .entry((gap.topic.clone(), gap.partition))
+                        .or_insert_with(|| {
+                            consumer
+                                .watermarks(&gap.topic, gap.partition, Duration::from_secs(5))
+                                .ok()
+                                .map(|(low, _)| low)
+                        });
+                    (gap, low)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(checked) = checked else {
+            return;
+        };
+        for (gap, low) in checked {
+            let Some(low) = low else {
+                metrics::counter!("history_offset_jumps_unchecked_total").increment(1);
+                continue;
+            };
+            let lost = gap.to.min(low) - gap.from;
+            if lost <= 0 {
+                continue;
+            }
+            let table = history::table_of(&gap.topic).map_or("unknown", |t| t.name);
+            metrics::counter!("history_records_lost_total", "table" => table)
+                .increment(lost as u64);
+            tracing::error!(
+                topic = gap.topic,
+                partition = gap.partition,
+                from = gap.from,
+                to = gap.to.min(low),
+                "history sink: records were deleted from the broker before the history read them \
+                 (retention too short for the sink's lag)"
+            );
+        }
+    }
+
     /// Writes every buffered table and date as one file, commits them with the offsets
     /// read to the log, then stores the offsets in Kafka.
     async fn roll(&mut self) -> Result<()> {
+        self.check_gaps().await;
         let buffer = std::mem::take(&mut self.buffer);
         if buffer.read.is_empty() {
             return Ok(());

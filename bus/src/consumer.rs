@@ -309,6 +309,15 @@ impl Consumer {
         Ok(())
     }
 
+    /// The low and high watermarks of `topic`/`partition`: the first offset the broker
+    /// still has, and the offset the next record gets. Blocks the calling thread for up
+    /// to `timeout`.
+    pub fn watermarks(&self, topic: &str, partition: i32, timeout: Duration) -> Result<(i64, i64)> {
+        self.inner
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(BusError::client("fetching watermarks"))
+    }
+
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
