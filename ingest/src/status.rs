@@ -195,6 +195,8 @@ mod tests {
             drone_speed_mps: None,
             seq: 1,
             updated_at: String::new(),
+            cancel_reason: None,
+            cancel_detail: None,
         })
         .unwrap()
     }
