@@ -421,4 +421,92 @@ mod tests {
         // Memory stays bounded per drone.
         assert!(tracker.recent[&0]["r1"].len() <= RECENT_FIXES_PER_DRONE);
     }
+
+    #[test]
+    fn a_drone_is_forgotten_once_its_delivery_is_over_and_it_is_silent() {
+        let here = Location {
+            latitude: 47.0,
+            longitude: -122.0,
+        };
+        let t0 = 1_800_000_000_000;
+        let assignment = |drone: &str| Assignment {
+            drone_id: drone.into(),
+            region: "47:-123".into(),
+            delivery_key: format!("fabrikam/{drone}"),
+            delivery_id: drone.into(),
+            from: here,
+            pickup: here,
+            drop_off: here,
+            speed_mps: 10.0,
+            assigned_at: t0,
+            pickup_eta: t0 + 60_000,
+            delivery_eta: t0 + 120_000,
+        };
+        let record = |drone: &str, topic: &str, payload: Vec<u8>, at: i64| Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(drone.as_bytes().to_vec()),
+            payload: Some(payload),
+            headers: vec![(h::INGEST_TIME.into(), at.to_string().into_bytes())],
+        };
+        let fix = br#"{"latitude":47,"longitude":-122,"timestamp":"2026-11-24T10:00:00Z"}"#;
+        let retention = Duration::from_secs(600);
+        let mut tracker = Tracker::new(retention);
+        let mut fx = Effects::default();
+        let a = serde_json::to_vec(&assignment("r1")).unwrap();
+        tracker.handle(
+            &record("r1", topics::DRONE_ASSIGNMENTS.name, a, t0),
+            0,
+            &mut fx,
+        );
+        // Still reporting after its ETA: kept.
+        tracker.handle(
+            &record(
+                "r1",
+                topics::DRONE_TELEMETRY.name,
+                fix.to_vec(),
+                t0 + 300_000,
+            ),
+            0,
+            &mut fx,
+        );
+        let mut fx = Effects::default();
+        tracker.tick(0, t0 + 899_999, &mut fx);
+        tracker.tick(0, t0 + 899_999, &mut fx);
+        assert!(fx.changes.is_empty());
+        tracker.tick(0, t0 + 900_000, &mut fx);
+        assert_eq!(fx.changes, vec![(b"r1".to_vec(), Vec::new())]);
+        // A later fix has no delivery to go to.
+        let mut fx = Effects::default();
+        tracker.handle(
+            &record(
+                "r1",
+                topics::DRONE_TELEMETRY.name,
+                fix.to_vec(),
+                t0 + 900_001,
+            ),
+            0,
+            &mut fx,
+        );
+        assert!(fx.outputs.is_empty());
+        // The count bound: the one over the longest goes first.
+        tracker.max_drones = 2;
+        for (i, drone) in ["a", "b", "c"].into_iter().enumerate() {
+            let mut a = assignment(drone);
+            a.delivery_eta = t0 + 1_000_000 + i as i64;
+            let payload = serde_json::to_vec(&a).unwrap();
+            let mut fx = Effects::default();
+            tracker.handle(
+                &record(drone, topics::DRONE_ASSIGNMENTS.name, payload, t0),
+                0,
+                &mut fx,
+            );
+            if drone == "c" {
+                assert!(fx.changes.contains(&(b"a".to_vec(), Vec::new())));
+            }
+        }
+        assert_eq!(tracker.partitions[&0].drones.len(), 2);
+        assert!(!tracker.partitions[&0].drones.contains_key("a"));
+    }
 }

@@ -827,4 +827,145 @@ mod tests {
                 .all(|(_, v)| v.len() < 2 * EARLY_BYTES_PER_DELIVERY)
         );
     }
+
+    fn at(mut r: Record, ms: i64) -> Record {
+        r.headers
+            .push((h::INGEST_TIME.into(), ms.to_string().into_bytes()));
+        r
+    }
+
+    fn write(log: &mut HashMap<Vec<u8>, Vec<u8>>, fx: &Effects) {
+        for (k, v) in &fx.changes {
+            if v.is_empty() {
+                log.remove(k);
+            } else {
+                log.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn a_finished_delivery_is_deleted_after_the_retention_in_event_time() {
+        let t0 = 1_800_000_000_000;
+        let retention = Duration::from_secs(2);
+        let mut d = Deliveries::new(retention);
+        let mut log = HashMap::new();
+        let mut fx = Effects::default();
+        let request = record(
+            0,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&at(request, t0), 0, &mut fx);
+        // Unfinished deliveries stay whatever the time.
+        d.tick(1, t0 + 10_000, &mut fx);
+        d.tick(1, t0 + 10_000, &mut fx);
+        assert!(d.states[&1].contains_key("fabrikam/d1"));
+        let cancel = record(1, h::event_type::DELIVERY_CANCELLED, b"{}");
+        d.handle(&at(cancel, t0 + 20_000), 0, &mut fx);
+        write(&mut log, &fx);
+        // The changelog value is the state (as the status view reads it) and its time.
+        let stored: DeliveryState = serde_json::from_slice(&log[&b"fabrikam/d1".to_vec()]).unwrap();
+        assert_eq!(stored.stage, schemas::tracking::Stage::Cancelled);
+        assert_eq!(
+            stored.cancel_reason,
+            Some(schemas::tracking::CancelReason::ByTenant)
+        );
+        // A restore keeps when it finished.
+        let mut restored = Deliveries::new(retention);
+        restored.restore(1, log.clone());
+        for d in [&mut d, &mut restored] {
+            let mut fx = Effects::default();
+            d.tick(1, t0 + 21_999, &mut fx);
+            d.tick(1, t0 + 21_999, &mut fx);
+            assert!(fx.changes.is_empty(), "not yet");
+            d.tick(1, t0 + 22_000, &mut fx);
+            assert_eq!(fx.changes, vec![(b"fabrikam/d1".to_vec(), Vec::new())]);
+            assert!(d.states[&1].is_empty() && d.finished[&1].is_empty());
+        }
+    }
+
+    #[test]
+    fn stream_time_of_busy_partitions_is_event_time_not_the_wall_clock() {
+        let t0 = 1_800_000_000_000;
+        let mut d = Deliveries::new(Duration::from_secs(60));
+        let mut fx = Effects::default();
+        let request = record(
+            0,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&at(request, t0), 0, &mut fx);
+        d.handle(
+            &at(record(1, h::event_type::DELIVERY_CANCELLED, b"{}"), t0),
+            0,
+            &mut fx,
+        );
+        // Replaying a backlog an hour later: each tick follows a batch, so event time rules.
+        for i in 0..5 {
+            let mut fx = Effects::default();
+            let other = Record {
+                key: Some(format!("fabrikam/o{i}").into_bytes()),
+                ..at(
+                    record(2 + i, h::event_type::DELIVERY_CANCELLED, b"{}"),
+                    t0 + i * 1_000,
+                )
+            };
+            d.handle(&other, t0 + 3_600_000, &mut fx);
+            d.tick(1, t0 + 3_600_000, &mut fx);
+            assert!(fx.changes.is_empty());
+        }
+        let mut fx = Effects::default();
+        let later = Record {
+            key: Some(b"fabrikam/o9".to_vec()),
+            ..at(
+                record(9, h::event_type::DELIVERY_CANCELLED, b"{}"),
+                t0 + 60_000,
+            )
+        };
+        d.handle(&later, t0 + 3_600_000, &mut fx);
+        d.tick(1, t0 + 3_600_000, &mut fx);
+        assert_eq!(fx.changes, vec![(b"fabrikam/d1".to_vec(), Vec::new())]);
+    }
+
+    #[test]
+    fn a_rejection_cancels_with_its_reason_even_before_its_request() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        let rejection = SchedulingRejected {
+            reason: "region 47:-123 already has 1000 requests waiting for a drone".into(),
+            code: schemas::tracking::CancelReason::QueueFull,
+        };
+        d.handle(
+            &record(
+                0,
+                h::event_type::DELIVERY_REJECTED,
+                &serde_json::to_vec(&rejection).unwrap(),
+            ),
+            0,
+            &mut fx,
+        );
+        assert!(fx.outputs.is_empty(), "waits for its request");
+        let request = record(
+            1,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&request, 1_000, &mut fx);
+        assert_eq!(stages(&fx), [Stage::Created, Stage::Cancelled]);
+        let cancelled: DeliveryEvent = serde_json::from_slice(&fx.outputs[1].payload).unwrap();
+        assert_eq!(cancelled.cancel_reason, Some(rejection.code));
+        assert_eq!(
+            cancelled.cancel_detail.as_deref(),
+            Some(rejection.reason.as_str())
+        );
+        assert!(
+            fx.outputs
+                .iter()
+                .all(|o| o.topic != topics::DRONE_SCHEDULING.name),
+            "the scheduler dropped it already"
+        );
+        let state = &d.states[&1]["fabrikam/d1"].state;
+        assert_eq!(state.cancel_reason, Some(rejection.code));
+    }
 }
