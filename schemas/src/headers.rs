@@ -40,7 +40,8 @@ pub mod event_type {
     /// A new delivery request.
     pub const DELIVERY_REQUESTED: &str = "DeliveryRequested";
     /// A change of a delivery's pickup time, deadline or drop-off location; the payload
-    /// is a `DeliveryReschedule` as the client sent it.
+    /// is a `DeliveryReschedule` as the client sent it (on `drone-scheduling`, from the
+    /// delivery consumer: a `tracking::SchedulingRescheduled`).
     pub const DELIVERY_RESCHEDULED: &str = "DeliveryRescheduled";
     /// A delivery cancelled by its tenant; the payload is `{"deliveryId": ..}`.
     pub const DELIVERY_CANCELLED: &str = "DeliveryCancelled";

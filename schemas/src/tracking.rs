@@ -137,6 +137,21 @@ pub struct SchedulingCancelled {
     pub delivery_key: String,
 }
 
+/// New times of a delivery that may still be waiting for a drone, for the scheduler to
+/// move its deadline (its waiting bound follows). On `drone-scheduling`, keyed by the
+/// pickup region, event type `DeliveryRescheduled`. A delivery already assigned keeps
+/// its drone and this changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingRescheduled {
+    /// The delivery's key.
+    pub delivery_key: String,
+    /// When the package is ready, milliseconds since the Unix epoch.
+    pub pickup_time_ms: i64,
+    /// When it must be delivered by, milliseconds since the Unix epoch.
+    pub deadline_ms: i64,
+}
+
 /// A delivery's state as the status API shows it and the delivery consumer keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

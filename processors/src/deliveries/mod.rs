@@ -37,6 +37,7 @@ use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::{
     Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled, SchedulingRejected,
+    SchedulingRescheduled,
 };
 
 use crate::clock::{StreamClock, event_ms, event_time_header, millis};
@@ -560,6 +561,33 @@ impl Deliveries {
                 payload: serde_json::to_vec(&cancel).unwrap_or_default(),
                 headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_CANCELLED, at),
             });
+        }
+        if let (Some(region), Some(state)) = (fx.reschedule, after.as_ref()) {
+            let ms = |t: &str| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.timestamp_millis())
+                    .ok()
+            };
+            if let (Some(pickup_time_ms), Some(deadline_ms)) =
+                (ms(&state.pickup_time), ms(&state.deadline))
+            {
+                let change = SchedulingRescheduled {
+                    delivery_key: key.clone(),
+                    pickup_time_ms,
+                    deadline_ms,
+                };
+                effects.outputs.push(Output {
+                    topic: topics::DRONE_SCHEDULING.name,
+                    key: region.into_bytes(),
+                    payload: serde_json::to_vec(&change).unwrap_or_default(),
+                    headers: tenant_headers(
+                        &key,
+                        delivery_id,
+                        h::event_type::DELIVERY_RESCHEDULED,
+                        at,
+                    ),
+                });
+            }
         }
         if let Some(state) = after {
             let changed = unchanged.as_ref() != Some(&state);

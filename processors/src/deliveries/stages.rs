@@ -65,6 +65,8 @@ pub struct Effects {
     pub release: Option<(String, DroneReleased)>,
     /// A waiting request the scheduler of its pickup region should drop.
     pub unschedule: Option<String>,
+    /// New times the scheduler of its pickup region should give a waiting request.
+    pub reschedule: Option<String>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -160,6 +162,7 @@ pub fn apply(
                     state.deadline = t.to_rfc3339();
                 }
                 transition(&mut state, Stage::Rescheduled, &mut effects);
+                effects.reschedule = Some(pickup_region(&state));
             }
             (Some(state), effects)
         }
@@ -429,9 +432,15 @@ mod tests {
         assert_eq!(state.stage, Stage::Rescheduled);
         assert!(state.deadline.starts_with("2026-11-25T10:00:00"));
         assert_eq!(fx.events.len(), 1);
+        assert_eq!(
+            fx.reschedule.as_deref(),
+            Some("47:-123"),
+            "the scheduler is told"
+        );
         let a = assignment(&request, "r1");
         let (flying, _) = apply(Some(state), &Input::Assigned(&a), NOW);
         let (_, fx) = apply(flying, &Input::Rescheduled(&change), NOW);
         assert!(fx.events.is_empty(), "too late once a drone flies");
+        assert!(fx.reschedule.is_none());
     }
 }

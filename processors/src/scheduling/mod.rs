@@ -3,8 +3,8 @@
 //! emits `drone-assignments` keyed by drone id.
 //!
 //! Inputs on `drone-scheduling`, keyed by region: requests (from the workflow), drones
-//! released (from the delivery consumer, when a delivery completes or is cancelled) and
-//! cancels of requests that may still be waiting. State in `scheduling-state`: one entry
+//! released (from the delivery consumer, when a delivery completes or is cancelled),
+//! cancels and reschedules of requests that may still be waiting. State in `scheduling-state`: one entry
 //! per drone that differs from its fleet's (busy, or away from home) and one per waiting
 //! request; a region is its fleet's drones with those entries on top.
 //!
@@ -29,6 +29,7 @@ use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::{
     Assignment, CancelReason, DroneReleased, SchedulingCancelled, SchedulingRejected,
+    SchedulingRescheduled,
 };
 use serde::{Deserialize, Serialize};
 
@@ -301,6 +302,7 @@ enum Input {
     Request(Job),
     Release(DroneReleased),
     Cancel(SchedulingCancelled),
+    Reschedule(SchedulingRescheduled),
 }
 
 /// Parses a record, or says why it is a dead letter.
@@ -337,6 +339,11 @@ fn parse(record: &Record) -> std::result::Result<Input, String> {
             serde_json::from_slice(payload)
                 .map(Input::Cancel)
                 .map_err(|e| format!("invalid scheduling cancel: {e}"))
+        }
+        Some(t) if t == h::event_type::DELIVERY_RESCHEDULED.as_bytes() => {
+            serde_json::from_slice(payload)
+                .map(Input::Reschedule)
+                .map_err(|e| format!("invalid scheduling reschedule: {e}"))
         }
         other => {
             let shown = other.map_or("none".into(), String::from_utf8_lossy);
@@ -492,6 +499,24 @@ impl Machine for Scheduler {
                 );
                 put_drone(slot, &released.drone_id, effects);
                 assigned_from_queue(slot, assigned, at, effects);
+            }
+            Input::Reschedule(change) => {
+                let key = &change.delivery_key;
+                if slot
+                    .region
+                    .reschedule(key, change.pickup_time_ms, change.deadline_ms)
+                    && let Some(q) = slot.region.queued(key)
+                {
+                    let entry = Waiting {
+                        seq: q.seq,
+                        job: q.job.clone(),
+                        arrived_ms: Some(q.arrived_ms),
+                    };
+                    effects.changes.push((
+                        wait_key(&region_name, key),
+                        serde_json::to_vec(&entry).unwrap_or_default(),
+                    ));
+                }
             }
             Input::Cancel(cancelled) => {
                 if slot.region.cancel(&cancelled.delivery_key) {

@@ -447,6 +447,29 @@ impl Region {
         }
     }
 
+    /// Gives a waiting request new times (rescheduled by its tenant): its place stays,
+    /// its expiry follows the new deadline. A request not waiting (assigned, or unknown)
+    /// is left alone. O(log n).
+    pub fn reschedule(
+        &mut self,
+        delivery_key: &str,
+        pickup_time_ms: i64,
+        deadline_ms: i64,
+    ) -> bool {
+        let Some(seq) = self.queue.by_key.get(delivery_key).copied() else {
+            return false;
+        };
+        let Some(mut queued) = self.queue.remove(seq) else {
+            return false;
+        };
+        queued.job.pickup_time_ms = pickup_time_ms;
+        queued.job.deadline_ms = deadline_ms;
+        (queued.expires_ms, queued.expiry) =
+            expiry_of(&queued.job, queued.arrived_ms, &self.limits);
+        self.queue.push(queued);
+        true
+    }
+
     /// Drops the waiting requests that expire at or before `stream_ms`, soonest first,
     /// and returns them. O(log n) each.
     pub fn expire(&mut self, stream_ms: i64) -> Vec<Queued> {
@@ -650,6 +673,21 @@ mod tests {
             ("t/late", CancelReason::WaitedTooLong)
         );
         assert_eq!(region.waiting_len(), 0);
+        // A rescheduled request keeps its place and follows its new deadline.
+        let mut w1 = job("t/w1", 20.0, PackageSize::Large);
+        w1.deadline_ms = NOW + 100_000;
+        assert_eq!(region.request(w1, NOW), Decision::Waiting);
+        assert!(region.reschedule("t/w1", NOW, NOW + 200_000));
+        assert!(
+            !region.reschedule("t/l1", NOW, NOW + 200_000),
+            "assigned: left alone"
+        );
+        assert!(region.expire(NOW + 100_000).is_empty());
+        assert_eq!(
+            region.queued("t/w1").unwrap().job.deadline_ms,
+            NOW + 200_000
+        );
+        assert_eq!(region.expire(NOW + 200_000).len(), 1);
         // A deadline already past on arrival: served within the bound all the same.
         let mut missed = job("t/missed", 20.0, PackageSize::Large);
         missed.deadline_ms = NOW - 1;
