@@ -965,4 +965,109 @@ mod tests {
             .is_err()
         );
     }
+
+    fn cancel_record(offset: i64, region: &str, key: &str, at_ms: i64) -> Record {
+        Record {
+            topic: topics::DRONE_SCHEDULING.name.into(),
+            partition: 0,
+            offset,
+            key: Some(region.as_bytes().to_vec()),
+            payload: Some(
+                serde_json::to_vec(&SchedulingCancelled {
+                    delivery_key: key.into(),
+                })
+                .unwrap(),
+            ),
+            headers: vec![
+                (
+                    h::EVENT_TYPE.into(),
+                    h::event_type::DELIVERY_CANCELLED.as_bytes().to_vec(),
+                ),
+                event_time_header(at_ms),
+            ],
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever happens, a scheduler restored from what was written to the changelog
+        /// has the same regions (drones and waiting requests, in order), and a region
+        /// that left nothing in the changelog is exactly the one its fleet rebuilds.
+        #[test]
+        fn the_changelog_always_restores_the_same_regions(
+            ops in proptest::collection::vec((0u8..5, 0usize..16, 0i64..20), 1..60),
+        ) {
+            let limits = QueueLimits {
+                max_waiting: 3,
+                max_waiting_time: std::time::Duration::from_secs(600),
+            };
+            let t0 = 1_800_000_000_000;
+            let mut now = t0;
+            let mut live = Scheduler::new(Fleet::Default).with_limits(limits);
+            let mut log = HashMap::new();
+            let mut assigned: Vec<Assignment> = Vec::new();
+            let mut requested: Vec<String> = Vec::new();
+            for (i, (op, pick, minutes)) in ops.into_iter().enumerate() {
+                now += 30_000;
+                let offset = i as i64;
+                let mut fx = Effects::default();
+                match op {
+                    0 | 1 => {
+                        let deadline = chrono::DateTime::from_timestamp_millis(now + minutes * 60_000)
+                            .unwrap()
+                            .to_rfc3339();
+                        let id = format!("r{i}");
+                        live.handle(&large_request(offset, &id, now, &deadline), now, &mut fx);
+                        requested.push(format!("fabrikam/{id}"));
+                    }
+                    2 => {
+                        if !assigned.is_empty() {
+                            let a = assigned.remove(pick % assigned.len());
+                            live.handle(&release_record(offset, &a, now), now, &mut fx);
+                        }
+                    }
+                    3 => {
+                        if !requested.is_empty() {
+                            let key = requested[pick % requested.len()].clone();
+                            live.handle(&cancel_record(offset, "47:-123", &key, now), now, &mut fx);
+                        }
+                    }
+                    _ => {
+                        now += minutes * 60_000;
+                        live.tick(0, now, &mut fx);
+                        live.tick(0, now, &mut fx);
+                    }
+                }
+                for o in &fx.outputs {
+                    if o.topic == topics::DRONE_ASSIGNMENTS.name {
+                        assigned.push(serde_json::from_slice(&o.payload).unwrap());
+                    }
+                }
+                write(&mut log, &fx);
+                let mut restored = Scheduler::new(Fleet::Default).with_limits(limits);
+                restored.restore(0, log.clone());
+                let empty = HashMap::new();
+                let live_regions = live.partitions.get(&0).map_or(&empty, |p| &p.regions);
+                let restored_regions = &restored.partitions[&0].regions;
+                for (name, slot) in live_regions {
+                    let waiting = |r: &Region| -> Vec<(String, i64, i64)> {
+                        r.waiting().map(|q| (q.job.delivery_key.clone(), q.arrived_ms, q.expires_ms)).collect()
+                    };
+                    match restored_regions.get(name) {
+                        Some(back) => {
+                            proptest::prop_assert_eq!(&back.region.drones, &slot.region.drones);
+                            proptest::prop_assert_eq!(waiting(&back.region), waiting(&slot.region));
+                        }
+                        None => {
+                            let rebuilt = Region::new(name, default_fleet(name)).with_limits(limits);
+                            proptest::prop_assert_eq!(&slot.region.drones, &rebuilt.drones);
+                            proptest::prop_assert_eq!(slot.region.waiting_len(), 0);
+                        }
+                    }
+                }
+                for name in restored_regions.keys() {
+                    proptest::prop_assert!(live_regions.contains_key(name), "{} came back", name);
+                }
+            }
+        }
+    }
 }
