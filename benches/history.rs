@@ -92,6 +92,8 @@ impl Source {
                         last_known_location: location,
                         pickup_eta: None,
                         delivery_eta: None,
+                        cancel_reason: None,
+                        cancel_detail: None,
                     };
                     outgoing.push((
                         topics::DELIVERY_EVENTS.name,

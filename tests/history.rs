@@ -225,6 +225,8 @@ async fn every_topic_lands_once_in_its_table_and_date() -> Result<()> {
                 last_known_location: location,
                 pickup_eta: None,
                 delivery_eta: Some("2026-11-23T12:30:00Z".into()),
+                cancel_reason: None,
+                cancel_detail: None,
             };
             send(
                 &producer,

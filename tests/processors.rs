@@ -505,3 +505,225 @@ async fn processors_killed_mid_batch_lose_no_delivery() -> Result<()> {
     second.stop().await?;
     stack.stop().await
 }
+
+/// `dronedelivery run` on its embedded broker (no simulated drones) with a short
+/// finished retention and a one-request queue per region.
+struct Run {
+    binary: common::binary::Binary,
+    base: String,
+    brokers: String,
+    _data: tempfile::TempDir,
+}
+
+impl Run {
+    fn start(extra: &[&str]) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let binary = common::binary::Launch::new("run")
+            .args(["run", "--listen", "127.0.0.1:0", "--flight-listen", "off"])
+            .args(["--roll-interval-ms", "300"])
+            .args(extra)
+            .arg("--data")
+            .arg(data.path())
+            .start(&[
+                dronedelivery::announce::API,
+                dronedelivery::announce::EMBEDDED_BROKER,
+            ])?;
+        let base = format!("http://{}", binary.announced(dronedelivery::announce::API)?);
+        let brokers = binary
+            .announced(dronedelivery::announce::EMBEDDED_BROKER)?
+            .to_owned();
+        Ok(Self {
+            binary,
+            base,
+            brokers,
+            _data: data,
+        })
+    }
+
+    /// Posts one request: `weight` kg of a `size` package picked up at `pickup`, due by
+    /// `deadline`.
+    async fn request(
+        &self,
+        id: &str,
+        pickup: &str,
+        size: &str,
+        weight: f64,
+        deadline: &str,
+    ) -> Result<()> {
+        let mut r = valid_request(0);
+        r["deliveryId"] = serde_json::json!(id);
+        r["pickupLocation"] = serde_json::json!(pickup);
+        r["dropOffLocation"] = serde_json::json!(pickup);
+        r["pickupTime"] = serde_json::json!(chrono::Utc::now().to_rfc3339());
+        r["deadline"] = serde_json::json!(deadline);
+        r["packageInfo"]["size"] = serde_json::json!(size);
+        r["packageInfo"]["weight"] = serde_json::json!(weight);
+        let url = format!("{}/api/deliveryrequests", self.base);
+        let (status, _, body) = post(&client(), &url, &r).await?;
+        if status != 202 {
+            bail!("{id}: {status} {body}");
+        }
+        Ok(())
+    }
+
+    /// The status of `id`: HTTP status and body.
+    async fn status(&self, id: &str) -> Result<(u16, serde_json::Value)> {
+        let url = format!("{}/api/deliveries/{id}/status", self.base);
+        let (status, _, body) = call(&client(), "GET", &url, &[], Vec::new()).await?;
+        Ok((status, body))
+    }
+
+    /// Polls the status of `id` until `done` says so.
+    async fn wait_status(
+        &self,
+        id: &str,
+        what: &str,
+        done: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let (status, body) = self.status(id).await?;
+            if done(status, &body) {
+                return Ok(body);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{id} never {what}: {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Rows of `query` from the history, once `enough` says they are all there.
+    async fn sql(
+        &self,
+        query: &str,
+        enough: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<Vec<serde_json::Value>> {
+        let url = format!("{}/api/sql", self.base);
+        let body = serde_json::to_vec(&serde_json::json!({ "sql": query }))?;
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let (status, _, answer) = call(&client(), "POST", &url, &[], body.clone()).await?;
+            if status != 200 {
+                bail!("{query}: {status} {answer}");
+            }
+            let rows = answer.as_array().cloned().unwrap_or_default();
+            if enough(&rows) {
+                return Ok(rows);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{query}: only {rows:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+fn cancelled_with(reason: &'static str) -> impl Fn(u16, &serde_json::Value) -> bool {
+    move |status, body| {
+        status == 200 && body["stage"] == "Cancelled" && body["cancelReason"] == reason
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_deliveries_go_after_the_retention_and_full_or_late_requests_are_cancelled()
+-> Result<()> {
+    let run = Run::start(&[
+        "--finished-retention",
+        "3s",
+        "--max-waiting-per-region",
+        "1",
+    ])?;
+    let later = (chrono::Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    // A delivery cancelled by its tenant: kept for the retention, then 404.
+    run.request("kept-1", "20.5,20.5", "Small", 1.0, &later)
+        .await?;
+    run.wait_status("kept-1", "created", |s, b| {
+        s == 200 && b["stage"] == "Created"
+    })
+    .await?;
+    let url = format!("{}/api/deliveryrequests/kept-1", run.base);
+    let (status, _, _) = call(&client(), "DELETE", &url, &[], Vec::new()).await?;
+    assert_eq!(status, 202);
+    let started = tokio::time::Instant::now();
+    run.wait_status("kept-1", "cancelled", cancelled_with("ByTenant"))
+        .await?;
+    run.wait_status("kept-1", "forgotten", |s, _| s == 404)
+        .await?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "kept for its retention"
+    );
+    // Its history stays.
+    let rows = run
+        .sql(
+            "SELECT stage, seq FROM delivery_events WHERE delivery_id = 'kept-1' ORDER BY seq",
+            |rows| rows.len() >= 2,
+        )
+        .await?;
+    let stages: Vec<&str> = rows.iter().filter_map(|r| r["stage"].as_str()).collect();
+    assert_eq!(stages, ["Created", "Cancelled"]);
+
+    // Region 10:10 has two large drones and room for one waiting request; no drone flies.
+    // Requests of different deliveries reach the scheduler in any order: each waits for
+    // the one before.
+    for id in ["big-1", "big-2"] {
+        run.request(id, "10.5,10.5", "Large", 20.0, &later).await?;
+        run.wait_status(id, "assigned", |s, b| {
+            s == 200 && b["stage"] == "HeadedToPickup"
+        })
+        .await?;
+    }
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(8)).to_rfc3339();
+    run.request("big-late", "10.5,10.5", "Large", 20.0, &soon)
+        .await?;
+    // It waits (nothing tells it apart from one not scheduled yet: give it the time).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.request("big-full", "10.5,10.5", "Large", 20.0, &later)
+        .await?;
+    let full = run
+        .wait_status("big-full", "refused", cancelled_with("QueueFull"))
+        .await?;
+    assert!(
+        full["cancelDetail"]
+            .as_str()
+            .is_some_and(|d| d.contains("10:10")),
+        "{full}"
+    );
+    run.wait_status("big-late", "expired", cancelled_with("DeadlinePassed"))
+        .await?;
+    for id in ["big-1", "big-2"] {
+        let (status, body) = run.status(id).await?;
+        assert_eq!(
+            (status, &body["stage"]),
+            (200, &serde_json::json!("HeadedToPickup"))
+        );
+    }
+    // The reasons are on delivery-events too.
+    let reader = Consumer::subscribe(
+        &ClientSettings::plain(&run.brokers),
+        &format!("reader-{}", uuid::Uuid::new_v4()),
+        &[topics::DELIVERY_EVENTS.name],
+    )?;
+    let mut reasons = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while reasons.len() < 3 {
+        let record = tokio::time::timeout_at(deadline, reader.recv())
+            .await
+            .context("delivery-events: cancels missing")??;
+        let event: DeliveryEvent = serde_json::from_slice(record.payload().unwrap_or_default())?;
+        if let Some(reason) = event.cancel_reason {
+            reasons.insert(event.delivery_id, reason.as_str());
+        }
+    }
+    assert_eq!(
+        reasons,
+        BTreeMap::from([
+            ("big-full".to_owned(), "QueueFull"),
+            ("big-late".to_owned(), "DeadlinePassed"),
+            ("kept-1".to_owned(), "ByTenant"),
+        ])
+    );
+    drop(reader);
+    run.binary.stop(SETTLE)
+}

@@ -7,8 +7,13 @@
 //! delivery consumer. A tenant only sees its own deliveries (the key is
 //! `tenant/deliveryId`); anything else is 404.
 //!
-//! The map is bounded: past `max_deliveries`, completed and cancelled deliveries are
-//! forgotten, oldest first (their history stays in the Parquet history).
+//! The map holds what `delivery-state` holds: every live delivery, and finished ones
+//! until the delivery consumer's `--finished-retention` deletes them (a tombstone, an
+//! empty value, removes the key here too: the routes answer 404 then). It is also
+//! bounded on its own: past `max_deliveries` (`--status-max-deliveries`), the
+//! deliveries that finished first are forgotten first, then the oldest seen, each
+//! counted in `status_view_evicted_total` and answered 404 from then on, though the
+//! delivery consumer may still know them (their events stay in the Parquet history).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -95,8 +100,8 @@ impl StatusView {
             return;
         };
         if payload.is_empty() {
+            // `finished` and `seen` keep the key; it is skipped when it comes up.
             map.by_key.remove(key);
-            map.finished.retain(|k| k != key);
             return;
         }
         let Ok(state) = serde_json::from_slice::<DeliveryState>(payload) else {
@@ -112,19 +117,33 @@ impl StatusView {
         }
         // Finished ones go first, then the oldest of the rest.
         while map.by_key.len() > self.max_deliveries {
-            let oldest = match map.finished.pop_front() {
-                Some(key) => key,
+            let (oldest, finished) = match map.finished.pop_front() {
+                Some(key) => (key, true),
                 None => match map.seen.pop_front() {
-                    Some(key) => key,
+                    Some(key) => (key, false),
                     None => break,
                 },
             };
-            map.by_key.remove(&oldest);
+            // Keys deleted (or no longer finished) since they were queued are skipped.
+            let current = map
+                .by_key
+                .get(&oldest)
+                .is_some_and(|s| !finished || s.stage.is_final());
+            if current {
+                map.by_key.remove(&oldest);
+                metrics::counter!("status_view_evicted_total").increment(1);
+            }
         }
-        // `seen` keeps keys already gone; trim it when it is mostly stale.
+        // `finished` and `seen` keep keys already gone; trim them when mostly stale.
         if map.seen.len() > 2 * map.by_key.len() + 1024 {
             let Map { by_key, seen, .. } = &mut *map;
             seen.retain(|k| by_key.contains_key(k));
+        }
+        if map.finished.len() > 2 * map.by_key.len() + 1024 {
+            let Map {
+                by_key, finished, ..
+            } = &mut *map;
+            finished.retain(|k| by_key.get(k).is_some_and(|s| s.stage.is_final()));
         }
     }
 
@@ -151,19 +170,23 @@ pub(crate) fn delivery_body(state: &DeliveryState) -> Bytes {
 }
 
 /// The body of `GET /api/deliveries/{id}/status`: the reference implementation's
-/// fields.
+/// fields, and why a cancelled delivery was cancelled (`cancelReason`, `cancelDetail`).
 pub(crate) fn status_body(state: &DeliveryState) -> Bytes {
-    Bytes::from(
-        serde_json::json!({
-            "deliveryId": state.delivery_id,
-            "stage": state.stage,
-            "lastKnownLocation": state.last_known_location,
-            "pickupETA": state.pickup_eta,
-            "deliveryETA": state.delivery_eta,
-            "droneId": state.drone_id,
-        })
-        .to_string(),
-    )
+    let mut body = serde_json::json!({
+        "deliveryId": state.delivery_id,
+        "stage": state.stage,
+        "lastKnownLocation": state.last_known_location,
+        "pickupETA": state.pickup_eta,
+        "deliveryETA": state.delivery_eta,
+        "droneId": state.drone_id,
+    });
+    if let Some(reason) = state.cancel_reason {
+        body["cancelReason"] = serde_json::json!(reason);
+    }
+    if let Some(detail) = &state.cancel_detail {
+        body["cancelDetail"] = serde_json::json!(detail);
+    }
+    Bytes::from(body.to_string())
 }
 
 #[cfg(test)]
@@ -195,6 +218,8 @@ mod tests {
             drone_speed_mps: None,
             seq: 1,
             updated_at: String::new(),
+            cancel_reason: None,
+            cancel_detail: None,
         })
         .unwrap()
     }
@@ -220,5 +245,34 @@ mod tests {
             serde_json::from_slice(&status_body(&view.get("t", "c").unwrap())).unwrap();
         assert_eq!(body["stage"], "Created");
         assert!(body.get("lastKnownLocation").is_some());
+        assert!(body.get("cancelReason").is_none());
+    }
+
+    #[test]
+    fn tombstones_remove_deliveries_and_stale_queue_entries_are_skipped() {
+        let view = StatusView {
+            map: RwLock::new(Map::default()),
+            max_deliveries: 2,
+        };
+        view.apply("t/a", &state("a", Stage::Completed));
+        view.apply("t/a", &[]);
+        assert!(view.get("t", "a").is_none(), "deleted: 404");
+        assert!(view.is_empty());
+        // `a` is still queued as finished: past the bound it is skipped, and the oldest
+        // live one goes instead.
+        view.apply("t/b", &state("b", Stage::Created));
+        view.apply("t/c", &state("c", Stage::Created));
+        view.apply("t/d", &state("d", Stage::Created));
+        assert_eq!(view.len(), 2);
+        assert!(view.get("t", "b").is_none());
+        assert!(view.get("t", "c").is_some() && view.get("t", "d").is_some());
+        // A cancelled delivery says why.
+        let mut cancelled: DeliveryState =
+            serde_json::from_slice(&state("e", Stage::Cancelled)).unwrap();
+        cancelled.cancel_reason = Some(schemas::tracking::CancelReason::DeadlinePassed);
+        cancelled.cancel_detail = Some("no drone was free before the deadline".into());
+        let body: serde_json::Value = serde_json::from_slice(&status_body(&cancelled)).unwrap();
+        assert_eq!(body["cancelReason"], "DeadlinePassed");
+        assert!(body["cancelDetail"].as_str().unwrap().contains("deadline"));
     }
 }

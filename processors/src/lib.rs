@@ -18,6 +18,7 @@
 //! - [`stateful`]: the engine the three run on (changelog, restore, ticks), with its
 //!   batches (`batch`: received records, never of a partition given away) and the
 //!   `commit` of each batch under the [`guarantee`] in force.
+//! - [`clock`]: event time and per-partition stream time for the three (pure).
 //! - [`output`]: the record a processor produces and the acknowledged batch send that
 //!   the workflow and the engine share.
 //! - [`geo`]: distances and flight times (pure).
@@ -32,6 +33,7 @@
 //! client). It does not serve HTTP.
 
 mod batch;
+pub mod clock;
 mod commit;
 pub mod deliveries;
 mod error;
@@ -63,6 +65,50 @@ pub struct StatefulArgs {
         default_value_t = PROCESSOR_BATCH_RECORDS
     )]
     pub processor_batch_records: usize,
+
+    /// How long a finished (completed or cancelled) delivery stays in the delivery
+    /// consumer's state, and so on the status routes, measured in event time from its
+    /// last transition; then it is deleted (a tombstone on `delivery-state`) and its
+    /// status is 404. Its history stays. Seconds, or with a unit: `90s`, `30m`, `24h`.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_FINISHED_RETENTION",
+        default_value = "24h",
+        value_parser = clock::parse_duration
+    )]
+    pub finished_retention: std::time::Duration,
+
+    /// Most requests waiting for a drone in one region; a request arriving at a full
+    /// queue is cancelled with reason `QueueFull`.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_WAITING_PER_REGION",
+        default_value_t = scheduling::region::MAX_WAITING
+    )]
+    pub max_waiting_per_region: usize,
+
+    /// Longest a request waits for a drone, in event time from its arrival; a request
+    /// also never waits past its deadline (unless that had passed when it arrived). Then
+    /// it is cancelled with reason `WaitedTooLong` (or `DeadlinePassed`). Seconds, or
+    /// with a unit.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_WAITING_TIME",
+        default_value = "1h",
+        value_parser = clock::parse_duration
+    )]
+    pub max_waiting_time: std::time::Duration,
+
+    /// How long the drone tracker remembers a drone's last assignment once it is over
+    /// (past its delivery ETA) and the drone sent nothing; then it is forgotten (a
+    /// tombstone on `tracking-state`). Seconds, or with a unit.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TRACKER_DRONE_RETENTION",
+        default_value = "1h",
+        value_parser = clock::parse_duration
+    )]
+    pub tracker_drone_retention: std::time::Duration,
 }
 
 /// A processor, each its own consumer group: what `dronedelivery process --processors`
@@ -121,6 +167,10 @@ impl Default for StatefulArgs {
         Self {
             fleet: None,
             processor_batch_records: PROCESSOR_BATCH_RECORDS,
+            finished_retention: deliveries::FINISHED_RETENTION,
+            max_waiting_per_region: scheduling::region::MAX_WAITING,
+            max_waiting_time: scheduling::region::MAX_WAITING_TIME,
+            tracker_drone_retention: tracker::DRONE_RETENTION,
         }
     }
 }
@@ -151,7 +201,10 @@ pub async fn run_stateful(
         tasks.spawn(stateful::run(
             scheduling::SPEC,
             engine,
-            scheduling::Scheduler::new(fleet),
+            scheduling::Scheduler::new(fleet).with_limits(scheduling::region::QueueLimits {
+                max_waiting: config.max_waiting_per_region,
+                max_waiting_time: config.max_waiting_time,
+            }),
             settings.clone(),
             durability.clone(),
             stop.clone(),
@@ -161,7 +214,7 @@ pub async fn run_stateful(
         tasks.spawn(stateful::run(
             tracker::SPEC,
             engine,
-            tracker::Tracker::default(),
+            tracker::Tracker::new(config.tracker_drone_retention),
             settings.clone(),
             durability.clone(),
             stop.clone(),
@@ -171,7 +224,7 @@ pub async fn run_stateful(
         tasks.spawn(stateful::run(
             deliveries::SPEC,
             engine,
-            deliveries::Deliveries::default(),
+            deliveries::Deliveries::new(config.finished_retention),
             settings,
             durability,
             stop.clone(),

@@ -14,13 +14,21 @@
 //! per partition) and, when an assignment comes, forwards after it those taken at or after
 //! its `assigned_at`. Fixes of drones with no assignment are counted and kept that way
 //! until an assignment claims them or newer fixes push them out.
+//!
+//! A drone's assignment is forgotten once it is over: when the partition's stream time
+//! ([`crate::clock`]) is the drone retention past both its delivery ETA and the drone's
+//! last record; past [`DRONES_PER_PARTITION`], the one that has been over the longest
+//! goes first. Its changelog entry is deleted with a tombstone; a later fix of it counts as one
+//! without an assignment.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
 
 use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::Assignment;
 
+use crate::clock::{StreamClock, event_ms, event_time_header, millis};
 use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
 
@@ -41,15 +49,96 @@ const RECENT_DRONES_PER_PARTITION: usize = 20_000;
 /// Bytes of remembered fixes per partition.
 const RECENT_BYTES_PER_PARTITION: usize = 8 * 1024 * 1024;
 
+/// How long an assignment is remembered once over and the drone is silent, by default.
+pub const DRONE_RETENTION: Duration = Duration::from_secs(3_600);
+/// Drones with a remembered assignment per partition; past it, the one over the longest
+/// is forgotten. Above a partition's share of the largest default fleet (eight
+/// drones in each of the 64,800 one-degree regions, over 12 partitions).
+pub const DRONES_PER_PARTITION: usize = 100_000;
+
 /// A drone's latest fixes: when each was taken (milliseconds) and its bytes.
 type RecentFixes = VecDeque<(i64, Vec<u8>)>;
 
-/// Each drone's latest assignment, and its latest fixes, by partition.
+/// A drone's latest assignment and until when it is needed.
+#[derive(Debug, Clone)]
+struct Tracked {
+    assignment: Assignment,
+    /// The later of its delivery ETA and the stream time of the drone's last record: its
+    /// key in [`Partition::by_due`].
+    due_ms: i64,
+}
+
+/// One partition's drones.
 #[derive(Debug, Default)]
+struct Partition {
+    drones: HashMap<String, Tracked>,
+    /// Drones by until when they are needed.
+    by_due: BTreeSet<(i64, String)>,
+    clock: StreamClock,
+}
+
+impl Partition {
+    /// Remembers `assignment`, its drone last heard of at `seen_ms`.
+    fn put(&mut self, assignment: Assignment, seen_ms: i64) {
+        let id = assignment.drone_id.clone();
+        if let Some(old) = self.drones.remove(&id) {
+            self.by_due.remove(&(old.due_ms, id.clone()));
+        }
+        let due_ms = seen_ms.max(assignment.delivery_eta);
+        self.by_due.insert((due_ms, id.clone()));
+        self.drones.insert(id, Tracked { assignment, due_ms });
+    }
+
+    /// The drone was heard of at `at`.
+    fn seen(&mut self, drone: &str, at: i64) {
+        if let Some(t) = self.drones.get_mut(drone)
+            && at > t.due_ms
+        {
+            self.by_due.remove(&(t.due_ms, drone.to_owned()));
+            t.due_ms = at;
+            self.by_due.insert((at, drone.to_owned()));
+        }
+    }
+
+    fn remove(&mut self, drone: &str, effects: &mut Effects) {
+        if let Some(t) = self.drones.remove(drone) {
+            self.by_due.remove(&(t.due_ms, drone.to_owned()));
+            effects
+                .changes
+                .push((drone.as_bytes().to_vec(), Vec::new()));
+            metrics::counter!("tracking_drones_forgotten_total").increment(1);
+        }
+    }
+}
+
+/// Each drone's latest assignment, and its latest fixes, by partition.
+#[derive(Debug)]
 pub struct Tracker {
-    drones: HashMap<i32, HashMap<String, Assignment>>,
+    retention_ms: i64,
+    max_drones: usize,
+    partitions: HashMap<i32, Partition>,
     recent: HashMap<i32, HashMap<String, RecentFixes>>,
     recent_bytes: HashMap<i32, usize>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new(DRONE_RETENTION)
+    }
+}
+
+impl Tracker {
+    /// A tracker that forgets an assignment `drone_retention` (event time) after it is
+    /// over and its drone fell silent.
+    pub fn new(drone_retention: Duration) -> Self {
+        Self {
+            retention_ms: millis(drone_retention),
+            max_drones: DRONES_PER_PARTITION,
+            partitions: HashMap::new(),
+            recent: HashMap::new(),
+            recent_bytes: HashMap::new(),
+        }
+    }
 }
 
 /// When a fix was taken, in milliseconds (None when the payload is not a valid fix).
@@ -59,12 +148,13 @@ fn fix_millis(payload: &[u8]) -> Option<i64> {
         .map(|f| f.timestamp.timestamp_millis())
 }
 
-fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>) -> Output {
+fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>, at: i64) -> Output {
     let (tenant, _) = schemas::split_delivery_key(&a.delivery_key);
     let mut headers = vec![
         (h::EVENT_TYPE.to_owned(), event_type.as_bytes().to_vec()),
         (h::DRONE_ID.to_owned(), a.drone_id.as_bytes().to_vec()),
         (h::DELIVERY_ID.to_owned(), a.delivery_id.as_bytes().to_vec()),
+        event_time_header(at),
     ];
     if let Some(tenant) = tenant {
         headers.push((h::TENANT.to_owned(), tenant.as_bytes().to_vec()));
@@ -79,22 +169,26 @@ fn forward(a: &Assignment, event_type: &str, payload: Vec<u8>) -> Output {
 
 impl Machine for Tracker {
     fn forget(&mut self, partition: i32) {
-        self.drones.remove(&partition);
+        self.partitions.remove(&partition);
         self.recent.remove(&partition);
         self.recent_bytes.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
-        let drones = entries
+        let mut restored = Partition::default();
+        for a in entries
             .into_values()
             .filter_map(|v| serde_json::from_slice::<Assignment>(&v).ok())
-            .map(|a| (a.drone_id.clone(), a))
-            .collect();
-        self.drones.insert(partition, drones);
+        {
+            restored.clock.raise(a.assigned_at);
+            let seen = a.assigned_at;
+            restored.put(a, seen);
+        }
+        self.partitions.insert(partition, restored);
     }
 
-    fn handle(&mut self, record: &Record, _now_ms: i64, effects: &mut Effects) {
-        let drones = self.drones.entry(record.partition).or_default();
+    fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
+        let p = self.partitions.entry(record.partition).or_default();
         let recent = self.recent.entry(record.partition).or_default();
         let payload = record.payload.as_deref().unwrap_or_default();
         if record.topic == topics::DRONE_ASSIGNMENTS.name {
@@ -104,27 +198,43 @@ impl Machine for Tracker {
                     .push(record.dead_letter("invalid drone assignment"));
                 return;
             };
+            let at = event_ms(record).unwrap_or(a.assigned_at);
+            p.clock.observe(Some(at));
             effects
                 .changes
                 .push((a.drone_id.as_bytes().to_vec(), payload.to_vec()));
-            effects
-                .outputs
-                .push(forward(&a, h::event_type::DRONE_ASSIGNED, payload.to_vec()));
+            effects.outputs.push(forward(
+                &a,
+                h::event_type::DRONE_ASSIGNED,
+                payload.to_vec(),
+                at,
+            ));
             // Fixes of this flight that came before its assignment.
             if let Some(fixes) = recent.get(&a.drone_id) {
-                for (_, fix) in fixes.iter().filter(|(at, _)| *at >= a.assigned_at) {
+                for (_, fix) in fixes.iter().filter(|(taken, _)| *taken >= a.assigned_at) {
                     effects.outputs.push(forward(
                         &a,
                         h::event_type::DRONE_POSITION_REPORTED,
                         fix.clone(),
+                        at,
                     ));
                 }
             }
-            drones.insert(a.drone_id.clone(), a);
+            let seen_ms = p.clock.now().unwrap_or(at);
+            p.put(a, seen_ms);
+            // Past the count bound, the drone needed the least long goes.
+            while p.drones.len() > self.max_drones {
+                let Some((_, oldest)) = p.by_due.first().cloned() else {
+                    break;
+                };
+                p.remove(&oldest, effects);
+            }
             return;
         }
         let drone = record.key_text();
-        if let Some(at) = fix_millis(payload) {
+        let at = event_ms(record);
+        p.clock.observe(at);
+        if let Some(taken) = fix_millis(payload) {
             let bytes = self.recent_bytes.entry(record.partition).or_default();
             if (recent.len() >= RECENT_DRONES_PER_PARTITION && !recent.contains_key(drone))
                 || *bytes + payload.len() > RECENT_BYTES_PER_PARTITION
@@ -138,16 +248,34 @@ impl Machine for Tracker {
             {
                 *bytes -= oldest.len();
             }
-            fixes.push_back((at, payload.to_vec()));
+            fixes.push_back((taken, payload.to_vec()));
             *bytes += payload.len();
         }
-        match drones.get(drone) {
-            Some(a) => effects.outputs.push(forward(
-                a,
+        let at = at.or(p.clock.now()).unwrap_or(now_ms);
+        p.seen(drone, at);
+        match p.drones.get(drone) {
+            Some(t) => effects.outputs.push(forward(
+                &t.assignment,
                 h::event_type::DRONE_POSITION_REPORTED,
                 payload.to_vec(),
+                at,
             )),
             None => metrics::counter!("tracking_fixes_without_assignment_total").increment(1),
+        }
+    }
+
+    fn tick(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let Some(stream) = p.clock.tick(now_ms) else {
+            return;
+        };
+        while let Some((due, id)) = p.by_due.first().cloned() {
+            if due.saturating_add(self.retention_ms) > stream {
+                break;
+            }
+            p.remove(&id, effects);
         }
     }
 }
@@ -292,5 +420,93 @@ mod tests {
         assert_eq!(to_d2[10], fix(39));
         // Memory stays bounded per drone.
         assert!(tracker.recent[&0]["r1"].len() <= RECENT_FIXES_PER_DRONE);
+    }
+
+    #[test]
+    fn a_drone_is_forgotten_once_its_delivery_is_over_and_it_is_silent() {
+        let here = Location {
+            latitude: 47.0,
+            longitude: -122.0,
+        };
+        let t0 = 1_800_000_000_000;
+        let assignment = |drone: &str| Assignment {
+            drone_id: drone.into(),
+            region: "47:-123".into(),
+            delivery_key: format!("fabrikam/{drone}"),
+            delivery_id: drone.into(),
+            from: here,
+            pickup: here,
+            drop_off: here,
+            speed_mps: 10.0,
+            assigned_at: t0,
+            pickup_eta: t0 + 60_000,
+            delivery_eta: t0 + 120_000,
+        };
+        let record = |drone: &str, topic: &str, payload: Vec<u8>, at: i64| Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: Some(drone.as_bytes().to_vec()),
+            payload: Some(payload),
+            headers: vec![(h::INGEST_TIME.into(), at.to_string().into_bytes())],
+        };
+        let fix = br#"{"latitude":47,"longitude":-122,"timestamp":"2026-11-24T10:00:00Z"}"#;
+        let retention = Duration::from_secs(600);
+        let mut tracker = Tracker::new(retention);
+        let mut fx = Effects::default();
+        let a = serde_json::to_vec(&assignment("r1")).unwrap();
+        tracker.handle(
+            &record("r1", topics::DRONE_ASSIGNMENTS.name, a, t0),
+            0,
+            &mut fx,
+        );
+        // Still reporting after its ETA: kept.
+        tracker.handle(
+            &record(
+                "r1",
+                topics::DRONE_TELEMETRY.name,
+                fix.to_vec(),
+                t0 + 300_000,
+            ),
+            0,
+            &mut fx,
+        );
+        let mut fx = Effects::default();
+        tracker.tick(0, t0 + 899_999, &mut fx);
+        tracker.tick(0, t0 + 899_999, &mut fx);
+        assert!(fx.changes.is_empty());
+        tracker.tick(0, t0 + 900_000, &mut fx);
+        assert_eq!(fx.changes, vec![(b"r1".to_vec(), Vec::new())]);
+        // A later fix has no delivery to go to.
+        let mut fx = Effects::default();
+        tracker.handle(
+            &record(
+                "r1",
+                topics::DRONE_TELEMETRY.name,
+                fix.to_vec(),
+                t0 + 900_001,
+            ),
+            0,
+            &mut fx,
+        );
+        assert!(fx.outputs.is_empty());
+        // The count bound: the one over the longest goes first.
+        tracker.max_drones = 2;
+        for (i, drone) in ["a", "b", "c"].into_iter().enumerate() {
+            let mut a = assignment(drone);
+            a.delivery_eta = t0 + 1_000_000 + i as i64;
+            let payload = serde_json::to_vec(&a).unwrap();
+            let mut fx = Effects::default();
+            tracker.handle(
+                &record(drone, topics::DRONE_ASSIGNMENTS.name, payload, t0),
+                0,
+                &mut fx,
+            );
+            if drone == "c" {
+                assert!(fx.changes.contains(&(b"a".to_vec(), Vec::new())));
+            }
+        }
+        assert_eq!(tracker.partitions[&0].drones.len(), 2);
+        assert!(!tracker.partitions[&0].drones.contains_key("a"));
     }
 }

@@ -20,6 +20,11 @@ pub const CORRELATION_ID: &str = "dd-correlation-id";
 pub const DRONE_ID: &str = "dd-drone-id";
 /// The delivery id (without its tenant), on every record about one delivery.
 pub const DELIVERY_ID: &str = "dd-delivery-id";
+/// When the event a record tells of happened, in milliseconds since the Unix epoch (as
+/// text). Processors set it on the records they derive (assignments, rejections, releases,
+/// forwarded fixes) so that downstream stream time follows event time; records from the
+/// ingestion tier carry [`INGEST_TIME`] instead.
+pub const EVENT_TIME: &str = "dd-event-time";
 /// On a dead letter: why the record could not be processed.
 pub const DEAD_LETTER_REASON: &str = "dd-dead-letter-reason";
 /// On a dead letter: where the record came from, `topic/partition/offset`.
@@ -35,11 +40,15 @@ pub mod event_type {
     /// A new delivery request.
     pub const DELIVERY_REQUESTED: &str = "DeliveryRequested";
     /// A change of a delivery's pickup time, deadline or drop-off location; the payload
-    /// is a `DeliveryReschedule` as the client sent it.
+    /// is a `DeliveryReschedule` as the client sent it (on `drone-scheduling`, from the
+    /// delivery consumer: a `tracking::SchedulingRescheduled`).
     pub const DELIVERY_RESCHEDULED: &str = "DeliveryRescheduled";
     /// A delivery cancelled by its tenant; the payload is `{"deliveryId": ..}`.
     pub const DELIVERY_CANCELLED: &str = "DeliveryCancelled";
-    /// No drone of the delivery's region can ever carry it (payload: `{"reason": ..}`).
+    /// The scheduler gave the delivery up: no drone of its region can ever carry it, its
+    /// region's queue was full, or no drone was free before its deadline or the waiting
+    /// bound (payload: `tracking::SchedulingRejected`, `{"reason": .., "code": ..}`; the
+    /// delivery consumer turns it into `Cancelled` with that reason).
     pub const DELIVERY_REJECTED: &str = "DeliveryRejected";
     /// A drone assigned to a delivery (payload: `tracking::Assignment`).
     pub const DRONE_ASSIGNED: &str = "DroneAssigned";
@@ -49,4 +58,22 @@ pub mod event_type {
     pub const DELIVERY_STAGE_CHANGED: &str = "DeliveryStageChanged";
     /// A drone's position fix.
     pub const DRONE_POSITION_REPORTED: &str = "DronePositionReported";
+}
+
+/// Reads a time header's value (milliseconds since the Unix epoch, as text).
+pub fn parse_millis(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_headers_are_decimal_milliseconds() {
+        assert_eq!(parse_millis(b"1795478400000"), Some(1_795_478_400_000));
+        assert_eq!(parse_millis(b" 12 "), Some(12));
+        assert_eq!(parse_millis(b"soon"), None);
+        assert_eq!(parse_millis(&[0xff]), None);
+    }
 }

@@ -20,8 +20,54 @@ pub enum Stage {
     HeadedToDropoff,
     /// Delivered.
     Completed,
-    /// Cancelled by its tenant.
+    /// Cancelled: by its tenant, or given up by the scheduler (see [`CancelReason`]).
     Cancelled,
+}
+
+/// Why a delivery was cancelled (on its state and its `Cancelled` event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CancelReason {
+    /// Its tenant cancelled it.
+    ByTenant,
+    /// No drone of its region can ever carry it.
+    NoCapableDrone,
+    /// Its region's waiting queue was full when it arrived.
+    QueueFull,
+    /// Its deadline passed while it waited for a drone.
+    DeadlinePassed,
+    /// It waited for a drone longer than the scheduler's waiting bound (its deadline had
+    /// already passed when it arrived, or lies beyond the bound).
+    WaitedTooLong,
+}
+
+impl CancelReason {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ByTenant => "ByTenant",
+            Self::NoCapableDrone => "NoCapableDrone",
+            Self::QueueFull => "QueueFull",
+            Self::DeadlinePassed => "DeadlinePassed",
+            Self::WaitedTooLong => "WaitedTooLong",
+        }
+    }
+}
+
+/// The scheduler gives a delivery up: the payload of a `DeliveryRejected` record on
+/// `deliveries`, keyed by the delivery's key. The scheduler has already dropped it (it
+/// is neither waiting nor assigned); the delivery consumer cancels it with this reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingRejected {
+    /// For people: what happened.
+    pub reason: String,
+    /// For programs (records written before it existed were all `NoCapableDrone`).
+    #[serde(default = "no_capable_drone")]
+    pub code: CancelReason,
+}
+
+fn no_capable_drone() -> CancelReason {
+    CancelReason::NoCapableDrone
 }
 
 impl Stage {
@@ -91,6 +137,21 @@ pub struct SchedulingCancelled {
     pub delivery_key: String,
 }
 
+/// New times of a delivery that may still be waiting for a drone, for the scheduler to
+/// move its deadline (its waiting bound follows). On `drone-scheduling`, keyed by the
+/// pickup region, event type `DeliveryRescheduled`. A delivery already assigned keeps
+/// its drone and this changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingRescheduled {
+    /// The delivery's key.
+    pub delivery_key: String,
+    /// When the package is ready, milliseconds since the Unix epoch.
+    pub pickup_time_ms: i64,
+    /// When it must be delivered by, milliseconds since the Unix epoch.
+    pub deadline_ms: i64,
+}
+
 /// A delivery's state as the status API shows it and the delivery consumer keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -138,6 +199,12 @@ pub struct DeliveryState {
     pub seq: u32,
     /// When it last changed, RFC 3339.
     pub updated_at: String,
+    /// Why it was cancelled, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<CancelReason>,
+    /// What happened, for people, once it is cancelled by the scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_detail: Option<String>,
 }
 
 /// One stage transition, on `delivery-events` keyed by the delivery's key. `seq` counts
@@ -170,6 +237,12 @@ pub struct DeliveryEvent {
         skip_serializing_if = "Option::is_none"
     )]
     pub delivery_eta: Option<String>,
+    /// Why it was cancelled, on a `Cancelled` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<CancelReason>,
+    /// What happened, for people, on a `Cancelled` event from the scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_detail: Option<String>,
 }
 
 impl DeliveryEvent {
@@ -185,6 +258,8 @@ impl DeliveryEvent {
             last_known_location: state.last_known_location,
             pickup_eta: state.pickup_eta.clone(),
             delivery_eta: state.delivery_eta.clone(),
+            cancel_reason: state.cancel_reason,
+            cancel_detail: state.cancel_detail.clone(),
         }
     }
 }
@@ -217,6 +292,8 @@ mod tests {
             drone_speed_mps: None,
             seq: 2,
             updated_at: "2026-11-24T09:00:00Z".into(),
+            cancel_reason: None,
+            cancel_detail: None,
         };
         let json = serde_json::to_value(&state).unwrap();
         for field in [
@@ -229,8 +306,26 @@ mod tests {
             assert!(json.get(field).is_some(), "{field} in {json}");
         }
         assert_eq!(json["stage"], "HeadedToPickup");
+        assert!(json.get("cancelReason").is_none(), "only once cancelled");
         let back: DeliveryState = serde_json::from_value(json).unwrap();
         assert_eq!(back, state);
         assert!(Stage::Completed.is_final() && !Stage::Created.is_final());
+    }
+
+    #[test]
+    fn rejections_written_before_the_code_existed_read_as_no_capable_drone() {
+        let old: SchedulingRejected =
+            serde_json::from_str(r#"{"reason":"no drone of region 1:1 carries 900 kg"}"#).unwrap();
+        assert_eq!(old.code, CancelReason::NoCapableDrone);
+        let new = SchedulingRejected {
+            reason: "full".into(),
+            code: CancelReason::QueueFull,
+        };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!(json["code"], CancelReason::QueueFull.as_str());
+        assert_eq!(
+            serde_json::from_value::<SchedulingRejected>(json).unwrap(),
+            new
+        );
     }
 }

@@ -17,18 +17,30 @@
 //! always did. Waiting records are state like any other: they are written to the
 //! changelog (under keys starting with byte 1) and restored with it.
 //!
+//! Finished deliveries (completed or cancelled) are kept for the finished retention, in
+//! event time ([`crate::clock`]): once the partition's stream time is that far past the
+//! transition that finished one, it is deleted, a tombstone on `delivery-state` (so the
+//! status view forgets it too and its routes answer 404); its events stay in the history.
+//! Each changelog value keeps the event time of the delivery's last change, so a restore
+//! knows when each finished one goes.
+//!
 //! This module is the stateful [`Machine`]: records in, outputs and changelog entries
 //! out. It must not decide how an input moves a delivery's stage (that is [`stages`]'s,
 //! pure) nor produce or consume itself (that is the [engine](crate::stateful)'s).
 
 pub mod stages;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use schemas::headers as h;
 use schemas::topics;
-use schemas::tracking::{Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled};
+use schemas::tracking::{
+    Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled, SchedulingRejected,
+    SchedulingRescheduled,
+};
 
+use crate::clock::{StreamClock, event_ms, event_time_header, millis};
 use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
 use stages::Input;
@@ -40,6 +52,9 @@ pub const SPEC: Spec = Spec {
     inputs: &[topics::DELIVERIES.name],
     changelog: topics::DELIVERY_STATE.name,
 };
+
+/// How long a finished delivery is kept, by default.
+pub const FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3_600);
 
 /// How long an assignment or fix for a delivery not seen yet waits for its request, in
 /// milliseconds of processing time.
@@ -128,15 +143,67 @@ fn waiting_key(key: &str) -> Vec<u8> {
     out
 }
 
+/// A delivery's state as the changelog keeps it: the state the status view reads, and
+/// the event time of its last change (a field the view ignores).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    #[serde(flatten)]
+    state: DeliveryState,
+    #[serde(rename = "eventTime", default, skip_serializing_if = "Option::is_none")]
+    event_ms: Option<i64>,
+}
+
+impl Kept {
+    /// When it last changed: its event time, else (written before that was kept) its
+    /// `updatedAt`.
+    fn changed_ms(&self) -> Option<i64> {
+        self.event_ms.or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(&self.state.updated_at)
+                .ok()
+                .map(|t| t.timestamp_millis())
+        })
+    }
+}
+
 /// Deliveries by partition and key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deliveries {
-    states: HashMap<i32, HashMap<String, DeliveryState>>,
+    retention_ms: i64,
+    states: HashMap<i32, HashMap<String, Kept>>,
+    /// Finished deliveries by the event time they finished at.
+    finished: HashMap<i32, BTreeSet<(i64, String)>>,
+    clocks: HashMap<i32, StreamClock>,
     early: HashMap<i32, HashMap<String, Early>>,
     next_expiry_ms: HashMap<i32, i64>,
 }
 
-fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String, Vec<u8>)> {
+impl Default for Deliveries {
+    fn default() -> Self {
+        Self::new(FINISHED_RETENTION)
+    }
+}
+
+impl Deliveries {
+    /// A delivery consumer that keeps finished deliveries for `finished_retention` of
+    /// event time.
+    pub fn new(finished_retention: Duration) -> Self {
+        Self {
+            retention_ms: millis(finished_retention),
+            states: HashMap::new(),
+            finished: HashMap::new(),
+            clocks: HashMap::new(),
+            early: HashMap::new(),
+            next_expiry_ms: HashMap::new(),
+        }
+    }
+}
+
+fn tenant_headers(
+    key: &str,
+    delivery_id: &str,
+    event_type: &str,
+    at: i64,
+) -> Vec<(String, Vec<u8>)> {
     let (tenant, _) = schemas::split_delivery_key(key);
     vec![
         (h::EVENT_TYPE.to_owned(), event_type.as_bytes().to_vec()),
@@ -145,18 +212,23 @@ fn tenant_headers(key: &str, delivery_id: &str, event_type: &str) -> Vec<(String
             tenant.unwrap_or_default().as_bytes().to_vec(),
         ),
         (h::DELIVERY_ID.to_owned(), delivery_id.as_bytes().to_vec()),
+        event_time_header(at),
     ]
 }
 
 impl Machine for Deliveries {
     fn forget(&mut self, partition: i32) {
         self.states.remove(&partition);
+        self.finished.remove(&partition);
+        self.clocks.remove(&partition);
         self.early.remove(&partition);
         self.next_expiry_ms.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
         let mut states = HashMap::new();
+        let mut finished = BTreeSet::new();
+        let mut clock = StreamClock::new();
         let mut early = HashMap::new();
         for (k, v) in entries {
             if k.first() == Some(&WAITING) {
@@ -167,16 +239,35 @@ impl Machine for Deliveries {
                     waiting.bytes = waiting.records.iter().map(Held::size).sum();
                     early.insert(key, waiting);
                 }
-            } else if let (Ok(key), Ok(state)) = (
-                String::from_utf8(k),
-                serde_json::from_slice::<DeliveryState>(&v),
-            ) {
-                states.insert(key, state);
+            } else if let (Ok(key), Ok(kept)) =
+                (String::from_utf8(k), serde_json::from_slice::<Kept>(&v))
+            {
+                let changed = kept.changed_ms();
+                if let Some(at) = changed {
+                    clock.raise(at);
+                }
+                if kept.state.stage.is_final() {
+                    finished.insert((changed.unwrap_or(0), key.clone()));
+                }
+                states.insert(key, kept);
             }
         }
         self.states.insert(partition, states);
+        self.finished.insert(partition, finished);
+        self.clocks.insert(partition, clock);
         self.early.insert(partition, early);
         self.next_expiry_ms.remove(&partition);
+    }
+
+    fn tick(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
+        if !self.states.contains_key(&partition) {
+            return;
+        }
+        let stream = self.clocks.entry(partition).or_default().tick(now_ms);
+        if let Some(stream) = stream {
+            self.expire_finished(partition, stream, effects);
+        }
+        self.expire_early(partition, now_ms, effects);
     }
 
     fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
@@ -186,8 +277,14 @@ impl Machine for Deliveries {
             .states
             .get(&record.partition)
             .is_some_and(|s| s.contains_key(key));
+        self.clocks
+            .entry(record.partition)
+            .or_default()
+            .observe(event_ms(record));
+        // What the scheduler and the tracker say may come before the request.
         let drone_event = event_type == h::event_type::DRONE_ASSIGNED.as_bytes()
-            || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes();
+            || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes()
+            || event_type == h::event_type::DELIVERY_REJECTED.as_bytes();
         if !known && drone_event {
             self.wait_for_request(record, now_ms, effects);
         } else {
@@ -203,6 +300,29 @@ impl Machine for Deliveries {
 }
 
 impl Deliveries {
+    /// Deletes the finished deliveries whose retention ended by `stream_ms`.
+    fn expire_finished(&mut self, partition: i32, stream_ms: i64, effects: &mut Effects) {
+        let (Some(finished), Some(states)) = (
+            self.finished.get_mut(&partition),
+            self.states.get_mut(&partition),
+        ) else {
+            return;
+        };
+        while let Some((at, _)) = finished.first() {
+            if at.saturating_add(self.retention_ms) > stream_ms {
+                break;
+            }
+            let Some((_, key)) = finished.pop_first() else {
+                break;
+            };
+            if states.get(&key).is_some_and(|k| k.state.stage.is_final()) {
+                states.remove(&key);
+                effects.changes.push((key.into_bytes(), Vec::new()));
+                metrics::counter!("deliveries_forgotten_total").increment(1);
+            }
+        }
+    }
+
     /// Keeps `record` (an assignment or fix of a delivery not seen yet) until its
     /// request, in memory and in the changelog.
     fn wait_for_request(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
@@ -324,6 +444,7 @@ impl Deliveries {
         let request;
         let reschedule;
         let assignment: Assignment;
+        let rejected: SchedulingRejected;
         let fix;
         let input = if event_type == h::event_type::DELIVERY_REQUESTED.as_bytes() {
             match schemas::parse_delivery_request(payload) {
@@ -354,7 +475,19 @@ impl Deliveries {
         } else if event_type == h::event_type::DELIVERY_CANCELLED.as_bytes() {
             Input::Cancelled
         } else if event_type == h::event_type::DELIVERY_REJECTED.as_bytes() {
-            Input::Rejected
+            match serde_json::from_slice::<SchedulingRejected>(payload) {
+                Ok(r) => rejected = r,
+                Err(e) => {
+                    effects
+                        .outputs
+                        .push(record.dead_letter(&format!("invalid rejection: {e}")));
+                    return;
+                }
+            }
+            Input::Rejected {
+                code: rejected.code,
+                detail: &rejected.reason,
+            }
         } else if event_type == h::event_type::DRONE_ASSIGNED.as_bytes() {
             match serde_json::from_slice(payload) {
                 Ok(a) => assignment = a,
@@ -387,8 +520,12 @@ impl Deliveries {
                 .push(record.dead_letter(&format!("unknown event type {shown}")));
             return;
         };
+        let clock = self.clocks.entry(record.partition).or_default();
+        let at = event_ms(record).or(clock.now()).unwrap_or(now_ms);
         let states = self.states.entry(record.partition).or_default();
-        let before = states.remove(&key);
+        let kept = states.remove(&key);
+        let changed_before = kept.as_ref().and_then(|k| k.event_ms);
+        let before = kept.map(|k| k.state);
         let unchanged = before.clone();
         let (after, fx) = stages::apply(before, &input, now_ms);
         for event in &fx.events {
@@ -396,7 +533,12 @@ impl Deliveries {
                 topic: topics::DELIVERY_EVENTS.name,
                 key: key.as_bytes().to_vec(),
                 payload: serde_json::to_vec::<DeliveryEvent>(event).unwrap_or_default(),
-                headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_STAGE_CHANGED),
+                headers: tenant_headers(
+                    &key,
+                    delivery_id,
+                    h::event_type::DELIVERY_STAGE_CHANGED,
+                    at,
+                ),
             });
             metrics::counter!("deliveries_transitions_total", "stage" => format!("{:?}", event.stage))
                 .increment(1);
@@ -406,7 +548,7 @@ impl Deliveries {
                 topic: topics::DRONE_SCHEDULING.name,
                 key: region.into_bytes(),
                 payload: serde_json::to_vec(&released).unwrap_or_default(),
-                headers: tenant_headers(&key, delivery_id, h::event_type::DRONE_RELEASED),
+                headers: tenant_headers(&key, delivery_id, h::event_type::DRONE_RELEASED, at),
             });
         }
         if let Some(region) = fx.unschedule {
@@ -417,17 +559,55 @@ impl Deliveries {
                 topic: topics::DRONE_SCHEDULING.name,
                 key: region.into_bytes(),
                 payload: serde_json::to_vec(&cancel).unwrap_or_default(),
-                headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_CANCELLED),
+                headers: tenant_headers(&key, delivery_id, h::event_type::DELIVERY_CANCELLED, at),
             });
         }
+        if let (Some(region), Some(state)) = (fx.reschedule, after.as_ref()) {
+            let ms = |t: &str| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.timestamp_millis())
+                    .ok()
+            };
+            if let (Some(pickup_time_ms), Some(deadline_ms)) =
+                (ms(&state.pickup_time), ms(&state.deadline))
+            {
+                let change = SchedulingRescheduled {
+                    delivery_key: key.clone(),
+                    pickup_time_ms,
+                    deadline_ms,
+                };
+                effects.outputs.push(Output {
+                    topic: topics::DRONE_SCHEDULING.name,
+                    key: region.into_bytes(),
+                    payload: serde_json::to_vec(&change).unwrap_or_default(),
+                    headers: tenant_headers(
+                        &key,
+                        delivery_id,
+                        h::event_type::DELIVERY_RESCHEDULED,
+                        at,
+                    ),
+                });
+            }
+        }
         if let Some(state) = after {
-            if unchanged.as_ref() != Some(&state) {
+            let changed = unchanged.as_ref() != Some(&state);
+            let kept = Kept {
+                event_ms: if changed { Some(at) } else { changed_before },
+                state,
+            };
+            if changed {
                 effects.changes.push((
                     key.as_bytes().to_vec(),
-                    serde_json::to_vec(&state).unwrap_or_default(),
+                    serde_json::to_vec(&kept).unwrap_or_default(),
                 ));
+                if kept.state.stage.is_final() {
+                    self.finished
+                        .entry(record.partition)
+                        .or_default()
+                        .insert((at, key.clone()));
+                }
             }
-            states.insert(key, state);
+            states.insert(key, kept);
         }
     }
 }
@@ -674,5 +854,146 @@ mod tests {
                 .filter(|(k, _)| *k == waiting_key)
                 .all(|(_, v)| v.len() < 2 * EARLY_BYTES_PER_DELIVERY)
         );
+    }
+
+    fn at(mut r: Record, ms: i64) -> Record {
+        r.headers
+            .push((h::INGEST_TIME.into(), ms.to_string().into_bytes()));
+        r
+    }
+
+    fn write(log: &mut HashMap<Vec<u8>, Vec<u8>>, fx: &Effects) {
+        for (k, v) in &fx.changes {
+            if v.is_empty() {
+                log.remove(k);
+            } else {
+                log.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn a_finished_delivery_is_deleted_after_the_retention_in_event_time() {
+        let t0 = 1_800_000_000_000;
+        let retention = Duration::from_secs(2);
+        let mut d = Deliveries::new(retention);
+        let mut log = HashMap::new();
+        let mut fx = Effects::default();
+        let request = record(
+            0,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&at(request, t0), 0, &mut fx);
+        // Unfinished deliveries stay whatever the time.
+        d.tick(1, t0 + 10_000, &mut fx);
+        d.tick(1, t0 + 10_000, &mut fx);
+        assert!(d.states[&1].contains_key("fabrikam/d1"));
+        let cancel = record(1, h::event_type::DELIVERY_CANCELLED, b"{}");
+        d.handle(&at(cancel, t0 + 20_000), 0, &mut fx);
+        write(&mut log, &fx);
+        // The changelog value is the state (as the status view reads it) and its time.
+        let stored: DeliveryState = serde_json::from_slice(&log[&b"fabrikam/d1".to_vec()]).unwrap();
+        assert_eq!(stored.stage, schemas::tracking::Stage::Cancelled);
+        assert_eq!(
+            stored.cancel_reason,
+            Some(schemas::tracking::CancelReason::ByTenant)
+        );
+        // A restore keeps when it finished.
+        let mut restored = Deliveries::new(retention);
+        restored.restore(1, log.clone());
+        for d in [&mut d, &mut restored] {
+            let mut fx = Effects::default();
+            d.tick(1, t0 + 21_999, &mut fx);
+            d.tick(1, t0 + 21_999, &mut fx);
+            assert!(fx.changes.is_empty(), "not yet");
+            d.tick(1, t0 + 22_000, &mut fx);
+            assert_eq!(fx.changes, vec![(b"fabrikam/d1".to_vec(), Vec::new())]);
+            assert!(d.states[&1].is_empty() && d.finished[&1].is_empty());
+        }
+    }
+
+    #[test]
+    fn stream_time_of_busy_partitions_is_event_time_not_the_wall_clock() {
+        let t0 = 1_800_000_000_000;
+        let mut d = Deliveries::new(Duration::from_secs(60));
+        let mut fx = Effects::default();
+        let request = record(
+            0,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&at(request, t0), 0, &mut fx);
+        d.handle(
+            &at(record(1, h::event_type::DELIVERY_CANCELLED, b"{}"), t0),
+            0,
+            &mut fx,
+        );
+        // Replaying a backlog an hour later: each tick follows a batch, so event time rules.
+        for i in 0..5 {
+            let mut fx = Effects::default();
+            let other = Record {
+                key: Some(format!("fabrikam/o{i}").into_bytes()),
+                ..at(
+                    record(2 + i, h::event_type::DELIVERY_CANCELLED, b"{}"),
+                    t0 + i * 1_000,
+                )
+            };
+            d.handle(&other, t0 + 3_600_000, &mut fx);
+            d.tick(1, t0 + 3_600_000, &mut fx);
+            assert!(fx.changes.is_empty());
+        }
+        let mut fx = Effects::default();
+        let later = Record {
+            key: Some(b"fabrikam/o9".to_vec()),
+            ..at(
+                record(9, h::event_type::DELIVERY_CANCELLED, b"{}"),
+                t0 + 60_000,
+            )
+        };
+        d.handle(&later, t0 + 3_600_000, &mut fx);
+        d.tick(1, t0 + 3_600_000, &mut fx);
+        assert_eq!(fx.changes, vec![(b"fabrikam/d1".to_vec(), Vec::new())]);
+    }
+
+    #[test]
+    fn a_rejection_cancels_with_its_reason_even_before_its_request() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        let rejection = SchedulingRejected {
+            reason: "region 47:-123 already has 1000 requests waiting for a drone".into(),
+            code: schemas::tracking::CancelReason::QueueFull,
+        };
+        d.handle(
+            &record(
+                0,
+                h::event_type::DELIVERY_REJECTED,
+                &serde_json::to_vec(&rejection).unwrap(),
+            ),
+            0,
+            &mut fx,
+        );
+        assert!(fx.outputs.is_empty(), "waits for its request");
+        let request = record(
+            1,
+            h::event_type::DELIVERY_REQUESTED,
+            schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+        );
+        d.handle(&request, 1_000, &mut fx);
+        assert_eq!(stages(&fx), [Stage::Created, Stage::Cancelled]);
+        let cancelled: DeliveryEvent = serde_json::from_slice(&fx.outputs[1].payload).unwrap();
+        assert_eq!(cancelled.cancel_reason, Some(rejection.code));
+        assert_eq!(
+            cancelled.cancel_detail.as_deref(),
+            Some(rejection.reason.as_str())
+        );
+        assert!(
+            fx.outputs
+                .iter()
+                .all(|o| o.topic != topics::DRONE_SCHEDULING.name),
+            "the scheduler dropped it already"
+        );
+        let state = &d.states[&1]["fabrikam/d1"].state;
+        assert_eq!(state.cancel_reason, Some(rejection.code));
     }
 }

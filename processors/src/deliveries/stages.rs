@@ -10,7 +10,9 @@
 use chrono::{DateTime, Utc};
 use schemas::delivery::Location;
 use schemas::telemetry::PositionFix;
-use schemas::tracking::{Assignment, DeliveryEvent, DeliveryState, DroneReleased, Stage};
+use schemas::tracking::{
+    Assignment, CancelReason, DeliveryEvent, DeliveryState, DroneReleased, Stage,
+};
 use schemas::{DeliveryRequest, DeliveryReschedule};
 
 use crate::geo::{distance_m, flight_ms};
@@ -34,8 +36,15 @@ pub enum Input<'a> {
     Rescheduled(&'a DeliveryReschedule),
     /// Cancelled by the tenant.
     Cancelled,
-    /// No drone of the region can ever carry it: it is cancelled.
-    Rejected,
+    /// The scheduler gave it up (no drone can carry it, its region's queue was full, or
+    /// no drone was free in time): it is cancelled with that reason. The scheduler has
+    /// already dropped it from its queue.
+    Rejected {
+        /// Why, for programs.
+        code: CancelReason,
+        /// What happened, for people.
+        detail: &'a str,
+    },
     /// A drone was assigned.
     Assigned(&'a Assignment),
     /// The assigned drone reported its position.
@@ -56,6 +65,8 @@ pub struct Effects {
     pub release: Option<(String, DroneReleased)>,
     /// A waiting request the scheduler of its pickup region should drop.
     pub unschedule: Option<String>,
+    /// New times the scheduler of its pickup region should give a waiting request.
+    pub reschedule: Option<String>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -121,6 +132,8 @@ pub fn apply(
                 drone_speed_mps: None,
                 seq: 0,
                 updated_at: now.clone(),
+                cancel_reason: None,
+                cancel_detail: None,
             };
             transition(&mut state, Stage::Created, &mut effects);
             (Some(state), effects)
@@ -149,15 +162,23 @@ pub fn apply(
                     state.deadline = t.to_rfc3339();
                 }
                 transition(&mut state, Stage::Rescheduled, &mut effects);
+                effects.reschedule = Some(pickup_region(&state));
             }
             (Some(state), effects)
         }
-        (Some(mut state), Input::Cancelled | Input::Rejected) => {
+        (Some(mut state), Input::Cancelled | Input::Rejected { .. }) => {
             if !state.stage.is_final() {
                 if state.stage.has_drone() {
                     effects.release = release(&state, state.last_known_location);
                 } else if matches!(input, Input::Cancelled) {
                     effects.unschedule = Some(pickup_region(&state));
+                }
+                match input {
+                    Input::Rejected { code, detail } => {
+                        state.cancel_reason = Some(*code);
+                        state.cancel_detail = Some((*detail).to_owned());
+                    }
+                    _ => state.cancel_reason = Some(CancelReason::ByTenant),
                 }
                 transition(&mut state, Stage::Cancelled, &mut effects);
             }
@@ -359,12 +380,31 @@ mod tests {
             request: &request,
         };
         let (created, _) = apply(None, &requested, NOW);
-        let (rejected, fx) = apply(created.clone(), &Input::Rejected, NOW);
-        assert_eq!(rejected.unwrap().stage, Stage::Cancelled);
+        let rejected_input = Input::Rejected {
+            code: CancelReason::QueueFull,
+            detail: "region 47:-123 already has 1000 requests waiting",
+        };
+        let (rejected, fx) = apply(created.clone(), &rejected_input, NOW);
+        let rejected = rejected.unwrap();
+        assert_eq!(rejected.stage, Stage::Cancelled);
+        assert_eq!(rejected.cancel_reason, Some(CancelReason::QueueFull));
+        assert_eq!(fx.events[0].cancel_reason, Some(CancelReason::QueueFull));
+        assert!(
+            fx.events[0]
+                .cancel_detail
+                .as_deref()
+                .unwrap()
+                .contains("1000")
+        );
         assert!(fx.unschedule.is_none() && fx.release.is_none());
         let (cancelled, fx) = apply(created.clone(), &Input::Cancelled, NOW);
         assert_eq!(cancelled.as_ref().unwrap().stage, Stage::Cancelled);
+        assert_eq!(fx.events[0].cancel_reason, Some(CancelReason::ByTenant));
         assert_eq!(fx.unschedule.as_deref(), Some("47:-123"));
+        // A second cancel changes nothing: the first reason stays.
+        let (again, fx) = apply(cancelled.clone(), &rejected_input, NOW);
+        assert!(fx.events.is_empty());
+        assert_eq!(again.unwrap().cancel_reason, Some(CancelReason::ByTenant));
         // An assignment that arrives after the cancel gives the drone back.
         let a = assignment(&request, "r1");
         let (_, fx) = apply(cancelled, &Input::Assigned(&a), NOW);
@@ -392,9 +432,15 @@ mod tests {
         assert_eq!(state.stage, Stage::Rescheduled);
         assert!(state.deadline.starts_with("2026-11-25T10:00:00"));
         assert_eq!(fx.events.len(), 1);
+        assert_eq!(
+            fx.reschedule.as_deref(),
+            Some("47:-123"),
+            "the scheduler is told"
+        );
         let a = assignment(&request, "r1");
         let (flying, _) = apply(Some(state), &Input::Assigned(&a), NOW);
         let (_, fx) = apply(flying, &Input::Rescheduled(&change), NOW);
         assert!(fx.events.is_empty(), "too late once a drone flies");
+        assert!(fx.reschedule.is_none());
     }
 }

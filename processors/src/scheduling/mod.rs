@@ -3,9 +3,18 @@
 //! emits `drone-assignments` keyed by drone id.
 //!
 //! Inputs on `drone-scheduling`, keyed by region: requests (from the workflow), drones
-//! released (from the delivery consumer, when a delivery completes or is cancelled) and
-//! cancels of requests that may still be waiting. State in `scheduling-state`: one entry
-//! per drone and one per waiting request.
+//! released (from the delivery consumer, when a delivery completes or is cancelled),
+//! cancels and reschedules of requests that may still be waiting. State in `scheduling-state`: one entry
+//! per drone that differs from its fleet's (busy, or away from home) and one per waiting
+//! request; a region is its fleet's drones with those entries on top.
+//!
+//! Bounded state, on each partition's stream time ([`crate::clock`]): a request refused
+//! by a full queue, or still waiting at its deadline or after the waiting bound, is sent
+//! back to its delivery as `DeliveryRejected` (with a [`CancelReason`]) on `deliveries`,
+//! where the delivery consumer cancels it. A region with no busy drone and nothing
+//! waiting is evicted once its drones could all have flown home (the longest flight
+//! home from where they are): its entries are deleted with tombstones, and the next
+//! record for it rebuilds it from the fleet, drones at home, as a restore would.
 //!
 //! This module is the stateful [`Machine`]: records in, outputs and changelog entries
 //! out. It must not decide which drone takes a job (that is [`region`]'s) nor produce
@@ -13,18 +22,22 @@
 
 pub mod region;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use schemas::headers as h;
 use schemas::topics;
-use schemas::tracking::{Assignment, DroneReleased, SchedulingCancelled};
+use schemas::tracking::{
+    Assignment, CancelReason, DroneReleased, SchedulingCancelled, SchedulingRejected,
+    SchedulingRescheduled,
+};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{StreamClock, event_ms, event_time_header};
 use crate::error::{ProcessorError, Result};
 use crate::output::Output;
 use crate::stateful::{Effects, Machine, Record, Spec};
-use region::{Decision, Drone, Job, Region, default_fleet};
+use region::{Decision, Drone, Job, QueueLimits, Region, default_fleet};
 
 /// What the scheduling consumer reads and writes.
 pub const SPEC: Spec = Spec {
@@ -108,11 +121,15 @@ impl Fleet {
     }
 }
 
-/// A waiting request in the changelog: its place in the queue and the job.
+/// A waiting request in the changelog: its place in the queue, the job and when it
+/// arrived (event time; entries written before it was kept use the pickup time).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Waiting {
     seq: i64,
     job: Job,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    arrived_ms: Option<i64>,
 }
 
 fn drone_key(region: &str, drone: &str) -> Vec<u8> {
@@ -123,23 +140,88 @@ fn wait_key(region: &str, delivery_key: &str) -> Vec<u8> {
     format!("w\u{1}{region}\u{1}{delivery_key}").into_bytes()
 }
 
+/// A region in memory, with what the machine knows about it.
+#[derive(Debug)]
+struct Slot {
+    region: Region,
+    /// Drones with an entry in the changelog (to delete when it is evicted).
+    persisted: BTreeSet<String>,
+    /// Its key in [`Partition::idle`], while idle.
+    evict_at: Option<i64>,
+    /// Its key in [`Partition::expiries`], while something waits.
+    expires_at: Option<i64>,
+}
+
+/// One partition's regions, clock and time indexes.
+#[derive(Debug, Default)]
+struct Partition {
+    regions: HashMap<String, Slot>,
+    clock: StreamClock,
+    /// Idle regions by when they are evicted.
+    idle: BTreeSet<(i64, String)>,
+    /// Regions with waiting requests by their earliest expiry.
+    expiries: BTreeSet<(i64, String)>,
+    /// Restored regions not looked at since (a changed fleet may let a free drone take a
+    /// waiting request; their idle and expiry keys are not set yet).
+    unsettled: BTreeSet<String>,
+}
+
+impl Partition {
+    /// Re-files region `name` in the time indexes after a change at stream time `at`.
+    fn reindex(&mut self, name: &str, at: i64) {
+        let Some(slot) = self.regions.get_mut(name) else {
+            return;
+        };
+        let expires = slot.region.next_expiry();
+        if slot.expires_at != expires {
+            if let Some(old) = slot.expires_at.take() {
+                self.expiries.remove(&(old, name.to_owned()));
+            }
+            if let Some(new) = expires {
+                self.expiries.insert((new, name.to_owned()));
+            }
+            slot.expires_at = expires;
+        }
+        match (slot.region.is_idle(), slot.evict_at) {
+            (true, None) => {
+                let evict_at = at.saturating_add(slot.region.time_home_ms());
+                self.idle.insert((evict_at, name.to_owned()));
+                slot.evict_at = Some(evict_at);
+            }
+            (false, Some(old)) => {
+                self.idle.remove(&(old, name.to_owned()));
+                slot.evict_at = None;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The scheduling consumer's state: regions by partition.
 #[derive(Debug, Default)]
 pub struct Scheduler {
     fleet: Fleet,
-    regions: HashMap<i32, HashMap<String, Region>>,
+    limits: QueueLimits,
+    partitions: HashMap<i32, Partition>,
 }
 
 impl Scheduler {
-    /// A scheduler drawing drones from `fleet`.
+    /// A scheduler drawing drones from `fleet`, with the default [`QueueLimits`].
     pub fn new(fleet: Fleet) -> Self {
         Self {
             fleet,
-            regions: HashMap::new(),
+            limits: QueueLimits::default(),
+            partitions: HashMap::new(),
         }
     }
 
-    fn assignment_output(a: &Assignment) -> Output {
+    /// The same with `limits` on every region's waiting queue.
+    pub fn with_limits(mut self, limits: QueueLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn assignment_output(a: &Assignment, event_at: i64) -> Output {
         let (tenant, _) = schemas::split_delivery_key(&a.delivery_key);
         let mut headers = vec![
             (
@@ -148,6 +230,7 @@ impl Scheduler {
             ),
             (h::DRONE_ID.to_owned(), a.drone_id.as_bytes().to_vec()),
             (h::DELIVERY_ID.to_owned(), a.delivery_id.as_bytes().to_vec()),
+            event_time_header(event_at),
         ];
         if let Some(tenant) = tenant {
             headers.push((h::TENANT.to_owned(), tenant.as_bytes().to_vec()));
@@ -160,15 +243,14 @@ impl Scheduler {
         }
     }
 
-    /// Tells the delivery consumer that no drone of the region can ever take `job`.
-    fn rejection_output(job: &Job, reason: &str) -> Output {
+    /// Tells the delivery consumer that the scheduler gave `job` up, and why.
+    fn rejection_output(job: &Job, code: CancelReason, reason: String, event_at: i64) -> Output {
         let (tenant, _) = schemas::split_delivery_key(&job.delivery_key);
+        metrics::counter!("scheduling_rejected_total", "reason" => code.as_str()).increment(1);
         Output {
             topic: topics::DELIVERIES.name,
             key: job.delivery_key.as_bytes().to_vec(),
-            payload: serde_json::json!({ "reason": reason })
-                .to_string()
-                .into_bytes(),
+            payload: serde_json::to_vec(&SchedulingRejected { reason, code }).unwrap_or_default(),
             headers: vec![
                 (
                     h::EVENT_TYPE.to_owned(),
@@ -182,8 +264,36 @@ impl Scheduler {
                     h::DELIVERY_ID.to_owned(),
                     job.delivery_id.as_bytes().to_vec(),
                 ),
+                event_time_header(event_at),
             ],
         }
+    }
+
+    fn new_region(&self, name: &str, drones: Vec<Drone>) -> Region {
+        Region::new(name, drones).with_limits(self.limits)
+    }
+}
+
+/// Writes drone `id` of `slot`'s region to the changelog.
+fn put_drone(slot: &mut Slot, id: &str, effects: &mut Effects) {
+    if let Some(d) = slot.region.drones.get(id) {
+        effects.changes.push((
+            drone_key(&slot.region.name, id),
+            serde_json::to_vec(d).unwrap_or_default(),
+        ));
+        slot.persisted.insert(id.to_owned());
+    }
+}
+
+/// The changelog and outputs of assignments taken from the waiting queue.
+fn assigned_from_queue(slot: &mut Slot, assigned: Vec<Assignment>, at: i64, effects: &mut Effects) {
+    for a in assigned {
+        put_drone(slot, &a.drone_id, effects);
+        effects
+            .changes
+            .push((wait_key(&slot.region.name, &a.delivery_key), Vec::new()));
+        effects.outputs.push(Scheduler::assignment_output(&a, at));
+        metrics::counter!("scheduling_assignments_total").increment(1);
     }
 }
 
@@ -192,6 +302,7 @@ enum Input {
     Request(Job),
     Release(DroneReleased),
     Cancel(SchedulingCancelled),
+    Reschedule(SchedulingRescheduled),
 }
 
 /// Parses a record, or says why it is a dead letter.
@@ -229,6 +340,11 @@ fn parse(record: &Record) -> std::result::Result<Input, String> {
                 .map(Input::Cancel)
                 .map_err(|e| format!("invalid scheduling cancel: {e}"))
         }
+        Some(t) if t == h::event_type::DELIVERY_RESCHEDULED.as_bytes() => {
+            serde_json::from_slice(payload)
+                .map(Input::Reschedule)
+                .map_err(|e| format!("invalid scheduling reschedule: {e}"))
+        }
         other => {
             let shown = other.map_or("none".into(), String::from_utf8_lossy);
             Err(format!("unknown event type {shown}"))
@@ -238,42 +354,68 @@ fn parse(record: &Record) -> std::result::Result<Input, String> {
 
 impl Machine for Scheduler {
     fn forget(&mut self, partition: i32) {
-        self.regions.remove(&partition);
+        self.partitions.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
-        let mut regions: HashMap<String, Region> = HashMap::new();
-        let mut waiting: HashMap<String, Vec<Waiting>> = HashMap::new();
+        // Per region: its drones in the changelog, and its waiting requests.
+        let mut stored: HashMap<String, (Vec<Drone>, Vec<Waiting>)> = HashMap::new();
         for (key, value) in entries {
             let key = String::from_utf8_lossy(&key).into_owned();
             let mut parts = key.splitn(3, '\u{1}');
             let (Some(kind), Some(region)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let entry = regions
-                .entry(region.to_owned())
-                .or_insert_with(|| Region::new(region, Vec::new()));
+            let entry = stored.entry(region.to_owned()).or_default();
             match kind {
                 "d" => {
                     if let Ok(drone) = serde_json::from_slice::<Drone>(&value) {
-                        entry.drones.insert(drone.id.clone(), drone);
+                        entry.0.push(drone);
                     }
                 }
                 "w" => {
                     if let Ok(w) = serde_json::from_slice::<Waiting>(&value) {
-                        waiting.entry(region.to_owned()).or_default().push(w);
+                        entry.1.push(w);
                     }
                 }
                 _ => {}
             }
         }
-        for (region, mut list) in waiting {
-            list.sort_by_key(|w| w.seq);
-            if let Some(r) = regions.get_mut(&region) {
-                r.set_waiting(list.into_iter().map(|w| w.job).collect());
+        let mut restored = Partition::default();
+        for (name, (drones, waiting)) in stored {
+            // The fleet's drones, with what the changelog says on top.
+            let mut all: std::collections::BTreeMap<String, Drone> = self
+                .fleet
+                .drones(&name)
+                .into_iter()
+                .map(|d| (d.id.clone(), d))
+                .collect();
+            let persisted = drones.iter().map(|d| d.id.clone()).collect();
+            all.extend(drones.into_iter().map(|d| (d.id.clone(), d)));
+            let mut region = self.new_region(&name, all.into_values().collect());
+            let list: Vec<(i64, Job, i64)> = waiting
+                .into_iter()
+                .map(|w| {
+                    let arrived = w.arrived_ms.unwrap_or(w.job.pickup_time_ms);
+                    (w.seq, w.job, arrived)
+                })
+                .collect();
+            if let Some(latest) = list.iter().map(|(_, _, at)| *at).max() {
+                restored.clock.raise(latest);
             }
+            region.restore_waiting(list);
+            restored.unsettled.insert(name.clone());
+            restored.regions.insert(
+                name,
+                Slot {
+                    region,
+                    persisted,
+                    evict_at: None,
+                    expires_at: None,
+                },
+            );
         }
-        self.regions.insert(partition, regions);
+        self.partitions.insert(partition, restored);
     }
 
     fn handle(&mut self, record: &Record, now_ms: i64, effects: &mut Effects) {
@@ -284,7 +426,7 @@ impl Machine for Scheduler {
                 .push(record.dead_letter("record has no key (region)"));
             return;
         }
-        // Only a valid record may open a region (and write its fleet).
+        // Only a valid record may open a region.
         let input = match parse(record) {
             Ok(input) => input,
             Err(reason) => {
@@ -292,80 +434,169 @@ impl Machine for Scheduler {
                 return;
             }
         };
-        let fleet = &self.fleet;
-        let partition = self.regions.entry(record.partition).or_default();
-        let region = partition.entry(region_name.clone()).or_insert_with(|| {
-            let region = Region::new(&region_name, fleet.drones(&region_name));
-            for d in region.drones.values() {
-                effects.changes.push((
-                    drone_key(&region_name, &d.id),
-                    serde_json::to_vec(d).unwrap_or_default(),
-                ));
-            }
-            region
-        });
-        let put_drone = |region: &Region, id: &str, effects: &mut Effects| {
-            if let Some(d) = region.drones.get(id) {
-                effects.changes.push((
-                    drone_key(&region.name, id),
-                    serde_json::to_vec(d).unwrap_or_default(),
-                ));
-            }
-        };
+        let at_event = event_ms(record);
+        let (fleet, limits) = (&self.fleet, self.limits);
+        let partition = self.partitions.entry(record.partition).or_default();
+        partition.clock.observe(at_event);
+        let at = at_event.or(partition.clock.now()).unwrap_or(now_ms);
+        if partition.unsettled.remove(&region_name) {
+            settle(partition, &region_name, now_ms, at, effects);
+        }
+        let slot = partition
+            .regions
+            .entry(region_name.clone())
+            .or_insert_with(|| Slot {
+                region: Region::new(&region_name, fleet.drones(&region_name)).with_limits(limits),
+                persisted: BTreeSet::new(),
+                evict_at: None,
+                expires_at: None,
+            });
         match input {
-            Input::Request(job) => {
-                let waiting_entry = Waiting {
-                    seq: record.offset,
-                    job: job.clone(),
-                };
-                match region.request(job, now_ms) {
-                    Decision::Assigned(a) => {
-                        put_drone(region, &a.drone_id, effects);
-                        effects.outputs.push(Self::assignment_output(&a));
-                        metrics::counter!("scheduling_assignments_total").increment(1);
-                    }
-                    Decision::Waiting => {
-                        effects.changes.push((
-                            wait_key(&region.name, &waiting_entry.job.delivery_key),
-                            serde_json::to_vec(&waiting_entry).unwrap_or_default(),
-                        ));
-                        metrics::counter!("scheduling_waiting_total").increment(1);
-                    }
-                    Decision::Duplicate => {}
-                    Decision::Unassignable(reason) => {
-                        effects
-                            .outputs
-                            .push(Self::rejection_output(&waiting_entry.job, &reason));
-                        metrics::counter!("scheduling_rejected_total").increment(1);
-                    }
+            Input::Request(job) => match slot.region.request_at(job.clone(), now_ms, at) {
+                Decision::Assigned(a) => {
+                    put_drone(slot, &a.drone_id, effects);
+                    effects.outputs.push(Self::assignment_output(&a, at));
+                    metrics::counter!("scheduling_assignments_total").increment(1);
                 }
-            }
+                Decision::Waiting => {
+                    if let Some(q) = slot.region.queued(&job.delivery_key) {
+                        let entry = Waiting {
+                            seq: q.seq,
+                            job: q.job.clone(),
+                            arrived_ms: Some(q.arrived_ms),
+                        };
+                        effects.changes.push((
+                            wait_key(&region_name, &job.delivery_key),
+                            serde_json::to_vec(&entry).unwrap_or_default(),
+                        ));
+                    }
+                    metrics::counter!("scheduling_waiting_total").increment(1);
+                }
+                Decision::Duplicate => {}
+                Decision::Unassignable(reason) => {
+                    effects.outputs.push(Self::rejection_output(
+                        &job,
+                        CancelReason::NoCapableDrone,
+                        reason,
+                        at,
+                    ));
+                }
+                Decision::QueueFull(reason) => {
+                    effects.outputs.push(Self::rejection_output(
+                        &job,
+                        CancelReason::QueueFull,
+                        reason,
+                        at,
+                    ));
+                }
+            },
             Input::Release(released) => {
-                let assigned = region.release(
+                let assigned = slot.region.release(
                     &released.drone_id,
                     &released.delivery_key,
                     released.position,
                     now_ms,
                 );
-                put_drone(region, &released.drone_id, effects);
-                for a in assigned {
-                    put_drone(region, &a.drone_id, effects);
-                    effects
-                        .changes
-                        .push((wait_key(&region.name, &a.delivery_key), Vec::new()));
-                    effects.outputs.push(Self::assignment_output(&a));
-                    metrics::counter!("scheduling_assignments_total").increment(1);
+                put_drone(slot, &released.drone_id, effects);
+                assigned_from_queue(slot, assigned, at, effects);
+            }
+            Input::Reschedule(change) => {
+                let key = &change.delivery_key;
+                if slot
+                    .region
+                    .reschedule(key, change.pickup_time_ms, change.deadline_ms)
+                    && let Some(q) = slot.region.queued(key)
+                {
+                    let entry = Waiting {
+                        seq: q.seq,
+                        job: q.job.clone(),
+                        arrived_ms: Some(q.arrived_ms),
+                    };
+                    effects.changes.push((
+                        wait_key(&region_name, key),
+                        serde_json::to_vec(&entry).unwrap_or_default(),
+                    ));
                 }
             }
             Input::Cancel(cancelled) => {
-                if region.cancel(&cancelled.delivery_key) {
+                if slot.region.cancel(&cancelled.delivery_key) {
                     effects
                         .changes
-                        .push((wait_key(&region.name, &cancelled.delivery_key), Vec::new()));
+                        .push((wait_key(&region_name, &cancelled.delivery_key), Vec::new()));
                 }
             }
         }
+        partition.reindex(&region_name, at);
     }
+
+    fn tick(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        let stream = p.clock.tick(now_ms).unwrap_or(now_ms);
+        for name in std::mem::take(&mut p.unsettled) {
+            settle(p, &name, now_ms, stream, effects);
+        }
+        // Requests whose deadline or waiting bound passed.
+        while let Some((at, name)) = p.expiries.first().cloned() {
+            if at > stream {
+                break;
+            }
+            p.expiries.remove(&(at, name.clone()));
+            let Some(slot) = p.regions.get_mut(&name) else {
+                continue;
+            };
+            slot.expires_at = None;
+            for q in slot.region.expire(stream) {
+                effects
+                    .changes
+                    .push((wait_key(&name, &q.job.delivery_key), Vec::new()));
+                let reason = match q.expiry {
+                    CancelReason::DeadlinePassed => {
+                        format!("no drone of region {name} was free before the deadline")
+                    }
+                    _ => format!(
+                        "no drone of region {name} was free within the waiting bound of {} s",
+                        self.limits.max_waiting_time.as_secs()
+                    ),
+                };
+                effects.outputs.push(Self::rejection_output(
+                    &q.job,
+                    q.expiry,
+                    reason,
+                    q.expires_ms,
+                ));
+            }
+            p.reindex(&name, stream);
+        }
+        // Idle regions whose drones are all home by now.
+        while let Some((at, name)) = p.idle.first().cloned() {
+            if at > stream {
+                break;
+            }
+            p.idle.remove(&(at, name.clone()));
+            let Some(slot) = p.regions.remove(&name) else {
+                continue;
+            };
+            for id in &slot.persisted {
+                effects.changes.push((drone_key(&name, id), Vec::new()));
+            }
+            if let Some(e) = slot.expires_at {
+                p.expiries.remove(&(e, name.clone()));
+            }
+            metrics::counter!("scheduling_regions_evicted_total").increment(1);
+        }
+    }
+}
+
+/// Looks at a restored region for the first time: waiting requests a free drone can
+/// carry (the fleet changed) are assigned, and it is filed in the time indexes.
+fn settle(p: &mut Partition, name: &str, now_ms: i64, at: i64, effects: &mut Effects) {
+    if let Some(slot) = p.regions.get_mut(name) {
+        let assigned = slot.region.settle(now_ms);
+        assigned_from_queue(slot, assigned, at, effects);
+    }
+    p.reindex(name, at);
 }
 
 #[cfg(test)]
@@ -419,9 +650,14 @@ mod tests {
         // A new instance restored from the changelog knows the busy drones and the queue.
         let mut restored = Scheduler::new(Fleet::Default);
         restored.restore(0, log);
-        let region = &restored.regions[&0]["47:-123"];
-        assert_eq!(region.waiting.len(), 1);
-        assert_eq!(region.waiting[0].delivery_key, "fabrikam/d2");
+        let region = &restored.partitions[&0].regions["47:-123"].region;
+        assert_eq!(region.waiting_len(), 1);
+        let first = region.waiting().next().unwrap();
+        assert_eq!(first.job.delivery_key, "fabrikam/d2");
+        assert_eq!(
+            region, &scheduler.partitions[&0].regions["47:-123"].region,
+            "restore equals before"
+        );
         let a: Assignment = serde_json::from_slice(&assigned[0].payload).unwrap();
         let release = DroneReleased {
             drone_id: a.drone_id.clone(),
@@ -448,6 +684,228 @@ mod tests {
         assert_eq!(next.drone_id, a.drone_id);
     }
 
+    /// Applies `fx`'s changes to a changelog kept as a map (tombstones delete).
+    fn write(log: &mut HashMap<Vec<u8>, Vec<u8>>, fx: &Effects) {
+        for (k, v) in &fx.changes {
+            if v.is_empty() {
+                log.remove(k);
+            } else {
+                log.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    fn large_request(offset: i64, id: &str, at_ms: i64, deadline: &str) -> Record {
+        let heavy = schemas::delivery::EXAMPLE_REQUEST
+            .replace("\"weight\":2.5", "\"weight\":20")
+            .replace("\"Medium\"", "\"Large\"");
+        let heavy = heavy.replace(
+            "\"deadline\":\"2026-11-24T12:00:00+01:00\"",
+            &format!("\"deadline\":\"{deadline}\""),
+        );
+        let mut record = request_record(offset, "47:-123", id, &heavy);
+        record
+            .headers
+            .push((h::INGEST_TIME.into(), at_ms.to_string().into_bytes()));
+        record
+    }
+
+    fn rejection(o: &Output) -> SchedulingRejected {
+        assert_eq!(o.topic, topics::DELIVERIES.name);
+        serde_json::from_slice(&o.payload).unwrap()
+    }
+
+    #[test]
+    fn a_full_queue_and_a_passed_deadline_send_the_request_back_with_its_reason() {
+        let mut scheduler = Scheduler::new(Fleet::Default).with_limits(QueueLimits {
+            max_waiting: 1,
+            max_waiting_time: std::time::Duration::from_secs(3_600),
+        });
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        let mut log = HashMap::new();
+        let mut fx = Effects::default();
+        for (i, id) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let record = large_request(i as i64, id, t0, "2026-12-01T10:00:05Z");
+            scheduler.handle(&record, t0, &mut fx);
+        }
+        // Two large drones, one waits, the fourth is refused.
+        assert_eq!(fx.outputs.len(), 3);
+        let refused = rejection(&fx.outputs[2]);
+        assert_eq!(refused.code, CancelReason::QueueFull);
+        assert_eq!(fx.outputs[2].key, b"fabrikam/d");
+        write(&mut log, &fx);
+        // The tick before the deadline changes nothing; the one after sends c back.
+        let mut fx = Effects::default();
+        scheduler.tick(0, t0 + 4_000, &mut fx);
+        scheduler.tick(0, t0 + 4_000, &mut fx);
+        assert!(fx.outputs.is_empty() && fx.changes.is_empty());
+        scheduler.tick(0, t0 + 5_000, &mut fx);
+        assert_eq!(fx.outputs.len(), 1);
+        let expired = rejection(&fx.outputs[0]);
+        assert_eq!(expired.code, CancelReason::DeadlinePassed);
+        assert_eq!(fx.outputs[0].key, b"fabrikam/c");
+        assert!(
+            fx.outputs[0]
+                .headers
+                .contains(&(h::EVENT_TIME.into(), (t0 + 5_000).to_string().into_bytes()))
+        );
+        write(&mut log, &fx);
+        assert!(
+            !log.keys().any(|k| k.starts_with(b"w")),
+            "no waiting entry left"
+        );
+        assert_eq!(
+            scheduler.partitions[&0].regions["47:-123"]
+                .region
+                .waiting_len(),
+            0
+        );
+    }
+
+    fn release_record(offset: i64, a: &Assignment, at_ms: i64) -> Record {
+        let release = DroneReleased {
+            drone_id: a.drone_id.clone(),
+            delivery_key: a.delivery_key.clone(),
+            position: a.drop_off,
+            at: at_ms,
+        };
+        Record {
+            topic: topics::DRONE_SCHEDULING.name.into(),
+            partition: 0,
+            offset,
+            key: Some(a.region.as_bytes().to_vec()),
+            payload: Some(serde_json::to_vec(&release).unwrap()),
+            headers: vec![
+                (
+                    h::EVENT_TYPE.into(),
+                    h::event_type::DRONE_RELEASED.as_bytes().to_vec(),
+                ),
+                event_time_header(at_ms),
+            ],
+        }
+    }
+
+    fn evicts_an_idle_region_once_its_drones_are_home_and_rebuilds_it(fleet: Fleet) {
+        let t0 = 1_800_000_000_000;
+        let mut scheduler = Scheduler::new(fleet.clone());
+        let mut log = HashMap::new();
+        let mut fx = Effects::default();
+        scheduler.handle(
+            &large_request(0, "a", t0, "2027-01-01T00:00:00Z"),
+            t0,
+            &mut fx,
+        );
+        assert_eq!(fx.changes.len(), 1, "only the busy drone is written");
+        let a: Assignment = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
+        write(&mut log, &fx);
+        // Delivered: the drone is free at the drop-off, the region idle.
+        let mut fx = Effects::default();
+        let done = t0 + 600_000;
+        scheduler.handle(&release_record(1, &a, done), done, &mut fx);
+        write(&mut log, &fx);
+        let slot = &scheduler.partitions[&0].regions["47:-123"];
+        assert!(slot.region.is_idle());
+        let home_at = done + slot.region.time_home_ms();
+        assert!(home_at > done, "the drone is away from home");
+        let before = slot.region.clone();
+        // A new owner restored now has the same region.
+        let mut restored = Scheduler::new(fleet.clone());
+        restored.restore(0, log.clone());
+        let mut fx = Effects::default();
+        restored.tick(0, done, &mut fx);
+        assert_eq!(restored.partitions[&0].regions["47:-123"].region, before);
+        // Not before its drones could be home; then gone, its entries deleted.
+        let mut fx = Effects::default();
+        scheduler.tick(0, home_at - 1, &mut fx);
+        scheduler.tick(0, home_at - 1, &mut fx);
+        assert!(fx.changes.is_empty());
+        scheduler.tick(0, home_at, &mut fx);
+        assert!(!scheduler.partitions[&0].regions.contains_key("47:-123"));
+        assert_eq!(
+            fx.changes,
+            vec![(drone_key("47:-123", &a.drone_id), Vec::new())]
+        );
+        write(&mut log, &fx);
+        assert!(log.is_empty(), "nothing of the region is left: {log:?}");
+        // Rebuilt on demand, and a restore after the eviction decides the same.
+        let mut after_restore = Scheduler::new(fleet.clone());
+        after_restore.restore(0, log.clone());
+        for s in [&mut scheduler, &mut after_restore] {
+            let mut fx = Effects::default();
+            s.handle(
+                &large_request(2, "b", home_at, "2027-01-01T00:00:00Z"),
+                home_at,
+                &mut fx,
+            );
+            let b: Assignment = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
+            assert_eq!(b.drone_id, a.drone_id);
+            assert_eq!(b.from, a.from, "from home again");
+        }
+        assert_eq!(
+            scheduler.partitions[&0].regions["47:-123"].region,
+            after_restore.partitions[&0].regions["47:-123"].region
+        );
+    }
+
+    #[test]
+    fn idle_regions_of_the_default_fleet_are_evicted_and_rebuilt() {
+        evicts_an_idle_region_once_its_drones_are_home_and_rebuilds_it(Fleet::Default);
+    }
+
+    #[test]
+    fn idle_regions_of_a_fleet_file_are_evicted_and_rebuilt_from_it() {
+        let fleet = Fleet::parse(
+            br#"[{"id":"big","home":"47.5,-122.5","maxWeightKg":30,"maxSize":"Large","speedMps":15},
+                {"id":"small","home":"47.5,-122.5","maxWeightKg":2,"maxSize":"Small","speedMps":20}]"#,
+        )
+        .unwrap();
+        evicts_an_idle_region_once_its_drones_are_home_and_rebuilds_it(fleet);
+    }
+
+    #[test]
+    fn a_drone_no_longer_in_the_fleet_file_is_deleted_with_its_idle_region() {
+        let old = Fleet::parse(
+            br#"[{"id":"gone","home":"47.5,-122.5","maxWeightKg":30,"maxSize":"Large","speedMps":15}]"#,
+        )
+        .unwrap();
+        let t0 = 1_800_000_000_000;
+        let mut scheduler = Scheduler::new(old);
+        let mut log = HashMap::new();
+        let mut fx = Effects::default();
+        scheduler.handle(
+            &large_request(0, "a", t0, "2027-01-01T00:00:00Z"),
+            t0,
+            &mut fx,
+        );
+        let a: Assignment = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
+        write(&mut log, &fx);
+        // Restarted with a new fleet file: the busy drone stays until its release.
+        let new = Fleet::parse(
+            br#"[{"id":"new","home":"47.5,-122.5","maxWeightKg":30,"maxSize":"Large","speedMps":15}]"#,
+        )
+        .unwrap();
+        let mut restored = Scheduler::new(new);
+        restored.restore(0, log.clone());
+        let mut fx = Effects::default();
+        restored.handle(&release_record(1, &a, t0 + 1_000), t0 + 1_000, &mut fx);
+        write(&mut log, &fx);
+        let mut fx = Effects::default();
+        restored.tick(0, t0 + 100_000_000, &mut fx);
+        restored.tick(0, t0 + 100_000_000, &mut fx);
+        write(&mut log, &fx);
+        assert!(log.is_empty(), "{log:?}");
+        let mut fx = Effects::default();
+        restored.handle(
+            &large_request(2, "b", t0 + 100_000_000, "2027-01-01T00:00:00Z"),
+            t0,
+            &mut fx,
+        );
+        let b: Assignment = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
+        assert_eq!(b.drone_id, "new");
+    }
+
     #[test]
     fn a_request_no_drone_can_carry_is_rejected_to_its_delivery() {
         let mut scheduler = Scheduler::new(Fleet::Default);
@@ -461,6 +919,14 @@ mod tests {
             h::EVENT_TYPE.into(),
             h::event_type::DELIVERY_REJECTED.as_bytes().to_vec()
         )));
+        assert_eq!(rejection(&fx.outputs[0]).code, CancelReason::NoCapableDrone);
+        // The region it opened has nothing in it: evicted at the next tick, and it never
+        // wrote anything.
+        assert!(fx.changes.is_empty());
+        let mut fx = Effects::default();
+        scheduler.tick(0, 0, &mut fx);
+        assert!(scheduler.partitions[&0].regions.is_empty());
+        assert!(fx.changes.is_empty());
     }
 
     #[test]
@@ -498,5 +964,110 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    fn cancel_record(offset: i64, region: &str, key: &str, at_ms: i64) -> Record {
+        Record {
+            topic: topics::DRONE_SCHEDULING.name.into(),
+            partition: 0,
+            offset,
+            key: Some(region.as_bytes().to_vec()),
+            payload: Some(
+                serde_json::to_vec(&SchedulingCancelled {
+                    delivery_key: key.into(),
+                })
+                .unwrap(),
+            ),
+            headers: vec![
+                (
+                    h::EVENT_TYPE.into(),
+                    h::event_type::DELIVERY_CANCELLED.as_bytes().to_vec(),
+                ),
+                event_time_header(at_ms),
+            ],
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever happens, a scheduler restored from what was written to the changelog
+        /// has the same regions (drones and waiting requests, in order), and a region
+        /// that left nothing in the changelog is exactly the one its fleet rebuilds.
+        #[test]
+        fn the_changelog_always_restores_the_same_regions(
+            ops in proptest::collection::vec((0u8..5, 0usize..16, 0i64..20), 1..60),
+        ) {
+            let limits = QueueLimits {
+                max_waiting: 3,
+                max_waiting_time: std::time::Duration::from_secs(600),
+            };
+            let t0 = 1_800_000_000_000;
+            let mut now = t0;
+            let mut live = Scheduler::new(Fleet::Default).with_limits(limits);
+            let mut log = HashMap::new();
+            let mut assigned: Vec<Assignment> = Vec::new();
+            let mut requested: Vec<String> = Vec::new();
+            for (i, (op, pick, minutes)) in ops.into_iter().enumerate() {
+                now += 30_000;
+                let offset = i as i64;
+                let mut fx = Effects::default();
+                match op {
+                    0 | 1 => {
+                        let deadline = chrono::DateTime::from_timestamp_millis(now + minutes * 60_000)
+                            .unwrap()
+                            .to_rfc3339();
+                        let id = format!("r{i}");
+                        live.handle(&large_request(offset, &id, now, &deadline), now, &mut fx);
+                        requested.push(format!("fabrikam/{id}"));
+                    }
+                    2 => {
+                        if !assigned.is_empty() {
+                            let a = assigned.remove(pick % assigned.len());
+                            live.handle(&release_record(offset, &a, now), now, &mut fx);
+                        }
+                    }
+                    3 => {
+                        if !requested.is_empty() {
+                            let key = requested[pick % requested.len()].clone();
+                            live.handle(&cancel_record(offset, "47:-123", &key, now), now, &mut fx);
+                        }
+                    }
+                    _ => {
+                        now += minutes * 60_000;
+                        live.tick(0, now, &mut fx);
+                        live.tick(0, now, &mut fx);
+                    }
+                }
+                for o in &fx.outputs {
+                    if o.topic == topics::DRONE_ASSIGNMENTS.name {
+                        assigned.push(serde_json::from_slice(&o.payload).unwrap());
+                    }
+                }
+                write(&mut log, &fx);
+                let mut restored = Scheduler::new(Fleet::Default).with_limits(limits);
+                restored.restore(0, log.clone());
+                let empty = HashMap::new();
+                let live_regions = live.partitions.get(&0).map_or(&empty, |p| &p.regions);
+                let restored_regions = &restored.partitions[&0].regions;
+                for (name, slot) in live_regions {
+                    let waiting = |r: &Region| -> Vec<(String, i64, i64)> {
+                        r.waiting().map(|q| (q.job.delivery_key.clone(), q.arrived_ms, q.expires_ms)).collect()
+                    };
+                    match restored_regions.get(name) {
+                        Some(back) => {
+                            proptest::prop_assert_eq!(&back.region.drones, &slot.region.drones);
+                            proptest::prop_assert_eq!(waiting(&back.region), waiting(&slot.region));
+                        }
+                        None => {
+                            let rebuilt = Region::new(name, default_fleet(name)).with_limits(limits);
+                            proptest::prop_assert_eq!(&slot.region.drones, &rebuilt.drones);
+                            proptest::prop_assert_eq!(slot.region.waiting_len(), 0);
+                        }
+                    }
+                }
+                for name in restored_regions.keys() {
+                    proptest::prop_assert!(live_regions.contains_key(name), "{} came back", name);
+                }
+            }
+        }
     }
 }
