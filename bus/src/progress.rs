@@ -226,10 +226,13 @@ where
     let answered = consumer
         .offsets_for_times(asked, timeout)
         .map_err(BusError::client("listing offsets"))?;
-    if let Some(failed) = answered.elements().iter().find(|e| e.error().is_err()) {
-        if let Err(e) = failed.error() {
-            return Err(BusError::client("listing offsets")(e));
-        }
+    if let Some(Err(e)) = answered
+        .elements()
+        .iter()
+        .map(|e| e.error())
+        .find(|e| e.is_err())
+    {
+        return Err(BusError::client("listing offsets")(e));
     }
     Ok(answered)
 }
