@@ -68,6 +68,16 @@ pub struct SinkArgs {
 /// record by record.
 const SEEK_AHEAD: i64 = 10_000;
 
+/// While draining: a stream this long without a record has paused (what was there is
+/// read), so the sink checks whether it caught up.
+const DRAIN_PAUSE: Duration = Duration::from_millis(100);
+
+/// While draining: the longest time between two checks while records keep coming.
+const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// While draining: the longest a check may wait for the broker's answers.
+const DRAIN_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the sink does when it is told to stop.
 #[derive(Debug, Clone, Copy)]
 pub enum OnShutdown {
@@ -216,35 +226,47 @@ impl Sink {
         Ok(())
     }
 
-    /// Reads on until every assigned partition is at its high watermark, or `limit`
-    /// passes.
+    /// Reads on until the consumer has caught up (every assigned partition read to its
+    /// readable end; see [`Consumer::caught_up`]), or `limit` passes. It checks at once,
+    /// then whenever the stream pauses and at least every [`DRAIN_CHECK_EVERY`] while
+    /// records keep coming.
     async fn drain(&mut self, limit: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let started = tokio::time::Instant::now();
+        let deadline = started + limit;
         let consumer = Arc::clone(&self.consumer);
         loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                tracing::warn!(
+                    ?limit,
+                    "history sink: drain time passed before it caught up"
+                );
+                return Ok(());
+            }
             let check = Arc::clone(&consumer);
-            let caught_up =
-                tokio::task::spawn_blocking(move || check.caught_up(Duration::from_secs(5)))
-                    .await
-                    .map_err(|e| AnalyticsError::Task {
-                        reason: e.to_string(),
-                    })?;
+            let wait = remaining.min(DRAIN_CHECK_TIMEOUT);
+            let caught_up = tokio::task::spawn_blocking(move || check.caught_up(wait))
+                .await
+                .map_err(|e| AnalyticsError::Task {
+                    reason: e.to_string(),
+                })?;
             match caught_up {
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    tracing::info!(took = ?started.elapsed(), "history sink: caught up");
+                    return Ok(());
+                }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "history sink: cannot tell whether it caught up");
                 }
             }
             // Read what is there until the stream pauses, then check again.
+            let next_check = tokio::time::Instant::now() + DRAIN_CHECK_EVERY;
             loop {
-                let wait = tokio::time::sleep(Duration::from_millis(200));
                 tokio::select! {
-                    () = tokio::time::sleep_until(deadline) => {
-                        tracing::warn!(?limit, "history sink: drain time passed before it caught up");
-                        return Ok(());
-                    }
-                    () = wait => break,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = tokio::time::sleep_until(next_check) => break,
+                    () = tokio::time::sleep(DRAIN_PAUSE) => break,
                     received = consumer.recv() => {
                         self.take(received).await?;
                         if self.buffer.due(&self.config) {

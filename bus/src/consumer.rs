@@ -20,16 +20,21 @@ use crate::error::{BusError, Result};
 use crate::settings::ClientSettings;
 
 /// Remembers the partitions taken away from this member in rebalances, so that the
-/// application can drop records of them it received but has not handled yet.
+/// application can drop records of them it received but has not handled yet, and
+/// whether the group has given this member its assignment (for [`Consumer::caught_up`]).
 #[derive(Default)]
 pub(crate) struct BusContext {
     revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    membership: crate::progress::Membership,
 }
 
 impl ClientContext for BusContext {}
 
 impl ConsumerContext for BusContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            self.membership.revoking();
+        }
         if let Rebalance::Revoke(list) = rebalance
             && let Ok(mut revoked) = self.revoked.lock()
         {
@@ -40,6 +45,12 @@ impl ConsumerContext for BusContext {
             for elem in list.elements() {
                 revoked.push((elem.topic().to_owned(), elem.partition()));
             }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.membership.assigned();
         }
     }
 }
@@ -66,10 +77,11 @@ impl std::fmt::Debug for LagProbe {
 
 impl LagProbe {
     /// Per assigned partition: records between the consumer's position (or the group's
-    /// committed offset before it read anything) and the high watermark. Blocks the
-    /// calling thread for up to `timeout` per partition.
+    /// committed offset before it read anything) and the readable end (the last stable
+    /// offset under `read_committed`). Blocks the calling thread for up to `timeout` per
+    /// request (each asks for every partition at once).
     pub fn lag(&self, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
-        partition_lags(&self.inner, timeout)
+        crate::progress::lags(&*self.inner, timeout)
     }
 
     /// Reports the lag of each partition assigned to this member as the gauge
@@ -390,21 +402,20 @@ impl Consumer {
         }
     }
 
-    /// Whether this member has read everything currently in its assigned partitions: its
-    /// position is at the high watermark of each (or, before it read anything from a
-    /// partition, the group's committed offset is). `false` while no partition is
-    /// assigned yet. Blocks the calling thread for up to `timeout` per partition.
+    /// Whether this member has read everything readable in its partitions: no assigned
+    /// partition has records between its position and its readable end (the last stable
+    /// offset under `read_committed`, so transaction markers and open transactions do not
+    /// count). Empty partitions are caught up, and so is a member the group gave no
+    /// partition. Before the group has given this member its assignment, every partition
+    /// of its topics counts, from the group's committed offsets. Blocks the calling
+    /// thread for up to `timeout` per request (a few, each for all partitions at once).
     pub fn caught_up(&self, timeout: Duration) -> Result<bool> {
-        let assigned = self
-            .inner
-            .assignment()
-            .map_err(BusError::client("reading the assignment"))?;
-        if assigned.count() == 0 {
-            return Ok(false);
-        }
-        Ok(partition_lags(&self.inner, timeout)?
-            .iter()
-            .all(|(_, _, lag)| *lag <= 0))
+        let lags = if self.inner.context().membership.is_settled() {
+            crate::progress::lags(&*self.inner, timeout)?
+        } else {
+            crate::progress::subscription_lags(&*self.inner, timeout)?
+        };
+        Ok(crate::progress::caught_up(&lags))
     }
 }
 
@@ -511,48 +522,4 @@ impl Consumer {
             group: String::new(),
         })
     }
-}
-
-/// Per assigned partition of `consumer`: high watermark minus its position (or the
-/// committed offset, or the low watermark, before it read anything).
-fn partition_lags(consumer: &Inner, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
-    let assignment = consumer
-        .assignment()
-        .map_err(BusError::client("reading the assignment"))?;
-    let position = consumer
-        .position()
-        .map_err(BusError::client("reading the position"))?;
-    let mut committed = None;
-    let mut lags = Vec::new();
-    for elem in assignment.elements() {
-        let (topic, partition) = (elem.topic(), elem.partition());
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition, timeout)
-            .map_err(BusError::client("fetching watermarks"))?;
-        let at = match position
-            .find_partition(topic, partition)
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(at)) => at,
-            _ => {
-                let committed = match &committed {
-                    Some(c) => c,
-                    None => committed.insert(
-                        consumer
-                            .committed(timeout)
-                            .map_err(BusError::client("reading committed offsets"))?,
-                    ),
-                };
-                match committed
-                    .find_partition(topic, partition)
-                    .map(|e| e.offset())
-                {
-                    Some(Offset::Offset(at)) => at,
-                    _ => low,
-                }
-            }
-        };
-        lags.push((topic.to_owned(), partition, (high - at.max(low)).max(0)));
-    }
-    Ok(lags)
 }

@@ -15,6 +15,7 @@ mod embedded;
 mod error;
 mod lag;
 mod producer;
+mod progress;
 mod settings;
 
 pub use admin::{

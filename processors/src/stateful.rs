@@ -206,6 +206,11 @@ pub async fn run<M: Machine>(
                     .get(&record.topic)
                     .is_some_and(|next| record.offset > *next);
             if !info.restored || jumped {
+                if shutdown.is_cancelled() {
+                    // Stopping: no new restores; this batch is read again after a restart.
+                    restored_all = false;
+                    break;
+                }
                 let Some(entries) =
                     restore(&settings, spec, config, record.partition, &shutdown).await
                 else {

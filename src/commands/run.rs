@@ -3,8 +3,10 @@
 //! unless `--brokers` names a cluster.
 //!
 //! Stop order: the front (HTTP API, Flight SQL, simulator) stops and drains first, then
-//! the back ends (processors, history sink, lag watch), so that they see every record the
-//! front acknowledged; then the producer is flushed and the embedded broker goes last.
+//! the processors (so that they see every record the front acknowledged), then the
+//! history sink (which, on the embedded broker, first reads what the front and the
+//! processors wrote), the lag watch and the status view; then the producer is flushed and
+//! the embedded broker goes last.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,10 @@ use crate::history_sql::HistorySql;
 use crate::listeners;
 use crate::supervisor::{Supervisor, infallible, shutdown_signal};
 
+/// The longest the history sink reads on at shutdown on the embedded broker. Stopping
+/// takes at most 15 s under load; the front's drain and the processors come first.
+const SINK_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
 /// Runs the whole pipeline until the process is asked to stop or a service fails.
 pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let render = init_metrics()?;
@@ -41,6 +47,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     )?;
     let mut supervisor = Supervisor::new();
     let (front, stop_front) = supervisor.stage();
+    let (processing, stop_processing) = supervisor.stage();
     let (back, stop_back) = supervisor.stage();
     supervisor.spawn_helper(
         back,
@@ -98,30 +105,31 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
 
     supervisor.spawn(front, "ingest", ingest.run(stop_front.clone()));
     supervisor.spawn(
-        back,
+        processing,
         "workflow",
         processors::workflow::run(
             args.workflow,
             settings.clone(),
             durability.clone(),
-            stop_back.clone(),
+            stop_processing.clone(),
         ),
     );
     supervisor.spawn(
-        back,
+        processing,
         "processors",
         processors::run_stateful(
             args.stateful,
             processors::Processor::ALL.to_vec(),
             settings.clone(),
             durability,
-            stop_back.clone(),
+            stop_processing,
         ),
     );
     // An in-memory bus is gone when the process exits: on shutdown the sink first reads
-    // everything the front end acknowledged.
+    // everything the front end acknowledged (and the processors wrote), within the time a
+    // stop may take under load.
     let on_shutdown = if embedded.is_some() {
-        OnShutdown::Drain(Duration::from_secs(30))
+        OnShutdown::Drain(SINK_DRAIN_LIMIT)
     } else {
         OnShutdown::Stop
     };
