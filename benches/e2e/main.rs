@@ -42,8 +42,8 @@
 //!
 //! **The soak run** (`--soak DURATION`, e.g. `30m`) measures none of the above: it runs
 //! `dronedelivery run --simulate-drones` on its own embedded broker under a sustained
-//! load below its saturation (`--soak-rate RECORDS/S`, or half of what a
-//! `--soak-calibration SECONDS` saturated run of the same service accepted), samples the
+//! load below its saturation (`--soak-rate RECORDS/S`, or half of the end-to-end rate of
+//! phase 3's saturated run, `--soak-calibration SECONDS` long, 30 by default), samples the
 //! resident memory of each process every few seconds, and gives the verdict: over the
 //! second half, resident memory may grow by at most 10% (the median of the last tenth
 //! against the median of the tenth centred on the half). After the load it reads each

@@ -3,9 +3,9 @@
 //! each process's resident memory sampled every few seconds; after the load, the restore
 //! time of each state changelog; then the service is stopped.
 //!
-//! The rate is `--soak-rate`, or half of what the same service accepted in a short
-//! saturated calibration run (a process of its own, so that the soaked one starts
-//! fresh). `run` is one process, so the series has one process; its changelogs live on
+//! The rate is `--soak-rate`, or half of the end-to-end rate of the whole pipeline
+//! phase's saturated run (`pipeline.rs`, on a fresh embedded broker and in a process of
+//! its own, so that the soaked one starts fresh). `run` is one process, so the series has one process; its changelogs live on
 //! its embedded broker, which is gone when it exits, so they are read while it is up,
 //! after the load, with the call a processor restores a partition with
 //! (`changelog.rs`).
@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use dronedelivery::announce;
 
 use crate::changelog;
+use crate::cluster::Broker;
 use crate::memory::{self, MAX_GROWTH_PERCENT};
 use crate::phases::{load, load_config};
+use crate::pipeline;
 use crate::report::Machine;
 use crate::service::{MemorySampler, Service};
 use crate::soak_report::{Calibration, ProcessMemory, SoakReport};
@@ -29,10 +31,12 @@ const BATCH: u32 = 100;
 const CONNECTIONS: u32 = 4;
 
 /// The calibration offers this much (far above what `run` takes; lag backpressure
-/// refuses the rest), with the whole pipeline phase's batches and connections.
+/// refuses the rest), as the whole pipeline phase does by default.
 const CALIBRATION_OFFER: f64 = 100_000.0;
 
-/// The share of the calibrated rate the soak offers.
+/// The share of the calibrated end-to-end rate the soak offers: well below it, since the
+/// soaked service also takes the simulated drones' positions, which the calibration's
+/// does not.
 const CALIBRATION_FRACTION: f64 = 0.5;
 
 /// What the soak run is asked to do.
@@ -82,16 +86,19 @@ fn run_flags<'a>(data: &'a str, extra: &'a [String]) -> Vec<&'a str> {
     flags
 }
 
-/// The calibration: a fresh service saturated for `secs`; the records/s it accepted.
-async fn calibrate(secs: f64, extra: &[String]) -> f64 {
-    let data = tempfile::tempdir().unwrap();
-    let service = Service::start(&run_flags(data.path().to_str().unwrap(), extra));
-    let mut config = load_config(&service.base, 1000, 8, secs);
-    config.rate = CALIBRATION_OFFER;
-    let report = load(config).await;
-    service.stop();
-    println!("calibration ({secs:.0} s at {CALIBRATION_OFFER:.0} records/s offered):\n{report}");
-    report.records_per_sec
+/// The calibration: the whole pipeline phase's saturated run (`pipeline.rs`, `run` on a
+/// fresh embedded broker of the bench's, offered far more than it takes) for `secs`.
+async fn calibrate(secs: f64) -> Calibration {
+    let broker = Broker::embedded();
+    let saturated = pipeline::whole_pipeline(&broker.bootstrap(), CALIBRATION_OFFER, secs).await;
+    broker.stop().await;
+    Calibration {
+        secs,
+        offered_records_per_sec: CALIBRATION_OFFER,
+        accepted_records_per_sec: saturated.report.records_per_sec,
+        end_to_end_deliveries_per_sec: saturated.end_to_end_deliveries_per_sec,
+        fraction: CALIBRATION_FRACTION,
+    }
 }
 
 /// The soak run; `facts` are the report's run facts (start, machine, commit, command).
@@ -99,21 +106,21 @@ pub(crate) async fn soak(args: &SoakArgs, facts: Facts) -> SoakReport {
     let (rate, rate_from, calibration) = match args.rate {
         Some(rate) => (rate, "--soak-rate".to_owned(), None),
         None => {
-            let accepted = calibrate(args.calibration_secs, &args.run_args).await;
-            let rate = (accepted * CALIBRATION_FRACTION / 100.0).round().max(1.0) * 100.0;
+            let calibration = calibrate(args.calibration_secs).await;
+            let capacity = calibration.end_to_end_deliveries_per_sec;
+            assert!(
+                capacity.is_finite() && capacity > 0.0,
+                "the calibration measured no end-to-end rate; give --soak-rate"
+            );
+            let rate = (capacity * CALIBRATION_FRACTION / 100.0).round().max(1.0) * 100.0;
             (
                 rate,
                 format!(
-                    "{:.0}% of the {accepted:.0} records/s accepted in a {:.0} s saturated calibration",
+                    "{:.0}% of the {capacity:.0} deliveries/s end to end of the whole pipeline saturated for {:.0} s",
                     CALIBRATION_FRACTION * 100.0,
                     args.calibration_secs
                 ),
-                Some(Calibration {
-                    secs: args.calibration_secs,
-                    offered_records_per_sec: CALIBRATION_OFFER,
-                    accepted_records_per_sec: accepted,
-                    fraction: CALIBRATION_FRACTION,
-                }),
+                Some(calibration),
             )
         }
     };
@@ -155,6 +162,7 @@ pub(crate) async fn soak(args: &SoakArgs, facts: Facts) -> SoakReport {
     service.stop();
     let stop_secs = stopping.elapsed().as_secs_f64();
     let pass = !processes.is_empty() && processes.iter().all(|p| p.growth.pass);
+    let kept_up = kept_up(&report);
     // The data folder is a fresh temporary one.
     let service_line = format!("dronedelivery {}", flags.join(" "))
         .replace(data.path().to_str().unwrap(), "TEMP_DIR");
@@ -171,9 +179,20 @@ pub(crate) async fn soak(args: &SoakArgs, facts: Facts) -> SoakReport {
         processes,
         restores,
         stop_secs,
+        kept_up,
         max_growth_percent: MAX_GROWTH_PERCENT,
         pass,
     }
+}
+
+/// The service took the load as offered: every call due was sent, answered within the
+/// timeout, and accepted. If not, the memory measured is that of a service falling
+/// behind (queues filling), not of a sustained load.
+pub(crate) fn kept_up(report: &loadgen::Report) -> bool {
+    report.not_sent == 0
+        && report.non_2xx() == 0
+        && report.timeouts == 0
+        && report.transport_errors == 0
 }
 
 #[cfg(test)]
@@ -181,10 +200,35 @@ pub(crate) mod tests {
     use super::*;
 
     /// The checks of this module, for the bench's own runner (`main.rs`).
-    pub(crate) const TESTS: &[(&str, fn())] = &[(
-        "soak::samples_every_few_seconds_and_bounded",
-        samples_every_few_seconds_and_bounded,
-    )];
+    pub(crate) const TESTS: &[(&str, fn())] = &[
+        (
+            "soak::samples_every_few_seconds_and_bounded",
+            samples_every_few_seconds_and_bounded,
+        ),
+        (
+            "soak::kept_up_means_every_call_sent_and_accepted",
+            kept_up_means_every_call_sent_and_accepted,
+        ),
+    ];
+
+    fn kept_up_means_every_call_sent_and_accepted() {
+        let mut report: loadgen::Report = serde_json::from_value(serde_json::json!({
+            "target": "http://127.0.0.1:1", "mode": "open", "rate": 1000.0, "batch_size": 100,
+            "connections": 4, "tenants": 50, "format": "json", "compression": "none",
+            "telemetry_percent": 0, "elapsed_secs": 10.0, "calls": 100,
+            "by_status": {"202": 100}, "transport_errors": 0, "timeouts": 0, "not_sent": 0,
+            "records_sent": 10000, "accepted": 10000, "telemetry_accepted": 0, "rejected": 0,
+            "failed": 0, "bytes_sent": 0, "records_per_sec": 1000.0, "calls_per_sec": 10.0, "mb_per_sec": 0.3,
+            "latency_ms": {"count": 100, "p50": 1.0, "p90": 1.0, "p99": 1.0, "p999": 1.0, "max": 1.0, "mean": 1.0}
+        }))
+        .unwrap();
+        assert!(kept_up(&report));
+        report.not_sent = 3;
+        assert!(!kept_up(&report));
+        report.not_sent = 0;
+        report.by_status.insert(503, 1);
+        assert!(!kept_up(&report));
+    }
 
     fn samples_every_few_seconds_and_bounded() {
         assert_eq!(sample_every(120.0), 1.0);

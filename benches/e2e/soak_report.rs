@@ -39,13 +39,16 @@ pub(crate) struct SoakReport {
     pub(crate) restores: Vec<Restore>,
     /// Seconds from SIGTERM until the service exited, after the changelogs were read.
     pub(crate) stop_secs: f64,
+    /// The service took the load as offered (every call due sent and accepted); if not,
+    /// the memory measured is that of a service falling behind.
+    pub(crate) kept_up: bool,
     /// The bound on the growth over the second half, in percent.
     pub(crate) max_growth_percent: f64,
     /// Every process passed.
     pub(crate) pass: bool,
 }
 
-/// The short saturated run that chose the soak's rate.
+/// The short saturated run of the whole pipeline that chose the soak's rate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Calibration {
     pub(crate) secs: f64,
@@ -53,7 +56,9 @@ pub(crate) struct Calibration {
     /// Records/s the service accepted (it refuses the rest with 503 under lag
     /// backpressure).
     pub(crate) accepted_records_per_sec: f64,
-    /// The share of that rate the soak offers.
+    /// Deliveries/s from the load's start until all were in the history.
+    pub(crate) end_to_end_deliveries_per_sec: f64,
+    /// The share of the end-to-end rate the soak offers.
     pub(crate) fraction: f64,
 }
 
@@ -81,6 +86,15 @@ fn num(v: f64, digits: usize) -> String {
 /// The verdict in one line per process, as printed at the end of the run.
 pub(crate) fn verdict(r: &SoakReport) -> String {
     let mut out = String::new();
+    if !r.kept_up {
+        let _ = writeln!(
+            out,
+            "NOTE: the service did not keep up with the load ({} calls due not sent, {} answers not 2xx, {} timeouts): the memory below is that of a service falling behind; give a lower --soak-rate",
+            r.load.not_sent,
+            r.load.non_2xx(),
+            r.load.timeouts
+        );
+    }
     for p in &r.processes {
         let g = &p.growth;
         let _ = writeln!(
@@ -114,7 +128,7 @@ pub(crate) fn markdown(r: &SoakReport) -> String {
     let _ = writeln!(out, "Service: `{}`\n", r.service);
     let _ = writeln!(
         out,
-        "**Load**: {} records/s offered ({}), open loop, batches of {} over {} connections, for {} s: {} requests accepted ({} records/s), {} answers not 2xx, {} calls not sent, {} timeouts; latency p50 {} / p99 {} / max {} ms.\n",
+        "**Load**: {} records/s offered ({}), open loop, batches of {} over {} connections, for {} s: {} requests accepted ({} records/s), {} answers not 2xx, {} calls not sent, {} timeouts; latency p50 {} / p99 {} / max {} ms. Kept up: {}.\n",
         num(l.rate.unwrap_or(f64::NAN), 0),
         r.rate_from,
         l.batch_size,
@@ -128,6 +142,7 @@ pub(crate) fn markdown(r: &SoakReport) -> String {
         num(l.latency_ms.p50, 1),
         num(l.latency_ms.p99, 1),
         num(l.latency_ms.max, 1),
+        if r.kept_up { "yes" } else { "no" },
     );
     let _ = writeln!(
         out,
