@@ -65,6 +65,15 @@ impl Service {
     pub(crate) fn stop(self) {
         let _ = self.binary.terminate(Signal::Term, Duration::from_secs(30));
     }
+
+    /// SIGTERM, then a kill if it has not exited within `grace`: how it ended, in words
+    /// (`exited with ...`, or the error), and whether it exited on its own with success.
+    pub(crate) fn stop_within(self, grace: Duration) -> (String, bool) {
+        match self.binary.terminate(Signal::Term, grace) {
+            Ok(status) => (format!("exited with {status}"), status.success()),
+            Err(e) => (format!("{e:#}; killed"), false),
+        }
+    }
 }
 
 /// A `kB` field of `/proc/PID/status`; 0 when it cannot be read.

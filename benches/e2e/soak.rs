@@ -34,6 +34,9 @@ const CONNECTIONS: u32 = 4;
 /// refuses the rest), as the whole pipeline phase does by default.
 const CALIBRATION_OFFER: f64 = 100_000.0;
 
+/// How long the service may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
 /// The share of the calibrated end-to-end rate the soak offers: well below it, since the
 /// soaked service also takes the simulated drones' positions, which the calibration's
 /// does not.
@@ -159,8 +162,9 @@ pub(crate) async fn soak(args: &SoakArgs, facts: Facts) -> SoakReport {
 
     let restores = changelog::restore_times(&broker).await;
     let stopping = Instant::now();
-    service.stop();
+    let (stop, stopped_cleanly) = service.stop_within(STOP_GRACE);
     let stop_secs = stopping.elapsed().as_secs_f64();
+    println!("run stopped {stop_secs:.1} s after SIGTERM: {stop}");
     let pass = !processes.is_empty() && processes.iter().all(|p| p.growth.pass);
     let kept_up = kept_up(&report);
     // The data folder is a fresh temporary one.
@@ -179,6 +183,8 @@ pub(crate) async fn soak(args: &SoakArgs, facts: Facts) -> SoakReport {
         processes,
         restores,
         stop_secs,
+        stop,
+        stopped_cleanly,
         kept_up,
         max_growth_percent: MAX_GROWTH_PERCENT,
         pass,

@@ -37,8 +37,13 @@ pub(crate) struct SoakReport {
     pub(crate) processes: Vec<ProcessMemory>,
     /// Each state changelog read end to end after the load, while the service was up.
     pub(crate) restores: Vec<Restore>,
-    /// Seconds from SIGTERM until the service exited, after the changelogs were read.
+    /// Seconds from SIGTERM until the service exited (or was killed, after 60 s),
+    /// after the changelogs were read.
     pub(crate) stop_secs: f64,
+    /// How it ended: `exited with ...`, or why it was killed.
+    pub(crate) stop: String,
+    /// It exited on its own, with success.
+    pub(crate) stopped_cleanly: bool,
     /// The service took the load as offered (every call due sent and accepted); if not,
     /// the memory measured is that of a service falling behind.
     pub(crate) kept_up: bool,
@@ -198,8 +203,13 @@ pub(crate) fn markdown(r: &SoakReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nThe service stopped {} s after SIGTERM.\n",
-        num(r.stop_secs, 1)
+        "\n**Stop**: SIGTERM after the changelogs were read; {} s later it had {}.\n",
+        num(r.stop_secs, 1),
+        if r.stopped_cleanly {
+            "exited cleanly".to_owned()
+        } else {
+            format!("not exited cleanly ({})", r.stop)
+        }
     );
     let _ = writeln!(out, "{}", verdict(r));
     let _ = writeln!(out, "![resident memory over time](soak.svg)");
