@@ -40,6 +40,23 @@
 //! `pipeline.rs` the whole pipeline; `machine.rs` the machine and commit; `report.rs`
 //! the report's structs (`e2e.json`) and `e2e.md`; `chart.rs` `e2e.svg`.
 //!
+//! **The soak run** (`--soak DURATION`, e.g. `30m`) measures none of the above: it runs
+//! `dronedelivery run --simulate-drones` on its own embedded broker under a sustained
+//! load below its saturation (`--soak-rate RECORDS/S`, or half of the end-to-end rate of
+//! phase 3's saturated run, `--soak-calibration SECONDS` long, 30 by default), samples the
+//! resident memory of each process every few seconds, and gives the verdict: over the
+//! second half, resident memory may grow by at most 10% (the median of the last tenth
+//! against the median of the tenth centred on the half). After the load it reads each
+//! state changelog end to end as a restore does, and times it. `--soak-run-arg ARG`
+//! (repeated) passes more flags to `run`. It writes `soak.json`, `soak.csv` (every
+//! sample), `soak.md` and `soak.svg` (memory over time) to the results folder. The
+//! modules: `soak.rs` runs it, `memory.rs` holds the verdict's arithmetic,
+//! `changelog.rs` the restore times, `soak_report.rs` the files.
+//!
+//! `cargo test --bench e2e` runs the bench's unit checks (the pure parts: the growth
+//! verdict, reading `/proc` status text, the changelog fold) instead of measuring: a
+//! bench without libtest's harness collects no `#[test]`, so `checks` below runs them.
+//!
 //! `cargo bench --bench e2e [-- --only embedded|kafka] [--brokers HOST:PORT] [--nodes N]
 //! [--warm-up SECONDS] [--seconds N] [--out DIR]`; `--pipeline-rate` (records/s, default 100,000) and
 //! `--single-rate` (requests/s, default 30,000) set the offered rates of the open-loop
@@ -57,14 +74,18 @@ mod kafka;
 #[path = "../../tests/common/binary.rs"]
 mod binary;
 
+mod changelog;
 mod chart;
 mod cluster;
 mod machine;
+mod memory;
 mod phases;
 mod pipeline;
 mod plan;
 mod report;
 mod service;
+mod soak;
+mod soak_report;
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +111,8 @@ struct Args {
     out: PathBuf,
     pipeline_rate: f64,
     single_rate: f64,
+    /// The soak run instead of the passes, with this much load.
+    soak: Option<soak::SoakArgs>,
 }
 
 fn args() -> Args {
@@ -103,7 +126,11 @@ fn args() -> Args {
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results"),
         pipeline_rate: 100_000.0,
         single_rate: 30_000.0,
+        soak: None,
     };
+    let mut soak_rate = None;
+    let mut soak_calibration = 30.0;
+    let mut soak_run_args = Vec::new();
     let mut given = std::env::args().skip(1);
     while let Some(arg) = given.next() {
         let mut value = || {
@@ -130,14 +157,42 @@ fn args() -> Args {
             "--out" => args.out = PathBuf::from(value()),
             "--pipeline-rate" => args.pipeline_rate = value().parse().expect("records/s"),
             "--single-rate" => args.single_rate = value().parse().expect("requests/s"),
+            "--soak" => {
+                let secs = loadgen::plan::parse_duration(&value())
+                    .unwrap_or_else(|e| panic!("--soak DURATION (30m, 90s): {e}"))
+                    .as_secs_f64();
+                assert!(secs >= 10.0, "--soak: at least 10 s");
+                args.soak = Some(soak::SoakArgs {
+                    secs,
+                    rate: None,
+                    calibration_secs: 0.0,
+                    run_args: Vec::new(),
+                });
+            }
+            "--soak-rate" => soak_rate = Some(value().parse().expect("--soak-rate RECORDS/S")),
+            "--soak-calibration" => {
+                soak_calibration = value().parse().expect("--soak-calibration SECONDS");
+            }
+            "--soak-run-arg" => soak_run_args.push(value()),
             // cargo bench passes --bench; filters are not used.
             _ => {}
         }
+    }
+    if let Some(soak) = &mut args.soak {
+        soak.rate = soak_rate;
+        soak.calibration_secs = soak_calibration;
+        soak.run_args = soak_run_args;
     }
     args
 }
 
 fn main() {
+    // `cargo test --bench e2e` (no `--bench` argument): the unit checks, not the bench.
+    #[cfg(test)]
+    if !std::env::args().any(|a| a == "--bench") {
+        checks::run();
+        return;
+    }
     let args = args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,6 +210,18 @@ async fn bench(args: Args) {
         let results: E2eReport = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("reading {}: {e}", json.display()));
         write_summary(&args.out, &results);
+        return;
+    }
+    if let Some(soak_args) = &args.soak {
+        let facts = soak::Facts {
+            started: started.to_rfc3339(),
+            machine: machine::machine(),
+            // Before the report files (tracked) are written.
+            commit: machine::commit(),
+            command: soak_command(soak_args),
+        };
+        let report = soak::soak(soak_args, facts).await;
+        write_soak(&args.out, &report);
         return;
     }
     println!("end-to-end benchmark, {} s per phase", args.seconds);
@@ -199,6 +266,44 @@ fn write_summary(out: &Path, results: &E2eReport) {
     std::fs::write(out.join("e2e.md"), &summary).unwrap();
     println!("\n{summary}");
     println!("report written to {}", out.display());
+}
+
+/// `soak.json`, `soak.csv`, `soak.svg` and `soak.md` in `out`; prints the summary.
+fn write_soak(out: &Path, report: &soak_report::SoakReport) {
+    let json = serde_json::to_value(report).unwrap();
+    std::fs::write(
+        out.join("soak.json"),
+        serde_json::to_string_pretty(&json).unwrap() + "\n",
+    )
+    .unwrap();
+    std::fs::write(out.join("soak.csv"), soak_report::csv(report)).unwrap();
+    std::fs::write(out.join("soak.svg"), soak_report::chart(report)).unwrap();
+    let summary = soak_report::markdown(report);
+    std::fs::write(out.join("soak.md"), &summary).unwrap();
+    println!("\n{summary}");
+    println!("report written to {}", out.display());
+}
+
+/// The command that reproduces a soak run.
+fn soak_command(soak: &soak::SoakArgs) -> String {
+    let secs = soak.secs.round() as u64;
+    let duration = if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    };
+    let mut command = format!("cargo bench --bench e2e -- --soak {duration}");
+    match soak.rate {
+        Some(rate) => command.push_str(&format!(" --soak-rate {rate}")),
+        None if (soak.calibration_secs - 30.0).abs() > f64::EPSILON => {
+            command.push_str(&format!(" --soak-calibration {}", soak.calibration_secs));
+        }
+        None => {}
+    }
+    for arg in &soak.run_args {
+        command.push_str(&format!(" --soak-run-arg {arg}"));
+    }
+    command
 }
 
 /// The command that reproduces this run (its options that differ from the defaults).
@@ -349,5 +454,37 @@ async fn run_pass(args: &Args, pass: Pass) -> PassReport {
         pipeline: saturated,
         pipeline_sustained: sustained,
         overload,
+    }
+}
+
+/// The bench's unit checks, run by `cargo test --bench e2e`: each module's list, each
+/// check caught if it panics; exits with a failure if one did.
+#[cfg(test)]
+mod checks {
+    pub(super) fn run() {
+        let all = [
+            crate::memory::tests::TESTS,
+            crate::changelog::tests::TESTS,
+            crate::soak::tests::TESTS,
+        ];
+        let mut failed = Vec::new();
+        let mut passed = 0;
+        for (name, check) in all.into_iter().flatten() {
+            match std::panic::catch_unwind(check) {
+                Ok(()) => {
+                    passed += 1;
+                    println!("check {name} ... ok");
+                }
+                Err(_) => {
+                    println!("check {name} ... FAILED");
+                    failed.push(*name);
+                }
+            }
+        }
+        println!("\n{passed} passed, {} failed", failed.len());
+        if !failed.is_empty() {
+            println!("failed: {}", failed.join(", "));
+            std::process::exit(1);
+        }
     }
 }
