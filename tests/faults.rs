@@ -554,12 +554,12 @@ async fn a_paused_scheduler_resumed_after_its_replacement_took_over_is_fenced() 
     let verdict =
         tokio::task::block_in_place(|| zombie_is_fenced(&mut zombie, Duration::from_secs(60)));
     eprintln!(
-        "zombie: {} after {:.1} s",
+        "zombie, {:.1} s after it was resumed: {}",
+        resumed.elapsed().as_secs_f64(),
         match &verdict {
-            Ok(()) => "fenced and exited".to_owned(),
+            Ok(()) => "fenced, and exited".to_owned(),
             Err(e) => format!("{e:#}"),
-        },
-        resumed.elapsed().as_secs_f64()
+        }
     );
     if verdict.is_err() {
         let log = zombie.log_text()?;
