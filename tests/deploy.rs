@@ -439,6 +439,75 @@ fn the_manifests_name_only_subcommands_flags_and_variables_the_binary_has() -> R
     Ok(())
 }
 
+/// The variable naming a member's stable identity (`--instance-id`), from which its
+/// transactional ids derive.
+const INSTANCE_ID: &str = "DRONEDELIVERY_INSTANCE_ID";
+
+/// Every processor container takes its instance id from its pod's name (stable while the
+/// pod lives, so a restarted container fences what the one before it left open, and
+/// unique per replica, so members never fence each other); in the compose file, where
+/// each processor is one container, every processor service names its own.
+#[test]
+fn every_processor_member_has_a_stable_instance_id_of_its_own() -> Result<()> {
+    for overlay in OVERLAYS {
+        let docs = documents(&render(overlay)?)?;
+        let mut processors = 0;
+        for (doc, invocation) in k8s_invocations(overlay, &docs)? {
+            if invocation.subcommand() != "process" {
+                continue;
+            }
+            processors += 1;
+            let origin = &invocation.origin;
+            ensure!(
+                doc["kind"] == "Deployment" || doc["kind"] == "StatefulSet",
+                "{origin}: a processor runs as a Deployment or a StatefulSet"
+            );
+            let containers = doc["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .context("no containers")?;
+            for container in containers {
+                if !container["image"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("dronedelivery")
+                {
+                    continue;
+                }
+                let var = container["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["name"] == INSTANCE_ID)
+                    .with_context(|| format!("{origin}: no {INSTANCE_ID}"))?;
+                ensure!(
+                    var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name",
+                    "{origin}: {INSTANCE_ID} is not the pod's name: {var}"
+                );
+            }
+        }
+        ensure!(
+            processors >= 4,
+            "{overlay}: {processors} processor workloads"
+        );
+    }
+    let mut ids = BTreeSet::new();
+    for invocation in compose_invocations()? {
+        if invocation.subcommand() != "process" {
+            continue;
+        }
+        let origin = &invocation.origin;
+        let id = invocation
+            .var(INSTANCE_ID)
+            .with_context(|| format!("{origin}: no {INSTANCE_ID}"))?;
+        ensure!(
+            ids.insert(id.to_owned()),
+            "{origin}: {INSTANCE_ID}={id} again"
+        );
+    }
+    ensure!(ids.len() >= 4, "compose: processors with ids {ids:?}");
+    Ok(())
+}
+
 /// The port a `--listen`/`--health-listen` address names.
 fn port_of(address: &str) -> Option<i64> {
     address.rsplit(':').next()?.parse().ok()

@@ -1,9 +1,12 @@
 //! Faults under load on a real three-node Apache Kafka cluster: brokers killed, hung and
-//! all stopped, processors and the history sink killed, while a writer posts batches
-//! with ids of its own. Each test ends with exact counts over the history: every record
-//! answered as accepted is there exactly once, and every delivery completes with its
-//! events in order. The figures of each run (acknowledged, lost, duplicated, time to
-//! recover) are printed; `cargo test --test faults -- --nocapture` shows them.
+//! all stopped, processors and the history sink killed, a member of a group killed again
+//! and again, a paused processor replaced while it hangs (a zombie), while a writer posts
+//! batches with ids of its own. Each test ends with exact counts over the history: every
+//! record answered as accepted is there exactly once, every delivery completes with its
+//! events in order, and, processing being exactly-once on a cluster (Kafka transactions),
+//! no event is repeated and no drone assigned twice. The figures of each run
+//! (acknowledged, lost, duplicated, repeated, time to recover) are printed;
+//! `cargo test --test faults -- --nocapture` shows them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +18,7 @@ use schemas::topics;
 
 mod common;
 use common::kafka::{KafkaCluster, exclusive};
-use common::service::Topology;
+use common::service::{Guarantee, Options, Service, Topology};
 use common::writer::{Writer, WriterReport};
 use common::*;
 
@@ -23,23 +26,45 @@ use common::*;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the pipeline may take to complete every delivery after the load.
 const SETTLE_HISTORY: Duration = Duration::from_secs(180);
+/// The processors, each its own consumer group.
+const PROCESSORS: [&str; 4] = ["workflow", "scheduling", "tracking", "deliveries"];
 
 /// One test's pipeline under load: the cluster, every service, the history's folder.
 struct Run {
     topology: Topology,
     _dir: tempfile::TempDir,
     writer: Writer,
+    guarantee: Guarantee,
 }
 
 impl Run {
     /// Starts the pipeline and the load: deliveries of owner `name` in regions west of
-    /// `lon`.
+    /// `lon`, with the binary's default guarantee (exactly-once on a cluster).
     async fn start(name: &'static str, lon: i32) -> Result<Self> {
+        Self::start_with(name, lon, Guarantee::Default, false).await
+    }
+
+    /// [`Run::start`] with `guarantee`; with `logs`, each service's stderr goes to a file
+    /// of its own in the run's folder (see [`Service::log_text`]).
+    async fn start_with(
+        name: &'static str,
+        lon: i32,
+        guarantee: Guarantee,
+        logs: bool,
+    ) -> Result<Self> {
         let cluster = KafkaCluster::shared();
         // Whatever an earlier test did to the nodes, all of them run again.
         cluster.start_all()?;
         let (dir, data) = history_folder()?;
-        let topology = Topology::start(cluster.bootstrap(), &data, &[])?;
+        let logs = if logs {
+            let folder = dir.path().join("logs");
+            std::fs::create_dir_all(&folder)?;
+            Some(folder)
+        } else {
+            None
+        };
+        let topology =
+            Topology::start_with(cluster.bootstrap(), &data, &[], Options { guarantee, logs })?;
         let writer = Writer::start(
             &topology.api,
             name,
@@ -55,12 +80,14 @@ impl Run {
             topology,
             _dir: dir,
             writer,
+            guarantee,
         })
     }
 
     /// Stops the load, checks what clients saw, waits until the history holds every
     /// accepted delivery completed, checks it exactly, prints the figures and stops the
-    /// services.
+    /// services. Exactly-once processing (the default) must also have repeated no event
+    /// and assigned no drone twice.
     async fn finish(self, fault: Instant, client_rules: bool) -> Result<Figures> {
         let report = self.writer.finish().await?;
         if client_rules {
@@ -68,6 +95,9 @@ impl Run {
         }
         let figures = settle(&report.ids, &self.topology.data, &report, fault).await?;
         self.topology.stop_all()?;
+        if self.guarantee.exactly_once_on_a_cluster() {
+            figures.check_exactly_once(&report.ids)?;
+        }
         Ok(figures)
     }
 }
@@ -98,8 +128,14 @@ struct Figures {
     accepted: usize,
     lost: usize,
     duplicate_rows: i64,
+    /// Rows of `delivery_events` beyond the first for a `(delivery_id, seq)` (or a second
+    /// stage at one `seq`).
     repeated_events: i64,
+    /// Rows of `drone_assignments` beyond the first for a delivery.
     second_assignments: i64,
+    /// Assignments of a drone made before the delivery it was assigned to just before
+    /// had finished.
+    double_booked_drones: i64,
     recovered_after: Duration,
     settled_after: Duration,
 }
@@ -108,16 +144,33 @@ impl Figures {
     fn summary(&self) -> String {
         format!(
             "{} acknowledged, {} lost, {} duplicate rows; {} repeated events, {} second \
-             assignments; writes refused until {:.1} s after the fault; every delivery \
-             completed {:.1} s after the load",
+             assignments, {} drones assigned while busy; writes refused until {:.1} s after \
+             the fault; every delivery completed {:.1} s after the load",
             self.accepted,
             self.lost,
             self.duplicate_rows,
             self.repeated_events,
             self.second_assignments,
+            self.double_booked_drones,
             self.recovered_after.as_secs_f64(),
             self.settled_after.as_secs_f64()
         )
+    }
+
+    /// Exactly-once processing: no event repeated, no delivery assigned twice, no drone
+    /// assigned while busy.
+    fn check_exactly_once(&self, owner: &str) -> Result<()> {
+        if self.repeated_events > 0 || self.second_assignments > 0 || self.double_booked_drones > 0
+        {
+            bail!(
+                "{owner}: processing was not exactly-once: {} repeated events, {} second \
+                 assignments, {} drones assigned while busy",
+                self.repeated_events,
+                self.second_assignments,
+                self.double_booked_drones
+            );
+        }
+        Ok(())
     }
 }
 
@@ -231,12 +284,37 @@ async fn settle(owner: &str, data: &str, report: &WriterReport, fault: Instant) 
         ),
     )
     .await?;
+    // A drone assigned again before the delivery it had finished: the release that frees
+    // a drone is written with its delivery's last event (Completed or Cancelled) and read
+    // by the scheduler after it, both stamped by this machine's clock, so a later
+    // assignment of the drone is never earlier than that event. A drone's assignments
+    // share one partition (keyed by drone), in the order the scheduler made them.
+    let double_booked_drones = history_scalar(
+        data,
+        &format!(
+            "WITH assigned AS ( \
+               SELECT delivery_id, assigned_at, \
+                 lag(delivery_id) OVER (PARTITION BY drone_id \
+                   ORDER BY kafka_partition, kafka_offset) AS previous \
+               FROM drone_assignments WHERE delivery_id LIKE '{owner}-%'), \
+             finished AS ( \
+               SELECT delivery_id, min(at) AS at FROM delivery_events \
+               WHERE delivery_id LIKE '{owner}-%' AND stage IN ('Completed', 'Cancelled') \
+               GROUP BY delivery_id) \
+             SELECT count(*) FROM assigned \
+             LEFT JOIN finished ON finished.delivery_id = assigned.previous \
+             WHERE assigned.previous IS NOT NULL \
+               AND (finished.at IS NULL OR finished.at > assigned.assigned_at)"
+        ),
+    )
+    .await?;
     let figures = Figures {
         accepted: accepted.len(),
         lost,
         duplicate_rows,
         repeated_events,
         second_assignments,
+        double_booked_drones,
         recovered_after: report.recovered_after(fault),
         settled_after,
     };
@@ -361,6 +439,10 @@ async fn all_brokers_down_for_ten_seconds_means_503_and_recovery_without_restart
     Ok(())
 }
 
+/// Each processor killed (SIGKILL) under load and started again with its instance id:
+/// every delivery completes, and the history shows no repeated event and no second
+/// assignment (the killed process's open transaction is aborted, its work done once by
+/// its successor).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> {
     let _turn = exclusive().await;
@@ -390,7 +472,7 @@ async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> 
     let outcome = async {
         let mut run = Run::start("processorkill", -95).await?;
         let fault = Instant::now();
-        for processor in ["workflow", "scheduling", "tracking", "deliveries"] {
+        for processor in PROCESSORS {
             run.topology.kill(processor)?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             run.topology.add(processor)?;
@@ -403,12 +485,110 @@ async fn killed_processors_restart_and_every_delivery_completes() -> Result<()> 
     for changelog in changelogs {
         alter_soon(&settings, changelog, &[("cleanup.policy", "compact")]).await?;
     }
-    let figures = outcome?;
-    // At-least-once processing: kills may repeat work. The figure is the point here.
+    outcome.map(drop)
+}
+
+/// Every processor runs as two members of its group; under load, the second member of
+/// one group after another is killed (SIGKILL) and started again at once with its
+/// instance id, every 2.5 s, so that each group loses a member three times (about once
+/// per session timeout, so that each rebalance completes). Every delivery completes; no
+/// drone is assigned twice and no event repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_members_killed_again_and_again_assigns_no_drone_twice() -> Result<()> {
+    let _turn = exclusive().await;
+    let mut run = Run::start("memberkill", -105).await?;
+    for processor in PROCESSORS {
+        run.topology.add(&format!("{processor}#2"))?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fault = Instant::now();
+    for round in 0..12 {
+        run.topology
+            .restart(&format!("{}#2", PROCESSORS[round % PROCESSORS.len()]))?;
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+    }
+    run.finish(fault, true).await.map(drop)
+}
+
+/// The scheduler hangs (SIGSTOP) under load; a new process with the same instance id
+/// starts and, once the hung member's session has timed out (10 s), holds its partitions.
+/// Then the old process goes on (SIGCONT), a zombie: its writes are refused (its
+/// transactional id was fenced), so it logs `fenced` and exits with a failure, within a
+/// minute; and the history shows no repeated event and no second assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_scheduler_resumed_after_its_replacement_took_over_is_fenced() -> Result<()> {
+    let _turn = exclusive().await;
+    let mut run = Run::start_with("zombie", -110, Guarantee::Default, true).await?;
+    let http = client();
+    let mut zombie = run.topology.detach("scheduling")?;
+    let fault = Instant::now();
+    zombie.pause()?;
+    run.topology.add("scheduling")?;
+    let replacement = run.topology.service("scheduling")?;
+    let metrics = format!("http://{}/metrics", replacement.addresses()[0]);
+    // The replacement holds a partition of the group once it reports its lag (every 10 s).
+    let holds = format!("group=\"{}\"", topics::groups::SCHEDULING);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, _, body) = call_bytes(&http, "GET", &metrics, &[], Vec::new()).await?;
+        let body = String::from_utf8_lossy(&body);
+        if body
+            .lines()
+            .any(|l| l.starts_with("kafka_consumer_lag{") && l.contains(&holds))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the replacement holds no partition of its group after 60 s: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     eprintln!(
-        "processor kills: {} second assignments, {} repeated events",
-        figures.second_assignments, figures.repeated_events
+        "zombie: the replacement took over {:.1} s after the pause",
+        fault.elapsed().as_secs_f64()
     );
+    // It works for a while before the zombie goes on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    zombie.resume()?;
+    let resumed = Instant::now();
+    let verdict =
+        tokio::task::block_in_place(|| zombie_is_fenced(&mut zombie, Duration::from_secs(60)));
+    eprintln!(
+        "zombie, {:.1} s after it was resumed: {}",
+        resumed.elapsed().as_secs_f64(),
+        match &verdict {
+            Ok(()) => "fenced, and exited".to_owned(),
+            Err(e) => format!("{e:#}"),
+        }
+    );
+    if verdict.is_err() {
+        let log = zombie.log_text()?;
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        eprintln!("zombie's log, last lines first: {tail:#?}");
+        // Still running: it is not left to share the work.
+        zombie.kill()?;
+    }
+    let finished = run.finish(fault, true).await;
+    match (verdict, finished) {
+        (Ok(()), Ok(_)) => Ok(()),
+        (Err(zombie), Ok(_)) => Err(zombie),
+        (Ok(()), Err(history)) => Err(history),
+        (Err(zombie), Err(history)) => bail!("{zombie:#}; and {history:#}"),
+    }
+}
+
+/// The zombie exits within `limit`, with a failure, having logged `fenced`.
+fn zombie_is_fenced(zombie: &mut Service, limit: Duration) -> Result<()> {
+    let Some(status) = zombie.exited_within(limit)? else {
+        bail!("the zombie still runs {limit:?} after it was resumed");
+    };
+    let log = zombie.log_text()?;
+    if status.success() {
+        bail!("the zombie exited successfully ({status}), not fenced");
+    }
+    if !log.contains("fenced") {
+        bail!("the zombie exited ({status}) without logging `fenced`: {log}");
+    }
     Ok(())
 }
 

@@ -282,7 +282,7 @@ pub async fn history_strings(data: &str, sql: &str) -> Result<Vec<String>> {
 
 /// A valid request with id `id` and owner `owner`, picked up in one of 32 one-degree
 /// regions west of longitude `lon` (latitudes 40 to 47, longitudes `lon-1` to `lon-4`) and
-/// dropped off nearby. Tests that share a cluster give each its own `lon`, so that no
+/// dropped off nearby, with a deadline far in the future. Tests that share a cluster give each its own `lon`, so that no
 /// test's deliveries wait for drones behind another's.
 pub fn request_in(i: usize, id: &str, owner: &str, lon: i32) -> serde_json::Value {
     let lat = 40.5 + (i % 8) as f64;
@@ -292,6 +292,9 @@ pub fn request_in(i: usize, id: &str, owner: &str, lon: i32) -> serde_json::Valu
     r["ownerId"] = owner.into();
     r["pickupLocation"] = format!("{lat},{lon}").into();
     r["dropOffLocation"] = serde_json::json!({"latitude": lat + 0.02, "longitude": lon - 0.03});
+    // A deadline that never passes while a test runs: a request still waiting for a
+    // drone past its deadline is cancelled, and these must all complete.
+    r["deadline"] = "2099-01-01T00:00:00Z".into();
     // A package every drone can carry, whatever `i` (valid_request's weight grows with it).
     r["packageInfo"]["size"] = "Small".into();
     r["packageInfo"]["weight"] = serde_json::json!(1.0 + (i % 3) as f64 * 0.5);
