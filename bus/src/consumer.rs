@@ -321,6 +321,57 @@ impl Consumer {
         Ok(())
     }
 
+    /// The partitions assigned to this member now (as of the last rebalance served by a
+    /// receive).
+    pub fn assigned(&self) -> Result<Vec<(String, i32)>> {
+        let assigned = self
+            .inner
+            .assignment()
+            .map_err(BusError::client("reading the assignment"))?;
+        Ok(assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect())
+    }
+
+    /// Where this member starts reading each of `partitions` that it owns: the group's
+    /// committed offset, or where a new member starts (`auto.offset.reset` = earliest:
+    /// the low watermark) when nothing is committed. Under `read_committed`, the broker
+    /// answers only once no transaction that commits offsets of them is pending, so
+    /// state read after this call includes every committed effect of those offsets.
+    /// Blocks the calling thread for up to `timeout` per request.
+    pub fn starting_offsets(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<Vec<(String, i32, i64)>> {
+        use rdkafka::TopicPartitionList;
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
+        }
+        if list.count() == 0 {
+            return Ok(Vec::new());
+        }
+        let committed = self
+            .inner
+            .committed_offsets(list, timeout)
+            .map_err(BusError::client("reading committed offsets"))?;
+        let mut offsets = Vec::with_capacity(committed.count());
+        for elem in committed.elements() {
+            let at = match elem.offset() {
+                Offset::Offset(at) => at,
+                _ => {
+                    self.watermarks(elem.topic(), elem.partition(), timeout)?
+                        .0
+                }
+            };
+            offsets.push((elem.topic().to_owned(), elem.partition(), at));
+        }
+        Ok(offsets)
+    }
+
     /// The low and high watermarks of `topic`/`partition`: the first offset the broker
     /// still has, and the offset the next record gets. Blocks the calling thread for up
     /// to `timeout`.

@@ -18,12 +18,18 @@
 //!   the batch from old state (outputs may be repeated); a crash after it re-reads
 //!   records the changelog already covers, which are skipped.
 //!
-//! A partition's state is restored from its changelog partition before its first record
-//! is handled, again after it was revoked and came back, after an aborted transaction,
-//! and (at-least-once) whenever its offsets jump (another member handled records of it in
-//! between; under exactly-once, offsets have gaps where transaction markers are). A batch
-//! never holds records of a partition revoked while it was collected: the new owner
-//! handles them.
+//! A partition's state is restored from its changelog partition once it is assigned
+//! (about a second later at most, or before its first record is handled if that comes
+//! first), again after it was revoked and came back, after an aborted transaction, and
+//! (at-least-once) whenever its offsets jump (another member handled records of it in
+//! between; under exactly-once, offsets have gaps where transaction markers are). So
+//! every assigned partition is ticked, with or without traffic. A batch never holds
+//! records of a partition revoked while it was collected: the new owner handles them.
+//!
+//! Under exactly-once, every transaction carries input offsets, also one that holds only
+//! the effects of ticks (the offsets the ticked partitions are at): the group refuses
+//! them from a member that lost its partitions in a rebalance, so a paused member that
+//! goes on cannot commit what it decided for partitions it no longer owns.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -178,23 +184,40 @@ pub async fn run<M: Machine>(
     let mut ticks = tokio::time::interval(TICK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let batch = tokio::select! {
+        let (batch, tick) = tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticks.tick() => Batch::revocations(&consumer, spec.name),
+            _ = ticks.tick() => (Batch::revocations(&consumer, spec.name), true),
             received = consumer.recv() => {
-                Batch::collect(&consumer, received, config.batch_records, config.batch_wait, spec.name).await
+                let batch = Batch::collect(&consumer, received, config.batch_records, config.batch_wait, spec.name).await;
+                (batch, false)
             }
         };
         for p in &batch.revoked {
             partitions.remove(p);
             machine.forget(*p);
         }
+        if tick {
+            let restored = restore_assigned(
+                &consumer,
+                &mut partitions,
+                &mut machine,
+                &settings,
+                spec,
+                config,
+                exactly_once,
+                &shutdown,
+            )
+            .await;
+            if !restored {
+                break;
+            }
+        }
         let mut outputs = Vec::new();
         // Per changelog partition: state changes in order, and the markers.
         let mut changes: BTreeMap<i32, Vec<Change>> = BTreeMap::new();
         let mut markers: BTreeMap<(i32, String), i64> = BTreeMap::new();
         let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let now = now_millis();
+        let mut now = now_millis();
         let mut handled = 0u64;
         let mut skipped = 0u64;
         let mut restored_all = true;
@@ -220,6 +243,7 @@ pub async fn run<M: Machine>(
                 info.applied = entries.markers;
                 info.restored = true;
                 machine.restore(record.partition, entries.state);
+                now = now_millis();
             }
             info.next.insert(record.topic.clone(), record.offset + 1);
             last.insert((record.topic.clone(), record.partition), record.offset);
@@ -261,6 +285,16 @@ pub async fn run<M: Machine>(
         for partition in &ticked {
             let mut effects = Effects::default();
             machine.tick(*partition, now, &mut effects);
+            if exactly_once && !(effects.outputs.is_empty() && effects.changes.is_empty()) {
+                // The transaction carries this partition's offsets (where it is), so that
+                // the group refuses it from a member that no longer owns the partition.
+                if let Some(info) = partitions.get(partition) {
+                    for (topic, next) in &info.next {
+                        last.entry((topic.clone(), *partition))
+                            .or_insert(next - 1);
+                    }
+                }
+            }
             outputs.append(&mut effects.outputs);
             if !effects.changes.is_empty() {
                 changes
@@ -300,6 +334,20 @@ pub async fn run<M: Machine>(
                 }
                 let read: Vec<(String, i32)> = last.into_keys().collect();
                 if !rewind(&consumer, read, spec.name, &shutdown).await {
+                    break;
+                }
+                let restored = restore_assigned(
+                    &consumer,
+                    &mut partitions,
+                    &mut machine,
+                    &settings,
+                    spec,
+                    config,
+                    exactly_once,
+                    &shutdown,
+                )
+                .await;
+                if !restored {
                     break;
                 }
             }
@@ -358,6 +406,97 @@ fn stages(
             .collect()
     };
     vec![outputs, state_writes, marker_writes]
+}
+
+/// Restores each partition assigned to this member that is not restored yet (newly
+/// assigned, or forgotten after an aborted transaction), so that time-driven decisions
+/// reach partitions without traffic. Under exactly-once, where each starts is read first
+/// (the group's committed offsets, given only once no transaction committing them is
+/// pending), then the changelog: the state then holds every effect of those offsets, and
+/// a transaction of ticks alone can carry them. `false` when stopping.
+#[allow(clippy::too_many_arguments)]
+async fn restore_assigned<M: Machine>(
+    consumer: &Arc<Consumer>,
+    partitions: &mut HashMap<i32, PartitionInfo>,
+    machine: &mut M,
+    settings: &ClientSettings,
+    spec: Spec,
+    config: EngineConfig,
+    exactly_once: bool,
+    shutdown: &CancellationToken,
+) -> bool {
+    let c = Arc::clone(consumer);
+    let assigned = tokio::select! {
+        () = shutdown.cancelled() => return false,
+        read = tokio::task::spawn_blocking(move || c.assigned()) => read,
+    };
+    let assigned = match assigned {
+        Ok(Ok(assigned)) => assigned,
+        Ok(Err(e)) => {
+            tracing::warn!(processor = spec.name, error = %e, "reading the assignment failed");
+            return true;
+        }
+        Err(e) => {
+            tracing::warn!(processor = spec.name, error = %e, "reading the assignment failed");
+            return true;
+        }
+    };
+    let mut waiting: Vec<i32> = assigned
+        .iter()
+        .filter(|(topic, _)| spec.inputs.contains(&topic.as_str()))
+        .map(|(_, p)| *p)
+        .filter(|p| !partitions.get(p).is_some_and(|info| info.restored))
+        .collect();
+    waiting.sort_unstable();
+    waiting.dedup();
+    if waiting.is_empty() {
+        return true;
+    }
+    let mut starts: HashMap<i32, HashMap<String, i64>> = HashMap::new();
+    if exactly_once {
+        let list: Vec<(String, i32)> = waiting
+            .iter()
+            .flat_map(|p| spec.inputs.iter().map(|t| ((*t).to_owned(), *p)))
+            .collect();
+        let c = Arc::clone(consumer);
+        let read = tokio::select! {
+            () = shutdown.cancelled() => return false,
+            read = tokio::task::spawn_blocking(move || {
+                c.starting_offsets(&list, Duration::from_secs(10))
+            }) => read,
+        };
+        match read {
+            Ok(Ok(offsets)) => {
+                for (topic, partition, at) in offsets {
+                    starts.entry(partition).or_default().insert(topic, at);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(processor = spec.name, error = %e, "reading where the assigned partitions start failed; trying again later");
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(processor = spec.name, error = %e, "reading where the assigned partitions start failed");
+                return true;
+            }
+        }
+    }
+    for partition in waiting {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        let Some(entries) = restore(settings, spec, config, partition, shutdown).await else {
+            return false;
+        };
+        let info = partitions.entry(partition).or_default();
+        info.applied = entries.markers;
+        info.restored = true;
+        if let Some(next) = starts.remove(&partition) {
+            info.next = next;
+        }
+        machine.restore(partition, entries.state);
+    }
+    true
 }
 
 /// Moves the consumer back to the committed offsets of `read`, retrying with backoff
@@ -429,7 +568,11 @@ async fn restore(
 ) -> Option<Restored> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match restore_once(settings, spec, config, partition).await {
+        let once = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            once = restore_once(settings, spec, config, partition) => once,
+        };
+        match once {
             Ok(restored) => return Some(restored),
             Err(e) => {
                 tracing::warn!(processor = spec.name, partition, error = %e, ?backoff, "restore failed; retrying");
