@@ -5,9 +5,15 @@
 //!   produced and acknowledged before the next, retried in order until it is; then the
 //!   input offsets are stored for the consumer's background commit.
 //! - Exactly-once: one transaction holds every record of every stage and the input
-//!   offsets (sent with the group's metadata). Any failure aborts it: nothing of it is
-//!   ever read, and the caller restores its state and reads the batch again. A fenced
-//!   producer is an error: this member must stop.
+//!   offsets (sent with the group's metadata, so a member that lost its partitions in a
+//!   rebalance cannot commit). A call that failed with a retriable error (a commit whose
+//!   outcome is not known yet) is retried, never aborted, until it succeeds. Any other
+//!   failure aborts it: nothing of it is ever read, and the caller restores its state
+//!   and reads the batch again. A fenced producer is an error: this member must stop.
+//!   Once stopping, a transaction gets [`STOP_GRACE`] to finish; after that the member
+//!   stops without waiting for it, and the broker decides it, all or nothing: committed
+//!   if the commit already reached it, else aborted when it times out (or when this
+//!   instance registers again).
 //!
 //! It must not decide what to produce, nor handle records.
 
@@ -24,8 +30,11 @@ use crate::output::{Output, is_changelog, produce_batch};
 
 /// How long one transactional call (register, add offsets, commit, abort) may block.
 const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most attempts of a transactional call that failed with a retriable error.
-const RETRIABLE_ATTEMPTS: u32 = 5;
+/// Longest wait between two attempts of a transactional call that failed with a
+/// retriable error.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a transaction open when the processor is told to stop may still take.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Records to produce (to a given partition when set), stage by stage.
 pub(crate) type Stages = Vec<Vec<(Output, Option<i32>)>>;
@@ -159,7 +168,20 @@ impl Committer {
                 }
                 Ok(Committed::Done)
             }
-            Guarantee::ExactlyOnce => self.transaction(consumer, stages, last, shutdown).await,
+            Guarantee::ExactlyOnce => {
+                let transaction = self.transaction(consumer, stages, last, shutdown);
+                let grace = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                };
+                tokio::select! {
+                    committed = transaction => committed,
+                    () = grace => {
+                        tracing::warn!(processor = self.name, grace = ?STOP_GRACE, "stopping: the open transaction did not finish in time and is left to the broker to abort");
+                        Ok(Committed::Stopped)
+                    }
+                }
+            }
         }
     }
 
@@ -228,20 +250,26 @@ impl Committer {
         if !offsets.is_empty() {
             let (producer, consumer) = (self.producer.clone(), Arc::clone(consumer));
             let sent = self
-                .blocking(move || {
-                    producer.send_offsets(&consumer, &offsets, TRANSACTION_CALL_TIMEOUT)
-                })
+                .blocking(
+                    move || producer.send_offsets(&consumer, &offsets, TRANSACTION_CALL_TIMEOUT),
+                )
                 .await?;
-            if let Err(e) = sent {
-                return self.failed(e, "send offsets").await;
+            match sent {
+                None => return Ok(Committed::Stopped),
+                Some(Err(e)) => return self.failed(e, "send offsets").await,
+                Some(Ok(())) => {}
             }
         }
         let producer = self.producer.clone();
         let committed = self
-            .blocking(move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT))
+            .blocking(
+                move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT),
+            )
             .await?;
-        if let Err(e) = committed {
-            return self.failed(e, "commit").await;
+        match committed {
+            None => return Ok(Committed::Stopped),
+            Some(Err(e)) => return self.failed(e, "commit").await,
+            Some(Ok(())) => {}
         }
         metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "committed")
             .increment(1);
@@ -251,29 +279,39 @@ impl Committer {
         Ok(Committed::Done)
     }
 
-    /// Runs a blocking transactional call, retrying a retriable failure a few times.
-    async fn blocking<F>(&self, call: F) -> Result<bus::Result<()>>
+    /// Runs a blocking transactional call on a blocking thread, the same call again
+    /// while it fails with a retriable error (librdkafka's rule: a retriable commit is
+    /// retried, not aborted). Stopping does not end the retries: the caller's
+    /// [`STOP_GRACE`] bounds them.
+    async fn blocking<F>(&self, call: F) -> Result<Option<bus::Result<()>>>
     where
         F: Fn() -> bus::Result<()> + Send + Sync + 'static,
     {
         let call = Arc::new(call);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let once = Arc::clone(&call);
-            let outcome = tokio::task::spawn_blocking(move || once())
-                .await
-                .map_err(|e| task_failed(self.name, &e))?;
-            match outcome {
-                Err(BusError::Transaction {
-                    failure: TransactionFailure::Retriable,
-                    ..
-                }) if attempt < RETRIABLE_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        let name = self.name;
+        retry_retriable(
+            (Duration::from_millis(100), MAX_RETRY_BACKOFF),
+            || {
+                let once = Arc::clone(&call);
+                async move {
+                    tokio::task::spawn_blocking(move || once())
+                        .await
+                        .map_err(|e| task_failed(name, &e))
                 }
-                other => return Ok(other),
-            }
-        }
+            },
+            |e: &BusError| {
+                matches!(
+                    e,
+                    BusError::Transaction {
+                        failure: TransactionFailure::Retriable,
+                        ..
+                    }
+                )
+            },
+            |e| tracing::warn!(processor = name, error = %e, "transactional call failed; retrying it"),
+            &CancellationToken::new(),
+        )
+        .await
     }
 
     /// A failed transaction: fenced is an error; anything else aborts.
@@ -300,11 +338,11 @@ impl Committer {
             .blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT))
             .await?
         {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_fatal() => Err(self.fenced(e)),
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(e)) if e.is_fatal() => Err(self.fenced(e)),
             // Nothing open (or the broker is gone): the transaction times out on its own,
             // and a new one starts from a fresh registration only if this one is fenced.
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(processor = self.name, error = %e, "aborting the transaction failed");
                 Err(ProcessorError::Bus {
                     processor: self.name,
@@ -327,5 +365,100 @@ fn task_failed(processor: &'static str, e: &tokio::task::JoinError) -> Processor
     ProcessorError::Task {
         processor,
         reason: e.to_string(),
+    }
+}
+
+/// Runs `call` until its outcome is not a `retriable` error, with a backoff between
+/// attempts (from `backoff`, doubling up to `max_backoff`); `None` when `shutdown` came
+/// while waiting to retry. Each retriable failure is passed to `report`.
+async fn retry_retriable<T, E, C, F>(
+    (mut backoff, max_backoff): (Duration, Duration),
+    mut call: C,
+    retriable: impl Fn(&E) -> bool,
+    report: impl Fn(&E),
+    shutdown: &CancellationToken,
+) -> Result<Option<std::result::Result<T, E>>>
+where
+    C: FnMut() -> F,
+    F: std::future::Future<Output = Result<std::result::Result<T, E>>>,
+{
+    loop {
+        match call().await? {
+            Err(e) if retriable(&e) => report(&e),
+            outcome => return Ok(Some(outcome)),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    const QUICK: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(2));
+
+    #[tokio::test]
+    async fn a_retriable_failure_is_retried_until_the_call_succeeds_however_long() {
+        let attempts = AtomicU32::new(0);
+        let outcome = retry_retriable(
+            QUICK,
+            || {
+                let n = attempts.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(if n < 20 { Err("retriable") } else { Ok(n) }) }
+            },
+            |e: &&str| *e == "retriable",
+            |_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, Some(Ok(20)));
+    }
+
+    #[tokio::test]
+    async fn another_failure_is_returned_at_once() {
+        let attempts = AtomicU32::new(0);
+        let outcome = retry_retriable(
+            QUICK,
+            || {
+                let n = attempts.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<std::result::Result<(), _>, _>(Err(if n == 0 { "retriable" } else { "abortable" })) }
+            },
+            |e: &&str| *e == "retriable",
+            |_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, Some(Err("abortable")));
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn stopping_ends_the_retries_without_an_outcome() {
+        let shutdown = CancellationToken::new();
+        let attempts = AtomicU32::new(0);
+        let outcome = retry_retriable(
+            QUICK,
+            || {
+                if attempts.fetch_add(1, Ordering::SeqCst) == 3 {
+                    shutdown.cancel();
+                }
+                async { Ok::<std::result::Result<(), _>, _>(Err("retriable")) }
+            },
+            |e: &&str| *e == "retriable",
+            |_| {},
+            &shutdown,
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, None);
+        assert_eq!(attempts.load(Ordering::SeqCst), 4);
     }
 }
