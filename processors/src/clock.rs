@@ -7,9 +7,11 @@
 //! stream time is the largest event time it has seen, as in Kafka Streams, so decisions
 //! made on it (retention, deadlines, eviction) come out the same when records are
 //! replayed. One exception keeps quiet partitions from holding state forever: a
-//! partition that handled no record between two ticks of the engine (about a second
-//! apart while idle) has its stream time raised to the processing time of the tick, as
-//! a wall-clock punctuator would.
+//! partition that handled no record for [`QUIET`] of processing time (measured by the
+//! engine's ticks, which come after each batch and about once a second) has its stream
+//! time raised to the processing time of the tick, as a wall-clock punctuator would. A
+//! partition with records at least that often keeps event time, however busy the
+//! engine is with other partitions.
 //!
 //! It must not decide what expires: the machines do, with the time it gives them.
 
@@ -32,12 +34,19 @@ pub fn event_time_header(ms: i64) -> (String, Vec<u8>) {
     (h::EVENT_TIME.to_owned(), ms.to_string().into_bytes())
 }
 
+/// How long a partition handles no record before its stream time follows the wall
+/// clock.
+pub const QUIET: Duration = Duration::from_secs(1);
+
 /// One partition's stream time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamClock {
     time: Option<i64>,
     /// Whether a record was handled since the last tick.
     busy: bool,
+    /// The processing time of the first tick after the last record handled, or of the
+    /// first tick of a clock made (or restored) since.
+    quiet_since: Option<i64>,
 }
 
 impl StreamClock {
@@ -66,12 +75,20 @@ impl StreamClock {
     }
 
     /// The engine's tick at processing time `now_ms`: a partition that handled nothing
-    /// since the previous tick follows the wall clock. Returns the stream time.
+    /// for [`QUIET`] (by the ticks' processing times) follows the wall clock. The first
+    /// tick of a new or restored clock starts that wait: a partition restored before its
+    /// backlog is read keeps the event time it was restored with meanwhile. Returns the
+    /// stream time.
     pub fn tick(&mut self, now_ms: i64) -> Option<i64> {
-        if !self.busy {
-            self.raise(now_ms);
+        match self.quiet_since {
+            _ if self.busy => {
+                self.busy = false;
+                self.quiet_since = Some(now_ms);
+            }
+            None => self.quiet_since = Some(now_ms),
+            Some(since) if now_ms.saturating_sub(since) >= millis(QUIET) => self.raise(now_ms),
+            Some(_) => {}
         }
-        self.busy = false;
         self.time
     }
 }
@@ -154,9 +171,41 @@ mod tests {
         assert_eq!(clock.now(), Some(1_000), "never goes back");
         // The tick right after a batch keeps event time...
         assert_eq!(clock.tick(9_000), Some(1_000));
-        // ...a tick with nothing handled since the last one follows the wall clock.
-        assert_eq!(clock.tick(9_000), Some(9_000));
-        assert_eq!(clock.tick(8_000), Some(9_000));
+        // ...and so do ticks soon after it (other partitions' batches)...
+        assert_eq!(clock.tick(9_050), Some(1_000));
+        assert_eq!(clock.tick(9_999), Some(1_000));
+        // ...a tick a second after the last record follows the wall clock.
+        assert_eq!(clock.tick(10_000), Some(10_000));
+        assert_eq!(clock.tick(8_000), Some(10_000));
+        // A new (or restored) clock waits as long before it follows the wall clock: a
+        // partition restored before its backlog is read keeps its event time meanwhile.
+        let mut idle = StreamClock::new();
+        assert_eq!(idle.tick(5), None);
+        assert_eq!(idle.tick(1_004), None);
+        assert_eq!(idle.tick(1_005), Some(1_005));
+        let mut restored = StreamClock::new();
+        restored.raise(700);
+        assert_eq!(restored.tick(5_000), Some(700));
+        restored.observe(Some(800));
+        assert_eq!(restored.tick(5_900), Some(800));
+        assert_eq!(restored.tick(6_900), Some(6_900));
+    }
+
+    #[test]
+    fn a_partition_with_a_record_every_half_second_keeps_event_time() {
+        let mut clock = StreamClock::new();
+        // Records with event times an hour behind the wall clock (a backlog), with ticks
+        // of other partitions' batches every 10 ms in between.
+        let (wall, behind) = (10_000_000, 3_600_000);
+        for ms in (0..60_000).step_by(10) {
+            if ms % 500 == 0 {
+                clock.observe(Some(wall - behind + ms));
+            }
+            assert!(
+                clock.tick(wall + ms).is_some_and(|t| t <= wall - behind + ms),
+                "at {ms} ms"
+            );
+        }
     }
 
     #[test]

@@ -472,7 +472,7 @@ mod tests {
             &mut fx,
         );
         let mut fx = Effects::default();
-        tracker.tick(0, t0 + 899_999, &mut fx);
+        tracker.tick(0, t0 + 898_999, &mut fx);
         tracker.tick(0, t0 + 899_999, &mut fx);
         assert!(fx.changes.is_empty());
         tracker.tick(0, t0 + 900_000, &mut fx);

@@ -886,7 +886,7 @@ mod tests {
         );
         d.handle(&at(request, t0), 0, &mut fx);
         // Unfinished deliveries stay whatever the time.
-        d.tick(1, t0 + 10_000, &mut fx);
+        d.tick(1, t0 + 9_000, &mut fx);
         d.tick(1, t0 + 10_000, &mut fx);
         assert!(d.states[&1].contains_key("fabrikam/d1"));
         let cancel = record(1, h::event_type::DELIVERY_CANCELLED, b"{}");
@@ -904,7 +904,7 @@ mod tests {
         restored.restore(1, log.clone());
         for d in [&mut d, &mut restored] {
             let mut fx = Effects::default();
-            d.tick(1, t0 + 21_999, &mut fx);
+            d.tick(1, t0 + 20_999, &mut fx);
             d.tick(1, t0 + 21_999, &mut fx);
             assert!(fx.changes.is_empty(), "not yet");
             d.tick(1, t0 + 22_000, &mut fx);
