@@ -362,10 +362,7 @@ impl Consumer {
         for elem in committed.elements() {
             let at = match elem.offset() {
                 Offset::Offset(at) => at,
-                _ => {
-                    self.watermarks(elem.topic(), elem.partition(), timeout)?
-                        .0
-                }
+                _ => self.watermarks(elem.topic(), elem.partition(), timeout)?.0,
             };
             offsets.push((elem.topic().to_owned(), elem.partition(), at));
         }

@@ -91,6 +91,9 @@ const COMPRESSION: &str = "lz4";
 const QUEUE_RECORDS: u32 = 500_000;
 const QUEUE_KBYTES: u32 = 262_144;
 const ACK_TIMEOUT_MS: u32 = 10_000;
+/// librdkafka `transaction.timeout.ms` of the transactional producers (at least the
+/// acknowledgement timeout).
+const TRANSACTION_TIMEOUT_MS: u32 = 60_000;
 
 /// How the producer trades latency for throughput. Every record is still acknowledged by
 /// all in-sync replicas (`acks=all`) with the idempotent producer, whatever these say.
@@ -273,18 +276,24 @@ impl ClientSettings {
     /// and the input offsets sent with them, become visible all at once when its
     /// transaction commits (`transactional.id`). A transaction left open by a member
     /// that stopped answering is aborted by the broker after `transaction.timeout.ms`
-    /// (10 s, as Kafka Streams sets it under exactly-once, or the acknowledgement
-    /// timeout when that is longer: librdkafka requires it), unless a member with the
-    /// same id fences it first.
+    /// (60 s, or the acknowledgement timeout when that is longer: librdkafka requires
+    /// it), unless a member with the same id fences it first.
     pub(crate) fn transactional_producer_config(
         &self,
         tuning: &ProducerArgs,
         transactional_id: &str,
     ) -> ClientConfig {
         let mut config = self.producer_config(tuning);
+        // Longer than a broker may hang or fail over (the Java producer's default): the
+        // coordinator aborts a transaction that times out and bumps its producer epoch,
+        // which the producer can only take as being fenced. An instance registering
+        // again with the same id aborts its predecessor's open transaction at once.
         config.set("transactional.id", transactional_id).set(
             "transaction.timeout.ms",
-            tuning.ack_timeout_ms.max(10_000).to_string(),
+            tuning
+                .ack_timeout_ms
+                .max(TRANSACTION_TIMEOUT_MS)
+                .to_string(),
         );
         self.finish(config)
     }

@@ -8,8 +8,9 @@
 //! made on it (retention, deadlines, eviction) come out the same when records are
 //! replayed. One exception keeps quiet partitions from holding state forever: a
 //! partition that handled no record for [`QUIET`] of processing time (measured by the
-//! engine's ticks, which come after each batch and about once a second) has its stream
-//! time raised to the processing time of the tick, as a wall-clock punctuator would. A
+//! engine's ticks, which come after each batch and about once a second, so in practice
+//! one to three seconds after its last record) has its stream time raised to the
+//! processing time of the tick, as a wall-clock punctuator would. A
 //! partition with records at least that often keeps event time, however busy the
 //! engine is with other partitions.
 //!
@@ -202,7 +203,9 @@ mod tests {
                 clock.observe(Some(wall - behind + ms));
             }
             assert!(
-                clock.tick(wall + ms).is_some_and(|t| t <= wall - behind + ms),
+                clock
+                    .tick(wall + ms)
+                    .is_some_and(|t| t <= wall - behind + ms),
                 "at {ms} ms"
             );
         }

@@ -250,26 +250,20 @@ impl Committer {
         if !offsets.is_empty() {
             let (producer, consumer) = (self.producer.clone(), Arc::clone(consumer));
             let sent = self
-                .blocking(
-                    move || producer.send_offsets(&consumer, &offsets, TRANSACTION_CALL_TIMEOUT),
-                )
+                .blocking(move || {
+                    producer.send_offsets(&consumer, &offsets, TRANSACTION_CALL_TIMEOUT)
+                })
                 .await?;
-            match sent {
-                None => return Ok(Committed::Stopped),
-                Some(Err(e)) => return self.failed(e, "send offsets").await,
-                Some(Ok(())) => {}
+            if let Err(e) = sent {
+                return self.failed(e, "send offsets").await;
             }
         }
         let producer = self.producer.clone();
         let committed = self
-            .blocking(
-                move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT),
-            )
+            .blocking(move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT))
             .await?;
-        match committed {
-            None => return Ok(Committed::Stopped),
-            Some(Err(e)) => return self.failed(e, "commit").await,
-            Some(Ok(())) => {}
+        if let Err(e) = committed {
+            return self.failed(e, "commit").await;
         }
         metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "committed")
             .increment(1);
@@ -283,7 +277,7 @@ impl Committer {
     /// while it fails with a retriable error (librdkafka's rule: a retriable commit is
     /// retried, not aborted). Stopping does not end the retries: the caller's
     /// [`STOP_GRACE`] bounds them.
-    async fn blocking<F>(&self, call: F) -> Result<Option<bus::Result<()>>>
+    async fn blocking<F>(&self, call: F) -> Result<bus::Result<()>>
     where
         F: Fn() -> bus::Result<()> + Send + Sync + 'static,
     {
@@ -309,7 +303,6 @@ impl Committer {
                 )
             },
             |e| tracing::warn!(processor = name, error = %e, "transactional call failed; retrying it"),
-            &CancellationToken::new(),
         )
         .await
     }
@@ -338,11 +331,11 @@ impl Committer {
             .blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT))
             .await?
         {
-            None | Some(Ok(())) => Ok(()),
-            Some(Err(e)) if e.is_fatal() => Err(self.fenced(e)),
+            Ok(()) => Ok(()),
+            Err(e) if e.is_fatal() => Err(self.fenced(e)),
             // Nothing open (or the broker is gone): the transaction times out on its own,
             // and a new one starts from a fresh registration only if this one is fenced.
-            Some(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(processor = self.name, error = %e, "aborting the transaction failed");
                 Err(ProcessorError::Bus {
                     processor: self.name,
@@ -369,15 +362,14 @@ fn task_failed(processor: &'static str, e: &tokio::task::JoinError) -> Processor
 }
 
 /// Runs `call` until its outcome is not a `retriable` error, with a backoff between
-/// attempts (from `backoff`, doubling up to `max_backoff`); `None` when `shutdown` came
-/// while waiting to retry. Each retriable failure is passed to `report`.
+/// attempts (from `backoff`, doubling up to `max_backoff`). Each retriable failure is
+/// passed to `report`. It never gives up by itself: a stopping caller bounds it.
 async fn retry_retriable<T, E, C, F>(
     (mut backoff, max_backoff): (Duration, Duration),
     mut call: C,
     retriable: impl Fn(&E) -> bool,
     report: impl Fn(&E),
-    shutdown: &CancellationToken,
-) -> Result<Option<std::result::Result<T, E>>>
+) -> Result<std::result::Result<T, E>>
 where
     C: FnMut() -> F,
     F: std::future::Future<Output = Result<std::result::Result<T, E>>>,
@@ -385,12 +377,9 @@ where
     loop {
         match call().await? {
             Err(e) if retriable(&e) => report(&e),
-            outcome => return Ok(Some(outcome)),
+            outcome => return Ok(outcome),
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(backoff) => {}
-        }
+        tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(max_backoff);
     }
 }
@@ -414,11 +403,10 @@ mod tests {
             },
             |e: &&str| *e == "retriable",
             |_| {},
-            &CancellationToken::new(),
         )
         .await
         .unwrap();
-        assert_eq!(outcome, Some(Ok(20)));
+        assert_eq!(outcome, Ok(20));
     }
 
     #[tokio::test]
@@ -428,37 +416,20 @@ mod tests {
             QUICK,
             || {
                 let n = attempts.fetch_add(1, Ordering::SeqCst);
-                async move { Ok::<std::result::Result<(), _>, _>(Err(if n == 0 { "retriable" } else { "abortable" })) }
-            },
-            |e: &&str| *e == "retriable",
-            |_| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(outcome, Some(Err("abortable")));
-        assert_eq!(attempts.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn stopping_ends_the_retries_without_an_outcome() {
-        let shutdown = CancellationToken::new();
-        let attempts = AtomicU32::new(0);
-        let outcome = retry_retriable(
-            QUICK,
-            || {
-                if attempts.fetch_add(1, Ordering::SeqCst) == 3 {
-                    shutdown.cancel();
+                async move {
+                    Ok::<std::result::Result<(), _>, _>(Err(if n == 0 {
+                        "retriable"
+                    } else {
+                        "abortable"
+                    }))
                 }
-                async { Ok::<std::result::Result<(), _>, _>(Err("retriable")) }
             },
             |e: &&str| *e == "retriable",
             |_| {},
-            &shutdown,
         )
         .await
         .unwrap();
-        assert_eq!(outcome, None);
-        assert_eq!(attempts.load(Ordering::SeqCst), 4);
+        assert_eq!(outcome, Err("abortable"));
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
     }
 }

@@ -19,8 +19,8 @@
 //!   records the changelog already covers, which are skipped.
 //!
 //! A partition's state is restored from its changelog partition once it is assigned
-//! (about a second later at most, or before its first record is handled if that comes
-//! first), again after it was revoked and came back, after an aborted transaction, and
+//! (at the next tick, about once a second, once its committed offsets are stable; or
+//! before its first record is handled if that comes first), again after it was revoked and came back, after an aborted transaction, and
 //! (at-least-once) whenever its offsets jump (another member handled records of it in
 //! between; under exactly-once, offsets have gaps where transaction markers are). So
 //! every assigned partition is ticked, with or without traffic. A batch never holds
@@ -150,6 +150,10 @@ fn now_millis() -> i64 {
 /// How often a consumer's lag is reported.
 const LAG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long one partition's starting offsets may take to read during an eager restore
+/// (a later tick tries again).
+const START_LOOKUP: Duration = Duration::from_secs(1);
+
 /// How often every restored partition is ticked while no records arrive.
 const TICK_EVERY: Duration = Duration::from_secs(1);
 
@@ -204,7 +208,6 @@ pub async fn run<M: Machine>(
                 &settings,
                 spec,
                 config,
-                exactly_once,
                 &shutdown,
             )
             .await;
@@ -290,8 +293,7 @@ pub async fn run<M: Machine>(
                 // the group refuses it from a member that no longer owns the partition.
                 if let Some(info) = partitions.get(partition) {
                     for (topic, next) in &info.next {
-                        last.entry((topic.clone(), *partition))
-                            .or_insert(next - 1);
+                        last.entry((topic.clone(), *partition)).or_insert(next - 1);
                     }
                 }
             }
@@ -343,7 +345,6 @@ pub async fn run<M: Machine>(
                     &settings,
                     spec,
                     config,
-                    exactly_once,
                     &shutdown,
                 )
                 .await;
@@ -410,11 +411,11 @@ fn stages(
 
 /// Restores each partition assigned to this member that is not restored yet (newly
 /// assigned, or forgotten after an aborted transaction), so that time-driven decisions
-/// reach partitions without traffic. Under exactly-once, where each starts is read first
-/// (the group's committed offsets, given only once no transaction committing them is
-/// pending), then the changelog: the state then holds every effect of those offsets, and
-/// a transaction of ticks alone can carry them. `false` when stopping.
-#[allow(clippy::too_many_arguments)]
+/// reach partitions without traffic. Where each starts is read first (the group's
+/// committed offsets; under `read_committed` given only once no transaction committing
+/// them is pending), then the changelog: the state then holds every effect of those
+/// offsets, a transaction of ticks alone can carry them, and (at-least-once) a first
+/// record past them is a jump. `false` when stopping.
 async fn restore_assigned<M: Machine>(
     consumer: &Arc<Consumer>,
     partitions: &mut HashMap<i32, PartitionInfo>,
@@ -422,7 +423,6 @@ async fn restore_assigned<M: Machine>(
     settings: &ClientSettings,
     spec: Spec,
     config: EngineConfig,
-    exactly_once: bool,
     shutdown: &CancellationToken,
 ) -> bool {
     let c = Arc::clone(consumer);
@@ -452,48 +452,38 @@ async fn restore_assigned<M: Machine>(
     if waiting.is_empty() {
         return true;
     }
-    let mut starts: HashMap<i32, HashMap<String, i64>> = HashMap::new();
-    if exactly_once {
-        let list: Vec<(String, i32)> = waiting
+    for partition in waiting {
+        // Where its input starts, one partition at a time and briefly: one whose offsets
+        // a pending transaction holds (a dead member's, until it times out) waits for a
+        // later tick without holding back the others.
+        let list: Vec<(String, i32)> = spec
+            .inputs
             .iter()
-            .flat_map(|p| spec.inputs.iter().map(|t| ((*t).to_owned(), *p)))
+            .map(|t| ((*t).to_owned(), partition))
             .collect();
         let c = Arc::clone(consumer);
         let read = tokio::select! {
             () = shutdown.cancelled() => return false,
-            read = tokio::task::spawn_blocking(move || {
-                c.starting_offsets(&list, Duration::from_secs(10))
-            }) => read,
+            read = tokio::task::spawn_blocking(move || c.starting_offsets(&list, START_LOOKUP)) => read,
         };
-        match read {
-            Ok(Ok(offsets)) => {
-                for (topic, partition, at) in offsets {
-                    starts.entry(partition).or_default().insert(topic, at);
-                }
-            }
+        let next: HashMap<String, i64> = match read {
+            Ok(Ok(offsets)) => offsets.into_iter().map(|(t, _, at)| (t, at)).collect(),
             Ok(Err(e)) => {
-                tracing::warn!(processor = spec.name, error = %e, "reading where the assigned partitions start failed; trying again later");
-                return true;
+                tracing::debug!(processor = spec.name, partition, error = %e, "where the partition starts is not known yet; trying again later");
+                continue;
             }
             Err(e) => {
-                tracing::warn!(processor = spec.name, error = %e, "reading where the assigned partitions start failed");
-                return true;
+                tracing::warn!(processor = spec.name, partition, error = %e, "reading where the partition starts failed");
+                continue;
             }
-        }
-    }
-    for partition in waiting {
-        if shutdown.is_cancelled() {
-            return false;
-        }
+        };
         let Some(entries) = restore(settings, spec, config, partition, shutdown).await else {
             return false;
         };
         let info = partitions.entry(partition).or_default();
         info.applied = entries.markers;
         info.restored = true;
-        if let Some(next) = starts.remove(&partition) {
-            info.next = next;
-        }
+        info.next = next;
         machine.restore(partition, entries.state);
     }
     true

@@ -438,6 +438,11 @@ impl Machine for Scheduler {
         let (fleet, limits) = (&self.fleet, self.limits);
         let partition = self.partitions.entry(record.partition).or_default();
         partition.clock.observe(at_event);
+        if partition.clock.now().is_none() {
+            // A record without an event time on a partition that has none yet: its
+            // processing time is the best there is.
+            partition.clock.raise(now_ms);
+        }
         let at = at_event.or(partition.clock.now()).unwrap_or(now_ms);
         if partition.unsettled.remove(&region_name) {
             settle(partition, &region_name, now_ms, at, effects);
