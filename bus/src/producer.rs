@@ -132,6 +132,21 @@ impl Producer {
             .map_err(BusError::transaction("committing a transaction"))
     }
 
+    /// Whether this producer failed for good because a newer producer with its
+    /// transactional id (or a newer epoch of it) took over: fenced, as opposed to
+    /// another fatal error, after which a new producer registered with the same id may
+    /// go on.
+    pub fn fenced(&self) -> bool {
+        self.inner.client().fatal_error().is_some_and(|(code, _)| {
+            matches!(
+                code,
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
+        })
+    }
+
     /// Aborts the open transaction: its records are purged or marked aborted, and its
     /// offsets are dropped. Blocks the calling thread for up to `timeout`.
     pub fn abort_transaction(&self, timeout: Duration) -> Result<()> {

@@ -9,7 +9,10 @@
 //!   rebalance cannot commit). A call that failed with a retriable error (a commit whose
 //!   outcome is not known yet) is retried, never aborted, until it succeeds. Any other
 //!   failure aborts it: nothing of it is ever read, and the caller restores its state
-//!   and reads the batch again. A fenced producer is an error: this member must stop.
+//!   and reads the batch again. A fenced producer is an error: this member must stop. A
+//!   producer that failed for good without being fenced (the broker refusing a call in
+//!   a state it did not expect, after an outage) is replaced by a new registration of
+//!   the same id, which aborts what it left open, and the batch counts as aborted.
 //!   Once stopping, a transaction gets [`STOP_GRACE`] to finish; after that the member
 //!   stops without waiting for it, and the broker decides it, all or nothing: committed
 //!   if the commit already reached it, else aborted when it times out (or when this
@@ -19,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bus::{BusError, ClientSettings, Consumer, OutRecord, Producer, TransactionFailure};
@@ -59,6 +63,11 @@ pub(crate) struct Committer {
     guarantee: Guarantee,
     producer: Producer,
     transactional_id: String,
+    /// What a new transactional producer is built from.
+    durability: Durability,
+    /// The producer failed for good without being fenced: a new one takes its place
+    /// before the next transaction.
+    broken: AtomicBool,
 }
 
 impl Committer {
@@ -71,52 +80,21 @@ impl Committer {
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>> {
         let id = transactional_id(name, &durability.instance_id);
-        if durability.guarantee == Guarantee::AtLeastOnce {
-            return Ok(Some(Self {
-                name,
-                guarantee: Guarantee::AtLeastOnce,
-                producer: durability.shared.clone(),
-                transactional_id: id,
-            }));
-        }
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            let (settings, tuning, tid): (ClientSettings, _, String) = (
-                durability.settings.clone(),
-                durability.tuning.clone(),
-                id.clone(),
-            );
-            let created = tokio::task::spawn_blocking(move || {
-                Producer::transactional(&settings, &tuning, &tid, TRANSACTION_CALL_TIMEOUT)
-            })
-            .await
-            .map_err(|e| task_failed(name, &e))?;
-            match created {
-                Ok(producer) => {
-                    tracing::info!(processor = name, transactional_id = %id, "transactional producer registered");
-                    return Ok(Some(Self {
-                        name,
-                        guarantee: Guarantee::ExactlyOnce,
-                        producer,
-                        transactional_id: id,
-                    }));
-                }
-                Err(e) if e.is_fatal() || matches!(e, BusError::Config { .. }) => {
-                    return Err(ProcessorError::Bus {
-                        processor: name,
-                        source: e,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(processor = name, error = %e, ?backoff, "registering the transactional producer failed; retrying");
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(None),
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
+        let producer = match durability.guarantee {
+            Guarantee::AtLeastOnce => durability.shared.clone(),
+            Guarantee::ExactlyOnce => match register(name, durability, &id, shutdown).await? {
+                Some(producer) => producer,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Self {
+            name,
+            guarantee: durability.guarantee,
+            producer,
+            transactional_id: id,
+            durability: durability.clone(),
+            broken: AtomicBool::new(false),
+        }))
     }
 
     /// The guarantee this committer writes with.
@@ -146,7 +124,7 @@ impl Committer {
     /// Makes a batch durable: `stages` in order, then the input offsets (`last`: per
     /// topic and partition, the last offset the batch read).
     pub(crate) async fn commit(
-        &self,
+        &mut self,
         consumer: &Arc<Consumer>,
         stages: Stages,
         last: &BTreeMap<(String, i32), i64>,
@@ -174,13 +152,28 @@ impl Committer {
                     shutdown.cancelled().await;
                     tokio::time::sleep(STOP_GRACE).await;
                 };
-                tokio::select! {
-                    committed = transaction => committed,
+                let committed = tokio::select! {
+                    committed = transaction => committed?,
                     () = grace => {
-                        tracing::warn!(processor = self.name, grace = ?STOP_GRACE, "stopping: the open transaction did not finish in time and is left to the broker to abort");
-                        Ok(Committed::Stopped)
+                        tracing::warn!(processor = self.name, grace = ?STOP_GRACE, "stopping: the open transaction did not finish in time and is left to the broker");
+                        Committed::Stopped
+                    }
+                };
+                if self.broken.swap(false, Ordering::SeqCst) {
+                    // Registering the same id again aborts what the old producer left open.
+                    match register(
+                        self.name,
+                        &self.durability,
+                        &self.transactional_id,
+                        shutdown,
+                    )
+                    .await?
+                    {
+                        Some(producer) => self.producer = producer,
+                        None => return Ok(Committed::Stopped),
                     }
                 }
+                Ok(committed)
             }
         }
     }
@@ -307,12 +300,19 @@ impl Committer {
         .await
     }
 
-    /// A failed transaction: fenced is an error; anything else aborts.
+    /// A failed transaction: fenced is an error; a producer failed for good otherwise
+    /// is replaced (the batch counts as aborted); anything else aborts.
     async fn failed(&self, error: BusError, step: &'static str) -> Result<Committed> {
         if error.is_fatal() {
-            metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "fenced")
+            if self.producer.fenced() {
+                metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "fenced")
+                    .increment(1);
+                return Err(self.fenced(error));
+            }
+            self.broke(&error, step);
+            metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "aborted")
                 .increment(1);
-            return Err(self.fenced(error));
+            return Ok(Committed::Aborted);
         }
         tracing::warn!(processor = self.name, step, error = %error, "transaction failed; aborting it and restoring from the changelog");
         self.abort().await?;
@@ -332,25 +332,81 @@ impl Committer {
             .await?
         {
             Ok(()) => Ok(()),
-            Err(e) if e.is_fatal() => Err(self.fenced(e)),
+            Err(e) if e.is_fatal() && self.producer.fenced() => Err(self.fenced(e)),
+            Err(e) if e.is_fatal() => {
+                self.broke(&e, "abort");
+                Ok(())
+            }
             // Nothing open (or the broker is gone): the transaction times out on its own,
             // and a new one starts from a fresh registration only if this one is fenced.
             Err(e) => {
                 tracing::warn!(processor = self.name, error = %e, "aborting the transaction failed");
                 Err(ProcessorError::Bus {
                     processor: self.name,
-                    source: e,
+                    source: Box::new(e),
                 })
             }
         }
+    }
+
+    /// The producer failed for good, not fenced (e.g. the broker refused an operation in
+    /// a state it did not expect after an outage): a new one is registered before the
+    /// next transaction.
+    fn broke(&self, error: &BusError, step: &'static str) {
+        tracing::warn!(processor = self.name, step, error = %error, "the transactional producer failed for good (not fenced); registering a new one and restoring from the changelog");
+        self.broken.store(true, Ordering::SeqCst);
     }
 
     fn fenced(&self, source: BusError) -> ProcessorError {
         ProcessorError::Fenced {
             processor: self.name,
             transactional_id: self.transactional_id.clone(),
-            source,
+            source: Box::new(source),
         }
+    }
+}
+
+/// Registers the transactional producer `id` (fencing a predecessor with the same id),
+/// retrying with backoff while the cluster is unreachable; `None` when `shutdown` came
+/// first.
+async fn register(
+    name: &'static str,
+    durability: &Durability,
+    id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Producer>> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (settings, tuning, tid): (ClientSettings, _, String) = (
+            durability.settings.clone(),
+            durability.tuning.clone(),
+            id.to_owned(),
+        );
+        let created = tokio::task::spawn_blocking(move || {
+            Producer::transactional(&settings, &tuning, &tid, TRANSACTION_CALL_TIMEOUT)
+        })
+        .await
+        .map_err(|e| task_failed(name, &e))?;
+        match created {
+            Ok(producer) => {
+                tracing::info!(processor = name, transactional_id = %id, "transactional producer registered");
+                return Ok(Some(producer));
+            }
+            Err(e) if e.is_fatal() || matches!(e, BusError::Config { .. }) => {
+                return Err(ProcessorError::Bus {
+                    processor: name,
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(processor = name, error = %e, ?backoff, "registering the transactional producer failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -9,7 +9,7 @@ pub enum ProcessorError {
         /// Which processor.
         processor: &'static str,
         /// The bus error.
-        source: bus::BusError,
+        source: Box<bus::BusError>,
     },
     /// A setting or configuration file is wrong.
     #[error("configuration: {reason}")]
@@ -29,7 +29,7 @@ pub enum ProcessorError {
         /// Its transactional id.
         transactional_id: String,
         /// The bus error.
-        source: bus::BusError,
+        source: Box<bus::BusError>,
     },
     /// A background task of the processor failed.
     #[error("{processor}: task failed: {reason}")]

@@ -110,7 +110,7 @@ pub async fn run(
     let consumer = Consumer::subscribe(&settings, GROUP, &[topics::DRONE_ASSIGNMENTS.name])
         .map_err(|source| ProcessorError::Bus {
             processor: NAME,
-            source,
+            source: Box::new(source),
         })?;
     let client: HttpClient = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let config = Arc::new(config);

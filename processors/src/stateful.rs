@@ -169,9 +169,9 @@ pub async fn run<M: Machine>(
 ) -> Result<()> {
     let bus_err = |source| ProcessorError::Bus {
         processor: spec.name,
-        source,
+        source: Box::new(source),
     };
-    let Some(committer) = Committer::open(spec.name, &durability, &shutdown).await? else {
+    let Some(mut committer) = Committer::open(spec.name, &durability, &shutdown).await? else {
         return Ok(());
     };
     let exactly_once = committer.guarantee() == Guarantee::ExactlyOnce;
@@ -452,6 +452,11 @@ async fn restore_assigned<M: Machine>(
     if waiting.is_empty() {
         return true;
     }
+    // One tick tries until the first partition it cannot restore yet (offsets held by a
+    // pending transaction, a leader failing over), starting each time somewhere else, so
+    // that the batches in between keep flowing and no partition waits behind another.
+    let turn = usize::try_from(now_millis() / 1000).unwrap_or_default() % waiting.len();
+    waiting.rotate_left(turn);
     for partition in waiting {
         // Where its input starts, one partition at a time and briefly: one whose offsets
         // a pending transaction holds (a dead member's, until it times out) waits for a
@@ -470,15 +475,23 @@ async fn restore_assigned<M: Machine>(
             Ok(Ok(offsets)) => offsets.into_iter().map(|(t, _, at)| (t, at)).collect(),
             Ok(Err(e)) => {
                 tracing::debug!(processor = spec.name, partition, error = %e, "where the partition starts is not known yet; trying again later");
-                continue;
+                break;
             }
             Err(e) => {
                 tracing::warn!(processor = spec.name, partition, error = %e, "reading where the partition starts failed");
-                continue;
+                break;
             }
         };
-        let Some(entries) = restore(settings, spec, config, partition, shutdown).await else {
-            return false;
+        let entries = tokio::select! {
+            () = shutdown.cancelled() => return false,
+            once = restore_once(settings, spec, config, partition) => once,
+        };
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(processor = spec.name, partition, error = %e, "restore failed; trying again later");
+                break;
+            }
         };
         let info = partitions.entry(partition).or_default();
         info.applied = entries.markers;
@@ -594,7 +607,7 @@ async fn restore_once(
     })?
     .map_err(|source| ProcessorError::Bus {
         processor: spec.name,
-        source,
+        source: Box::new(source),
     })?;
     let read = records.len();
     let mut state = HashMap::new();

@@ -182,7 +182,7 @@ async fn run_exactly_once(
     durability: &Durability,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let Some(committer) = Committer::open(NAME, durability, &shutdown).await? else {
+    let Some(mut committer) = Committer::open(NAME, durability, &shutdown).await? else {
         return Ok(());
     };
     let consumer = Arc::new(
@@ -190,7 +190,7 @@ async fn run_exactly_once(
             .subscribe(&settings, GROUP, INPUTS, false)
             .map_err(|source| ProcessorError::Bus {
                 processor: NAME,
-                source,
+                source: Box::new(source),
             })?,
     );
     let _lag = consumer
@@ -247,7 +247,7 @@ async fn run_exactly_once(
                     // offsets.
                     return Err(ProcessorError::Bus {
                         processor: NAME,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -267,7 +267,7 @@ async fn run_at_least_once(
 ) -> Result<()> {
     let bus_err = |source| ProcessorError::Bus {
         processor: NAME,
-        source,
+        source: Box::new(source),
     };
     let consumer = Consumer::subscribe(&settings, GROUP, INPUTS).map_err(bus_err)?;
     let _lag =
