@@ -94,6 +94,9 @@ const ACK_TIMEOUT_MS: u32 = 10_000;
 /// librdkafka `transaction.timeout.ms` of the transactional producers (at least the
 /// acknowledgement timeout).
 const TRANSACTION_TIMEOUT_MS: u32 = 60_000;
+/// librdkafka `message.timeout.ms` of the transactional producers (at least the
+/// acknowledgement timeout; at most the transaction timeout, as librdkafka requires).
+const TRANSACTION_ACK_TIMEOUT_MS: u32 = 50_000;
 
 /// How the producer trades latency for throughput. Every record is still acknowledged by
 /// all in-sync replicas (`acks=all`) with the idempotent producer, whatever these say.
@@ -277,7 +280,8 @@ impl ClientSettings {
     /// transaction commits (`transactional.id`). A transaction left open by a member
     /// that stopped answering is aborted by the broker after `transaction.timeout.ms`
     /// (60 s, or the acknowledgement timeout when that is longer: librdkafka requires
-    /// it), unless a member with the same id fences it first.
+    /// it), unless a member with the same id fences it first. Its records wait up to
+    /// 50 s for their acknowledgement (or the acknowledgement timeout, when longer).
     pub(crate) fn transactional_producer_config(
         &self,
         tuning: &ProducerArgs,
@@ -288,13 +292,17 @@ impl ClientSettings {
         // coordinator aborts a transaction that times out and bumps its producer epoch,
         // which the producer can only take as being fenced. An instance registering
         // again with the same id aborts its predecessor's open transaction at once.
-        config.set("transactional.id", transactional_id).set(
-            "transaction.timeout.ms",
-            tuning
-                .ack_timeout_ms
-                .max(TRANSACTION_TIMEOUT_MS)
-                .to_string(),
-        );
+        // A record of a transaction is not given up on during an outage either: one that
+        // timed out locally while its request was in flight can still be appended after
+        // the transaction was aborted, leaving the partition's stable offset stuck.
+        let acks = tuning.ack_timeout_ms.max(TRANSACTION_ACK_TIMEOUT_MS);
+        config
+            .set("transactional.id", transactional_id)
+            .set("message.timeout.ms", acks.to_string())
+            .set(
+                "transaction.timeout.ms",
+                acks.max(TRANSACTION_TIMEOUT_MS).to_string(),
+            );
         self.finish(config)
     }
 
