@@ -182,8 +182,22 @@ async fn a_consumer_knows_it_caught_up_past_transaction_markers() -> Result<()> 
     producer.commit_transaction(timeout)?;
 
     let consumer = bus::Consumer::subscribe(&settings, &format!("stop-markers-{run}"), &[name])?;
+    // A new group's coordinator may answer NOT_COORDINATOR for a moment while it loads;
+    // like the history sink's drain, the check asks again (a bounded number of times).
     let check = |consumer: &bus::Consumer| {
-        tokio::task::block_in_place(|| consumer.caught_up(Duration::from_secs(5)))
+        tokio::task::block_in_place(|| {
+            let mut attempts = 0;
+            loop {
+                match consumer.caught_up(Duration::from_secs(5)) {
+                    Err(e) if attempts < 20 => {
+                        eprintln!("cannot tell yet whether caught up: {e}");
+                        attempts += 1;
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    answer => return answer,
+                }
+            }
+        })
     };
     // The transaction markers are written just after a commit returns: once they are,
     // the records are readable and a member that has read nothing is not caught up.
