@@ -365,9 +365,6 @@ async fn leader_of_most_requests(cluster: &KafkaCluster) -> Result<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure: run after the hung-broker and all-brokers-down tests on the shared \
-            cluster, the scheduler stops assigning (passes on its own and after the processor \
-            kills); open in issue 16"]
 async fn killing_the_leader_of_most_request_partitions_loses_no_acknowledged_record() -> Result<()>
 {
     let _turn = exclusive().await;

@@ -518,6 +518,12 @@ pub fn read_partition(
         let message = match message {
             Ok(message) => message,
             Err(rdkafka::error::KafkaError::PartitionEOF(_)) => return Ok(out),
+            // Connections lost and found again: librdkafka reconnects by itself, and the
+            // deadline bounds the wait.
+            Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                | rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+            )) => continue,
             Err(e) => return Err(BusError::client("reading a partition")(e)),
         };
         out.push(StoredRecord {

@@ -13,6 +13,10 @@
 //!   producer that failed for good without being fenced (the broker refusing a call in
 //!   a state it did not expect, after an outage) is replaced by a new registration of
 //!   the same id, which aborts what it left open, and the batch counts as aborted.
+//!   A transactional call still blocked [`CALL_OVERRUN`] past its own time limit (librdkafka
+//!   can wait for ever for a group coordinator that left, whatever timeout it was
+//!   given) is given up the same way: its producer is left to the blocked thread, a new
+//!   registration fences it, and the batch counts as aborted.
 //!   Once stopping, a transaction gets [`STOP_GRACE`] to finish; after that the member
 //!   stops without waiting for it, and the broker decides it, all or nothing: committed
 //!   if the commit already reached it, else aborted when it times out (or when this
@@ -34,6 +38,12 @@ use crate::output::{Output, is_changelog, produce_batch};
 
 /// How long one transactional call (register, add offsets, commit, abort) may block.
 const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long past [`TRANSACTION_CALL_TIMEOUT`] a transactional call may still block before
+/// its producer is given up. librdkafka 2.12 does not bound `send_offsets_to_transaction`
+/// when the group coordinator it cached left the cluster (confluentinc/librdkafka#5456 and
+/// #5511): after brokers were killed, the call waited with no end and the member stopped
+/// processing.
+const CALL_OVERRUN: Duration = Duration::from_secs(15);
 /// Longest wait between two attempts of a transactional call that failed with a
 /// retriable error.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
@@ -276,14 +286,25 @@ impl Committer {
     {
         let call = Arc::new(call);
         let name = self.name;
+        let broken = &self.broken;
         retry_retriable(
             (Duration::from_millis(100), MAX_RETRY_BACKOFF),
             || {
                 let once = Arc::clone(&call);
                 async move {
-                    tokio::task::spawn_blocking(move || once())
-                        .await
-                        .map_err(|e| task_failed(name, &e))
+                    let limit = TRANSACTION_CALL_TIMEOUT + CALL_OVERRUN;
+                    match within(limit, name, move || once()).await? {
+                        Some(outcome) => Ok(outcome),
+                        None => {
+                            tracing::warn!(processor = name, ?limit, "a transactional call is still blocked past its time limit; giving up its producer, registering a new one and restoring from the changelog");
+                            metrics::counter!("processor_transaction_calls_overrun_total", "processor" => name)
+                                .increment(1);
+                            broken.store(true, Ordering::SeqCst);
+                            Ok(Err(BusError::Timeout {
+                                action: "a transactional call past its time limit",
+                            }))
+                        }
+                    }
                 }
             },
             |e: &BusError| {
@@ -303,6 +324,14 @@ impl Committer {
     /// A failed transaction: fenced is an error; a producer failed for good otherwise
     /// is replaced (the batch counts as aborted); anything else aborts.
     async fn failed(&self, error: BusError, step: &'static str) -> Result<Committed> {
+        if self.broken.load(Ordering::SeqCst) {
+            // Given up (a call blocked past its limit): its replacement aborts what it
+            // left open.
+            tracing::warn!(processor = self.name, step, error = %error, "transaction failed on a producer given up; restoring from the changelog");
+            metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "aborted")
+                .increment(1);
+            return Ok(Committed::Aborted);
+        }
         if error.is_fatal() {
             if self.producer.fenced() {
                 metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "fenced")
@@ -323,7 +352,9 @@ impl Committer {
 
     /// Aborts the open transaction (stopping, or after a failure).
     pub(crate) async fn abort(&self) -> Result<()> {
-        if self.guarantee == Guarantee::AtLeastOnce {
+        if self.guarantee == Guarantee::AtLeastOnce || self.broken.load(Ordering::SeqCst) {
+            // A producer given up is not called again: registering its replacement
+            // aborts what it left open.
             return Ok(());
         }
         let producer = self.producer.clone();
@@ -382,11 +413,14 @@ async fn register(
             durability.tuning.clone(),
             id.to_owned(),
         );
-        let created = tokio::task::spawn_blocking(move || {
+        let limit = TRANSACTION_CALL_TIMEOUT + CALL_OVERRUN;
+        let created = within(limit, name, move || {
             Producer::transactional(&settings, &tuning, &tid, TRANSACTION_CALL_TIMEOUT)
         })
-        .await
-        .map_err(|e| task_failed(name, &e))?;
+        .await?
+        .unwrap_or(Err(BusError::Timeout {
+            action: "registering a transactional producer past its time limit",
+        }));
         match created {
             Ok(producer) => {
                 tracing::info!(processor = name, transactional_id = %id, "transactional producer registered");
@@ -407,6 +441,20 @@ async fn register(
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Runs `call` on a blocking thread and waits for it up to `limit`: its outcome, or `None`
+/// when it is still running then (the thread is left to finish on its own, and whatever
+/// `call` holds stays alive until it does).
+async fn within<T, F>(limit: Duration, processor: &'static str, call: F) -> Result<Option<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(call)).await {
+        Ok(joined) => joined.map(Some).map_err(|e| task_failed(processor, &e)),
+        Err(_) => Ok(None),
     }
 }
 
@@ -447,6 +495,22 @@ mod tests {
     use super::*;
 
     const QUICK: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(2));
+
+    #[tokio::test]
+    async fn a_blocking_call_past_its_limit_is_given_up_and_one_within_it_answers() {
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let stuck = within(Duration::from_millis(50), "test", move || {
+            // Blocks until the test ends (the sender is dropped then).
+            let _ = blocked.recv();
+            1
+        })
+        .await
+        .unwrap();
+        assert_eq!(stuck, None);
+        let answered = within(Duration::from_secs(5), "test", || 2).await.unwrap();
+        assert_eq!(answered, Some(2));
+        drop(release);
+    }
 
     #[tokio::test]
     async fn a_retriable_failure_is_retried_until_the_call_succeeds_however_long() {
