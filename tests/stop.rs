@@ -182,16 +182,15 @@ async fn a_consumer_knows_it_caught_up_past_transaction_markers() -> Result<()> 
     producer.commit_transaction(timeout)?;
 
     let consumer = bus::Consumer::subscribe(&settings, &format!("stop-markers-{run}"), &[name])?;
-    // A new group's coordinator may answer NOT_COORDINATOR for a moment while it loads;
-    // like the history sink's drain, the check asks again (a bounded number of times).
+    // A new group's coordinator may answer NOT_COORDINATOR (or that it is loading) for a
+    // moment; like the history sink's drain, the check asks again, for up to 20 s.
     let check = |consumer: &bus::Consumer| {
         tokio::task::block_in_place(|| {
-            let mut attempts = 0;
+            let until = Instant::now() + Duration::from_secs(20);
             loop {
                 match consumer.caught_up(Duration::from_secs(5)) {
-                    Err(e) if attempts < 20 => {
+                    Err(e) if e.to_string().contains("Coordinator") && Instant::now() < until => {
                         eprintln!("cannot tell yet whether caught up: {e}");
-                        attempts += 1;
                         std::thread::sleep(Duration::from_millis(250));
                     }
                     answer => return answer,

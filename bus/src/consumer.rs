@@ -511,6 +511,7 @@ pub fn read_partition(
         .assign(&list)
         .map_err(BusError::client("assigning a partition"))?;
     let deadline = std::time::Instant::now() + timeout;
+    let mut lost_connection = None;
     while std::time::Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
@@ -520,10 +521,15 @@ pub fn read_partition(
             Err(rdkafka::error::KafkaError::PartitionEOF(_)) => return Ok(out),
             // Connections lost and found again: librdkafka reconnects by itself, and the
             // deadline bounds the wait.
-            Err(rdkafka::error::KafkaError::MessageConsumption(
-                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
-                | rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
-            )) => continue,
+            Err(
+                e @ rdkafka::error::KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                    | rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+                ),
+            ) => {
+                lost_connection = Some(e);
+                continue;
+            }
             Err(e) => return Err(BusError::client("reading a partition")(e)),
         };
         out.push(StoredRecord {
@@ -535,9 +541,13 @@ pub fn read_partition(
             return Ok(out);
         }
     }
-    Err(BusError::Timeout {
-        action: "reading a partition to its end",
-    })
+    // Out of time: the lost connection, when there was one, says why.
+    Err(lost_connection.map_or(
+        BusError::Timeout {
+            action: "reading a partition to its end",
+        },
+        BusError::client("reading a partition"),
+    ))
 }
 
 impl Consumer {

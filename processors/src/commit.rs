@@ -16,7 +16,9 @@
 //!   A transactional call still blocked [`CALL_OVERRUN`] past its own time limit (librdkafka
 //!   can wait for ever for a group coordinator that left, whatever timeout it was
 //!   given) is given up the same way: its producer is left to the blocked thread, a new
-//!   registration fences it, and the batch counts as aborted.
+//!   registration fences it, and the batch counts as aborted. A registration blocked
+//!   past its limit stops the member instead: it could still complete and fence the
+//!   next one.
 //!   Once stopping, a transaction gets [`STOP_GRACE`] to finish; after that the member
 //!   stops without waiting for it, and the broker decides it, all or nothing: committed
 //!   if the commit already reached it, else aborted when it times out (or when this
@@ -169,8 +171,14 @@ impl Committer {
                         Committed::Stopped
                     }
                 };
-                if self.broken.swap(false, Ordering::SeqCst) {
-                    // Registering the same id again aborts what the old producer left open.
+                if self.broken.load(Ordering::SeqCst) {
+                    if shutdown.is_cancelled() {
+                        // Stopping: the next instance's registration decides what the old
+                        // producer left open.
+                        return Ok(Committed::Stopped);
+                    }
+                    // Registering the same id again aborts what the old producer left open
+                    // (or lets a commit that already reached the coordinator complete).
                     match register(
                         self.name,
                         &self.durability,
@@ -179,7 +187,10 @@ impl Committer {
                     )
                     .await?
                     {
-                        Some(producer) => self.producer = producer,
+                        Some(producer) => {
+                            self.producer = producer;
+                            self.broken.store(false, Ordering::SeqCst);
+                        }
                         None => return Ok(Committed::Stopped),
                     }
                 }
@@ -363,6 +374,8 @@ impl Committer {
             .await?
         {
             Ok(()) => Ok(()),
+            // The abort itself blocked past its limit: its producer is given up too.
+            Err(_) if self.broken.load(Ordering::SeqCst) => Ok(()),
             Err(e) if e.is_fatal() && self.producer.fenced() => Err(self.fenced(e)),
             Err(e) if e.is_fatal() => {
                 self.broke(&e, "abort");
@@ -414,13 +427,23 @@ async fn register(
             id.to_owned(),
         );
         let limit = TRANSACTION_CALL_TIMEOUT + CALL_OVERRUN;
-        let created = within(limit, name, move || {
+        let registration = within(limit, name, move || {
             Producer::transactional(&settings, &tuning, &tid, TRANSACTION_CALL_TIMEOUT)
-        })
-        .await?
-        .unwrap_or(Err(BusError::Timeout {
-            action: "registering a transactional producer past its time limit",
-        }));
+        });
+        let created = tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            created = registration => created?,
+        };
+        let Some(created) = created else {
+            // A registration still blocked could complete later and fence the next one:
+            // this member stops rather than run with a producer that may be fenced.
+            return Err(ProcessorError::Bus {
+                processor: name,
+                source: Box::new(BusError::Timeout {
+                    action: "registering a transactional producer (blocked past its time limit)",
+                }),
+            });
+        };
         match created {
             Ok(producer) => {
                 tracing::info!(processor = name, transactional_id = %id, "transactional producer registered");
@@ -501,7 +524,7 @@ mod tests {
         let (release, blocked) = std::sync::mpsc::channel::<()>();
         let stuck = within(Duration::from_millis(50), "test", move || {
             // Blocks until the test ends (the sender is dropped then).
-            let _ = blocked.recv();
+            let _ = blocked.recv_timeout(Duration::from_secs(5));
             1
         })
         .await
