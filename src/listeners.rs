@@ -35,9 +35,14 @@ pub(crate) async fn flight(
     println!("{}", announce::line(announce::FLIGHT_SQL, flight_addr));
     tracing::info!(%flight_addr, "Arrow Flight SQL on grpc://{flight_addr}");
     let authenticate: analytics::flight::Authenticate = Arc::new(move |header, peer| {
-        // A peer tonic cannot name is treated as remote.
-        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        authenticator.check(header, peer).map_err(|e| e.to_string())
+        // A peer tonic cannot name, or a proxy forwarding for a client, is not local.
+        let origin = ingest::tenants::Origin {
+            peer: peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            forwarded: peer.is_none(),
+        };
+        authenticator
+            .check(header, origin)
+            .map_err(|e| e.to_string())
     });
     Ok(Some(analytics::flight::serve(
         listener,

@@ -459,3 +459,51 @@ async fn reschedule_and_cancel_are_events_on_the_delivery_key() -> Result<()> {
     assert_eq!(records, expected);
     tier.stop().await
 }
+
+/// Without API keys the tier serves loopback clients only. Behind a reverse proxy on the
+/// same machine every connection comes from loopback, so a request that says a proxy
+/// forwarded it (`Forwarded`, `X-Forwarded-For`, `X-Forwarded-Host`, `X-Real-IP`) gets
+/// 401 with the reason, on writes, reads and SQL alike, and nothing of it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_a_request_forwarded_by_a_local_proxy_is_not_a_loopback_client() -> Result<()>
+{
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client = client();
+    let url = format!("{}/api/deliveryrequests", tier.base);
+    let json = [("content-type", "application/json")];
+    let forwarded = [
+        ("forwarded", "for=203.0.113.7;proto=https"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("X-Forwarded-Host", "drones.example"),
+        ("x-real-ip", "203.0.113.7"),
+    ];
+    for (i, header) in forwarded.into_iter().enumerate() {
+        let headers = [json[0], header];
+        let body = request_of("default", i).to_string().into_bytes();
+        let (status, _, answer) = post_raw(&client, &url, &headers, body).await?;
+        assert_eq!(status, 401, "{header:?}: {answer}");
+        assert!(
+            answer.to_string().contains("forwarded by a proxy"),
+            "{header:?}: {answer}"
+        );
+        let status_url = format!("{}/api/deliveries/anything/status", tier.base);
+        let (status, _, _) = call(&client, "GET", &status_url, &[header], Vec::new()).await?;
+        assert_eq!(status, 401, "{header:?} on a read");
+        let sql = format!("{}/api/sql", tier.base);
+        let (status, _, _) = post_raw(
+            &client,
+            &sql,
+            &[json[0], header],
+            br#"{"sql":"SELECT 1"}"#.to_vec(),
+        )
+        .await?;
+        assert_eq!(status, 401, "{header:?} on SQL");
+    }
+    // The same request straight from loopback is the default tenant's.
+    let body = request_of("default", 99).to_string().into_bytes();
+    let (status, _, answer) = post_raw(&client, &url, &json, body).await?;
+    assert_eq!(status, 202, "{answer}");
+    let landed = tier.records(1).await?;
+    assert_eq!(landed.len(), 1, "only the direct request lands: {landed:?}");
+    tier.stop().await
+}

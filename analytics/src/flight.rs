@@ -41,10 +41,23 @@ use crate::error::{AnalyticsError, Result};
 use crate::sql::History;
 
 /// Decides whether an `authorization` value from a peer may query: the caller's name, or
-/// why not.
+/// why not. The peer is `None` when unknown, or when the call says a proxy forwarded it
+/// (see [`forwarded`]): then the peer is not the client.
 pub type Authenticate = Arc<
     dyn Fn(Option<&[u8]>, Option<SocketAddr>) -> std::result::Result<String, String> + Send + Sync,
 >;
+
+/// The peer of `request` as a client: none when a proxy forwarded the call.
+fn client_peer<T>(request: &Request<T>) -> Option<SocketAddr> {
+    let forwarded = schemas::FORWARDING_HEADERS
+        .iter()
+        .any(|key| request.metadata().contains_key(*key));
+    if forwarded {
+        None
+    } else {
+        request.remote_addr()
+    }
+}
 
 const CATALOG: &str = "datafusion";
 const SCHEMA: &str = "public";
@@ -125,7 +138,7 @@ impl FlightSql {
             .metadata()
             .get("authorization")
             .map(MetadataValue::as_bytes);
-        (self.authenticate)(authorization, request.remote_addr()).map_err(Status::unauthenticated)
+        (self.authenticate)(authorization, client_peer(request)).map_err(Status::unauthenticated)
     }
 
     fn sql_of(handle: &[u8]) -> std::result::Result<&str, Status> {
@@ -220,7 +233,7 @@ impl FlightSqlService for FlightSql {
             }
             None => header,
         };
-        let peer = request.remote_addr();
+        let peer = client_peer(&request);
         (self.authenticate)((!bearer.is_empty()).then_some(bearer.as_bytes()), peer)
             .map_err(Status::unauthenticated)?;
         let token = bearer

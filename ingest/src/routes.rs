@@ -19,6 +19,7 @@ use crate::handlers::{self, sql, telemetry};
 use crate::produce::Caller;
 use crate::response::{json_bytes, text};
 use crate::state::App;
+use crate::tenants::Origin;
 
 /// The OpenAPI document of every route served here.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -152,11 +153,12 @@ pub(crate) async fn route(
     correlation: &str,
 ) -> Result<Response<Full<Bytes>>> {
     let caller = if route.is_api() {
+        let origin = Origin::of(peer, |name| req.headers().contains_key(name));
         let tenant = app.tenants.authenticate(
             req.headers()
                 .get(header::AUTHORIZATION)
                 .map(header::HeaderValue::as_bytes),
-            peer,
+            origin,
         )?;
         tracing::Span::current().record("tenant", &*tenant.name);
         Some(Caller::new(tenant, correlation))

@@ -345,7 +345,11 @@ mod tests {
         ));
         assert!(app.budgets.admit_read().is_ok());
         // Without keys, loopback callers may query.
-        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
-        assert_eq!(authenticator.check(None, peer).unwrap(), "default");
+        let local = SocketAddr::from(([127, 0, 0, 1], 1));
+        let origin = crate::tenants::Origin::of(local, |_| false);
+        assert_eq!(authenticator.check(None, origin).unwrap(), "default");
+        // Not when a proxy on this machine forwards for someone else.
+        let proxied = crate::tenants::Origin::of(local, |name| name == "x-forwarded-for");
+        assert!(authenticator.check(None, proxied).is_err());
     }
 }

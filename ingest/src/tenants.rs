@@ -7,7 +7,9 @@
 //! the key; the comparison that decides takes the same time however close a guess was.
 //!
 //! Without a key file, clients on loopback are the tenant `default` and everyone else is
-//! refused: a development mode that cannot be left open by accident.
+//! refused: a development mode that cannot be left open by accident. A request that says
+//! a proxy forwarded it ([`schemas::FORWARDING_HEADERS`]) is not from loopback, whatever its
+//! connection's peer: behind a local reverse proxy, every client would look local.
 //!
 //! Rate limits are token buckets counted in records (a batch of 1,000 takes 1,000). The
 //! bucket logic ([`Bucket`]) is pure and takes the time as an argument.
@@ -33,6 +35,32 @@ pub const MIN_KEY_LEN: usize = 16;
 pub const MAX_KEY_LEN: usize = 256;
 /// The smallest rate limit, in records per second (one record in about 17 minutes).
 pub const MIN_RATE: f64 = 0.001;
+
+/// Where a call comes from: its connection's peer, and whether the request says a proxy
+/// forwarded it (then the peer is the proxy, and the client is somewhere else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The peer of the connection.
+    pub peer: SocketAddr,
+    /// Whether the request carries one of [`schemas::FORWARDING_HEADERS`].
+    pub forwarded: bool,
+}
+
+impl Origin {
+    /// The origin of a request from `peer` whose headers include `has(name)` for each
+    /// name that is present.
+    pub fn of(peer: SocketAddr, has: impl Fn(&str) -> bool) -> Self {
+        Self {
+            peer,
+            forwarded: schemas::FORWARDING_HEADERS.iter().any(|name| has(name)),
+        }
+    }
+
+    /// A client on this machine: a loopback peer not forwarding for someone else.
+    pub fn is_local(&self) -> bool {
+        self.peer.ip().is_loopback() && !self.forwarded
+    }
+}
 
 /// One line of a key file.
 #[derive(Debug, Clone, PartialEq)]
@@ -336,20 +364,26 @@ impl Tenants {
         self.tenants.len()
     }
 
-    /// The tenant calling with `authorization` from `peer`, or 401.
+    /// The tenant calling with `authorization` from `origin`, or 401.
     pub(crate) fn authenticate(
         &self,
         authorization: Option<&[u8]>,
-        peer: SocketAddr,
+        origin: Origin,
     ) -> Result<&Tenant> {
         let unauthorized = |reason: &str| IngestError::Unauthorized {
             reason: reason.to_owned(),
         };
         if self.open {
-            return if peer.ip().is_loopback() {
+            return if origin.is_local() {
                 self.tenants
                     .first()
                     .ok_or_else(|| unauthorized("no tenant"))
+            } else if origin.forwarded {
+                Err(unauthorized(
+                    "this server has no API keys configured and serves loopback clients only; \
+                     a request forwarded by a proxy (Forwarded, X-Forwarded-For, \
+                     X-Forwarded-Host or X-Real-IP) is not one: give the server --api-keys",
+                ))
             } else {
                 Err(unauthorized(
                     "this server has no API keys configured and serves loopback clients only",
@@ -407,8 +441,11 @@ mod tests {
     const KEY_B: &str = "bbbbbbbbbbbbbbbbbbbb";
     const KEY_A2: &str = "cccccccccccccccccccc";
 
-    fn peer(ip: [u8; 4]) -> SocketAddr {
-        SocketAddr::from((ip, 40000))
+    fn peer(ip: [u8; 4]) -> Origin {
+        Origin {
+            peer: SocketAddr::from((ip, 40000)),
+            forwarded: false,
+        }
     }
 
     #[test]
@@ -505,8 +542,21 @@ mod tests {
         let t = tenants.authenticate(None, peer([127, 0, 0, 1])).unwrap();
         assert!(t.is_unauthenticated());
         assert_eq!(&*t.name, schemas::DEFAULT_TENANT);
-        let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1));
+        let v6 = Origin {
+            peer: SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 1)),
+            forwarded: false,
+        };
         assert!(tenants.authenticate(None, v6).is_ok());
+        // A local proxy forwarding for someone else is not a local client.
+        for header in schemas::FORWARDING_HEADERS {
+            let proxied = Origin::of(v6.peer, |name| name == header);
+            assert!(proxied.forwarded, "{header}");
+            let e = tenants.authenticate(None, proxied).unwrap_err();
+            assert!(
+                e.to_string().contains("forwarded by a proxy"),
+                "{header}: {e}"
+            );
+        }
         let e = tenants
             .authenticate(Some(b"Bearer whatever-key-at-all"), peer([192, 168, 1, 2]))
             .unwrap_err();

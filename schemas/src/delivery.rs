@@ -539,6 +539,16 @@ pub fn region_of(loc: Location) -> String {
 /// The tenant of requests that came in without credentials (loopback development only).
 pub const DEFAULT_TENANT: &str = "default";
 
+/// The request headers (and gRPC metadata keys) by which a proxy says whom it forwards
+/// for: RFC 7239's `Forwarded` and the de facto ones, lowercase. A call carrying one is
+/// not from its connection's peer, so it never counts as a loopback client.
+pub const FORWARDING_HEADERS: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
 /// Checks a tenant name: 1 to 64 characters of `A-Z a-z 0-9 - _ . :` (never `/`, which
 /// separates it from the delivery id in a [`delivery_key`]).
 pub fn check_tenant(tenant: &str) -> Result<(), ValidationError> {

@@ -17,8 +17,8 @@ pub mod topics;
 pub mod tracking;
 
 pub use delivery::{
-    ConfirmationType, DEFAULT_TENANT, DeliveryRequest, DeliveryReschedule, Location, PackageInfo,
-    PackageSize, ValidationError, delivery_key, parse_delivery_request, parse_reschedule,
-    split_delivery_key,
+    ConfirmationType, DEFAULT_TENANT, DeliveryRequest, DeliveryReschedule, FORWARDING_HEADERS,
+    Location, PackageInfo, PackageSize, ValidationError, delivery_key, parse_delivery_request,
+    parse_reschedule, split_delivery_key,
 };
 pub use topics::Topic;

@@ -5,7 +5,6 @@
 //! the hand-over to the [`SqlEndpoint`](crate::SqlEndpoint) the binary plugged in. It must
 //! not run queries itself, and must not import the routes or the server.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,6 +18,7 @@ use crate::error::{IngestError, Result};
 use crate::produce::Caller;
 use crate::sql::SqlFailureKind;
 use crate::state::App;
+use crate::tenants::Origin;
 use crate::tenants::{Tenant, Tenants};
 
 /// Largest `POST /api/sql` body.
@@ -113,10 +113,10 @@ impl SqlAuthenticator {
         }
     }
 
-    /// The calling tenant's name, if the `Authorization` value (`Bearer KEY`) from `peer`
-    /// may query the history.
-    pub fn check(&self, authorization: Option<&[u8]>, peer: SocketAddr) -> Result<String> {
-        let tenant = self.tenants.authenticate(authorization, peer)?;
+    /// The calling tenant's name, if the `Authorization` value (`Bearer KEY`) from
+    /// `origin` may query the history.
+    pub fn check(&self, authorization: Option<&[u8]>, origin: Origin) -> Result<String> {
+        let tenant = self.tenants.authenticate(authorization, origin)?;
         may_query(&self.sql_tenants, tenant)?;
         Ok(tenant.name.to_string())
     }
