@@ -57,16 +57,55 @@ impl ConsumerContext for BusContext {
 
 type Inner = StreamConsumer<BusContext>;
 
+/// How long dropping a consumer waits for librdkafka to close it (hand back its
+/// partitions, leave the group). librdkafka 2.12 can wait for ever closing a consumer in
+/// the middle of a cooperative rebalance (confluentinc/librdkafka#4884, #4527): past this
+/// wait, the close goes on in a thread of its own and the caller goes on without it.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// A consumer that is closed, when the last handle goes, on a thread of its own, waited
+/// for up to [`CLOSE_WAIT`].
+struct Closing(Option<Inner>);
+
+impl std::ops::Deref for Closing {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        self.0
+            .as_ref()
+            .expect("the consumer is taken only when dropped")
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        let (done, closed) = std::sync::mpsc::sync_channel::<()>(1);
+        // Should no thread be had, the closure is dropped here, and the consumer with it.
+        let spawned = std::thread::Builder::new()
+            .name("consumer-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = done.send(());
+            });
+        if spawned.is_ok() && closed.recv_timeout(CLOSE_WAIT).is_err() {
+            tracing::warn!(wait = ?CLOSE_WAIT, "closing a Kafka consumer takes longer than it should (librdkafka stuck in a rebalance); going on without it");
+        }
+    }
+}
+
 /// A consumer subscribed to some topics as a member of one group.
 pub struct Consumer {
-    inner: Arc<Inner>,
+    inner: Arc<Closing>,
     group: String,
 }
 
 /// A handle that measures a consumer's lag from another thread.
 #[derive(Clone)]
 pub struct LagProbe {
-    inner: Arc<Inner>,
+    inner: Arc<Closing>,
 }
 
 impl std::fmt::Debug for LagProbe {
@@ -81,7 +120,7 @@ impl LagProbe {
     /// offset under `read_committed`). Blocks the calling thread for up to `timeout` per
     /// request (each asks for every partition at once).
     pub fn lag(&self, timeout: Duration) -> Result<Vec<(String, i32, i64)>> {
-        crate::progress::lags(&*self.inner, timeout)
+        crate::progress::lags(&**self.inner, timeout)
     }
 
     /// Reports the lag of each partition assigned to this member as the gauge
@@ -224,7 +263,7 @@ impl Consumer {
             .subscribe(topics)
             .map_err(BusError::client("subscribing"))?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Closing(Some(inner))),
             group: group.to_owned(),
         })
     }
@@ -245,7 +284,7 @@ impl Consumer {
             .subscribe(topics)
             .map_err(BusError::client("subscribing"))?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Closing(Some(inner))),
             group: group.to_owned(),
         })
     }
@@ -270,7 +309,7 @@ impl Consumer {
             .subscribe(topics)
             .map_err(BusError::client("subscribing"))?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Closing(Some(inner))),
             group: group.to_owned(),
         })
     }
@@ -459,9 +498,9 @@ impl Consumer {
     /// thread for up to `timeout` per request (a few, each for all partitions at once).
     pub fn caught_up(&self, timeout: Duration) -> Result<bool> {
         let lags = if self.inner.context().membership.is_settled() {
-            crate::progress::lags(&*self.inner, timeout)?
+            crate::progress::lags(&**self.inner, timeout)?
         } else {
-            crate::progress::subscription_lags(&*self.inner, timeout)?
+            crate::progress::subscription_lags(&**self.inner, timeout)?
         };
         Ok(crate::progress::caught_up(&lags))
     }
@@ -582,7 +621,7 @@ impl Consumer {
             .assign(&list)
             .map_err(BusError::client("assigning partitions"))?;
         Ok(Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Closing(Some(inner))),
             group: String::new(),
         })
     }
