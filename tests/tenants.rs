@@ -507,3 +507,90 @@ async fn without_keys_a_request_forwarded_by_a_local_proxy_is_not_a_loopback_cli
     assert_eq!(landed.len(), 1, "only the direct request lands: {landed:?}");
     tier.stop().await
 }
+
+/// A batch answered 207 with records that failed for a transient reason (here: past a
+/// producer queue of 5 records) is not final: each retry with the same Idempotency-Key
+/// sends those records again, and only those, until every record is in. The topic then
+/// holds each record exactly once, under the ids of the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_partly_failed_batch_sends_only_its_failed_records() -> Result<()> {
+    const N: usize = 20;
+    let tier = IngestOnly::start_with(
+        ingest::IngestConfig::default(),
+        bus::ProducerArgs {
+            producer_queue_records: 5,
+            ..bus::ProducerArgs::default()
+        },
+    )
+    .await?;
+    let client = client();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let body: Vec<String> = (0..N)
+        .map(|i| {
+            let mut r = request_of("default", i);
+            r.as_object_mut().context("object")?.remove("deliveryId");
+            Ok(r.to_string())
+        })
+        .collect::<Result<_>>()?;
+    let body = format!("[{}]", body.join(",")).into_bytes();
+    let headers = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "partly-failed-1"),
+    ];
+    let ids_of = |report: &serde_json::Value| -> BTreeSet<String> {
+        report["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["deliveryId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (status, _, first) = post_raw(&client, &url, &headers, body.clone()).await?;
+    assert_eq!(status, 207, "records past the queue fail at once: {first}");
+    let failed = first["failed"].as_u64().context("failed")?;
+    assert!(failed > 0, "{first}");
+    let mut accepted = ids_of(&first);
+    let mut attempts = 1;
+    let last = loop {
+        let (status, headers_back, report) =
+            post_raw(&client, &url, &headers, body.clone()).await?;
+        attempts += 1;
+        assert!(
+            !headers_back.contains_key("idempotent-replayed"),
+            "a retry with failed records is not a replay: {report}"
+        );
+        assert_eq!(
+            report["results"].as_array().map(Vec::len),
+            Some(N),
+            "every record is listed: {report}"
+        );
+        let now = ids_of(&report);
+        assert!(
+            now.is_superset(&accepted),
+            "accepted records stay: {report}"
+        );
+        accepted = now;
+        if status == 202 {
+            break report;
+        }
+        assert_eq!(status, 207, "{report}");
+        assert!(
+            attempts < 20,
+            "still not every record after {attempts} attempts: {report}"
+        );
+    };
+    assert_eq!(last["accepted"], N, "{last}");
+    assert_eq!(accepted.len(), N);
+    // Final now: replayed as it is.
+    let (status, headers_back, replayed) = post_raw(&client, &url, &headers, body).await?;
+    assert_eq!(status, 202);
+    assert!(headers_back.contains_key("idempotent-replayed"));
+    assert_eq!(replayed, last);
+    // Each record once on the topic, under the ids the answers gave.
+    let landed = tier.records(N).await?;
+    let keys: BTreeSet<String> = landed.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(landed.len(), N, "no record sent twice: {keys:?}");
+    let expected: BTreeSet<String> = accepted.iter().map(|id| format!("default/{id}")).collect();
+    assert_eq!(keys, expected);
+    tier.stop().await
+}

@@ -11,19 +11,23 @@
 //!    window is answered with the stored answer of the first attempt and produces
 //!    nothing; a retry while the first attempt is still running gets 409; the same key
 //!    with a different body gets 422. Only answers that accepted something are kept:
-//!    after a 4xx or 503 the retry is processed afresh. The window forgets keys after its
-//!    age limit, or oldest first once its byte budget is spent.
+//!    after a 4xx or 503 the retry is processed afresh. A batch answer that still has
+//!    records failed for a transient reason is kept with each record's fate: a retry
+//!    sends those records again, and only those, and its answer (every record, merged)
+//!    takes the place of the first. The window forgets keys after its age limit, or
+//!    oldest first once its byte budget is spent.
 //!
 //! The window logic ([`Window`]) is pure and takes the time as an argument.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::error::{IngestError, Result};
+use crate::outcome::Outcome;
 
 /// The longest accepted `Idempotency-Key`.
 pub const MAX_KEY_LEN: usize = 255;
@@ -74,6 +78,39 @@ pub struct Stored {
     pub body: Bytes,
     /// The `Location` header, if any.
     pub location: Option<String>,
+    /// A batch answer with records that failed for a transient reason: every record's
+    /// fate, so that a retry sends those records again (none otherwise: the answer is
+    /// final).
+    pub(crate) outcomes: Option<Arc<[Outcome]>>,
+}
+
+impl Stored {
+    /// A final answer, replayed as it is.
+    pub fn new(status: u16, body: Bytes, location: Option<String>) -> Self {
+        Self {
+            status,
+            body,
+            location,
+            outcomes: None,
+        }
+    }
+
+    /// Whether a retry sends some of its records again rather than replaying it.
+    fn resumable(&self) -> bool {
+        self.outcomes
+            .as_ref()
+            .is_some_and(|o| o.iter().any(Outcome::is_retryable))
+    }
+
+    /// Bytes it takes in the window's budget.
+    fn cost(&self) -> usize {
+        self.body.len()
+            + self.location.as_ref().map_or(0, String::len)
+            + self
+                .outcomes
+                .as_ref()
+                .map_or(0, |o| o.iter().map(Outcome::cost).sum())
+    }
 }
 
 /// What to do with a request that carries a key.
@@ -84,6 +121,10 @@ pub enum Begin {
     New(Option<Ticket>),
     /// The key was answered before: send this again.
     Replay(Stored),
+    /// The key was answered before with records to retry: send those again, then
+    /// [`Window::complete`] with this ticket and the merged answer (`None` keeps the
+    /// earlier answer).
+    Resume(Ticket, Stored),
     /// A request with this key is being processed right now.
     InProgress,
     /// The key was used with a different body.
@@ -97,6 +138,9 @@ pub struct Ticket(u64);
 #[derive(Debug)]
 enum State {
     InProgress,
+    /// A retry of a kept answer's failed records is running; the answer stays until it
+    /// ends.
+    Resuming(Stored),
     Done(Stored),
 }
 
@@ -150,10 +194,20 @@ impl Window {
             if entry.fingerprint != fingerprint {
                 return Begin::Mismatch;
             }
-            return match &entry.state {
-                State::InProgress => Begin::InProgress,
-                State::Done(stored) => Begin::Replay(stored.clone()),
+            let resumable = match &entry.state {
+                State::InProgress | State::Resuming(_) => return Begin::InProgress,
+                State::Done(stored) if !stored.resumable() => {
+                    return Begin::Replay(stored.clone());
+                }
+                State::Done(stored) => stored.clone(),
             };
+            // Held by this retry until it completes; a new sequence number names it.
+            let Some(mut entry) = self.remove(key) else {
+                return Begin::InProgress;
+            };
+            entry.state = State::Resuming(resumable.clone());
+            let seq = self.insert(key, entry);
+            return Begin::Resume(Ticket(seq), resumable);
         }
         let cost = key.len() + ENTRY_OVERHEAD;
         if cost > self.max_bytes {
@@ -175,7 +229,8 @@ impl Window {
 
     /// Ends the request that began `key` with `ticket`: keeps `answer` for replay, or
     /// forgets the key when there is nothing to keep (the request accepted nothing, or
-    /// was abandoned). Does nothing when the key is no longer that request's.
+    /// was abandoned); an abandoned retry of a kept answer leaves that answer. Does
+    /// nothing when the key is no longer that request's.
     pub fn complete(&mut self, key: &str, ticket: Ticket, answer: Option<Stored>, now: Instant) {
         if self.entries.get(key).is_none_or(|e| e.seq != ticket.0) {
             return;
@@ -183,13 +238,14 @@ impl Window {
         let Some(mut entry) = self.remove(key) else {
             return;
         };
-        let Some(answer) = answer else {
+        let earlier = match std::mem::replace(&mut entry.state, State::InProgress) {
+            State::Resuming(earlier) => Some(earlier),
+            State::InProgress | State::Done(_) => None,
+        };
+        let Some(answer) = answer.or(earlier) else {
             return;
         };
-        let cost = key.len()
-            + ENTRY_OVERHEAD
-            + answer.body.len()
-            + answer.location.as_ref().map_or(0, String::len);
+        let cost = key.len() + ENTRY_OVERHEAD + answer.cost();
         if cost > self.max_bytes {
             // Larger than the whole budget: not kept (the derived ids still hold).
             return;
@@ -253,6 +309,10 @@ pub(crate) enum ClaimOutcome<'a> {
     New(Claim<'a>),
     /// The key was answered before: send this answer again and produce nothing.
     Replay(Stored),
+    /// The key was answered before with records failed for a transient reason (each
+    /// record's fate here): send those again, merge, then [`Claim::finish`] (dropped
+    /// unfinished, the earlier answer stays).
+    Resume(Claim<'a>, Arc<[Outcome]>),
     /// Nothing to track: the request has no key, the window is off, or the key is too
     /// large for the window. Process the request; there is nothing to finish.
     Untracked,
@@ -289,6 +349,22 @@ impl<'a> Claim<'a> {
             })),
             Begin::New(None) => Ok(ClaimOutcome::Untracked),
             Begin::Replay(stored) => Ok(ClaimOutcome::Replay(stored)),
+            Begin::Resume(ticket, stored) => {
+                let claim = Self {
+                    window,
+                    key,
+                    ticket: Some(ticket),
+                };
+                match stored.outcomes {
+                    Some(outcomes) => Ok(ClaimOutcome::Resume(claim, outcomes)),
+                    // Not resumable after all: replayed as it is.
+                    None => Ok(ClaimOutcome::Replay(Stored::new(
+                        stored.status,
+                        stored.body,
+                        stored.location,
+                    ))),
+                }
+            }
             Begin::InProgress => Err(IngestError::IdempotencyInProgress),
             Begin::Mismatch => Err(IngestError::IdempotencyMismatch),
         }
@@ -326,11 +402,61 @@ mod tests {
     use proptest::prelude::*;
 
     fn stored(body: &str) -> Stored {
-        Stored {
-            status: 202,
-            body: Bytes::from(body.to_owned()),
-            location: None,
-        }
+        Stored::new(202, Bytes::from(body.to_owned()), None)
+    }
+
+    #[test]
+    fn an_answer_with_records_to_retry_is_resumed_once_at_a_time_and_kept_until_final() {
+        use crate::outcome::{Failure, Outcome};
+        let mut w = Window::new(Duration::from_secs(60), 1 << 20);
+        let t0 = Instant::now();
+        let failed = Outcome::Failed(Failure {
+            message: "the broker did not acknowledge in time".into(),
+            retryable: true,
+        });
+        let partial = Stored {
+            outcomes: Some(vec![Outcome::Accepted(Some("a".into())), failed.clone()].into()),
+            ..Stored::new(207, Bytes::from_static(b"{}"), None)
+        };
+        let first = new(&mut w, "k", 1, t0);
+        w.complete("k", first, Some(partial.clone()), t0);
+        // A retry resumes it, and holds the key while it runs.
+        let Begin::Resume(ticket, earlier) = w.begin("k", 1, t0) else {
+            panic!("not resumed");
+        };
+        assert_eq!(earlier, partial);
+        assert_eq!(w.begin("k", 1, t0), Begin::InProgress);
+        assert_eq!(w.begin("k", 2, t0), Begin::Mismatch);
+        // Abandoned (the client went away): the earlier answer stays, and is resumed again.
+        w.complete("k", ticket, None, t0);
+        let Begin::Resume(ticket, _) = w.begin("k", 1, t0) else {
+            panic!("the earlier answer was lost");
+        };
+        // Still a record to retry: kept resumable; then final: replayed as it is.
+        w.complete("k", ticket, Some(partial.clone()), t0);
+        let Begin::Resume(ticket, _) = w.begin("k", 1, t0) else {
+            panic!("not resumed");
+        };
+        let done = Stored {
+            outcomes: Some(vec![Outcome::Accepted(Some("a".into())); 2].into()),
+            ..Stored::new(202, Bytes::from_static(b"{\"accepted\":2}"), None)
+        };
+        w.complete("k", ticket, Some(done.clone()), t0);
+        assert_eq!(w.begin("k", 1, t0), Begin::Replay(done));
+        // A final 207 (only invalid records) is replayed, never resumed.
+        let invalid = Stored {
+            outcomes: Some(
+                vec![Outcome::Rejected(schemas::ValidationError {
+                    field: "x".into(),
+                    reason: "y".into(),
+                })]
+                .into(),
+            ),
+            ..Stored::new(207, Bytes::from_static(b"{}"), None)
+        };
+        let other = new(&mut w, "j", 1, t0);
+        w.complete("j", other, Some(invalid.clone()), t0);
+        assert_eq!(w.begin("j", 1, t0), Begin::Replay(invalid));
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod error;
 mod handlers;
 pub mod health;
 pub mod idempotency;
+mod outcome;
 mod produce;
 mod response;
 mod routes;

@@ -12,6 +12,7 @@ use bus::{OutRecord, Producer};
 use schemas::headers as h;
 
 use crate::error::{IngestError, RETRY_AFTER, Result};
+use crate::outcome::Outcome;
 use crate::state::App;
 use crate::tenants::Tenant;
 
@@ -75,15 +76,6 @@ impl<'a> Headers<'a> {
     pub(crate) fn as_slice(&self) -> &[(&'a str, &'a [u8])] {
         &self.items[..self.len]
     }
-}
-
-/// The fate of one record of a batch.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    /// Acknowledged by the broker, with the delivery id where the record has one.
-    Accepted(Option<String>),
-    Rejected(schemas::ValidationError),
-    Failed(IngestError),
 }
 
 /// Maps a producer failure to the client's answer: transient ones are 503 + Retry-After.
@@ -174,13 +166,13 @@ pub(crate) async fn settle(
         Ok(results) => {
             for (index, result) in indexes.into_iter().zip(results) {
                 if let Err(e) = result {
-                    outcomes[index] = Outcome::Failed(unavailable(e));
+                    outcomes[index] = Outcome::failed(unavailable(e));
                 }
             }
         }
         Err(_) => {
             for index in indexes {
-                outcomes[index] = Outcome::Failed(not_acknowledged());
+                outcomes[index] = Outcome::failed(not_acknowledged());
             }
         }
     }

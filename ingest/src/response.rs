@@ -11,7 +11,7 @@ use hyper::{Response, StatusCode, header};
 
 use crate::error::RETRY_AFTER;
 use crate::idempotency::Stored;
-use crate::produce::Outcome;
+use crate::outcome::Outcome;
 use crate::tenants::Tenant;
 
 /// A plain-text answer (in the Prometheus text format's media type).
@@ -77,7 +77,7 @@ pub(crate) fn replay(stored: Stored) -> Response<Full<Bytes>> {
 /// The status and JSON body of a batch answer. Written directly rather than through
 /// `serde_json::Value` (one map per record was about 8% of the tier's CPU on batches of
 /// 10,000); keys are in the order `serde_json` would give them.
-pub(crate) fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode, Bytes) {
+pub(crate) fn batch_report(outcomes: &[Outcome]) -> (StatusCode, Bytes) {
     use std::io::Write as _;
     /// Appends `text` as a JSON string.
     fn string(out: &mut Vec<u8>, text: &str) {
@@ -117,21 +117,18 @@ pub(crate) fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode
                 string(&mut out, &e.reason);
                 out.push(b'}');
             }
-            Outcome::Failed(e) => {
+            Outcome::Failed(failure) => {
                 out.extend_from_slice(br#"{"error":"#);
-                string(&mut out, &e.to_string());
+                string(&mut out, &failure.message);
                 let _ = write!(
                     out,
                     r#","index":{index},"retryable":{}}}"#,
-                    e.status() == StatusCode::SERVICE_UNAVAILABLE
+                    failure.retryable
                 );
             }
         }
     }
     out.extend_from_slice(b"]}");
-    tenant.accepted.increment(accepted as u64);
-    tenant.rejected_invalid.increment(rejected as u64);
-    tenant.rejected_unavailable.increment(failed as u64);
     let status = if accepted == outcomes.len() {
         StatusCode::ACCEPTED
     } else if accepted > 0 {
@@ -142,6 +139,18 @@ pub(crate) fn batch_report(tenant: &Tenant, outcomes: &[Outcome]) -> (StatusCode
         StatusCode::BAD_REQUEST
     };
     (status, Bytes::from(out))
+}
+
+/// Counts `outcomes` in `tenant`'s metrics (each record once: a retried batch counts only
+/// the records it sent again).
+pub(crate) fn count_outcomes<'a>(tenant: &Tenant, outcomes: impl IntoIterator<Item = &'a Outcome>) {
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Accepted(_) => tenant.accepted.increment(1),
+            Outcome::Rejected(_) => tenant.rejected_invalid.increment(1),
+            Outcome::Failed(_) => tenant.rejected_unavailable.increment(1),
+        }
+    }
 }
 
 /// A batch's answer: its report, with Retry-After when nothing was accepted and some
@@ -164,7 +173,6 @@ mod tests {
 
     #[test]
     fn batch_answers_are_valid_json_listing_every_record() {
-        let tenant = crate::tenants::Tenant::new("t", None, 0.0, false);
         let outcomes = vec![
             Outcome::Accepted(Some("d-\"1\"\\é".into())),
             Outcome::Accepted(None),
@@ -172,9 +180,9 @@ mod tests {
                 field: "packageInfo.size".into(),
                 reason: "bad \"size\"\n".into(),
             }),
-            Outcome::Failed(not_acknowledged()),
+            Outcome::failed(not_acknowledged()),
         ];
-        let (status, body) = batch_report(&tenant, &outcomes);
+        let (status, body) = batch_report(&outcomes);
         assert_eq!(status, StatusCode::MULTI_STATUS);
         let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let expected = serde_json::json!({
@@ -192,7 +200,7 @@ mod tests {
         for (outcomes, status) in [
             (vec![Outcome::Accepted(None)], StatusCode::ACCEPTED),
             (
-                vec![Outcome::Failed(not_acknowledged())],
+                vec![Outcome::failed(not_acknowledged())],
                 StatusCode::SERVICE_UNAVAILABLE,
             ),
             (
@@ -203,7 +211,7 @@ mod tests {
                 StatusCode::BAD_REQUEST,
             ),
         ] {
-            let (got, body) = batch_report(&tenant, &outcomes);
+            let (got, body) = batch_report(&outcomes);
             assert_eq!(got, status);
             assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
         }

@@ -17,9 +17,11 @@ use crate::admission::{Decoded, read_body, read_decoded};
 use crate::batch;
 use crate::error::{IngestError, Result};
 use crate::idempotency::{self, Claim, ClaimOutcome, Stored};
-use crate::produce::{self, Caller, Outcome};
+use crate::outcome::Outcome;
+use crate::produce::{self, Caller};
 use crate::response::{
-    batch_report, delivery_location, json, json_bytes, replay, report_response, with_location,
+    batch_report, count_outcomes, delivery_location, json, json_bytes, replay, report_response,
+    with_location,
 };
 use crate::state::App;
 use crate::status;
@@ -46,6 +48,8 @@ pub(crate) async fn post_delivery_request(
         ClaimOutcome::New(claim) => Some(claim),
         ClaimOutcome::Untracked => None,
         ClaimOutcome::Replay(stored) => return Ok(replay(stored)),
+        // A single request's answer is never kept with records to retry.
+        ClaimOutcome::Resume(claim, _) => Some(claim),
     };
     // Records count against the quota as sent, valid or not (a batch counts them all).
     caller.tenant.take(1)?;
@@ -78,11 +82,11 @@ pub(crate) async fn post_delivery_request(
     let body = Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string());
     let location = delivery_location(&delivery_id);
     if let Some(claim) = claim {
-        claim.finish(Some(Stored {
-            status: StatusCode::ACCEPTED.as_u16(),
-            body: body.clone(),
-            location: Some(location.clone()),
-        }));
+        claim.finish(Some(Stored::new(
+            StatusCode::ACCEPTED.as_u16(),
+            body.clone(),
+            Some(location.clone()),
+        )));
     }
     Ok(with_location(
         json_bytes(StatusCode::ACCEPTED, body),
@@ -95,7 +99,9 @@ pub(crate) async fn post_delivery_request(
 /// Valid records are accepted even when others in the batch are not. The answer lists
 /// every record by index: 202 when all were accepted, 207 when some were, 400 when every
 /// record was invalid, 503 with Retry-After when none was accepted and some could be
-/// retried.
+/// retried. Under an `Idempotency-Key` whose earlier answer has records failed for a
+/// transient reason, only those records are sent again, and the answer lists every
+/// record (the earlier fates of the others).
 pub(crate) async fn post_batch(
     app: &App,
     req: Request<Incoming>,
@@ -111,17 +117,26 @@ pub(crate) async fn post_batch(
     )
     .await?;
     let key = key?;
-    let claim = match claim(app, caller, BATCH, key.as_deref(), &body)? {
-        ClaimOutcome::New(claim) => Some(claim),
-        ClaimOutcome::Untracked => None,
+    let (claim, earlier) = match claim(app, caller, BATCH, key.as_deref(), &body)? {
+        ClaimOutcome::New(claim) => (Some(claim), None),
+        ClaimOutcome::Resume(claim, earlier) => (Some(claim), Some(earlier)),
+        ClaimOutcome::Untracked => (None, None),
         ClaimOutcome::Replay(stored) => return Ok(replay(stored)),
     };
     let records = batch::split(&body, framing, app.config.tier.max_batch_records)?;
     metrics::histogram!("ingest_batch_records").record(records.len() as f64);
-    caller.tenant.take(records.len())?;
-    let mut outcomes = Vec::with_capacity(records.len());
-    let mut acks = Vec::with_capacity(records.len());
+    // The same body as before (the key's fingerprint says so), so the same records.
+    let earlier = earlier.filter(|e| e.len() == records.len());
+    let send = |index: usize| earlier.as_ref().is_none_or(|e| e[index].is_retryable());
+    let sent = (0..records.len()).filter(|i| send(*i)).count();
+    caller.tenant.take(sent)?;
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(records.len());
+    let mut acks = Vec::with_capacity(sent);
     for (index, payload) in records.iter().enumerate() {
+        if let Some(earlier) = earlier.as_ref().filter(|_| !send(index)) {
+            outcomes.push(earlier[index].clone());
+            continue;
+        }
         let enqueued = schemas::parse_delivery_request(payload)
             .map_err(IngestError::Invalid)
             .and_then(|request| {
@@ -140,17 +155,25 @@ pub(crate) async fn post_batch(
                 outcomes.push(Outcome::Accepted(Some(id)));
             }
             Err(IngestError::Invalid(e)) => outcomes.push(Outcome::Rejected(e)),
-            Err(e) => outcomes.push(Outcome::Failed(e)),
+            Err(e) => outcomes.push(Outcome::failed(e)),
         }
     }
     produce::settle(app, &mut outcomes, acks).await;
-    let (status, report) = batch_report(caller.tenant, &outcomes);
+    count_outcomes(
+        caller.tenant,
+        outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| send(*i))
+            .map(|(_, o)| o),
+    );
+    let (status, report) = batch_report(&outcomes);
     if let Some(claim) = claim {
         let keep = matches!(status, StatusCode::ACCEPTED | StatusCode::MULTI_STATUS);
+        let retry = outcomes.iter().any(Outcome::is_retryable);
         claim.finish(keep.then(|| Stored {
-            status: status.as_u16(),
-            body: report.clone(),
-            location: None,
+            outcomes: retry.then(|| outcomes.into()),
+            ..Stored::new(status.as_u16(), report.clone(), None)
         }));
     }
     Ok(report_response(status, report))

@@ -13,8 +13,9 @@ use schemas::headers as h;
 use crate::admission::{Decoded, read_decoded};
 use crate::batch;
 use crate::error::{IngestError, Result};
-use crate::produce::{self, Caller, Headers, Outcome};
-use crate::response::{batch_report, report_response};
+use crate::outcome::Outcome;
+use crate::produce::{self, Caller, Headers};
+use crate::response::{batch_report, count_outcomes, report_response};
 use crate::state::App;
 
 /// `POST /api/drones/{id}/telemetry`: one position fix, or a batch of them (JSON array or
@@ -73,10 +74,11 @@ pub(crate) async fn post_telemetry(
                 acks.push((index, ack));
                 outcomes.push(Outcome::Accepted(None));
             }
-            Err(e) => outcomes.push(Outcome::Failed(e)),
+            Err(e) => outcomes.push(Outcome::failed(e)),
         }
     }
     produce::settle(app, &mut outcomes, acks).await;
-    let (status, report) = batch_report(caller.tenant, &outcomes);
+    count_outcomes(caller.tenant, &outcomes);
+    let (status, report) = batch_report(&outcomes);
     Ok(report_response(status, report))
 }
