@@ -326,7 +326,7 @@ async fn body_bytes_in_flight_are_bounded() -> Result<()> {
         if status == 503 {
             assert!(headers.contains_key("retry-after"), "{answer}");
             assert!(
-                answer["error"].as_str().unwrap_or("").contains("bytes"),
+                answer["detail"].as_str().unwrap_or("").contains("bytes"),
                 "{answer}"
             );
             break;
@@ -442,5 +442,92 @@ async fn idle_connections_are_bounded_and_timed_out() -> Result<()> {
     .await
     .context("no place freed")??;
     assert_eq!(status, 200);
+    tier.stop().await
+}
+
+/// Every error answer has one shape, RFC 9457 problem details as
+/// `application/problem+json`, and names the part of the request at fault: an invalid
+/// `Idempotency-Key` names the header, an invalid drone id the path parameter; a batch
+/// that accepted nothing carries its report as extension members; an unknown route too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_answers_are_problem_details_naming_what_is_at_fault() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let is_problem = |status: u16, headers: &hyper::HeaderMap, answer: &serde_json::Value| {
+        assert_eq!(
+            headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{answer}"
+        );
+        assert_eq!(answer["status"], status, "{answer}");
+        assert!(
+            answer["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("urn:dronedelivery:problem:")),
+            "{answer}"
+        );
+        assert!(
+            answer["title"].is_string() && answer["detail"].is_string(),
+            "{answer}"
+        );
+    };
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let body = format!("[{}]", valid_request(1)).into_bytes();
+    let (status, headers, answer) = post_raw(
+        &client,
+        &batch,
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", "has a space"),
+        ],
+        body,
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    is_problem(status, &headers, &answer);
+    assert_eq!(answer["field"], "Idempotency-Key", "{answer}");
+    assert!(answer["reason"].as_str().is_some_and(|r| !r.is_empty()));
+
+    let long_id = "d".repeat(65);
+    let telemetry = format!("{}/api/drones/{long_id}/telemetry", tier.base);
+    let fix = r#"{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:00Z"}"#;
+    let (status, headers, answer) = post_raw(
+        &client,
+        &telemetry,
+        &[("content-type", "application/json")],
+        fix.as_bytes().to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    is_problem(status, &headers, &answer);
+    assert_eq!(answer["field"], "droneId", "{answer}");
+    assert!(
+        !answer.to_string().contains("delivery request"),
+        "a drone id is not a delivery request: {answer}"
+    );
+
+    let invalid = br#"[{"deliveryId": "x"}, 7]"#.to_vec();
+    let (status, headers, answer) = post_raw(
+        &client,
+        &batch,
+        &[("content-type", "application/json")],
+        invalid,
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    is_problem(status, &headers, &answer);
+    assert_eq!(answer["rejected"], 2, "the report's members too: {answer}");
+    assert_eq!(answer["results"].as_array().map(Vec::len), Some(2));
+
+    let (status, headers, answer) = call(
+        &client,
+        "GET",
+        &format!("{}/api/nothing-here", tier.base),
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, 404, "{answer}");
+    is_problem(status, &headers, &answer);
     tier.stop().await
 }

@@ -402,9 +402,10 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
         let (status, _, body) = call(&client, "POST", &url, &[analyst], sql(query)?).await?;
         assert_eq!(status, expected, "{query}: {body}");
         assert!(
-            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            body["detail"].as_str().is_some_and(|e| !e.is_empty()),
             "{body}"
         );
+        assert_eq!(body["status"], expected, "problem details: {body}");
     }
     let (status, _, _) = call(&client, "POST", &url, &[analyst], b"{\"query\":1}".to_vec()).await?;
     assert_eq!(status, 400);

@@ -15,6 +15,14 @@ use schemas::ValidationError;
 
 use crate::sql::SqlFailureKind;
 
+/// The media type of every error answer: RFC 9457 problem details.
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The `type` of a problem of kind `kind` ([`IngestError::kind`]).
+pub(crate) fn problem_type(kind: &str) -> String {
+    format!("urn:dronedelivery:problem:{kind}")
+}
+
 /// The `Retry-After` the tier asks for when it is momentarily full or cannot reach the
 /// broker.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -23,7 +31,7 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The request failed validation.
-    #[error("invalid delivery request: {0}")]
+    #[error("invalid request: {0}")]
     Invalid(#[from] ValidationError),
     /// The body is larger than the configured limit.
     #[error("the body is larger than {limit} bytes")]
@@ -248,21 +256,39 @@ impl IngestError {
         )
     }
 
-    /// The JSON answer: `{"error": .., "field": .., "reason": ..}` (field only for
-    /// validation errors), with `Retry-After` or `Allow` where they apply.
+    /// The problem details of the error (RFC 9457): `type` names its kind
+    /// (`urn:dronedelivery:problem:<kind>`), `title` is the status's reason phrase,
+    /// `status`, and `detail` says what happened; the extension members `field` and
+    /// `reason` name the part of the request at fault (a field of a record, or a header)
+    /// and what is wrong with it.
+    pub fn problem(&self) -> serde_json::Value {
+        let status = self.status();
+        let mut problem = serde_json::json!({
+            "type": problem_type(self.kind()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        let at_fault = match self {
+            Self::Invalid(e) => Some((e.field.as_str(), e.reason.as_str())),
+            Self::InvalidHeader { name, reason } => Some((*name, reason.as_str())),
+            _ => None,
+        };
+        if let (Some((field, reason)), Some(members)) = (at_fault, problem.as_object_mut()) {
+            members.insert("field".into(), field.into());
+            members.insert("reason".into(), reason.into());
+        }
+        problem
+    }
+
+    /// The answer: [`IngestError::problem`] as `application/problem+json`, with
+    /// `Retry-After`, `Allow` or `WWW-Authenticate` where they apply.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
-        let body = match &self {
-            Self::Invalid(e) => serde_json::json!({
-                "error": "invalid delivery request",
-                "field": e.field,
-                "reason": e.reason,
-            }),
-            other => serde_json::json!({ "error": other.to_string() }),
-        };
+        let body = self.problem();
         let mut builder = Response::builder()
             .status(status)
-            .header(header::CONTENT_TYPE, "application/json");
+            .header(header::CONTENT_TYPE, PROBLEM_JSON);
         if self.before_body_read() {
             builder = builder.header(header::CONNECTION, "close");
         }
@@ -353,5 +379,37 @@ mod tests {
             IngestError::IdempotencyMismatch.status(),
             StatusCode::UNPROCESSABLE_ENTITY
         );
+    }
+
+    #[test]
+    fn every_error_is_problem_details_naming_the_field_at_fault() {
+        let invalid = IngestError::Invalid(ValidationError {
+            field: "droneId".into(),
+            reason: "must be 1 to 64 characters".into(),
+        });
+        assert_eq!(
+            invalid.problem(),
+            serde_json::json!({
+                "type": "urn:dronedelivery:problem:invalid",
+                "title": "Bad Request",
+                "status": 400,
+                "detail": "invalid request: droneId: must be 1 to 64 characters",
+                "field": "droneId",
+                "reason": "must be 1 to 64 characters",
+            })
+        );
+        let header = IngestError::InvalidHeader {
+            name: "Idempotency-Key",
+            reason: "must be 1 to 255 characters".into(),
+        };
+        let problem = header.problem();
+        assert_eq!(problem["field"], "Idempotency-Key");
+        assert_eq!(problem["reason"], "must be 1 to 255 characters");
+        let r = IngestError::IdempotencyInProgress.into_response();
+        assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        let problem = IngestError::Forbidden { reason: "x".into() }.problem();
+        assert_eq!(problem["status"], 403);
+        assert_eq!(problem["title"], "Forbidden");
+        assert!(problem.get("field").is_none());
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
-use crate::error::RETRY_AFTER;
+use crate::error::{PROBLEM_JSON, RETRY_AFTER, problem_type};
 use crate::idempotency::Stored;
 use crate::outcome::Outcome;
 use crate::tenants::Tenant;
@@ -153,10 +153,40 @@ pub(crate) fn count_outcomes<'a>(tenant: &Tenant, outcomes: impl IntoIterator<It
     }
 }
 
-/// A batch's answer: its report, with Retry-After when nothing was accepted and some
-/// records could be retried.
+/// A batch's answer: its report. When nothing was accepted (400: every record invalid;
+/// 503: some could be retried, with Retry-After) it is an error like any other, problem
+/// details (RFC 9457) whose extension members are the report's.
 pub(crate) fn report_response(status: StatusCode, report: Bytes) -> Response<Full<Bytes>> {
-    let mut response = json_bytes(status, report);
+    let problem = match status {
+        StatusCode::BAD_REQUEST => {
+            Some(("invalid", "no record was accepted: every record is invalid"))
+        }
+        StatusCode::SERVICE_UNAVAILABLE => Some((
+            "unavailable",
+            "no record was accepted; the records marked retryable may be sent again",
+        )),
+        _ => None,
+    };
+    let Some((kind, detail)) = problem else {
+        return json_bytes(status, report);
+    };
+    let head = serde_json::json!({
+        "type": problem_type(kind),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+    .to_string();
+    // The problem's members, then the report's (both objects: `{..}` + `{..}` joined).
+    let mut body = Vec::with_capacity(head.len() + report.len());
+    body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    body.push(b',');
+    body.extend_from_slice(report.get(1..).unwrap_or_default());
+    let mut response = json_bytes(status, body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(PROBLEM_JSON),
+    );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(
             header::RETRY_AFTER,
@@ -214,6 +244,27 @@ mod tests {
             let (got, body) = batch_report(&outcomes);
             assert_eq!(got, status);
             assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+            // Nothing accepted: problem details carrying the report.
+            let response = report_response(got, body);
+            let problem = response.headers()[header::CONTENT_TYPE] == PROBLEM_JSON;
+            assert_eq!(problem, got != StatusCode::ACCEPTED, "{got}");
+            let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+                response.into_body(),
+            ))
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+            let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(answer["results"].as_array().map(Vec::len), Some(1));
+            if problem {
+                assert_eq!(answer["status"], got.as_u16());
+                assert!(
+                    answer["type"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("urn:dronedelivery:problem:")
+                );
+            }
         }
     }
 }
