@@ -44,10 +44,7 @@ async fn api_keys_name_the_tenant_and_everyone_else_gets_401() -> Result<()> {
             api_keys: Some(keys),
             ..Default::default()
         },
-        tier: ingest::TierArgs {
-            telemetry_tenants: vec!["fleet".into()],
-            ..Default::default()
-        },
+        // The default --telemetry-tenants: only the tenant `fleet` posts telemetry.
         ..Default::default()
     })
     .await?;

@@ -20,6 +20,8 @@ const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
 const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
+/// The tenant whose keys are fleet keys unless --telemetry-tenants says otherwise.
+const DEFAULT_FLEET_TENANT: &str = "fleet";
 const STATUS_MAX_DELIVERIES: usize = 1_000_000;
 const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
@@ -137,12 +139,16 @@ pub struct TierArgs {
     )]
     pub status_max_deliveries: usize,
 
-    /// Tenants that may post drone telemetry (comma-separated); empty lets every tenant.
+    /// The fleet tenants (comma-separated): their keys belong to the drones or the fleet
+    /// operator and may post drone telemetry; any other tenant's key gets 403 there.
+    /// `*` lets every tenant (not for a network). Without --api-keys, loopback clients
+    /// may.
     #[arg(
         long,
         env = "DRONEDELIVERY_TELEMETRY_TENANTS",
         value_delimiter = ',',
-        value_name = "TENANT,..."
+        value_name = "TENANT,...",
+        default_value = DEFAULT_FLEET_TENANT
     )]
     pub telemetry_tenants: Vec<String>,
 
@@ -173,7 +179,7 @@ impl Default for TierArgs {
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
-            telemetry_tenants: Vec::new(),
+            telemetry_tenants: vec![DEFAULT_FLEET_TENANT.to_owned()],
             status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,

@@ -141,7 +141,19 @@ impl Ingest {
                  only, as tenant \"default\"; other clients get 401"
             );
         } else {
-            tracing::info!(tenants = app.tenants.len(), "API keys loaded");
+            let fleet = app.tenants.fleet_tenants();
+            tracing::info!(
+                tenants = app.tenants.len(),
+                fleet_tenants = fleet,
+                "API keys loaded"
+            );
+            if fleet == 0 {
+                tracing::warn!(
+                    telemetry_tenants = ?app.config.tier.telemetry_tenants,
+                    "no key of the key file belongs to a fleet tenant (--telemetry-tenants): \
+                     every drone telemetry post gets 403"
+                );
+            }
         }
         let graceful = GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -268,13 +268,16 @@ pub(crate) struct Limits {
     pub(crate) rate: f64,
     /// Bucket size in records; 0 for one second's worth.
     pub(crate) burst: f64,
-    /// The tenants that may post drone telemetry; empty for all.
+    /// The fleet tenants, which may post drone telemetry (`*`: every tenant); none when
+    /// empty.
     pub(crate) telemetry_tenants: Vec<String>,
 }
 
 impl Limits {
     fn telemetry(&self, tenant: &str) -> bool {
-        self.telemetry_tenants.is_empty() || self.telemetry_tenants.iter().any(|t| t == tenant)
+        self.telemetry_tenants
+            .iter()
+            .any(|t| t == "*" || t == tenant)
     }
 }
 
@@ -362,6 +365,11 @@ impl Tenants {
     /// How many tenants there are.
     pub(crate) fn len(&self) -> usize {
         self.tenants.len()
+    }
+
+    /// How many of them may post drone telemetry.
+    pub(crate) fn fleet_tenants(&self) -> usize {
+        self.tenants.iter().filter(|t| t.telemetry).count()
     }
 
     /// The tenant calling with `authorization` from `origin`, or 401.
@@ -481,6 +489,34 @@ mod tests {
         assert!(err(&format!("t:{KEY_A}:5:6")).contains("too many"));
         assert!(err(&format!("t:{KEY_A}\nu:{KEY_A}")).contains("already listed"));
         assert!(err(&format!("t:{KEY_A}:5\nt:{KEY_B}:6")).contains("already has rate"));
+    }
+
+    #[test]
+    fn only_fleet_tenants_post_telemetry_and_star_lets_everyone() {
+        let text = format!("fabrikam:{KEY_A}\nfleet:{KEY_B}\n");
+        let lines = parse_api_keys(&text).unwrap();
+        let fleet = |telemetry_tenants: &[&str]| {
+            let tenants = Tenants::from_lines(
+                &lines,
+                &Limits {
+                    telemetry_tenants: telemetry_tenants.iter().map(|t| (*t).to_owned()).collect(),
+                    ..Limits::default()
+                },
+            );
+            let may = |key: &str| {
+                tenants
+                    .authenticate(
+                        Some(format!("Bearer {key}").as_bytes()),
+                        peer([10, 0, 0, 1]),
+                    )
+                    .unwrap()
+                    .telemetry
+            };
+            (may(KEY_A), may(KEY_B), tenants.fleet_tenants())
+        };
+        assert_eq!(fleet(&["fleet"]), (false, true, 1), "the default");
+        assert_eq!(fleet(&[]), (false, false, 0), "none");
+        assert_eq!(fleet(&["*"]), (true, true, 2), "every tenant");
     }
 
     #[test]

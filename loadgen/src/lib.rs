@@ -87,7 +87,9 @@ pub struct LoadgenArgs {
     pub rate: f64,
 
     /// Percent of calls that post drone telemetry (a batch of position fixes for one
-    /// drone, to `/api/drones/{id}/telemetry`) instead of delivery requests.
+    /// drone, to `/api/drones/{id}/telemetry`) instead of delivery requests. With
+    /// --api-keys, they go as the tenant `fleet` when the file has one (the tier refuses
+    /// telemetry from other tenants' keys by default).
     #[arg(long, env = "DRONEDELIVERY_LOADGEN_TELEMETRY_PERCENT", default_value_t = 0,
           value_parser = clap::value_parser!(u8).range(0..=100))]
     pub telemetry_percent: u8,

@@ -105,7 +105,9 @@ pub struct Prepared {
 }
 
 /// Generates `calls` bodies of `batch_size` records each, the share `telemetry_percent`
-/// of them telemetry, for `tenants` named tenants. Deterministic in `seed`.
+/// of them telemetry, for `tenants` named tenants. Telemetry goes as the tenant
+/// [`FLEET_TENANT`] when it is one of them (the tier refuses telemetry from business
+/// tenants' keys). Deterministic in `seed`.
 pub fn prepare(
     seed: u64,
     tenants: &[String],
@@ -118,9 +120,14 @@ pub fn prepare(
     let mut generator = Generator::new(seed, tenants.len());
     let mut out = Vec::with_capacity(calls);
     let mut record = String::with_capacity(512);
+    let fleet = tenants.iter().position(|t| t == FLEET_TENANT);
     for _ in 0..calls {
         let tenant = (generator.next_u64() % tenants.len().max(1) as u64) as usize;
         let telemetry = (generator.next_u64() % 100) < u64::from(telemetry_percent);
+        let tenant = match fleet {
+            Some(fleet) if telemetry => fleet,
+            _ => tenant,
+        };
         let mut raw = Vec::with_capacity(batch_size as usize * 400 + 2);
         let single = batch_size == 1 && !telemetry;
         if framing == Framing::Json && !single {
@@ -176,6 +183,10 @@ pub fn prepare(
     }
     out
 }
+
+/// The tenant whose key posts telemetry, when the key file has it: the tier's default
+/// fleet tenant (`--telemetry-tenants`).
+pub const FLEET_TENANT: &str = "fleet";
 
 /// One plausible position fix, `i` seconds into a flight.
 fn fix_into(generator: &mut Generator, i: u32, out: &mut String) {
@@ -325,6 +336,24 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1000h").is_err());
+    }
+
+    #[test]
+    fn telemetry_goes_as_the_fleet_tenant_when_there_is_one() {
+        let tenants = vec!["a".to_owned(), FLEET_TENANT.to_owned(), "b".to_owned()];
+        let calls = prepare(7, &tenants, 2, 200, 50, Framing::Json, Compression::None);
+        assert!(calls.iter().any(|c| c.kind == Kind::Telemetry));
+        for call in &calls {
+            if call.kind == Kind::Telemetry {
+                assert_eq!(call.tenant, 1);
+            }
+        }
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.kind == Kind::Deliveries && c.tenant != 1),
+            "deliveries still spread over the tenants"
+        );
     }
 
     #[test]

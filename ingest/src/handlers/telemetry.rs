@@ -30,7 +30,8 @@ pub(crate) async fn post_telemetry(
     if !caller.tenant.telemetry {
         return Err(IngestError::Forbidden {
             reason: format!(
-                "tenant {} may not post drone telemetry",
+                "tenant {} may not post drone telemetry: only the keys of fleet tenants \
+                 (--telemetry-tenants) may",
                 &*caller.tenant.name
             ),
         });
