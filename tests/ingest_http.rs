@@ -531,3 +531,80 @@ async fn error_answers_are_problem_details_naming_what_is_at_fault() -> Result<(
     is_problem(status, &headers, &answer);
     tier.stop().await
 }
+
+/// Every write route caps each record at `--max-record-bytes`: a larger record of a batch
+/// is rejected with its reason while the others go on (deliveries and telemetry), a larger
+/// single request gets 413, and the tier refuses a cap that would let derived records
+/// reach the broker's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_is_capped_in_bytes_on_every_write_route() -> Result<()> {
+    let too_high = IngestOnly::start(ingest::IngestConfig {
+        tier: ingest::TierArgs {
+            max_record_bytes: 600_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let refused = too_high
+        .err()
+        .context("a cap near the broker's limit is refused")?;
+    assert!(
+        refused.to_string().contains("--max-record-bytes"),
+        "{refused}"
+    );
+
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        tier: ingest::TierArgs {
+            max_record_bytes: 2_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let json = [("content-type", "application/json")];
+    let mut big = valid_request(1);
+    big["deliveryId"] = serde_json::json!("big-1");
+    big["padding"] = serde_json::json!("x".repeat(3_000));
+    let mut small = valid_request(2);
+    small["deliveryId"] = serde_json::json!("small-2");
+
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let body = format!("[{small},{big}]").into_bytes();
+    let (status, _, report) = post_raw(&client, &batch, &json, body).await?;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["results"][0]["deliveryId"], "small-2", "{report}");
+    assert!(
+        report["results"][1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--max-record-bytes")),
+        "{report}"
+    );
+
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let (status, _, answer) =
+        post_raw(&client, &single, &json, big.to_string().into_bytes()).await?;
+    assert_eq!(status, 413, "{answer}");
+
+    let fix = r#"{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:00Z"}"#;
+    let big_fix = format!(
+        r#"{{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:01Z", "note": "{}"}}"#,
+        "y".repeat(3_000)
+    );
+    let telemetry = format!("{}/api/drones/drone-9/telemetry", tier.base);
+    let body = format!("[{fix},{big_fix}]").into_bytes();
+    let (status, _, report) = post_raw(&client, &telemetry, &json, body).await?;
+    assert_eq!(status, 207, "{report}");
+    assert!(
+        report["results"][1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--max-record-bytes")),
+        "{report}"
+    );
+    // Only the records within the cap reached the broker.
+    let landed = tier.records(1).await?;
+    assert_eq!(landed.len(), 1, "{landed:?}");
+    assert_eq!(landed[0].0, "default/small-2");
+    tier.stop().await
+}

@@ -15,6 +15,24 @@ use serde_json::value::RawValue;
 
 use crate::error::{IngestError, Result};
 
+/// Refuses a record of more than `max` bytes (`--max-record-bytes`), with the reason the
+/// batch report gives for it.
+pub fn check_record_size(
+    record: &[u8],
+    max: usize,
+) -> std::result::Result<(), schemas::ValidationError> {
+    if record.len() > max {
+        return Err(schemas::ValidationError {
+            field: String::new(),
+            reason: format!(
+                "the record is {} bytes, more than the {max} allowed (--max-record-bytes)",
+                record.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// How the records of a batch are framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -203,6 +221,17 @@ impl<'de> Visitor<'de> for RecordSlices<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_past_the_cap_are_refused_with_their_size() {
+        assert!(check_record_size(&[b'x'; 10], 10).is_ok());
+        let e = check_record_size(&[b'x'; 11], 10).unwrap_err();
+        assert_eq!(e.field, "");
+        assert!(
+            e.reason.contains("11 bytes") && e.reason.contains("10"),
+            "{e}"
+        );
+    }
     use std::io::Write;
 
     fn within(body: &[u8], slice: &[u8]) -> bool {

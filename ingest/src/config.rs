@@ -12,6 +12,10 @@ use std::path::PathBuf;
 
 const LISTEN: &str = "127.0.0.1:8080";
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// The largest `--max-record-bytes`: a record the processors derive from one (a longer
+/// key, more headers) stays well under the broker's 1,000,000-byte message limit.
+pub(crate) const MAX_RECORD_BYTES_CEILING: usize = 512 * 1024;
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const MAX_BATCH_RECORDS: usize = 10_000;
 const MAX_CONNECTIONS: usize = 10_000;
@@ -99,6 +103,13 @@ pub struct TierArgs {
     #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
 
+    /// Largest record, in bytes, on every write route: a larger record of a batch is
+    /// rejected with its reason (the others go on), a larger single request gets 413.
+    /// At most 524288, so that every record derived from it stays under the broker's
+    /// limit.
+    #[arg(long, env = "DRONEDELIVERY_MAX_RECORD_BYTES", default_value_t = MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+
     /// Largest accepted batch body, in bytes, both as sent and after decompression;
     /// larger ones get 413.
     #[arg(long, env = "DRONEDELIVERY_MAX_BATCH_BYTES", default_value_t = MAX_BATCH_BYTES)]
@@ -174,6 +185,7 @@ impl Default for TierArgs {
     fn default() -> Self {
         Self {
             max_request_bytes: MAX_REQUEST_BYTES,
+            max_record_bytes: MAX_RECORD_BYTES,
             max_batch_bytes: MAX_BATCH_BYTES,
             max_batch_records: MAX_BATCH_RECORDS,
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,

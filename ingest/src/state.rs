@@ -108,6 +108,16 @@ impl StateBuilder {
                 ),
             });
         }
+        let record = config.tier.max_record_bytes;
+        if !(1..=crate::config::MAX_RECORD_BYTES_CEILING).contains(&record) {
+            return Err(IngestError::Config {
+                reason: format!(
+                    "--max-record-bytes ({record}) must be 1 to {}: the records the processors \
+                     derive from one must stay under the broker's 1,000,000-byte limit",
+                    crate::config::MAX_RECORD_BYTES_CEILING
+                ),
+            });
+        }
         let rate = config.tier.tenant_rate_limit;
         let burst = config.tier.tenant_burst;
         if !(rate == 0.0 || (rate.is_finite() && rate >= tenants::MIN_RATE))

@@ -40,7 +40,13 @@ pub(crate) async fn post_delivery_request(
     let content_type = check_json_content_type(&req);
     let key = idempotency_key(&req);
     // The body is read (bounded) before any other answer, so the connection stays usable.
-    let body = read_body(req, app.config.tier.max_request_bytes, &mut admission).await?;
+    // One record: no larger than a record may be.
+    let limit = app
+        .config
+        .tier
+        .max_request_bytes
+        .min(app.config.tier.max_record_bytes);
+    let body = read_body(req, limit, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     let key = key?;
@@ -137,7 +143,8 @@ pub(crate) async fn post_batch(
             outcomes.push(earlier[index].clone());
             continue;
         }
-        let enqueued = schemas::parse_delivery_request(payload)
+        let enqueued = batch::check_record_size(payload, app.config.tier.max_record_bytes)
+            .and_then(|()| schemas::parse_delivery_request(payload))
             .map_err(IngestError::Invalid)
             .and_then(|request| {
                 enqueue_request(
@@ -283,7 +290,12 @@ pub(crate) async fn change_delivery(
         }
         Change::Cancel => Ok(()),
     };
-    let body = read_body(req, app.config.tier.max_request_bytes, &mut admission).await?;
+    let limit = app
+        .config
+        .tier
+        .max_request_bytes
+        .min(app.config.tier.max_record_bytes);
+    let body = read_body(req, limit, &mut admission).await?;
     caller.tenant.bytes.increment(body.len() as u64);
     content_type?;
     caller.tenant.take(1)?;

@@ -57,7 +57,9 @@ pub(crate) async fn post_telemetry(
     let mut outcomes = Vec::with_capacity(records.len());
     let mut acks = Vec::with_capacity(records.len());
     for (index, payload) in records.iter().enumerate() {
-        if let Err(e) = schemas::telemetry::parse_position_fix(payload) {
+        let checked = batch::check_record_size(payload, app.config.tier.max_record_bytes)
+            .and_then(|()| schemas::telemetry::parse_position_fix(payload).map(|_| ()));
+        if let Err(e) = checked {
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
