@@ -77,3 +77,23 @@ pub(crate) async fn health(
     tracing::info!(%addr, "health checks and metrics on http://{addr}");
     Ok(Some(server.run(stop)))
 }
+
+/// Readiness of the history sink: fails, with the store's error, while the sink cannot
+/// write the history (it keeps its rows and tries again).
+pub(crate) fn sink_readiness(health: analytics::sink::SinkHealth) -> Readiness {
+    Arc::new(move || {
+        let stalled = health.stalled();
+        Box::pin(async move { stalled.map_or(Ok(()), Err) })
+    })
+}
+
+/// Readiness that passes when `first` and then `second` do.
+pub(crate) fn both(first: Readiness, second: Readiness) -> Readiness {
+    Arc::new(move || {
+        let (first, second) = (first(), second());
+        Box::pin(async move {
+            first.await?;
+            second.await
+        })
+    })
+}

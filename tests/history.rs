@@ -60,6 +60,7 @@ impl Fixture {
             },
             offsets_scope: String::new(),
             fail_at,
+            health: analytics::sink::SinkHealth::default(),
         }
     }
 
@@ -653,5 +654,79 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
     let rows = futures_util::future::join_all(queries).await;
     let rows: Vec<usize> = rows.into_iter().collect::<Result<_, _>>()?;
     assert_eq!(rows, [1, 2, 3, 4]);
+    Ok(())
+}
+
+/// A store that refuses writes (here: a file where a table's folder goes, which stops
+/// root too) stalls the sink instead of ending it: it says so (readiness, write
+/// backpressure), keeps every row it read, and once the store takes writes again the
+/// history holds each record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_writes_stalls_the_sink_and_loses_no_row() -> Result<()> {
+    const N: usize = 50;
+    let f = Fixture::new()?;
+    // The folder of the `delivery_requests` table under the history's root.
+    let blocker = f.data.path().join("delivery_requests");
+    std::fs::write(&blocker, b"not a folder")?;
+    let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+    produce_requests(&producer, N).await?;
+
+    let health = analytics::sink::SinkHealth::default();
+    let mut config = f.sink_config(10, None);
+    config.health = health.clone();
+    let stop = CancellationToken::new();
+    let sink = tokio::spawn(analytics::history::run(
+        config,
+        f.settings.clone(),
+        stop.clone(),
+        OnShutdown::Drain(Duration::from_secs(60)),
+    ));
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let reason = loop {
+        if let Some(reason) = health.stalled() {
+            break reason;
+        }
+        assert!(!sink.is_finished(), "the sink ended: {:?}", sink.await);
+        assert!(
+            std::time::Instant::now() < until,
+            "the sink never said it stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reason.contains("cannot be written"), "{reason}");
+    assert!(
+        health
+            .stalled_flag()
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    // A while later it still runs, still stalled, holding the rows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!sink.is_finished(), "a store error does not end the sink");
+    assert!(health.stalled().is_some());
+
+    std::fs::remove_file(&blocker)?;
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while health.stalled().is_some() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the sink never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    sink.await.context("sink task")??;
+    let history = f.history().await?;
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        N as i64
+    );
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM delivery_requests)"
+        )
+        .await?,
+        N as i64
+    );
     Ok(())
 }

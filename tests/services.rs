@@ -991,3 +991,72 @@ async fn the_deployed_topology_completes_deliveries_end_to_end() -> Result<()> {
     drop(broker);
     Ok(())
 }
+
+/// `run` with a store that refuses writes (a file where the `delivery_requests` folder
+/// goes): the records already accepted stay in the sink's hands, writes get 503 and
+/// `/readyz` fails while it is stalled, and once the store takes writes again everything
+/// accepted is in the history exactly once, and writes are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_writes_means_503_and_no_lost_record() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let blocker = data.path().join("delivery_requests");
+    std::fs::write(&blocker, b"not a folder")?;
+    let pipeline = Pipeline::start(data.path())?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}/api/deliveryrequests", pipeline.base);
+    let ready = format!("{}/readyz", pipeline.base);
+    let mut accepted = BTreeSet::new();
+    // Accepted until the sink finds it cannot write; then 503 and not ready.
+    let deadline = Instant::now() + SETTLE;
+    let mut i = 0;
+    loop {
+        let (status, _, body) = post(&client, &url, &valid_request(i)).await?;
+        i += 1;
+        match status {
+            202 => {
+                accepted.insert(body["deliveryId"].as_str().context("id")?.to_owned());
+            }
+            503 => {
+                assert!(
+                    body["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("behind")),
+                    "{body}"
+                );
+                break;
+            }
+            other => bail!("unexpected {other}: {body}"),
+        }
+        assert!(Instant::now() < deadline, "writes never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!accepted.is_empty());
+    let (status, _, body) = call(&client, "GET", &ready, &[], Vec::new()).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.to_string().contains("cannot be written"), "{body}");
+
+    std::fs::remove_file(&blocker)?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let (status, _, body) = post(&client, &url, &valid_request(i)).await?;
+        i += 1;
+        if status == 202 {
+            accepted.insert(body["deliveryId"].as_str().context("id")?.to_owned());
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "writes never taken again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _, _) = call(&client, "GET", &ready, &[], Vec::new()).await?;
+    assert_eq!(status, 200);
+    pipeline.stop("TERM")?;
+    let found = history_ids(data.path()).await?;
+    assert_eq!(
+        found.len(),
+        accepted.len(),
+        "exactly one row per accepted request"
+    );
+    assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), accepted);
+    Ok(())
+}

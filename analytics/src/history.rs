@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::compact;
 use crate::error::Result;
 use crate::failpoint::FailPoint;
-use crate::sink::{OnShutdown, Sink, SinkArgs};
+use crate::sink::{OnShutdown, Sink, SinkArgs, SinkHealth};
 use crate::store::{DataArgs, DataRoot};
 
 /// What [`run`] takes: the command-line settings and what only the program or a test
@@ -38,6 +38,10 @@ pub struct HistoryConfig {
 
     /// A crash to inject (tests only).
     pub fail_at: Option<FailPoint>,
+
+    /// Whether the sink can write now: a clone kept by the caller tells (for readiness
+    /// and write backpressure).
+    pub health: SinkHealth,
 }
 
 impl HistoryConfig {
@@ -48,6 +52,7 @@ impl HistoryConfig {
             sink,
             offsets_scope: String::new(),
             fail_at: None,
+            health: SinkHealth::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ pub async fn run(
         sink,
         offsets_scope,
         fail_at,
+        health,
     } = config;
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let root = DataRoot::open(&data.url, &cwd)?;
@@ -73,6 +79,7 @@ pub async fn run(
         sink,
         offsets_scope,
         fail_at,
+        health,
         &settings,
         &shutdown,
     )

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow::record_batch::RecordBatch;
 use bus::{ClientSettings, Consumer};
 use chrono::{DateTime, NaiveDate};
 use object_store::ObjectStoreExt;
@@ -116,6 +117,57 @@ impl Buffer {
     }
 }
 
+/// Whether the sink can write the history now: stalled from a failed write of the store
+/// (a full disk, a store that is down) until a write succeeds. The sink keeps its buffer
+/// and tries again meanwhile; whoever serves writes refuses them (503) while it is
+/// stalled, and readiness fails.
+#[derive(Debug, Clone, Default)]
+pub struct SinkHealth {
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    reason: Arc<std::sync::Mutex<String>>,
+}
+
+impl SinkHealth {
+    /// Why the history cannot be written now, if it cannot.
+    pub fn stalled(&self) -> Option<String> {
+        if !self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        Some(
+            self.reason
+                .lock()
+                .map_or_else(|_| "the store fails".into(), |r| r.clone()),
+        )
+    }
+
+    /// The flag set while the history cannot be written (for write backpressure).
+    pub fn stalled_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.stalled)
+    }
+
+    fn set(&self, failure: Option<&AnalyticsError>) {
+        if let (Some(e), Ok(mut reason)) = (failure, self.reason.lock()) {
+            *reason = format!("the history cannot be written: {e}");
+        }
+        self.stalled
+            .store(failure.is_some(), std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("history_sink_stalled").set(if failure.is_some() { 1.0 } else { 0.0 });
+    }
+}
+
+/// A file of a roll, ready to write: table, date, rows, topic, and per partition the
+/// first and last offset of its rows.
+type RollFile = (
+    &'static str,
+    NaiveDate,
+    RecordBatch,
+    &'static str,
+    BTreeMap<i32, (i64, i64)>,
+);
+
+/// First and longest wait between two attempts to write a roll the store refused.
+const STORE_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
+
 /// The sink's state between rolls.
 pub(crate) struct Sink {
     config: SinkArgs,
@@ -131,6 +183,10 @@ pub(crate) struct Sink {
     rolls: u64,
     /// Jumps in offsets not yet checked against the broker (see [`Gap`]).
     gaps: Vec<Gap>,
+    health: SinkHealth,
+    /// Told to stop: a roll the store refuses is tried once more, then given up (its
+    /// records stay unacknowledged in Kafka).
+    shutdown: CancellationToken,
 }
 
 /// A jump in a partition's offsets between two records read. Under transactions most are
@@ -158,6 +214,7 @@ impl Sink {
         config: SinkArgs,
         offsets_scope: String,
         fail_at: Option<FailPoint>,
+        health: SinkHealth,
         settings: &ClientSettings,
         shutdown: &CancellationToken,
     ) -> Result<Self> {
@@ -185,6 +242,8 @@ impl Sink {
             buffer: Buffer::default(),
             rolls: 0,
             gaps: Vec::new(),
+            health,
+            shutdown: shutdown.clone(),
         })
     }
 
@@ -487,24 +546,70 @@ impl Sink {
     }
 
     /// Writes every buffered table and date as one file, commits them with the offsets
-    /// read to the log, then stores the offsets in Kafka.
+    /// read to the log, then stores the offsets in Kafka. A write or commit the store
+    /// refuses is tried again with backoff, the rows kept, until it succeeds (or, once
+    /// stopping, after one more attempt); meanwhile [`SinkHealth`] says it is stalled.
     async fn roll(&mut self) -> Result<()> {
         self.check_gaps().await;
         let buffer = std::mem::take(&mut self.buffer);
         if buffer.read.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
-        let mut added = Vec::new();
+        let mut files = Vec::new();
         for ((table, date), mut pending) in buffer.by_file {
             if pending.rows.is_empty() {
                 continue;
             }
             let batch = pending.rows.finish()?;
             let topic = pending.rows.table().topic.name;
-            added.push(
-                write_file(self.log.root(), table, date, batch, topic, &pending.offsets).await?,
-            );
+            files.push((table, date, batch, topic, pending.offsets));
+        }
+        let mut backoff = STORE_RETRY.0;
+        loop {
+            let stopping = self.shutdown.is_cancelled();
+            match self.write_and_commit(&files, &buffer.read).await {
+                Err(e @ AnalyticsError::Store { .. }) => {
+                    self.health.set(Some(&e));
+                    metrics::counter!("history_store_failures_total").increment(1);
+                    if stopping {
+                        tracing::error!(error = %e, "history sink: stopping while the store refuses writes; the records not written stay in Kafka, unacknowledged");
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, ?backoff, "history sink: the store refused a write; keeping the rows and trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(STORE_RETRY.1);
+                }
+                other => {
+                    if other.is_ok() {
+                        self.health.set(None);
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// One attempt at a roll: writes `files`, commits them with the offsets `read` to
+    /// the log, stores the offsets in Kafka. A store error leaves nothing committed (the
+    /// files written are deleted, best effort, or left to vacuum).
+    async fn write_and_commit(
+        &mut self,
+        files: &[RollFile],
+        read: &BTreeMap<(String, i32), OffsetRange>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut added = Vec::new();
+        for (table, date, batch, topic, offsets) in files {
+            match write_file(self.log.root(), table, *date, batch.clone(), topic, offsets).await {
+                Ok(file) => added.push(file),
+                Err(e) => {
+                    self.delete_files(&added).await;
+                    return Err(e);
+                }
+            }
         }
         self.rolls += 1;
         // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
@@ -512,14 +617,14 @@ impl Sink {
         let orphan_age = Duration::from_secs(self.config.compaction.vacuum_orphan_secs);
         if started.elapsed() > orphan_age / 2 {
             tracing::warn!(took = ?started.elapsed(), "history sink: a roll took too long to commit safely; reading its records again");
-            self.abandon(&added, &buffer.read).await?;
+            self.abandon(&added, read).await?;
             return Ok(());
         }
         if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterFileWrite) {
             return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
         }
         let mut offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>> = BTreeMap::new();
-        for ((topic, partition), range) in &buffer.read {
+        for ((topic, partition), range) in read {
             offsets
                 .entry(self.log_topic(topic))
                 .or_default()
@@ -534,7 +639,14 @@ impl Sink {
             offsets,
             ..Commit::default()
         };
-        match self.log.commit(commit).await? {
+        let committed = match self.log.commit(commit).await {
+            Ok(committed) => committed,
+            Err(e) => {
+                self.delete_files(&added).await;
+                return Err(e);
+            }
+        };
+        match committed {
             Ok(snapshot) => {
                 self.durable = snapshot;
                 metrics::gauge!("history_last_commit_timestamp_seconds")
@@ -543,7 +655,7 @@ impl Sink {
             Err(conflict) => {
                 tracing::warn!(%conflict, "history sink: another sink instance wrote some of these records; dropping this roll and reading on from the log");
                 metrics::counter!("history_roll_conflicts_total").increment(1);
-                self.abandon(&added, &buffer.read).await?;
+                self.abandon(&added, read).await?;
                 return Ok(());
             }
         }
@@ -563,7 +675,7 @@ impl Sink {
         if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterLogCommit) {
             return Err(AnalyticsError::Injected(FailPoint::AfterLogCommit));
         }
-        for ((topic, partition), range) in &buffer.read {
+        for ((topic, partition), range) in read {
             if let Err(e) = self.consumer.store(topic, *partition, range.next - 1) {
                 tracing::debug!(topic, partition, error = %e, "history sink: offset not stored");
             }
@@ -586,12 +698,7 @@ impl Sink {
         files: &[DataFile],
         read: &BTreeMap<(String, i32), OffsetRange>,
     ) -> Result<()> {
-        let root = self.log.root();
-        for file in files {
-            if let Err(e) = root.store.delete(&root.path(&file.path)).await {
-                tracing::debug!(path = %file.path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
-            }
-        }
+        self.delete_files(files).await;
         self.durable = self.log.snapshot().await?;
         for ((topic, partition), range) in read {
             let to = self
@@ -616,6 +723,18 @@ impl Sink {
             }
         }
         Ok(())
+    }
+}
+
+impl Sink {
+    /// Deletes files no commit names (best effort: vacuum removes what is left).
+    async fn delete_files(&self, files: &[DataFile]) {
+        let root = self.log.root();
+        for file in files {
+            if let Err(e) = root.store.delete(&root.path(&file.path)).await {
+                tracing::debug!(path = %file.path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
+            }
+        }
     }
 }
 

@@ -32,13 +32,14 @@ pub(crate) struct Budgets {
     body_bytes: Arc<Semaphore>,
     /// Places for decompressing bodies (CPU-bound, each up to the batch limit).
     decoders: Semaphore,
-    /// Set while the pipeline's consumers are too far behind: writes get 503.
-    behind: Option<Arc<AtomicBool>>,
+    /// Set while the pipeline cannot keep up (its consumers too far behind, the history
+    /// not writable): while any is, writes get 503.
+    behind: Vec<Arc<AtomicBool>>,
 }
 
 impl Budgets {
-    /// The budgets `config` names, with the backpressure flag `behind` if writes watch one.
-    pub(crate) fn new(config: &IngestConfig, behind: Option<Arc<AtomicBool>>) -> Self {
+    /// The budgets `config` names, with the backpressure flags `behind` writes watch.
+    pub(crate) fn new(config: &IngestConfig, behind: Vec<Arc<AtomicBool>>) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(config.http.max_connections.max(1))),
             in_flight: Semaphore::new(config.http.max_in_flight.max(1)),
@@ -65,8 +66,8 @@ impl Budgets {
     pub(crate) fn admit(&self) -> Result<Admission<'_>> {
         if self
             .behind
-            .as_ref()
-            .is_some_and(|behind| behind.load(Ordering::Relaxed))
+            .iter()
+            .any(|behind| behind.load(Ordering::Relaxed))
         {
             metrics::counter!("ingest_backpressure_refusals_total").increment(1);
             return Err(IngestError::PipelineBehind {

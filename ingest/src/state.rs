@@ -77,7 +77,7 @@ pub(crate) struct StateBuilder {
     readiness: Option<Readiness>,
     metrics: Option<MetricsRender>,
     status: Option<Arc<StatusView>>,
-    behind: Option<Arc<AtomicBool>>,
+    behind: Vec<Arc<AtomicBool>>,
     sql: Option<Arc<dyn SqlEndpoint>>,
 }
 
@@ -153,7 +153,7 @@ impl StateBuilder {
             readiness: None,
             metrics: None,
             status: None,
-            behind: None,
+            behind: Vec::new(),
             sql: None,
         })
     }
@@ -183,9 +183,9 @@ impl StateBuilder {
         self.status = Some(view);
     }
 
-    /// Refuses writes while `behind` is set.
+    /// Refuses writes while `behind` (or another flag given here) is set.
     pub(crate) fn backpressure(&mut self, behind: Arc<AtomicBool>) {
-        self.behind = Some(behind);
+        self.behind.push(behind);
     }
 
     /// Serves `POST /api/sql` with `engine`.

@@ -18,9 +18,15 @@ pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
     let mut supervisor = Supervisor::new();
     let (service, stop) = supervisor.stage();
     let (last, stop_health) = supervisor.stage();
+    let config = HistoryConfig::new(args.data, args.sink);
+    // Not ready while the broker is unreachable or the history cannot be written.
+    let ready = listeners::both(
+        broker::readiness(&settings)?,
+        listeners::sink_readiness(config.health.clone()),
+    );
     if let Some(health) = listeners::health(
         args.health.health_listen,
-        broker::readiness(&settings)?,
+        ready,
         render,
         stop.clone(),
         stop_health,
@@ -32,12 +38,7 @@ pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
     supervisor.spawn(
         service,
         "history sink",
-        analytics::history::run(
-            HistoryConfig::new(args.data, args.sink),
-            settings,
-            stop,
-            OnShutdown::Stop,
-        ),
+        analytics::history::run(config, settings, stop, OnShutdown::Stop),
     );
     supervisor.run_until(shutdown_signal()).await
 }

@@ -69,11 +69,16 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         auth: args.auth,
         tier: args.tier,
     };
+    // While the history cannot be written, writes get 503 and /readyz fails: the sink
+    // keeps what it read and tries again.
+    let sink_health = analytics::sink::SinkHealth::default();
     let mut ingest = Ingest::bind(config, producer.clone())
         .await?
         .with_metrics(render)
         .with_status(view)
-        .with_sql(Arc::new(HistorySql(history.clone())));
+        .with_sql(Arc::new(HistorySql(history.clone())))
+        .with_backpressure(sink_health.stalled_flag())
+        .with_readiness(listeners::sink_readiness(sink_health.clone()));
     let lag_watch = watch_lag(
         &settings,
         &args.backpressure,
@@ -136,6 +141,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     // The embedded broker starts empty: its offsets must not be read against the ones an
     // earlier run left in the history's log.
     let mut sink = HistoryConfig::new(args.data, args.sink);
+    sink.health = sink_health;
     if embedded.is_some() {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
