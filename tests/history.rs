@@ -634,6 +634,36 @@ async fn sql_is_read_only_and_bounded() -> Result<()> {
         "{err}"
     );
 
+    // A result larger in bytes than allowed (10 MB of text past 1 MiB): a clean error
+    // once the bound is passed, never the whole answer held in memory.
+    let narrow = History::open(
+        &path,
+        &QueryLimitsArgs {
+            sql_max_result_mb: 1,
+            ..QueryLimitsArgs::default()
+        },
+    )
+    .await?;
+    let err = narrow
+        .query("SELECT repeat('x', 1000) AS s FROM range(10000)")
+        .await
+        .expect_err("a result past the byte bound");
+    assert!(
+        matches!(
+            err,
+            analytics::AnalyticsError::ResultTooLarge { limit_mb: 1 }
+        ),
+        "{err}"
+    );
+    assert!(err.is_over_limit());
+    assert_eq!(
+        narrow
+            .query("SELECT repeat('x', 10) AS s FROM range(100)")
+            .await?
+            .rows(),
+        100
+    );
+
     // One query at a time: the others wait their turn and all finish.
     let one = History::open(
         &path,

@@ -272,6 +272,8 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
             "analysts",
             "--sql-memory-mb",
             "16",
+            "--sql-max-result-mb",
+            "4",
         ],
     )?;
     let client = client();
@@ -393,6 +395,8 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
         ("COPY (SELECT 1) TO '/tmp/x.csv'", 400),
         ("SELECT * FROM '/etc/passwd'", 400),
         ("SELEKT 1", 400),
+        // About 10 MB of text: past the result bound.
+        ("SELECT repeat('x', 1000) AS s FROM range(10000)", 422),
         (
             "SELECT (v * 7919) % 3000017 AS k, count(*) AS n \
              FROM generate_series(1, 3000000) AS t(v) GROUP BY k ORDER BY n DESC LIMIT 1",

@@ -71,6 +71,15 @@ pub enum AnalyticsError {
         /// The limit.
         limit: usize,
     },
+    /// The query's result is larger than allowed.
+    #[error(
+        "the result is larger than {limit_mb} MiB (--sql-max-result-mb); select fewer or \
+         smaller columns, aggregate, or add a LIMIT"
+    )]
+    ResultTooLarge {
+        /// The limit in MiB.
+        limit_mb: usize,
+    },
     /// The query ran longer than the time limit.
     #[error("query exceeded the time limit of {limit:?}")]
     Timeout {
@@ -97,7 +106,7 @@ impl AnalyticsError {
     /// what it asked.
     pub fn is_over_limit(&self) -> bool {
         match self {
-            Self::TooManyRows { .. } | Self::Timeout { .. } => true,
+            Self::TooManyRows { .. } | Self::ResultTooLarge { .. } | Self::Timeout { .. } => true,
             Self::Query { source } => {
                 matches!(
                     source,

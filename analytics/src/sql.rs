@@ -100,6 +100,7 @@ const MEMORY_MB: usize = 1024;
 const TIMEOUT_SECS: u64 = 60;
 const MAX_ROWS: usize = 1_000_000;
 const MAX_CONCURRENT: usize = 4;
+const MAX_RESULT_MB: usize = 64;
 
 /// Limits of one query.
 #[derive(Debug, Clone, clap::Args)]
@@ -117,6 +118,12 @@ pub struct QueryLimitsArgs {
     #[arg(long, env = "DRONEDELIVERY_SQL_MAX_ROWS", default_value_t = MAX_ROWS)]
     pub sql_max_rows: usize,
 
+    /// Largest result a query may collect, in MiB of Arrow memory (its answer is written
+    /// from it): past it the query fails with a clear error, so a result never holds
+    /// more memory than this.
+    #[arg(long, env = "DRONEDELIVERY_SQL_MAX_RESULT_MB", default_value_t = MAX_RESULT_MB)]
+    pub sql_max_result_mb: usize,
+
     /// Most queries running at once, over HTTP and Flight SQL together; others wait
     /// (their wait counts toward --sql-timeout-secs). With --sql-memory-mb this bounds
     /// the memory of queries.
@@ -130,6 +137,7 @@ impl Default for QueryLimitsArgs {
             sql_memory_mb: MEMORY_MB,
             sql_timeout_secs: TIMEOUT_SECS,
             sql_max_rows: MAX_ROWS,
+            sql_max_result_mb: MAX_RESULT_MB,
             sql_max_concurrent: MAX_CONCURRENT,
         }
     }
@@ -349,6 +357,8 @@ impl History {
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
         let max_rows = self.limits.sql_max_rows;
+        let max_mb = self.limits.sql_max_result_mb.max(1);
+        let max_bytes = max_mb.saturating_mul(1024 * 1024);
         let run = async {
             let _place = self
                 .running
@@ -359,12 +369,16 @@ impl History {
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let mut stream = frame.execute_stream().await.map_err(query_err)?;
             let mut batches = Vec::new();
-            let mut rows = 0;
+            let (mut rows, mut bytes) = (0, 0usize);
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(query_err)?;
                 rows += batch.num_rows();
                 if rows > max_rows {
                     return Err(AnalyticsError::TooManyRows { limit: max_rows });
+                }
+                bytes = bytes.saturating_add(batch.get_array_memory_size());
+                if bytes > max_bytes {
+                    return Err(AnalyticsError::ResultTooLarge { limit_mb: max_mb });
                 }
                 batches.push(batch);
             }
