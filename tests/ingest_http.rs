@@ -285,12 +285,20 @@ async fn telemetry_fixes_land_keyed_by_drone() -> Result<()> {
     tier.stop().await
 }
 
-/// Request bodies share a byte budget: while slow clients hold it, others get 503 with
-/// Retry-After instead of growing memory, and get in once the budget is free again.
+/// Request bodies share a byte budget, taken as bytes arrive: clients that only declare
+/// large bodies hold nothing of it (sixteen of them used to take it all); clients that sent
+/// most of their bodies hold those bytes, and others get 503 with Retry-After instead of
+/// growing memory; a body that stalls gets 408 after `--body-idle-timeout-secs` and gives
+/// its bytes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_bytes_in_flight_are_bounded() -> Result<()> {
-    use tokio::io::AsyncWriteExt;
+async fn body_bytes_in_flight_are_bounded_and_taken_as_they_arrive() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tier = IngestOnly::start(ingest::IngestConfig {
+        http: ingest::HttpServerArgs {
+            body_idle_timeout_secs: 3,
+            min_body_bytes_per_sec: 0,
+            ..Default::default()
+        },
         tier: ingest::TierArgs {
             max_batch_bytes: 64 * 1024,
             max_in_flight_bytes: 128 * 1024,
@@ -300,27 +308,37 @@ async fn body_bytes_in_flight_are_bounded() -> Result<()> {
     })
     .await?;
     let addr = tier.base.trim_start_matches("http://").to_owned();
-    // Two clients declare 60 KB bodies and send one byte of each.
-    let mut slow = Vec::new();
-    for _ in 0..2 {
-        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
-        stream
-            .write_all(
-                b"POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\n\
-                  content-type: application/json\r\ncontent-length: 60000\r\n\r\n[",
-            )
-            .await?;
-        slow.push(stream);
-    }
-    // Let the tier reserve both declared bodies before the first full-size probe: a probe
-    // that got in first would take the budget, the second slow request would be refused
-    // (and wait for a body that never comes), and every later probe would fit.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let head = b"POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\n\
+                 content-type: application/json\r\ncontent-length: 60000\r\n\r\n";
+    let open = |sent: usize| {
+        let addr = addr.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+            stream.write_all(head).await?;
+            let mut body = vec![b' '; sent];
+            body[0] = b'[';
+            stream.write_all(&body).await?;
+            anyhow::Ok(stream)
+        }
+    };
     let client = client();
     let url = format!("{}/api/deliveryrequests/batch", tier.base);
     let mut body = format!("[{}]", valid_request(0)).into_bytes();
     body.resize(60_000, b' ');
-    let deadline = Instant::now() + SETTLE;
+
+    // Sixteen uploads that declared 60 KB and sent one byte hold one byte each.
+    let mut declared_only = Vec::new();
+    for _ in 0..16 {
+        declared_only.push(open(1).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
+    assert_eq!(status, 202, "declarations hold nothing: {answer}");
+    drop(declared_only);
+
+    // Two uploads that sent 59 KB hold it: a third body does not fit.
+    let mut stalled = vec![open(59_000).await?, open(59_000).await?];
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let (status, headers, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
         if status == 503 {
@@ -333,18 +351,17 @@ async fn body_bytes_in_flight_are_bounded() -> Result<()> {
         }
         assert_eq!(status, 202, "{answer}");
         assert!(Instant::now() < deadline, "the budget was never full");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drop(slow);
-    loop {
-        let (status, _, answer) = call(&client, "POST", &url, &[], body.clone()).await?;
-        if status == 202 {
-            break;
-        }
-        assert_eq!(status, 503, "{answer}");
-        assert!(Instant::now() < deadline, "the budget was never given back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Stalled past the idle limit: 408, and their bytes are given back.
+    for stream in &mut stalled {
+        let mut answer = vec![0u8; 512];
+        let n = tokio::time::timeout(SETTLE, stream.read(&mut answer)).await??;
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     }
+    let (status, _, answer) = call(&client, "POST", &url, &[], body).await?;
+    assert_eq!(status, 202, "the budget was given back: {answer}");
     tier.stop().await
 }
 

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -32,6 +33,8 @@ pub(crate) struct Budgets {
     body_bytes: Arc<Semaphore>,
     /// Places for decompressing bodies (CPU-bound, each up to the batch limit).
     decoders: Semaphore,
+    /// How fast a body must arrive.
+    pace: Pace,
     /// Set while the pipeline cannot keep up (its consumers too far behind, the history
     /// not writable): while any is, writes get 503.
     behind: Vec<Arc<AtomicBool>>,
@@ -52,6 +55,10 @@ impl Budgets {
             decoders: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get() * 2),
             ),
+            pace: Pace {
+                idle: Duration::from_secs(config.http.body_idle_timeout_secs.max(1)),
+                min_rate: config.http.min_body_bytes_per_sec,
+            },
             behind,
         }
     }
@@ -131,10 +138,39 @@ impl Drop for Admission<'_> {
     }
 }
 
+/// How fast a request body must arrive: the next bytes within `idle`, and, past the first
+/// `idle`, at least `min_rate` bytes per second on average (0: no minimum). Pure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pace {
+    pub(crate) idle: Duration,
+    pub(crate) min_rate: u64,
+}
+
+impl Pace {
+    /// Why a body of which `seen` bytes arrived in `elapsed` is too slow, if it is.
+    pub(crate) fn too_slow(&self, seen: u64, elapsed: Duration) -> Option<String> {
+        if self.min_rate == 0 || elapsed <= self.idle {
+            return None;
+        }
+        // What it must have sent by now: the rate over the time past the first `idle`.
+        let owed = (elapsed - self.idle).as_secs_f64() * self.min_rate as f64;
+        (seen as f64 + 1.0 < owed).then(|| {
+            format!(
+                "{seen} bytes in {:.1} s, under {} bytes per second (--min-body-bytes-per-sec)",
+                elapsed.as_secs_f64(),
+                self.min_rate
+            )
+        })
+    }
+}
+
 /// Past the body limit, up to this many more bytes are read and thrown away before the
 /// 413 is sent, so that a client still writing its body gets the answer rather than a
 /// reset connection. Bodies declared larger than that are refused without reading.
 const DISCARD_MAX: u64 = 8 * 1024 * 1024;
+
+/// The most room set aside for a body before its bytes arrive.
+const INITIAL_BUFFER_MAX: usize = 1024 * 1024;
 
 /// Reads the whole body into one `Bytes`, refusing more than `limit` bytes and holding
 /// what it keeps in the request's `admission`. A body that arrives in one frame is kept as
@@ -154,12 +190,31 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
         return Err(too_large());
     }
-    let mut refused = declared.and_then(|n| admission.hold((n as usize).min(limit)).err());
+    // The byte budget is taken as bytes arrive, never for what is only declared: a slow
+    // upload holds no more of it than it sent.
+    let mut refused = None;
     let mut body = req.into_body();
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut seen: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    let pace = admission.budgets.pace;
+    let started = tokio::time::Instant::now();
+    loop {
+        let next = tokio::time::timeout(pace.idle, body.frame()).await;
+        let Ok(frame) = next else {
+            return Err(IngestError::BodyTooSlow {
+                reason: format!(
+                    "no bytes for {} s (--body-idle-timeout-secs)",
+                    pace.idle.as_secs()
+                ),
+            });
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        if let Some(reason) = pace.too_slow(seen, started.elapsed()) {
+            return Err(IngestError::BodyTooSlow { reason });
+        }
         let frame = frame.map_err(|e| IngestError::BodyRead {
             reason: e.to_string(),
         })?;
@@ -182,10 +237,13 @@ pub(crate) async fn read_body(
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
             (Some(head), None) => {
+                // Room for what is declared, up to a bound: more grows as it arrives.
                 let mut buf = BytesMut::with_capacity(
                     declared
                         .map_or(head.len() + data.len(), |n| n as usize)
-                        .min(limit),
+                        .min(limit)
+                        .min(INITIAL_BUFFER_MAX)
+                        .max(head.len() + data.len()),
                 );
                 buf.extend_from_slice(head);
                 buf.extend_from_slice(&data);
@@ -258,4 +316,30 @@ pub(crate) async fn read_decoded(
     };
     metrics::counter!("ingest_decoded_bytes_total").increment(body.len() as u64);
     Ok(Decoded { framing, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_keep_a_minimum_average_rate_after_the_first_idle_period() {
+        let pace = Pace {
+            idle: Duration::from_secs(10),
+            min_rate: 1000,
+        };
+        let secs = Duration::from_secs;
+        // Within the first period, anything goes.
+        assert_eq!(pace.too_slow(0, secs(10)), None);
+        // 5 s past it: 5,000 bytes owed.
+        assert_eq!(pace.too_slow(5_000, secs(15)), None);
+        let reason = pace.too_slow(4_000, secs(15)).unwrap();
+        assert!(reason.contains("--min-body-bytes-per-sec"), "{reason}");
+        // No minimum: never too slow.
+        let free = Pace {
+            min_rate: 0,
+            ..pace
+        };
+        assert_eq!(free.too_slow(0, secs(1_000)), None);
+    }
 }

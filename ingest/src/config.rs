@@ -20,6 +20,8 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const MAX_BATCH_RECORDS: usize = 10_000;
 const MAX_CONNECTIONS: usize = 10_000;
 const HEADER_READ_TIMEOUT_SECS: u64 = 30;
+const BODY_IDLE_TIMEOUT_SECS: u64 = 10;
+const MIN_BODY_BYTES_PER_SEC: u64 = 8 * 1024;
 const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
 const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
@@ -51,6 +53,25 @@ pub struct HttpServerArgs {
     )]
     pub header_read_timeout_secs: u64,
 
+    /// Longest wait for the next bytes of a request body, in seconds; then the request
+    /// gets 408 and its connection is closed.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_BODY_IDLE_TIMEOUT_SECS",
+        default_value_t = BODY_IDLE_TIMEOUT_SECS
+    )]
+    pub body_idle_timeout_secs: u64,
+
+    /// Slowest average rate a request body may arrive at, in bytes per second, counted
+    /// after the first --body-idle-timeout-secs; slower bodies get 408 (so that a slow
+    /// upload cannot hold its place and its bytes for long). 0 for no minimum.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MIN_BODY_BYTES_PER_SEC",
+        default_value_t = MIN_BODY_BYTES_PER_SEC
+    )]
+    pub min_body_bytes_per_sec: u64,
+
     /// Most requests handled at once; past it clients get 503 with Retry-After. On the
     /// SQL server this also bounds the memory of queries (with --sql-memory-mb).
     #[arg(long, env = "DRONEDELIVERY_MAX_IN_FLIGHT", default_value_t = MAX_IN_FLIGHT)]
@@ -67,6 +88,8 @@ impl Default for HttpServerArgs {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: MAX_CONNECTIONS,
             header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
+            body_idle_timeout_secs: BODY_IDLE_TIMEOUT_SECS,
+            min_body_bytes_per_sec: MIN_BODY_BYTES_PER_SEC,
             max_in_flight: MAX_IN_FLIGHT,
             drain_secs: DRAIN_SECS,
         }

@@ -63,6 +63,13 @@ pub enum IngestError {
         /// What the client sent.
         encoding: String,
     },
+    /// The body arrived too slowly (a pause past the idle limit, or under the minimum
+    /// rate).
+    #[error("the body arrived too slowly: {reason}")]
+    BodyTooSlow {
+        /// Which limit it passed.
+        reason: String,
+    },
     /// The body could not be read (the client went away or sent a broken stream).
     #[error("cannot read the body: {reason}")]
     BodyRead {
@@ -195,6 +202,7 @@ impl IngestError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             Self::NotFound { .. } | Self::UnknownDelivery { .. } => StatusCode::NOT_FOUND,
+            Self::BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. }
             | Self::TooManyInFlight { .. }
@@ -220,6 +228,7 @@ impl IngestError {
             Self::UnsupportedEncoding { .. } => "encoding",
             Self::UnsupportedMediaType { .. } => "media_type",
             Self::BodyRead { .. } => "body_read",
+            Self::BodyTooSlow { .. } => "body_too_slow",
             Self::NotFound { .. } => "not_found",
             Self::UnknownDelivery { .. } => "unknown_delivery",
             Self::MethodNotAllowed { .. } => "method",
@@ -246,6 +255,7 @@ impl IngestError {
         matches!(
             self,
             Self::PayloadTooLarge { .. }
+                | Self::BodyTooSlow { .. }
                 | Self::TooManyInFlight { .. }
                 | Self::PipelineBehind { .. }
                 | Self::TooManyBytesInFlight
