@@ -625,3 +625,71 @@ async fn every_record_is_capped_in_bytes_on_every_write_route() -> Result<()> {
     assert_eq!(landed[0].0, "default/small-2");
     tier.stop().await
 }
+
+/// A connection idle past `--idle-timeout-secs` is closed, whatever holds it: an HTTP/1
+/// keep-alive after its answer, or an HTTP/2 preface that stopped half-way; its place is
+/// then free for another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alives_and_stalled_prefaces_are_closed() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        http: ingest::HttpServerArgs {
+            max_connections: 1,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 1,
+            ..Default::default()
+        },
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Reads until the server closes the connection (or SETTLE passes): what it sent.
+    let until_closed = |mut stream: tokio::net::TcpStream| async move {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = tokio::time::timeout(SETTLE, stream.read(&mut buf))
+                .await
+                .context("the connection was never closed")?
+                .unwrap_or(0);
+            if n == 0 {
+                return anyhow::Ok(String::from_utf8_lossy(&seen).into_owned());
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    // A keep-alive: one request answered, then nothing.
+    let mut keep_alive = tokio::net::TcpStream::connect(&addr).await?;
+    keep_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await?;
+    let started = Instant::now();
+    let seen = until_closed(keep_alive).await?;
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "closed by the idle limit, not the header timeout"
+    );
+    // Half an HTTP/2 preface, then nothing.
+    let mut preface = tokio::net::TcpStream::connect(&addr).await?;
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await?;
+    let started = Instant::now();
+    until_closed(preface).await?;
+    assert!(started.elapsed() < Duration::from_secs(25));
+    // The only place is free again.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (status, _) = tokio::time::timeout(
+        SETTLE,
+        send(
+            &client,
+            "GET",
+            &format!("{}/healthz", tier.base),
+            "text/plain",
+            Vec::new(),
+        ),
+    )
+    .await
+    .context("no place freed")??;
+    assert_eq!(status, 200);
+    tier.stop().await
+}

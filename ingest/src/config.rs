@@ -21,6 +21,7 @@ const MAX_BATCH_RECORDS: usize = 10_000;
 const MAX_CONNECTIONS: usize = 10_000;
 const HEADER_READ_TIMEOUT_SECS: u64 = 30;
 const BODY_IDLE_TIMEOUT_SECS: u64 = 10;
+const IDLE_TIMEOUT_SECS: u64 = 60;
 const MIN_BODY_BYTES_PER_SEC: u64 = 8 * 1024;
 const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
@@ -52,6 +53,12 @@ pub struct HttpServerArgs {
         default_value_t = HEADER_READ_TIMEOUT_SECS
     )]
     pub header_read_timeout_secs: u64,
+
+    /// Longest time a connection may stay idle (no request in progress, no byte either
+    /// way: an HTTP/1 keep-alive, an HTTP/2 connection without streams, a stalled
+    /// preface), in seconds; then it is closed.
+    #[arg(long, env = "DRONEDELIVERY_IDLE_TIMEOUT_SECS", default_value_t = IDLE_TIMEOUT_SECS)]
+    pub idle_timeout_secs: u64,
 
     /// Longest wait for the next bytes of a request body, in seconds; then the request
     /// gets 408 and its connection is closed.
@@ -89,6 +96,7 @@ impl Default for HttpServerArgs {
             max_connections: MAX_CONNECTIONS,
             header_read_timeout_secs: HEADER_READ_TIMEOUT_SECS,
             body_idle_timeout_secs: BODY_IDLE_TIMEOUT_SECS,
+            idle_timeout_secs: IDLE_TIMEOUT_SECS,
             min_body_bytes_per_sec: MIN_BODY_BYTES_PER_SEC,
             max_in_flight: MAX_IN_FLIGHT,
             drain_secs: DRAIN_SECS,

@@ -30,6 +30,7 @@ mod error;
 mod handlers;
 pub mod health;
 pub mod idempotency;
+mod idle;
 mod outcome;
 mod produce;
 mod response;

@@ -29,6 +29,7 @@ use crate::config::IngestConfig;
 use crate::error::{IngestError, Result};
 use crate::handlers::sql::SqlAuthenticator;
 use crate::health::{MetricsRender, Readiness};
+use crate::idle::{Activity, Tracked};
 use crate::routes::{self, Route};
 use crate::sql::SqlEndpoint;
 use crate::state::{App, StateBuilder};
@@ -160,6 +161,7 @@ impl Ingest {
         // A client that opens a connection and sends nothing (or dribbles its headers)
         // loses it after the header read timeout instead of holding a place forever.
         let header_timeout = Duration::from_secs(app.config.http.header_read_timeout_secs.max(1));
+        let idle_timeout = Duration::from_secs(app.config.http.idle_timeout_secs.max(1));
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -186,9 +188,16 @@ impl Ingest {
             };
             let _ = stream.set_nodelay(true);
             let app = Arc::clone(&app);
+            let activity = Activity::new();
+            let requests = Arc::clone(&activity);
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, std::convert::Infallible>(handle(&app, req, peer).await) }
+                let request = requests.begin();
+                async move {
+                    let answer = handle(&app, req, peer).await;
+                    drop(request);
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let builder = builder.clone();
             let watcher = graceful.watcher();
@@ -204,9 +213,18 @@ impl Ingest {
                         return;
                     }
                 }
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let tracked = Tracked::new(stream, Arc::clone(&activity));
+                let conn = builder.serve_connection(TokioIo::new(tracked), service);
+                // Closed once idle (no request in progress, no byte) past the limit.
+                tokio::select! {
+                    served = watcher.watch(conn.into_owned()) => {
+                        if let Err(e) = served {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    }
+                    () = activity.idle_for(idle_timeout) => {
+                        tracing::debug!(%peer, ?idle_timeout, "idle connection closed");
+                    }
                 }
                 drop(permit);
             });
