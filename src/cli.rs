@@ -92,7 +92,8 @@ pub(crate) struct SimulateArgs {
     pub(crate) health: HealthArgs,
 }
 
-/// The health listener of a service without a public API.
+/// The health listener: of a service without a public API, or of the ingestion tier, so
+/// that probes do not wait behind clients for a connection.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct HealthArgs {
     /// Address of the health listener: GET /healthz (alive), /readyz (a broker answers
@@ -202,6 +203,10 @@ pub(crate) struct IngestArgs {
     pub(crate) tier: TierArgs,
     #[command(flatten)]
     pub(crate) backpressure: BackpressureArgs,
+    /// Probes on a listener of their own, with its own few connections: they are
+    /// answered even while clients hold every connection of the API.
+    #[command(flatten)]
+    pub(crate) health: HealthArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1064,3 +1064,57 @@ async fn a_store_that_refuses_writes_means_503_and_no_lost_record() -> Result<()
     assert_eq!(found.into_iter().collect::<BTreeSet<_>>(), accepted);
     Ok(())
 }
+
+/// The ingestion tier's probes have a listener of their own (`--health-listen`): while
+/// clients hold every connection of the API without finishing a request, `/healthz` and
+/// `/readyz` still answer there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_probes_answer_while_clients_hold_every_connection() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let broker = EmbeddedBroker::start(1, &topics::ALL)?;
+    let (tier, found) = Service::start(
+        "ingest",
+        &[
+            "ingest",
+            "--brokers",
+            broker.bootstrap_servers(),
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "2",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &[announce::API, announce::HEALTH],
+    )?;
+    let (api, health) = (found[0].clone(), format!("http://{}", found[1]));
+    // Two clients take both places and never finish their headers.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&api).await?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\n").await?;
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let http = client();
+    // The API has no place left: a probe there waits.
+    let waiting = tokio::time::timeout(
+        Duration::from_secs(1),
+        call_bytes(
+            &http,
+            "GET",
+            &format!("http://{api}/healthz"),
+            &[],
+            Vec::new(),
+        ),
+    )
+    .await;
+    assert!(waiting.is_err(), "the API still had a place: {waiting:?}");
+    let (status, _, body) =
+        call_bytes(&http, "GET", &format!("{health}/healthz"), &[], Vec::new()).await?;
+    assert_eq!(status, 200, "{body:?}");
+    eventually_contains(&http, &format!("{health}/readyz"), "ready").await?;
+    drop(held);
+    tier.stop()?;
+    Ok(())
+}

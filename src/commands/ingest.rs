@@ -11,6 +11,7 @@ use crate::backpressure::watch_lag;
 use crate::broker;
 use crate::cli::IngestArgs;
 use crate::diagnostics::init_metrics;
+use crate::listeners;
 use crate::supervisor::{Supervisor, infallible, shutdown_signal};
 
 /// Runs the tier until the process is asked to stop or the tier fails.
@@ -20,6 +21,7 @@ pub(crate) async fn run(args: IngestArgs) -> Result<()> {
     let producer = Producer::new(&settings, &args.producer)?;
     let mut supervisor = Supervisor::new();
     let (stage, stop) = supervisor.stage();
+    let (last, stop_health) = supervisor.stage();
     supervisor.spawn_helper(
         stage,
         "producer queue gauge",
@@ -40,8 +42,20 @@ pub(crate) async fn run(args: IngestArgs) -> Result<()> {
     };
     let mut ingest = Ingest::bind(config, producer)
         .await?
-        .with_metrics(render)
+        .with_metrics(render.clone())
         .with_status(view);
+    // The probes' own listener, up until the tier has drained.
+    if let Some(health) = listeners::health(
+        args.health.health_listen,
+        broker::readiness(&settings)?,
+        render,
+        stop.clone(),
+        stop_health,
+    )
+    .await?
+    {
+        supervisor.spawn_helper(last, "health listener", health);
+    }
     if let Some((behind, task)) = watch_lag(&settings, &args.backpressure, false, stop.clone())? {
         ingest = ingest.with_backpressure(behind);
         supervisor.spawn_helper(
