@@ -564,6 +564,7 @@ impl Sink {
             let topic = pending.rows.table().topic.name;
             files.push((table, date, batch, topic, pending.offsets));
         }
+        self.rolls += 1;
         let mut backoff = STORE_RETRY.0;
         loop {
             let stopping = self.shutdown.is_cancelled();
@@ -593,8 +594,9 @@ impl Sink {
     }
 
     /// One attempt at a roll: writes `files`, commits them with the offsets `read` to
-    /// the log, stores the offsets in Kafka. A store error leaves nothing committed (the
-    /// files written are deleted, best effort, or left to vacuum).
+    /// the log, stores the offsets in Kafka. A store error while writing deletes the
+    /// files written (best effort); one while committing leaves them (the commit may have
+    /// landed), and vacuum removes those no commit names.
     async fn write_and_commit(
         &mut self,
         files: &[RollFile],
@@ -611,7 +613,6 @@ impl Sink {
                 }
             }
         }
-        self.rolls += 1;
         // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
         // roll that took half of that gives up rather than commit files that may be gone.
         let orphan_age = Duration::from_secs(self.config.compaction.vacuum_orphan_secs);
@@ -639,13 +640,11 @@ impl Sink {
             offsets,
             ..Commit::default()
         };
-        let committed = match self.log.commit(commit).await {
-            Ok(committed) => committed,
-            Err(e) => {
-                self.delete_files(&added).await;
-                return Err(e);
-            }
-        };
+        // A failed commit may still have landed (the store took the put, then the answer
+        // was lost): its files stay, for vacuum to remove if no commit names them. The
+        // next attempt then either commits, or finds these offsets in the log (a
+        // conflict: it drops its own new files and reads on from the log).
+        let committed = self.log.commit(commit).await?;
         match committed {
             Ok(snapshot) => {
                 self.durable = snapshot;

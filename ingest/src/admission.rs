@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, header};
@@ -132,6 +132,14 @@ impl Admission<'_> {
     }
 }
 
+impl Admission<'_> {
+    /// Gives back every body byte held (a refused body is read on and dropped).
+    fn release(&mut self) {
+        self.bytes = None;
+        self.reserved = 0;
+    }
+}
+
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         metrics::gauge!("ingest_in_flight_requests").decrement(1.0);
@@ -190,31 +198,35 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64 + DISCARD_MAX) {
         return Err(too_large());
     }
-    // The byte budget is taken as bytes arrive, never for what is only declared: a slow
-    // upload holds no more of it than it sent.
-    let mut refused = None;
+    // The byte budget is taken as bytes arrive (as the buffer holding them grows), never
+    // for what is only declared: a slow upload holds no more of it than it sent.
+    let mut refused: Option<IngestError> = None;
     let mut body = req.into_body();
     let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
+    let mut joined: Option<Vec<u8>> = None;
     let mut seen: u64 = 0;
     let pace = admission.budgets.pace;
     let started = tokio::time::Instant::now();
     loop {
         let next = tokio::time::timeout(pace.idle, body.frame()).await;
         let Ok(frame) = next else {
-            return Err(IngestError::BodyTooSlow {
-                reason: format!(
-                    "no bytes for {} s (--body-idle-timeout-secs)",
-                    pace.idle.as_secs()
-                ),
-            });
+            // A body already refused gets its refusal, not a timeout a client may retry.
+            return Err(refused.take().unwrap_or_else(|| {
+                if seen > limit as u64 {
+                    too_large()
+                } else {
+                    IngestError::BodyTooSlow {
+                        reason: format!(
+                            "no bytes for {} s (--body-idle-timeout-secs)",
+                            pace.idle.as_secs()
+                        ),
+                    }
+                }
+            }));
         };
         let Some(frame) = frame else {
             break;
         };
-        if let Some(reason) = pace.too_slow(seen, started.elapsed()) {
-            return Err(IngestError::BodyTooSlow { reason });
-        }
         let frame = frame.map_err(|e| IngestError::BodyRead {
             reason: e.to_string(),
         })?;
@@ -222,13 +234,22 @@ pub(crate) async fn read_body(
             continue; // trailers
         };
         seen += data.len() as u64;
-        if refused.is_none() && seen <= limit as u64 {
-            refused = admission.hold(seen as usize).err();
+        if let Some(reason) = pace.too_slow(seen, started.elapsed()) {
+            return Err(refused.take().unwrap_or(if seen > limit as u64 {
+                too_large()
+            } else {
+                IngestError::BodyTooSlow { reason }
+            }));
         }
-        if refused.is_some() || seen > limit as u64 {
-            // Refused: keep reading (and dropping) up to DISCARD_MAX, then answer.
+        if refused.is_none() && seen > limit as u64 {
+            refused = Some(too_large());
+        }
+        if refused.is_some() {
+            // Refused: keep reading (and dropping) up to DISCARD_MAX, holding nothing of
+            // the budget, then answer.
             first = None;
             joined = None;
+            admission.release();
             if seen > limit as u64 + DISCARD_MAX {
                 break;
             }
@@ -238,7 +259,7 @@ pub(crate) async fn read_body(
             (None, None) => first = Some(data),
             (Some(head), None) => {
                 // Room for what is declared, up to a bound: more grows as it arrives.
-                let mut buf = BytesMut::with_capacity(
+                let mut buf = Vec::with_capacity(
                     declared
                         .map_or(head.len() + data.len(), |n| n as usize)
                         .min(limit)
@@ -252,15 +273,23 @@ pub(crate) async fn read_body(
             }
             (_, Some(buf)) => buf.extend_from_slice(&data),
         }
-    }
-    if seen > limit as u64 {
-        return Err(too_large());
+        // What this body holds: its bytes, or the buffer they are in.
+        let held = joined
+            .as_ref()
+            .map_or(seen as usize, Vec::capacity)
+            .max(seen as usize);
+        if let Err(e) = admission.hold(held) {
+            refused = Some(e);
+            first = None;
+            joined = None;
+            admission.release();
+        }
     }
     if let Some(e) = refused {
         return Err(e);
     }
     Ok(match (first, joined) {
-        (_, Some(buf)) => buf.freeze(),
+        (_, Some(buf)) => Bytes::from(buf),
         (Some(head), None) => head,
         (None, None) => Bytes::new(),
     })

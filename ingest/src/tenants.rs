@@ -58,7 +58,7 @@ impl Origin {
 
     /// A client on this machine: a loopback peer not forwarding for someone else.
     pub fn is_local(&self) -> bool {
-        self.peer.ip().is_loopback() && !self.forwarded
+        self.peer.ip().to_canonical().is_loopback() && !self.forwarded
     }
 }
 
