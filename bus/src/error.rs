@@ -140,6 +140,24 @@ impl BusError {
         }
     }
 
+    /// Whether the record itself can never be written, however often it is sent (larger
+    /// than the broker takes, or refused as invalid): it belongs in `dead-letters`, and
+    /// retrying it would stop its partition for good.
+    pub fn is_permanent_for_record(&self) -> bool {
+        match self {
+            Self::NotAcknowledged { source, .. } | Self::Client { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(
+                    RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::InvalidMessageSize
+                        | RDKafkaErrorCode::InvalidMessage
+                        | RDKafkaErrorCode::InvalidRecord
+                )
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn client(action: &'static str) -> impl FnOnce(KafkaError) -> Self {
         move |source| Self::Client { action, source }
     }

@@ -230,6 +230,36 @@ impl Committer {
                         acks.push(ack);
                         break;
                     }
+                    // Refused for what it is (too large, invalid): its dead letter goes
+                    // in this transaction instead, and the partition moves on.
+                    Err(e)
+                        if e.is_permanent_for_record()
+                            && output.topic != schemas::topics::DEAD_LETTERS.name =>
+                    {
+                        tracing::warn!(processor = self.name, topic = output.topic, error = %e, "an output can never be written; sending it to dead-letters");
+                        let refused = output.refused(&e);
+                        let headers: Vec<(&str, &[u8])> = refused
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_slice()))
+                            .collect();
+                        let letter = OutRecord {
+                            topic: refused.topic,
+                            key: &refused.key,
+                            payload: &refused.payload,
+                            headers: &headers,
+                        };
+                        match self.producer.send_record(letter, None, false) {
+                            Ok(ack) => {
+                                acks.push(ack);
+                                break;
+                            }
+                            Err(BusError::QueueFull) => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err(e) => return self.failed(e, "produce").await,
+                        }
+                    }
                     Err(BusError::QueueFull) => {
                         if shutdown.is_cancelled() {
                             self.abort().await?;

@@ -11,6 +11,10 @@ use std::time::Duration;
 use bus::{OutRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
+/// The most bytes of a refused record's key and payload a dead letter keeps: enough to
+/// find it, never near the broker's limit itself.
+const DEAD_LETTER_KEEP: usize = 16 * 1024;
+
 /// One record to produce, owned so that it can be retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
@@ -24,11 +28,42 @@ pub struct Output {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+impl Output {
+    /// What is written instead of this record when it can never be written (`error`):
+    /// a dead letter with the reason, its topic, and the head of its key and payload.
+    pub(crate) fn refused(&self, error: &bus::BusError) -> Output {
+        metrics::counter!("processor_refused_outputs_total", "topic" => self.topic).increment(1);
+        let keep = |bytes: &[u8]| bytes[..bytes.len().min(DEAD_LETTER_KEEP)].to_vec();
+        Output {
+            topic: schemas::topics::DEAD_LETTERS.name,
+            key: keep(&self.key),
+            payload: keep(&self.payload),
+            headers: vec![
+                (
+                    schemas::headers::DEAD_LETTER_REASON.to_owned(),
+                    format!(
+                        "the {} record of {} bytes cannot be written: {error}",
+                        self.topic,
+                        self.payload.len()
+                    )
+                    .into_bytes(),
+                ),
+                (
+                    schemas::headers::DEAD_LETTER_SOURCE.to_owned(),
+                    format!("output to {}", self.topic).into_bytes(),
+                ),
+            ],
+        }
+    }
+}
+
 /// Produces every record (to its partition when given) and waits for all
 /// acknowledgements. A full producer queue is waited out. When some records fail, every
 /// record from the first failed one on is sent again, in order (later ones may then be
 /// written twice, never out of order: the last value of a key stays the last), with
-/// backoff, until all are acknowledged or `shutdown` is cancelled (then `false`).
+/// backoff, until all are acknowledged or `shutdown` is cancelled (then `false`). A
+/// record that can never be written (too large, invalid) is replaced by its dead letter
+/// ([`Output::refused`]) rather than retried.
 pub(crate) async fn produce_batch(
     producer: &Producer,
     records: Vec<(Output, Option<i32>)>,
@@ -77,6 +112,7 @@ pub(crate) async fn produce_batch(
                 break;
             }
         }
+
         let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
         for (i, result) in indexes
             .into_iter()
@@ -91,6 +127,13 @@ pub(crate) async fn produce_batch(
         let Some((from, e)) = first_failed else {
             return true;
         };
+        // A record refused for what it is goes to dead-letters instead.
+        if e.is_permanent_for_record()
+            && pending[from].0.topic != schemas::topics::DEAD_LETTERS.name
+        {
+            tracing::warn!(processor = name, topic = pending[from].0.topic, error = %e, "an output can never be written; sending it to dead-letters");
+            pending[from] = (pending[from].0.refused(&e), None);
+        }
         tracing::warn!(processor = name, from, of = pending.len(), error = %e, ?backoff, "produce failed; sending again from the first failure");
         pending.drain(..from);
         tokio::select! {
@@ -108,4 +151,72 @@ pub(crate) fn is_changelog(topic: &str) -> bool {
     schemas::topics::ALL
         .iter()
         .any(|t| t.compacted && t.name == topic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus::{ClientSettings, EmbeddedBroker, ProducerArgs};
+    use schemas::topics;
+
+    fn output(topic: &'static str, key: &str, payload: Vec<u8>) -> (Output, Option<i32>) {
+        (
+            Output {
+                topic,
+                key: key.as_bytes().to_vec(),
+                payload,
+                headers: Vec::new(),
+            },
+            Some(0),
+        )
+    }
+
+    /// A record larger than the broker takes is never retried for ever (which stopped
+    /// the partition for good): its dead letter goes instead, with the head of its bytes,
+    /// and the records around it are written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_that_can_never_be_written_becomes_a_dead_letter() {
+        let broker = EmbeddedBroker::start(1, &topics::ALL).unwrap();
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        let producer = Producer::new(&settings, &ProducerArgs::default()).unwrap();
+        let huge = vec![b'x'; 2_000_000];
+        let records = vec![
+            output(topics::DELIVERIES.name, "before", b"{}".to_vec()),
+            output(topics::DELIVERIES.name, "huge", huge),
+            output(topics::DELIVERIES.name, "after", b"{}".to_vec()),
+        ];
+        let shutdown = CancellationToken::new();
+        let produced = tokio::time::timeout(
+            Duration::from_secs(60),
+            produce_batch(&producer, records, &shutdown, "test"),
+        )
+        .await
+        .expect("the batch was retried without end");
+        assert!(produced);
+        let read = |topic: &'static str| {
+            let settings = settings.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut all = Vec::new();
+                for partition in 0..topics::ALL
+                    .iter()
+                    .find(|t| t.name == topic)
+                    .unwrap()
+                    .partitions
+                {
+                    all.extend(
+                        bus::read_partition(&settings, topic, partition, Duration::from_secs(10))
+                            .unwrap(),
+                    );
+                }
+                all
+            })
+        };
+        let written = read(topics::DELIVERIES.name).await.unwrap();
+        let keys: Vec<&[u8]> = written.iter().map(|r| r.key.as_slice()).collect();
+        assert_eq!(keys, [b"before".as_slice(), b"after".as_slice()]);
+        let letters = read(topics::DEAD_LETTERS.name).await.unwrap();
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].key, b"huge");
+        assert_eq!(letters[0].payload.len(), DEAD_LETTER_KEEP);
+    }
 }
