@@ -271,7 +271,22 @@ pub(crate) async fn read_body(
                 first = None;
                 joined = Some(buf);
             }
-            (_, Some(buf)) => buf.extend_from_slice(&data),
+            (_, Some(buf)) => {
+                // Grows by doubling, never past the limit, and only once the budget
+                // holds the new room.
+                if buf.capacity() - buf.len() < data.len() {
+                    let room = (buf.len() + data.len()).max((buf.capacity() * 2).min(limit));
+                    if let Err(e) = admission.hold(room) {
+                        refused = Some(e);
+                        first = None;
+                        joined = None;
+                        admission.release();
+                        continue;
+                    }
+                    buf.reserve_exact(room - buf.len());
+                }
+                buf.extend_from_slice(&data);
+            }
         }
         // What this body holds: its bytes, or the buffer they are in.
         let held = joined

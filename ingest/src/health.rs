@@ -84,9 +84,13 @@ impl HealthServer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let graceful = GracefulShutdown::new();
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // One request per connection, and a connection lives at most a few timeouts: a
+        // client that connects and sends nothing (or holds on after its answer) cannot
+        // keep one of the few places from the probes.
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(TIMEOUT);
+            .header_read_timeout(TIMEOUT)
+            .keep_alive(false);
         let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let state = Arc::new((self.ready, self.metrics));
         loop {
@@ -119,8 +123,12 @@ impl HealthServer {
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let watched = graceful.watch(conn);
             tokio::spawn(async move {
-                if let Err(e) = watched.await {
-                    tracing::debug!(%peer, error = %e, "health connection ended with an error");
+                match tokio::time::timeout(TIMEOUT * 3, watched).await {
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "health connection ended with an error");
+                    }
+                    Err(_) => tracing::debug!(%peer, "health connection closed: it took too long"),
+                    Ok(Ok(())) => {}
                 }
                 drop(permit);
             });

@@ -35,22 +35,22 @@ impl Activity {
 
     fn touch(&self) {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
+        self.last.store(now, Ordering::SeqCst);
     }
 
     /// How long the connection has been idle at `now` (from `started`): `None` while a
     /// request is in progress.
     pub(crate) fn idle_at(&self, now: Duration) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        let last = Duration::from_millis(self.last.load(Ordering::SeqCst));
         Some(now.saturating_sub(last))
     }
 
     /// Marks a request in progress until the guard is dropped.
     pub(crate) fn begin(self: &Arc<Self>) -> InProgress {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.touch();
         InProgress(Arc::clone(self))
     }
@@ -77,7 +77,7 @@ pub(crate) struct InProgress(Arc<Activity>);
 impl Drop for InProgress {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -159,7 +159,19 @@ impl Committer {
                 Ok(Committed::Done)
             }
             Guarantee::ExactlyOnce => {
-                let transaction = self.transaction(consumer, stages, last, shutdown);
+                let mut stages = stages;
+                // Sent again, whole, when the broker refused one output for what it is
+                // (that output then a dead letter): each time one output fewer can fail.
+                let transaction = async {
+                    loop {
+                        if let Some(committed) = self
+                            .transaction(consumer, &mut stages, last, shutdown)
+                            .await?
+                        {
+                            return Ok::<_, ProcessorError>(committed);
+                        }
+                    }
+                };
                 let grace = async {
                     shutdown.cancelled().await;
                     tokio::time::sleep(STOP_GRACE).await;
@@ -199,75 +211,63 @@ impl Committer {
         }
     }
 
+    /// One transaction of `stages` and the input offsets `last`: `None` when the broker
+    /// refused an output for what it is on acknowledgement (too large for the topic,
+    /// invalid): the transaction is aborted and that output replaced by its dead letter
+    /// in `stages`, to be sent again. An output refused when it is sent is replaced at
+    /// once, in the same transaction.
     async fn transaction(
         &self,
         consumer: &Arc<Consumer>,
-        stages: Stages,
+        stages: &mut Stages,
         last: &BTreeMap<(String, i32), i64>,
         shutdown: &CancellationToken,
-    ) -> Result<Committed> {
+    ) -> Result<Option<Committed>> {
         let started = std::time::Instant::now();
         if let Err(e) = self.producer.begin_transaction() {
-            return self.failed(e, "begin").await;
+            return self.failed(e, "begin").await.map(Some);
         }
         let mut acks = Vec::new();
-        for (output, partition) in stages.iter().flatten() {
-            let headers: Vec<(&str, &[u8])> = output
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect();
-            let record = OutRecord {
-                topic: output.topic,
-                key: &output.key,
-                payload: &output.payload,
-                headers: &headers,
-            };
-            let tombstone = output.payload.is_empty() && is_changelog(output.topic);
+        let mut sent_as = Vec::new();
+        for (at, (output, partition)) in stages.iter_mut().flatten().enumerate() {
+            let mut refusals = 0;
             loop {
-                match self.producer.send_record(record, *partition, tombstone) {
+                let headers: Vec<(&str, &[u8])> = output
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect();
+                let record = OutRecord {
+                    topic: output.topic,
+                    key: &output.key,
+                    payload: &output.payload,
+                    headers: &headers,
+                };
+                let tombstone = output.payload.is_empty() && is_changelog(output.topic);
+                let sent = self.producer.send_record(record, *partition, tombstone);
+                match sent {
                     Ok(ack) => {
                         acks.push(ack);
+                        sent_as.push(at);
                         break;
                     }
                     // Refused for what it is (too large, invalid): its dead letter goes
-                    // in this transaction instead, and the partition moves on.
-                    Err(e)
-                        if e.is_permanent_for_record()
-                            && output.topic != schemas::topics::DEAD_LETTERS.name =>
-                    {
+                    // in its place, and the partition moves on. (A dead letter is small:
+                    // refused a second time, it is a failure like any other.)
+                    Err(e) if e.is_permanent_for_record() && refusals == 0 => {
                         tracing::warn!(processor = self.name, topic = output.topic, error = %e, "an output can never be written; sending it to dead-letters");
-                        let refused = output.refused(&e);
-                        let headers: Vec<(&str, &[u8])> = refused
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_slice()))
-                            .collect();
-                        let letter = OutRecord {
-                            topic: refused.topic,
-                            key: &refused.key,
-                            payload: &refused.payload,
-                            headers: &headers,
-                        };
-                        match self.producer.send_record(letter, None, false) {
-                            Ok(ack) => {
-                                acks.push(ack);
-                                break;
-                            }
-                            Err(BusError::QueueFull) => {
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                            Err(e) => return self.failed(e, "produce").await,
-                        }
+                        refusals += 1;
+                        *output = output.refused(&e);
+                        *partition = None;
                     }
                     Err(BusError::QueueFull) => {
                         if shutdown.is_cancelled() {
                             self.abort().await?;
-                            return Ok(Committed::Stopped);
+                            return Ok(Some(Committed::Stopped));
                         }
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err(e) => return self.failed(e, "produce").await,
+                    Err(e) => return self.failed(e, "produce").await.map(Some),
                 }
             }
         }
@@ -275,17 +275,41 @@ impl Committer {
         // Records purged by librdkafka (once the transaction became abortable) say
         // nothing of why: the failure worth reporting is another record's.
         let mut failure: Option<BusError> = None;
-        for result in futures_util::future::join_all(acks).await {
-            if let Err(e) = result
-                && failure
-                    .as_ref()
-                    .is_none_or(|f| f.is_purged() && !e.is_purged())
+        let mut refused: Option<(usize, BusError)> = None;
+        for (at, result) in sent_as
+            .into_iter()
+            .zip(futures_util::future::join_all(acks).await)
+        {
+            let Err(e) = result else {
+                continue;
+            };
+            let replaceable = e.is_permanent_for_record()
+                && refused.is_none()
+                && stages
+                    .iter()
+                    .flatten()
+                    .nth(at)
+                    .is_some_and(|(o, _)| o.topic != schemas::topics::DEAD_LETTERS.name);
+            if replaceable {
+                refused = Some((at, e));
+            } else if failure
+                .as_ref()
+                .is_none_or(|f| f.is_purged() && !e.is_purged())
             {
                 failure = Some(e);
             }
         }
+        if let Some((at, e)) = refused
+            && let Some((output, partition)) = stages.iter_mut().flatten().nth(at)
+        {
+            tracing::warn!(processor = self.name, topic = output.topic, error = %e, "the broker refused an output for what it is; sending the batch again with its dead letter in its place");
+            *output = output.refused(&e);
+            *partition = None;
+            self.abort().await?;
+            return Ok(None);
+        }
         if let Some(e) = failure {
-            return self.failed(e, "acknowledge").await;
+            return self.failed(e, "acknowledge").await.map(Some);
         }
         let offsets: Vec<(String, i32, i64)> = last
             .iter()
@@ -299,7 +323,7 @@ impl Committer {
                 })
                 .await?;
             if let Err(e) = sent {
-                return self.failed(e, "send offsets").await;
+                return self.failed(e, "send offsets").await.map(Some);
             }
         }
         let producer = self.producer.clone();
@@ -307,14 +331,14 @@ impl Committer {
             .blocking(move || producer.commit_transaction(TRANSACTION_CALL_TIMEOUT))
             .await?;
         if let Err(e) = committed {
-            return self.failed(e, "commit").await;
+            return self.failed(e, "commit").await.map(Some);
         }
         metrics::counter!("processor_transactions_total", "processor" => self.name, "outcome" => "committed")
             .increment(1);
         metrics::histogram!("processor_transaction_seconds", "processor" => self.name)
             .record(started.elapsed().as_secs_f64());
         tracing::trace!(processor = self.name, records, "transaction committed");
-        Ok(Committed::Done)
+        Ok(Some(Committed::Done))
     }
 
     /// Runs a blocking transactional call on a blocking thread, the same call again
