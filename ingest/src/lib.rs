@@ -25,12 +25,14 @@
 
 mod admission;
 pub mod batch;
+mod claim;
 mod config;
 mod error;
 mod handlers;
 pub mod health;
 pub mod idempotency;
 mod idle;
+mod keyfile;
 mod outcome;
 mod produce;
 mod response;

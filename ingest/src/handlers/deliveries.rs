@@ -15,8 +15,9 @@ use schemas::headers as h;
 use super::{check_content_type, check_json_content_type};
 use crate::admission::{Decoded, read_body, read_decoded};
 use crate::batch;
+use crate::claim::{Claim, ClaimOutcome};
 use crate::error::{IngestError, Result};
-use crate::idempotency::{self, Claim, ClaimOutcome, Stored};
+use crate::idempotency::{self, Stored};
 use crate::outcome::Outcome;
 use crate::produce::{self, Caller};
 use crate::response::{
