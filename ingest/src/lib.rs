@@ -12,7 +12,9 @@
 //! `config` (the flags), `state` (what every handler shares, built once), `error` (the
 //! one error type and its HTTP statuses), `sql` (the seam to the history's SQL engine),
 //! `batch` (batch framing and decoding), `idempotency` (the `Idempotency-Key` window),
-//! `tenants` (API keys and rate limits) and `status` (the delivery status view).
+//! `tenants` (API keys and rate limits) and `status` (the delivery status view). `fuzz`
+//! holds the entry points of the fuzz targets in `fuzz/`, which the corpus replay in the
+//! test suite calls too.
 //!
 //! The same server, built read-only (`Ingest::bind_read_only`), serves the SQL server:
 //! `POST /api/sql` with the same keys, health and metrics, and 404 on the write routes.
@@ -28,6 +30,7 @@ pub mod batch;
 mod claim;
 mod config;
 mod error;
+pub mod fuzz;
 mod handlers;
 pub mod health;
 pub mod idempotency;

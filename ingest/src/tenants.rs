@@ -225,7 +225,7 @@ impl Tenants {
         Ok(Self::from_lines(&lines, limits))
     }
 
-    fn from_lines(lines: &[KeyLine<'_>], limits: &Limits) -> Self {
+    pub(crate) fn from_lines(lines: &[KeyLine<'_>], limits: &Limits) -> Self {
         let own_rates: HashMap<&str, f64> = lines
             .iter()
             .filter_map(|l| Some((l.tenant, l.rate?)))
