@@ -693,3 +693,76 @@ async fn idle_keep_alives_and_stalled_prefaces_are_closed() -> Result<()> {
     assert_eq!(status, 200);
     tier.stop().await
 }
+
+/// What schemathesis found where the answers and the OpenAPI document disagreed, each
+/// answered as documented now (tests/api_conformance.rs runs schemathesis itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_agree_with_the_openapi_document() -> Result<()> {
+    let tier = IngestOnly::start(ingest::IngestConfig::default()).await?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let json = [("content-type", "application/json")];
+
+    // A batch of no records is a bad request (the body is required), on both batch routes.
+    let batch = format!("{}/api/deliveryrequests/batch", tier.base);
+    let telemetry = format!("{}/api/drones/d1/telemetry", tier.base);
+    for (url, body) in [
+        (&batch, &b""[..]),
+        (&batch, b"[]"),
+        (&telemetry, b""),
+        (&telemetry, b"\n\n"),
+    ] {
+        let (status, _, answer) = post_raw(&client, url, &json, body.to_vec()).await?;
+        assert_eq!(status, 400, "{url} {body:?}: {answer}");
+    }
+
+    // A time cannot be cleared: null is refused, not taken as absent.
+    let (status, _, answer) = call(
+        &client,
+        "PATCH",
+        &format!("{}/api/deliveryrequests/d1", tier.base),
+        &json,
+        br#"{"deadline": null, "pickupTime": "2026-11-24T10:00:00Z"}"#.to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["field"], "deadline", "{answer}");
+
+    // A JSON string with escapes is the string it stands for, in telemetry too.
+    let fix = br#"{"latitude":1,"longitude":2,"timestamp":"2026-01-01T00:00:00\u005a"}"#;
+    let (status, _, answer) = post_raw(&client, &telemetry, &json, fix.to_vec()).await?;
+    assert_eq!(status, 202, "{answer}");
+
+    // A percent-escape in an id is the character it stands for.
+    let (status, _, answer) = call(
+        &client,
+        "DELETE",
+        &format!("{}/api/deliveryrequests/ord%3A42", tier.base),
+        &[],
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["deliveryId"], "ord:42", "{answer}");
+    let records = tier.records(1).await?;
+    assert!(
+        records.iter().any(|(key, _)| key.ends_with("/ord:42")),
+        "{records:?}"
+    );
+
+    // A route that decodes no Content-Encoding refuses one rather than reading it as JSON.
+    let gzip = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    let single = format!("{}/api/deliveryrequests", tier.base);
+    let body = valid_request(7).to_string().into_bytes();
+    let (status, _, answer) = post_raw(&client, &single, &gzip, body).await?;
+    assert_eq!(status, 415, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("identity")),
+        "{answer}"
+    );
+    tier.stop().await
+}

@@ -88,6 +88,7 @@ pub fn encoding(content_encoding: Option<&str>) -> Result<Encoding> {
         Some("zstd") => Ok(Encoding::Zstd),
         Some(other) => Err(IngestError::UnsupportedEncoding {
             encoding: other.chars().take(50).collect(),
+            accepted: "gzip, zstd or identity",
         }),
     }
 }
@@ -122,7 +123,8 @@ pub fn decode(body: Bytes, encoding: Encoding, limit: usize) -> Result<Bytes> {
 /// Cuts a batch into record slices of `body`, at most `max_records` of them (413 past
 /// that). A body that is not a JSON array of values (or, for NDJSON, that has a line
 /// that is not one JSON value) is a bad request as a whole; whether each record is a
-/// valid delivery request is decided later, record by record.
+/// valid delivery request is decided later, record by record. A batch of no records (an
+/// empty body, `[]`, blank lines) is a bad request too: the body is required.
 pub fn split(body: &[u8], framing: Option<Framing>, max_records: usize) -> Result<Vec<&[u8]>> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let framing = framing.unwrap_or(if first == Some(b'[') {
@@ -130,10 +132,16 @@ pub fn split(body: &[u8], framing: Option<Framing>, max_records: usize) -> Resul
     } else {
         Framing::Ndjson
     });
-    match framing {
-        Framing::JsonArray => split_array(body, max_records),
-        Framing::Ndjson => split_lines(body, max_records),
+    let records = match framing {
+        Framing::JsonArray => split_array(body, max_records)?,
+        Framing::Ndjson => split_lines(body, max_records)?,
+    };
+    if records.is_empty() {
+        return Err(IngestError::MalformedBatch {
+            reason: "the batch holds no records".into(),
+        });
     }
+    Ok(records)
 }
 
 fn too_many(max_records: usize) -> IngestError {
@@ -285,6 +293,10 @@ mod tests {
             (b"[{}] x", Framing::JsonArray),
             (b"{}", Framing::JsonArray),
             (b"{}\n{oops\n", Framing::Ndjson),
+            (b"[]", Framing::JsonArray),
+            (b" [ ] ", Framing::JsonArray),
+            (b"", Framing::Ndjson),
+            (b"\n  \n", Framing::Ndjson),
         ] {
             assert!(
                 matches!(

@@ -58,10 +58,12 @@ pub enum IngestError {
         reason: String,
     },
     /// The body is compressed in a way the tier does not decode.
-    #[error("unsupported content encoding {encoding:?}: send gzip, zstd or identity")]
+    #[error("unsupported content encoding {encoding:?}: send {accepted}")]
     UnsupportedEncoding {
         /// What the client sent.
         encoding: String,
+        /// What the route decodes.
+        accepted: &'static str,
     },
     /// The body arrived too slowly (a pause past the idle limit, or under the minimum
     /// rate).

@@ -6,6 +6,7 @@
 //! `match` on method and route. It must not read bodies or produce records (handlers
 //! do), and it must not import the server.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -187,20 +188,20 @@ pub(crate) async fn route(
             Err(IngestError::MethodNotAllowed { allow: "POST" })
         }
         (Method::POST, Route::Telemetry(drone_id), Some(caller)) => {
-            telemetry::post_telemetry(app, req, caller, drone_id).await
+            telemetry::post_telemetry(app, req, caller, &decode_id(drone_id)).await
         }
         (_, Route::Telemetry(_), Some(_)) => Err(IngestError::MethodNotAllowed { allow: "POST" }),
         (Method::PATCH, Route::DeliveryRequest(id), Some(caller)) => {
-            deliveries::change_delivery(app, req, caller, id, Change::Reschedule).await
+            deliveries::change_delivery(app, req, caller, &decode_id(id), Change::Reschedule).await
         }
         (Method::DELETE, Route::DeliveryRequest(id), Some(caller)) => {
-            deliveries::change_delivery(app, req, caller, id, Change::Cancel).await
+            deliveries::change_delivery(app, req, caller, &decode_id(id), Change::Cancel).await
         }
         (_, Route::DeliveryRequest(_), Some(_)) => Err(IngestError::MethodNotAllowed {
             allow: "PATCH, DELETE",
         }),
         (Method::GET | Method::HEAD, Route::Delivery { id, status_only }, Some(caller)) => {
-            deliveries::get_delivery(app, caller, id, status_only)
+            deliveries::get_delivery(app, caller, &decode_id(id), status_only)
         }
         (_, Route::Delivery { .. }, Some(_)) => Err(IngestError::MethodNotAllowed { allow: "GET" }),
         (Method::POST, Route::Sql, Some(caller)) if app.sql.is_some() => {
@@ -211,6 +212,39 @@ pub(crate) async fn route(
         }
         _ => Err(not_found(req.uri().path())),
     }
+}
+
+/// An id taken from a path segment, with the percent-escapes of the characters an id may
+/// hold (`A-Z a-z 0-9 - _ . :`) decoded: `ord%3A42` is `ord:42` (RFC 3986: an escape and
+/// the character it stands for name the same resource). Any other escape is left as it
+/// is, so that the id is refused (400) or not found (404) as the raw text would be.
+fn decode_id(raw: &str) -> Cow<'_, str> {
+    if !raw.contains('%') {
+        return Cow::Borrowed(raw);
+    }
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+        match escaped {
+            Some(b) => {
+                out.push(char::from(b));
+                i += 3;
+            }
+            None => {
+                let ch = raw[i..].chars().next().unwrap_or_default();
+                out.push(ch);
+                i += ch.len_utf8().max(1);
+            }
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn not_found(path: &str) -> IngestError {
@@ -277,6 +311,19 @@ mod tests {
         let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
             ["example"];
         schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn ids_in_paths_are_percent_decoded_to_the_characters_ids_hold() {
+        assert_eq!(decode_id("ord:42"), "ord:42");
+        assert_eq!(decode_id("ord%3A42"), "ord:42");
+        assert_eq!(decode_id("ord%3a42"), "ord:42");
+        assert_eq!(decode_id("C%2DoO0%41"), "C-oO0A");
+        // Escapes of characters no id holds stay, and so are refused as before.
+        assert_eq!(decode_id("a%2Fb"), "a%2Fb");
+        assert_eq!(decode_id("a%20b"), "a%20b");
+        assert_eq!(decode_id("a%zzb%"), "a%zzb%");
+        assert_eq!(decode_id("é%41%4"), "éA%4");
     }
 
     #[test]

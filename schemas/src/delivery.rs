@@ -210,7 +210,7 @@ pub(crate) fn clean_serde_reason(e: &serde_json::Error) -> String {
 
 /// A string field that borrows from the input when the JSON string has no escapes.
 /// (serde borrows `Cow<str>` only as a direct field, not inside an `Option`.)
-struct Text<'a>(Cow<'a, str>);
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -240,10 +240,19 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     }
 }
 
+/// An optional field that, when present, must hold a value of its type: `null` is refused
+/// rather than taken as absent, as the API documents no field as nullable (leave a field
+/// out instead; a reschedule cannot clear a time).
+pub(crate) fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawRequest<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     delivery_id: Option<Text<'a>>,
     #[serde(borrow, default)]
     owner_id: Option<Text<'a>>,
@@ -255,9 +264,9 @@ struct RawRequest<'a> {
     pickup_time: Option<Text<'a>>,
     #[serde(borrow, default)]
     deadline: Option<Text<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     expedited: Option<bool>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     confirmation_required: Option<Text<'a>>,
     #[serde(borrow, default)]
     package_info: Option<RawPackage<'a>>,
@@ -272,7 +281,7 @@ struct RawPackage<'a> {
     size: Option<Text<'a>>,
     #[serde(default)]
     weight: Option<f64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     tag: Option<Text<'a>>,
 }
 
@@ -520,9 +529,24 @@ fn parse_lat_lon(text: &str) -> Option<Location> {
     }
     let (lat, lon) = text.split_once(',')?;
     Some(Location {
-        latitude: lat.trim().parse().ok()?,
-        longitude: lon.trim().parse().ok()?,
+        latitude: degrees(lat)?,
+        longitude: degrees(lon)?,
     })
+}
+
+/// A decimal number of degrees as the API documents it (`[-+]?[0-9]+(\.[0-9]+)?`, with
+/// spaces or tabs around it): no exponent, `inf` or `NaN`, which Rust's own parser takes.
+fn degrees(text: &str) -> Option<f64> {
+    let text = text.trim_matches([' ', '\t']);
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    let (whole, fraction) = match digits.split_once('.') {
+        Some((whole, fraction)) => (whole, Some(fraction)),
+        None => (digits, None),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (all_digits(whole) && fraction.is_none_or(all_digits))
+        .then(|| text.parse().ok())
+        .flatten()
 }
 
 /// The scheduling region of a location: a one-degree grid cell, such as `47:-123`.
@@ -595,9 +619,9 @@ pub struct DeliveryReschedule {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawReschedule<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pickup_time: Option<Text<'a>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     deadline: Option<Text<'a>>,
 }
 
@@ -647,6 +671,18 @@ mod tests {
     }
 
     #[test]
+    fn location_strings_are_plain_decimal_degrees() {
+        let at = |text: &str| parse_lat_lon(text).map(|l| (l.latitude, l.longitude));
+        assert_eq!(at("47.6062,-122.3321"), Some((47.6062, -122.3321)));
+        assert_eq!(at(" +47 ,\t-122.5 "), Some((47.0, -122.5)));
+        for refused in [
+            "1e1,2", "inf,0", "NaN,0", ".5,1", "5.,1", "1,2,3", "1;2", "", "1,", "--1,2",
+        ] {
+            assert_eq!(at(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
     fn reschedules_name_at_least_one_changeable_field() {
         let r = parse_reschedule(br#"{"pickupTime":"2026-11-24T10:00:00Z"}"#).unwrap();
         assert!(r.pickup_time.is_some() && r.deadline.is_none());
@@ -669,6 +705,24 @@ mod tests {
             "deadline"
         );
         assert_eq!(field(r#"{"deadline":"2026-11-24T10:00:00Z"} x"#), "");
+        // A time cannot be cleared: null is refused, not taken as absent; the same goes
+        // for every optional field of a request.
+        for field_name in ["deliveryId", "expedited", "confirmationRequired"] {
+            let mut request: serde_json::Value = serde_json::from_str(VALID).unwrap();
+            request[field_name] = serde_json::Value::Null;
+            let err = parse_delivery_request(request.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.field, field_name);
+        }
+        let mut request: serde_json::Value = serde_json::from_str(VALID).unwrap();
+        request["packageInfo"]["tag"] = serde_json::Value::Null;
+        let err = parse_delivery_request(request.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err.field, "packageInfo.tag");
+        assert_eq!(
+            field(r#"{"deadline":null,"pickupTime":"2026-11-24T10:00:00Z"}"#),
+            "deadline"
+        );
+        let r = parse_reschedule(br#"{"pickupTime":"2026-11-24T10:00:00\u005a"}"#).unwrap();
+        assert!(r.pickup_time.is_some());
     }
 
     const VALID: &str = r#"{

@@ -7,7 +7,7 @@
 use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 
-use crate::delivery::ValidationError;
+use crate::delivery::{Text, ValidationError, present};
 
 /// One validated position fix.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,14 +35,14 @@ struct RawFix<'a> {
     #[serde(default)]
     longitude: Option<f64>,
     #[serde(borrow, default)]
-    timestamp: Option<&'a str>,
-    #[serde(default)]
+    timestamp: Option<Text<'a>>,
+    #[serde(default, deserialize_with = "present")]
     altitude: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     speed: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     heading: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     battery: Option<f64>,
 }
 
@@ -103,7 +103,7 @@ pub fn parse_position_fix(json: &[u8]) -> Result<PositionFix, ValidationError> {
         field: "timestamp".into(),
         reason: "is required".into(),
     })?;
-    let timestamp = DateTime::parse_from_rfc3339(text).map_err(|e| ValidationError {
+    let timestamp = DateTime::parse_from_rfc3339(&text.0).map_err(|e| ValidationError {
         field: "timestamp".into(),
         reason: format!("must be an RFC 3339 date-time ({e})"),
     })?;
@@ -131,6 +131,23 @@ mod tests {
         assert_eq!(fix.battery, Some(81.0));
         let bare = r#"{"latitude":0,"longitude":0,"timestamp":"2026-11-24T10:00:00+02:00"}"#;
         assert_eq!(parse_position_fix(bare.as_bytes()).unwrap().speed, None);
+    }
+
+    #[test]
+    fn null_is_not_an_absent_field() {
+        let fix =
+            r#"{"latitude":1,"longitude":2,"timestamp":"2026-01-01T00:00:00Z","battery":null}"#;
+        assert_eq!(
+            parse_position_fix(fix.as_bytes()).unwrap_err().field,
+            "battery"
+        );
+    }
+
+    #[test]
+    fn escaped_strings_parse() {
+        let fix = r#"{"latitude":1,"longitude":2,"timestamp":"2026-01-01T00:00:00\u005a"}"#;
+        let fix = parse_position_fix(fix.as_bytes()).unwrap();
+        assert_eq!(fix.timestamp.to_rfc3339(), "2026-01-01T00:00:00+00:00");
     }
 
     #[test]

@@ -71,8 +71,19 @@ fn check_json_content_type(req: &Request<Incoming>) -> Result<()> {
 }
 
 /// Accepts the media types in `accepted` (with or without parameters) and a missing
-/// content type.
+/// content type, of a body sent as it is: these routes decode no `Content-Encoding`
+/// (the batch routes do), so one other than `identity` is refused rather than read as
+/// JSON.
 fn check_content_type(req: &Request<Incoming>, accepted: &[&str]) -> Result<()> {
+    if let Some(encoding) = req.headers().get(header::CONTENT_ENCODING) {
+        let encoding = encoding.to_str().unwrap_or("?").trim();
+        if !(encoding.is_empty() || encoding.eq_ignore_ascii_case("identity")) {
+            return Err(IngestError::UnsupportedEncoding {
+                encoding: encoding.chars().take(50).collect(),
+                accepted: "identity (this route takes an uncompressed body)",
+            });
+        }
+    }
     let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
         return Ok(());
     };
