@@ -1,9 +1,12 @@
 //! `POST /api/sql` answered by the history: the adapter that lets the ingestion tier's
 //! HTTP server (which knows only its `SqlEndpoint` seam) run queries of the analytics
-//! crate, and maps the analytics errors onto the seam's failure kinds. It holds no state
-//! of its own and decides nothing about who may query (the server does).
+//! crate, renders each result batch as it streams, and maps the analytics errors onto the
+//! seam's failure kinds. It holds no state of its own and decides nothing about who may
+//! query (the server does).
 
-use analytics::sql::{History, OutputFormat};
+use analytics::sql::{History, OutputFormat, Renderer, ResultStream};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use ingest::{SqlAnswer, SqlEndpoint, SqlFailure, SqlFailureKind as Kind};
 
@@ -27,21 +30,83 @@ impl SqlEndpoint for HistorySql {
                         .into(),
                 });
             };
-            let result = history.query(&sql).await.map_err(failure)?;
-            let rows = result.rows();
-            let body = tokio::task::spawn_blocking(move || analytics::sql::render(&result, format))
-                .await
-                .map_err(|e| SqlFailure {
-                    kind: Kind::Internal,
-                    message: e.to_string(),
-                })?
-                .map_err(failure)?;
+            let result = history.query_stream(&sql).await.map_err(failure)?;
+            let renderer = Renderer::new(result.schema(), format).map_err(failure)?;
             Ok(SqlAnswer {
                 content_type: format.content_type(),
-                body: body.into(),
-                rows,
+                body: rendered(result, renderer).boxed(),
             })
         })
+    }
+}
+
+/// The rendered chunks of `result`, ending after the last one or the first failure. Each
+/// batch is rendered off the async threads.
+fn rendered(
+    result: ResultStream,
+    renderer: Renderer,
+) -> impl futures_util::Stream<Item = Result<Bytes, SqlFailure>> + Send + 'static {
+    futures_util::stream::unfold(Some((result, renderer)), |state| async move {
+        let (mut result, mut renderer) = state?;
+        loop {
+            let Some(batch) = result.next().await else {
+                let last = off_thread(move || renderer.finish()).await;
+                return Some((last, None));
+            };
+            let chunk = match batch {
+                Ok(batch) => {
+                    let (back, chunk) =
+                        off_thread_keeping(renderer, move |r| r.write(&batch)).await;
+                    match back {
+                        Some(back) => renderer = back,
+                        None => return Some((chunk, None)),
+                    }
+                    chunk
+                }
+                Err(e) => return Some((Err(failure(e)), None)),
+            };
+            match chunk {
+                Ok(bytes) if bytes.is_empty() => continue,
+                Ok(bytes) => return Some((Ok(bytes), Some((result, renderer)))),
+                Err(e) => return Some((Err(e), None)),
+            }
+        }
+    })
+}
+
+/// Runs `work` on the blocking pool.
+async fn off_thread(
+    work: impl FnOnce() -> analytics::Result<Bytes> + Send + 'static,
+) -> Result<Bytes, SqlFailure> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SqlFailure {
+            kind: Kind::Internal,
+            message: e.to_string(),
+        })?
+        .map_err(failure)
+}
+
+/// Runs `work` on `renderer` on the blocking pool, and gives the renderer back (none if
+/// the task failed).
+async fn off_thread_keeping(
+    mut renderer: Renderer,
+    work: impl FnOnce(&mut Renderer) -> analytics::Result<Bytes> + Send + 'static,
+) -> (Option<Renderer>, Result<Bytes, SqlFailure>) {
+    let done = tokio::task::spawn_blocking(move || {
+        let out = work(&mut renderer);
+        (renderer, out)
+    })
+    .await;
+    match done {
+        Ok((renderer, out)) => (Some(renderer), out.map_err(failure)),
+        Err(e) => (
+            None,
+            Err(SqlFailure {
+                kind: Kind::Internal,
+                message: e.to_string(),
+            }),
+        ),
     }
 }
 

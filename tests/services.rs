@@ -411,6 +411,40 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
         );
         assert_eq!(body["status"], expected, "problem details: {body}");
     }
+    // A result larger than the part answered whole streams, batch by batch...
+    let large = "SELECT repeat('x', 100) AS s FROM range(20000)";
+    let (status, _, ndjson) = call_bytes(
+        &client,
+        "POST",
+        &url,
+        &[analyst, ("accept", "application/x-ndjson")],
+        sql(large)?,
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ndjson
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        20_000
+    );
+    // ...and one that passes the result bound part way (about 10 MB of text in batches
+    // of under 1 MB, past the 4 MiB bound) ends early: its status was sent, so the body
+    // is cut, which the client sees as an error, never as a whole answer.
+    let cut = "SELECT repeat('x', 100) AS s FROM range(100000)";
+    let request = hyper::Request::post(&url)
+        .header(analyst.0, analyst.1)
+        .body(http_body_util::Full::new(bytes::Bytes::from(sql(cut)?)))?;
+    let response = tokio::time::timeout(SETTLE, client.request(request)).await??;
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(
+        SETTLE,
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await?;
+    assert!(body.is_err(), "a cut answer reads as an error");
+
     let (status, _, _) = call(&client, "POST", &url, &[analyst], b"{\"query\":1}".to_vec()).await?;
     assert_eq!(status, 400);
     let (status, headers, _) = call(&client, "GET", &url, &[analyst], Vec::new()).await?;
@@ -443,6 +477,18 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
         }
     }
     assert_eq!(flight_ids, http_ids);
+    // Past the result bound part way, the stream ends with the bound's status.
+    let info = flight_client.execute(cut.to_owned(), None).await?;
+    let ticket = info.endpoint[0].ticket.clone().context("no ticket")?;
+    let over = match flight_client.do_get(ticket).await {
+        Ok(stream) => stream
+            .try_collect::<Vec<arrow::record_batch::RecordBatch>>()
+            .await
+            .err(),
+        Err(e) => Some(e),
+    };
+    let over = over.context("a result past the bound over Flight SQL")?;
+    assert!(over.to_string().contains("--sql-max-result-mb"), "{over}");
     // A prepared statement (what JDBC drivers use) gives the same.
     let mut prepared = flight_client.prepare(count.to_owned(), None).await?;
     let info = prepared.execute().await?;

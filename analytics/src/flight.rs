@@ -162,10 +162,15 @@ impl FlightSql {
     }
 
     async fn run(&self, sql: &str) -> std::result::Result<Response<DataStream>, Status> {
-        let result = self.history.query(sql).await.map_err(to_status)?;
-        let batches = futures_util::stream::iter(result.batches.into_iter().map(Ok));
+        // The result streams batch by batch within the query's limits; past one, the
+        // stream ends with the limit's status (RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED).
+        let result = self.history.query_stream(sql).await.map_err(to_status)?;
+        let schema = result.schema();
+        let batches = result.into_stream().map(|batch| {
+            batch.map_err(|e| arrow_flight::error::FlightError::Tonic(Box::new(to_status(e))))
+        });
         let stream = FlightDataEncoderBuilder::new()
-            .with_schema(result.schema)
+            .with_schema(schema)
             .build(batches)
             .map_err(Status::from);
         Ok(Response::new(stream.boxed()))

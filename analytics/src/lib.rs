@@ -20,6 +20,7 @@
 //! arrow-flight. It never imports the ingestion or processor crates: it meets them only
 //! through topics named in `schemas` (and the binary wires its SQL into the HTTP tier).
 
+mod answer;
 pub mod compact;
 mod error;
 pub mod failpoint;

@@ -94,14 +94,11 @@ fn offsets_metadata(topic: &str, offsets: &BTreeMap<i32, (i64, i64)>) -> String 
     .to_string()
 }
 
-/// Encodes batches (of one schema) as a zstd-compressed Parquet file with page
-/// statistics and, if given, the offsets it covers in its key-value metadata.
-pub(crate) fn encode(batches: &[RecordBatch], offsets_json: Option<String>) -> Result<Vec<u8>> {
-    let parquet_err = |action| move |source| AnalyticsError::Parquet { action, source };
-    let Some(first) = batches.first() else {
-        return Ok(Vec::new());
-    };
-    let props = WriterProperties::builder()
+/// How the history's Parquet files (and query results asked for as Parquet) are written:
+/// zstd, page statistics and, if given, the offsets a file covers in its key-value
+/// metadata.
+pub(crate) fn properties(offsets_json: Option<String>) -> WriterProperties {
+    WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_key_value_metadata(offsets_json.map(|json| {
@@ -110,9 +107,19 @@ pub(crate) fn encode(batches: &[RecordBatch], offsets_json: Option<String>) -> R
                 json,
             )]
         }))
-        .build();
-    let mut writer = ArrowWriter::try_new(Vec::new(), first.schema(), Some(props))
-        .map_err(parquet_err("creating a writer"))?;
+        .build()
+}
+
+/// Encodes batches (of one schema) as a zstd-compressed Parquet file with page
+/// statistics and, if given, the offsets it covers in its key-value metadata.
+pub(crate) fn encode(batches: &[RecordBatch], offsets_json: Option<String>) -> Result<Vec<u8>> {
+    let parquet_err = |action| move |source| AnalyticsError::Parquet { action, source };
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let mut writer =
+        ArrowWriter::try_new(Vec::new(), first.schema(), Some(properties(offsets_json)))
+            .map_err(parquet_err("creating a writer"))?;
     for batch in batches {
         writer.write(batch).map_err(parquet_err("writing rows"))?;
     }

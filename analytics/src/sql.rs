@@ -39,6 +39,8 @@ use object_store::{
 };
 use url::Url;
 
+use crate::answer::StreamLimits;
+pub use crate::answer::{Renderer, ResultStream};
 use crate::error::{AnalyticsError, Result};
 use crate::log::{Log, Snapshot};
 use crate::store::DataRoot;
@@ -118,9 +120,9 @@ pub struct QueryLimitsArgs {
     #[arg(long, env = "DRONEDELIVERY_SQL_MAX_ROWS", default_value_t = MAX_ROWS)]
     pub sql_max_rows: usize,
 
-    /// Largest result a query may collect, in MiB of Arrow memory (its answer is written
-    /// from it): past it the query fails with a clear error, so a result never holds
-    /// more memory than this.
+    /// Largest result a query may return, in MiB of Arrow memory, counted as it streams
+    /// (HTTP and Flight SQL answers are written batch by batch, never held whole): past
+    /// it the query fails with a clear error, mid-answer if need be.
     #[arg(long, env = "DRONEDELIVERY_SQL_MAX_RESULT_MB", default_value_t = MAX_RESULT_MB)]
     pub sql_max_result_mb: usize,
 
@@ -353,45 +355,48 @@ impl History {
         Ok(Arc::new(frame.schema().as_arrow().clone()))
     }
 
-    /// Runs one read-only query and collects its result.
-    pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+    /// Starts one read-only query: its result streams batch by batch within the
+    /// query's limits (see [`ResultStream`]). Planning and the wait for a place count
+    /// toward the time limit.
+    pub async fn query_stream(&self, sql: &str) -> Result<ResultStream> {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
-        let max_rows = self.limits.sql_max_rows;
-        let max_mb = self.limits.sql_max_result_mb.max(1);
-        let max_bytes = max_mb.saturating_mul(1024 * 1024);
-        let run = async {
-            let _place = self
-                .running
-                .acquire()
+        let limits = StreamLimits {
+            max_rows: self.limits.sql_max_rows,
+            max_mb: self.limits.sql_max_result_mb.max(1),
+            timeout,
+        };
+        let started = std::time::Instant::now();
+        let start = async {
+            let place = Arc::clone(&self.running)
+                .acquire_owned()
                 .await
                 .map_err(|_| AnalyticsError::Timeout { limit: timeout })?;
             let frame = self.plan(sql).await?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-            let mut stream = frame.execute_stream().await.map_err(query_err)?;
-            let mut batches = Vec::new();
-            let (mut rows, mut bytes) = (0, 0usize);
-            while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(query_err)?;
-                rows += batch.num_rows();
-                if rows > max_rows {
-                    return Err(AnalyticsError::TooManyRows { limit: max_rows });
-                }
-                bytes = bytes.saturating_add(batch.get_array_memory_size());
-                if bytes > max_bytes {
-                    return Err(AnalyticsError::ResultTooLarge { limit_mb: max_mb });
-                }
-                batches.push(batch);
-            }
-            Ok(QueryResult { schema, batches })
+            let batches = frame.execute_stream().await.map_err(query_err)?;
+            Ok(ResultStream::new(schema, batches, limits, started, place))
         };
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(timeout, run)
+        let stream = tokio::time::timeout(timeout, start)
             .await
-            .map_err(|_| AnalyticsError::Timeout { limit: timeout })?;
-        metrics::histogram!("sql_query_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("sql_queries_total", "outcome" => if result.is_ok() { "ok" } else { "error" })
-            .increment(1);
-        result
+            .map_err(|_| AnalyticsError::Timeout { limit: timeout })
+            .and_then(|started| started);
+        if stream.is_err() {
+            metrics::counter!("sql_queries_total", "outcome" => "error").increment(1);
+        }
+        stream
+    }
+
+    /// Runs one read-only query and collects its result (within the same limits).
+    pub async fn query(&self, sql: &str) -> Result<QueryResult> {
+        let mut stream = self.query_stream(sql).await?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            batches.push(batch?);
+        }
+        Ok(QueryResult {
+            schema: stream.schema(),
+            batches,
+        })
     }
 }
 
@@ -419,85 +424,15 @@ fn read_only_or_query(source: datafusion::error::DataFusionError) -> AnalyticsEr
     }
 }
 
-/// Renders a result in `format`.
+/// Renders a collected result in `format`.
 pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
-    let arrow_err = |source| AnalyticsError::Arrow {
-        action: "rendering the result",
-        source,
-    };
-    let batches = &result.batches;
-    match format {
-        OutputFormat::Table => {
-            // No rows: still show the columns.
-            let empty = [RecordBatch::new_empty(Arc::clone(&result.schema))];
-            let shown = if batches.is_empty() {
-                &empty[..]
-            } else {
-                batches
-            };
-            arrow::util::pretty::pretty_format_batches(shown)
-                .map(|t| format!("{t}\n").into_bytes())
-                .map_err(arrow_err)
-        }
-        OutputFormat::Csv => {
-            let mut out = Vec::new();
-            {
-                let mut writer = arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut out);
-                if batches.is_empty() {
-                    writer
-                        .write(&RecordBatch::new_empty(Arc::clone(&result.schema)))
-                        .map_err(arrow_err)?;
-                }
-                for batch in batches {
-                    writer.write(batch).map_err(arrow_err)?;
-                }
-            }
-            Ok(out)
-        }
-        OutputFormat::Json => {
-            let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
-            for batch in batches {
-                writer.write(batch).map_err(arrow_err)?;
-            }
-            writer.finish().map_err(arrow_err)?;
-            Ok(writer.into_inner())
-        }
-        OutputFormat::JsonArray => {
-            let mut writer = arrow::json::ArrayWriter::new(Vec::new());
-            for batch in batches {
-                writer.write(batch).map_err(arrow_err)?;
-            }
-            writer.finish().map_err(arrow_err)?;
-            let out = writer.into_inner();
-            // No rows: the writer writes nothing; an empty array is what clients parse.
-            Ok(if out.is_empty() { b"[]".to_vec() } else { out })
-        }
-        OutputFormat::Parquet => {
-            if batches.is_empty() {
-                crate::parquet_files::encode(
-                    &[RecordBatch::new_empty(Arc::clone(&result.schema))],
-                    None,
-                )
-            } else {
-                crate::parquet_files::encode(batches, None)
-            }
-        }
-        OutputFormat::Arrow => {
-            let mut out = Vec::new();
-            {
-                let mut writer =
-                    arrow::ipc::writer::StreamWriter::try_new(&mut out, &result.schema)
-                        .map_err(arrow_err)?;
-                for batch in batches {
-                    writer.write(batch).map_err(arrow_err)?;
-                }
-                writer.finish().map_err(arrow_err)?;
-            }
-            Ok(out)
-        }
+    let mut renderer = Renderer::new(Arc::clone(&result.schema), format)?;
+    let mut out = Vec::new();
+    for batch in &result.batches {
+        out.extend_from_slice(&renderer.write(batch)?);
     }
+    out.extend_from_slice(&renderer.finish()?);
+    Ok(out)
 }
 
 /// The object store registry of a query session: the history's store and nothing else,

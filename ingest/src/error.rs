@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 use schemas::ValidationError;
 
+use crate::body::{Body, full};
 use crate::sql::SqlFailureKind;
 
 /// The media type of every error answer: RFC 9457 problem details.
@@ -295,7 +295,7 @@ impl IngestError {
 
     /// The answer: [`IngestError::problem`] as `application/problem+json`, with
     /// `Retry-After`, `Allow` or `WWW-Authenticate` where they apply.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let body = self.problem();
         let mut builder = Response::builder()
@@ -324,8 +324,8 @@ impl IngestError {
             _ => {}
         }
         builder
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+            .body(full(Bytes::from(body.to_string())))
+            .unwrap_or_else(|_| Response::new(full(Bytes::new())))
     }
 }
 

@@ -27,6 +27,7 @@
 
 mod admission;
 pub mod batch;
+mod body;
 mod claim;
 mod config;
 mod error;

@@ -6,17 +6,17 @@
 //! or the server.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
+use crate::body::{Body, full};
 use crate::error::{PROBLEM_JSON, RETRY_AFTER, problem_type};
 use crate::idempotency::Stored;
 use crate::outcome::Outcome;
 use crate::tenants::Tenant;
 
 /// A plain-text answer (in the Prometheus text format's media type).
-pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -25,12 +25,12 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<
     response
 }
 
-pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     json_bytes(status, body.to_string())
 }
 
-pub(crate) fn json_bytes(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
+pub(crate) fn json_bytes(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -45,10 +45,7 @@ pub(crate) fn delivery_location(delivery_id: &str) -> String {
 }
 
 /// Adds `Location: location` to `response` (when it is a valid header value).
-pub(crate) fn with_location(
-    mut response: Response<Full<Bytes>>,
-    location: &str,
-) -> Response<Full<Bytes>> {
+pub(crate) fn with_location(mut response: Response<Body>, location: &str) -> Response<Body> {
     if let Ok(location) = header::HeaderValue::from_str(location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -56,7 +53,7 @@ pub(crate) fn with_location(
 }
 
 /// The answer of an earlier request with the same Idempotency-Key.
-pub(crate) fn replay(stored: Stored) -> Response<Full<Bytes>> {
+pub(crate) fn replay(stored: Stored) -> Response<Body> {
     metrics::counter!("ingest_idempotent_replays_total").increment(1);
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut response = json_bytes(status, stored.body);
@@ -156,7 +153,7 @@ pub(crate) fn count_outcomes<'a>(tenant: &Tenant, outcomes: impl IntoIterator<It
 /// A batch's answer: its report. When nothing was accepted (400: every record invalid;
 /// 503: some could be retried, with Retry-After) it is an error like any other, problem
 /// details (RFC 9457) whose extension members are the report's.
-pub(crate) fn report_response(status: StatusCode, report: Bytes) -> Response<Full<Bytes>> {
+pub(crate) fn report_response(status: StatusCode, report: Bytes) -> Response<Body> {
     let problem = match status {
         StatusCode::BAD_REQUEST => {
             Some(("invalid", "no record was accepted: every record is invalid"))

@@ -9,11 +9,10 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 
+use crate::body::Body;
 use crate::error::{IngestError, Result};
 use crate::handlers::deliveries::{self, Change};
 use crate::handlers::{self, sql, telemetry};
@@ -152,7 +151,7 @@ pub(crate) async fn route(
     req: Request<Incoming>,
     peer: SocketAddr,
     correlation: &str,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let caller = if route.is_api() {
         let origin = Origin::of(peer, |name| req.headers().contains_key(name));
         let tenant = app.tenants.authenticate(

@@ -13,8 +13,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bus::Producer;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
@@ -25,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::body::Body;
 use crate::config::IngestConfig;
 use crate::error::{IngestError, Result};
 use crate::handlers::sql::SqlAuthenticator;
@@ -258,7 +257,7 @@ impl Ingest {
 
 /// Answers one request: routes it, turns an error into its answer, and records the
 /// correlation id, the trace and the request metrics.
-async fn handle(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+async fn handle(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let uri = req.uri().clone();
     let route = Route::of(uri.path());

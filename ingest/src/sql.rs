@@ -6,6 +6,7 @@
 //! there to here), and it never handles HTTP itself: `handlers::sql` carries the request.
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 
 /// Answers `POST /api/sql`. The binary plugs in the history's SQL engine; this crate
 /// only carries the request and the answer.
@@ -18,19 +19,26 @@ pub trait SqlEndpoint: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'static, Result<SqlAnswer, SqlFailure>>;
 }
 
-/// A rendered query result.
-#[derive(Debug)]
+/// A query result, rendered as it streams.
 pub struct SqlAnswer {
     /// Its media type.
     pub content_type: &'static str,
-    /// The rendered rows.
-    pub body: Bytes,
-    /// How many rows.
-    pub rows: usize,
+    /// The rendered result, chunk by chunk. A failure part way (a limit passed) ends it
+    /// with the failure.
+    pub body: BoxStream<'static, Result<Bytes, SqlFailure>>,
 }
 
-/// Why a query gave no result.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::fmt::Debug for SqlAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlAnswer")
+            .field("content_type", &self.content_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a query gave no result (or stopped part way).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct SqlFailure {
     /// What kind of failure.
     pub kind: SqlFailureKind,

@@ -7,7 +7,6 @@
 //! answers are kept for replay. It must not import the routes or the server.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use schemas::headers as h;
@@ -15,6 +14,7 @@ use schemas::headers as h;
 use super::{check_content_type, check_json_content_type};
 use crate::admission::{Decoded, read_body, read_decoded};
 use crate::batch;
+use crate::body::Body;
 use crate::claim::{Claim, ClaimOutcome};
 use crate::error::{IngestError, Result};
 use crate::idempotency::{self, Stored};
@@ -36,7 +36,7 @@ pub(crate) async fn post_delivery_request(
     app: &App,
     req: Request<Incoming>,
     caller: &Caller<'_>,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let mut admission = app.budgets.admit()?;
     let content_type = check_json_content_type(&req);
     let key = idempotency_key(&req);
@@ -113,7 +113,7 @@ pub(crate) async fn post_batch(
     app: &App,
     req: Request<Incoming>,
     caller: &Caller<'_>,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let mut admission = app.budgets.admit()?;
     let key = idempotency_key(&req);
     let Decoded { framing, body } = read_decoded(
@@ -283,7 +283,7 @@ pub(crate) async fn change_delivery(
     caller: &Caller<'_>,
     delivery_id: &str,
     change: Change,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let mut admission = app.budgets.admit()?;
     let content_type = match change {
         Change::Reschedule => {
@@ -328,7 +328,7 @@ pub(crate) fn get_delivery(
     caller: &Caller<'_>,
     delivery_id: &str,
     status_only: bool,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let not_found = || IngestError::UnknownDelivery {
         delivery_id: delivery_id.chars().take(64).collect(),
     };

@@ -13,18 +13,17 @@ pub(crate) mod telemetry;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, header};
 
+use crate::body::Body;
 use crate::error::{IngestError, RETRY_AFTER, Result};
 use crate::response::text;
 use crate::state::App;
 
 /// `GET /readyz`: ready when a broker answers a metadata request for `delivery-requests`
 /// in time (on a server with a producer) and the further check given, if any, passes.
-pub(crate) async fn readyz(app: &App) -> Result<Response<Full<Bytes>>> {
+pub(crate) async fn readyz(app: &App) -> Result<Response<Body>> {
     if let Some(producer) = app.writer().cloned() {
         let checked = tokio::task::spawn_blocking(move || {
             producer.check_reachable(
@@ -56,7 +55,7 @@ pub(crate) async fn readyz(app: &App) -> Result<Response<Full<Bytes>>> {
 }
 
 /// `GET /metrics`: the process's metrics, where the server was given a renderer.
-pub(crate) fn metrics(app: &App) -> Result<Response<Full<Bytes>>> {
+pub(crate) fn metrics(app: &App) -> Result<Response<Body>> {
     match &app.metrics {
         Some(render) => Ok(text(StatusCode::OK, render())),
         None => Err(IngestError::NotFound {

@@ -2,21 +2,24 @@
 //! [`SqlAuthenticator`] for the other SQL interfaces).
 //!
 //! It owns the request's shape (`{"sql": "..."}`), the access rule (`--sql-tenants`) and
-//! the hand-over to the [`SqlEndpoint`](crate::SqlEndpoint) the binary plugged in. It must
-//! not run queries itself, and must not import the routes or the server.
+//! the hand-over to the [`SqlEndpoint`](crate::SqlEndpoint) the binary plugged in, whose
+//! answer it passes on as it streams. It must not run queries itself, and must not import
+//! the routes or the server.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use hyper::body::Incoming;
 use hyper::{Request, Response, header};
 
 use super::check_json_content_type;
 use crate::admission::read_body;
+use crate::body::{Body, full, streamed};
 use crate::error::{IngestError, Result};
 use crate::produce::Caller;
-use crate::sql::SqlFailureKind;
+use crate::sql::{SqlFailure, SqlFailureKind};
 use crate::state::App;
 use crate::tenants::Origin;
 use crate::tenants::{Tenant, Tenants};
@@ -31,7 +34,7 @@ pub(crate) async fn post_sql(
     app: &App,
     req: Request<Incoming>,
     caller: &Caller<'_>,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     let Some(engine) = app.sql.clone() else {
         return Err(IngestError::NotFound {
             path: "/api/sql".into(),
@@ -55,24 +58,52 @@ pub(crate) async fn post_sql(
         kind: SqlFailureKind::Invalid,
         message: format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"),
     })?;
-    let answer = engine
-        .query(request.sql, accept)
-        .await
-        .map_err(|f| IngestError::Sql {
-            kind: f.kind,
-            message: f.message,
-        })?;
-    tracing::debug!(
-        rows = answer.rows,
-        bytes = answer.body.len(),
-        "sql answered"
-    );
-    let mut response = Response::new(Full::new(answer.body));
+    let answer = engine.query(request.sql, accept).await.map_err(sql_error)?;
+    let body = head_or_stream(answer.body).await?;
+    let mut response = Response::new(body);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(answer.content_type),
     );
     Ok(response)
+}
+
+/// Results up to this many bytes are answered whole, so that a failure within them (a
+/// limit passed) still gets its own status; a larger result streams, and a failure past
+/// this point ends the answer early (see `body`).
+const WHOLE_ANSWER_BYTES: usize = 256 * 1024;
+
+/// The body of a result: whole when it ends within [`WHOLE_ANSWER_BYTES`], else the
+/// chunks read so far followed by the rest as it comes.
+async fn head_or_stream(
+    mut chunks: BoxStream<'static, std::result::Result<Bytes, SqlFailure>>,
+) -> Result<Body> {
+    let mut head = Vec::new();
+    let mut held = 0;
+    while held < WHOLE_ANSWER_BYTES {
+        match chunks.next().await {
+            None => return Ok(full(head.concat())),
+            Some(chunk) => {
+                let chunk = chunk.map_err(sql_error)?;
+                held += chunk.len();
+                head.push(chunk);
+            }
+        }
+    }
+    let rest = chunks.inspect_err(|failure| {
+        metrics::counter!("ingest_sql_answers_cut_total").increment(1);
+        tracing::debug!(reason = %failure.message, "sql answer ended early");
+    });
+    Ok(streamed(
+        futures_util::stream::iter(head.into_iter().map(Ok)).chain(rest),
+    ))
+}
+
+fn sql_error(failure: SqlFailure) -> IngestError {
+    IngestError::Sql {
+        kind: failure.kind,
+        message: failure.message,
+    }
 }
 
 /// Whether `tenant` may query the history: it is named in `sql_tenants`

@@ -4,14 +4,13 @@
 //! each fix. It must not import the routes or the server.
 
 use bus::OutRecord;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use schemas::headers as h;
 
 use crate::admission::{Decoded, read_decoded};
 use crate::batch;
+use crate::body::Body;
 use crate::error::{IngestError, Result};
 use crate::outcome::Outcome;
 use crate::produce::{self, Caller, Headers};
@@ -26,7 +25,7 @@ pub(crate) async fn post_telemetry(
     req: Request<Incoming>,
     caller: &Caller<'_>,
     drone_id: &str,
-) -> Result<Response<Full<Bytes>>> {
+) -> Result<Response<Body>> {
     if !caller.tenant.telemetry {
         return Err(IngestError::Forbidden {
             reason: format!(

@@ -1,0 +1,475 @@
+//! A query's answer as it streams: [`ResultStream`] hands out the result's record batches
+//! one at a time under the query's limits, and [`Renderer`] turns them into the bytes of
+//! an output format as they come, so that neither the server nor the client's answer ever
+//! holds the whole result.
+//!
+//! The limits are checked batch by batch: the rows returned (`--sql-max-rows`), the
+//! result's size in Arrow memory (`--sql-max-result-mb`, also per batch, so one huge batch
+//! is refused too) and the time from the query's start to its last batch
+//! (`--sql-timeout-secs`). A query's place among the running ones
+//! (`--sql-max-concurrent`) is held until its stream ends or is dropped, and never past
+//! that time: a client that stops reading (so that the stream is no longer polled) loses
+//! its place when the time is up, and its stream then ends with the time limit.
+//!
+//! It must not plan queries (`sql.rs` does) or know about HTTP or Flight.
+
+use std::fmt;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use datafusion::execution::SendableRecordBatchStream;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::error::{AnalyticsError, Result};
+use crate::sql::OutputFormat;
+
+/// The limits one result streams under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamLimits {
+    pub(crate) max_rows: usize,
+    pub(crate) max_mb: usize,
+    pub(crate) timeout: Duration,
+}
+
+/// A running query's result, batch by batch, within its limits.
+pub struct ResultStream {
+    schema: SchemaRef,
+    batches: SendableRecordBatchStream,
+    limits: StreamLimits,
+    started: Instant,
+    rows: usize,
+    bytes: usize,
+    /// Whether it ended (at its end or at an error), and its outcome was counted in the
+    /// query metrics.
+    ended: bool,
+    /// The query's place, given back at the end, or by `watchdog` when the time is up.
+    place: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ResultStream {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
+impl fmt::Debug for ResultStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResultStream")
+            .field("rows", &self.rows)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResultStream {
+    pub(crate) fn new(
+        schema: SchemaRef,
+        batches: SendableRecordBatchStream,
+        limits: StreamLimits,
+        started: Instant,
+        place: OwnedSemaphorePermit,
+    ) -> Self {
+        let place = Arc::new(Mutex::new(Some(place)));
+        let deadline = tokio::time::Instant::from_std(started + limits.timeout);
+        let watchdog = tokio::spawn({
+            let place = Arc::clone(&place);
+            async move {
+                tokio::time::sleep_until(deadline).await;
+                take(&place);
+            }
+        });
+        Self {
+            schema,
+            batches,
+            limits,
+            started,
+            rows: 0,
+            bytes: 0,
+            ended: false,
+            place,
+            watchdog,
+        }
+    }
+
+    /// The result's columns.
+    pub fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    /// The next batch; `None` at the end. Past a limit it is an error, and the stream
+    /// ends there.
+    pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        if self.ended {
+            return None;
+        }
+        let next = self.step().await.transpose();
+        if !matches!(next, Some(Ok(_))) {
+            self.ended = true;
+            take(&self.place);
+            metrics::histogram!("sql_query_seconds").record(self.started.elapsed().as_secs_f64());
+            let outcome = if next.is_none() { "ok" } else { "error" };
+            metrics::counter!("sql_queries_total", "outcome" => outcome).increment(1);
+        }
+        next
+    }
+
+    async fn step(&mut self) -> Result<Option<RecordBatch>> {
+        let limits = self.limits;
+        let timeout = || AnalyticsError::Timeout {
+            limit: limits.timeout,
+        };
+        let holds_place = self
+            .place
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some();
+        if !holds_place {
+            return Err(timeout());
+        }
+        let left = limits.timeout.saturating_sub(self.started.elapsed());
+        let Some(batch) = tokio::time::timeout(left, self.batches.next())
+            .await
+            .map_err(|_| timeout())?
+        else {
+            return Ok(None);
+        };
+        let batch = batch.map_err(|source| AnalyticsError::Query { source })?;
+        self.rows += batch.num_rows();
+        if self.rows > limits.max_rows {
+            return Err(AnalyticsError::TooManyRows {
+                limit: limits.max_rows,
+            });
+        }
+        self.bytes = self.bytes.saturating_add(batch.get_array_memory_size());
+        if self.bytes > limits.max_mb.saturating_mul(1024 * 1024) {
+            return Err(AnalyticsError::ResultTooLarge {
+                limit_mb: limits.max_mb,
+            });
+        }
+        Ok(Some(batch))
+    }
+
+    /// The batches as a stream (for Flight SQL), ending after the first error.
+    pub fn into_stream(self) -> BoxStream<'static, Result<RecordBatch>> {
+        futures_util::stream::unfold(Some(self), |state| async move {
+            let mut stream = state?;
+            match stream.next().await? {
+                Ok(batch) => Some((Ok(batch), Some(stream))),
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+        .boxed()
+    }
+}
+
+/// Gives a query's place back (once).
+fn take(place: &Mutex<Option<OwnedSemaphorePermit>>) {
+    drop(
+        place
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(),
+    );
+}
+
+/// A buffer the format writers write into and the renderer drains after each batch.
+#[derive(Clone, Default)]
+struct Drained(Arc<Mutex<Vec<u8>>>);
+
+impl Drained {
+    fn take(&self) -> Bytes {
+        let mut buffer = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Bytes::from(std::mem::take(&mut *buffer))
+    }
+}
+
+impl Write for Drained {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Writer {
+    Csv(arrow::csv::Writer<Drained>),
+    Json(arrow::json::LineDelimitedWriter<Drained>),
+    JsonArray(arrow::json::ArrayWriter<Drained>),
+    Arrow(arrow::ipc::writer::StreamWriter<Drained>),
+    Parquet(parquet::arrow::ArrowWriter<Drained>),
+    /// An aligned table needs every row for its column widths: it is rendered at the end
+    /// (its result is bounded by the query's limits like any other).
+    Table(Vec<RecordBatch>),
+}
+
+/// Renders a result in one format, batch by batch.
+pub struct Renderer {
+    schema: SchemaRef,
+    writer: Writer,
+    out: Drained,
+    written: bool,
+}
+
+impl fmt::Debug for Renderer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Renderer")
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+fn arrow_err(source: arrow::error::ArrowError) -> AnalyticsError {
+    AnalyticsError::Arrow {
+        action: "rendering the result",
+        source,
+    }
+}
+
+fn parquet_err(source: parquet::errors::ParquetError) -> AnalyticsError {
+    AnalyticsError::Parquet {
+        action: "rendering the result",
+        source,
+    }
+}
+
+impl Renderer {
+    /// A renderer of results with `schema` in `format`.
+    pub fn new(schema: SchemaRef, format: OutputFormat) -> Result<Self> {
+        let out = Drained::default();
+        let writer = match format {
+            OutputFormat::Table => Writer::Table(Vec::new()),
+            OutputFormat::Csv => Writer::Csv(
+                arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(out.clone()),
+            ),
+            OutputFormat::Json => Writer::Json(arrow::json::LineDelimitedWriter::new(out.clone())),
+            OutputFormat::JsonArray => {
+                Writer::JsonArray(arrow::json::ArrayWriter::new(out.clone()))
+            }
+            OutputFormat::Arrow => Writer::Arrow(
+                arrow::ipc::writer::StreamWriter::try_new(out.clone(), &schema)
+                    .map_err(arrow_err)?,
+            ),
+            OutputFormat::Parquet => Writer::Parquet(
+                parquet::arrow::ArrowWriter::try_new(
+                    out.clone(),
+                    Arc::clone(&schema),
+                    Some(crate::parquet_files::properties(None)),
+                )
+                .map_err(parquet_err)?,
+            ),
+        };
+        Ok(Self {
+            schema,
+            writer,
+            out,
+            written: false,
+        })
+    }
+
+    /// Renders `batch`: the bytes ready to send (possibly none yet).
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<Bytes> {
+        if batch.num_rows() == 0 {
+            return Ok(Bytes::new());
+        }
+        self.written = true;
+        match &mut self.writer {
+            Writer::Csv(w) => w.write(batch).map_err(arrow_err)?,
+            Writer::Json(w) => w.write(batch).map_err(arrow_err)?,
+            Writer::JsonArray(w) => w.write(batch).map_err(arrow_err)?,
+            Writer::Arrow(w) => w.write(batch).map_err(arrow_err)?,
+            Writer::Parquet(w) => w.write(batch).map_err(parquet_err)?,
+            Writer::Table(batches) => batches.push(batch.clone()),
+        }
+        Ok(self.out.take())
+    }
+
+    /// Ends the answer: the last bytes to send.
+    pub fn finish(self) -> Result<Bytes> {
+        let empty = || RecordBatch::new_empty(Arc::clone(&self.schema));
+        match self.writer {
+            Writer::Csv(mut w) => {
+                // No rows: still the header.
+                if !self.written {
+                    w.write(&empty()).map_err(arrow_err)?;
+                }
+            }
+            Writer::Json(mut w) => w.finish().map_err(arrow_err)?,
+            Writer::JsonArray(mut w) => {
+                w.finish().map_err(arrow_err)?;
+                // No rows: the writer writes nothing; an empty array is what clients parse.
+                if !self.written {
+                    return Ok(Bytes::from_static(b"[]"));
+                }
+            }
+            Writer::Arrow(mut w) => w.finish().map_err(arrow_err)?,
+            Writer::Parquet(w) => {
+                w.close().map_err(parquet_err)?;
+            }
+            Writer::Table(batches) => {
+                // No rows: still the columns.
+                let shown = if batches.is_empty() {
+                    vec![empty()]
+                } else {
+                    batches
+                };
+                let table =
+                    arrow::util::pretty::pretty_format_batches(&shown).map_err(arrow_err)?;
+                return Ok(Bytes::from(format!("{table}\n")));
+            }
+        }
+        Ok(self.out.take())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+
+    fn stream(
+        batches: impl futures_util::Stream<Item = datafusion::error::Result<RecordBatch>>
+        + Send
+        + 'static,
+        limits: StreamLimits,
+        places: &Arc<tokio::sync::Semaphore>,
+    ) -> ResultStream {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let place = Arc::clone(places).try_acquire_owned().unwrap();
+        let batches = Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&schema), batches));
+        ResultStream::new(schema, batches, limits, Instant::now(), place)
+    }
+
+    fn numbers(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let column = arrow::array::Int64Array::from_iter_values(0..n);
+        RecordBatch::try_new(schema, vec![Arc::new(column)]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_stream_no_one_reads_gives_its_place_back_when_its_time_is_up() {
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let limits = StreamLimits {
+            max_rows: 10,
+            max_mb: 1,
+            timeout: Duration::from_millis(100),
+        };
+        let mut result = stream(futures_util::stream::pending(), limits, &places);
+        assert_eq!(places.available_permits(), 0);
+        let place = tokio::time::timeout(Duration::from_secs(10), places.acquire())
+            .await
+            .expect("the place comes back");
+        drop(place);
+        assert!(matches!(
+            result.next().await,
+            Some(Err(AnalyticsError::Timeout { .. }))
+        ));
+        assert!(result.next().await.is_none(), "it ends at its error");
+    }
+
+    #[tokio::test]
+    async fn rows_and_bytes_are_bounded_as_they_stream_and_the_place_is_given_back() {
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        let limits = StreamLimits {
+            max_rows: 10,
+            max_mb: 1,
+            timeout: Duration::from_secs(60),
+        };
+        let batches = futures_util::stream::iter([Ok(numbers(6)), Ok(numbers(6))]);
+        let mut result = stream(batches, limits, &places);
+        assert_eq!(result.next().await.unwrap().unwrap().num_rows(), 6);
+        assert!(matches!(
+            result.next().await,
+            Some(Err(AnalyticsError::TooManyRows { limit: 10 }))
+        ));
+        assert_eq!(
+            places.available_permits(),
+            1,
+            "an ended stream holds no place"
+        );
+
+        let limits = StreamLimits {
+            max_rows: 1_000_000,
+            ..limits
+        };
+        // 1.6 MB in one batch, past the 1 MiB bound.
+        let big = futures_util::stream::iter([Ok(numbers(200_000))]);
+        let mut result = stream(big, limits, &places);
+        assert!(matches!(
+            result.next().await,
+            Some(Err(AnalyticsError::ResultTooLarge { limit_mb: 1 }))
+        ));
+    }
+
+    #[test]
+    fn every_format_renders_batch_by_batch_and_an_empty_result_still_parses() {
+        let schema = numbers(0).schema();
+        for format in [
+            OutputFormat::Csv,
+            OutputFormat::Json,
+            OutputFormat::JsonArray,
+            OutputFormat::Arrow,
+            OutputFormat::Parquet,
+            OutputFormat::Table,
+        ] {
+            let mut renderer = Renderer::new(Arc::clone(&schema), format).unwrap();
+            let mut out = renderer.write(&numbers(3)).unwrap().to_vec();
+            out.extend_from_slice(&renderer.write(&numbers(2)).unwrap());
+            out.extend_from_slice(&renderer.finish().unwrap());
+            let text = String::from_utf8_lossy(&out);
+            match format {
+                OutputFormat::Csv => assert_eq!(text, "n\n0\n1\n2\n0\n1\n"),
+                OutputFormat::Json => assert_eq!(text.lines().count(), 5),
+                OutputFormat::JsonArray => {
+                    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
+                    assert_eq!(rows.len(), 5);
+                }
+                OutputFormat::Arrow => {
+                    let reader =
+                        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(out), None)
+                            .unwrap();
+                    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+                    assert_eq!(rows, 5);
+                }
+                OutputFormat::Parquet => {
+                    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(
+                        Bytes::from(out),
+                        1024,
+                    )
+                    .unwrap();
+                    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+                    assert_eq!(rows, 5);
+                }
+                OutputFormat::Table => assert_eq!(text.matches("| 1 ").count(), 2, "{text}"),
+            }
+            let empty = Renderer::new(Arc::clone(&schema), format)
+                .unwrap()
+                .finish()
+                .unwrap();
+            match format {
+                OutputFormat::Csv => assert_eq!(&empty[..], b"n\n"),
+                OutputFormat::JsonArray => assert_eq!(&empty[..], b"[]"),
+                OutputFormat::Json => assert!(empty.is_empty()),
+                _ => assert!(!empty.is_empty(), "{format:?}"),
+            }
+        }
+    }
+}
