@@ -591,3 +591,91 @@ async fn a_retry_of_a_partly_failed_batch_sends_only_its_failed_records() -> Res
     assert_eq!(keys, expected);
     tier.stop().await
 }
+
+/// One tenant holding its share (`--tenant-share-percent`) of the body bytes in flight
+/// gets 503 for more, while another tenant is still served: no tenant can take the whole
+/// budget by sending much at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holds_no_more_than_its_share_of_the_bytes_in_flight() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (_dir, keys) = key_file(&format!("fabrikam:{FABRIKAM_KEY}\ncontoso:{CONTOSO_KEY}\n"))?;
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        auth: ingest::AuthArgs {
+            api_keys: Some(keys),
+            ..Default::default()
+        },
+        http: ingest::HttpServerArgs {
+            min_body_bytes_per_sec: 0,
+            ..Default::default()
+        },
+        tier: ingest::TierArgs {
+            max_batch_bytes: 64 * 1024,
+            max_in_flight_bytes: 512 * 1024,
+            tenant_share_percent: 50,
+            ..Default::default()
+        },
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    // Five fabrikam uploads that sent 59 KB of 60 KB each: about 295 KB held, past its
+    // 256 KiB share, though the tier's budget has room.
+    let head = format!(
+        "POST /api/deliveryrequests/batch HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\n\
+         content-type: application/json\r\ncontent-length: 60000\r\n\r\n",
+        bearer(FABRIKAM_KEY)
+    );
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        stream.write_all(head.as_bytes()).await?;
+        let mut body = vec![b' '; 59_000];
+        body[0] = b'[';
+        stream.write_all(&body).await?;
+        held.push(stream);
+    }
+    let client = client();
+    let url = format!("{}/api/deliveryrequests/batch", tier.base);
+    let batch = |owner: &str| {
+        let mut body = format!("[{}]", request_of(owner, 1)).into_bytes();
+        body.resize(60_000, b' ');
+        body
+    };
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let (status, headers, answer) = call(
+            &client,
+            "POST",
+            &url,
+            &[("authorization", &bearer(FABRIKAM_KEY))],
+            batch("fabrikam"),
+        )
+        .await?;
+        if status == 503 {
+            assert!(headers.contains_key("retry-after"), "{answer}");
+            assert!(
+                answer["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("--tenant-share-percent")),
+                "{answer}"
+            );
+            break;
+        }
+        assert_eq!(status, 202, "{answer}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fabrikam's share was never full"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, _, answer) = call(
+        &client,
+        "POST",
+        &url,
+        &[("authorization", &bearer(CONTOSO_KEY))],
+        batch("contoso"),
+    )
+    .await?;
+    assert_eq!(status, 202, "contoso is served beside it: {answer}");
+    drop(held);
+    tier.stop().await
+}

@@ -68,9 +68,9 @@ impl Budgets {
         Arc::clone(&self.connections).acquire_owned().await.ok()
     }
 
-    /// Takes one of the `--max-in-flight` places for a write, or answers 503 at once
-    /// (also while the pipeline is behind).
-    pub(crate) fn admit(&self) -> Result<Admission<'_>> {
+    /// Takes one of the `--max-in-flight` places for a write of `tenant`'s, or answers 503
+    /// at once (also while the pipeline is behind, or while the tenant holds its share).
+    pub(crate) fn admit(&self, tenant: &Tenant) -> Result<Admission<'_>> {
         if self
             .behind
             .iter()
@@ -81,11 +81,20 @@ impl Budgets {
                 retry_after: RETRY_AFTER,
             });
         }
-        self.admit_read()
+        self.admit_read(tenant)
     }
 
-    /// Takes one of the `--max-in-flight` places, or answers 503 at once.
-    pub(crate) fn admit_read(&self) -> Result<Admission<'_>> {
+    /// Takes one of the `--max-in-flight` places for `tenant`, or answers 503 at once.
+    pub(crate) fn admit_read(&self, tenant: &Tenant) -> Result<Admission<'_>> {
+        let (tenant_request, tenant_bytes) = match &tenant.share {
+            Some(share) => {
+                let place = Arc::clone(&share.in_flight)
+                    .try_acquire_owned()
+                    .map_err(|_| tenant_busy("requests in flight", tenant))?;
+                (Some(place), Some(Arc::clone(&share.body_bytes)))
+            }
+            None => (None, None),
+        };
         let permit = self
             .in_flight
             .try_acquire()
@@ -95,20 +104,38 @@ impl Budgets {
         metrics::gauge!("ingest_in_flight_requests").increment(1.0);
         Ok(Admission {
             _request: permit,
+            _tenant_request: tenant_request,
             budgets: self,
+            tenant_bytes,
+            tenant_name: Arc::clone(&tenant.name),
             bytes: None,
             reserved: 0,
         })
     }
 }
 
-/// A request's places: one of `--max-in-flight`, and its body bytes within
-/// `--max-in-flight-bytes`. Given back when dropped.
+fn tenant_busy(what: &'static str, tenant: &Tenant) -> IngestError {
+    metrics::counter!("ingest_tenant_share_refusals_total", "tenant" => tenant.name.to_string())
+        .increment(1);
+    IngestError::TenantShareTaken {
+        what,
+        retry_after: RETRY_AFTER,
+    }
+}
+
+/// A request's places: one of `--max-in-flight` (and of its tenant's share of them), and
+/// its body bytes within `--max-in-flight-bytes` (and within its tenant's share). Given
+/// back when dropped.
 #[derive(Debug)]
 pub(crate) struct Admission<'a> {
     _request: SemaphorePermit<'a>,
+    _tenant_request: Option<OwnedSemaphorePermit>,
     budgets: &'a Budgets,
-    bytes: Option<OwnedSemaphorePermit>,
+    /// The tenant's share of body bytes, if it has one.
+    tenant_bytes: Option<Arc<Semaphore>>,
+    tenant_name: Arc<str>,
+    /// The bytes held: of the tier's budget, and of the tenant's share.
+    bytes: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
     reserved: usize,
 }
 
@@ -120,12 +147,36 @@ impl Admission<'_> {
         }
         let more =
             u32::try_from(total - self.reserved).map_err(|_| IngestError::TooManyBytesInFlight)?;
+        let of_tenant =
+            match &self.tenant_bytes {
+                Some(share) => Some(Arc::clone(share).try_acquire_many_owned(more).map_err(
+                    |_| {
+                        metrics::counter!(
+                            "ingest_tenant_share_refusals_total",
+                            "tenant" => self.tenant_name.to_string()
+                        )
+                        .increment(1);
+                        IngestError::TenantShareTaken {
+                            what: "body bytes in flight",
+                            retry_after: RETRY_AFTER,
+                        }
+                    },
+                )?),
+                None => None,
+            };
         let permit = Arc::clone(&self.budgets.body_bytes)
             .try_acquire_many_owned(more)
             .map_err(|_| IngestError::TooManyBytesInFlight)?;
         match &mut self.bytes {
-            Some(held) => held.merge(permit),
-            None => self.bytes = Some(permit),
+            Some((held, held_of_tenant)) => {
+                held.merge(permit);
+                match (held_of_tenant, of_tenant) {
+                    (Some(held), Some(more)) => held.merge(more),
+                    (slot @ None, more) => *slot = more,
+                    (Some(_), None) => {}
+                }
+            }
+            None => self.bytes = Some((permit, of_tenant)),
         }
         self.reserved = total;
         Ok(())

@@ -26,6 +26,7 @@ const MIN_BODY_BYTES_PER_SEC: u64 = 8 * 1024;
 const MAX_IN_FLIGHT: usize = 4096;
 const DRAIN_SECS: u64 = 30;
 const MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+const TENANT_SHARE_PERCENT: u8 = 50;
 const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
 /// The tenant whose keys are fleet keys unless --telemetry-tenants says otherwise.
 const DEFAULT_FLEET_TENANT: &str = "fleet";
@@ -172,6 +173,18 @@ pub struct TierArgs {
     #[arg(long, env = "DRONEDELIVERY_TENANT_BURST", default_value_t = 0.0)]
     pub tenant_burst: f64,
 
+    /// Most of --max-in-flight and of --max-in-flight-bytes one tenant may hold at once,
+    /// in percent, so that a tenant sending much at once leaves room for the others; past
+    /// it that tenant gets 503 with Retry-After. (The only tenant of a tier without keys
+    /// has no share.)
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TENANT_SHARE_PERCENT",
+        default_value_t = TENANT_SHARE_PERCENT,
+        value_parser = clap::value_parser!(u8).range(1..=100)
+    )]
+    pub tenant_share_percent: u8,
+
     /// Most deliveries the status routes keep in memory; past it, finished ones are
     /// forgotten first.
     #[arg(
@@ -222,6 +235,7 @@ impl Default for TierArgs {
             max_in_flight_bytes: MAX_IN_FLIGHT_BYTES,
             tenant_rate_limit: 0.0,
             tenant_burst: 0.0,
+            tenant_share_percent: TENANT_SHARE_PERCENT,
             telemetry_tenants: vec![DEFAULT_FLEET_TENANT.to_owned()],
             status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,

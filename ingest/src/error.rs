@@ -112,6 +112,19 @@ pub enum IngestError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The calling tenant already holds its share (`--tenant-share-percent`) of the
+    /// requests or body bytes in flight. Nothing was accepted; the client should retry
+    /// after the given delay.
+    #[error(
+        "service unavailable: this tenant already holds its share of the {what} \
+         (--tenant-share-percent); retry later"
+    )]
+    TenantShareTaken {
+        /// Which budget.
+        what: &'static str,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// Request bodies already hold `--max-in-flight-bytes`. The body may be partly
     /// unread and nothing was accepted; the client should retry after a second.
     #[error("service unavailable: too many body bytes in flight")]
@@ -208,6 +221,7 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable { .. }
             | Self::TooManyInFlight { .. }
+            | Self::TenantShareTaken { .. }
             | Self::PipelineBehind { .. }
             | Self::TooManyBytesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -236,6 +250,7 @@ impl IngestError {
             Self::MethodNotAllowed { .. } => "method",
             Self::Unavailable { .. } => "unavailable",
             Self::TooManyInFlight { .. } => "in_flight",
+            Self::TenantShareTaken { .. } => "tenant_share",
             Self::PipelineBehind { .. } => "pipeline_behind",
             Self::TooManyBytesInFlight => "in_flight_bytes",
             Self::Unauthorized { .. } => "unauthorized",
@@ -259,6 +274,7 @@ impl IngestError {
             Self::PayloadTooLarge { .. }
                 | Self::BodyTooSlow { .. }
                 | Self::TooManyInFlight { .. }
+                | Self::TenantShareTaken { .. }
                 | Self::PipelineBehind { .. }
                 | Self::TooManyBytesInFlight
                 | Self::NotFound { .. }
@@ -307,6 +323,7 @@ impl IngestError {
         match &self {
             Self::Unavailable { retry_after, .. }
             | Self::TooManyInFlight { retry_after }
+            | Self::TenantShareTaken { retry_after, .. }
             | Self::PipelineBehind { retry_after }
             | Self::RateLimited { retry_after, .. } => {
                 builder = builder.header(header::RETRY_AFTER, retry_after_secs(*retry_after));

@@ -368,11 +368,22 @@ mod tests {
         assert!(app.metrics.is_some());
         assert!(app.readiness.is_some());
         assert!(app.sql.is_some());
+        let tenant = crate::tenants::Tenant::new("t", None, 0.0, false, Some((1, 1)));
         assert!(matches!(
-            app.budgets.admit(),
+            app.budgets.admit(&tenant),
             Err(IngestError::PipelineBehind { .. })
         ));
-        assert!(app.budgets.admit_read().is_ok());
+        let admitted = app.budgets.admit_read(&tenant);
+        assert!(admitted.is_ok());
+        assert!(
+            matches!(
+                app.budgets.admit_read(&tenant),
+                Err(IngestError::TenantShareTaken { .. })
+            ),
+            "a tenant holds no more than its share of the places"
+        );
+        drop(admitted);
+        assert!(app.budgets.admit_read(&tenant).is_ok());
         // Without keys, loopback callers may query.
         let local = SocketAddr::from(([127, 0, 0, 1], 1));
         let origin = crate::tenants::Origin::of(local, |_| false);

@@ -131,12 +131,28 @@ impl StateBuilder {
                 ),
             });
         }
+        let percent = usize::from(config.tier.tenant_share_percent.clamp(1, 100));
+        let share_of = |total: usize| (total.saturating_mul(percent) / 100).max(1);
+        let share = (
+            share_of(config.http.max_in_flight.max(1)),
+            share_of(config.tier.max_in_flight_bytes),
+        );
+        if share.1 < largest_body.saturating_mul(2) {
+            return Err(IngestError::Config {
+                reason: format!(
+                    "--tenant-share-percent ({percent}) of --max-in-flight-bytes must hold at \
+                     least one largest body as sent and decoded ({} bytes)",
+                    largest_body.saturating_mul(2)
+                ),
+            });
+        }
         let tenants = Tenants::load(
             config.auth.api_keys.as_deref(),
             &Limits {
                 rate: config.tier.tenant_rate_limit,
                 burst: config.tier.tenant_burst,
                 telemetry_tenants: config.tier.telemetry_tenants.clone(),
+                share: Some(share),
             },
         )?;
         let window = (config.tier.idempotency_window_bytes > 0).then(|| {

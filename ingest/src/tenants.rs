@@ -103,6 +103,9 @@ pub(crate) struct Tenant {
     /// Whether it may post drone telemetry.
     pub(crate) telemetry: bool,
     limiter: Option<Mutex<Bucket>>,
+    /// What it may hold of the shared budgets; none for the only tenant of a tier
+    /// without keys.
+    pub(crate) share: Option<Share>,
     pub(crate) accepted: metrics::Counter,
     pub(crate) rejected_invalid: metrics::Counter,
     pub(crate) rejected_unavailable: metrics::Counter,
@@ -110,8 +113,35 @@ pub(crate) struct Tenant {
     pub(crate) bytes: metrics::Counter,
 }
 
+/// What one tenant may hold at once of the tier's shared budgets
+/// (`--tenant-share-percent` of `--max-in-flight` and of `--max-in-flight-bytes`), so that
+/// a tenant sending much at once leaves room for the others.
+#[derive(Debug)]
+pub(crate) struct Share {
+    /// Its requests in flight.
+    pub(crate) in_flight: Arc<tokio::sync::Semaphore>,
+    /// Its body bytes held, one permit per byte.
+    pub(crate) body_bytes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Share {
+    fn new((in_flight, body_bytes): (usize, usize)) -> Self {
+        let permits = |n: usize| n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(permits(in_flight))),
+            body_bytes: Arc::new(tokio::sync::Semaphore::new(permits(body_bytes))),
+        }
+    }
+}
+
 impl Tenant {
-    pub(crate) fn new(name: &str, rate: Option<f64>, burst: f64, telemetry: bool) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        rate: Option<f64>,
+        burst: f64,
+        telemetry: bool,
+        share: Option<(usize, usize)>,
+    ) -> Self {
         let label = name.to_owned();
         let limiter = rate.map(|rate| {
             let burst = if burst > 0.0 { burst } else { rate };
@@ -122,6 +152,7 @@ impl Tenant {
             unauthenticated: false,
             telemetry,
             limiter,
+            share: share.map(Share::new),
             accepted: metrics::counter!("ingest_records_accepted_total", "tenant" => label.clone()),
             rejected_invalid: metrics::counter!(
                 "ingest_records_rejected_total", "tenant" => label.clone(), "reason" => "invalid"
@@ -170,6 +201,9 @@ pub(crate) struct Limits {
     /// The fleet tenants, which may post drone telemetry (`*`: every tenant); none when
     /// empty.
     pub(crate) telemetry_tenants: Vec<String>,
+    /// What each tenant of the key file may hold at once: requests in flight and body
+    /// bytes; none for no share.
+    pub(crate) share: Option<(usize, usize)>,
 }
 
 impl Limits {
@@ -196,7 +230,13 @@ impl Tenants {
     pub(crate) fn load(path: Option<&Path>, limits: &Limits) -> Result<Self> {
         let default_rate = (limits.rate > 0.0).then_some(limits.rate);
         let Some(path) = path else {
-            let mut tenant = Tenant::new(schemas::DEFAULT_TENANT, default_rate, limits.burst, true);
+            let mut tenant = Tenant::new(
+                schemas::DEFAULT_TENANT,
+                default_rate,
+                limits.burst,
+                true,
+                None,
+            );
             tenant.unauthenticated = true;
             return Ok(Self {
                 by_digest: HashMap::new(),
@@ -240,7 +280,13 @@ impl Tenants {
                     .copied()
                     .or((limits.rate > 0.0).then_some(limits.rate));
                 let telemetry = limits.telemetry(line.tenant);
-                tenants.push(Tenant::new(line.tenant, rate, limits.burst, telemetry));
+                tenants.push(Tenant::new(
+                    line.tenant,
+                    rate,
+                    limits.burst,
+                    telemetry,
+                    limits.share,
+                ));
                 tenants.len() - 1
             });
             let digest = digest(line.key);

@@ -37,7 +37,7 @@ pub(crate) async fn post_delivery_request(
     req: Request<Incoming>,
     caller: &Caller<'_>,
 ) -> Result<Response<Body>> {
-    let mut admission = app.budgets.admit()?;
+    let mut admission = app.budgets.admit(caller.tenant)?;
     let content_type = check_json_content_type(&req);
     let key = idempotency_key(&req);
     // The body is read (bounded) before any other answer, so the connection stays usable.
@@ -114,7 +114,7 @@ pub(crate) async fn post_batch(
     req: Request<Incoming>,
     caller: &Caller<'_>,
 ) -> Result<Response<Body>> {
-    let mut admission = app.budgets.admit()?;
+    let mut admission = app.budgets.admit(caller.tenant)?;
     let key = idempotency_key(&req);
     let Decoded { framing, body } = read_decoded(
         req,
@@ -284,7 +284,7 @@ pub(crate) async fn change_delivery(
     delivery_id: &str,
     change: Change,
 ) -> Result<Response<Body>> {
-    let mut admission = app.budgets.admit()?;
+    let mut admission = app.budgets.admit(caller.tenant)?;
     let content_type = match change {
         Change::Reschedule => {
             check_content_type(&req, &["application/json", "application/merge-patch+json"])

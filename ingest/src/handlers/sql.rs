@@ -47,7 +47,7 @@ pub(crate) async fn post_sql(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut admission = app.budgets.admit_read()?;
+    let mut admission = app.budgets.admit_read(caller.tenant)?;
     let body = read_body(req, MAX_SQL_BODY, &mut admission).await?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -35,7 +35,7 @@ pub(crate) async fn post_telemetry(
             ),
         });
     }
-    let mut admission = app.budgets.admit()?;
+    let mut admission = app.budgets.admit(caller.tenant)?;
     let Decoded { framing, body } = read_decoded(
         req,
         app.config.tier.max_batch_bytes,
