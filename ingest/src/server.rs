@@ -165,6 +165,16 @@ impl Ingest {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout);
+        // HTTP/2: a bounded number of streams per connection (each request still takes
+        // one of --max-in-flight), headers bounded as on HTTP/1, and pings that close a
+        // connection whose peer stopped answering (the idle timeout closes quiet ones).
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_BYTES)
+            .keep_alive_interval(Some(H2_PING_INTERVAL))
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         loop {
             let permit = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -254,6 +264,14 @@ impl Ingest {
         Ok(())
     }
 }
+
+/// Most concurrent streams of one HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 100;
+/// Largest header list of an HTTP/2 request (HTTP/1 allows about as much: 100 headers).
+const H2_MAX_HEADER_BYTES: u32 = 64 * 1024;
+/// How often an HTTP/2 connection is pinged, and how long its answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Answers one request: routes it, turns an error into its answer, and records the
 /// correlation id, the trace and the request metrics.
