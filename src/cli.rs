@@ -187,6 +187,8 @@ pub(crate) struct RunArgs {
     pub(crate) simulator: SimulatorArgs,
     #[command(flatten)]
     pub(crate) backpressure: BackpressureArgs,
+    #[command(flatten)]
+    pub(crate) health: HealthArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1111,28 +1111,38 @@ async fn a_store_that_refuses_writes_means_503_and_no_lost_record() -> Result<()
     Ok(())
 }
 
-/// The ingestion tier's probes have a listener of their own (`--health-listen`): while
-/// clients hold every connection of the API without finishing a request, `/healthz` and
-/// `/readyz` still answer there.
+/// The ingestion tier's probes have a listener of their own (`--health-listen`), in
+/// `ingest` and in `run`: while clients hold every connection of the API without finishing
+/// a request, `/healthz` and `/readyz` still answer there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_probes_answer_while_clients_hold_every_connection() -> Result<()> {
-    use tokio::io::AsyncWriteExt;
+async fn probes_answer_while_clients_hold_every_connection() -> Result<()> {
     let broker = EmbeddedBroker::start(1, &topics::ALL)?;
-    let (tier, found) = Service::start(
-        "ingest",
-        &[
-            "ingest",
-            "--brokers",
-            broker.bootstrap_servers(),
-            "--listen",
-            "127.0.0.1:0",
-            "--max-connections",
-            "2",
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
-        &[announce::API, announce::HEALTH],
-    )?;
+    let common = [
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "2",
+        "--health-listen",
+        "127.0.0.1:0",
+    ];
+    let mut ingest = vec!["ingest", "--brokers", broker.bootstrap_servers()];
+    ingest.extend(common);
+    probes_answer_beside_a_full_api("ingest", &ingest).await?;
+    let data = tempfile::tempdir()?;
+    let mut run = vec![
+        "run",
+        "--flight-listen",
+        "off",
+        "--data",
+        data.path().to_str().context("path")?,
+    ];
+    run.extend(common);
+    probes_answer_beside_a_full_api("run", &run).await
+}
+
+async fn probes_answer_beside_a_full_api(label: &'static str, args: &[&str]) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (tier, found) = Service::start(label, args, &[announce::API, announce::HEALTH])?;
     let (api, health) = (found[0].clone(), format!("http://{}", found[1]));
     // Two clients take both places and never finish their headers.
     let mut held = Vec::new();
@@ -1155,10 +1165,13 @@ async fn ingest_probes_answer_while_clients_hold_every_connection() -> Result<()
         ),
     )
     .await;
-    assert!(waiting.is_err(), "the API still had a place: {waiting:?}");
+    assert!(
+        waiting.is_err(),
+        "{label}: the API still had a place: {waiting:?}"
+    );
     let (status, _, body) =
         call_bytes(&http, "GET", &format!("{health}/healthz"), &[], Vec::new()).await?;
-    assert_eq!(status, 200, "{body:?}");
+    assert_eq!(status, 200, "{label}: {body:?}");
     eventually_contains(&http, &format!("{health}/readyz"), "ready").await?;
     drop(held);
     tier.stop()?;

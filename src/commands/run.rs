@@ -49,6 +49,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let (front, stop_front) = supervisor.stage();
     let (processing, stop_processing) = supervisor.stage();
     let (back, stop_back) = supervisor.stage();
+    let (last, stop_health) = supervisor.stage();
     supervisor.spawn_helper(
         back,
         "producer queue gauge",
@@ -74,7 +75,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let sink_health = analytics::sink::SinkHealth::default();
     let mut ingest = Ingest::bind(config, producer.clone())
         .await?
-        .with_metrics(render)
+        .with_metrics(render.clone())
         .with_status(view)
         .with_sql(Arc::new(HistorySql(history.clone())))
         .with_backpressure(sink_health.stalled_flag())
@@ -94,6 +95,22 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                 let _ = task.await;
             }),
         );
+    }
+    // The probes' own listener (when asked for), so that they are answered when every
+    // API connection is taken; up until the pipeline has stopped.
+    if let Some(health) = listeners::health(
+        args.health.health_listen,
+        listeners::both(
+            broker::readiness(&settings)?,
+            listeners::sink_readiness(sink_health.clone()),
+        ),
+        render.clone(),
+        stop_front.clone(),
+        stop_health,
+    )
+    .await?
+    {
+        supervisor.spawn_helper(last, "health listener", health);
     }
     let addr = ingest.local_addr()?;
     let unauthenticated = ingest.is_unauthenticated();
