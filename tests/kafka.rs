@@ -466,3 +466,136 @@ async fn every_group_grows_to_three_members_and_shrinks_back_under_traffic() -> 
     // Still exactly the accepted requests once every sink has stopped.
     history_holds_exactly(data, ids, &report.accepted, HISTORY).await
 }
+
+/// Under exactly-once on the cluster, an output the broker refuses for what it is (here
+/// larger than its topic's `max.message.bytes`, which only the broker knows) aborts its
+/// transaction, which is sent again, from a new registration, with the output's dead
+/// letter in its place: the letter keeps the record, and the partition moves on (the delivery's
+/// reschedule, after it on the same partition, is forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_the_broker_refuses_becomes_a_dead_letter_under_exactly_once() -> Result<()> {
+    let _turn = exclusive().await;
+    let cluster = KafkaCluster::shared();
+    let settings = cluster.settings();
+    bus::ensure_topics(&settings, &topics::ALL).await?;
+    let topic = topics::DELIVERIES.name;
+    // The topic sets nothing of its own: giving back no setting restores it.
+    let _restore = RestoreTopic(settings.clone(), topic);
+    bus::alter_topic(&settings, topic, &[("max.message.bytes", "2048")]).await?;
+    let brokers = cluster.bootstrap();
+    let (ingest, found) = Service::start(
+        "ingest",
+        &["ingest", "--brokers", brokers, "--listen", "127.0.0.1:0"],
+        &[dronedelivery::announce::API],
+    )?;
+    let (workflow, _) = Service::start(
+        "process",
+        &[
+            "process",
+            "--brokers",
+            brokers,
+            "--processors",
+            "workflow",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+        &[dronedelivery::announce::HEALTH],
+    )?;
+    let api = format!("http://{}", found[0]);
+    let http = client();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let id = format!("refused-{}", &run[..8]);
+    // 8 KB of random hex in a field the API ignores: the tier takes it (under
+    // --max-record-bytes), and the workflow's copy on `deliveries` is past the topic's
+    // limit even compressed.
+    let mut request = request_in(0, &id, "default", -70);
+    let padding: String = (0..250)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    request["padding"] = padding.into();
+    let (status, _, body) =
+        post_json(&http, &format!("{api}/api/deliveryrequests"), &request).await?;
+    assert_eq!(status, 202, "{body}");
+    let (status, _, body) = call(
+        &http,
+        "PATCH",
+        &format!("{api}/api/deliveryrequests/{id}"),
+        &[("content-type", "application/json")],
+        br#"{"pickupTime": "2098-01-01T00:00:00Z"}"#.to_vec(),
+    )
+    .await?;
+    assert_eq!(status, 202, "{body}");
+
+    let key = format!("default/{id}");
+    let letters = keyed(&settings, topics::DEAD_LETTERS.name, &key, 1).await?;
+    assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0])
+        .context("the letter keeps the record (whole, under 16 KiB)")?;
+    assert_eq!(letter["deliveryId"], id.as_str());
+    let forwarded = keyed(&settings, topic, &key, 1).await?;
+    assert_eq!(forwarded.len(), 1, "only the reschedule: {forwarded:?}");
+    assert!(
+        String::from_utf8_lossy(&forwarded[0]).contains("2098-01-01"),
+        "the partition moved on past the refused record"
+    );
+    workflow.stop()?;
+    ingest.stop()
+}
+
+/// Gives topic `.1` back its defaults when dropped (also when a test fails), in a
+/// runtime of its own.
+struct RestoreTopic(bus::ClientSettings, &'static str);
+
+impl Drop for RestoreTopic {
+    fn drop(&mut self) {
+        let (settings, topic) = (self.0.clone(), self.1);
+        let restored = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(bus::alter_topic(&settings, topic, &[]))?;
+            anyhow::Ok(())
+        })
+        .join();
+        if !matches!(restored, Ok(Ok(()))) {
+            eprintln!("topic {topic} keeps a setting of a test: {restored:?}");
+        }
+    }
+}
+
+/// The payloads of the records of `topic` with `key`, read from the start until at least
+/// `expected` arrived and a second passed with no more (or the time ran out).
+async fn keyed(
+    settings: &bus::ClientSettings,
+    topic: &str,
+    key: &str,
+    expected: usize,
+) -> Result<Vec<Vec<u8>>> {
+    let reader = bus::Consumer::subscribe(
+        settings,
+        &format!("reader-{}", uuid::Uuid::new_v4()),
+        &[topic],
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut found = Vec::new();
+    let mut quiet_from = None;
+    loop {
+        let wait = match quiet_from {
+            Some(at) => at,
+            None => deadline,
+        };
+        match tokio::time::timeout_at(wait, reader.recv()).await {
+            Ok(record) => {
+                let record = record?;
+                if record.key() == Some(key.as_bytes()) {
+                    found.push(record.payload().unwrap_or_default().to_vec());
+                }
+                if found.len() >= expected {
+                    quiet_from = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+                }
+            }
+            Err(_) if found.len() >= expected => return Ok(found),
+            Err(_) => bail!("{topic}: {} of {expected} records keyed {key}", found.len()),
+        }
+    }
+}

@@ -162,25 +162,40 @@ impl Committer {
                 let mut stages = stages;
                 // Sent again, whole, when the broker refused one output for what it is
                 // (that output then a dead letter): each time one output fewer can fail.
-                let transaction = async {
-                    loop {
-                        if let Some(committed) = self
-                            .transaction(consumer, &mut stages, last, shutdown)
-                            .await?
-                        {
-                            return Ok::<_, ProcessorError>(committed);
+                let committed = loop {
+                    let transaction = self.transaction(consumer, &mut stages, last, shutdown);
+                    let grace = async {
+                        shutdown.cancelled().await;
+                        tokio::time::sleep(STOP_GRACE).await;
+                    };
+                    let outcome = tokio::select! {
+                        outcome = transaction => outcome?,
+                        () = grace => {
+                            tracing::warn!(processor = self.name, grace = ?STOP_GRACE, "stopping: the open transaction did not finish in time and is left to the broker");
+                            Some(Committed::Stopped)
                         }
+                    };
+                    if let Some(committed) = outcome {
+                        break committed;
                     }
-                };
-                let grace = async {
-                    shutdown.cancelled().await;
-                    tokio::time::sleep(STOP_GRACE).await;
-                };
-                let committed = tokio::select! {
-                    committed = transaction => committed?,
-                    () = grace => {
-                        tracing::warn!(processor = self.name, grace = ?STOP_GRACE, "stopping: the open transaction did not finish in time and is left to the broker");
-                        Committed::Stopped
+                    // The refused transaction was aborted: the batch is sent again from a
+                    // new registration of the same id, which waits for the coordinator to
+                    // finish that abort. (Sent again on the same producer, right after
+                    // the epoch bump of the abort, the batch's records were purged, and
+                    // the batch, restored, was refused again, for ever.)
+                    if shutdown.is_cancelled() {
+                        return Ok(Committed::Stopped);
+                    }
+                    match register(
+                        self.name,
+                        &self.durability,
+                        &self.transactional_id,
+                        shutdown,
+                    )
+                    .await?
+                    {
+                        Some(producer) => self.producer = producer,
+                        None => return Ok(Committed::Stopped),
                     }
                 };
                 if self.broken.load(Ordering::SeqCst) {
