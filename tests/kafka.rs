@@ -564,7 +564,7 @@ impl Drop for RestoreTopic {
 }
 
 /// The payloads of the records of `topic` with `key`, read from the start until at least
-/// `expected` arrived and a second passed with no more (or the time ran out).
+/// `expected` arrived and 3 s passed with no more record of the topic (or 90 s in all).
 async fn keyed(
     settings: &bus::ClientSettings,
     topic: &str,
@@ -580,10 +580,7 @@ async fn keyed(
     let mut found = Vec::new();
     let mut quiet_from = None;
     loop {
-        let wait = match quiet_from {
-            Some(at) => at,
-            None => deadline,
-        };
+        let wait = quiet_from.map_or(deadline, |at: tokio::time::Instant| at.min(deadline));
         match tokio::time::timeout_at(wait, reader.recv()).await {
             Ok(record) => {
                 let record = record?;

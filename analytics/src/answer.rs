@@ -7,9 +7,10 @@
 //! result's size in Arrow memory (`--sql-max-result-mb`, also per batch, so one huge batch
 //! is refused too) and the time from the query's start to its last batch
 //! (`--sql-timeout-secs`). A query's place among the running ones
-//! (`--sql-max-concurrent`) is held until its stream ends or is dropped, and never past
-//! that time: a client that stops reading (so that the stream is no longer polled) loses
-//! its place when the time is up, and its stream then ends with the time limit.
+//! (`--sql-max-concurrent`) and its stream (with its operators' memory) are held until
+//! its stream ends or is dropped, and never past that time: when a client stops reading
+//! (so that the stream is no longer polled), both are dropped when the time is up, and
+//! the stream then ends with the time limit.
 //!
 //! It must not plan queries (`sql.rs` does) or know about HTTP or Flight.
 
@@ -40,7 +41,6 @@ pub(crate) struct StreamLimits {
 /// A running query's result, batch by batch, within its limits.
 pub struct ResultStream {
     schema: SchemaRef,
-    batches: SendableRecordBatchStream,
     limits: StreamLimits,
     started: Instant,
     rows: usize,
@@ -48,14 +48,25 @@ pub struct ResultStream {
     /// Whether it ended (at its end or at an error), and its outcome was counted in the
     /// query metrics.
     ended: bool,
-    /// The query's place, given back at the end, or by `watchdog` when the time is up.
-    place: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// The query's stream and place, given back at the end, or by `watchdog` when the
+    /// time is up.
+    running: Arc<Mutex<Running>>,
     watchdog: tokio::task::JoinHandle<()>,
+}
+
+/// What a running query holds: its stream of batches (with the memory of its operators)
+/// and its place among the running queries. Out of `batches` only while it is polled.
+struct Running {
+    batches: Option<SendableRecordBatchStream>,
+    place: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for ResultStream {
     fn drop(&mut self) {
         self.watchdog.abort();
+        if !self.ended {
+            metrics::counter!("sql_queries_total", "outcome" => "abandoned").increment(1);
+        }
     }
 }
 
@@ -76,24 +87,26 @@ impl ResultStream {
         started: Instant,
         place: OwnedSemaphorePermit,
     ) -> Self {
-        let place = Arc::new(Mutex::new(Some(place)));
+        let running = Arc::new(Mutex::new(Running {
+            batches: Some(batches),
+            place: Some(place),
+        }));
         let deadline = tokio::time::Instant::from_std(started + limits.timeout);
         let watchdog = tokio::spawn({
-            let place = Arc::clone(&place);
+            let running = Arc::clone(&running);
             async move {
                 tokio::time::sleep_until(deadline).await;
-                take(&place);
+                release(&running);
             }
         });
         Self {
             schema,
-            batches,
             limits,
             started,
             rows: 0,
             bytes: 0,
             ended: false,
-            place,
+            running,
             watchdog,
         }
     }
@@ -112,7 +125,7 @@ impl ResultStream {
         let next = self.step().await.transpose();
         if !matches!(next, Some(Ok(_))) {
             self.ended = true;
-            take(&self.place);
+            release(&self.running);
             metrics::histogram!("sql_query_seconds").record(self.started.elapsed().as_secs_f64());
             let outcome = if next.is_none() { "ok" } else { "error" };
             metrics::counter!("sql_queries_total", "outcome" => outcome).increment(1);
@@ -125,19 +138,19 @@ impl ResultStream {
         let timeout = || AnalyticsError::Timeout {
             limit: limits.timeout,
         };
-        let holds_place = self
-            .place
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some();
-        if !holds_place {
+        // Taken out while it is polled; the watchdog, past the time, drops what is left.
+        let Some(mut batches) = lock(&self.running).batches.take() else {
             return Err(timeout());
-        }
+        };
         let left = limits.timeout.saturating_sub(self.started.elapsed());
-        let Some(batch) = tokio::time::timeout(left, self.batches.next())
-            .await
-            .map_err(|_| timeout())?
-        else {
+        let next = tokio::time::timeout(left, batches.next()).await;
+        {
+            let mut running = lock(&self.running);
+            if running.place.is_some() {
+                running.batches = Some(batches);
+            }
+        }
+        let Some(batch) = next.map_err(|_| timeout())? else {
             return Ok(None);
         };
         let batch = batch.map_err(|source| AnalyticsError::Query { source })?;
@@ -169,14 +182,20 @@ impl ResultStream {
     }
 }
 
-/// Gives a query's place back (once).
-fn take(place: &Mutex<Option<OwnedSemaphorePermit>>) {
-    drop(
-        place
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take(),
-    );
+fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drops a query's stream (and the memory it holds) and gives its place back.
+fn release(running: &Mutex<Running>) {
+    let (batches, place) = {
+        let mut running = lock(running);
+        (running.batches.take(), running.place.take())
+    };
+    drop(batches);
+    drop(place);
 }
 
 /// A buffer the format writers write into and the renderer drains after each batch.
@@ -365,19 +384,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_no_one_reads_gives_its_place_back_when_its_time_is_up() {
+    async fn a_stream_no_one_reads_is_dropped_and_gives_its_place_back_when_its_time_is_up() {
         let places = Arc::new(tokio::sync::Semaphore::new(1));
         let limits = StreamLimits {
             max_rows: 10,
             max_mb: 1,
             timeout: Duration::from_millis(100),
         };
-        let mut result = stream(futures_util::stream::pending(), limits, &places);
+        // A stream that says when it is dropped (with the memory it would hold).
+        struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = Dropped(Arc::clone(&dropped));
+        let pending = futures_util::stream::pending().map(move |batch| {
+            let _held = &guard;
+            batch
+        });
+        let mut result = stream(pending, limits, &places);
         assert_eq!(places.available_permits(), 0);
         let place = tokio::time::timeout(Duration::from_secs(10), places.acquire())
             .await
             .expect("the place comes back");
         drop(place);
+        assert!(
+            dropped.load(std::sync::atomic::Ordering::SeqCst),
+            "the stream no one reads is dropped with its place"
+        );
         assert!(matches!(
             result.next().await,
             Some(Err(AnalyticsError::Timeout { .. }))

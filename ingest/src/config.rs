@@ -175,8 +175,9 @@ pub struct TierArgs {
 
     /// Most of --max-in-flight and of --max-in-flight-bytes one tenant may hold at once,
     /// in percent, so that a tenant sending much at once leaves room for the others; past
-    /// it that tenant gets 503 with Retry-After. (The only tenant of a tier without keys
-    /// has no share.)
+    /// it that tenant gets 503 with Retry-After. A share of bytes is never less than one
+    /// largest body as sent and decoded. (The only tenant of a tier without keys has no
+    /// share.)
     #[arg(
         long,
         env = "DRONEDELIVERY_TENANT_SHARE_PERCENT",

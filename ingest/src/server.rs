@@ -13,7 +13,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bus::Producer;
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -166,15 +167,15 @@ impl Ingest {
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout);
         // HTTP/2: a bounded number of streams per connection (each request still takes
-        // one of --max-in-flight), headers bounded as on HTTP/1, and pings that close a
-        // connection whose peer stopped answering (the idle timeout closes quiet ones).
+        // one of --max-in-flight) and headers bounded as on HTTP/1. No server pings: hyper
+        // pings idle connections too, and the answers would count as activity, so an
+        // idle connection would never reach --idle-timeout-secs; a peer that stopped
+        // answering is closed by that timeout, or by a body's time limits mid-request.
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_STREAMS)
-            .max_header_list_size(H2_MAX_HEADER_BYTES)
-            .keep_alive_interval(Some(H2_PING_INTERVAL))
-            .keep_alive_timeout(H2_PING_TIMEOUT);
+            .max_header_list_size(H2_MAX_HEADER_BYTES);
         loop {
             let permit = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -204,7 +205,20 @@ impl Ingest {
                 let request = requests.begin();
                 async move {
                     let answer = handle(&app, req, peer).await;
-                    drop(request);
+                    // A streamed answer (SQL) is in progress until its body ends, so the
+                    // idle timeout never cuts it between two of its chunks.
+                    let answer = if answer.body().size_hint().exact().is_some() {
+                        drop(request);
+                        answer
+                    } else {
+                        answer.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _in_progress = &request;
+                                frame
+                            })
+                            .boxed_unsync()
+                        })
+                    };
                     Ok::<_, std::convert::Infallible>(answer)
                 }
             });
@@ -269,9 +283,6 @@ impl Ingest {
 const H2_MAX_STREAMS: u32 = 100;
 /// Largest header list of an HTTP/2 request (HTTP/1 allows about as much: 100 headers).
 const H2_MAX_HEADER_BYTES: u32 = 64 * 1024;
-/// How often an HTTP/2 connection is pinged, and how long its answer may take.
-const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Answers one request: routes it, turns an error into its answer, and records the
 /// correlation id, the trace and the request metrics.

@@ -131,21 +131,17 @@ impl StateBuilder {
                 ),
             });
         }
+        // Each tenant of the key file may hold its share of the in-flight places and body
+        // bytes, and never less than one largest body as sent and decoded (so that every
+        // tenant can send what the tier takes).
         let percent = usize::from(config.tier.tenant_share_percent.clamp(1, 100));
         let share_of = |total: usize| (total.saturating_mul(percent) / 100).max(1);
         let share = (
             share_of(config.http.max_in_flight.max(1)),
-            share_of(config.tier.max_in_flight_bytes),
+            share_of(config.tier.max_in_flight_bytes)
+                .max(largest_body.saturating_mul(2))
+                .min(config.tier.max_in_flight_bytes),
         );
-        if share.1 < largest_body.saturating_mul(2) {
-            return Err(IngestError::Config {
-                reason: format!(
-                    "--tenant-share-percent ({percent}) of --max-in-flight-bytes must hold at \
-                     least one largest body as sent and decoded ({} bytes)",
-                    largest_body.saturating_mul(2)
-                ),
-            });
-        }
         let tenants = Tenants::load(
             config.auth.api_keys.as_deref(),
             &Limits {

@@ -194,7 +194,11 @@ impl Committer {
                     )
                     .await?
                     {
-                        Some(producer) => self.producer = producer,
+                        Some(producer) => {
+                            self.producer = producer;
+                            // The new registration fenced whatever the old producer left.
+                            self.broken.store(false, Ordering::SeqCst);
+                        }
                         None => return Ok(Committed::Stopped),
                     }
                 };
