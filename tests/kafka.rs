@@ -580,6 +580,12 @@ async fn keyed(
     let mut found = Vec::new();
     let mut quiet_from = None;
     loop {
+        if tokio::time::Instant::now() >= deadline {
+            if found.len() >= expected {
+                return Ok(found);
+            }
+            bail!("{topic}: {} of {expected} records keyed {key}", found.len());
+        }
         let wait = quiet_from.map_or(deadline, |at: tokio::time::Instant| at.min(deadline));
         match tokio::time::timeout_at(wait, reader.recv()).await {
             Ok(record) => {

@@ -64,6 +64,7 @@ struct Running {
 impl Drop for ResultStream {
     fn drop(&mut self) {
         self.watchdog.abort();
+        release(&self.running);
         if !self.ended {
             metrics::counter!("sql_queries_total", "outcome" => "abandoned").increment(1);
         }
@@ -138,18 +139,18 @@ impl ResultStream {
         let timeout = || AnalyticsError::Timeout {
             limit: limits.timeout,
         };
-        // Taken out while it is polled; the watchdog, past the time, drops what is left.
-        let Some(mut batches) = lock(&self.running).batches.take() else {
+        // Taken out while it is polled (and put back however the poll ends, also when
+        // this future is dropped); the watchdog, past the time, drops what is left.
+        let mut polled = Polled {
+            running: &self.running,
+            batches: lock(&self.running).batches.take(),
+        };
+        let Some(batches) = polled.batches.as_mut() else {
             return Err(timeout());
         };
         let left = limits.timeout.saturating_sub(self.started.elapsed());
         let next = tokio::time::timeout(left, batches.next()).await;
-        {
-            let mut running = lock(&self.running);
-            if running.place.is_some() {
-                running.batches = Some(batches);
-            }
-        }
+        drop(polled);
         let Some(batch) = next.map_err(|_| timeout())? else {
             return Ok(None);
         };
@@ -179,6 +180,22 @@ impl ResultStream {
             }
         })
         .boxed()
+    }
+}
+
+/// A query's stream while it is polled: put back when dropped, unless the query lost its
+/// place meanwhile (then it is dropped with it).
+struct Polled<'a> {
+    running: &'a Mutex<Running>,
+    batches: Option<SendableRecordBatchStream>,
+}
+
+impl Drop for Polled<'_> {
+    fn drop(&mut self) {
+        let mut running = lock(self.running);
+        if running.place.is_some() {
+            running.batches = self.batches.take();
+        }
     }
 }
 

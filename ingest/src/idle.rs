@@ -2,7 +2,8 @@
 //! count of its requests in progress, so that the accept loop can close a connection
 //! idle for longer than `--idle-timeout-secs` (no request in progress, no byte either
 //! way), whatever holds it: an HTTP/1 keep-alive between requests, an HTTP/2 connection
-//! without streams, a preface that stopped half-way.
+//! without streams, a preface that stopped half-way. A streamed answer is in progress
+//! only while it waits for its next chunk ([`WhileWaiting`]).
 //!
 //! It owns only the bookkeeping; it must not read requests or decide answers.
 
@@ -14,6 +15,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::body::{Body, BodyError};
 
 /// What a connection is doing: when it last moved bytes, and its requests in progress.
 #[derive(Debug)]
@@ -148,6 +151,63 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// A streamed answer's body that counts as a request in progress only while it waits for
+/// its next chunk (the query is working), not while the client is slow to take what was
+/// sent: a client that stops reading leaves the connection idle, and loses it after
+/// `--idle-timeout-secs` (a body that is not polled never reaches its own limits).
+pub(crate) struct WhileWaiting {
+    body: Body,
+    activity: Arc<Activity>,
+    waiting: Option<InProgress>,
+}
+
+impl std::fmt::Debug for WhileWaiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhileWaiting")
+            .field("waiting", &self.waiting.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WhileWaiting {
+    pub(crate) fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Self {
+            body,
+            activity,
+            waiting: None,
+        }
+    }
+}
+
+impl hyper::body::Body for WhileWaiting {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_pending() {
+            if this.waiting.is_none() {
+                this.waiting = Some(this.activity.begin());
+            }
+        } else {
+            this.waiting = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +229,30 @@ mod tests {
             idle < Duration::from_secs(1),
             "the end of a request is activity"
         );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_in_progress_only_while_it_waits_for_its_source() {
+        use http_body_util::BodyExt;
+        let activity = Activity::new();
+        let (sender, chunks) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, BodyError>>(1);
+        let chunks = futures_util::stream::unfold(chunks, |mut chunks| async move {
+            chunks.recv().await.map(|chunk| (chunk, chunks))
+        });
+        let mut body = WhileWaiting::new(crate::body::streamed(chunks), Arc::clone(&activity));
+        let now = || activity.started.elapsed();
+        // Not polled (a client that stopped reading): idle.
+        assert!(activity.idle_at(now()).is_some());
+        // Polled while its source has nothing yet: in progress.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(waiting.is_err());
+        assert!(activity.idle_at(now()).is_none());
+        // A chunk came: no longer waiting.
+        sender
+            .send(Ok(bytes::Bytes::from_static(b"x")))
+            .await
+            .unwrap();
+        assert!(body.frame().await.is_some());
+        assert!(activity.idle_at(now()).is_some());
     }
 }

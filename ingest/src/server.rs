@@ -29,7 +29,7 @@ use crate::config::IngestConfig;
 use crate::error::{IngestError, Result};
 use crate::handlers::sql::SqlAuthenticator;
 use crate::health::{MetricsRender, Readiness};
-use crate::idle::{Activity, Tracked};
+use crate::idle::{Activity, Tracked, WhileWaiting};
 use crate::routes::{self, Route};
 use crate::sql::SqlEndpoint;
 use crate::state::{App, StateBuilder};
@@ -203,21 +203,17 @@ impl Ingest {
             let service = service_fn(move |req| {
                 let app = Arc::clone(&app);
                 let request = requests.begin();
+                let connection = Arc::clone(&requests);
                 async move {
                     let answer = handle(&app, req, peer).await;
-                    // A streamed answer (SQL) is in progress until its body ends, so the
-                    // idle timeout never cuts it between two of its chunks.
+                    drop(request);
+                    // A streamed answer (SQL) is in progress while it waits for its next
+                    // chunk, so the idle timeout never cuts it between two chunks, but
+                    // still closes a connection whose client stopped reading.
                     let answer = if answer.body().size_hint().exact().is_some() {
-                        drop(request);
                         answer
                     } else {
-                        answer.map(|body| {
-                            body.map_frame(move |frame| {
-                                let _in_progress = &request;
-                                frame
-                            })
-                            .boxed_unsync()
-                        })
+                        answer.map(|body| WhileWaiting::new(body, connection).boxed_unsync())
                     };
                     Ok::<_, std::convert::Infallible>(answer)
                 }
