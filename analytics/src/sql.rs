@@ -40,63 +40,10 @@ use object_store::{
 use url::Url;
 
 use crate::answer::StreamLimits;
-pub use crate::answer::{Renderer, ResultStream};
+pub use crate::answer::{OutputFormat, Renderer, ResultStream};
 use crate::error::{AnalyticsError, Result};
 use crate::log::{Log, Snapshot};
 use crate::store::DataRoot;
-
-/// Output formats of query results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// An aligned text table.
-    Table,
-    /// CSV with a header row.
-    Csv,
-    /// One JSON object per line.
-    Json,
-    /// A JSON array of objects.
-    JsonArray,
-    /// A Parquet file (zstd).
-    Parquet,
-    /// An Arrow IPC stream.
-    Arrow,
-}
-
-impl OutputFormat {
-    /// The media type of the format.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::Table => "text/plain; charset=utf-8",
-            Self::Csv => "text/csv; charset=utf-8",
-            Self::Json => "application/x-ndjson",
-            Self::JsonArray => "application/json",
-            Self::Parquet => "application/vnd.apache.parquet",
-            Self::Arrow => "application/vnd.apache.arrow.stream",
-        }
-    }
-
-    /// The format an HTTP `Accept` header asks for (JSON when it names none we have),
-    /// or `None` when it excludes every format we have.
-    pub fn from_accept(accept: Option<&str>) -> Option<Self> {
-        let Some(accept) = accept else {
-            return Some(Self::JsonArray);
-        };
-        for item in accept.split(',') {
-            let media = item.split(';').next().unwrap_or_default().trim();
-            let found = match media.to_ascii_lowercase().as_str() {
-                "application/json" | "*/*" | "application/*" => Self::JsonArray,
-                "application/x-ndjson" | "application/jsonl" => Self::Json,
-                "text/csv" | "text/*" => Self::Csv,
-                "text/plain" => Self::Table,
-                "application/vnd.apache.arrow.stream" => Self::Arrow,
-                "application/vnd.apache.parquet" => Self::Parquet,
-                _ => continue,
-            };
-            return Some(found);
-        }
-        None
-    }
-}
 
 const MEMORY_MB: usize = 1024;
 const TIMEOUT_SECS: u64 = 60;
