@@ -372,12 +372,14 @@ async fn every_request_reaches_completed_with_every_transition_in_order() -> Res
 
 /// Members that take over partitions restore and tick them even when no record of them
 /// comes: a delivery completed before the restart is forgotten once its retention
-/// passed, with no later record on its partition.
+/// passed, with no later record on its partition. The retention is half of `SETTLE`:
+/// long enough that a loaded machine still finds the delivery kept at the restart,
+/// short enough that its end comes well within the wait after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_without_traffic_are_restored_and_ticked_after_an_assignment() -> Result<()> {
     let stack = Stack::start().await?;
     let args = processors::StatefulArgs {
-        finished_retention: Duration::from_secs(10),
+        finished_retention: SETTLE / 2,
         ..processors::StatefulArgs::default()
     };
     let first = stack.processors_with(args.clone());
