@@ -2,7 +2,7 @@
 //!
 //! 1. **Sink throughput**: N generated delivery requests (ingest dates spread over ten
 //!    days) and two delivery events for every tenth of them are put on their topics;
-//!    then the history sink reads them all into Parquet (records/s, rows/s, MB written).
+//!    then the history sink reads them all into Delta tables (records/s, rows/s, MB written).
 //! 2. **Query latency** of a few analyst queries over the result (N rows of
 //!    `delivery_requests`), each run three times.
 //! 3. **Freshness**: with the sink running at its default roll interval, single records
@@ -127,22 +127,59 @@ impl Source {
     }
 }
 
-/// Records of the two bench topics the history holds.
-async fn covered(log: &analytics::log::Log) -> i64 {
-    let snapshot = log.snapshot().await.unwrap();
-    [topics::DELIVERY_REQUESTS.name, topics::DELIVERY_EVENTS.name]
-        .iter()
-        .filter_map(|t| snapshot.next.get(*t))
-        .flat_map(|p| p.values())
-        .sum()
+/// What the history holds of the two bench topics, read from their tables' `txn`
+/// versions (each table re-read incrementally).
+struct Covered {
+    root: analytics::store::DataRoot,
+    tables: Vec<(schemas::topics::Topic, Option<analytics::tables::Table>)>,
 }
 
-/// Waits until the history holds `records` records of the bench topics.
-async fn wait_for(log: &analytics::log::Log, records: usize) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while covered(log).await < records as i64 {
-        assert!(Instant::now() < deadline, "the sink stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+impl Covered {
+    fn new(root: analytics::store::DataRoot) -> Self {
+        Self {
+            root,
+            tables: vec![
+                (topics::DELIVERY_REQUESTS, None),
+                (topics::DELIVERY_EVENTS, None),
+            ],
+        }
+    }
+
+    /// Records of the bench topics the history holds.
+    async fn records(&mut self) -> i64 {
+        let mut total = 0;
+        for (topic, table) in &mut self.tables {
+            match table {
+                Some(t) => t.refresh().await.unwrap(),
+                None => {
+                    let history = schemas::history::table_of(topic.name).unwrap();
+                    if let Some(delta) = analytics::tables::load(&self.root, history.name)
+                        .await
+                        .unwrap()
+                    {
+                        *table = Some(analytics::tables::Table {
+                            table: history,
+                            delta,
+                        });
+                    }
+                }
+            }
+            if let Some(t) = table {
+                for partition in 0..topic.partitions {
+                    total += t.next_offset("", partition).await.unwrap().unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    /// Waits until the history holds `records` records of the bench topics.
+    async fn wait_for(&mut self, records: usize) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while self.records().await < records as i64 {
+            assert!(Instant::now() < deadline, "the sink stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -152,6 +189,9 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let path = entry.path();
+            if path.file_name().is_some_and(|n| n == "_delta_log") {
+                continue;
+            }
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "parquet") {
@@ -196,18 +236,15 @@ async fn run(n: usize) {
         stop.clone(),
         OnShutdown::Stop,
     ));
-    let log = analytics::log::Log::open(
-        analytics::store::DataRoot::open(&data, std::path::Path::new("/")).unwrap(),
-    )
-    .await
-    .unwrap();
+    let mut covered =
+        Covered::new(analytics::store::DataRoot::open(&data, std::path::Path::new("/")).unwrap());
     let mut source = Source {
         generator: schemas::generate::Generator::new(2026, 50),
         next: 0,
     };
     // One request first, so that the group has formed before the clock starts.
     let mut records = source.produce(&producer, 1).await;
-    wait_for(&log, records).await;
+    covered.wait_for(records).await;
     const CHUNK: usize = 100_000;
     let (mut producing, mut waiting) = (0.0, 0.0);
     let started = Instant::now();
@@ -216,7 +253,7 @@ async fn run(n: usize) {
         records += source.produce(&producer, CHUNK.min(n - source.next)).await;
         producing += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        wait_for(&log, records).await;
+        covered.wait_for(records).await;
         waiting += t.elapsed().as_secs_f64();
     }
     let took = started.elapsed().as_secs_f64();
@@ -252,11 +289,8 @@ async fn run(n: usize) {
         .column(0)
         .as_primitive::<Int64Type>()
         .value(0);
-    let snapshot = log.snapshot().await.unwrap();
     if rows as usize != n {
-        for (topic, partitions) in &snapshot.next {
-            println!("the log covers {topic}: {partitions:?}");
-        }
+        println!("the tables cover {} records", covered.records().await);
     }
     assert_eq!(rows as usize, n, "every request is one row");
     let queries = [

@@ -4,7 +4,7 @@
 //! seam's failure kinds. It holds no state of its own and decides nothing about who may
 //! query (the server does).
 
-use analytics::sql::{History, OutputFormat, Renderer, ResultStream};
+use analytics::sql::{AsOf, History, OutputFormat, Renderer, ResultStream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -17,6 +17,7 @@ impl SqlEndpoint for HistorySql {
     fn query(
         &self,
         sql: String,
+        as_of: Option<String>,
         accept: Option<String>,
     ) -> BoxFuture<'static, Result<SqlAnswer, SqlFailure>> {
         let history = self.0.clone();
@@ -30,7 +31,17 @@ impl SqlEndpoint for HistorySql {
                         .into(),
                 });
             };
-            let result = history.query_stream(&sql).await.map_err(failure)?;
+            let as_of = as_of
+                .map(|text| AsOf::parse(&text))
+                .transpose()
+                .map_err(|reason| SqlFailure {
+                    kind: Kind::Invalid,
+                    message: format!("asOf: {reason}"),
+                })?;
+            let result = history
+                .query_stream_as_of(&sql, as_of)
+                .await
+                .map_err(failure)?;
             let renderer = Renderer::new(result.schema(), format).map_err(failure)?;
             Ok(SqlAnswer {
                 content_type: format.content_type(),
@@ -116,7 +127,7 @@ fn failure(e: analytics::AnalyticsError) -> SqlFailure {
     let kind = match &e {
         E::ReadOnly { .. } => Kind::Refused,
         _ if e.is_over_limit() => Kind::OverLimit,
-        E::Query { .. } => Kind::Invalid,
+        E::Query { .. } | E::NoSuchVersion { .. } => Kind::Invalid,
         _ => Kind::Internal,
     };
     SqlFailure {

@@ -360,7 +360,7 @@ impl Renderer {
                 parquet::arrow::ArrowWriter::try_new(
                     out.clone(),
                     Arc::clone(&schema),
-                    Some(crate::parquet_files::properties(None)),
+                    Some(crate::parquet_files::properties()),
                 )
                 .map_err(parquet_err)?,
             ),

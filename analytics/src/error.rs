@@ -19,12 +19,22 @@ pub enum AnalyticsError {
         /// The store's error.
         source: object_store::Error,
     },
-    /// An object of the table log cannot be read.
-    #[error("table log object {object}: {reason}")]
-    Corrupt {
-        /// The object.
-        object: String,
-        /// What is wrong with it.
+    /// delta-rs failed (other than on a store error).
+    #[error("delta table error while {action}: {source}")]
+    Delta {
+        /// What was being done.
+        action: &'static str,
+        /// delta-rs's error.
+        source: Box<deltalake::DeltaTableError>,
+    },
+    /// The version or time asked for (`--as-of`) is not in a table's history.
+    #[error("no version of {table} as of {as_of}: {reason}")]
+    NoSuchVersion {
+        /// The table.
+        table: String,
+        /// What was asked.
+        as_of: String,
+        /// Why.
         reason: String,
     },
     /// Another writer committed offsets this sink had read: its buffered rows were
@@ -102,6 +112,11 @@ pub enum AnalyticsError {
 }
 
 impl AnalyticsError {
+    /// Whether the store failed (a full disk, a store that is down): worth trying again.
+    pub fn is_store(&self) -> bool {
+        matches!(self, Self::Store { .. })
+    }
+
     /// Whether a query failed on one of its limits (memory, rows, time) rather than on
     /// what it asked.
     pub fn is_over_limit(&self) -> bool {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampMicrosecondBuilder, TimestampMillisecondBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow::record_batch::RecordBatch;
 use schemas::ValidationError;
@@ -24,6 +24,13 @@ pub struct Provenance<'a> {
     pub ingest_millis: i64,
 }
 
+impl Provenance<'_> {
+    /// The ingest time in microseconds, as the tables hold it.
+    fn ingest_micros(&self) -> i64 {
+        self.ingest_millis.saturating_mul(1000)
+    }
+}
+
 /// Column builders for `delivery_requests` rows.
 #[derive(Debug)]
 pub struct DeliveryRequestRows {
@@ -41,7 +48,7 @@ pub struct DeliveryRequestRows {
     package_size: StringBuilder,
     package_weight: Float64Builder,
     package_tag: StringBuilder,
-    ingest_time: TimestampMillisecondBuilder,
+    ingest_time: TimestampMicrosecondBuilder,
     kafka_partition: Int32Builder,
     kafka_offset: Int64Builder,
     len: usize,
@@ -64,7 +71,7 @@ impl Default for DeliveryRequestRows {
             package_size: StringBuilder::new(),
             package_weight: Float64Builder::new(),
             package_tag: StringBuilder::new(),
-            ingest_time: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            ingest_time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             kafka_partition: Int32Builder::new(),
             kafka_offset: Int64Builder::new(),
             len: 0,
@@ -129,7 +136,7 @@ impl DeliveryRequestRows {
             .append_value(request.package_info.weight);
         self.package_tag
             .append_option(request.package_info.tag.as_deref());
-        self.ingest_time.append_value(from.ingest_millis);
+        self.ingest_time.append_value(from.ingest_micros());
         self.kafka_partition.append_value(from.partition);
         self.kafka_offset.append_value(from.offset);
         self.len += 1;
@@ -392,7 +399,7 @@ impl TableRows {
                     drone_id: event.drone_id,
                     latitude: event.last_known_location.latitude,
                     longitude: event.last_known_location.longitude,
-                    ingest_time: from.ingest_millis,
+                    ingest_time: from.ingest_micros(),
                     kafka_partition: from.partition,
                     kafka_offset: from.offset,
                 });
@@ -414,13 +421,13 @@ impl TableRows {
                     dropoff_latitude: a.drop_off.latitude,
                     dropoff_longitude: a.drop_off.longitude,
                     speed_mps: a.speed_mps,
-                    assigned_at: a.assigned_at,
-                    pickup_eta: a.pickup_eta,
-                    delivery_eta: a.delivery_eta,
+                    assigned_at: a.assigned_at.saturating_mul(1000),
+                    pickup_eta: a.pickup_eta.saturating_mul(1000),
+                    delivery_eta: a.delivery_eta.saturating_mul(1000),
                     drone_id: a.drone_id,
                     region: a.region,
                     delivery_id: a.delivery_id,
-                    ingest_time: from.ingest_millis,
+                    ingest_time: from.ingest_micros(),
                     kafka_partition: from.partition,
                     kafka_offset: from.offset,
                 });
@@ -440,7 +447,7 @@ impl TableRows {
                     speed: fix.speed,
                     heading: fix.heading,
                     battery: fix.battery,
-                    ingest_time: from.ingest_millis,
+                    ingest_time: from.ingest_micros(),
                     kafka_partition: from.partition,
                     kafka_offset: from.offset,
                 });
@@ -453,7 +460,7 @@ impl TableRows {
                     record_key: text(record.key),
                     payload: String::from_utf8_lossy(record.payload).into_owned(),
                     payload_bytes: i64::try_from(record.payload.len()).unwrap_or(i64::MAX),
-                    ingest_time: from.ingest_millis,
+                    ingest_time: from.ingest_micros(),
                     kafka_partition: from.partition,
                     kafka_offset: from.offset,
                 });

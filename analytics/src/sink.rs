@@ -1,47 +1,48 @@
-//! The history sink: every event topic into Parquet files on the object store, exactly
-//! once.
+//! The history sink: every event topic into its Delta table on the object store,
+//! exactly once.
 //!
-//! Records are buffered per table and date (Hive-style `table/date=YYYY-MM-DD/`). When the
-//! buffer holds `--roll-rows` rows or its oldest record is `--roll-interval-ms` old (and
-//! on shutdown), the sink *rolls*:
+//! Records are buffered per table and date. When the buffer holds `--roll-rows` rows or
+//! `--roll-bytes` bytes, or its oldest record is `--roll-interval-ms` old (and on
+//! shutdown), the sink *rolls*, table by table:
 //!
-//! 1. each table and date becomes one zstd Parquet file with statistics, written with one
-//!    atomic put (the offsets it covers are also in its key-value metadata);
-//! 2. one commit to the [table log](crate::log) adds the files and the offsets read;
-//! 3. only then are the offsets stored and committed to Kafka.
+//! 1. each date becomes one zstd Parquet file of the table (delta-rs's writer, with
+//!    per-file statistics in the `add` action);
+//! 2. one Delta commit adds the files with a `txn` action per topic partition read
+//!    ([`tables`](crate::tables)): version = the last offset written;
+//! 3. once every table is committed, the offsets are stored and committed to Kafka.
 //!
-//! On start, and for every record, the log decides: a record whose offset the log already
-//! holds is skipped. So a crash after step 1 leaves a file nobody reads (the records are
-//! read again and written again), and a crash after step 2 re-reads records that are then
-//! skipped: no row is missing and none is there twice. A commit that overlaps offsets
-//! another sink instance committed (a rebalance) is refused; the sink then drops its
-//! buffer and seeks back to what the log holds.
+//! For every record, the table's `txn` versions decide: a record whose offset the table
+//! already holds is skipped. So a crash after step 1 leaves files no commit names (the
+//! records are read again and written again; vacuum deletes the files), and a crash after
+//! step 2 re-reads records that are then skipped: no row is missing and none is there
+//! twice. A commit that overlaps offsets another sink instance committed (a rebalance),
+//! or that races one with the same partitions, is refused; the sink then drops that
+//! table's rows and seeks back to what the table holds.
 //!
 //! Records that give no row (reschedules and cancels on `delivery-requests`, invalid
 //! records) are counted and logged, and their offsets still move on.
 //!
 //! This module owns reading the topics, buffering and rolling. It must not start
-//! compaction (the `history` module runs it beside the sink) nor encode or name files
-//! itself (that is `parquet_files`).
+//! compaction (the `history` module runs it beside the sink) nor speak Delta itself
+//! (that is `tables`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use bus::{ClientSettings, Consumer};
 use chrono::{DateTime, NaiveDate};
-use object_store::ObjectStoreExt;
+use object_store::ObjectStoreExt as _;
 use schemas::history;
 use tokio_util::sync::CancellationToken;
 
 use crate::compact::CompactionArgs;
 use crate::error::{AnalyticsError, Result};
 use crate::failpoint::FailPoint;
-use crate::log::{Commit, DataFile, Log, OffsetRange, Snapshot};
-use crate::parquet_files::write_file;
 use crate::rows::{Provenance, RecordView, Skip, TableRows};
 use crate::store::DataRoot;
+use crate::tables::{OffsetRange, Table};
 
 /// Settings of the history sink.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,8 +60,8 @@ pub struct SinkArgs {
     #[arg(long, env = "DRONEDELIVERY_ROLL_INTERVAL_MS", default_value_t = 2_000)]
     pub roll_interval_ms: u64,
 
-    /// Compaction and vacuum, which run beside the sink (the sink only reads the orphan
-    /// age from here).
+    /// Compaction and vacuum, which run beside the sink (the sink only reads the vacuum
+    /// retention from here).
     #[command(flatten)]
     pub compaction: CompactionArgs,
 }
@@ -89,17 +90,11 @@ pub enum OnShutdown {
     Drain(Duration),
 }
 
-/// The rows of one table and date waiting for their file.
-struct Pending {
-    rows: TableRows,
-    /// Per topic partition: the first and last offset of these rows.
-    offsets: BTreeMap<i32, (i64, i64)>,
-}
-
 /// What the sink read since its last roll.
 #[derive(Default)]
 struct Buffer {
-    by_file: BTreeMap<(&'static str, NaiveDate), Pending>,
+    /// The rows of each table and date waiting for their file.
+    by_file: BTreeMap<(&'static str, NaiveDate), TableRows>,
     /// Per topic and partition: the offsets read (rows or not).
     read: BTreeMap<(String, i32), OffsetRange>,
     rows: usize,
@@ -155,15 +150,13 @@ impl SinkHealth {
     }
 }
 
-/// A file of a roll, ready to write: table, date, rows, topic, and per partition the
-/// first and last offset of its rows.
-type RollFile = (
-    &'static str,
-    NaiveDate,
-    RecordBatch,
-    &'static str,
-    BTreeMap<i32, (i64, i64)>,
-);
+/// What one roll writes to one table: a batch per date, and the offsets read per
+/// partition of the table's topic (rows or not).
+struct TableRoll {
+    table: history::HistoryTable,
+    files: Vec<(NaiveDate, RecordBatch)>,
+    read: BTreeMap<i32, OffsetRange>,
+}
 
 /// First and longest wait between two attempts to write a roll the store refused.
 const STORE_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
@@ -171,14 +164,17 @@ const STORE_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration:
 /// The sink's state between rolls.
 pub(crate) struct Sink {
     config: SinkArgs,
-    /// Prefixed to every topic name in the log's offsets: what they are scoped to (empty
-    /// for a Kafka cluster, a fresh value for a bus that starts empty).
+    /// Prefixed to every topic name in the tables' app ids: what the offsets are scoped
+    /// to (empty for a Kafka cluster, a fresh value for a bus that starts empty).
     offsets_scope: String,
     fail_at: Option<FailPoint>,
-    log: Log,
+    root: DataRoot,
+    /// The tables opened so far (each is created at its first roll if it is not there).
+    tables: BTreeMap<&'static str, Table>,
     consumer: Arc<Consumer>,
-    /// The log as of the last commit or refresh: what is durable.
-    durable: Arc<Snapshot>,
+    /// Per topic and partition, the offset to read next as the tables hold it (`None`:
+    /// none of it is written), as of the last commit or refresh: what is durable.
+    durable: BTreeMap<(String, i32), Option<i64>>,
     buffer: Buffer,
     rolls: u64,
     /// Jumps in offsets not yet checked against the broker (see [`Gap`]).
@@ -207,8 +203,8 @@ struct Gap {
 const MAX_GAPS: usize = 4096;
 
 impl Sink {
-    /// Reads what the log holds and subscribes to every event topic (reporting the
-    /// group's lag until `shutdown`). Nothing is read from the topics yet.
+    /// Subscribes to every event topic (reporting the group's lag until `shutdown`).
+    /// Nothing is read from the topics or the tables yet.
     pub(crate) async fn open(
         root: DataRoot,
         config: SinkArgs,
@@ -218,9 +214,7 @@ impl Sink {
         settings: &ClientSettings,
         shutdown: &CancellationToken,
     ) -> Result<Self> {
-        tracing::info!(data = %root.url, "history sink: writing Parquet");
-        let log = Log::open(root).await?;
-        let durable = log.snapshot().await?;
+        tracing::info!(data = %root.url, "history sink: writing Delta tables");
         let topics: Vec<&str> = history::TABLES.iter().map(|t| t.topic.name).collect();
         let consumer = Arc::new(Consumer::subscribe(
             settings,
@@ -236,9 +230,10 @@ impl Sink {
             config,
             offsets_scope,
             fail_at,
-            log,
+            root,
+            tables: BTreeMap::new(),
             consumer,
-            durable,
+            durable: BTreeMap::new(),
             buffer: Buffer::default(),
             rolls: 0,
             gaps: Vec::new(),
@@ -337,11 +332,21 @@ impl Sink {
         }
     }
 
-    /// Handles one received record: what is durable is re-read after a rebalance, the
-    /// record is buffered (or skipped), and the consumer seeks ahead when it is far behind
-    /// the log.
+    /// Handles one received record: what is durable is re-read after a rebalance (and
+    /// read for a partition first seen), the record is buffered (or skipped), and the
+    /// consumer seeks ahead when it is far behind its table.
     async fn take(&mut self, received: bus::Result<bus::Received<'_>>) -> Result<()> {
         self.after_rebalance().await?;
+        if let Ok(record) = &received
+            && let Some(table) = history::table_of(record.topic())
+            && !self
+                .durable
+                .contains_key(&(record.topic().to_owned(), record.partition()))
+        {
+            let next = self.durable_next(table, record.partition()).await?;
+            self.durable
+                .insert((record.topic().to_owned(), record.partition()), next);
+        }
         if let Some((topic, partition, offset)) = self.read_one(received) {
             self.skip_ahead(topic, partition, offset).await;
         }
@@ -349,7 +354,7 @@ impl Sink {
     }
 
     /// Takes one record into the buffer. Returns where to seek when the record is far
-    /// behind what the log already holds (the group's committed offsets were lost or
+    /// behind what its table already holds (the group's committed offsets were lost or
     /// lag far behind), so that the sink does not read all of it only to skip it.
     fn read_one(
         &mut self,
@@ -367,7 +372,11 @@ impl Sink {
         // Already durable (re-read after a crash or a rebalance), or already buffered
         // (re-delivered after a partition came back to this member).
         let read = self.buffer.read.get(&(topic.to_owned(), partition));
-        let resume = self.durable.next_offset(&self.log_topic(topic), partition);
+        let resume = self
+            .durable
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .flatten();
         if resume.is_some_and(|next| offset < next) || read.is_some_and(|r| offset < r.next) {
             metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "already_written")
                 .increment(1);
@@ -424,24 +433,13 @@ impl Sink {
                 ingest_millis,
             },
         };
-        let pending = match self.buffer.by_file.entry((table.name, date)) {
+        let rows = match self.buffer.by_file.entry((table.name, date)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let rows = TableRows::new(table.name)?;
-                e.insert(Pending {
-                    rows,
-                    offsets: BTreeMap::new(),
-                })
-            }
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(TableRows::new(table.name)?),
         };
-        match pending.rows.append(&view) {
+        match rows.append(&view) {
             Ok(()) => {
                 self.buffer.rows += 1;
-                pending
-                    .offsets
-                    .entry(partition)
-                    .and_modify(|(_, last)| *last = offset)
-                    .or_insert((offset, offset));
             }
             Err(Skip::OtherEvent) => {
                 metrics::counter!("history_records_skipped_total", "table" => table.name, "reason" => "other_event")
@@ -456,21 +454,59 @@ impl Sink {
         None
     }
 
-    /// The name a topic's offsets have in the log.
-    fn log_topic(&self, topic: &str) -> String {
-        format!("{}{topic}", self.offsets_scope)
+    /// The table `table`, opened (and created) at its first use.
+    async fn table(&mut self, table: history::HistoryTable) -> Result<&mut Table> {
+        match self.tables.entry(table.name) {
+            std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                Ok(e.insert(Table::open_or_create(&self.root, table).await?))
+            }
+        }
+    }
+
+    /// The offset to read next in `partition` of `table`'s topic, as the table holds it.
+    /// A store that fails is asked again with backoff (the sink is stalled meanwhile),
+    /// until it answers or the sink is told to stop.
+    async fn durable_next(
+        &mut self,
+        table: history::HistoryTable,
+        partition: i32,
+    ) -> Result<Option<i64>> {
+        let mut backoff = STORE_RETRY.0;
+        loop {
+            let scope = self.offsets_scope.clone();
+            let found = match self.table(table).await {
+                Ok(t) => t.next_offset(&scope, partition).await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(next) => return Ok(next),
+                Err(e) if e.is_store() && !self.shutdown.is_cancelled() => {
+                    self.health.set(Some(&e));
+                    tracing::warn!(error = %e, ?backoff, "history sink: cannot read what the table holds; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(STORE_RETRY.1);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// After a rebalance, what is durable is read again: another instance may have
     /// written partitions this one now reads.
     async fn after_rebalance(&mut self) -> Result<()> {
         if !self.consumer.take_revoked().is_empty() {
-            self.durable = self.log.snapshot().await?;
+            // Each table is opened again (its newest version) when next needed.
+            self.durable.clear();
+            self.tables.clear();
         }
         Ok(())
     }
 
-    /// Moves past records the log already holds. Best effort: if the seek fails, the
+    /// Moves past records the table already holds. Best effort: if the seek fails, the
     /// records are read and skipped one by one.
     async fn skip_ahead(&mut self, topic: &'static str, partition: i32, to: i64) {
         let consumer = Arc::clone(&self.consumer);
@@ -545,31 +581,48 @@ impl Sink {
         }
     }
 
-    /// Writes every buffered table and date as one file, commits them with the offsets
-    /// read to the log, then stores the offsets in Kafka. A write or commit the store
-    /// refuses is tried again with backoff, the rows kept, until it succeeds (or, once
-    /// stopping, after one more attempt); meanwhile [`SinkHealth`] says it is stalled.
+    /// Writes every buffered table and date as one file and commits each table's files
+    /// with the offsets read, then stores the offsets in Kafka. A write or commit the
+    /// store refuses is tried again with backoff, the rows kept (tables already committed
+    /// are not written again), until it succeeds (or, once stopping, after one more
+    /// attempt); meanwhile [`SinkHealth`] says it is stalled.
     async fn roll(&mut self) -> Result<()> {
         self.check_gaps().await;
         let buffer = std::mem::take(&mut self.buffer);
         if buffer.read.is_empty() {
             return Ok(());
         }
-        let mut files = Vec::new();
-        for ((table, date), mut pending) in buffer.by_file {
-            if pending.rows.is_empty() {
+        let mut rolls: BTreeMap<&'static str, TableRoll> = BTreeMap::new();
+        for ((topic, partition), range) in &buffer.read {
+            let Some(table) = history::table_of(topic) else {
+                continue;
+            };
+            rolls
+                .entry(table.name)
+                .or_insert_with(|| TableRoll {
+                    table,
+                    files: Vec::new(),
+                    read: BTreeMap::new(),
+                })
+                .read
+                .insert(*partition, *range);
+        }
+        for ((table, date), mut rows) in buffer.by_file {
+            if rows.is_empty() {
                 continue;
             }
-            let batch = pending.rows.finish()?;
-            let topic = pending.rows.table().topic.name;
-            files.push((table, date, batch, topic, pending.offsets));
+            let batch = rows.finish()?;
+            if let Some(roll) = rolls.get_mut(table) {
+                roll.files.push((date, batch));
+            }
         }
         self.rolls += 1;
+        let mut done = BTreeSet::new();
         let mut backoff = STORE_RETRY.0;
         loop {
             let stopping = self.shutdown.is_cancelled();
-            match self.write_and_commit(&files, &buffer.read).await {
-                Err(e @ AnalyticsError::Store { .. }) => {
+            match self.write_and_commit(&rolls, &mut done).await {
+                Err(e) if e.is_store() => {
                     self.health.set(Some(&e));
                     metrics::counter!("history_store_failures_total").increment(1);
                     if stopping {
@@ -593,94 +646,108 @@ impl Sink {
         }
     }
 
-    /// One attempt at a roll: writes `files`, commits them with the offsets `read` to
-    /// the log, stores the offsets in Kafka. A store error while writing deletes the
-    /// files written (best effort); one while committing leaves them (the commit may have
-    /// landed), and vacuum removes those no commit names.
+    /// One attempt at a roll: for each table not `done`, writes its files and commits
+    /// them with its offsets; then stores the offsets of the committed tables in Kafka. A
+    /// store error while writing leaves files no commit names, as does one while
+    /// committing (the commit may have landed: the next attempt then finds its offsets in
+    /// the table); vacuum deletes such files once they are older than its retention.
     async fn write_and_commit(
         &mut self,
-        files: &[RollFile],
-        read: &BTreeMap<(String, i32), OffsetRange>,
+        rolls: &BTreeMap<&'static str, TableRoll>,
+        done: &mut BTreeSet<&'static str>,
     ) -> Result<()> {
         let started = Instant::now();
-        let mut added = Vec::new();
-        for (table, date, batch, topic, offsets) in files {
-            match write_file(self.log.root(), table, *date, batch.clone(), topic, offsets).await {
-                Ok(file) => added.push(file),
-                Err(e) => {
-                    self.delete_files(&added).await;
-                    return Err(e);
+        let scope = self.offsets_scope.clone();
+        let epoch = i64::try_from(self.rolls).unwrap_or(i64::MAX);
+        // Vacuum deletes files no commit names once they are --vacuum-retention-secs
+        // old: a table whose files took half of that to write gives up rather than commit
+        // files that may be gone.
+        let too_old = Duration::from_secs(self.config.compaction.vacuum_retention_secs) / 2;
+        for (name, roll) in rolls {
+            if done.contains(name) {
+                continue;
+            }
+            let written = Instant::now();
+            let adds = if roll.files.is_empty() {
+                Vec::new()
+            } else {
+                self.table(roll.table)
+                    .await?
+                    .write_files(&roll.files, crate::parquet_files::properties())
+                    .await?
+            };
+            if written.elapsed() > too_old {
+                tracing::warn!(table = name, took = ?written.elapsed(), "history sink: files took too long to write to commit safely; reading their records again");
+                self.abandon(roll, &adds).await?;
+                done.insert(name);
+                continue;
+            }
+            if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterFileWrite) {
+                return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
+            }
+            let rows: i64 = adds
+                .iter()
+                .filter_map(|a| a.get_stats().ok().flatten())
+                .map(|s| s.num_records)
+                .sum();
+            let files = adds.len();
+            let committed = self
+                .table(roll.table)
+                .await?
+                .commit_roll(&scope, &roll.read, adds.clone(), epoch)
+                .await?;
+            match committed {
+                Ok(version) => {
+                    done.insert(name);
+                    metrics::counter!("history_rows_written_total", "table" => roll.table.name)
+                        .increment(u64::try_from(rows).unwrap_or(0));
+                    metrics::counter!("history_files_written_total", "table" => roll.table.name)
+                        .increment(files as u64);
+                    metrics::gauge!("history_last_commit_timestamp_seconds")
+                        .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+                    tracing::debug!(
+                        table = name,
+                        version,
+                        files,
+                        rows,
+                        "history sink: committed"
+                    );
+                    for (&partition, range) in &roll.read {
+                        self.durable.insert(
+                            (roll.table.topic.name.to_owned(), partition),
+                            Some(range.next),
+                        );
+                    }
+                }
+                Err(conflict) => {
+                    tracing::warn!(table = name, %conflict, "history sink: the table already holds some of these records (another sink instance, or an earlier attempt whose answer was lost); dropping them and reading on from the table");
+                    metrics::counter!("history_roll_conflicts_total").increment(1);
+                    self.abandon(roll, &adds).await?;
+                    done.insert(name);
                 }
             }
         }
-        // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
-        // roll that took half of that gives up rather than commit files that may be gone.
-        let orphan_age = Duration::from_secs(self.config.compaction.vacuum_orphan_secs);
-        if started.elapsed() > orphan_age / 2 {
-            tracing::warn!(took = ?started.elapsed(), "history sink: a roll took too long to commit safely; reading its records again");
-            self.abandon(&added, read).await?;
-            return Ok(());
-        }
-        if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterFileWrite) {
-            return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
-        }
-        let mut offsets: BTreeMap<String, BTreeMap<i32, OffsetRange>> = BTreeMap::new();
-        for ((topic, partition), range) in read {
-            offsets
-                .entry(self.log_topic(topic))
-                .or_default()
-                .insert(*partition, *range);
-        }
-        let rows: u64 = added.iter().map(|f: &DataFile| f.rows).sum();
-        let files = added.len();
-        let commit = Commit {
-            timestamp_ms: chrono::Utc::now().timestamp_millis(),
-            writer: "sink".into(),
-            add: added.clone(),
-            offsets,
-            ..Commit::default()
-        };
-        // A failed commit may still have landed (the store took the put, then the answer
-        // was lost): its files stay, for vacuum to remove if no commit names them. The
-        // next attempt then either commits, or finds these offsets in the log (a
-        // conflict: it drops its own new files and reads on from the log).
-        let committed = self.log.commit(commit).await?;
-        match committed {
-            Ok(snapshot) => {
-                self.durable = snapshot;
-                metrics::gauge!("history_last_commit_timestamp_seconds")
-                    .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-            }
-            Err(conflict) => {
-                tracing::warn!(%conflict, "history sink: another sink instance wrote some of these records; dropping this roll and reading on from the log");
-                metrics::counter!("history_roll_conflicts_total").increment(1);
-                self.abandon(&added, read).await?;
-                return Ok(());
-            }
-        }
-        for file in &added {
-            metrics::counter!("history_rows_written_total", "table" => table_name(&file.table))
-                .increment(file.rows);
-            metrics::counter!("history_files_written_total", "table" => table_name(&file.table))
-                .increment(1);
-        }
         metrics::histogram!("history_roll_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(
-            version = self.durable.version,
-            files,
-            rows,
-            "history sink: committed"
-        );
         if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterLogCommit) {
             return Err(AnalyticsError::Injected(FailPoint::AfterLogCommit));
         }
-        for ((topic, partition), range) in read {
-            if let Err(e) = self.consumer.store(topic, *partition, range.next - 1) {
-                tracing::debug!(topic, partition, error = %e, "history sink: offset not stored");
+        for roll in rolls.values() {
+            for (&partition, range) in &roll.read {
+                // Abandoned partitions were sought back: only what is written is stored.
+                let key = (roll.table.topic.name.to_owned(), partition);
+                if self.durable.get(&key).copied().flatten() != Some(range.next) {
+                    continue;
+                }
+                if let Err(e) =
+                    self.consumer
+                        .store(roll.table.topic.name, partition, range.next - 1)
+                {
+                    tracing::debug!(topic = roll.table.topic.name, partition, error = %e, "history sink: offset not stored");
+                }
             }
         }
-        // The log is the record of what is written; the Kafka commit is for lag figures
-        // and a faster restart, so it need not wait.
+        // The tables are the record of what is written; the Kafka commit is for lag
+        // figures and a faster restart, so it need not wait.
         let consumer = Arc::clone(&self.consumer);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = consumer.commit() {
@@ -690,24 +757,33 @@ impl Sink {
         Ok(())
     }
 
-    /// After a refused commit: deletes the files nobody will read, refreshes what is
-    /// durable and moves back to the first offset not in the log.
-    async fn abandon(
-        &mut self,
-        files: &[DataFile],
-        read: &BTreeMap<(String, i32), OffsetRange>,
-    ) -> Result<()> {
-        self.delete_files(files).await;
-        self.durable = self.log.snapshot().await?;
-        for ((topic, partition), range) in read {
-            let to = self
-                .durable
-                .next_offset(&self.log_topic(topic), *partition)
-                .map_or(range.from, |next| next.max(range.from));
+    /// After a refused commit: deletes this attempt's files (no commit names them),
+    /// reads what the table holds and moves back to the first offset not in it.
+    async fn abandon(&mut self, roll: &TableRoll, adds: &[deltalake::kernel::Add]) -> Result<()> {
+        for add in adds {
+            let path = self.root.path(&format!("{}/{}", roll.table.name, add.path));
+            if let Err(e) = self.root.store.delete(&path).await {
+                tracing::debug!(path = %path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
+            }
+        }
+        let scope = self.offsets_scope.clone();
+        let mut holds = Vec::new();
+        {
+            let table = self.table(roll.table).await?;
+            table.refresh().await?;
+            for &partition in roll.read.keys() {
+                holds.push((partition, table.next_offset(&scope, partition).await?));
+            }
+        }
+        for (partition, held) in holds {
+            let range = roll.read[&partition];
+            let to = held.map_or(range.from, |next| next.max(range.from));
+            self.durable
+                .insert((roll.table.topic.name.to_owned(), partition), held);
             let consumer = Arc::clone(&self.consumer);
-            let (topic, partition) = (topic.clone(), *partition);
+            let topic = roll.table.topic.name;
             let sought = tokio::task::spawn_blocking(move || {
-                consumer.seek(&topic, partition, to, Duration::from_secs(10))
+                consumer.seek(topic, partition, to, Duration::from_secs(10))
             })
             .await
             .map_err(|e| AnalyticsError::Task {
@@ -723,23 +799,4 @@ impl Sink {
         }
         Ok(())
     }
-}
-
-impl Sink {
-    /// Deletes files no commit names (best effort: vacuum removes what is left).
-    async fn delete_files(&self, files: &[DataFile]) {
-        let root = self.log.root();
-        for file in files {
-            if let Err(e) = root.store.delete(&root.path(&file.path)).await {
-                tracing::debug!(path = %file.path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
-            }
-        }
-    }
-}
-
-fn table_name(name: &str) -> &'static str {
-    history::TABLES
-        .iter()
-        .find(|t| t.name == name)
-        .map_or("other", |t| t.name)
 }

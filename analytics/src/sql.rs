@@ -1,27 +1,29 @@
 //! Read-only SQL over the history with DataFusion.
 //!
-//! Each query runs in its own session pinned to one version of the [table log](crate::log):
-//! the tables are DataFusion listing tables with the Hive-style `date` partition column
-//! (so `WHERE date = '2026-11-23'` reads one folder), but their listings come from the
-//! log, not from the store, through [`SnapshotStore`]. A query therefore never sees a
-//! file that is written and not committed, nor both the inputs and the output of a
-//! compaction.
+//! Each query runs in its own session over one version of each Delta table, read through
+//! delta-rs's DataFusion table provider: the files of that version and no others (never a
+//! file written and not committed, nor both the inputs and the output of a compaction),
+//! with the `date` partition column (so `WHERE date = '2026-11-23'` reads one folder) and
+//! file skipping by statistics. By default that is each table's newest version; with
+//! [`AsOf`] (time travel) the version of a number or a time.
 //!
 //! Statements other than queries (DDL, DML, `COPY`, `SET`) are refused, and the only
-//! store a query can reach is the history's own, read-only. Each query runs under a
-//! memory limit, a time limit and a bound on the rows it returns.
+//! store a query can reach is the history's own, read-only ([`ReadOnlyStore`]). Each
+//! query runs under a memory limit, a time limit and a bound on the rows it returns.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::ListingOptions;
+use chrono::{DateTime, Utc};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::MemTable;
 use datafusion::execution::cache::cache_manager::{
     CacheManagerConfig, FileMetadataCache, FileStatisticsCache,
 };
@@ -42,8 +44,10 @@ use url::Url;
 use crate::answer::StreamLimits;
 pub use crate::answer::{OutputFormat, Renderer, ResultStream};
 use crate::error::{AnalyticsError, Result};
-use crate::log::{Log, Snapshot};
 use crate::store::DataRoot;
+use crate::tables;
+use deltalake::DeltaTableError;
+use object_store::ObjectStoreExt as _;
 
 const MEMORY_MB: usize = 1024;
 const TIMEOUT_SECS: u64 = 60;
@@ -109,8 +113,60 @@ pub struct SqlArgs {
     #[command(flatten)]
     pub limits: QueryLimitsArgs,
 
+    /// Time travel: read each table as of this version number (a table with fewer
+    /// versions is read at its newest) or this time (RFC 3339, such as
+    /// `2026-11-23T12:00:00Z`: each table's newest version committed by then).
+    #[arg(long, value_parser = AsOf::parse)]
+    pub as_of: Option<AsOf>,
+
     /// The query, such as `SELECT count(*) FROM delivery_requests`.
     pub query: String,
+}
+
+/// Which version of the tables a query reads (time travel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// Each table as of this version number: the version itself, or the table's newest
+    /// if it has fewer.
+    Version(i64),
+    /// Each table's newest version committed at or before this time (a table created
+    /// later is empty).
+    Time(DateTime<Utc>),
+}
+
+impl AsOf {
+    /// Parses a version number (`12`) or an RFC 3339 time (`2026-11-23T12:00:00Z`).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let text = text.trim();
+        if let Ok(version) = text.parse::<i64>() {
+            return if version >= 0 {
+                Ok(Self::Version(version))
+            } else {
+                Err(format!("a version is 0 or more, not {version}"))
+            };
+        }
+        DateTime::parse_from_rfc3339(text)
+            .map(|t| Self::Time(t.with_timezone(&Utc)))
+            .map_err(|e| {
+                format!(
+                    "{text:?} is neither a version number nor an RFC 3339 time such as \
+                     2026-11-23T12:00:00Z: {e}"
+                )
+            })
+    }
+}
+
+impl fmt::Display for AsOf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Version(v) => write!(f, "version {v}"),
+            Self::Time(t) => write!(
+                f,
+                "{}",
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            ),
+        }
+    }
 }
 
 /// One query's result.
@@ -165,10 +221,14 @@ pub const VIEWS: [(&str, &str); 1] = [(
         AND (r.tenant = e.tenant OR e.tenant = 'default')",
 )];
 
-/// SQL over the history: opens a session pinned to the newest log version per query.
+/// SQL over the history: opens a session over one version of each table per query.
 #[derive(Clone)]
 pub struct History {
-    log: Arc<Log>,
+    root: DataRoot,
+    /// The history's store as queries see it.
+    store: Arc<ReadOnlyStore>,
+    /// Each table's newest version read so far (updated before each query).
+    newest: Arc<tokio::sync::Mutex<BTreeMap<&'static str, deltalake::DeltaTable>>>,
     limits: QueryLimitsArgs,
     /// Parquet footers and per-file statistics, shared by every query's session: files
     /// are never rewritten (every file has a new name), so an entry never goes stale.
@@ -186,7 +246,7 @@ const STATISTICS_CACHE_BYTES: usize = 16 * 1024 * 1024;
 impl fmt::Debug for History {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("History")
-            .field("root", &self.log.root().url.as_str())
+            .field("root", &self.root.url.as_str())
             .field("limits", &self.limits)
             .finish()
     }
@@ -197,8 +257,11 @@ impl History {
     pub async fn open(data: &str, limits: &QueryLimitsArgs) -> Result<Self> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let root = DataRoot::open(data, &cwd)?;
+        let store = Arc::new(ReadOnlyStore { root: root.clone() });
         Ok(Self {
-            log: Arc::new(Log::open(root).await?),
+            root,
+            store,
+            newest: Arc::default(),
             limits: limits.clone(),
             footers: Arc::new(DefaultCache::new(FOOTER_CACHE_BYTES).with_name("history footers")),
             statistics: Arc::new(
@@ -210,9 +273,17 @@ impl History {
         })
     }
 
-    /// Reads the log's newest version: whether the store answers (for readiness).
+    /// Lists the history's root: whether the store answers (for readiness).
     pub async fn check(&self) -> Result<()> {
-        self.log.snapshot().await.map(|_| ())
+        self.root
+            .store
+            .list_with_delimiter(Some(&self.root.prefix))
+            .await
+            .map(|_| ())
+            .map_err(|source| AnalyticsError::Store {
+                action: "listing the history",
+                source,
+            })
     }
 
     /// The limits queries run under.
@@ -220,23 +291,96 @@ impl History {
         &self.limits
     }
 
-    /// A session over one version of the history, with every table and view.
-    async fn session(&self) -> Result<SessionContext> {
-        let snapshot = self.log.snapshot().await?;
-        let root = self.log.root().clone();
-        let store_url = Url::parse(&root.store_url()).map_err(|e| AnalyticsError::Location {
-            location: root.url.to_string(),
-            reason: e.to_string(),
-        })?;
-        let store = Arc::new(SnapshotStore {
-            root: root.clone(),
-            snapshot,
-        });
+    /// The newest version of every table that exists, read incrementally from the
+    /// versions read before.
+    async fn newest(&self) -> Result<BTreeMap<&'static str, deltalake::DeltaTable>> {
+        let mut newest = self.newest.lock().await;
+        for table in schemas::history::TABLES {
+            match newest.get_mut(table.name) {
+                Some(delta) => delta
+                    .update_state()
+                    .await
+                    .map_err(tables::delta_err("reading a table's log"))?,
+                None => {
+                    let store: Arc<dyn ObjectStore> = Arc::clone(&self.store) as _;
+                    if let Some(delta) = tables::load_with(&self.root, store, table.name).await? {
+                        newest.insert(table.name, delta);
+                    }
+                }
+            }
+        }
+        Ok(newest.clone())
+    }
+
+    /// `table` as of `as_of`, given its newest version (`None`: empty then).
+    async fn as_of(
+        &self,
+        table: &str,
+        newest: deltalake::DeltaTable,
+        as_of: AsOf,
+    ) -> Result<Option<deltalake::DeltaTable>> {
+        let no_such = |reason: String| AnalyticsError::NoSuchVersion {
+            table: table.to_owned(),
+            as_of: as_of.to_string(),
+            reason,
+        };
+        let store: Arc<dyn ObjectStore> = Arc::clone(&self.store) as _;
+        let builder = tables::builder(&self.root, store, table)?;
+        match as_of {
+            AsOf::Version(v) => {
+                if newest
+                    .version()
+                    .is_none_or(|n| n <= u64::try_from(v).unwrap_or(0))
+                {
+                    return Ok(Some(newest));
+                }
+                let version = u64::try_from(v).unwrap_or(0);
+                builder
+                    .with_version(version)
+                    .load()
+                    .await
+                    .map(Some)
+                    .map_err(|e| match e {
+                        DeltaTableError::ObjectStore { source } => AnalyticsError::Store {
+                            action: "loading a table version",
+                            source,
+                        },
+                        e => no_such(e.to_string()),
+                    })
+            }
+            AsOf::Time(at) => match builder.with_timestamp(at).load().await {
+                Ok(delta) => Ok(Some(delta)),
+                Err(DeltaTableError::ObjectStore { source }) => Err(AnalyticsError::Store {
+                    action: "loading a table version",
+                    source,
+                }),
+                Err(e) => {
+                    // Created after that time: the table was empty then.
+                    let first = self
+                        .root
+                        .path(&format!("{table}/_delta_log/{:020}.json", 0));
+                    match self.root.store.head(&first).await {
+                        Ok(meta) if meta.last_modified > at => Ok(None),
+                        _ => Err(no_such(e.to_string())),
+                    }
+                }
+            },
+        }
+    }
+
+    /// A session over one version of each table (the newest, or as of `as_of`), with
+    /// every table and view.
+    async fn session(&self, as_of: Option<AsOf>) -> Result<SessionContext> {
+        let newest = self.newest().await?;
+        let store_url =
+            Url::parse(&self.root.store_url()).map_err(|e| AnalyticsError::Location {
+                location: self.root.url.to_string(),
+                reason: e.to_string(),
+            })?;
         let registry = Arc::new(OnlyHistory {
             url: store_url,
-            store,
+            store: Arc::clone(&self.store),
         });
-        // No listing cache: the listing is the log version, new for every query.
         let caches = CacheManagerConfig::default()
             .with_list_files_cache_limit(0)
             .with_file_metadata_cache(Some(Arc::clone(&self.footers)))
@@ -254,24 +398,33 @@ impl History {
             )
             .build_arc()
             .map_err(query_err)?;
-        let config = SessionConfig::new().with_information_schema(true);
+        // Strings as Utf8, as the tables declare them (not the view types DataFusion
+        // would read Parquet strings as), so that answers keep their schemas.
+        let config = SessionConfig::new().with_information_schema(true).set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        );
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         for table in schemas::history::TABLES {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet")
-                .with_table_partition_cols(vec![(
-                    schemas::history::DATE_PARTITION.to_owned(),
-                    DataType::Utf8,
-                )]);
-            ctx.register_listing_table(
-                table.name,
-                root.table_url(table.name),
-                options,
-                Some((table.schema)()),
-                None,
-            )
-            .await
-            .map_err(query_err)?;
+            let delta = match (newest.get(table.name), as_of) {
+                (None, _) => None,
+                (Some(delta), None) => Some(delta.clone()),
+                (Some(delta), Some(as_of)) => self.as_of(table.name, delta.clone(), as_of).await?,
+            };
+            let provider: Arc<dyn TableProvider> = match delta {
+                // The session's settings (no view types) apply to the scan.
+                Some(delta) => delta
+                    .table_provider()
+                    .with_session(Arc::new(ctx.state()))
+                    .await
+                    .map_err(query_err)?,
+                None => Arc::new(
+                    MemTable::try_new(tables::delta_schema(&table), vec![vec![]])
+                        .map_err(query_err)?,
+                ),
+            };
+            ctx.register_table(table.name, provider)
+                .map_err(query_err)?;
         }
         for (name, body) in VIEWS {
             ctx.sql(&format!("CREATE VIEW {name} AS {body}"))
@@ -282,8 +435,12 @@ impl History {
     }
 
     /// Plans one read-only query.
-    async fn plan(&self, sql: &str) -> Result<datafusion::dataframe::DataFrame> {
-        let ctx = self.session().await?;
+    async fn plan(
+        &self,
+        sql: &str,
+        as_of: Option<AsOf>,
+    ) -> Result<datafusion::dataframe::DataFrame> {
+        let ctx = self.session(as_of).await?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -296,7 +453,7 @@ impl History {
     /// The columns a read-only query would return, without running it.
     pub async fn schema(&self, sql: &str) -> Result<SchemaRef> {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
-        let frame = tokio::time::timeout(timeout, self.plan(sql))
+        let frame = tokio::time::timeout(timeout, self.plan(sql, None))
             .await
             .map_err(|_| AnalyticsError::Timeout { limit: timeout })??;
         Ok(Arc::new(frame.schema().as_arrow().clone()))
@@ -306,6 +463,12 @@ impl History {
     /// query's limits (see [`ResultStream`]). Planning and the wait for a place count
     /// toward the time limit.
     pub async fn query_stream(&self, sql: &str) -> Result<ResultStream> {
+        self.query_stream_as_of(sql, None).await
+    }
+
+    /// [`History::query_stream`] over the tables as of `as_of` (time travel), or their
+    /// newest versions.
+    pub async fn query_stream_as_of(&self, sql: &str, as_of: Option<AsOf>) -> Result<ResultStream> {
         let timeout = Duration::from_secs(self.limits.sql_timeout_secs.max(1));
         let limits = StreamLimits {
             max_rows: self.limits.sql_max_rows,
@@ -318,7 +481,7 @@ impl History {
                 .acquire_owned()
                 .await
                 .map_err(|_| AnalyticsError::Timeout { limit: timeout })?;
-            let frame = self.plan(sql).await?;
+            let frame = self.plan(sql, as_of).await?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.execute_stream().await.map_err(query_err)?;
             Ok(ResultStream::new(schema, batches, limits, started, place))
@@ -335,7 +498,12 @@ impl History {
 
     /// Runs one read-only query and collects its result (within the same limits).
     pub async fn query(&self, sql: &str) -> Result<QueryResult> {
-        let mut stream = self.query_stream(sql).await?;
+        self.query_as_of(sql, None).await
+    }
+
+    /// [`History::query`] over the tables as of `as_of`.
+    pub async fn query_as_of(&self, sql: &str, as_of: Option<AsOf>) -> Result<QueryResult> {
+        let mut stream = self.query_stream_as_of(sql, as_of).await?;
         let mut batches = Vec::new();
         while let Some(batch) = stream.next().await {
             batches.push(batch?);
@@ -387,7 +555,7 @@ pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
 #[derive(Debug)]
 struct OnlyHistory {
     url: Url,
-    store: Arc<SnapshotStore>,
+    store: Arc<ReadOnlyStore>,
 }
 
 impl ObjectStoreRegistry for OnlyHistory {
@@ -411,22 +579,16 @@ impl ObjectStoreRegistry for OnlyHistory {
     }
 }
 
-/// The history's store as one log version shows it: listings name exactly the files
-/// that version holds; reads are allowed under the history root only; writes are
-/// refused.
+/// The history's store as queries see it: reads and listings under the history root
+/// only; writes, copies and deletes refused.
 #[derive(Debug)]
-pub struct SnapshotStore {
+pub struct ReadOnlyStore {
     root: DataRoot,
-    snapshot: Arc<Snapshot>,
 }
 
-impl fmt::Display for SnapshotStore {
+impl fmt::Display for ReadOnlyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "history({} at v{})",
-            self.root.url, self.snapshot.version
-        )
+        write!(f, "history({}, read-only)", self.root.url)
     }
 }
 
@@ -436,17 +598,7 @@ fn refused(what: &str) -> object_store::Error {
     }
 }
 
-impl SnapshotStore {
-    fn live(&self) -> impl Iterator<Item = ObjectMeta> + '_ {
-        self.snapshot.files.values().map(|f| ObjectMeta {
-            location: self.root.path(&f.path),
-            last_modified: chrono::DateTime::from_timestamp_millis(f.added_ms).unwrap_or_default(),
-            size: f.size,
-            e_tag: None,
-            version: None,
-        })
-    }
-
+impl ReadOnlyStore {
     fn readable(&self, location: &Path) -> object_store::Result<()> {
         if self.root.relative(location).is_some() {
             Ok(())
@@ -460,7 +612,7 @@ impl SnapshotStore {
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for SnapshotStore {
+impl ObjectStore for ReadOnlyStore {
     async fn put_opts(
         &self,
         _location: &Path,
@@ -504,39 +656,29 @@ impl ObjectStore for SnapshotStore {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let listed: Vec<object_store::Result<ObjectMeta>> = self
-            .live()
-            .filter(|m| prefix.is_none_or(|p| m.location.prefix_matches(p)))
-            .map(Ok)
-            .collect();
-        futures_util::stream::iter(listed).boxed()
+        let prefix = prefix.cloned().unwrap_or_default();
+        if let Err(e) = self.readable(&prefix) {
+            return futures_util::stream::once(async move { Err(e) }).boxed();
+        }
+        self.root.store.list(Some(&prefix))
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let prefix = prefix.cloned().unwrap_or_default();
+        if let Err(e) = self.readable(&prefix) {
+            return futures_util::stream::once(async move { Err(e) }).boxed();
+        }
+        self.root.store.list_with_offset(Some(&prefix), offset)
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        let base = prefix.cloned().unwrap_or_default();
-        let mut common_prefixes = std::collections::BTreeSet::new();
-        let mut objects = Vec::new();
-        for meta in self.live() {
-            let nested = {
-                let Some(mut rest) = meta.location.prefix_match(&base) else {
-                    continue;
-                };
-                let Some(first) = rest.next() else {
-                    continue;
-                };
-                rest.next().is_some().then(|| base.clone().join(first))
-            };
-            match nested {
-                Some(folder) => {
-                    common_prefixes.insert(folder);
-                }
-                None => objects.push(meta),
-            }
-        }
-        Ok(ListResult {
-            common_prefixes: common_prefixes.into_iter().collect(),
-            objects,
-        })
+        let prefix = prefix.cloned().unwrap_or_default();
+        self.readable(&prefix)?;
+        self.root.store.list_with_delimiter(Some(&prefix)).await
     }
 
     async fn copy_opts(

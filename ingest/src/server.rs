@@ -358,6 +358,7 @@ mod tests {
         fn query(
             &self,
             _sql: String,
+            _as_of: Option<String>,
             _accept: Option<String>,
         ) -> futures_util::future::BoxFuture<'static, std::result::Result<SqlAnswer, SqlFailure>>
         {

@@ -11,10 +11,12 @@ use futures_util::stream::BoxStream;
 /// Answers `POST /api/sql`. The binary plugs in the history's SQL engine; this crate
 /// only carries the request and the answer.
 pub trait SqlEndpoint: Send + Sync + 'static {
-    /// Runs `sql` and renders the result in the format the `Accept` header names.
+    /// Runs `sql` over the tables as of `as_of` (a version number or an RFC 3339 time;
+    /// none: the newest) and renders the result in the format the `Accept` header names.
     fn query(
         &self,
         sql: String,
+        as_of: Option<String>,
         accept: Option<String>,
     ) -> futures_util::future::BoxFuture<'static, Result<SqlAnswer, SqlFailure>>;
 }

@@ -1,8 +1,10 @@
-//! The Arrow schemas of the history tables and where their files live.
+//! The Arrow schemas of the history tables.
 //!
-//! Each table is a folder under the history root, partitioned Hive-style by the UTC date a
-//! record was ingested: `delivery_requests/date=2026-11-23/<file>.parquet`. The `date`
-//! column comes from the folder name, not from the file.
+//! Each table is a Delta Lake table under the history root (`delivery_requests/`),
+//! partitioned by the UTC date a record was ingested: the string column `date`
+//! (`2026-11-23`), whose files live in `date=2026-11-23/`. Its value is in the table's
+//! log, not in the files. Every time is a UTC timestamp in microseconds (Delta's
+//! `timestamp` type).
 
 use std::sync::Arc;
 
@@ -12,10 +14,6 @@ use crate::topics::{self, Topic};
 
 /// The name of the partition column every history table has.
 pub const DATE_PARTITION: &str = "date";
-
-/// Key of the Parquet key-value metadata entry that records which Kafka offsets a file
-/// covers (JSON: `{"topic": .., "partitions": {"<partition>": [first, last]}}`).
-pub const OFFSETS_METADATA_KEY: &str = "dronedelivery.kafka.offsets";
 
 /// One table of the history.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +96,7 @@ pub fn delivery_requests_schema() -> SchemaRef {
         Field::new("package_size", DataType::Utf8, false),
         Field::new("package_weight", DataType::Float64, false),
         Field::new("package_tag", DataType::Utf8, true),
-        Field::new("ingest_time", utc(TimeUnit::Millisecond), false),
+        Field::new("ingest_time", utc(TimeUnit::Microsecond), false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]))
@@ -108,7 +106,7 @@ pub fn delivery_requests_schema() -> SchemaRef {
 /// `date` partition) and where it is in its topic.
 fn provenance() -> [Field; 3] {
     [
-        Field::new("ingest_time", utc(TimeUnit::Millisecond), false),
+        Field::new("ingest_time", utc(TimeUnit::Microsecond), false),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]
@@ -150,9 +148,9 @@ pub fn drone_assignments_schema() -> SchemaRef {
         Field::new("dropoff_latitude", DataType::Float64, false),
         Field::new("dropoff_longitude", DataType::Float64, false),
         Field::new("speed_mps", DataType::Float64, false),
-        Field::new("assigned_at", utc(TimeUnit::Millisecond), false),
-        Field::new("pickup_eta", utc(TimeUnit::Millisecond), false),
-        Field::new("delivery_eta", utc(TimeUnit::Millisecond), false),
+        Field::new("assigned_at", utc(TimeUnit::Microsecond), false),
+        Field::new("pickup_eta", utc(TimeUnit::Microsecond), false),
+        Field::new("delivery_eta", utc(TimeUnit::Microsecond), false),
     ])
 }
 
@@ -182,23 +180,9 @@ pub fn dead_letters_schema() -> SchemaRef {
     ])
 }
 
-/// The folder of one day's files of a table, relative to the history root.
-pub fn partition_dir(table: &str, date: chrono::NaiveDate) -> String {
-    format!("{table}/{DATE_PARTITION}={}", date.format("%Y-%m-%d"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partition_dir_is_hive_style() {
-        let d = chrono::NaiveDate::from_ymd_opt(2026, 11, 3).unwrap();
-        assert_eq!(
-            partition_dir("delivery_requests", d),
-            "delivery_requests/date=2026-11-03"
-        );
-    }
 
     #[test]
     fn schemas_have_no_partition_column_and_end_with_provenance() {
@@ -212,6 +196,18 @@ mod tests {
                 "{}",
                 t.name
             );
+        }
+    }
+
+    #[test]
+    fn every_time_is_utc_microseconds() {
+        for t in TABLES {
+            for field in (t.schema)().fields() {
+                if let DataType::Timestamp(unit, zone) = field.data_type() {
+                    assert_eq!(*unit, TimeUnit::Microsecond, "{}.{}", t.name, field.name());
+                    assert_eq!(zone.as_deref(), Some("UTC"));
+                }
+            }
         }
     }
 

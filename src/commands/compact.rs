@@ -1,5 +1,6 @@
-//! `dronedelivery compact`: one pass of the history's maintenance (merge small files,
-//! delete files no longer needed), then exit; safe beside running writers.
+//! `dronedelivery compact`: one pass of the history's maintenance (Delta `OPTIMIZE` of
+//! the dates with many small files, then `VACUUM`), then exit; safe beside running
+//! writers.
 
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
@@ -10,9 +11,9 @@ use crate::cli::CompactArgs;
 pub(crate) async fn run(args: CompactArgs) -> Result<()> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
     let root = analytics::store::DataRoot::open(&args.data.url, &cwd)?;
-    let log = analytics::log::Log::open(root).await?;
     let report =
-        analytics::compact::compact_once(&log, &args.compaction, &CancellationToken::new()).await?;
+        analytics::compact::compact_once(&root, &args.compaction, &CancellationToken::new())
+            .await?;
     eprintln!(
         "merged {} files into {}, {} lost a race, {} deleted",
         report.replaced, report.merged, report.conflicts, report.deleted

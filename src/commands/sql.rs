@@ -12,7 +12,7 @@ pub(crate) async fn run(args: SqlArgs) -> Result<()> {
         anyhow::bail!("--format parquet and --format arrow write binary data: give --output FILE");
     }
     let history = History::open(&args.data.url, &args.limits).await?;
-    let result = history.query(&args.query).await?;
+    let result = history.query_as_of(&args.query, args.as_of).await?;
     let bytes = analytics::sql::render(&result, args.format)?;
     match &args.output {
         Some(path) => {

@@ -27,7 +27,7 @@ use crate::tenants::{Tenant, Tenants};
 /// Largest `POST /api/sql` body.
 const MAX_SQL_BODY: usize = 256 * 1024;
 
-/// `POST /api/sql` with `{"sql": "SELECT ..."}`: the result as JSON (an array of
+/// `POST /api/sql` with `{"sql": "SELECT ...", "asOf": ...}`: the result as JSON (an array of
 /// objects), NDJSON, CSV, text, Arrow IPC or Parquet, by `Accept`. For tenants named in
 /// `--sql-tenants` (and loopback clients of a tier without keys).
 pub(crate) async fn post_sql(
@@ -53,12 +53,31 @@ pub(crate) async fn post_sql(
     #[serde(deny_unknown_fields)]
     struct SqlRequest {
         sql: String,
+        /// Time travel: a version number or an RFC 3339 time.
+        #[serde(default, rename = "asOf")]
+        as_of: Option<AsOf>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum AsOf {
+        Version(u64),
+        Time(String),
     }
     let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| IngestError::Sql {
         kind: SqlFailureKind::Invalid,
-        message: format!("the body must be {{\"sql\": \"SELECT ...\"}}: {e}"),
+        message: format!(
+            "the body must be {{\"sql\": \"SELECT ...\"}}, with an optional \"asOf\" (a version \
+             number or an RFC 3339 time): {e}"
+        ),
     })?;
-    let answer = engine.query(request.sql, accept).await.map_err(sql_error)?;
+    let as_of = request.as_of.map(|a| match a {
+        AsOf::Version(v) => v.to_string(),
+        AsOf::Time(t) => t,
+    });
+    let answer = engine
+        .query(request.sql, as_of, accept)
+        .await
+        .map_err(sql_error)?;
     let body = head_or_stream(answer.body).await?;
     let mut response = Response::new(body);
     response.headers_mut().insert(
