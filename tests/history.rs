@@ -10,7 +10,7 @@ use analytics::compact::CompactionArgs;
 use analytics::failpoint::FailPoint;
 use analytics::history::HistoryConfig;
 use analytics::sink::{OnShutdown, SinkArgs};
-use analytics::sql::{History, QueryLimitsArgs, QueryResult};
+use analytics::sql::{AsOf, History, QueryLimitsArgs, QueryResult};
 use analytics::store::{DataArgs, DataRoot};
 use anyhow::{Context, Result};
 use arrow::array::AsArray;
@@ -559,6 +559,67 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
         scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
         N as i64
     );
+    Ok(())
+}
+
+/// Time travel: each table as of an earlier version, or an earlier time, is what it held
+/// then; the newest is the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_travel_reads_what_each_version_held() -> Result<()> {
+    const N: usize = 300;
+    let f = Fixture::new()?;
+    let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+    produce_requests(&producer, N).await?;
+    let before = chrono::Utc::now();
+    f.sink(100, None).await?;
+    let after = chrono::Utc::now();
+    let (newest, _) = f
+        .table("delivery_requests")
+        .await?
+        .context("the table exists")?;
+    assert!(newest >= 3, "one version per roll: {newest}");
+    let history = f.history().await?;
+    let count_as_of = |as_of: AsOf| {
+        let history = history.clone();
+        async move {
+            let result = history
+                .query_as_of("SELECT count(*) FROM delivery_requests", Some(as_of))
+                .await
+                .with_context(|| format!("as of {as_of}"))?;
+            anyhow::Ok(count(&result))
+        }
+    };
+    let n = N as i64;
+    // Version 0 created the table; the first roll added rows, and later ones added rows
+    // or only offsets (records that give no row).
+    assert_eq!(count_as_of(AsOf::Version(0)).await?, 0);
+    let first = count_as_of(AsOf::Version(1)).await?;
+    assert!(first > 0 && first < n, "{first}");
+    let mut last = first;
+    for version in 2..=newest {
+        let rows = count_as_of(AsOf::Version(i64::try_from(version)?)).await?;
+        assert!(rows >= last, "version {version}: {rows} after {last}");
+        last = rows;
+    }
+    assert_eq!(last, n);
+    // Past the newest version, each table is read at its newest.
+    assert_eq!(count_as_of(AsOf::Version(1_000_000)).await?, n);
+    // Before the tables existed they were empty; after the last commit, whole.
+    assert_eq!(count_as_of(AsOf::Time(before)).await?, 0);
+    assert_eq!(count_as_of(AsOf::Time(after)).await?, n);
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        n
+    );
+    // The view reads the same versions.
+    let early = history
+        .query_as_of("SELECT count(*) FROM deliveries", Some(AsOf::Version(1)))
+        .await?;
+    assert!(count(&early) > 0 && count(&early) < n);
+    for bad in ["yesterday", "-1", "2026-13-01T00:00:00Z"] {
+        assert!(AsOf::parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(AsOf::parse(" 7 "), Ok(AsOf::Version(7)));
     Ok(())
 }
 
