@@ -4,7 +4,9 @@
 //!    days) and two delivery events for every tenth of them are put on their topics;
 //!    then the history sink reads them all into Delta tables (records/s, rows/s, MB written).
 //! 2. **Query latency** of a few analyst queries over the result (N rows of
-//!    `delivery_requests`), each run three times.
+//!    `delivery_requests`), each run three times; then the same queries in DuckDB over
+//!    the same Delta tables (`benches/duckdb_queries.py`, with the pinned tools of
+//!    `deploy/tools/install`), and the geometric mean of the ratios.
 //! 3. **Freshness**: with the sink running at its default roll interval, single records
 //!    are produced one after another and the time from the broker's ack until a query
 //!    sees the row is measured.
@@ -183,6 +185,37 @@ impl Covered {
     }
 }
 
+/// The best of three runs of each query in DuckDB (`benches/duckdb_queries.py`, with the
+/// pinned tools of `deploy/tools/install`), in milliseconds.
+fn duckdb_times(
+    root: &std::path::Path,
+    queries: &[(&str, &str)],
+) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tools = std::process::Command::new(here.join("deploy/tools/install"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !tools.status.success() {
+        return Err("deploy/tools/install failed".into());
+    }
+    let bin = String::from_utf8_lossy(&tools.stdout).trim().to_owned();
+    let out = std::process::Command::new(std::path::Path::new(&bin).join("python"))
+        .arg(here.join("benches/duckdb_queries.py"))
+        .arg(root)
+        .arg(serde_json::to_string(queries).map_err(|e| e.to_string())?)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let runs: std::collections::BTreeMap<String, Vec<f64>> =
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(runs
+        .into_iter()
+        .map(|(name, times)| (name, times.into_iter().fold(f64::INFINITY, f64::min)))
+        .collect())
+}
+
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
@@ -321,6 +354,7 @@ async fn run(n: usize) {
         ),
     ];
     println!("queries over {rows} rows (best / median of 3):");
+    let mut ours = Vec::new();
     for (name, sql) in queries {
         let mut times = Vec::new();
         for _ in 0..3 {
@@ -330,6 +364,30 @@ async fn run(n: usize) {
         }
         times.sort_by(f64::total_cmp);
         println!("  {name:<22} {:>8.0} ms / {:>8.0} ms", times[0], times[1]);
+        ours.push((name, times[0]));
+    }
+    // The same queries (not the view, whose SQL is DataFusion's) in DuckDB over the same
+    // Delta tables.
+    let shared: Vec<(&str, &str)> = queries
+        .iter()
+        .copied()
+        .filter(|(name, _)| *name != "deliveries view")
+        .collect();
+    match duckdb_times(dir.path(), &shared) {
+        Ok(theirs) => {
+            println!("the same queries in DuckDB (best of 3), and ours / DuckDB:");
+            let mut log_sum = 0.0;
+            for (name, best) in ours.iter().filter(|(name, _)| theirs.contains_key(*name)) {
+                let duck = theirs[*name];
+                println!("  {name:<22} {duck:>8.0} ms   {:>6.2}", best / duck);
+                log_sum += (best / duck).ln();
+            }
+            println!(
+                "  geometric mean of ours / DuckDB: {:.2}",
+                (log_sum / theirs.len() as f64).exp()
+            );
+        }
+        Err(e) => println!("DuckDB comparison skipped: {e}"),
     }
 
     // 3. Freshness at the default roll interval.
@@ -393,7 +451,8 @@ async fn run(n: usize) {
     sink.await.unwrap().unwrap();
     lags.sort_by(f64::total_cmp);
     println!(
-        "freshness (ack to queryable, roll interval 2 s, 20 records): p50 {:.2} s, max {:.2} s",
+        "freshness (ack to queryable, roll interval 2 s, 20 records): p50 {:.2} s, \
+         p99 (the max of 20) {:.2} s",
         lags[lags.len() / 2],
         lags[lags.len() - 1]
     );

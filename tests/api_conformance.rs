@@ -21,16 +21,17 @@
 
 #[path = "common/binary.rs"]
 mod binary;
+#[path = "common/tools.rs"]
+mod tools;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use binary::{Binary, Launch, Stderr};
 use dronedelivery::announce;
-
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use tools::pinned_tools;
 
 /// Examples per operation and phase.
 const EXAMPLES: &str = "40";
@@ -65,7 +66,7 @@ const KEYS: &[(&str, &str)] = &[
 
 #[test]
 fn every_answer_is_the_one_the_openapi_document_gives() -> Result<()> {
-    let tools = tools()?;
+    let tools = pinned_tools()?;
     let dir = tempfile::tempdir()?;
     let key_file = dir.path().join("keys");
     let lines: String = KEYS.iter().map(|(t, k)| format!("{t}:{k}\n")).collect();
@@ -127,18 +128,6 @@ fn every_answer_is_the_one_the_openapi_document_gives() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The directory of the pinned tools (`deploy/tools/install`).
-fn tools() -> Result<PathBuf> {
-    let out = Command::new(Path::new(ROOT).join("deploy/tools/install"))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running deploy/tools/install")?;
-    if !out.status.success() {
-        bail!("deploy/tools/install failed: the conformance test needs schemathesis");
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
 }
 
 fn start(data: &Path, args: &[&str]) -> Result<Binary> {

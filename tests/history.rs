@@ -2,7 +2,10 @@
 //! crashes), compaction that queries never notice, time travel, and read-only SQL with
 //! limits.
 
-use std::collections::BTreeSet;
+#[path = "common/tools.rs"]
+mod tools;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use analytics::sink::{OnShutdown, SinkArgs};
 use analytics::sql::{AsOf, History, QueryLimitsArgs, QueryResult};
 use analytics::store::{DataArgs, DataRoot};
 use anyhow::{Context, Result};
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
 use schemas::headers as h;
@@ -219,6 +222,113 @@ fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// Rows per table and date.
+type Counts = BTreeMap<String, BTreeMap<String, i64>>;
+
+/// Rows per table and date as our SQL finds them, as of `as_of`.
+async fn our_counts(history: &History, as_of: Option<AsOf>) -> Result<Counts> {
+    let mut counts = Counts::new();
+    for table in schemas::history::TABLES {
+        let sql = format!("SELECT date, count(*) FROM {} GROUP BY date", table.name);
+        let result = history.query_as_of(&sql, as_of).await?;
+        let per_date = counts.entry(table.name.to_owned()).or_default();
+        for batch in &result.batches {
+            let dates = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+            let dates = dates.as_string::<i32>();
+            let n = batch.column(1).as_primitive::<Int64Type>();
+            for i in 0..batch.num_rows() {
+                per_date.insert(dates.value(i).to_owned(), n.value(i));
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// What the Delta readers written elsewhere find (`tests/readers/delta_counts.py`): rows
+/// per table and date for each reader, and the `txn` version of each app id.
+#[derive(Debug, serde::Deserialize)]
+struct Readers {
+    deltalake: Counts,
+    duckdb: Counts,
+    txn: BTreeMap<String, BTreeMap<String, Option<i64>>>,
+}
+
+/// Runs the Delta readers over `root`, each table at the given version (`None`: its
+/// newest), asking for the `txn` versions of every partition of its topic.
+fn delta_readers(root: &Path, versions: &BTreeMap<&str, Option<u64>>) -> Result<Readers> {
+    let app_ids: BTreeMap<&str, Vec<String>> = schemas::history::TABLES
+        .iter()
+        .map(|t| {
+            let ids = (0..t.topic.partitions)
+                .map(|p| analytics::tables::app_id("", t.topic.name, p))
+                .collect();
+            (t.name, ids)
+        })
+        .collect();
+    let spec = serde_json::json!({ "tables": versions, "app_ids": app_ids });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/delta_counts.py");
+    let out = std::process::Command::new(tools::pinned_tools()?.join("python"))
+        .arg(script)
+        .arg(root)
+        .arg(spec.to_string())
+        .output()
+        .context("running the Delta readers")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the Delta readers failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Delta Lake readers written elsewhere (delta-rs' Python package with pyarrow, and
+/// DuckDB's delta extension) find exactly the rows our SQL finds, per table and date, at
+/// the newest versions and as of version 1; and the `txn` versions are the offsets.
+async fn readers_agree(f: &Fixture, history: &History) -> Result<()> {
+    let mut newest: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+    let mut first: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+    for table in schemas::history::TABLES {
+        let (version, _) = f.table(table.name).await?.context("every table is there")?;
+        newest.insert(table.name, None);
+        first.insert(table.name, Some(version.min(1)));
+    }
+    let ours = our_counts(history, None).await?;
+    let theirs = delta_readers(f.data.path(), &newest)?;
+    assert_eq!(theirs.deltalake, ours, "deltalake, newest");
+    assert_eq!(theirs.duckdb, ours, "duckdb, newest");
+    let ours_then = our_counts(history, Some(AsOf::Version(1))).await?;
+    assert_ne!(ours_then, ours, "version 1 holds less than the newest");
+    let then = delta_readers(f.data.path(), &first)?;
+    assert_eq!(then.deltalake, ours_then, "deltalake, version 1");
+    assert_eq!(then.duckdb, ours_then, "duckdb, version 1");
+    // The txn versions are the last offsets read, at or past the last row's offset.
+    let root = f.root()?;
+    for table in schemas::history::TABLES {
+        let delta = analytics::tables::load(&root, table.name)
+            .await?
+            .context("the table")?;
+        let ours = analytics::tables::Table { table, delta };
+        for partition in 0..table.topic.partitions {
+            let app = analytics::tables::app_id("", table.topic.name, partition);
+            let held = ours.next_offset("", partition).await?.map(|next| next - 1);
+            assert_eq!(theirs.txn[table.name][&app], held, "{app}");
+            let sql = format!(
+                "SELECT max(kafka_offset) FROM {} WHERE kafka_partition = {partition}",
+                table.name
+            );
+            let last_row = history.query(&sql).await?;
+            let column = last_row.batches[0].column(0).as_primitive::<Int64Type>();
+            if column.is_valid(0) {
+                assert!(
+                    held.is_some_and(|h| h >= column.value(0)),
+                    "{app}: {held:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_topic_lands_once_in_its_table_and_date() -> Result<()> {
     const N: usize = 300;
@@ -406,6 +516,8 @@ async fn every_topic_lands_once_in_its_table_and_date() -> Result<()> {
         n - 3
     );
 
+    readers_agree(&f, &history).await?;
+
     // Running the sink again reads nothing twice.
     f.sink(100, None).await?;
     let history = f.history().await?;
@@ -475,6 +587,7 @@ async fn a_crash_at_each_step_leaves_exactly_n_rows() -> Result<()> {
             &CompactionArgs {
                 compact_min_files: 1_000,
                 vacuum_retention_secs: 0,
+                vacuum_orphan_secs: 0,
                 ..CompactionArgs::default()
             },
             &CancellationToken::new(),
@@ -549,6 +662,7 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
         &root,
         &CompactionArgs {
             vacuum_retention_secs: 0,
+            vacuum_orphan_secs: 0,
             ..config
         },
         &CancellationToken::new(),
@@ -558,6 +672,51 @@ async fn compaction_under_concurrent_queries_never_changes_a_count() -> Result<(
     assert_eq!(
         scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
         N as i64
+    );
+    Ok(())
+}
+
+/// Two compactions at once (two `history` services, or `dronedelivery compact` beside
+/// one) merge each file once: one commits, the other is refused, and no row is there
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_compactions_merge_each_file_once() -> Result<()> {
+    const N: usize = 400;
+    let f = Fixture::new()?;
+    let producer = Producer::new(&f.settings, &ProducerArgs::default())?;
+    produce_requests(&producer, N).await?;
+    f.sink(25, None).await?;
+    let root = f.root()?;
+    let config = CompactionArgs {
+        compact_min_files: 2,
+        ..CompactionArgs::default()
+    };
+    let stop = CancellationToken::new();
+    let (a, b) = tokio::join!(
+        analytics::compact::compact_once(&root, &config, &stop),
+        analytics::compact::compact_once(&root, &config, &stop)
+    );
+    let (a, b) = (a?, b?);
+    assert!(a.merged + b.merged >= 1, "{a:?} {b:?}");
+    let history = f.history().await?;
+    let n = N as i64;
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        n
+    );
+    assert_eq!(
+        scalar(
+            &history,
+            "SELECT count(*) FROM (SELECT DISTINCT kafka_partition, kafka_offset FROM delivery_requests)"
+        )
+        .await?,
+        n
+    );
+    // A later pass finishes what a refused one left; still every row once.
+    analytics::compact::compact_once(&root, &config, &stop).await?;
+    assert_eq!(
+        scalar(&history, "SELECT count(*) FROM delivery_requests").await?,
+        n
     );
     Ok(())
 }
@@ -604,6 +763,16 @@ async fn time_travel_reads_what_each_version_held() -> Result<()> {
     assert_eq!(last, n);
     // Past the newest version, each table is read at its newest.
     assert_eq!(count_as_of(AsOf::Version(1_000_000)).await?, n);
+    // As of the time of version 1's commit, the table is version 1.
+    let log = f.data.path().join("delivery_requests/_delta_log");
+    let committed = |v: u64| -> Result<chrono::DateTime<chrono::Utc>> {
+        Ok(std::fs::metadata(log.join(format!("{v:020}.json")))?
+            .modified()?
+            .into())
+    };
+    if committed(2)? > committed(1)? {
+        assert_eq!(count_as_of(AsOf::Time(committed(1)?)).await?, first);
+    }
     // Before the tables existed they were empty; after the last commit, whole.
     assert_eq!(count_as_of(AsOf::Time(before)).await?, 0);
     assert_eq!(count_as_of(AsOf::Time(after)).await?, n);

@@ -1,33 +1,43 @@
 //! Compaction (Delta `OPTIMIZE`) and `VACUUM` of the history's tables.
 //!
-//! - **Compaction** merges the small files of one table and date into files of about
-//!   `--compact-target-mb` with delta-rs's `OPTIMIZE`: one commit that adds the merged
-//!   files and removes the small ones with `dataChange=false`, so a query reads either
-//!   the small files or the merged ones, and a streaming reader sees no new data. A
-//!   racing writer is safe: the sink's appends commute with it, and of two compactions of
-//!   the same files one commits and the other is refused (its files are left to vacuum).
-//!   [`plan`] (pure) picks the dates worth it.
+//! - **Compaction** merges the oldest small files of one table and date into one file of
+//!   up to about `--compact-target-mb`, and commits it as an `OPTIMIZE`: the merged file
+//!   added and the small ones removed, both with `dataChange=false`, in one version, so a
+//!   query reads either the small files or the merged one and a streaming reader sees no
+//!   new data. The sink's appends (blind) never conflict with it. Every compaction of a
+//!   table carries the table's compaction `txn` app id, so of two compactions racing on
+//!   a table one commits and the other is refused (delta-rs alone would let both remove
+//!   the same files with `dataChange=false` and keep both merged copies); the loser's
+//!   file is left to vacuum. [`plan`] (pure) picks the files. Files are read one at a
+//!   time and their rows streamed into the merged file.
 //! - **Vacuum** deletes files that left a table more than `--vacuum-retention-secs` ago
-//!   (a query that started before they left may still read them until then), and files
-//!   no commit names (a crash between a file's write and its commit) once they are that
-//!   old. The retention must be longer than the SQL time limit, and the sink gives up a
-//!   roll whose files are half of it old before their commit.
+//!   (a query that started before they left may still read them until then; longer than
+//!   the SQL time limit), and files no commit names (a crash between a file's write and
+//!   its commit, a refused commit) once they are `--vacuum-orphan-secs` old; the sink
+//!   gives up a commit whose files are half that old.
 //!
 //! The `history` module runs both every `--compact-interval-secs` beside the sink;
 //! `dronedelivery compact` runs them once. This module must not know the sink.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU64;
 use std::time::Duration;
 
+use deltalake::DeltaTableError;
+use deltalake::kernel::Remove;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
-use deltalake::{DeltaTableError, FilterOp, FilterValue};
+use deltalake::writer::DeltaWriter as _;
+use object_store::ObjectStoreExt as _;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{AnalyticsError, Result};
 use crate::store::DataRoot;
-use crate::tables::{self, delta_err};
+use crate::tables::{self, Table, delta_err};
+
+/// The least orphan age the commands accept: a running sink's files may wait this long
+/// for their commit (it gives up at half of the age).
+pub const MIN_ORPHAN_SECS: u64 = 600;
 
 /// Settings of compaction and vacuum.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,15 +59,20 @@ pub struct CompactionArgs {
     #[arg(long, env = "DRONEDELIVERY_COMPACT_TARGET_MB", default_value_t = 128)]
     pub compact_target_mb: u64,
 
-    /// How long a file that left the tables (or that no commit names) is kept, in
-    /// seconds, for queries that still read it; must be longer than the SQL time limit.
-    /// A sink gives up a roll whose files are half this old before their commit.
+    /// How long a file that left the tables is kept, in seconds, for queries that still
+    /// read it (also time travel to the versions that had it); must be longer than the
+    /// SQL time limit.
     #[arg(
         long,
         env = "DRONEDELIVERY_VACUUM_RETENTION_SECS",
         default_value_t = 600
     )]
     pub vacuum_retention_secs: u64,
+
+    /// How old a file no commit names must be before vacuum deletes it, in seconds (at
+    /// least the retention). A sink gives up a commit whose files are half this old.
+    #[arg(long, env = "DRONEDELIVERY_VACUUM_ORPHAN_SECS", default_value_t = 3600)]
+    pub vacuum_orphan_secs: u64,
 }
 
 impl Default for CompactionArgs {
@@ -67,7 +82,29 @@ impl Default for CompactionArgs {
             compact_min_files: 8,
             compact_target_mb: 128,
             vacuum_retention_secs: 600,
+            vacuum_orphan_secs: 3600,
         }
+    }
+}
+
+impl CompactionArgs {
+    /// The settings that keep files a running writer or reader may still need: orphans
+    /// kept at least `minimum_secs` and at least as long as replaced files.
+    pub fn check(&self, minimum_secs: u64) -> std::result::Result<(), String> {
+        if self.vacuum_orphan_secs < self.vacuum_retention_secs {
+            return Err(format!(
+                "--vacuum-orphan-secs ({}) must be at least --vacuum-retention-secs ({})",
+                self.vacuum_orphan_secs, self.vacuum_retention_secs
+            ));
+        }
+        if self.vacuum_orphan_secs < minimum_secs {
+            return Err(format!(
+                "--vacuum-orphan-secs ({}) must be at least {minimum_secs}: a running sink's \
+                 files wait that long for their commit",
+                self.vacuum_orphan_secs
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -84,24 +121,42 @@ pub struct Report {
     pub deleted: usize,
 }
 
-/// The dates of one table worth compacting: those with at least `min_files` (and at least
-/// two) files under half of `target_bytes`. `files` holds each live file's date and
-/// size. Pure.
-pub fn plan<'a>(
-    files: impl IntoIterator<Item = (&'a str, u64)>,
-    min_files: usize,
-    target_bytes: u64,
-) -> Vec<&'a str> {
-    let mut small: BTreeMap<&str, usize> = BTreeMap::new();
-    for (date, size) in files {
-        if size < target_bytes / 2 {
-            *small.entry(date).or_default() += 1;
-        }
+/// A live file of a table, as compaction plans with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveFile {
+    /// Its `date` partition.
+    pub date: String,
+    /// Its path in the table's log.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was written, in milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+/// What to merge: per date with at least `min_files` (and two) files under half of
+/// `target_bytes`, its oldest small files up to about the target. Pure.
+pub fn plan(files: &[LiveFile], min_files: usize, target_bytes: u64) -> Vec<Vec<&LiveFile>> {
+    let mut small: BTreeMap<&str, Vec<&LiveFile>> = BTreeMap::new();
+    for file in files.iter().filter(|f| f.size < target_bytes / 2) {
+        small.entry(file.date.as_str()).or_default().push(file);
     }
     small
-        .into_iter()
-        .filter(|&(_, n)| n >= min_files.max(2))
-        .map(|(date, _)| date)
+        .into_values()
+        .filter(|files| files.len() >= min_files.max(2))
+        .map(|mut files| {
+            files.sort_by(|a, b| (a.modified_ms, &a.path).cmp(&(b.modified_ms, &b.path)));
+            let mut total = 0;
+            let mut chosen = Vec::new();
+            for file in files {
+                if total >= target_bytes && chosen.len() >= 2 {
+                    break;
+                }
+                total += file.size;
+                chosen.push(file);
+            }
+            chosen
+        })
         .collect()
 }
 
@@ -129,7 +184,7 @@ pub async fn run_periodically(
     }
 }
 
-/// One pass over every table: compaction of the dates [`plan`] picks, then vacuum.
+/// One pass over every table: compaction of what [`plan`] picks, then vacuum.
 pub async fn compact_once(
     root: &DataRoot,
     config: &CompactionArgs,
@@ -137,124 +192,205 @@ pub async fn compact_once(
 ) -> Result<Report> {
     let mut report = Report::default();
     let target = config.compact_target_mb.max(1) * 1024 * 1024;
-    for table in schemas::history::TABLES {
+    for history_table in schemas::history::TABLES {
         if stop.is_cancelled() {
             break;
         }
-        let Some(mut delta) = tables::load(root, table.name).await? else {
+        let Some(delta) = tables::load(root, history_table.name).await? else {
             continue;
         };
-        let files: Vec<(String, u64)> = delta
-            .snapshot()
-            .map_err(delta_err("listing a table's files"))?
-            .log_data()
-            .iter()
-            .map(|f| {
-                let date = f
-                    .partition_values_map()
-                    .remove(schemas::history::DATE_PARTITION)
-                    .flatten()
-                    .unwrap_or_default();
-                (date, u64::try_from(f.size()).unwrap_or(0))
-            })
-            .collect();
-        let dates = plan(
-            files.iter().map(|(d, s)| (d.as_str(), *s)),
-            config.compact_min_files,
-            target,
-        );
-        for date in dates {
+        let mut table = Table {
+            table: history_table,
+            delta,
+        };
+        let (live, views) = live_files(&table)?;
+        for group in plan(&live, config.compact_min_files, target) {
             if stop.is_cancelled() {
                 break;
             }
-            let filters = [(
-                schemas::history::DATE_PARTITION,
-                FilterOp::Eq,
-                FilterValue::Scalar(date),
-            )];
-            let optimized = delta
-                .clone()
-                .optimize()
-                .with_filters(&filters)
-                .with_target_size(NonZeroU64::new(target).unwrap_or(NonZeroU64::MIN))
-                .with_writer_properties(crate::parquet_files::properties())
-                .with_max_concurrent_tasks(1)
-                .with_commit_properties(
-                    CommitProperties::default()
-                        .with_metadata([("dronedelivery.writer".to_owned(), "compaction".into())]),
-                )
-                .await;
-            match optimized {
-                Ok((after, metrics)) => {
-                    delta = after;
-                    report.merged += usize::try_from(metrics.num_files_added).unwrap_or(0);
-                    report.replaced += usize::try_from(metrics.num_files_removed).unwrap_or(0);
+            let removes: Vec<Remove> = group
+                .iter()
+                .filter_map(|f| views.get(f.path.as_str()).cloned())
+                .collect();
+            let adds = merge(root, &table, &group).await?;
+            let replaced = removes.len();
+            let size = i64::try_from(target).unwrap_or(i64::MAX);
+            match table.commit_compaction(adds, removes, size).await? {
+                Ok(_) => {
+                    report.merged += 1;
+                    report.replaced += replaced;
                     metrics::counter!("history_compactions_total").increment(1);
                 }
-                Err(DeltaTableError::Transaction { source }) => {
-                    tracing::info!(table = table.name, date, error = %source, "history: compaction lost a race; its files are left to vacuum");
+                Err(conflict) => {
+                    tracing::info!(table = history_table.name, %conflict, "history: compaction lost a race; its file is left to vacuum");
                     report.conflicts += 1;
-                    delta
-                        .update_state()
-                        .await
-                        .map_err(delta_err("reading a table's log"))?;
+                    // The rest of this table waits for the next pass (its files may have
+                    // moved).
+                    break;
                 }
-                Err(e) => return Err(delta_err("compacting a table")(e)),
             }
         }
-        report.deleted += vacuum(delta, config).await?;
+        report.deleted += vacuum(&table, config).await?;
     }
     Ok(report)
 }
 
-/// Deletes the files of `delta` that left it, or that no commit names, more than the
-/// retention ago. Returns how many were deleted.
-async fn vacuum(delta: deltalake::DeltaTable, config: &CompactionArgs) -> Result<usize> {
-    let retention = chrono::Duration::seconds(
-        i64::try_from(config.vacuum_retention_secs).unwrap_or(i64::MAX / 1000),
-    );
-    let (_, metrics) = delta
-        .vacuum()
-        .with_retention_period(retention)
-        .with_enforce_retention_duration(false)
-        .with_mode(VacuumMode::Full)
-        .with_commit_properties(
-            CommitProperties::default()
-                .with_metadata([("dronedelivery.writer".to_owned(), "vacuum".into())]),
-        )
-        .await
-        .map_err(|e| match e {
-            DeltaTableError::ObjectStore { source } => AnalyticsError::Store {
-                action: "vacuuming a table",
+/// The live files of the loaded version, and the `remove` action of each by path.
+fn live_files(table: &Table) -> Result<(Vec<LiveFile>, BTreeMap<String, Remove>)> {
+    let state = table
+        .delta
+        .snapshot()
+        .map_err(delta_err("listing a table's files"))?;
+    let mut live = Vec::new();
+    let mut removes = BTreeMap::new();
+    for view in state.log_data().iter() {
+        let path = view.path().into_owned();
+        live.push(LiveFile {
+            date: view
+                .partition_values_map()
+                .remove(schemas::history::DATE_PARTITION)
+                .flatten()
+                .unwrap_or_default(),
+            path: path.clone(),
+            size: u64::try_from(view.size()).unwrap_or(0),
+            modified_ms: view.modification_time(),
+        });
+        removes.insert(path, view.remove_action(false));
+    }
+    Ok((live, removes))
+}
+
+/// Reads `files` (one table and date) one at a time and streams their rows into one new
+/// file of the table; returns its `add` action (not committed).
+async fn merge(
+    root: &DataRoot,
+    table: &Table,
+    files: &[&LiveFile],
+) -> Result<Vec<deltalake::kernel::Add>> {
+    let Some(first) = files.first() else {
+        return Ok(Vec::new());
+    };
+    let date = chrono::NaiveDate::parse_from_str(&first.date, "%Y-%m-%d").map_err(|e| {
+        AnalyticsError::Location {
+            location: first.path.clone(),
+            reason: format!("bad date partition: {e}"),
+        }
+    })?;
+    let mut writer = table.writer(crate::parquet_files::properties())?;
+    for file in files {
+        let path = tables::file_path(root, table.table.name, &file.path)?;
+        let bytes = root
+            .store
+            .get(&path)
+            .await
+            .map_err(|source| AnalyticsError::Store {
+                action: "reading a file to compact",
                 source,
-            },
-            source => AnalyticsError::Delta {
-                action: "vacuuming a table",
-                source: Box::new(source),
-            },
-        })?;
-    Ok(metrics.files_deleted.len())
+            })?
+            .bytes()
+            .await
+            .map_err(|source| AnalyticsError::Store {
+                action: "reading a file to compact",
+                source,
+            })?;
+        let parquet_err = |source| AnalyticsError::Parquet {
+            action: "reading a file to compact",
+            source,
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(parquet_err)?
+            .with_batch_size(65_536)
+            .build()
+            .map_err(parquet_err)?;
+        for batch in reader {
+            let batch = batch.map_err(|source| AnalyticsError::Arrow {
+                action: "reading a file to compact",
+                source,
+            })?;
+            tables::write_batch(&mut writer, &batch, date).await?;
+        }
+    }
+    writer
+        .flush()
+        .await
+        .map_err(delta_err("writing a compacted file"))
+}
+
+/// Deletes the files of `table` that left it more than the retention ago, and the files
+/// no commit names more than the orphan age ago. Returns how many were deleted.
+async fn vacuum(table: &Table, config: &CompactionArgs) -> Result<usize> {
+    let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
+    let mut deleted = 0;
+    for (mode, retention) in [
+        (VacuumMode::Lite, secs(config.vacuum_retention_secs)),
+        (
+            VacuumMode::Full,
+            secs(config.vacuum_orphan_secs.max(config.vacuum_retention_secs)),
+        ),
+    ] {
+        let (_, metrics) = table
+            .delta
+            .clone()
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_mode(mode)
+            .with_commit_properties(
+                CommitProperties::default()
+                    .with_metadata([("dronedelivery.writer".to_owned(), "vacuum".into())]),
+            )
+            .await
+            .map_err(|e| match e {
+                DeltaTableError::ObjectStore { source } => AnalyticsError::Store {
+                    action: "vacuuming a table",
+                    source,
+                },
+                source => AnalyticsError::Delta {
+                    action: "vacuuming a table",
+                    source: Box::new(source),
+                },
+            })?;
+        deleted += metrics.files_deleted.len();
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn file(date: &str, path: &str, size: u64, modified_ms: i64) -> LiveFile {
+        LiveFile {
+            date: date.into(),
+            path: path.into(),
+            size,
+            modified_ms,
+        }
+    }
+
     #[test]
-    fn plans_pick_the_dates_with_enough_small_files() {
-        let mut files: Vec<(&str, u64)> = (0..10).map(|_| ("2026-11-23", 30)).collect();
-        files.push(("2026-11-23", 1_000));
-        files.extend((0..3).map(|_| ("2026-11-24", 30)));
+    fn plans_merge_the_oldest_small_files_of_a_date_up_to_the_target() {
+        let mut files: Vec<LiveFile> = (0..10)
+            .map(|i| file("2026-11-23", &format!("f{i}"), 30, 100 - i))
+            .collect();
+        files.push(file("2026-11-23", "big", 1_000, 0));
+        files.extend((0..3).map(|i| file("2026-11-24", &format!("g{i}"), 30, i)));
+        let names = |groups: Vec<Vec<&LiveFile>>| -> Vec<Vec<String>> {
+            groups
+                .into_iter()
+                .map(|g| g.into_iter().map(|f| f.path.clone()).collect())
+                .collect()
+        };
         // Too few small files anywhere.
-        assert!(plan(files.iter().copied(), 11, 1_000).is_empty());
-        assert_eq!(plan(files.iter().copied(), 4, 1_000), ["2026-11-23"]);
-        assert_eq!(
-            plan(files.iter().copied(), 3, 1_000),
-            ["2026-11-23", "2026-11-24"]
-        );
-        // Big files do not count: with a small target none is small.
-        assert!(plan(files.iter().copied(), 2, 40).is_empty());
-        // One small file alone is never worth a merge.
-        assert!(plan([("d", 1)], 1, 1_000).is_empty());
+        assert!(plan(&files, 11, 1_000).is_empty());
+        // Oldest first, stop once the target is reached, the big file never.
+        assert_eq!(names(plan(&files, 4, 100)), [["f9", "f8", "f7", "f6"]]);
+        let all = names(plan(&files, 3, 1_000));
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].len(), 10);
+        assert_eq!(all[1], ["g0", "g1", "g2"]);
+        // With a small target none is small; one small file alone is never merged.
+        assert!(plan(&files, 2, 40).is_empty());
+        assert!(plan(&[file("d", "x", 1, 0)], 1, 1_000).is_empty());
     }
 }

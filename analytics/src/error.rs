@@ -112,9 +112,43 @@ pub enum AnalyticsError {
 }
 
 impl AnalyticsError {
-    /// Whether the store failed (a full disk, a store that is down): worth trying again.
+    /// Whether the store failed (a full disk, a store that is down, a timeout), also
+    /// under delta-rs or its kernel: worth trying again. A store that cannot do what is
+    /// asked (no conditional put) is not.
     pub fn is_store(&self) -> bool {
-        matches!(self, Self::Store { .. })
+        fn transient(e: &object_store::Error) -> bool {
+            !matches!(
+                e,
+                object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. }
+            )
+        }
+        match self {
+            Self::Store { source, .. } => transient(source),
+            Self::Delta { source, .. } => match source.as_ref() {
+                deltalake::DeltaTableError::ObjectStore { source } => transient(source),
+                deltalake::DeltaTableError::KernelError(kernel) => match kernel {
+                    delta_kernel::Error::ObjectStore(e) => transient(e),
+                    delta_kernel::Error::IOError(_)
+                    | delta_kernel::Error::Reqwest(_)
+                    | delta_kernel::Error::FileNotFound(_) => true,
+                    _ => false,
+                },
+                deltalake::DeltaTableError::Io { .. } => true,
+                other => {
+                    // Elsewhere in the chain (a writer's error wrapping the store's).
+                    let mut cause = std::error::Error::source(other);
+                    while let Some(e) = cause {
+                        if let Some(store) = e.downcast_ref::<object_store::Error>() {
+                            return transient(store);
+                        }
+                        cause = e.source();
+                    }
+                    false
+                }
+            },
+            _ => false,
+        }
     }
 
     /// Whether a query failed on one of its limits (memory, rows, time) rather than on

@@ -42,7 +42,7 @@ use crate::error::{AnalyticsError, Result};
 use crate::failpoint::FailPoint;
 use crate::rows::{Provenance, RecordView, Skip, TableRows};
 use crate::store::DataRoot;
-use crate::tables::{OffsetRange, Table};
+use crate::tables::{Conflict, OffsetRange, Table};
 
 /// Settings of the history sink.
 #[derive(Debug, Clone, clap::Args)]
@@ -60,8 +60,8 @@ pub struct SinkArgs {
     #[arg(long, env = "DRONEDELIVERY_ROLL_INTERVAL_MS", default_value_t = 2_000)]
     pub roll_interval_ms: u64,
 
-    /// Compaction and vacuum, which run beside the sink (the sink only reads the vacuum
-    /// retention from here).
+    /// Compaction and vacuum, which run beside the sink (the sink only reads the orphan
+    /// age from here).
     #[command(flatten)]
     pub compaction: CompactionArgs,
 }
@@ -274,7 +274,7 @@ impl Sink {
                 reason: e.to_string(),
             })?;
         if let Err(e) = committed {
-            tracing::warn!(error = %e, "history sink: final Kafka commit failed; the log still says what is written");
+            tracing::warn!(error = %e, "history sink: final Kafka commit failed; the tables still say what is written");
         }
         tracing::info!("history sink: stopped");
         Ok(())
@@ -659,15 +659,15 @@ impl Sink {
         let started = Instant::now();
         let scope = self.offsets_scope.clone();
         let epoch = i64::try_from(self.rolls).unwrap_or(i64::MAX);
-        // Vacuum deletes files no commit names once they are --vacuum-retention-secs
-        // old: a table whose files took half of that to write gives up rather than commit
-        // files that may be gone.
-        let too_old = Duration::from_secs(self.config.compaction.vacuum_retention_secs) / 2;
+        // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
+        // table whose files are half of that old before its commit gives up rather than
+        // commit files that may be gone.
+        let safe_for = Duration::from_secs(self.config.compaction.vacuum_orphan_secs) / 2;
         for (name, roll) in rolls {
             if done.contains(name) {
                 continue;
             }
-            let written = Instant::now();
+            let deadline = Instant::now() + safe_for;
             let adds = if roll.files.is_empty() {
                 Vec::new()
             } else {
@@ -676,12 +676,6 @@ impl Sink {
                     .write_files(&roll.files, crate::parquet_files::properties())
                     .await?
             };
-            if written.elapsed() > too_old {
-                tracing::warn!(table = name, took = ?written.elapsed(), "history sink: files took too long to write to commit safely; reading their records again");
-                self.abandon(roll, &adds).await?;
-                done.insert(name);
-                continue;
-            }
             if self.rolls == 1 && self.fail_at == Some(FailPoint::AfterFileWrite) {
                 return Err(AnalyticsError::Injected(FailPoint::AfterFileWrite));
             }
@@ -694,7 +688,7 @@ impl Sink {
             let committed = self
                 .table(roll.table)
                 .await?
-                .commit_roll(&scope, &roll.read, adds.clone(), epoch)
+                .commit_roll(&scope, &roll.read, adds.clone(), epoch, deadline)
                 .await?;
             match committed {
                 Ok(version) => {
@@ -720,9 +714,18 @@ impl Sink {
                     }
                 }
                 Err(conflict) => {
-                    tracing::warn!(table = name, %conflict, "history sink: the table already holds some of these records (another sink instance, or an earlier attempt whose answer was lost); dropping them and reading on from the table");
+                    tracing::warn!(table = name, %conflict, "history sink: commit refused (another sink instance, an earlier attempt whose answer was lost, or files too old); dropping these rows and reading on from the table");
                     metrics::counter!("history_roll_conflicts_total").increment(1);
-                    self.abandon(roll, &adds).await?;
+                    // Refused by concurrent commits, the store may have taken this very
+                    // commit (its answer lost): its files are left to vacuum, which
+                    // deletes them only if no commit names them.
+                    let unused: &[deltalake::kernel::Add] =
+                        if matches!(conflict, Conflict::Concurrent { .. }) {
+                            &[]
+                        } else {
+                            &adds
+                        };
+                    self.abandon(roll, unused).await?;
                     done.insert(name);
                 }
             }
@@ -757,11 +760,18 @@ impl Sink {
         Ok(())
     }
 
-    /// After a refused commit: deletes this attempt's files (no commit names them),
-    /// reads what the table holds and moves back to the first offset not in it.
-    async fn abandon(&mut self, roll: &TableRoll, adds: &[deltalake::kernel::Add]) -> Result<()> {
-        for add in adds {
-            let path = self.root.path(&format!("{}/{}", roll.table.name, add.path));
+    /// After a refused commit: deletes `unused` (files no commit names), reads what the
+    /// table holds and moves back to the first offset not in it, in the partitions this
+    /// member still reads (the others' new owner reads them).
+    async fn abandon(&mut self, roll: &TableRoll, unused: &[deltalake::kernel::Add]) -> Result<()> {
+        for add in unused {
+            let path = match crate::tables::file_path(&self.root, roll.table.name, &add.path) {
+                Ok(path) => path,
+                Err(e) => {
+                    tracing::debug!(path = add.path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
+                    continue;
+                }
+            };
             if let Err(e) = self.root.store.delete(&path).await {
                 tracing::debug!(path = %path, error = %e, "history sink: abandoned file not deleted; vacuum removes it");
             }
@@ -775,11 +785,33 @@ impl Sink {
                 holds.push((partition, table.next_offset(&scope, partition).await?));
             }
         }
+        let assigned = {
+            let consumer = Arc::clone(&self.consumer);
+            tokio::task::spawn_blocking(move || consumer.assigned())
+                .await
+                .map_err(|e| AnalyticsError::Task {
+                    reason: e.to_string(),
+                })?
+                .map_err(|e| AnalyticsError::Fenced {
+                    reason: format!("cannot read the assignment: {e}"),
+                })?
+        };
         for (partition, held) in holds {
             let range = roll.read[&partition];
             let to = held.map_or(range.from, |next| next.max(range.from));
             self.durable
                 .insert((roll.table.topic.name.to_owned(), partition), held);
+            if !assigned
+                .iter()
+                .any(|(t, p)| t == roll.table.topic.name && *p == partition)
+            {
+                tracing::info!(
+                    topic = roll.table.topic.name,
+                    partition,
+                    "history sink: a refused partition is no longer this member's; its new owner reads it"
+                );
+                continue;
+            }
             let consumer = Arc::clone(&self.consumer);
             let topic = roll.table.topic.name;
             let sought = tokio::task::spawn_blocking(move || {

@@ -348,23 +348,46 @@ impl History {
                         e => no_such(e.to_string()),
                     })
             }
-            AsOf::Time(at) => match builder.with_timestamp(at).load().await {
-                Ok(delta) => Ok(Some(delta)),
-                Err(DeltaTableError::ObjectStore { source }) => Err(AnalyticsError::Store {
-                    action: "loading a table version",
-                    source,
-                }),
-                Err(e) => {
-                    // Created after that time: the table was empty then.
-                    let first = self
-                        .root
-                        .path(&format!("{table}/_delta_log/{:020}.json", 0));
-                    match self.root.store.head(&first).await {
-                        Ok(meta) if meta.last_modified > at => Ok(None),
-                        _ => Err(no_such(e.to_string())),
+            AsOf::Time(at) => {
+                let delta = match builder.with_timestamp(at).load().await {
+                    Ok(delta) => delta,
+                    Err(DeltaTableError::ObjectStore { source }) => {
+                        return Err(AnalyticsError::Store {
+                            action: "loading a table version",
+                            source,
+                        });
                     }
+                    Err(e) => return Err(no_such(e.to_string())),
+                };
+                // delta-rs settles on the oldest version it still has when the time is
+                // older: that version must be from then, or the table must have begun
+                // after it (then it was empty).
+                let version = delta.version().unwrap_or(0);
+                let commit = self
+                    .root
+                    .path(&format!("{table}/_delta_log/{version:020}.json"));
+                let committed = match self.root.store.head(&commit).await {
+                    Ok(meta) => meta.last_modified,
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(no_such(format!("version {version}'s commit is gone")));
+                    }
+                    Err(source) => {
+                        return Err(AnalyticsError::Store {
+                            action: "reading a commit's time",
+                            source,
+                        });
+                    }
+                };
+                if committed <= at {
+                    Ok(Some(delta))
+                } else if version == 0 {
+                    Ok(None)
+                } else {
+                    Err(no_such(format!(
+                        "the oldest version kept ({version}) was committed later, at {committed}"
+                    )))
                 }
-            },
+            }
         }
     }
 
@@ -568,7 +591,18 @@ impl ObjectStoreRegistry for OnlyHistory {
     }
 
     fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
-        if url.scheme() == self.url.scheme() && url.authority() == self.url.authority() {
+        // Host and port, without user info: delta-rs names an Azure store
+        // `abfss://account.dfs.core.windows.net` for the root
+        // `abfss://container@account.dfs.core.windows.net/...`. The store itself refuses
+        // paths outside the root.
+        let place = |u: &Url| {
+            (
+                u.scheme().to_owned(),
+                u.host_str().map(str::to_owned),
+                u.port(),
+            )
+        };
+        if place(url) == place(&self.url) {
             let store: Arc<dyn ObjectStore> = Arc::clone(&self.store) as _;
             Ok(store)
         } else {

@@ -64,12 +64,17 @@ pub enum Conflict {
         /// The offset the table holds up to.
         next: i64,
     },
-    /// A commit that landed first carried one of the roll's app ids.
-    #[error("a concurrent commit wrote the same partitions: {reason}")]
+    /// A commit that landed first carried one of the same app ids, or others kept taking
+    /// the version it tried. Nothing of it is in the table, unless the store took it and
+    /// its answer was lost (then the table holds its offsets and files).
+    #[error("concurrent commits refused it: {reason}")]
     Concurrent {
         /// delta-rs's words.
         reason: String,
     },
+    /// Its files took so long that vacuum may have deleted them as orphans.
+    #[error("its files were written too long ago to commit safely")]
+    TooSlow,
 }
 
 /// The `txn` app id of a topic partition: what the table's offsets of it are known by.
@@ -134,6 +139,24 @@ fn with_date(batch: &RecordBatch, date: NaiveDate) -> Result<RecordBatch> {
             source,
         }
     })
+}
+
+/// The last part of a file's path in a table (its name, unique per file).
+pub fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The store path of a file of `table` from its (URL-encoded) path in an `add` action.
+pub fn file_path(root: &DataRoot, table: &str, add_path: &str) -> Result<object_store::path::Path> {
+    let relative = object_store::path::Path::from_url_path(add_path).map_err(|e| {
+        AnalyticsError::Location {
+            location: add_path.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(relative
+        .parts()
+        .fold(root.path(table), |path, part| path.join(part)))
 }
 
 /// A log store over the given object store whose commits are put-if-absent: every
@@ -288,11 +311,19 @@ impl Table {
             .with_columns(schema.fields().cloned())
             .with_partition_columns([history::DATE_PARTITION])
             .with_save_mode(SaveMode::Ignore)
+            // Version 0 or nothing: a creator that lost the race must not commit its
+            // metadata again on top of the winner's.
+            .with_commit_properties(CommitProperties::default().with_max_retries(0))
             .await;
         let delta = match created {
             Ok(delta) => delta,
             // Another writer created it first.
-            Err(DeltaTableError::VersionAlreadyExists(_)) => load(root, table.name)
+            Err(
+                DeltaTableError::VersionAlreadyExists(_)
+                | DeltaTableError::Transaction {
+                    source: TransactionError::MaxCommitAttempts(_),
+                },
+            ) => load(root, table.name)
                 .await?
                 .ok_or_else(|| AnalyticsError::Delta {
                     action: "creating a table",
@@ -309,6 +340,18 @@ impl Table {
             .update_state()
             .await
             .map_err(delta_err("reading a table's log"))
+    }
+
+    /// The file names (the last part of each path, unique) of the loaded version's files.
+    pub fn file_names(&self) -> Result<std::collections::BTreeSet<String>> {
+        Ok(self
+            .delta
+            .snapshot()
+            .map_err(delta_err("listing a table's files"))?
+            .log_data()
+            .iter()
+            .map(|f| file_name(&f.path()).to_owned())
+            .collect())
     }
 
     /// The offset to read next in `partition` of the table's topic, as the loaded version
@@ -329,6 +372,17 @@ impl Table {
         Ok(version.map(|last| last + 1))
     }
 
+    /// A writer of new Parquet files of the table (delta-rs's, which puts each file's
+    /// statistics in its `add` action), with `properties`.
+    pub fn writer(
+        &self,
+        properties: parquet::file::properties::WriterProperties,
+    ) -> Result<RecordBatchWriter> {
+        Ok(RecordBatchWriter::for_table(&self.delta)
+            .map_err(delta_err("writing Parquet files"))?
+            .with_writer_properties(properties))
+    }
+
     /// Writes `files` (one batch per date, of the table's file schema) as Parquet files
     /// of the table, returning their `add` actions. Nothing is committed: the files are
     /// read by nobody until [`Table::commit_roll`] names them.
@@ -337,14 +391,9 @@ impl Table {
         files: &[(NaiveDate, RecordBatch)],
         properties: parquet::file::properties::WriterProperties,
     ) -> Result<Vec<Add>> {
-        let mut writer = RecordBatchWriter::for_table(&self.delta)
-            .map_err(delta_err("writing Parquet files"))?
-            .with_writer_properties(properties);
+        let mut writer = self.writer(properties)?;
         for (date, batch) in files {
-            writer
-                .write(with_date(batch, *date)?)
-                .await
-                .map_err(delta_err("writing Parquet files"))?;
+            write_batch(&mut writer, batch, *date).await?;
         }
         writer
             .flush()
@@ -353,16 +402,20 @@ impl Table {
     }
 
     /// Commits `adds` with the offsets `read` (per partition of the table's topic) as one
-    /// version, if the table holds none of them yet and no concurrent commit carried the
-    /// same partitions. Returns the new version, or the conflict that refused it (nothing
-    /// was committed then). A store error may come after the commit landed: the next
-    /// attempt finds the offsets in the table, a conflict.
+    /// version, if the table holds none of them yet, no concurrent commit carried the
+    /// same partitions, and `deadline` (after which vacuum may have deleted the files as
+    /// orphans) has not passed. Returns the new version, or why it was refused. Refused
+    /// for offsets the table holds or for the deadline, nothing of this attempt is in the
+    /// table; refused by concurrent commits, the store may still have taken it (its
+    /// answer lost), so its files are not deleted. A store error may also come after the
+    /// commit landed: the next attempt then finds the offsets in the table.
     pub async fn commit_roll(
         &mut self,
         scope: &str,
         read: &BTreeMap<i32, OffsetRange>,
         adds: Vec<Add>,
         epoch: i64,
+        deadline: std::time::Instant,
     ) -> Result<std::result::Result<u64, Conflict>> {
         self.refresh().await?;
         let mut held = BTreeMap::new();
@@ -373,6 +426,9 @@ impl Table {
         }
         if let Err(conflict) = check(read, &held) {
             return Ok(Err(conflict));
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(Err(Conflict::TooSlow));
         }
         let now = chrono::Utc::now().timestamp_millis();
         let mut actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
@@ -387,7 +443,7 @@ impl Table {
             .iter()
             .map(|(p, r)| (p.to_string(), serde_json::json!([r.from, r.next])))
             .collect();
-        let properties = CommitProperties::default().with_metadata([
+        let metadata = [
             ("dronedelivery.writer".to_owned(), "sink".into()),
             (
                 "dronedelivery.topic".to_owned(),
@@ -397,17 +453,61 @@ impl Table {
                 "dronedelivery.offsets".to_owned(),
                 serde_json::Value::Object(offsets),
             ),
-        ]);
+        ];
         let operation = DeltaOperation::StreamingUpdate {
             output_mode: OutputMode::Append,
             query_id: format!("dronedelivery-history-{}", self.table.name),
             epoch_id: epoch,
         };
+        self.commit(actions, operation, metadata).await
+    }
+
+    /// Commits a compaction of the loaded version: `adds` (the merged files) and
+    /// `removes` (the files they replace), both with `dataChange=false`, and a `txn` of
+    /// the table's compaction app id, so that of two compactions racing on the table one
+    /// commits and the other is refused (delta-rs lets two commits remove the same files
+    /// with `dataChange=false`, which would keep both merged copies).
+    pub async fn commit_compaction(
+        &mut self,
+        adds: Vec<Add>,
+        removes: Vec<deltalake::kernel::Remove>,
+        target_size: i64,
+    ) -> Result<std::result::Result<u64, Conflict>> {
+        let read_version = self.delta.version().unwrap_or(0);
+        let mut actions: Vec<Action> = adds
+            .into_iter()
+            .map(|mut add| {
+                add.data_change = false;
+                Action::Add(add)
+            })
+            .collect();
+        actions.extend(removes.into_iter().map(Action::Remove));
+        actions.push(Action::Txn(Transaction::new_with_last_update(
+            compaction_app_id(self.table.name),
+            i64::try_from(read_version).unwrap_or(i64::MAX),
+            Some(chrono::Utc::now().timestamp_millis()),
+        )));
+        let metadata = [("dronedelivery.writer".to_owned(), "compaction".into())];
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size,
+        };
+        self.commit(actions, operation, metadata).await
+    }
+
+    /// Commits `actions` on the loaded version (delta-rs resolves races with commits that
+    /// landed since, refusing on a conflict), then writes a checkpoint when one is due.
+    async fn commit<const N: usize>(
+        &mut self,
+        actions: Vec<Action>,
+        operation: DeltaOperation,
+        metadata: [(String, serde_json::Value); N],
+    ) -> Result<std::result::Result<u64, Conflict>> {
         let snapshot = self
             .delta
             .snapshot()
             .map_err(delta_err("committing to a table"))?;
-        let prepared = CommitBuilder::from(properties)
+        let prepared = CommitBuilder::from(CommitProperties::default().with_metadata(metadata))
             .with_actions(actions)
             .build(Some(snapshot), self.delta.log_store(), operation)
             .into_prepared_commit_future()
@@ -415,8 +515,12 @@ impl Table {
             .map_err(delta_err("committing to a table"))?;
         let landed = match prepared.await {
             Ok(landed) => landed,
+            // A commit that landed since carries one of the same app ids; or every version
+            // it tried was taken (the last of them may be this very commit, its answer
+            // lost: the table tells).
             Err(DeltaTableError::Transaction {
-                source: TransactionError::CommitConflict(e),
+                source:
+                    e @ (TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_)),
             }) => {
                 return Ok(Err(Conflict::Concurrent {
                     reason: e.to_string(),
@@ -436,9 +540,31 @@ impl Table {
     }
 }
 
+/// The `txn` app id every compaction of `table` carries.
+pub fn compaction_app_id(table: &str) -> String {
+    format!("dronedelivery-compaction-{table}")
+}
+
+/// Writes `batch` (of a table's file schema) into `writer` as rows of `date`.
+pub async fn write_batch(
+    writer: &mut RecordBatchWriter,
+    batch: &RecordBatch,
+    date: NaiveDate,
+) -> Result<()> {
+    writer
+        .write(with_date(batch, date)?)
+        .await
+        .map_err(delta_err("writing Parquet files"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A commit deadline that does not pass during a test.
+    fn far() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(3600)
+    }
 
     fn range(from: i64, next: i64) -> OffsetRange {
         OffsetRange { from, next }
@@ -478,6 +604,218 @@ mod tests {
             let kernel: StructType = schema.as_ref().try_into_kernel().unwrap();
             assert_eq!(kernel.fields().count(), schema.fields().len());
         }
+    }
+
+    /// Rolls commit their offsets as txn versions; delta-rs writes a checkpoint within
+    /// 100 versions (its default interval), from which a fresh reader gets the same
+    /// offsets; a roll overlapping them is refused and commits nothing.
+    #[tokio::test]
+    async fn rolls_commit_offsets_and_checkpoints_keep_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root =
+            DataRoot::open(&dir.path().display().to_string(), std::path::Path::new("/")).unwrap();
+        let mut table = Table::open_or_create(&root, history::TELEMETRY)
+            .await
+            .unwrap();
+        assert_eq!(table.next_offset("", 0).await.unwrap(), None);
+        for i in 0..100_i64 {
+            let read = BTreeMap::from([(0, range(i * 10, i * 10 + 10)), (1, range(i, i + 1))]);
+            let version = table
+                .commit_roll("", &read, Vec::new(), i, far())
+                .await
+                .unwrap();
+            assert_eq!(version, Ok(u64::try_from(i).unwrap() + 1));
+        }
+        let log = dir.path().join("telemetry/_delta_log");
+        assert!(log.join("_last_checkpoint").exists());
+        let checkpoints = std::fs::read_dir(&log)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(".checkpoint.parquet")
+            })
+            .count();
+        assert_eq!(checkpoints, 1);
+        let fresh = Table {
+            table: history::TELEMETRY,
+            delta: load(&root, "telemetry").await.unwrap().unwrap(),
+        };
+        assert_eq!(fresh.delta.version(), Some(100));
+        assert_eq!(fresh.next_offset("", 0).await.unwrap(), Some(1000));
+        assert_eq!(fresh.next_offset("", 1).await.unwrap(), Some(100));
+        assert_eq!(fresh.next_offset("other-scope/", 1).await.unwrap(), None);
+        let overlap = BTreeMap::from([(1, range(99, 101))]);
+        let refused = table
+            .commit_roll("", &overlap, Vec::new(), 100, far())
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Err(Conflict::Offsets { next: 100, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(table.delta.version(), Some(100));
+        // A second creator finds the table there.
+        let again = Table::open_or_create(&root, history::TELEMETRY)
+            .await
+            .unwrap();
+        assert_eq!(again.delta.version(), Some(100));
+    }
+
+    /// A store whose first put-if-absent under `_delta_log/` lands but answers "already
+    /// exists", as a client's retry of a put whose first answer was lost does.
+    #[derive(Debug)]
+    struct LostAnswer {
+        inner: object_store::local::LocalFileSystem,
+        tripped: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for LostAnswer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("lost-answer")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for LostAnswer {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let create = matches!(opts.mode, object_store::PutMode::Create)
+                && location.as_ref().contains("_delta_log/");
+            let result = self.inner.put_opts(location, payload, opts).await;
+            if create
+                && result.is_ok()
+                && !self.tripped.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(object_store::Error::AlreadyExists {
+                    path: location.to_string(),
+                    source: "the retry found the first attempt's object".into(),
+                });
+            }
+            result
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures_util::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A commit whose answer was lost (the store took it; a retry found it there) is
+    /// refused as a conflict, and the table shows it was ours: its files are live and its
+    /// offsets held, so the sink deletes nothing and reads on after them.
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_found_in_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut root =
+            DataRoot::open(&dir.path().display().to_string(), std::path::Path::new("/")).unwrap();
+        let table = Table::open_or_create(&root, history::DEAD_LETTERS).await;
+        drop(table);
+        root.store = Arc::new(LostAnswer {
+            inner: object_store::local::LocalFileSystem::new(),
+            tripped: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut table = Table::open_or_create(&root, history::DEAD_LETTERS)
+            .await
+            .unwrap();
+        let mut rows = crate::rows::TableRows::new("dead_letters").unwrap();
+        rows.append(&crate::rows::RecordView {
+            key: Some(b"k"),
+            payload: b"p",
+            event_type: None,
+            drone_id: None,
+            dead_letter_reason: Some(b"why"),
+            dead_letter_source: Some(b"where"),
+            from: crate::rows::Provenance {
+                key: Some(b"k"),
+                partition: 0,
+                offset: 7,
+                ingest_millis: 1_795_435_200_000,
+            },
+        })
+        .unwrap();
+        let date = NaiveDate::from_ymd_opt(2026, 11, 23).unwrap();
+        let adds = table
+            .write_files(
+                &[(date, rows.finish().unwrap())],
+                crate::parquet_files::properties(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(adds.len(), 1);
+        let read = BTreeMap::from([(0, range(7, 8))]);
+        let refused = table
+            .commit_roll("", &read, adds.clone(), 1, far())
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Err(Conflict::Concurrent { .. })),
+            "{refused:?}"
+        );
+        table.refresh().await.unwrap();
+        assert!(
+            table
+                .file_names()
+                .unwrap()
+                .contains(file_name(&adds[0].path))
+        );
+        assert_eq!(table.next_offset("", 0).await.unwrap(), Some(8));
+        let path = file_path(&root, "dead_letters", &adds[0].path).unwrap();
+        assert!(
+            std::path::Path::new("/").join(path.as_ref()).exists(),
+            "{path}"
+        );
     }
 
     proptest::proptest! {

@@ -243,7 +243,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 /// An optional field that, when present, must hold a value of its type: `null` is refused
 /// rather than taken as absent, as the API documents no field as nullable (leave a field
 /// out instead; a reschedule cannot clear a time).
-pub(crate) fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+pub fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<T>, D::Error> {
     T::deserialize(deserializer).map(Some)

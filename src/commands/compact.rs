@@ -9,6 +9,9 @@ use crate::cli::CompactArgs;
 
 /// Runs one compaction pass and reports what it did on stderr.
 pub(crate) async fn run(args: CompactArgs) -> Result<()> {
+    args.compaction
+        .check(analytics::compact::MIN_ORPHAN_SECS)
+        .map_err(anyhow::Error::msg)?;
     let cwd = std::env::current_dir().context("reading the working directory")?;
     let root = analytics::store::DataRoot::open(&args.data.url, &cwd)?;
     let report =

@@ -1,4 +1,4 @@
-//! `dronedelivery history`: the history sink (Kafka to Parquet) alone, against a Kafka
+//! `dronedelivery history`: the history sink (Kafka to Delta tables) alone, against a Kafka
 //! cluster, with a health listener that stays up until it has stopped.
 
 use analytics::history::HistoryConfig;
@@ -13,6 +13,10 @@ use crate::supervisor::{Supervisor, shutdown_signal};
 
 /// Runs the sink until the process is asked to stop or the sink fails.
 pub(crate) async fn run(args: HistoryArgs) -> Result<()> {
+    args.sink
+        .compaction
+        .check(analytics::compact::MIN_ORPHAN_SECS)
+        .map_err(anyhow::Error::msg)?;
     let render = init_metrics()?;
     let (settings, _) = broker::connect(&args.kafka, false).await?;
     let mut supervisor = Supervisor::new();

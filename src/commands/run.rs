@@ -203,7 +203,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Files that compaction replaced are kept for queries that may still read them: longer
-/// than a query may run.
+/// than a query may run; files no commit names, for the sink's commits.
 fn check_retention(sink: &SinkArgs, limits: &QueryLimitsArgs) -> Result<()> {
     let retention = sink.compaction.vacuum_retention_secs;
     if retention <= limits.sql_timeout_secs {
@@ -212,5 +212,7 @@ fn check_retention(sink: &SinkArgs, limits: &QueryLimitsArgs) -> Result<()> {
             limits.sql_timeout_secs
         );
     }
-    Ok(())
+    sink.compaction
+        .check(analytics::compact::MIN_ORPHAN_SECS)
+        .map_err(anyhow::Error::msg)
 }

@@ -53,8 +53,12 @@ pub(crate) async fn post_sql(
     #[serde(deny_unknown_fields)]
     struct SqlRequest {
         sql: String,
-        /// Time travel: a version number or an RFC 3339 time.
-        #[serde(default, rename = "asOf")]
+        /// Time travel: a version number or an RFC 3339 time (never `null`).
+        #[serde(
+            default,
+            rename = "asOf",
+            deserialize_with = "schemas::delivery::present"
+        )]
         as_of: Option<AsOf>,
     }
     #[derive(serde::Deserialize)]
