@@ -19,14 +19,13 @@
 //! The `history` module runs both every `--compact-interval-secs` beside the sink;
 //! `dronedelivery compact` runs them once. This module must not know the sink.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use deltalake::DeltaTableError;
 use deltalake::kernel::Remove;
-use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::writer::DeltaWriter as _;
+use futures_util::TryStreamExt as _;
 use object_store::ObjectStoreExt as _;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tokio_util::sync::CancellationToken;
@@ -184,6 +183,9 @@ pub async fn run_periodically(
     }
 }
 
+/// Most merges of one table in one pass.
+const MAX_MERGES_PER_PASS: usize = 64;
+
 /// One pass over every table: compaction of what [`plan`] picks, then vacuum.
 pub async fn compact_once(
     root: &DataRoot,
@@ -192,6 +194,9 @@ pub async fn compact_once(
 ) -> Result<Report> {
     let mut report = Report::default();
     let target = config.compact_target_mb.max(1) * 1024 * 1024;
+    // A merged file waits for its commit at most this long: vacuum (of any process,
+    // each keeping orphans at least MIN_ORPHAN_SECS) may delete it as an orphan later.
+    let safe_for = Duration::from_secs(config.vacuum_orphan_secs.min(MIN_ORPHAN_SECS)) / 2;
     for history_table in schemas::history::TABLES {
         if stop.is_cancelled() {
             break;
@@ -203,26 +208,38 @@ pub async fn compact_once(
             table: history_table,
             delta,
         };
-        let (live, views) = live_files(&table)?;
-        for group in plan(&live, config.compact_min_files, target) {
+        // One merge at a time, each planned on the version it commits on (a commit
+        // refreshes the table), so that no merge removes files another already replaced.
+        for _ in 0..MAX_MERGES_PER_PASS {
             if stop.is_cancelled() {
                 break;
             }
+            let (live, views) = live_files(&table)?;
+            let Some(group) = plan(&live, config.compact_min_files, target)
+                .into_iter()
+                .next()
+            else {
+                break;
+            };
             let removes: Vec<Remove> = group
                 .iter()
                 .filter_map(|f| views.get(f.path.as_str()).cloned())
                 .collect();
+            let deadline = std::time::Instant::now() + safe_for;
             let adds = merge(root, &table, &group).await?;
             let replaced = removes.len();
             let size = i64::try_from(target).unwrap_or(i64::MAX);
-            match table.commit_compaction(adds, removes, size).await? {
+            let committed = table
+                .commit_compaction(adds.clone(), removes, size, deadline)
+                .await?;
+            match committed {
                 Ok(_) => {
                     report.merged += 1;
                     report.replaced += replaced;
                     metrics::counter!("history_compactions_total").increment(1);
                 }
                 Err(conflict) => {
-                    tracing::info!(table = history_table.name, %conflict, "history: compaction lost a race; its file is left to vacuum");
+                    tracing::info!(table = history_table.name, %conflict, "history: compaction refused; its file is left to vacuum");
                     report.conflicts += 1;
                     // The rest of this table waits for the next pass (its files may have
                     // moved).
@@ -230,6 +247,7 @@ pub async fn compact_once(
                 }
             }
         }
+        table.refresh().await?;
         report.deleted += vacuum(&table, config).await?;
     }
     Ok(report)
@@ -316,11 +334,14 @@ async fn merge(
         .map_err(delta_err("writing a compacted file"))
 }
 
-/// Deletes the files of `table` that left it more than the retention ago, and the files
-/// no commit names more than the orphan age ago. Returns how many were deleted.
+/// Deletes the files of `table` (as of its loaded version) that left it more than the
+/// retention ago, and the files no commit names more than the orphan age ago. delta-rs
+/// plans it (both modes, without running them: its run would also delete, again, the
+/// files of every tombstone still in the log and commit twice per pass); only files that
+/// are there are deleted, and nothing is committed. Returns how many were deleted.
 async fn vacuum(table: &Table, config: &CompactionArgs) -> Result<usize> {
     let secs = |s: u64| chrono::Duration::seconds(i64::try_from(s).unwrap_or(i64::MAX / 1000));
-    let mut deleted = 0;
+    let mut candidates = BTreeSet::new();
     for (mode, retention) in [
         (VacuumMode::Lite, secs(config.vacuum_retention_secs)),
         (
@@ -328,29 +349,43 @@ async fn vacuum(table: &Table, config: &CompactionArgs) -> Result<usize> {
             secs(config.vacuum_orphan_secs.max(config.vacuum_retention_secs)),
         ),
     ] {
-        let (_, metrics) = table
+        let (_, planned) = table
             .delta
             .clone()
             .vacuum()
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
             .with_mode(mode)
-            .with_commit_properties(
-                CommitProperties::default()
-                    .with_metadata([("dronedelivery.writer".to_owned(), "vacuum".into())]),
-            )
+            .with_dry_run(true)
             .await
-            .map_err(|e| match e {
-                DeltaTableError::ObjectStore { source } => AnalyticsError::Store {
-                    action: "vacuuming a table",
-                    source,
-                },
-                source => AnalyticsError::Delta {
-                    action: "vacuuming a table",
-                    source: Box::new(source),
-                },
-            })?;
-        deleted += metrics.files_deleted.len();
+            .map_err(delta_err("planning a vacuum"))?;
+        candidates.extend(planned.files_deleted);
+    }
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let store = table.delta.object_store();
+    let present: BTreeSet<String> = store
+        .list(None)
+        .map_ok(|meta| meta.location.to_string())
+        .try_collect()
+        .await
+        .map_err(|source| AnalyticsError::Store {
+            action: "listing a table to vacuum",
+            source,
+        })?;
+    let mut deleted = 0;
+    for path in candidates.intersection(&present) {
+        let Ok(location) = object_store::path::Path::parse(path) else {
+            continue;
+        };
+        match store.delete(&location).await {
+            Ok(()) => deleted += 1,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::debug!(table = table.table.name, path, error = %e, "vacuum: not deleted")
+            }
+        }
     }
     Ok(deleted)
 }

@@ -116,37 +116,9 @@ impl AnalyticsError {
     /// under delta-rs or its kernel: worth trying again. A store that cannot do what is
     /// asked (no conditional put) is not.
     pub fn is_store(&self) -> bool {
-        fn transient(e: &object_store::Error) -> bool {
-            !matches!(
-                e,
-                object_store::Error::NotImplemented { .. }
-                    | object_store::Error::NotSupported { .. }
-            )
-        }
         match self {
             Self::Store { source, .. } => transient(source),
-            Self::Delta { source, .. } => match source.as_ref() {
-                deltalake::DeltaTableError::ObjectStore { source } => transient(source),
-                deltalake::DeltaTableError::KernelError(kernel) => match kernel {
-                    delta_kernel::Error::ObjectStore(e) => transient(e),
-                    delta_kernel::Error::IOError(_)
-                    | delta_kernel::Error::Reqwest(_)
-                    | delta_kernel::Error::FileNotFound(_) => true,
-                    _ => false,
-                },
-                deltalake::DeltaTableError::Io { .. } => true,
-                other => {
-                    // Elsewhere in the chain (a writer's error wrapping the store's).
-                    let mut cause = std::error::Error::source(other);
-                    while let Some(e) = cause {
-                        if let Some(store) = e.downcast_ref::<object_store::Error>() {
-                            return transient(store);
-                        }
-                        cause = e.source();
-                    }
-                    false
-                }
-            },
+            Self::Delta { source, .. } => store_failure(source.as_ref()),
             _ => false,
         }
     }
@@ -164,6 +136,56 @@ impl AnalyticsError {
             }
             _ => false,
         }
+    }
+}
+
+/// Whether an object store error may pass: not a store that cannot do what is asked.
+fn transient(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. }
+    )
+}
+
+/// Whether a store failure is somewhere in `error` or its causes: an object store or I/O
+/// error, also as the kernel carries them (in its own variants, or behind a backtrace).
+fn store_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(store) = e.downcast_ref::<object_store::Error>() {
+            return transient(store);
+        }
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        if let Some(delta) = e.downcast_ref::<deltalake::DeltaTableError>() {
+            match delta {
+                deltalake::DeltaTableError::ObjectStore { source } => return transient(source),
+                deltalake::DeltaTableError::Io { .. } => return true,
+                deltalake::DeltaTableError::KernelError(kernel) => return kernel_failure(kernel),
+                _ => {}
+            }
+        }
+        if let Some(kernel) = e.downcast_ref::<delta_kernel::Error>()
+            && kernel_failure(kernel)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A store failure as delta-rs' kernel carries it.
+fn kernel_failure(error: &delta_kernel::Error) -> bool {
+    match error {
+        delta_kernel::Error::Backtraced { source, .. } => kernel_failure(source),
+        delta_kernel::Error::ObjectStore(e) => transient(e),
+        delta_kernel::Error::IOError(_)
+        | delta_kernel::Error::Reqwest(_)
+        | delta_kernel::Error::FileNotFound(_) => true,
+        delta_kernel::Error::Parquet(e) => store_failure(e),
+        other => std::error::Error::source(other).is_some_and(store_failure),
     }
 }
 

@@ -659,10 +659,16 @@ impl Sink {
         let started = Instant::now();
         let scope = self.offsets_scope.clone();
         let epoch = i64::try_from(self.rolls).unwrap_or(i64::MAX);
-        // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old: a
-        // table whose files are half of that old before its commit gives up rather than
-        // commit files that may be gone.
-        let safe_for = Duration::from_secs(self.config.compaction.vacuum_orphan_secs) / 2;
+        // Vacuum deletes files no commit names once they are --vacuum-orphan-secs old (in
+        // any process: each keeps them at least MIN_ORPHAN_SECS): a table whose files are
+        // half of that old before its commit gives up rather than commit files that may
+        // be gone.
+        let safe_for = Duration::from_secs(
+            self.config
+                .compaction
+                .vacuum_orphan_secs
+                .min(crate::compact::MIN_ORPHAN_SECS),
+        ) / 2;
         for (name, roll) in rolls {
             if done.contains(name) {
                 continue;

@@ -467,12 +467,24 @@ impl Table {
     /// the table's compaction app id, so that of two compactions racing on the table one
     /// commits and the other is refused (delta-rs lets two commits remove the same files
     /// with `dataChange=false`, which would keep both merged copies).
+    /// Refused past `deadline` (vacuum may have deleted the merged files as orphans). The
+    /// removes are dated now: the retention of the replaced files counts from the commit.
     pub async fn commit_compaction(
         &mut self,
         adds: Vec<Add>,
         removes: Vec<deltalake::kernel::Remove>,
         target_size: i64,
+        deadline: std::time::Instant,
     ) -> Result<std::result::Result<u64, Conflict>> {
+        if std::time::Instant::now() > deadline {
+            return Ok(Err(Conflict::TooSlow));
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let removes = removes.into_iter().map(|mut remove| {
+            remove.deletion_timestamp = Some(now);
+            remove.data_change = false;
+            remove
+        });
         let read_version = self.delta.version().unwrap_or(0);
         let mut actions: Vec<Action> = adds
             .into_iter()
@@ -481,11 +493,11 @@ impl Table {
                 Action::Add(add)
             })
             .collect();
-        actions.extend(removes.into_iter().map(Action::Remove));
+        actions.extend(removes.map(Action::Remove));
         actions.push(Action::Txn(Transaction::new_with_last_update(
             compaction_app_id(self.table.name),
             i64::try_from(read_version).unwrap_or(i64::MAX),
-            Some(chrono::Utc::now().timestamp_millis()),
+            Some(now),
         )));
         let metadata = [("dronedelivery.writer".to_owned(), "compaction".into())];
         let operation = DeltaOperation::Optimize {
