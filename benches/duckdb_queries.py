@@ -2,7 +2,8 @@
 duckdb-ext-delta wheel, offline) over the same Delta tables, each three times.
 
 Usage: duckdb_queries.py ROOT QUERIES, where QUERIES is a JSON list of [name, sql].
-Prints JSON: {name: [milliseconds of each run]}.
+Prints JSON: {name: [milliseconds of each run]}. Results are fetched as Arrow tables
+(as ours are Arrow batches).
 """
 
 import glob
@@ -41,7 +42,7 @@ def main():
         runs = []
         for _ in range(3):
             started = time.perf_counter()
-            con.execute(sql).fetchall()
+            con.execute(sql).fetch_arrow_table()
             runs.append((time.perf_counter() - started) * 1000.0)
         times[name] = runs
     print(json.dumps(times))
