@@ -34,6 +34,7 @@ pub(crate) fn watch_lag(
         .collect();
     let mut groups: Vec<(&str, &[&str])> = processors::Processor::ALL
         .iter()
+        .filter(|p| p.holds_up_writes())
         .map(|p| (p.group(), p.inputs()))
         .collect();
     groups.push((schemas::topics::groups::HISTORY, history.as_slice()));

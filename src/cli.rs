@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use ingest::{AuthArgs, HttpServerArgs, TierArgs};
 use processors::StatefulArgs;
 use processors::guarantee::GuaranteeArgs;
+use processors::notifier::NotifierArgs;
 use processors::simulator::SimulatorArgs;
 use processors::workflow::WorkflowArgs;
 
@@ -153,6 +154,17 @@ pub(crate) struct BackpressureArgs {
     pub(crate) lag_check_ms: u64,
 }
 
+/// Who webhooks may be registered for and sent to; read by the tier (registrations) and
+/// the notifier (each send).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct WebhookGuardArgs {
+    /// Allow webhook endpoints on loopback, private, link-local and other non-public
+    /// addresses (a test or a private network). Without it they are refused at
+    /// registration and at every send.
+    #[arg(long, env = "DRONEDELIVERY_WEBHOOKS_ALLOW_PRIVATE")]
+    pub(crate) webhooks_allow_private: bool,
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
@@ -171,6 +183,10 @@ pub(crate) struct RunArgs {
     pub(crate) workflow: WorkflowArgs,
     #[command(flatten)]
     pub(crate) stateful: StatefulArgs,
+    #[command(flatten)]
+    pub(crate) notifier: NotifierArgs,
+    #[command(flatten)]
+    pub(crate) webhook_guard: WebhookGuardArgs,
     #[command(flatten)]
     pub(crate) guarantee: GuaranteeArgs,
     #[command(flatten)]
@@ -204,6 +220,8 @@ pub(crate) struct IngestArgs {
     #[command(flatten)]
     pub(crate) tier: TierArgs,
     #[command(flatten)]
+    pub(crate) webhook_guard: WebhookGuardArgs,
+    #[command(flatten)]
     pub(crate) backpressure: BackpressureArgs,
     /// Probes on a listener of their own, with its own few connections: they are
     /// answered even while clients hold every connection of the API.
@@ -221,6 +239,10 @@ pub(crate) struct ProcessArgs {
     pub(crate) workflow: WorkflowArgs,
     #[command(flatten)]
     pub(crate) stateful: StatefulArgs,
+    #[command(flatten)]
+    pub(crate) notifier: NotifierArgs,
+    #[command(flatten)]
+    pub(crate) webhook_guard: WebhookGuardArgs,
     #[command(flatten)]
     pub(crate) guarantee: GuaranteeArgs,
     #[command(flatten)]

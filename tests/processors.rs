@@ -65,7 +65,12 @@ impl Stack {
         let settings = ClientSettings::plain(broker.bootstrap_servers());
         let producer = Producer::new(&settings, &ProducerArgs::default())?;
         let stop = CancellationToken::new();
-        let view = ingest::StatusView::start(settings.clone(), 100_000, stop.clone());
+        let view = ingest::StatusView::start(
+            settings.clone(),
+            100_000,
+            ingest::StatusLimits::default(),
+            stop.clone(),
+        );
         let server = ingest::Ingest::bind(
             ingest::IngestConfig {
                 http: ingest::HttpServerArgs {

@@ -17,6 +17,7 @@ mod lag;
 mod producer;
 mod progress;
 mod settings;
+mod tail;
 
 pub use admin::{
     PartitionInfo, Reachability, TopicInfo, alter_topic, describe_topics, ensure_topics,
@@ -27,3 +28,4 @@ pub use error::{BusError, Result, TransactionFailure};
 pub use lag::{Backpressure, LagWatch, PartitionLag, Transition, spawn_lag_watch};
 pub use producer::{Delivered, OutRecord, Producer};
 pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings, parse_properties};
+pub use tail::spawn_tail;

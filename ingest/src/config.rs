@@ -32,6 +32,11 @@ const IDEMPOTENCY_WINDOW_SECS: u64 = 3600;
 const DEFAULT_FLEET_TENANT: &str = "fleet";
 const STATUS_MAX_DELIVERIES: usize = 1_000_000;
 const IDEMPOTENCY_WINDOW_BYTES: usize = 64 * 1024 * 1024;
+const SSE_MAX_SUBSCRIBERS: usize = 2_000;
+const SSE_MAX_SUBSCRIBERS_PER_TENANT: usize = 200;
+const SSE_REPLAY_BYTES: usize = 64 * 1024 * 1024;
+const TRACKING_LINK_TTL_SECS: u64 = 7 * 24 * 3_600;
+const MAX_WEBHOOKS_PER_TENANT: usize = 10;
 
 /// The HTTP listener and its bounds: shared by the ingestion tier and the SQL server
 /// (which lowers some defaults, see the binary's `sql-server`).
@@ -224,6 +229,101 @@ pub struct TierArgs {
         default_value_t = IDEMPOTENCY_WINDOW_BYTES
     )]
     pub idempotency_window_bytes: usize,
+
+    /// Most Server-Sent Events subscribers (delivery streams, tenant feeds, tracking
+    /// pages) the tier holds at once; past it, 503.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SSE_MAX_SUBSCRIBERS",
+        default_value_t = SSE_MAX_SUBSCRIBERS
+    )]
+    pub sse_max_subscribers: usize,
+
+    /// Most SSE subscribers of one tenant (its tracking pages count); past it, 429.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SSE_MAX_SUBSCRIBERS_PER_TENANT",
+        default_value_t = SSE_MAX_SUBSCRIBERS_PER_TENANT
+    )]
+    pub sse_max_subscribers_per_tenant: usize,
+
+    /// Memory for the recent events of deliveries, replayed to clients that reconnect
+    /// with Last-Event-ID, in bytes; past it the oldest deliveries' events go (a client
+    /// reconnecting to one of those gets its latest state).
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_SSE_REPLAY_BYTES",
+        default_value_t = SSE_REPLAY_BYTES
+    )]
+    pub sse_replay_bytes: usize,
+
+    /// The secret tracking links are signed with (at least 32 bytes), the same on every
+    /// replica so that any of them verifies any link. Without it, each process makes
+    /// one up: links then work only on the process that made them, until it restarts.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TRACKING_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub tracking_secret: Option<Secret>,
+
+    /// How long a tracking link works, in seconds.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_TRACKING_LINK_TTL_SECS",
+        default_value_t = TRACKING_LINK_TTL_SECS
+    )]
+    pub tracking_link_ttl_secs: u64,
+
+    /// Most webhook endpoints one tenant may register.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_MAX_WEBHOOKS_PER_TENANT",
+        default_value_t = MAX_WEBHOOKS_PER_TENANT
+    )]
+    pub max_webhooks_per_tenant: usize,
+
+    /// Whether webhook endpoints on non-public addresses may be registered (set by the
+    /// binary from `--webhooks-allow-private`).
+    #[arg(skip)]
+    pub webhooks_allow_private: bool,
+}
+
+/// A secret given on the command line or in the environment: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Its text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl TierArgs {
+    /// The bounds of the live events (SSE).
+    pub fn live_limits(&self) -> crate::status::LiveLimits {
+        crate::status::LiveLimits {
+            max_subscribers: self.sse_max_subscribers,
+            max_subscribers_per_tenant: self.sse_max_subscribers_per_tenant,
+            replay_bytes: self.sse_replay_bytes,
+        }
+    }
 }
 
 impl Default for TierArgs {
@@ -241,6 +341,13 @@ impl Default for TierArgs {
             status_max_deliveries: STATUS_MAX_DELIVERIES,
             idempotency_window_secs: IDEMPOTENCY_WINDOW_SECS,
             idempotency_window_bytes: IDEMPOTENCY_WINDOW_BYTES,
+            sse_max_subscribers: SSE_MAX_SUBSCRIBERS,
+            sse_max_subscribers_per_tenant: SSE_MAX_SUBSCRIBERS_PER_TENANT,
+            sse_replay_bytes: SSE_REPLAY_BYTES,
+            tracking_secret: None,
+            tracking_link_ttl_secs: TRACKING_LINK_TTL_SECS,
+            max_webhooks_per_tenant: MAX_WEBHOOKS_PER_TENANT,
+            webhooks_allow_private: false,
         }
     }
 }

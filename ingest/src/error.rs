@@ -138,6 +138,28 @@ pub enum IngestError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The tenant already holds its most live-event subscribers.
+    #[error("tenant {tenant} holds its most event streams ({max})")]
+    TooManyStreams {
+        /// The tenant.
+        tenant: String,
+        /// Its bound.
+        max: usize,
+    },
+    /// The tier holds its most live-event subscribers.
+    #[error("service unavailable: the server holds its most event streams")]
+    StreamsFull,
+    /// A tracking link past its end.
+    #[error("this tracking link has expired")]
+    LinkExpired,
+    /// A tenant registering a webhook endpoint past its bound.
+    #[error("tenant {tenant} already has {max} webhook endpoints")]
+    TooManyWebhooks {
+        /// The tenant.
+        tenant: String,
+        /// The bound.
+        max: usize,
+    },
     /// No valid credentials.
     #[error("unauthorized: {reason}")]
     Unauthorized {
@@ -207,8 +229,9 @@ impl IngestError {
             | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::RateLimited { .. } | Self::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyInProgress | Self::TooManyWebhooks { .. } => StatusCode::CONFLICT,
+            Self::LinkExpired => StatusCode::GONE,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } | Self::TooManyRecords { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -223,7 +246,8 @@ impl IngestError {
             | Self::TooManyInFlight { .. }
             | Self::TenantShareTaken { .. }
             | Self::PipelineBehind { .. }
-            | Self::TooManyBytesInFlight => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::TooManyBytesInFlight
+            | Self::StreamsFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } | Self::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Sql { kind, .. } => match kind {
                 SqlFailureKind::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
@@ -256,6 +280,10 @@ impl IngestError {
             Self::Unauthorized { .. } => "unauthorized",
             Self::Forbidden { .. } => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
+            Self::TooManyStreams { .. } => "too_many_streams",
+            Self::StreamsFull => "streams_full",
+            Self::LinkExpired => "link_expired",
+            Self::TooManyWebhooks { .. } => "too_many_webhooks",
             Self::InvalidHeader { .. } => "header",
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::IdempotencyMismatch => "idempotency_mismatch",
@@ -330,6 +358,9 @@ impl IngestError {
             }
             Self::IdempotencyInProgress | Self::TooManyBytesInFlight => {
                 builder = builder.header(header::RETRY_AFTER, "1");
+            }
+            Self::TooManyStreams { .. } | Self::StreamsFull => {
+                builder = builder.header(header::RETRY_AFTER, "5");
             }
             Self::Unauthorized { .. } => {
                 builder =

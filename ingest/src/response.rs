@@ -75,6 +75,14 @@ pub(crate) fn replay(stored: Stored) -> Response<Body> {
 /// `serde_json::Value` (one map per record was about 8% of the tier's CPU on batches of
 /// 10,000); keys are in the order `serde_json` would give them.
 pub(crate) fn batch_report(outcomes: &[Outcome]) -> (StatusCode, Bytes) {
+    batch_report_with(outcomes, |_| None)
+}
+
+/// [`batch_report`], each accepted record with `trackingUrl`: `link(deliveryId)`.
+pub(crate) fn batch_report_with(
+    outcomes: &[Outcome],
+    mut link: impl FnMut(&str) -> Option<String>,
+) -> (StatusCode, Bytes) {
     use std::io::Write as _;
     /// Appends `text` as a JSON string.
     fn string(out: &mut Vec<u8>, text: &str) {
@@ -102,7 +110,12 @@ pub(crate) fn batch_report(outcomes: &[Outcome]) -> (StatusCode, Bytes) {
             Outcome::Accepted(Some(id)) => {
                 out.extend_from_slice(br#"{"deliveryId":"#);
                 string(&mut out, id);
-                let _ = write!(out, r#","index":{index}}}"#);
+                let _ = write!(out, r#","index":{index}"#);
+                if let Some(url) = link(id) {
+                    out.extend_from_slice(br#","trackingUrl":"#);
+                    string(&mut out, &url);
+                }
+                out.push(b'}');
             }
             Outcome::Accepted(None) => {
                 let _ = write!(out, r#"{{"index":{index}}}"#);

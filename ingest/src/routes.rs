@@ -15,7 +15,8 @@ use hyper::{Method, Request, Response, StatusCode, header};
 use crate::body::Body;
 use crate::error::{IngestError, Result};
 use crate::handlers::deliveries::{self, Change};
-use crate::handlers::{self, sql, telemetry};
+use crate::handlers::track::TrackPath;
+use crate::handlers::{self, events, sql, telemetry, track, webhooks};
 use crate::produce::Caller;
 use crate::response::{json_bytes, text};
 use crate::state::App;
@@ -45,6 +46,16 @@ pub(crate) enum Route<'p> {
     Telemetry(&'p str),
     /// `/api/deliveries/{id}`, or `/api/deliveries/{id}/status` when `status_only`.
     Delivery { id: &'p str, status_only: bool },
+    /// `/api/deliveries/{id}/events`
+    DeliveryEvents(&'p str),
+    /// `/api/deliveries/events`
+    TenantEvents,
+    /// `/api/webhooks`
+    Webhooks,
+    /// `/api/webhooks/{id}`
+    Webhook(&'p str),
+    /// `/track/...`: a tracking link's page, state, events, and the page's assets.
+    Track(TrackPath<'p>),
     /// `/api/sql`
     Sql,
     /// Any other path under `/api/` (its callers are authenticated all the same).
@@ -64,8 +75,23 @@ impl<'p> Route<'p> {
             "/api/deliveryrequests" => Self::DeliveryRequests,
             "/api/deliveryrequests/batch" => Self::DeliveryRequestsBatch,
             "/api/sql" => Self::Sql,
+            "/api/deliveries/events" => Self::TenantEvents,
+            "/api/webhooks" => Self::Webhooks,
             p => {
-                if let Some(drone_id) = telemetry_path(p) {
+                if let Some(rest) = p.strip_prefix(crate::links::PREFIX) {
+                    TrackPath::of(rest).map_or(Self::Other, Self::Track)
+                } else if let Some(id) = p
+                    .strip_prefix("/api/webhooks/")
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                {
+                    Self::Webhook(id)
+                } else if let Some(id) = p
+                    .strip_prefix("/api/deliveries/")
+                    .and_then(|rest| rest.strip_suffix("/events"))
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                {
+                    Self::DeliveryEvents(id)
+                } else if let Some(drone_id) = telemetry_path(p) {
                     Self::Telemetry(drone_id)
                 } else if let Some(id) = delivery_request_path(p) {
                     Self::DeliveryRequest(id)
@@ -92,6 +118,12 @@ impl<'p> Route<'p> {
             Self::DeliveryRequest(_) => "deliveryrequest",
             Self::Telemetry(_) => "telemetry",
             Self::Delivery { .. } => "deliveries",
+            Self::DeliveryEvents(_) => "delivery_events",
+            Self::TenantEvents => "tenant_events",
+            Self::Webhooks | Self::Webhook(_) => "webhooks",
+            Self::Track(TrackPath::Asset(_) | TrackPath::Page(_)) => "track_page",
+            Self::Track(TrackPath::State(_)) => "track_state",
+            Self::Track(TrackPath::Events(_)) => "track_events",
             Self::Sql => "sql",
             Self::OtherApi | Self::Other => "other",
         }
@@ -101,7 +133,12 @@ impl<'p> Route<'p> {
     fn is_api(self) -> bool {
         !matches!(
             self,
-            Self::Healthz | Self::Readyz | Self::OpenApi | Self::Metrics | Self::Other
+            Self::Healthz
+                | Self::Readyz
+                | Self::OpenApi
+                | Self::Metrics
+                | Self::Track(_)
+                | Self::Other
         )
     }
 
@@ -113,6 +150,8 @@ impl<'p> Route<'p> {
                 | Self::DeliveryRequestsBatch
                 | Self::Telemetry(_)
                 | Self::DeliveryRequest(_)
+                | Self::Webhooks
+                | Self::Webhook(_)
         )
     }
 }
@@ -203,6 +242,31 @@ pub(crate) async fn route(
             deliveries::get_delivery(app, caller, &decode_id(id), status_only)
         }
         (_, Route::Delivery { .. }, Some(_)) => Err(IngestError::MethodNotAllowed { allow: "GET" }),
+        (Method::GET, Route::DeliveryEvents(id), Some(caller)) => {
+            events::delivery_events(app, &req, &caller.tenant.name, &decode_id(id))
+        }
+        (Method::GET, Route::TenantEvents, Some(caller)) => {
+            events::tenant_events(app, &caller.tenant.name)
+        }
+        (_, Route::DeliveryEvents(_) | Route::TenantEvents, Some(_)) => {
+            Err(IngestError::MethodNotAllowed { allow: "GET" })
+        }
+        (Method::GET, Route::Webhooks, Some(caller)) => webhooks::list_webhooks(app, caller),
+        (_, Route::Webhooks, Some(_)) => Err(IngestError::MethodNotAllowed { allow: "GET" }),
+        (Method::PUT, Route::Webhook(id), Some(caller)) => {
+            webhooks::put_webhook(app, req, caller, &decode_id(id)).await
+        }
+        (Method::GET, Route::Webhook(id), Some(caller)) => {
+            webhooks::get_webhook(app, caller, &decode_id(id))
+        }
+        (Method::DELETE, Route::Webhook(id), Some(caller)) => {
+            webhooks::delete_webhook(app, caller, &decode_id(id)).await
+        }
+        (_, Route::Webhook(_), Some(_)) => Err(IngestError::MethodNotAllowed {
+            allow: "PUT, GET, DELETE",
+        }),
+        (Method::GET | Method::HEAD, Route::Track(path), _) => track::get(app, &req, path),
+        (_, Route::Track(_), _) => Err(IngestError::MethodNotAllowed { allow: "GET" }),
         (Method::POST, Route::Sql, Some(caller)) if app.sql.is_some() => {
             sql::post_sql(app, req, caller).await
         }

@@ -94,6 +94,13 @@ impl Ingest {
         self
     }
 
+    /// Serves `/api/webhooks` from (and into) `registry`, which follows the `webhooks`
+    /// topic.
+    pub fn with_webhooks(mut self, registry: Arc<schemas::webhooks::Registry>) -> Self {
+        self.state.webhooks(registry);
+        self
+    }
+
     /// Refuses writes (requests, batches, telemetry, changes) with 503 and Retry-After
     /// while `behind` is set: backpressure from the consumers' lag, set by whoever
     /// watches it. Reads (status, SQL) are still served.
@@ -249,6 +256,8 @@ impl Ingest {
             });
         }
         drop(listener);
+        // Event streams never end by themselves: they end now, so the drain is not held.
+        app.closing.cancel();
         let drain = Duration::from_secs(app.config.http.drain_secs);
         tracing::info!(
             connections = graceful.count(),

@@ -13,12 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus::Producer;
+use schemas::webhooks::Registry;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::Budgets;
 use crate::config::IngestConfig;
 use crate::error::{IngestError, Result};
 use crate::health::{MetricsRender, Readiness};
 use crate::idempotency::Window;
+use crate::links::Links;
 use crate::sql::SqlEndpoint;
 use crate::status::StatusView;
 use crate::tenants::{self, Limits, Tenants};
@@ -40,6 +43,13 @@ pub(crate) struct App {
     pub(crate) window: Option<Mutex<Window>>,
     /// The history's SQL engine for `POST /api/sql`; `None` when not served.
     pub(crate) sql: Option<Arc<dyn SqlEndpoint>>,
+    /// Tracking links (made on every server that takes writes); `None` on a read-only
+    /// one.
+    pub(crate) links: Option<Links>,
+    /// Webhook registrations; `None` when `/api/webhooks` is not served.
+    pub(crate) webhooks: Option<Arc<Registry>>,
+    /// Cancelled when the server stops accepting: live streams end.
+    pub(crate) closing: CancellationToken,
 }
 
 impl std::fmt::Debug for App {
@@ -79,6 +89,8 @@ pub(crate) struct StateBuilder {
     status: Option<Arc<StatusView>>,
     behind: Vec<Arc<AtomicBool>>,
     sql: Option<Arc<dyn SqlEndpoint>>,
+    links: Option<Links>,
+    webhooks: Option<Arc<Registry>>,
 }
 
 impl std::fmt::Debug for StateBuilder {
@@ -157,7 +169,16 @@ impl StateBuilder {
                 config.tier.idempotency_window_bytes,
             ))
         });
+        let links = match producer {
+            Some(_) => Some(Links::new(
+                config.tier.tracking_secret.as_ref().map(|s| s.expose()),
+                config.tier.tracking_link_ttl_secs,
+            )?),
+            None => None,
+        };
         Ok(Self {
+            links,
+            webhooks: None,
             config,
             producer,
             tenants: Arc::new(tenants),
@@ -205,6 +226,11 @@ impl StateBuilder {
         self.sql = Some(engine);
     }
 
+    /// Serves `/api/webhooks` from `registry`.
+    pub(crate) fn webhooks(&mut self, registry: Arc<Registry>) {
+        self.webhooks = Some(registry);
+    }
+
     /// The complete state, to share.
     pub(crate) fn build(self) -> Arc<App> {
         let budgets = Budgets::new(&self.config, self.behind);
@@ -218,6 +244,9 @@ impl StateBuilder {
             status: self.status,
             window: self.window,
             sql: self.sql,
+            links: self.links,
+            webhooks: self.webhooks,
+            closing: CancellationToken::new(),
         })
     }
 }

@@ -1,5 +1,10 @@
 //! The read side of delivery state: `GET /api/deliveries/{id}` and
-//! `GET /api/deliveries/{id}/status`.
+//! `GET /api/deliveries/{id}/status`, and the source of the live events (SSE) of
+//! `GET /api/deliveries/{id}/events`, `GET /api/deliveries/events` and the tracking
+//! links: every new version of a delivery's state becomes one event (`live.rs`), kept
+//! for reconnecting clients within `--sse-replay-bytes` and pushed to its subscribers.
+//! Any replica serves any delivery: the events come from the topic, not from who
+//! posted what.
 //!
 //! A background task tails the `delivery-state` changelog (every partition, from the
 //! start; the delivery consumer writes each delivery's latest state there) into a map
@@ -17,27 +22,80 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use bus::ClientSettings;
 use bytes::Bytes;
 use schemas::tracking::DeliveryState;
 use tokio_util::sync::CancellationToken;
 
+use crate::live::{Frames, Log, Refused, Subscribers, Subscription};
+
+/// One delivery: its latest state and its recent live frames.
+#[derive(Debug)]
+struct Entry {
+    state: Arc<DeliveryState>,
+    log: Log,
+}
+
 #[derive(Debug, Default)]
 struct Map {
-    by_key: HashMap<String, Arc<DeliveryState>>,
+    by_key: HashMap<String, Entry>,
     /// Keys of deliveries that reached a final stage, in that order.
     finished: VecDeque<String>,
     /// Every key in the order it was first seen (for when no finished one is left).
     seen: VecDeque<String>,
+    /// Bytes of every entry's log.
+    log_bytes: usize,
+    /// Keys in the order their log was started (the oldest logs go first past the
+    /// budget).
+    logged: VecDeque<String>,
 }
 
-/// Every delivery's latest state, as read from `delivery-state`.
+impl Map {
+    fn remove(&mut self, key: &str) {
+        if let Some(entry) = self.by_key.remove(key) {
+            self.log_bytes -= entry.log.bytes();
+        }
+    }
+}
+
+/// Why a delivery cannot be followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unfollowable {
+    /// Unknown to the caller's tenant.
+    NotFound,
+    /// Too many subscribers.
+    Refused(Refused),
+}
+
+/// Bounds of the live events.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveLimits {
+    /// Most SSE subscribers in all.
+    pub max_subscribers: usize,
+    /// Most SSE subscribers of one tenant.
+    pub max_subscribers_per_tenant: usize,
+    /// Bytes of recent frames kept for reconnecting clients, all deliveries together.
+    pub replay_bytes: usize,
+}
+
+impl Default for LiveLimits {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 1_000,
+            max_subscribers_per_tenant: 100,
+            replay_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Every delivery's latest state, as read from `delivery-state`, and its live events.
 #[derive(Debug)]
 pub struct StatusView {
     map: RwLock<Map>,
     max_deliveries: usize,
+    replay_bytes: usize,
+    subscribers: Arc<Subscribers>,
 }
 
 impl StatusView {
@@ -45,54 +103,35 @@ impl StatusView {
     pub fn start(
         settings: ClientSettings,
         max_deliveries: usize,
+        live: LiveLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let view = Arc::new(Self {
+        let view = Arc::new(Self::new(max_deliveries, live));
+        let tail_view = Arc::clone(&view);
+        bus::spawn_tail(
+            settings,
+            schemas::topics::DELIVERY_STATE.name,
+            "status view",
+            shutdown,
+            move |key, payload| {
+                // Keys starting with a control byte are the processor's own (offset
+                // markers, records waiting for their request).
+                let own = matches!(key.first(), Some(&schemas::topics::CHANGELOG_MARKER | 1));
+                if let (false, Ok(key)) = (own, std::str::from_utf8(key)) {
+                    tail_view.apply(key, payload);
+                }
+            },
+        );
+        view
+    }
+
+    fn new(max_deliveries: usize, live: LiveLimits) -> Self {
+        Self {
             map: RwLock::new(Map::default()),
             max_deliveries: max_deliveries.max(1),
-        });
-        let tail_view = Arc::clone(&view);
-        tokio::spawn(async move {
-            let topic = schemas::topics::DELIVERY_STATE.name;
-            // The topic may not exist yet while the cluster starts: retry.
-            let consumer = loop {
-                let settings = settings.clone();
-                let made = tokio::task::spawn_blocking(move || {
-                    bus::Consumer::tail(&settings, topic, Duration::from_secs(5))
-                })
-                .await;
-                match made {
-                    Ok(Ok(consumer)) => break consumer,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "status view: cannot tail {topic} yet")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "status view: task failed"),
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            };
-            loop {
-                let received = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    received = consumer.recv() => received,
-                };
-                match received {
-                    Ok(record) => {
-                        let key = record.key().and_then(|k| std::str::from_utf8(k).ok());
-                        // Keys starting with a control byte are the processor's own
-                        // (offset markers, records waiting for their request).
-                        let marker = char::from(schemas::topics::CHANGELOG_MARKER);
-                        if let Some(key) = key.filter(|k| !k.starts_with([marker, '\u{1}'])) {
-                            tail_view.apply(key, record.payload().unwrap_or_default());
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "status view: receive failed"),
-                }
-            }
-        });
-        view
+            replay_bytes: live.replay_bytes,
+            subscribers: Subscribers::new(live.max_subscribers, live.max_subscribers_per_tenant),
+        }
     }
 
     fn apply(&self, key: &str, payload: &[u8]) {
@@ -101,20 +140,69 @@ impl StatusView {
         };
         if payload.is_empty() {
             // `finished` and `seen` keep the key; it is skipped when it comes up.
-            map.by_key.remove(key);
+            map.remove(key);
             return;
         }
         let Ok(state) = serde_json::from_slice::<DeliveryState>(payload) else {
             return;
         };
         let finished = state.stage.is_final();
-        let was_finished = map.by_key.get(key).is_some_and(|s| s.stage.is_final());
-        if map.by_key.insert(key.to_owned(), Arc::new(state)).is_none() {
-            map.seen.push_back(key.to_owned());
+        let previous = map
+            .by_key
+            .get(key)
+            .map(|e| (e.state.stage, e.state.version));
+        let was_finished = previous.is_some_and(|(stage, _)| stage.is_final());
+        // A version seen already (a replay after a processor's restart) is not news.
+        let frames = (state.version > previous.map_or(0, |(_, v)| v))
+            .then(|| Frames::of(&state))
+            .flatten();
+        let state = Arc::new(state);
+        let Map {
+            by_key,
+            seen,
+            log_bytes,
+            logged,
+            ..
+        } = &mut *map;
+        let entry = match by_key.entry(key.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                o.get_mut().state = Arc::clone(&state);
+                o.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                seen.push_back(key.to_owned());
+                v.insert(Entry {
+                    state: Arc::clone(&state),
+                    log: Log::default(),
+                })
+            }
+        };
+        if let Some(frames) = frames {
+            if entry.log.bytes() == 0 {
+                logged.push_back(key.to_owned());
+            }
+            let grew = entry.log.push(Arc::clone(&frames));
+            *log_bytes = log_bytes.saturating_add_signed(grew);
+            self.subscribers.publish(&state.owner_id, key, &frames);
         }
         if finished && !was_finished {
             map.finished.push_back(key.to_owned());
         }
+        // Past the replay budget, the oldest logs go (their deliveries are still
+        // followed; a client reconnecting then gets their latest state).
+        while map.log_bytes > self.replay_bytes {
+            let Some(oldest) = map.logged.pop_front() else {
+                break;
+            };
+            let Map {
+                by_key, log_bytes, ..
+            } = &mut *map;
+            if let Some(entry) = by_key.get_mut(&oldest) {
+                *log_bytes -= entry.log.bytes();
+                entry.log = Log::default();
+            }
+        }
+        metrics::gauge!("sse_replay_bytes").set(map.log_bytes as f64);
         // Finished ones go first, then the oldest of the rest.
         while map.by_key.len() > self.max_deliveries {
             let (oldest, finished) = match map.finished.pop_front() {
@@ -128,29 +216,82 @@ impl StatusView {
             let current = map
                 .by_key
                 .get(&oldest)
-                .is_some_and(|s| !finished || s.stage.is_final());
+                .is_some_and(|e| !finished || e.state.stage.is_final());
             if current {
-                map.by_key.remove(&oldest);
+                map.remove(&oldest);
                 metrics::counter!("status_view_evicted_total").increment(1);
             }
         }
-        // `finished` and `seen` keep keys already gone; trim them when mostly stale.
-        if map.seen.len() > 2 * map.by_key.len() + 1024 {
+        // `finished`, `seen` and `logged` keep keys already gone; trim them when mostly
+        // stale.
+        let live = map.by_key.len();
+        if map.seen.len() > 2 * live + 1024 {
             let Map { by_key, seen, .. } = &mut *map;
             seen.retain(|k| by_key.contains_key(k));
         }
-        if map.finished.len() > 2 * map.by_key.len() + 1024 {
+        if map.finished.len() > 2 * live + 1024 {
             let Map {
                 by_key, finished, ..
             } = &mut *map;
-            finished.retain(|k| by_key.get(k).is_some_and(|s| s.stage.is_final()));
+            finished.retain(|k| by_key.get(k).is_some_and(|e| e.state.stage.is_final()));
+        }
+        if map.logged.len() > 2 * live + 1024 {
+            let Map { by_key, logged, .. } = &mut *map;
+            logged.retain(|k| by_key.get(k).is_some_and(|e| e.log.bytes() > 0));
         }
     }
 
     /// The state of `tenant`'s delivery `delivery_id`, if known.
     pub fn get(&self, tenant: &str, delivery_id: &str) -> Option<Arc<DeliveryState>> {
         let key = schemas::delivery_key(tenant, delivery_id);
-        self.map.read().ok()?.by_key.get(&key).cloned()
+        self.map
+            .read()
+            .ok()?
+            .by_key
+            .get(&key)
+            .map(|e| Arc::clone(&e.state))
+    }
+
+    /// Follows `tenant`'s delivery `delivery_id`: its frames after version `after` (all
+    /// it keeps without one), then a subscription to what comes next, with nothing
+    /// between them missed or repeated. When the frames kept do not reach its latest
+    /// version (their log went past the replay budget), its latest state comes last.
+    pub(crate) fn follow(
+        &self,
+        tenant: &str,
+        delivery_id: &str,
+        after: Option<u64>,
+    ) -> Result<(Vec<Bytes>, Subscription), Unfollowable> {
+        let key = schemas::delivery_key(tenant, delivery_id);
+        // The read lock keeps `apply` (which publishes under the write lock) out until
+        // the subscription is in place.
+        let map = self.map.read().map_err(|_| Unfollowable::NotFound)?;
+        let entry = map.by_key.get(&key).ok_or(Unfollowable::NotFound)?;
+        let after = after.unwrap_or(0);
+        let mut frames = entry.log.after(after);
+        let latest = entry.state.version;
+        if latest > after && frames.last().is_none_or(|f| f.version < latest) {
+            frames.extend(Frames::of(&entry.state));
+        }
+        let subscription = self
+            .subscribers
+            .delivery(tenant, &key)
+            .map_err(Unfollowable::Refused)?;
+        drop(map);
+        Ok((
+            frames.iter().map(|f| f.with_id.clone()).collect(),
+            subscription,
+        ))
+    }
+
+    /// Follows every delivery of `tenant` from now on.
+    pub(crate) fn follow_tenant(&self, tenant: &str) -> Result<Subscription, Refused> {
+        self.subscribers.tenant(tenant)
+    }
+
+    /// How many SSE subscribers it has.
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.len()
     }
 
     /// How many deliveries it holds.
@@ -217,6 +358,8 @@ mod tests {
             drone_region: None,
             drone_speed_mps: None,
             seq: 1,
+            version: 1,
+            change: None,
             updated_at: String::new(),
             cancel_reason: None,
             cancel_detail: None,
@@ -226,10 +369,7 @@ mod tests {
 
     #[test]
     fn tenants_see_their_own_and_finished_ones_go_first_past_the_bound() {
-        let view = StatusView {
-            map: RwLock::new(Map::default()),
-            max_deliveries: 2,
-        };
+        let view = StatusView::new(2, LiveLimits::default());
         view.apply("t/a", &state("a", Stage::Completed));
         view.apply("t/b", &state("b", Stage::Created));
         assert!(view.get("t", "a").is_some());
@@ -250,10 +390,7 @@ mod tests {
 
     #[test]
     fn tombstones_remove_deliveries_and_stale_queue_entries_are_skipped() {
-        let view = StatusView {
-            map: RwLock::new(Map::default()),
-            max_deliveries: 2,
-        };
+        let view = StatusView::new(2, LiveLimits::default());
         view.apply("t/a", &state("a", Stage::Completed));
         view.apply("t/a", &[]);
         assert!(view.get("t", "a").is_none(), "deleted: 404");

@@ -22,6 +22,8 @@
 //! - [`output`]: the record a processor produces and the acknowledged batch send that
 //!   the workflow and the engine share.
 //! - [`geo`]: distances and flight times (pure).
+//! - [`notifier`]: posts each change of a delivery to its tenant's webhooks, signed,
+//!   at least once, dead-lettering what cannot be delivered.
 //! - [`simulator`]: flies assigned drones and reports through the HTTP API, for demos
 //!   and tests.
 //!
@@ -39,6 +41,7 @@ pub mod deliveries;
 mod error;
 pub mod geo;
 pub mod guarantee;
+pub mod notifier;
 pub mod output;
 pub mod scheduling;
 pub mod simulator;
@@ -123,15 +126,18 @@ pub enum Processor {
     Tracking,
     /// The delivery consumer (state, stages and ETAs).
     Deliveries,
+    /// The notifier (each delivery change to its tenant's webhooks).
+    Notifier,
 }
 
 impl Processor {
     /// Every processor.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Workflow,
         Self::Scheduling,
         Self::Tracking,
         Self::Deliveries,
+        Self::Notifier,
     ];
 
     /// Its consumer group.
@@ -141,6 +147,7 @@ impl Processor {
             Self::Scheduling => scheduling::SPEC.group,
             Self::Tracking => tracker::SPEC.group,
             Self::Deliveries => deliveries::SPEC.group,
+            Self::Notifier => notifier::GROUP,
         }
     }
 
@@ -151,12 +158,19 @@ impl Processor {
             Self::Scheduling => scheduling::SPEC.inputs,
             Self::Tracking => tracker::SPEC.inputs,
             Self::Deliveries => deliveries::SPEC.inputs,
+            Self::Notifier => notifier::INPUTS,
         }
     }
 
     /// Whether it is one of the stateful consumers (run by [`run_stateful`]).
     pub fn is_stateful(self) -> bool {
-        self != Self::Workflow
+        !matches!(self, Self::Workflow | Self::Notifier)
+    }
+
+    /// Whether the pipeline's writes wait for it (backpressure on its lag). The notifier
+    /// does not count: its lag is the webhooks' retries, which must not hold up writes.
+    pub fn holds_up_writes(self) -> bool {
+        self != Self::Notifier
     }
 }
 

@@ -29,6 +29,10 @@ pub const EVENT_TIME: &str = "dd-event-time";
 pub const DEAD_LETTER_REASON: &str = "dd-dead-letter-reason";
 /// On a dead letter: where the record came from, `topic/partition/offset`.
 pub const DEAD_LETTER_SOURCE: &str = "dd-dead-letter-source";
+/// On a dead-lettered notification: the tenant's webhook endpoint it was for.
+pub const WEBHOOK_ENDPOINT: &str = "dd-webhook-endpoint";
+/// On a dead-lettered notification: its `webhook-id`.
+pub const WEBHOOK_ID: &str = "dd-webhook-id";
 
 /// The current schema version of delivery request payloads.
 pub const SCHEMA_VERSION_V1: &str = "1";

@@ -12,9 +12,11 @@ pub mod delivery;
 pub mod generate;
 pub mod headers;
 pub mod history;
+pub mod signing;
 pub mod telemetry;
 pub mod topics;
 pub mod tracking;
+pub mod webhooks;
 
 pub use delivery::{
     ConfirmationType, DEFAULT_TENANT, DeliveryRequest, DeliveryReschedule, FORWARDING_HEADERS,

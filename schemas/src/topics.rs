@@ -16,6 +16,8 @@ pub enum KeyedBy {
     DroneId,
     /// The key of the original record, kept as it was.
     OriginalKey,
+    /// A tenant's webhook endpoint: `tenant/endpointId`.
+    Endpoint,
 }
 
 /// One topic of the pipeline.
@@ -116,8 +118,18 @@ pub const TRACKING_STATE: Topic = Topic {
     compacted: true,
 };
 
+/// Webhook endpoints registered by tenants (`PUT /api/webhooks/{id}`): each endpoint's
+/// latest registration, a tombstone once deleted. Every tier replica and every notifier
+/// reads all of it.
+pub const WEBHOOKS: Topic = Topic {
+    name: "webhooks",
+    keyed_by: KeyedBy::Endpoint,
+    partitions: 3,
+    compacted: true,
+};
+
 /// Every topic of the pipeline, in the order of the data flow.
-pub const ALL: [Topic; 10] = [
+pub const ALL: [Topic; 11] = [
     DELIVERY_REQUESTS,
     DELIVERIES,
     DRONE_SCHEDULING,
@@ -128,6 +140,7 @@ pub const ALL: [Topic; 10] = [
     DELIVERY_STATE,
     SCHEDULING_STATE,
     TRACKING_STATE,
+    WEBHOOKS,
 ];
 
 /// The first byte of a changelog key that holds an offset marker, not state.
@@ -159,6 +172,8 @@ pub mod groups {
     pub const TRACKING: &str = "dronedelivery-tracking";
     /// The delivery consumer (state, stages and ETAs).
     pub const DELIVERIES: &str = "dronedelivery-deliveries";
+    /// The notifier (webhooks of delivery changes).
+    pub const NOTIFIER: &str = "dronedelivery-notifier";
 }
 
 #[cfg(test)]
@@ -179,7 +194,9 @@ mod tests {
         assert_eq!(names.len(), ALL.len());
         for t in ALL {
             assert!(t.partitions > 0);
-            assert_eq!(t.compacted, t.name.ends_with("-state"), "{}", t.name);
+            // Compacted: the state changelogs, and the registrations of webhooks.
+            let latest_per_key = t.name.ends_with("-state") || t.name == WEBHOOKS.name;
+            assert_eq!(t.compacted, latest_per_key, "{}", t.name);
             assert!(t.name.len() <= 249);
             assert!(
                 t.name

@@ -82,6 +82,30 @@ impl Stage {
     }
 }
 
+/// What a delivery's latest change was: the kind of notification it makes (an SSE
+/// event's `event:` field, a webhook's `type` and the kinds an endpoint subscribes to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// It entered a stage (its `seq` went up).
+    Stage,
+    /// Its drone reported a position, and its ETAs moved with it.
+    Position,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [Self; 2] = [Self::Stage, Self::Position];
+
+    /// Its name, as in JSON and in SSE.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stage => "stage",
+            Self::Position => "position",
+        }
+    }
+}
+
 /// A drone assigned to a delivery, with the estimates it was assigned on. On
 /// `drone-assignments`, keyed by drone id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +221,14 @@ pub struct DeliveryState {
     pub drone_speed_mps: Option<f64>,
     /// How many stage transitions it went through: the `seq` of its last event.
     pub seq: u32,
+    /// How many changes it went through (stages and positions), from 1: the id of its
+    /// latest notification (SSE `id`, webhook id). 0 in states written before it was
+    /// kept.
+    #[serde(default)]
+    pub version: u64,
+    /// What its latest change was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<EventKind>,
     /// When it last changed, RFC 3339.
     pub updated_at: String,
     /// Why it was cancelled, once it is.
@@ -291,6 +323,8 @@ mod tests {
             drone_region: None,
             drone_speed_mps: None,
             seq: 2,
+            version: 5,
+            change: Some(EventKind::Position),
             updated_at: "2026-11-24T09:00:00Z".into(),
             cancel_reason: None,
             cancel_detail: None,

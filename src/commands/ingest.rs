@@ -33,17 +33,22 @@ pub(crate) async fn run(args: IngestArgs) -> Result<()> {
     let view = ingest::StatusView::start(
         settings.clone(),
         args.tier.status_max_deliveries,
+        args.tier.live_limits(),
         stop.clone(),
     );
+    let webhooks = processors::notifier::follow_registrations(settings.clone(), stop.clone());
+    let mut tier = args.tier;
+    tier.webhooks_allow_private = args.webhook_guard.webhooks_allow_private;
     let config = IngestConfig {
         http: args.http,
         auth: args.auth,
-        tier: args.tier,
+        tier,
     };
     let mut ingest = Ingest::bind(config, producer)
         .await?
         .with_metrics(render.clone())
-        .with_status(view);
+        .with_status(view)
+        .with_webhooks(webhooks);
     // The probes' own listener, up until the tier has drained.
     if let Some(health) = listeners::health(
         args.health.health_listen,

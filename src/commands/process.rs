@@ -21,7 +21,8 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
         .filter(|p| p.is_stateful())
         .collect();
     let workflow = args.processors.contains(&Processor::Workflow);
-    if !workflow && stateful.is_empty() {
+    let notifier = args.processors.contains(&Processor::Notifier);
+    if !workflow && !notifier && stateful.is_empty() {
         anyhow::bail!("--processors names no processor");
     }
     let render = init_metrics()?;
@@ -77,6 +78,21 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
                 args.workflow,
                 settings.clone(),
                 durability.clone(),
+                stop.clone(),
+            ),
+        );
+    }
+    if notifier {
+        let mut config = args.notifier;
+        config.allow_private = args.webhook_guard.webhooks_allow_private;
+        supervisor.spawn(
+            services,
+            "notifier",
+            processors::notifier::run(
+                config,
+                settings.clone(),
+                processors::notifier::follow_registrations(settings.clone(), stop.clone()),
+                producer.clone(),
                 stop.clone(),
             ),
         );

@@ -61,14 +61,18 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let view = ingest::StatusView::start(
         settings.clone(),
         args.tier.status_max_deliveries,
+        args.tier.live_limits(),
         stop_back.clone(),
     );
+    let webhooks = processors::notifier::follow_registrations(settings.clone(), stop_back.clone());
     check_retention(&args.sink, &args.sql)?;
     let history = History::open(&args.data.url, &args.sql).await?;
+    let mut tier = args.tier;
+    tier.webhooks_allow_private = args.webhook_guard.webhooks_allow_private;
     let config = IngestConfig {
         http: args.http,
         auth: args.auth,
-        tier: args.tier,
+        tier,
     };
     // While the history cannot be written, writes get 503 and /readyz fails: the sink
     // keeps what it read and tries again.
@@ -77,6 +81,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         .await?
         .with_metrics(render.clone())
         .with_status(view)
+        .with_webhooks(Arc::clone(&webhooks))
         .with_sql(Arc::new(HistorySql(history.clone())))
         .with_backpressure(sink_health.stalled_flag())
         .with_readiness(listeners::sink_readiness(sink_health.clone()));
@@ -133,6 +138,19 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             args.workflow,
             settings.clone(),
             durability.clone(),
+            stop_processing.clone(),
+        ),
+    );
+    let mut notifier = args.notifier;
+    notifier.allow_private = args.webhook_guard.webhooks_allow_private;
+    supervisor.spawn(
+        processing,
+        "notifier",
+        processors::notifier::run(
+            notifier,
+            settings.clone(),
+            webhooks,
+            producer.clone(),
             stop_processing.clone(),
         ),
     );

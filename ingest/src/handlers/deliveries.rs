@@ -21,8 +21,8 @@ use crate::idempotency::{self, Stored};
 use crate::outcome::Outcome;
 use crate::produce::{self, Caller};
 use crate::response::{
-    batch_report, count_outcomes, delivery_location, json, json_bytes, replay, report_response,
-    with_location,
+    batch_report_with, count_outcomes, delivery_location, json, json_bytes, replay,
+    report_response, with_location,
 };
 use crate::state::App;
 use crate::status;
@@ -86,7 +86,15 @@ pub(crate) async fn post_delivery_request(
         "accepted"
     );
     caller.tenant.accepted.increment(1);
-    let body = Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string());
+    let tracking = app
+        .links
+        .as_ref()
+        .and_then(|l| l.url(&caller.tenant.name, &delivery_id, crate::links::now_secs()));
+    let mut answer = serde_json::json!({ "deliveryId": delivery_id });
+    if let Some(url) = tracking {
+        answer["trackingUrl"] = serde_json::Value::String(url);
+    }
+    let body = Bytes::from(answer.to_string());
     let location = delivery_location(&delivery_id);
     if let Some(claim) = claim {
         claim.finish(Some(Stored::new(
@@ -175,7 +183,11 @@ pub(crate) async fn post_batch(
             .filter(|(i, _)| send(*i))
             .map(|(_, o)| o),
     );
-    let (status, report) = batch_report(&outcomes);
+    let now = crate::links::now_secs();
+    let tenant = caller.tenant.name.as_ref();
+    let (status, report) = batch_report_with(&outcomes, |id| {
+        app.links.as_ref().and_then(|l| l.url(tenant, id, now))
+    });
     if let Some(claim) = claim {
         let keep = matches!(status, StatusCode::ACCEPTED | StatusCode::MULTI_STATUS);
         let retry = outcomes.iter().any(Outcome::is_retryable);

@@ -8,8 +8,11 @@
 //! listen (that is `server.rs`), and must not import either.
 
 pub(crate) mod deliveries;
+pub(crate) mod events;
 pub(crate) mod sql;
 pub(crate) mod telemetry;
+pub(crate) mod track;
+pub(crate) mod webhooks;
 
 use std::time::Duration;
 

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use schemas::delivery::Location;
 use schemas::telemetry::PositionFix;
 use schemas::tracking::{
-    Assignment, CancelReason, DeliveryEvent, DeliveryState, DroneReleased, Stage,
+    Assignment, CancelReason, DeliveryEvent, DeliveryState, DroneReleased, EventKind, Stage,
 };
 use schemas::{DeliveryRequest, DeliveryReschedule};
 
@@ -91,6 +91,8 @@ pub fn apply(
     let transition = |state: &mut DeliveryState, stage: Stage, effects: &mut Effects| {
         state.stage = stage;
         state.seq += 1;
+        state.version += 1;
+        state.change = Some(EventKind::Stage);
         state.updated_at.clone_from(&now);
         effects.events.push(DeliveryEvent::of(state));
     };
@@ -131,6 +133,8 @@ pub fn apply(
                 drone_region: None,
                 drone_speed_mps: None,
                 seq: 0,
+                version: 0,
+                change: None,
                 updated_at: now.clone(),
                 cancel_reason: None,
                 cancel_detail: None,
@@ -222,6 +226,7 @@ pub fn apply(
                 longitude: fix.longitude,
             };
             state.last_known_location = here;
+            let seq = state.seq;
             let speed = state.drone_speed_mps.unwrap_or(10.0);
             let to_dropoff =
                 |from: Location| flight_ms(distance_m(from, state.drop_off_location), speed);
@@ -247,6 +252,12 @@ pub fn apply(
             } else {
                 state.delivery_eta = Some(rfc3339(now_ms + to_dropoff(here)));
                 state.updated_at.clone_from(&now);
+            }
+            // A fix that moved it to a stage is that stage's change; any other is one of
+            // its own.
+            if state.seq == seq {
+                state.version += 1;
+                state.change = Some(EventKind::Position);
             }
             (Some(state), effects)
         }
