@@ -93,6 +93,10 @@ pub struct Spec {
     pub inputs: &'static [&'static str],
     /// Its changelog topic.
     pub changelog: &'static str,
+    /// Whether a batch writes only the latest value of each changed key (fewer records),
+    /// or every change in order (the changelog is then also the stream of changes that
+    /// live notifications read).
+    pub coalesce: bool,
 }
 
 /// Settings of the stateful processors.
@@ -373,7 +377,7 @@ pub async fn run<M: Machine>(
 }
 
 /// What a batch writes, stage by stage: its outputs; the latest value of each changed
-/// key per changelog partition; and, at-least-once only, the offset markers (under
+/// key per changelog partition (or every change, when the spec does not coalesce); and, at-least-once only, the offset markers (under
 /// exactly-once the offsets commit with the transaction).
 fn stages(
     spec: Spec,
@@ -385,7 +389,12 @@ fn stages(
     let outputs = outputs.into_iter().map(|o| (o, None)).collect();
     let mut state_writes = Vec::new();
     for (partition, list) in changes {
-        for (key, value) in latest_per_key(list) {
+        let list = if spec.coalesce {
+            latest_per_key(list)
+        } else {
+            list
+        };
+        for (key, value) in list {
             state_writes.push((changelog_record(spec, key, value), Some(partition)));
         }
     }

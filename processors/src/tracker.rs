@@ -38,6 +38,7 @@ pub const SPEC: Spec = Spec {
     group: topics::groups::TRACKING,
     inputs: &[topics::DRONE_ASSIGNMENTS.name, topics::DRONE_TELEMETRY.name],
     changelog: topics::TRACKING_STATE.name,
+    coalesce: true,
 };
 
 /// Fixes remembered per drone, for an assignment that comes after them.

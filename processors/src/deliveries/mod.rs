@@ -24,6 +24,10 @@
 //! Each changelog value keeps the event time of the delivery's last change, so a restore
 //! knows when each finished one goes.
 //!
+//! Its changelog is not coalesced: every change of a delivery (each stage, each
+//! position) is one `delivery-state` record, in order, each with the next `version`, so
+//! the changelog is also the stream of changes that SSE and webhooks carry.
+//!
 //! This module is the stateful [`Machine`]: records in, outputs and changelog entries
 //! out. It must not decide how an input moves a delivery's stage (that is [`stages`]'s,
 //! pure) nor produce or consume itself (that is the [engine](crate::stateful)'s).
@@ -51,6 +55,7 @@ pub const SPEC: Spec = Spec {
     group: topics::groups::DELIVERIES,
     inputs: &[topics::DELIVERIES.name],
     changelog: topics::DELIVERY_STATE.name,
+    coalesce: false,
 };
 
 /// How long a finished delivery is kept, by default.

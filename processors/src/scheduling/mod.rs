@@ -45,6 +45,7 @@ pub const SPEC: Spec = Spec {
     group: topics::groups::SCHEDULING,
     inputs: &[topics::DRONE_SCHEDULING.name],
     changelog: topics::SCHEDULING_STATE.name,
+    coalesce: true,
 };
 
 /// Where drones come from.
