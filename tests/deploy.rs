@@ -751,11 +751,11 @@ fn probes_scaling_and_grace_periods_agree_with_the_services() -> Result<()> {
             .filter(|(_, i)| group_of(i).ok().flatten().is_some())
             .count();
         ensure!(
-            consumers == 5,
+            consumers == 6,
             "{overlay}: {consumers} consumer deployments"
         );
         ensure!(
-            scaled.len() == if overlay == "overlays/dev" { 0 } else { 5 },
+            scaled.len() == if overlay == "overlays/dev" { 0 } else { 6 },
             "{overlay}: {} ScaledObjects",
             scaled.len()
         );
