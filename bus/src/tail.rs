@@ -11,28 +11,47 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::Consumer;
 use crate::settings::ClientSettings;
 
-/// Reads every partition of `topic` from the start, and then as records come, calling
-/// `apply(key, payload)` for each (an empty payload for a tombstone), until `shutdown`.
-/// `label` names the reader in logs.
+/// Reads every partition of `topic` (of `partitions`) from the start, and then as
+/// records come, calling `apply(key, payload)` for each (an empty payload for a
+/// tombstone), until `shutdown`. `label` names the reader in logs.
+///
+/// The answer turns `true` once every record that was in the topic when the reader
+/// started has been applied (judged by offsets: meant for a topic written without
+/// transactions, whose offsets have no gaps).
 pub fn spawn_tail<F>(
     settings: ClientSettings,
     topic: &'static str,
+    partitions: i32,
     label: &'static str,
     shutdown: CancellationToken,
     mut apply: F,
-) -> tokio::task::JoinHandle<()>
+) -> tokio::sync::watch::Receiver<bool>
 where
     F: FnMut(&[u8], &[u8]) + Send + 'static,
 {
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        let consumer = loop {
+        let (consumer, mut ends) = loop {
             let settings = settings.clone();
             let made = tokio::task::spawn_blocking(move || {
-                Consumer::tail(&settings, topic, Duration::from_secs(5))
+                let consumer = Consumer::tail(&settings, topic, Duration::from_secs(5))?;
+                // Where each partition ends now: caught up once read that far.
+                let mut ends = std::collections::HashMap::new();
+                // (A partition the topic does not have, as on a broker that made it
+                // with fewer, has nothing to wait for.)
+                for partition in 0..partitions {
+                    if let Ok((_, high)) =
+                        consumer.watermarks(topic, partition, Duration::from_secs(5))
+                        && high > 0
+                    {
+                        ends.insert(partition, high);
+                    }
+                }
+                Ok::<_, crate::BusError>((consumer, ends))
             })
             .await;
             match made {
-                Ok(Ok(consumer)) => break consumer,
+                Ok(Ok(made)) => break made,
                 Ok(Err(e)) => tracing::warn!(error = %e, "{label}: cannot tail {topic} yet"),
                 Err(e) => tracing::warn!(error = %e, "{label}: task failed"),
             }
@@ -41,6 +60,9 @@ where
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         };
+        if ends.is_empty() {
+            let _ = ready_tx.send(true);
+        }
         loop {
             let received = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -51,9 +73,20 @@ where
                     if let Some(key) = record.key() {
                         apply(key, record.payload().unwrap_or_default());
                     }
+                    let partition = record.partition();
+                    if ends
+                        .get(&partition)
+                        .is_some_and(|end| record.offset() + 1 >= *end)
+                    {
+                        ends.remove(&partition);
+                        if ends.is_empty() {
+                            let _ = ready_tx.send(true);
+                        }
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "{label}: receive failed"),
             }
         }
-    })
+    });
+    ready
 }

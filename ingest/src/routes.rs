@@ -346,22 +346,35 @@ mod tests {
             (Method::DELETE, "/api/deliveryrequests/d-1"),
             (Method::GET, "/api/deliveries/d-1"),
             (Method::GET, "/api/deliveries/d-1/status"),
+            (Method::GET, "/api/deliveries/d-1/events"),
+            (Method::GET, "/api/deliveries/events"),
+            (Method::GET, "/api/webhooks"),
+            (Method::PUT, "/api/webhooks/w-1"),
+            (Method::GET, "/api/webhooks/w-1"),
+            (Method::DELETE, "/api/webhooks/w-1"),
+            (Method::GET, "/track/abc.def"),
+            (Method::GET, "/track/abc.def/state"),
+            (Method::GET, "/track/abc.def/events"),
+            (Method::GET, "/track/assets/track.js"),
             (Method::POST, "/api/sql"),
         ] {
             let label = route_label(&method, path);
             assert_ne!(label, "other", "{path} is routed");
-            let documented = if telemetry_path(path).is_some() {
-                "/api/drones/{droneId}/telemetry"
-            } else if delivery_request_path(path).is_some() {
-                "/api/deliveryrequests/{deliveryId}"
-            } else if let Some((_, status_only)) = deliveries_path(path) {
-                if status_only {
-                    "/api/deliveries/{deliveryId}/status"
-                } else {
-                    "/api/deliveries/{deliveryId}"
-                }
-            } else {
-                path
+            let route = Route::of(path);
+            let documented = match route {
+                Route::Telemetry(_) => "/api/drones/{droneId}/telemetry",
+                Route::DeliveryRequest(_) => "/api/deliveryrequests/{deliveryId}",
+                Route::Delivery {
+                    status_only: true, ..
+                } => "/api/deliveries/{deliveryId}/status",
+                Route::Delivery { .. } => "/api/deliveries/{deliveryId}",
+                Route::DeliveryEvents(_) => "/api/deliveries/{deliveryId}/events",
+                Route::Webhook(_) => "/api/webhooks/{webhookId}",
+                Route::Track(TrackPath::Page(_)) => "/track/{token}",
+                Route::Track(TrackPath::State(_)) => "/track/{token}/state",
+                Route::Track(TrackPath::Events(_)) => "/track/{token}/events",
+                Route::Track(TrackPath::Asset(_)) => "/track/assets/{name}",
+                _ => path,
             };
             assert!(paths.contains(&documented), "{documented} is documented");
             let operation = method.as_str().to_ascii_lowercase();
@@ -369,8 +382,16 @@ mod tests {
                 doc["paths"][documented][&operation].is_object(),
                 "{method} {documented} is documented"
             );
+            // Routes served without an API key say so.
+            if !route.is_api() {
+                assert_eq!(
+                    doc["paths"][documented][&operation]["security"],
+                    serde_json::json!([]),
+                    "{method} {documented} needs no key"
+                );
+            }
         }
-        assert_eq!(paths.len(), 11, "no undocumented extra: {paths:?}");
+        assert_eq!(paths.len(), 19, "no undocumented extra: {paths:?}");
         let example = &doc["paths"]["/api/deliveryrequests"]["post"]["requestBody"]["content"]["application/json"]
             ["example"];
         schemas::parse_delivery_request(example.to_string().as_bytes()).unwrap();

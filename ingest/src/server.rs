@@ -95,9 +95,16 @@ impl Ingest {
     }
 
     /// Serves `/api/webhooks` from (and into) `registry`, which follows the `webhooks`
-    /// topic.
-    pub fn with_webhooks(mut self, registry: Arc<schemas::webhooks::Registry>) -> Self {
-        self.state.webhooks(registry);
+    /// topic; until `loaded` turns true (what the topic held is read), those routes
+    /// answer 503.
+    pub fn with_webhooks(
+        mut self,
+        (registry, loaded): (
+            Arc<schemas::webhooks::Registry>,
+            tokio::sync::watch::Receiver<bool>,
+        ),
+    ) -> Self {
+        self.state.webhooks(registry, loaded);
         self
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bus::Producer;
 use schemas::webhooks::Registry;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Budgets;
@@ -46,8 +47,9 @@ pub(crate) struct App {
     /// Tracking links (made on every server that takes writes); `None` on a read-only
     /// one.
     pub(crate) links: Option<Links>,
-    /// Webhook registrations; `None` when `/api/webhooks` is not served.
-    pub(crate) webhooks: Option<Arc<Registry>>,
+    /// Webhook registrations, and whether they are loaded; `None` when `/api/webhooks`
+    /// is not served.
+    pub(crate) webhooks: Option<(Arc<Registry>, watch::Receiver<bool>)>,
     /// Cancelled when the server stops accepting: live streams end.
     pub(crate) closing: CancellationToken,
 }
@@ -90,7 +92,7 @@ pub(crate) struct StateBuilder {
     behind: Vec<Arc<AtomicBool>>,
     sql: Option<Arc<dyn SqlEndpoint>>,
     links: Option<Links>,
-    webhooks: Option<Arc<Registry>>,
+    webhooks: Option<(Arc<Registry>, watch::Receiver<bool>)>,
 }
 
 impl std::fmt::Debug for StateBuilder {
@@ -227,8 +229,8 @@ impl StateBuilder {
     }
 
     /// Serves `/api/webhooks` from `registry`.
-    pub(crate) fn webhooks(&mut self, registry: Arc<Registry>) {
-        self.webhooks = Some(registry);
+    pub(crate) fn webhooks(&mut self, registry: Arc<Registry>, loaded: watch::Receiver<bool>) {
+        self.webhooks = Some((registry, loaded));
     }
 
     /// The complete state, to share.

@@ -108,9 +108,11 @@ impl StatusView {
     ) -> Arc<Self> {
         let view = Arc::new(Self::new(max_deliveries, live));
         let tail_view = Arc::clone(&view);
-        bus::spawn_tail(
+        // (Its readiness is not used: the changelog is written in transactions.)
+        let _ = bus::spawn_tail(
             settings,
             schemas::topics::DELIVERY_STATE.name,
+            schemas::topics::DELIVERY_STATE.partitions,
             "status view",
             shutdown,
             move |key, payload| {

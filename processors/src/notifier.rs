@@ -138,16 +138,21 @@ pub fn message_id(state: &DeliveryState) -> String {
     format!("{}.{}", state.delivery_id, state.version)
 }
 
-/// Follows every registration on `webhooks` into `registry` until `shutdown`.
+/// Every registration on `webhooks`, followed until `shutdown`, and whether what the
+/// topic held at the start has been read.
+pub type Registrations = (Arc<Registry>, tokio::sync::watch::Receiver<bool>);
+
+/// Follows every registration on `webhooks` into a registry until `shutdown`.
 pub fn follow_registrations(
     settings: ClientSettings,
     shutdown: CancellationToken,
-) -> Arc<Registry> {
+) -> Registrations {
     let registry = Arc::new(Registry::default());
     let tail = Arc::clone(&registry);
-    bus::spawn_tail(
+    let ready = bus::spawn_tail(
         settings,
         topics::WEBHOOKS.name,
+        topics::WEBHOOKS.partitions,
         NAME,
         shutdown,
         move |key, payload| {
@@ -156,7 +161,7 @@ pub fn follow_registrations(
             }
         },
     );
-    registry
+    (registry, ready)
 }
 
 /// One notification for one endpoint.
@@ -426,7 +431,12 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
             let Some(registration) = shared.registry.get(&job.tenant, &job.endpoint) else {
                 let _ = shared.done.send((job.partition, job.offset)).await;
                 if jobs.is_empty() {
-                    // Deleted: the notifier starts a new worker if it comes back.
+                    // Deleted: this worker ends (the notifier starts a new one if the
+                    // endpoint comes back); what was queued meanwhile is done too.
+                    jobs.close();
+                    while let Ok(job) = jobs.try_recv() {
+                        let _ = shared.done.send((job.partition, job.offset)).await;
+                    }
                     return;
                 }
                 break;
@@ -481,10 +491,21 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
 pub async fn run(
     config: NotifierArgs,
     settings: ClientSettings,
-    registry: Arc<Registry>,
+    registrations: Registrations,
     producer: Producer,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let (registry, mut loaded) = registrations;
+    // Notifications are made only once every registration is known: a record read
+    // before would be notified to nobody, and its offset stored.
+    tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        loaded = loaded.wait_for(|ready| *ready) => {
+            if loaded.is_err() {
+                return Ok(());
+            }
+        }
+    }
     let bus_err = |source| ProcessorError::Bus {
         processor: NAME,
         source: Box::new(source),

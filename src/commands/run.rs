@@ -81,7 +81,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         .await?
         .with_metrics(render.clone())
         .with_status(view)
-        .with_webhooks(Arc::clone(&webhooks))
+        .with_webhooks((Arc::clone(&webhooks.0), webhooks.1.clone()))
         .with_sql(Arc::new(HistorySql(history.clone())))
         .with_backpressure(sink_health.stalled_flag())
         .with_readiness(listeners::sink_readiness(sink_health.clone()));

@@ -58,10 +58,19 @@ fn invalid(field: &str, reason: impl Into<String>) -> IngestError {
     })
 }
 
+/// The registrations; 503 until what `webhooks` held is read (an answer before could
+/// miss an endpoint and, on a PUT, replace its secret).
 fn registry(app: &App) -> Result<&Arc<schemas::webhooks::Registry>> {
-    app.webhooks.as_ref().ok_or_else(|| IngestError::NotFound {
+    let (registry, loaded) = app.webhooks.as_ref().ok_or_else(|| IngestError::NotFound {
         path: "/api/webhooks".into(),
-    })
+    })?;
+    if !*loaded.borrow() {
+        return Err(IngestError::Unavailable {
+            reason: "webhook registrations are still being read".into(),
+            retry_after: Duration::from_secs(1),
+        });
+    }
+    Ok(registry)
 }
 
 /// `PUT /api/webhooks/{id}`.
@@ -79,7 +88,8 @@ pub(crate) async fn put_webhook(
     check_webhook_id(id)?;
     let put: Put = serde_json::from_slice(&body).map_err(|e| invalid("body", e.to_string()))?;
     check_destination(&put.url, app.config.tier.webhooks_allow_private).await?;
-    let events = normalize_events(put.events.as_deref().unwrap_or(&EventKind::ALL))?;
+    // Stage changes by default: positions come every few seconds per flying delivery.
+    let events = normalize_events(put.events.as_deref().unwrap_or(&[EventKind::Stage]))?;
     let tenant = caller.tenant.name.as_ref();
     let existing = registry.get(tenant, id);
     let max = app.config.tier.max_webhooks_per_tenant;
