@@ -119,6 +119,7 @@ async fn a_group_resumes_after_the_last_stored_offset() -> Result<()> {
         keyed_by: schemas::topics::KeyedBy::OriginalKey,
         partitions: 1,
         compacted: false,
+        min_compaction_lag_ms: 0,
     };
     let broker = EmbeddedBroker::start(1, &[topic])?;
     let settings = ClientSettings::plain(broker.bootstrap_servers());

@@ -48,6 +48,15 @@ async fn topics_get_their_partitions_replicas_and_policies_and_changelogs_compac
         let policy = info.configs.get("cleanup.policy").map(String::as_str);
         let expected = if topic.compacted { "compact" } else { "delete" };
         assert_eq!(policy, Some(expected), "{}", topic.name);
+        if topic.min_compaction_lag_ms > 0 {
+            // delivery-state keeps every change long enough for the notifier.
+            assert_eq!(
+                info.configs.get("min.compaction.lag.ms"),
+                Some(&topic.min_compaction_lag_ms.to_string()),
+                "{}",
+                topic.name
+            );
+        }
         assert_eq!(
             info.configs.get("min.insync.replicas").map(String::as_str),
             Some("2"),

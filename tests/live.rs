@@ -446,6 +446,10 @@ async fn a_flown_delivery_streams_notifies_and_tracks() -> Result<()> {
         .until_completed(&mut replayed)
         .await?;
     assert_eq!(stages(&replayed), stages(&events));
+    // The stream ended after Completed; resuming after it: 204, no more reconnects.
+    let end = replayed.last().unwrap().id.unwrap().to_string();
+    let (status, _) = Stream::open(&url, &[CONTOSO, ("last-event-id", &end)]).await?;
+    assert_eq!(status, 204, "a finished delivery has nothing more");
     let assigned = replayed
         .iter()
         .find(|e| e.data["stage"] == "HeadedToPickup")

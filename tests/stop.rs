@@ -146,6 +146,7 @@ async fn a_consumer_knows_it_caught_up_past_transaction_markers() -> Result<()> 
         keyed_by: schemas::topics::KeyedBy::OriginalKey,
         partitions: 3,
         compacted: false,
+        min_compaction_lag_ms: 0,
     };
     bus::ensure_topics(&settings, &[topic]).await?;
     let producer: BaseProducer = rdkafka::ClientConfig::new()

@@ -42,20 +42,27 @@ pub async fn ensure_topics(settings: &ClientSettings, topics: &[Topic]) -> Resul
         reason: format!("the metadata lookup failed: {e}"),
     })?
     .map_err(BusError::client("fetching metadata"))?;
+    let lags: Vec<String> = topics
+        .iter()
+        .map(|t| t.min_compaction_lag_ms.to_string())
+        .collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .filter(|t| !existing.iter().any(|name| name == t.name))
-        .map(|t| {
+        .zip(&lags)
+        .filter(|(t, _)| !existing.iter().any(|name| name == t.name))
+        .map(|(t, lag)| {
             let topic = NewTopic::new(
                 t.name,
                 t.partitions,
                 // -1: the cluster's default.replication.factor (CreateTopics v4 and later).
                 TopicReplication::Fixed(settings.replication_factor.unwrap_or(-1)),
             );
-            if t.compacted {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
+            match (t.compacted, t.min_compaction_lag_ms) {
+                (false, _) => topic,
+                (true, 0) => topic.set("cleanup.policy", "compact"),
+                (true, _) => topic
+                    .set("cleanup.policy", "compact")
+                    .set("min.compaction.lag.ms", lag.as_str()),
             }
         })
         .collect();

@@ -146,6 +146,12 @@ pub enum IngestError {
         /// Its bound.
         max: usize,
     },
+    /// The delivery already has its most live-event subscribers.
+    #[error("this delivery already has {max} event streams open")]
+    DeliveryStreamsFull {
+        /// The bound.
+        max: usize,
+    },
     /// The tier holds its most live-event subscribers.
     #[error("service unavailable: the server holds its most event streams")]
     StreamsFull,
@@ -229,7 +235,9 @@ impl IngestError {
             | Self::InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } | Self::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. }
+            | Self::TooManyStreams { .. }
+            | Self::DeliveryStreamsFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyInProgress | Self::TooManyWebhooks { .. } => StatusCode::CONFLICT,
             Self::LinkExpired => StatusCode::GONE,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -280,7 +288,7 @@ impl IngestError {
             Self::Unauthorized { .. } => "unauthorized",
             Self::Forbidden { .. } => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
-            Self::TooManyStreams { .. } => "too_many_streams",
+            Self::TooManyStreams { .. } | Self::DeliveryStreamsFull { .. } => "too_many_streams",
             Self::StreamsFull => "streams_full",
             Self::LinkExpired => "link_expired",
             Self::TooManyWebhooks { .. } => "too_many_webhooks",
@@ -359,7 +367,7 @@ impl IngestError {
             Self::IdempotencyInProgress | Self::TooManyBytesInFlight => {
                 builder = builder.header(header::RETRY_AFTER, "1");
             }
-            Self::TooManyStreams { .. } | Self::StreamsFull => {
+            Self::TooManyStreams { .. } | Self::StreamsFull | Self::DeliveryStreamsFull { .. } => {
                 builder = builder.header(header::RETRY_AFTER, "5");
             }
             Self::Unauthorized { .. } => {

@@ -27,6 +27,13 @@ pub(crate) const MAX_STAGE_FRAMES: usize = 32;
 pub(crate) const MAX_POSITION_FRAMES: usize = 8;
 /// Frames waiting for one subscriber; a subscriber that lets more pile up is dropped.
 pub(crate) const QUEUE_FRAMES: usize = 256;
+/// Most subscribers of one delivery (its tracking link may be shared, but not without
+/// bound).
+pub(crate) const MAX_PER_DELIVERY: usize = 16;
+
+/// A frame as a subscriber gets it, and whether it is the delivery's last (a final
+/// stage: its stream ends after it).
+pub(crate) type Sent = (Bytes, bool);
 
 /// One change of a delivery, as SSE text.
 #[derive(Debug)]
@@ -34,6 +41,8 @@ pub(crate) struct Frames {
     /// Its version: the SSE id on the delivery's own stream.
     pub(crate) version: u64,
     pub(crate) kind: EventKind,
+    /// Whether the delivery reached a final stage with it.
+    pub(crate) last: bool,
     /// `id: <version>`, `event: <kind>`, `data: <state>`: the delivery's own stream.
     pub(crate) with_id: Bytes,
     /// The same without an `id:` line: a tenant's feed, which has no resume point.
@@ -55,6 +64,7 @@ impl Frames {
         Some(Arc::new(Self {
             version: state.version,
             kind,
+            last: state.stage.is_final(),
             with_id: Bytes::from(with_id),
             without_id: Bytes::from(without_id),
         }))
@@ -127,11 +137,13 @@ pub(crate) enum Refused {
     Tenant,
     /// The tier holds its most subscribers.
     Total,
+    /// The delivery has its most subscribers.
+    Delivery,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_target: HashMap<Target, Vec<(u64, mpsc::Sender<Bytes>)>>,
+    by_target: HashMap<Target, Vec<(u64, mpsc::Sender<Sent>)>>,
     per_tenant: HashMap<String, usize>,
     total: usize,
     next_id: u64,
@@ -148,7 +160,7 @@ pub(crate) struct Subscribers {
 /// A subscriber's end: its frames, and its place (given back when dropped).
 #[derive(Debug)]
 pub(crate) struct Subscription {
-    pub(crate) frames: mpsc::Receiver<Bytes>,
+    pub(crate) frames: mpsc::Receiver<Sent>,
     _place: Place,
 }
 
@@ -215,6 +227,14 @@ impl Subscribers {
         if of_tenant >= self.max_per_tenant {
             return Err(Refused::Tenant);
         }
+        if let Target::Delivery(_) = target
+            && inner
+                .by_target
+                .get(&target)
+                .is_some_and(|l| l.len() >= MAX_PER_DELIVERY)
+        {
+            return Err(Refused::Delivery);
+        }
         inner.next_id += 1;
         let id = inner.next_id;
         let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
@@ -247,14 +267,19 @@ impl Subscribers {
         if inner.total == 0 {
             return;
         }
-        for (target, frame) in [
-            (Target::Delivery(key.to_owned()), &frames.with_id),
-            (Target::Tenant(tenant.to_owned()), &frames.without_id),
+        // A tenant's feed goes on past a delivery's end.
+        for (target, frame, last) in [
+            (
+                Target::Delivery(key.to_owned()),
+                &frames.with_id,
+                frames.last,
+            ),
+            (Target::Tenant(tenant.to_owned()), &frames.without_id, false),
         ] {
             let Some(list) = inner.by_target.get_mut(&target) else {
                 continue;
             };
-            list.retain(|(_, tx)| match tx.try_send(frame.clone()) {
+            list.retain(|(_, tx)| match tx.try_send((frame.clone(), last)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     metrics::counter!("sse_slow_subscribers_dropped_total").increment(1);
@@ -364,10 +389,18 @@ mod tests {
             );
         }
         let mut got = 0;
-        while let Some(frame) = a.frames.recv().await {
+        while let Some((frame, _)) = a.frames.recv().await {
             assert!(frame.starts_with(b"id: "));
             got += 1;
         }
         assert_eq!(got, QUEUE_FRAMES, "what it had, then the end");
+        // One delivery's followers are bounded on their own.
+        let subs = Subscribers::new(100, 100);
+        let held: Vec<_> = (0..MAX_PER_DELIVERY)
+            .map(|_| subs.delivery("t", "t/d").unwrap())
+            .collect();
+        assert_eq!(subs.delivery("t", "t/d").unwrap_err(), Refused::Delivery);
+        assert!(subs.delivery("t", "t/e").is_ok());
+        drop(held);
     }
 }

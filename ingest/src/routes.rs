@@ -243,7 +243,7 @@ pub(crate) async fn route(
         }
         (_, Route::Delivery { .. }, Some(_)) => Err(IngestError::MethodNotAllowed { allow: "GET" }),
         (Method::GET, Route::DeliveryEvents(id), Some(caller)) => {
-            events::delivery_events(app, &req, &caller.tenant.name, &decode_id(id))
+            events::delivery_events(app, &req, &caller.tenant.name, &decode_id(id), None)
         }
         (Method::GET, Route::TenantEvents, Some(caller)) => {
             events::tenant_events(app, &caller.tenant.name)

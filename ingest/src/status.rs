@@ -28,7 +28,7 @@ use bytes::Bytes;
 use schemas::tracking::DeliveryState;
 use tokio_util::sync::CancellationToken;
 
-use crate::live::{Frames, Log, Refused, Subscribers, Subscription};
+use crate::live::{Frames, Log, Refused, Sent, Subscribers, Subscription};
 
 /// One delivery: its latest state and its recent live frames.
 #[derive(Debug)]
@@ -57,6 +57,15 @@ impl Map {
             self.log_bytes -= entry.log.bytes();
         }
     }
+}
+
+/// What following a delivery gives.
+#[derive(Debug)]
+pub(crate) enum Followed {
+    /// Its frames after the client's last, then what comes.
+    Live(Vec<Sent>, Subscription),
+    /// It is over and the client has every frame up to its end.
+    Over,
 }
 
 /// Why a delivery cannot be followed.
@@ -263,7 +272,7 @@ impl StatusView {
         tenant: &str,
         delivery_id: &str,
         after: Option<u64>,
-    ) -> Result<(Vec<Bytes>, Subscription), Unfollowable> {
+    ) -> Result<Followed, Unfollowable> {
         let key = schemas::delivery_key(tenant, delivery_id);
         // The read lock keeps `apply` (which publishes under the write lock) out until
         // the subscription is in place.
@@ -275,13 +284,17 @@ impl StatusView {
         if latest > after && frames.last().is_none_or(|f| f.version < latest) {
             frames.extend(Frames::of(&entry.state));
         }
+        if entry.state.stage.is_final() && frames.is_empty() {
+            // Over, and the client has seen its end: nothing will come.
+            return Ok(Followed::Over);
+        }
         let subscription = self
             .subscribers
             .delivery(tenant, &key)
             .map_err(Unfollowable::Refused)?;
         drop(map);
-        Ok((
-            frames.iter().map(|f| f.with_id.clone()).collect(),
+        Ok(Followed::Live(
+            frames.iter().map(|f| (f.with_id.clone(), f.last)).collect(),
             subscription,
         ))
     }

@@ -171,49 +171,72 @@ struct Job {
     endpoint: String,
     message_id: String,
     body: Bytes,
-    /// The `delivery-state` record it came from.
+    /// The `delivery-state` record it came from, and the partition's generation then.
     partition: i32,
     offset: i64,
+    generation: u64,
 }
 
-/// A job's end, for the offsets.
-type Done = (i32, i64);
+/// A job's end, for the offsets: partition, offset, generation.
+type Done = (i32, i64, u64);
+
+/// One partition's records whose notifications are not all done yet.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Offset → notifications left.
+    left: BTreeMap<i64, usize>,
+    /// The last offset read.
+    last: i64,
+    /// Which time this member holds the partition: a job of an earlier time (the
+    /// partition was given away and came back) does not count.
+    generation: u64,
+}
 
 /// Records of each partition whose notifications are not all done yet.
 #[derive(Debug, Default)]
 struct Offsets {
-    /// Per partition: offset → notifications left; and the last offset read.
-    partitions: HashMap<i32, (BTreeMap<i64, usize>, i64)>,
+    partitions: HashMap<i32, Pending>,
+    generations: u64,
 }
 
 impl Offsets {
-    /// Record `offset` of `partition` was read and made `jobs` notifications.
-    fn read(&mut self, partition: i32, offset: i64, jobs: usize) {
-        let (pending, last) = self.partitions.entry(partition).or_default();
-        *last = offset;
+    /// Record `offset` of `partition` was read and made `jobs` notifications; the
+    /// partition's generation, for them.
+    fn read(&mut self, partition: i32, offset: i64, jobs: usize) -> u64 {
+        let generations = &mut self.generations;
+        let part = self.partitions.entry(partition).or_insert_with(|| {
+            *generations += 1;
+            Pending {
+                generation: *generations,
+                ..Pending::default()
+            }
+        });
+        part.last = offset;
         if jobs > 0 {
-            *pending.entry(offset).or_default() += jobs;
+            *part.left.entry(offset).or_default() += jobs;
         }
+        part.generation
     }
 
     /// One notification of that record is done.
-    fn done(&mut self, partition: i32, offset: i64) {
-        if let Some((pending, _)) = self.partitions.get_mut(&partition)
-            && let Some(left) = pending.get_mut(&offset)
+    fn done(&mut self, partition: i32, offset: i64, generation: u64) {
+        if let Some(part) = self.partitions.get_mut(&partition)
+            && part.generation == generation
+            && let Some(left) = part.left.get_mut(&offset)
         {
             *left -= 1;
             if *left == 0 {
-                pending.remove(&offset);
+                part.left.remove(&offset);
             }
         }
     }
 
     /// The last offset of `partition` whose record and every one before it are done.
     fn storable(&self, partition: i32) -> Option<i64> {
-        let (pending, last) = self.partitions.get(&partition)?;
-        match pending.first_key_value() {
+        let part = self.partitions.get(&partition)?;
+        match part.left.first_key_value() {
             Some((first, _)) => (*first > 0).then(|| first - 1),
-            None => Some(*last),
+            None => Some(part.last),
         }
     }
 
@@ -409,7 +432,10 @@ async fn dead_letter(shared: &Shared, job: Job, reason: &str) {
             }
         }
     }
-    let _ = shared.done.send((job.partition, job.offset)).await;
+    let _ = shared
+        .done
+        .send((job.partition, job.offset, job.generation))
+        .await;
 }
 
 /// An endpoint's worker: its jobs in order, each until delivered or dead-lettered.
@@ -429,13 +455,19 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
             // The registration as it is now: rotated secrets and a changed URL apply to
             // what is still queued; a deleted endpoint gets nothing more.
             let Some(registration) = shared.registry.get(&job.tenant, &job.endpoint) else {
-                let _ = shared.done.send((job.partition, job.offset)).await;
+                let _ = shared
+                    .done
+                    .send((job.partition, job.offset, job.generation))
+                    .await;
                 if jobs.is_empty() {
                     // Deleted: this worker ends (the notifier starts a new one if the
                     // endpoint comes back); what was queued meanwhile is done too.
                     jobs.close();
                     while let Ok(job) = jobs.try_recv() {
-                        let _ = shared.done.send((job.partition, job.offset)).await;
+                        let _ = shared
+                            .done
+                            .send((job.partition, job.offset, job.generation))
+                            .await;
                     }
                     return;
                 }
@@ -450,7 +482,10 @@ async fn worker(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
                 Ok(()) => {
                     metrics::counter!("webhook_deliveries_total", "outcome" => "delivered")
                         .increment(1);
-                    let _ = shared.done.send((job.partition, job.offset)).await;
+                    let _ = shared
+                        .done
+                        .send((job.partition, job.offset, job.generation))
+                        .await;
                     break;
                 }
                 Err(Attempt::Refused(reason)) => {
@@ -527,7 +562,16 @@ pub async fn run(
     let mut workers: HashMap<String, mpsc::Sender<Job>> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut offsets = Offsets::default();
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashMap<i32, HashMap<String, u64>> = HashMap::new();
+    // Notifications dead-lettered because their endpoint's queue is full: one writer,
+    // a bounded queue (when the writer cannot keep up, reading waits for it).
+    let (overflow, mut overflowed) = mpsc::channel::<Job>(QUEUE_PER_ENDPOINT);
+    let writer = Arc::clone(&shared);
+    tasks.spawn(async move {
+        while let Some(job) = overflowed.recv().await {
+            dead_letter(&writer, job, "webhook endpoint's queue is full").await;
+        }
+    });
     let topic = topics::DELIVERY_STATE.name;
     let store = |offsets: &Offsets, partition: i32| {
         if let Some(offset) = offsets.storable(partition) {
@@ -538,14 +582,15 @@ pub async fn run(
     loop {
         for (_, partition) in consumer.take_revoked() {
             offsets.forget(partition);
+            seen.remove(&partition);
         }
         // Finished workers and dead-letter tasks are reaped as they end.
         while tasks.try_join_next().is_some() {}
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            Some((partition, offset)) = done_rx.recv() => {
-                offsets.done(partition, offset);
+            Some((partition, offset, generation)) = done_rx.recv() => {
+                offsets.done(partition, offset, generation);
                 store(&offsets, partition);
             }
             received = consumer.recv() => {
@@ -557,8 +602,12 @@ pub async fn run(
                     }
                 };
                 let (partition, offset) = (record.partition(), record.offset());
-                let jobs = notifications(&record, &registry, &mut seen);
-                offsets.read(partition, offset, jobs.len());
+                let mut jobs =
+                    notifications(&record, &registry, seen.entry(partition).or_default());
+                let generation = offsets.read(partition, offset, jobs.len());
+                for job in &mut jobs {
+                    job.generation = generation;
+                }
                 for job in jobs {
                     let key = format!("{}/{}", job.tenant, job.endpoint);
                     let job = match workers.get(&key) {
@@ -566,11 +615,10 @@ pub async fn run(
                         Some(w) => match w.try_send(job) {
                             Ok(()) => continue,
                             Err(mpsc::error::TrySendError::Full(job)) => {
-                                let shared = Arc::clone(&shared);
-                                tasks.spawn(async move {
-                                    dead_letter(&shared, job, "webhook endpoint's queue is full")
-                                        .await;
-                                });
+                                tokio::select! {
+                                    () = stop.cancelled() => break,
+                                    _ = overflow.send(job) => {}
+                                }
                                 continue;
                             }
                             Err(mpsc::error::TrySendError::Closed(job)) => job,
@@ -587,7 +635,12 @@ pub async fn run(
         }
     }
     drop(workers);
+    drop(overflow);
     tasks.shutdown().await;
+    // What was stored goes to the group now rather than with the next auto-commit.
+    if let Err(e) = consumer.commit() {
+        tracing::debug!(error = %e, "{NAME}: final commit");
+    }
     tracing::info!("{NAME}: stopped");
     Ok(())
 }
@@ -639,6 +692,7 @@ fn notifications(
             body: body.clone(),
             partition: record.partition(),
             offset: record.offset(),
+            generation: 0,
         })
         .collect()
 }
@@ -675,20 +729,28 @@ mod tests {
     #[test]
     fn offsets_are_stored_only_up_to_the_first_record_not_done() {
         let mut o = Offsets::default();
-        o.read(0, 10, 0);
+        let g = o.read(0, 10, 0);
         assert_eq!(o.storable(0), Some(10));
         o.read(0, 11, 2);
         o.read(0, 12, 0);
         o.read(0, 13, 1);
         assert_eq!(o.storable(0), Some(10));
-        o.done(0, 13);
+        o.done(0, 13, g);
         assert_eq!(o.storable(0), Some(10), "11 still waits");
-        o.done(0, 11);
+        o.done(0, 11, g);
         assert_eq!(o.storable(0), Some(10));
-        o.done(0, 11);
+        o.done(0, 11, g);
         assert_eq!(o.storable(0), Some(13));
         assert_eq!(o.storable(1), None);
         o.read(0, 0, 1);
         assert_eq!(o.storable(0), None, "nothing before offset 0");
+        // Given away and back: the jobs of before do not count for the records of now.
+        o.forget(0);
+        let now = o.read(0, 20, 1);
+        assert_ne!(now, g);
+        o.done(0, 20, g);
+        assert_eq!(o.storable(0), Some(19), "20 still waits");
+        o.done(0, 20, now);
+        assert_eq!(o.storable(0), Some(20));
     }
 }

@@ -32,6 +32,10 @@ pub struct Topic {
     pub partitions: i32,
     /// Whether the broker keeps only the latest record per key (a state changelog).
     pub compacted: bool,
+    /// On a compacted topic, how long every record stays before compaction may drop it
+    /// (`min.compaction.lag.ms`, set when the topic is created); 0 for the broker's
+    /// default.
+    pub min_compaction_lag_ms: i64,
 }
 
 /// Delivery requests, reschedules and cancels as accepted by the ingestion tier.
@@ -40,6 +44,7 @@ pub const DELIVERY_REQUESTS: Topic = Topic {
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Work for the delivery consumer (state, status and ETA tracking).
@@ -48,6 +53,7 @@ pub const DELIVERIES: Topic = Topic {
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Work for the scheduling consumer (drone assignment), keyed by region.
@@ -56,6 +62,7 @@ pub const DRONE_SCHEDULING: Topic = Topic {
     keyed_by: KeyedBy::Region,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Drone assignments with pickup and delivery ETAs, keyed by drone id so that they
@@ -65,6 +72,7 @@ pub const DRONE_ASSIGNMENTS: Topic = Topic {
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Position fixes posted by drones.
@@ -73,6 +81,7 @@ pub const DRONE_TELEMETRY: Topic = Topic {
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Every stage transition of every delivery.
@@ -81,6 +90,7 @@ pub const DELIVERY_EVENTS: Topic = Topic {
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
 /// Records that could not be processed, with the reason and the original bytes.
@@ -89,15 +99,21 @@ pub const DEAD_LETTERS: Topic = Topic {
     keyed_by: KeyedBy::OriginalKey,
     partitions: 3,
     compacted: false,
+    min_compaction_lag_ms: 0,
 };
 
-/// Changelog of the delivery consumer's state: each delivery's latest state, in the
-/// partition of `deliveries` it belongs to. Compact it on a real cluster.
+/// Changelog of the delivery consumer's state: every change of each delivery (its
+/// latest state once compacted), in the partition of `deliveries` it belongs to; the
+/// status view, the live events and the notifier read it.
 pub const DELIVERY_STATE: Topic = Topic {
     name: "delivery-state",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
     compacted: true,
+    // Every change of a delivery is also a notification: the notifier, which may hold
+    // its offsets back while an endpoint is retried (an hour by default), re-reads
+    // them after a restart. Compaction leaves them for this long.
+    min_compaction_lag_ms: 6 * 3_600 * 1_000,
 };
 
 /// Changelog of the scheduling consumer's state (drones and waiting requests), in the
@@ -107,6 +123,7 @@ pub const SCHEDULING_STATE: Topic = Topic {
     keyed_by: KeyedBy::Region,
     partitions: 12,
     compacted: true,
+    min_compaction_lag_ms: 0,
 };
 
 /// Changelog of the drone tracker's state (each drone's current delivery), in the
@@ -116,6 +133,7 @@ pub const TRACKING_STATE: Topic = Topic {
     keyed_by: KeyedBy::DroneId,
     partitions: 12,
     compacted: true,
+    min_compaction_lag_ms: 0,
 };
 
 /// Webhook endpoints registered by tenants (`PUT /api/webhooks/{id}`): each endpoint's
@@ -126,6 +144,7 @@ pub const WEBHOOKS: Topic = Topic {
     keyed_by: KeyedBy::Endpoint,
     partitions: 3,
     compacted: true,
+    min_compaction_lag_ms: 0,
 };
 
 /// Every topic of the pipeline, in the order of the data flow.

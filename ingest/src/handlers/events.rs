@@ -22,19 +22,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{Body, streamed};
 use crate::error::{IngestError, Result};
-use crate::live::{Refused, Subscription};
+use crate::live::{Refused, Sent, Subscription};
 use crate::state::App;
-use crate::status::Unfollowable;
+use crate::status::{Followed, Unfollowable};
 
 /// How often an idle stream gets a comment, so proxies and clients know it is alive.
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// `GET /api/deliveries/{id}/events` for `tenant`, and the tracking link's stream.
+/// `GET /api/deliveries/{id}/events` for `tenant`, and the tracking link's stream (which
+/// ends at `until`, when its link expires). The stream ends after the delivery's final
+/// stage; a client resuming after it gets 204, which tells a browser to stop
+/// reconnecting.
 pub(crate) fn delivery_events(
     app: &App,
     req: &Request<Incoming>,
     tenant: &str,
     delivery_id: &str,
+    until: Option<std::time::SystemTime>,
 ) -> Result<Response<Body>> {
     let not_found = || IngestError::UnknownDelivery {
         delivery_id: delivery_id.chars().take(64).collect(),
@@ -42,13 +46,28 @@ pub(crate) fn delivery_events(
     schemas::delivery::check_delivery_id(delivery_id).map_err(|_| not_found())?;
     let view = app.status.as_ref().ok_or_else(not_found)?;
     let after = last_event_id(req)?;
-    let (backfill, subscription) =
-        view.follow(tenant, delivery_id, after)
-            .map_err(|e| match e {
-                Unfollowable::NotFound => not_found(),
-                Unfollowable::Refused(r) => refused(app, tenant, r),
-            })?;
-    Ok(stream(backfill, subscription, app.closing.clone()))
+    let followed = view
+        .follow(tenant, delivery_id, after)
+        .map_err(|e| match e {
+            Unfollowable::NotFound => not_found(),
+            Unfollowable::Refused(r) => refused(app, tenant, r),
+        })?;
+    match followed {
+        Followed::Live(backfill, subscription) => {
+            let until = until.map(|at| {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::Instant::now() + left
+            });
+            Ok(stream(backfill, subscription, app.closing.clone(), until))
+        }
+        Followed::Over => {
+            let mut response = Response::new(crate::body::full(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
+        }
+    }
 }
 
 /// `GET /api/deliveries/events`: every delivery of `tenant`, from now on.
@@ -59,7 +78,7 @@ pub(crate) fn tenant_events(app: &App, tenant: &str) -> Result<Response<Body>> {
     let subscription = view
         .follow_tenant(tenant)
         .map_err(|r| refused(app, tenant, r))?;
-    Ok(stream(Vec::new(), subscription, app.closing.clone()))
+    Ok(stream(Vec::new(), subscription, app.closing.clone(), None))
 }
 
 fn refused(app: &App, tenant: &str, refused: Refused) -> IngestError {
@@ -70,6 +89,9 @@ fn refused(app: &App, tenant: &str, refused: Refused) -> IngestError {
             max: app.config.tier.sse_max_subscribers_per_tenant,
         },
         Refused::Total => IngestError::StreamsFull,
+        Refused::Delivery => IngestError::DeliveryStreamsFull {
+            max: crate::live::MAX_PER_DELIVERY,
+        },
     }
 }
 
@@ -104,17 +126,21 @@ fn last_event_id(req: &Request<Incoming>) -> Result<Option<u64>> {
 
 /// What a stream sends next.
 struct Feed {
-    backfill: std::vec::IntoIter<Bytes>,
+    backfill: std::vec::IntoIter<Sent>,
     subscription: Subscription,
     heartbeat: tokio::time::Interval,
     closing: CancellationToken,
+    until: Option<tokio::time::Instant>,
     opened: bool,
+    /// The delivery's last frame went out: the stream ends.
+    over: bool,
 }
 
 fn stream(
-    backfill: Vec<Bytes>,
+    backfill: Vec<Sent>,
     subscription: Subscription,
     closing: CancellationToken,
+    until: Option<tokio::time::Instant>,
 ) -> Response<Body> {
     let start = tokio::time::Instant::now() + HEARTBEAT;
     let mut heartbeat = tokio::time::interval_at(start, HEARTBEAT);
@@ -124,7 +150,9 @@ fn stream(
         subscription,
         heartbeat,
         closing,
+        until,
         opened: false,
+        over: false,
     };
     let chunks = futures_util::stream::unfold(feed, |mut feed| async move {
         if !feed.opened {
@@ -136,16 +164,30 @@ fn stream(
                 feed,
             ));
         }
-        if let Some(frame) = feed.backfill.next() {
+        if feed.over {
+            return None;
+        }
+        if let Some((frame, last)) = feed.backfill.next() {
+            feed.over = last;
             return Some((Ok(frame), feed));
         }
+        let expiry = async {
+            match feed.until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             biased;
             () = feed.closing.cancelled() => None,
-            frame = feed.subscription.frames.recv() => frame,
-            _ = feed.heartbeat.tick() => Some(Bytes::from_static(b": heartbeat\n\n")),
+            () = expiry => None,
+            sent = feed.subscription.frames.recv() => sent,
+            _ = feed.heartbeat.tick() => Some((Bytes::from_static(b": heartbeat\n\n"), false)),
         };
-        next.map(|frame| (Ok(frame), feed))
+        next.map(|(frame, last)| {
+            feed.over = last;
+            (Ok(frame), feed)
+        })
     });
     let mut response = Response::new(streamed(chunks));
     *response.status_mut() = StatusCode::OK;

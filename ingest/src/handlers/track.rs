@@ -99,7 +99,10 @@ pub(crate) fn get(
         }
         TrackPath::Events(token) => {
             let tracked = links(app)?.verify(token, now_secs())?;
-            events::delivery_events(app, req, &tracked.tenant, &tracked.delivery_id)
+            let until = u64::try_from(tracked.expires_at_secs)
+                .ok()
+                .map(|secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+            events::delivery_events(app, req, &tracked.tenant, &tracked.delivery_id, until)
         }
     }
 }

@@ -87,6 +87,14 @@
   async function loadState() {
     try {
       const r = await fetch(`${base}/state`, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+      if (r.status === 404) {
+        // A delivery not known yet (just posted, or a server still reading its state)
+        // is tried again; a link that names nothing is not.
+        const problem = await r.json().catch(() => ({}));
+        if (String(problem.type || '').endsWith(':unknown_delivery')) return 'error';
+        showError();
+        return 'gone';
+      }
       if (r.status >= 400 && r.status < 500 && r.status !== 408 && r.status !== 429) {
         showError();
         return 'gone';
