@@ -40,6 +40,12 @@
 //! `pipeline.rs` the whole pipeline; `machine.rs` the machine and commit; `report.rs`
 //! the report's structs (`e2e.json`) and `e2e.md`; `chart.rs` `e2e.svg`.
 //!
+//! **The notifications run** (`--notifications`) measures none of the passes either:
+//! `run --simulate-drones` with a webhook receiver and an SSE feed in this process, the
+//! latency from a delivery's change to the webhook and to the SSE event (p50/p99), and the
+//! tier's memory with 5,000 SSE streams held (`notify.rs`; `notifications.json`,
+//! `notifications.md`).
+//!
 //! **The soak run** (`--soak DURATION`, e.g. `30m`) measures none of the above: it runs
 //! `dronedelivery run --simulate-drones` on its own embedded broker under a sustained
 //! load below its saturation (`--soak-rate RECORDS/S`, or half of the end-to-end rate of
@@ -79,6 +85,7 @@ mod chart;
 mod cluster;
 mod machine;
 mod memory;
+mod notify;
 mod phases;
 mod pipeline;
 mod plan;
@@ -113,6 +120,8 @@ struct Args {
     single_rate: f64,
     /// The soak run instead of the passes, with this much load.
     soak: Option<soak::SoakArgs>,
+    /// The notifications run instead of the passes.
+    notifications: bool,
 }
 
 fn args() -> Args {
@@ -127,6 +136,7 @@ fn args() -> Args {
         pipeline_rate: 100_000.0,
         single_rate: 30_000.0,
         soak: None,
+        notifications: false,
     };
     let mut soak_rate = None;
     let mut soak_calibration = 30.0;
@@ -174,6 +184,7 @@ fn args() -> Args {
                 soak_calibration = value().parse().expect("--soak-calibration SECONDS");
             }
             "--soak-run-arg" => soak_run_args.push(value()),
+            "--notifications" => args.notifications = true,
             // cargo bench passes --bench; filters are not used.
             _ => {}
         }
@@ -222,6 +233,21 @@ async fn bench(args: Args) {
         };
         let report = soak::soak(soak_args, facts).await;
         write_soak(&args.out, &report);
+        return;
+    }
+    if args.notifications {
+        let report =
+            notify::notifications(started.to_rfc3339(), machine::machine(), machine::commit())
+                .await;
+        let json = serde_json::to_value(&report).unwrap();
+        std::fs::write(
+            args.out.join("notifications.json"),
+            serde_json::to_string_pretty(&json).unwrap() + "\n",
+        )
+        .unwrap();
+        let summary = notify::markdown(&report);
+        std::fs::write(args.out.join("notifications.md"), &summary).unwrap();
+        println!("\n{summary}");
         return;
     }
     println!("end-to-end benchmark, {} s per phase", args.seconds);

@@ -9,8 +9,9 @@
 //!
 //! Bounds: a log keeps at most [`MAX_STAGE_FRAMES`] stage frames and
 //! [`MAX_POSITION_FRAMES`] position frames (a position is superseded by the next one);
-//! each subscriber has a queue of [`QUEUE_FRAMES`] frames and is dropped, never waited
-//! for, when it is full; subscribers are bounded per tenant and in total.
+//! each subscriber has a queue of [`QUEUE_FRAMES`] frames ([`FEED_QUEUE_FRAMES`] for a
+//! tenant's feed) and is dropped, never waited for, when it is full; subscribers are
+//! bounded per delivery, per tenant and in total.
 //!
 //! It must not read topics or bodies, nor know HTTP beyond the SSE text format.
 
@@ -25,8 +26,13 @@ use tokio::sync::mpsc;
 pub(crate) const MAX_STAGE_FRAMES: usize = 32;
 /// Position frames a delivery's log keeps (the oldest go first past it).
 pub(crate) const MAX_POSITION_FRAMES: usize = 8;
-/// Frames waiting for one subscriber; a subscriber that lets more pile up is dropped.
+/// Frames waiting for one subscriber of a delivery; a subscriber that lets more pile up
+/// is dropped.
 pub(crate) const QUEUE_FRAMES: usize = 256;
+/// Frames waiting for one subscriber of a tenant's feed, which gets every delivery's
+/// changes in bursts (the status view applies what it reads a batch at a time). The
+/// frames are shared, so a queue holds handles, not copies.
+pub(crate) const FEED_QUEUE_FRAMES: usize = 8_192;
 /// Most subscribers of one delivery (its tracking link may be shared, but not without
 /// bound).
 pub(crate) const MAX_PER_DELIVERY: usize = 16;
@@ -237,7 +243,11 @@ impl Subscribers {
         }
         inner.next_id += 1;
         let id = inner.next_id;
-        let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+        let capacity = match target {
+            Target::Delivery(_) => QUEUE_FRAMES,
+            Target::Tenant(_) => FEED_QUEUE_FRAMES,
+        };
+        let (tx, rx) = mpsc::channel(capacity);
         inner
             .by_target
             .entry(target.clone())
