@@ -336,6 +336,12 @@ fn check_signed(
             id
         );
         if payload["type"] == "delivery.stage" {
+            if data["stage"] == "HeadedToPickup" {
+                // The first notification after the assignment: the drone, both ETAs.
+                for field in ["droneId", "pickupETA", "deliveryETA"] {
+                    assert!(data.get(field).is_some(), "{field} in {data}");
+                }
+            }
             by_delivery
                 .entry(data["deliveryId"].as_str().unwrap().to_owned())
                 .or_default()
@@ -362,7 +368,23 @@ async fn a_flown_delivery_streams_notifies_and_tracks() -> Result<()> {
     let (binary, base) = start(dir.path(), &["--sse-max-subscribers-per-tenant", "3"])?;
     let receiver = Receiver::default();
     let hooks = receiver.clone().start().await?;
-    let ok_secret = register(&base, CONTOSO, "ok", &format!("{hooks}/ok")).await?;
+    let old_secret = register(&base, CONTOSO, "ok", &format!("{hooks}/ok")).await?;
+    // Rotation: a new secret, shown once; the old one signs beside it for a while.
+    let (status, rotated) = put_webhook(
+        &base,
+        &[CONTOSO],
+        "ok",
+        &serde_json::json!({ "url": format!("{hooks}/ok"), "rotateSecret": true }),
+    )
+    .await?;
+    assert_eq!(status, 200, "{rotated}");
+    let ok_secret = WebhookSecret::parse(rotated["secret"].as_str().context("new secret")?)?;
+    assert_ne!(ok_secret, old_secret);
+    assert_eq!(
+        rotated["secrets"].as_array().map(Vec::len),
+        Some(2),
+        "{rotated}"
+    );
     let flaky_secret = register(&base, CONTOSO, "flaky", &format!("{hooks}/flaky")).await?;
     register(&base, FABRIKAM, "hang", &format!("{hooks}/hang")).await?;
     let (status, _, list) = call(
@@ -487,6 +509,8 @@ async fn a_flown_delivery_streams_notifies_and_tracks() -> Result<()> {
                 .is_some_and(|s| s.contains(&"Completed".to_owned()))
     })
     .await?;
+    // Signed with both of the rotated endpoint's secrets.
+    check_signed(&receiver.received("/ok"), &old_secret);
     for (path, secret) in [("/ok", &ok_secret), ("/flaky", &flaky_secret)] {
         let mut got = check_signed(&receiver.received(path), secret);
         let mut stages = got.remove("live-1").unwrap();
