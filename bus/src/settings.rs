@@ -375,6 +375,11 @@ impl ClientSettings {
         let mut config = self.base();
         config
             .set("group.id", "dronedelivery-reader")
+            // Readers follow a topic live (the status view, the live events): a fetch
+            // that finds nothing new waits at most this long. A broker answers as soon as
+            // records arrive anyway; librdkafka's mock cluster (the embedded broker) waits
+            // the whole time, which was 500 ms added to every live event.
+            .set("fetch.wait.max.ms", "50")
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
