@@ -37,13 +37,14 @@ where
                 let consumer = Consumer::tail(&settings, topic, Duration::from_secs(5))?;
                 // Where each partition ends now: caught up once read that far.
                 let mut ends = std::collections::HashMap::new();
-                // (A partition the topic does not have, as on a broker that made it
-                // with fewer, has nothing to wait for.)
-                for partition in 0..partitions {
-                    if let Ok((_, high)) =
-                        consumer.watermarks(topic, partition, Duration::from_secs(5))
-                        && high > 0
-                    {
+                // Partitions the topic has (a broker may have made it with fewer than
+                // asked for), each to be read up to its end; a failed look-up is tried
+                // again from the start.
+                let assigned = consumer.assigned()?;
+                for partition in (0..partitions).filter(|p| assigned.iter().any(|(_, a)| a == p)) {
+                    let (low, high) =
+                        consumer.watermarks(topic, partition, Duration::from_secs(5))?;
+                    if high > low {
                         ends.insert(partition, high);
                     }
                 }

@@ -163,7 +163,12 @@ impl StatusView {
             .get(key)
             .map(|e| (e.state.stage, e.state.version));
         let was_finished = previous.is_some_and(|(stage, _)| stage.is_final());
-        // A version seen already (a replay after a processor's restart) is not news.
+        // A version older than the one held (a replay after a processor's restart) is
+        // not taken: the view never goes back, and its events are not sent again.
+        if previous.is_some_and(|(_, v)| state.version > 0 && state.version < v) {
+            return;
+        }
+        // A version seen already (the same replayed) is not news.
         let frames = (state.version > previous.map_or(0, |(_, v)| v))
             .then(|| Frames::of(&state))
             .flatten();

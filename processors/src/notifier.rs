@@ -53,6 +53,8 @@ pub const INPUTS: &[&str] = &[topics::DELIVERY_STATE.name];
 pub const QUEUE_PER_ENDPOINT: usize = 1_000;
 /// Most bytes of an endpoint's answer read (the rest is not waited for).
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// The longest `--webhook-retry-for`: below how long `delivery-state` keeps every change.
+pub const MAX_RETRY_FOR: Duration = Duration::from_secs(5 * 3_600);
 /// The longest wait between two attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Deliveries whose last version is remembered to skip replays.
@@ -72,7 +74,9 @@ pub struct NotifierArgs {
     pub webhook_timeout_secs: u64,
 
     /// How long a notification is retried after its first attempt failed; then it goes
-    /// to `dead-letters`. Seconds, or with a unit: `90s`, `30m`, `24h`.
+    /// to `dead-letters`. Seconds, or with a unit: `90s`, `30m`, `5h`. At most 5 hours:
+    /// the offsets wait for it, and `delivery-state` keeps every change for 6 hours
+    /// before compaction, so a restart still finds what it sends again.
     #[arg(
         long,
         env = "DRONEDELIVERY_WEBHOOK_RETRY_FOR",
@@ -530,6 +534,16 @@ pub async fn run(
     producer: Producer,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if config.webhook_retry_for > MAX_RETRY_FOR {
+        return Err(ProcessorError::Config {
+            reason: format!(
+                "--webhook-retry-for must be at most {}h: delivery-state keeps every change \
+                 for {}h before compaction",
+                MAX_RETRY_FOR.as_secs() / 3_600,
+                topics::DELIVERY_STATE.min_compaction_lag_ms / 3_600_000
+            ),
+        });
+    }
     let (registry, mut loaded) = registrations;
     // Notifications are made only once every registration is known: a record read
     // before would be notified to nobody, and its offset stored.
@@ -579,11 +593,16 @@ pub async fn run(
             let _ = consumer.store(topic, partition, offset);
         }
     };
-    loop {
+    // Partitions given away: what they had is forgotten (their jobs, if they finish,
+    // no longer count: a partition that comes back is a new holding).
+    let revoked = |offsets: &mut Offsets, seen: &mut HashMap<i32, HashMap<String, u64>>| {
         for (_, partition) in consumer.take_revoked() {
             offsets.forget(partition);
             seen.remove(&partition);
         }
+    };
+    loop {
+        revoked(&mut offsets, &mut seen);
         // Finished workers and dead-letter tasks are reaped as they end.
         while tasks.try_join_next().is_some() {}
         tokio::select! {
@@ -601,6 +620,8 @@ pub async fn run(
                         continue;
                     }
                 };
+                // A rebalance served by this receive comes first.
+                revoked(&mut offsets, &mut seen);
                 let (partition, offset) = (record.partition(), record.offset());
                 let mut jobs =
                     notifications(&record, &registry, seen.entry(partition).or_default());
@@ -615,9 +636,23 @@ pub async fn run(
                         Some(w) => match w.try_send(job) {
                             Ok(()) => continue,
                             Err(mpsc::error::TrySendError::Full(job)) => {
-                                tokio::select! {
-                                    () = stop.cancelled() => break,
-                                    _ = overflow.send(job) => {}
+                                // Waiting for room in the overflow queue, the loop still
+                                // takes what workers finish (the dead-letter writer
+                                // reports to it too).
+                                loop {
+                                    tokio::select! {
+                                        () = stop.cancelled() => break,
+                                        permit = overflow.reserve() => {
+                                            if let Ok(permit) = permit {
+                                                permit.send(job);
+                                            }
+                                            break;
+                                        }
+                                        Some((p, o, g)) = done_rx.recv() => {
+                                            offsets.done(p, o, g);
+                                            store(&offsets, p);
+                                        }
+                                    }
                                 }
                                 continue;
                             }
@@ -637,7 +672,12 @@ pub async fn run(
     drop(workers);
     drop(overflow);
     tasks.shutdown().await;
-    // What was stored goes to the group now rather than with the next auto-commit.
+    // What finished before the stop is stored, and goes to the group now rather than
+    // with the next auto-commit.
+    while let Ok((partition, offset, generation)) = done_rx.try_recv() {
+        offsets.done(partition, offset, generation);
+        store(&offsets, partition);
+    }
     if let Err(e) = consumer.commit() {
         tracing::debug!(error = %e, "{NAME}: final commit");
     }

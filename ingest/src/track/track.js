@@ -130,7 +130,14 @@
     backoff = Math.min(backoff * 2, MAX_BACKOFF);
     clearTimeout(retryTimer);
     retryTimer = setTimeout(async () => {
-      if ((await loadState()) !== 'gone') connect();
+      if ((await loadState()) === 'gone') return;
+      if (current && TERMINAL.has(current.stage)) {
+        // Over (the server ended the stream, or answered 204): nothing more will come.
+        stopped = true;
+        setConn('finished', 'ended');
+        return;
+      }
+      connect();
     }, delay);
   }
 
