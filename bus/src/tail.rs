@@ -33,8 +33,11 @@ where
     tokio::spawn(async move {
         let (consumer, mut ends) = loop {
             let settings = settings.clone();
+            let stopping = shutdown.clone();
+            // Each call blocks a thread briefly, and none is started once stopping: a
+            // process waits for its blocking tasks before it exits.
             let made = tokio::task::spawn_blocking(move || {
-                let consumer = Consumer::tail(&settings, topic, Duration::from_secs(5))?;
+                let consumer = Consumer::tail(&settings, topic, Duration::from_secs(2))?;
                 // Where each partition ends now: caught up once read that far.
                 let mut ends = std::collections::HashMap::new();
                 // Partitions the topic has (a broker may have made it with fewer than
@@ -42,8 +45,13 @@ where
                 // again from the start.
                 let assigned = consumer.assigned()?;
                 for partition in (0..partitions).filter(|p| assigned.iter().any(|(_, a)| a == p)) {
+                    if stopping.is_cancelled() {
+                        return Err(crate::BusError::Timeout {
+                            action: "reading where a tailed topic ends (stopping)",
+                        });
+                    }
                     let (low, high) =
-                        consumer.watermarks(topic, partition, Duration::from_secs(5))?;
+                        consumer.watermarks(topic, partition, Duration::from_secs(1))?;
                     if high > low {
                         ends.insert(partition, high);
                     }
