@@ -1,7 +1,7 @@
 //! The history, end to end on the embedded broker:
 //!
 //! 1. **Sink throughput**: N generated delivery requests (ingest dates spread over ten
-//!    days) and two delivery events for every tenth of them are put on their topics;
+//!    days) and two stage changes (`delivery-state`) for every tenth of them are put on their topics;
 //!    then the history sink reads them all into Delta tables (records/s, rows/s, MB written).
 //! 2. **Query latency** of a few analyst queries over the result (N rows of
 //!    `delivery_requests`), each run three times; then the same queries in DuckDB over
@@ -27,7 +27,7 @@ use arrow::datatypes::Int64Type;
 use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
 use schemas::headers as h;
 use schemas::topics;
-use schemas::tracking::{DeliveryEvent, Stage};
+use schemas::tracking::{DeliveryState, EventKind, Stage};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -82,24 +82,37 @@ impl Source {
                 for (stage, seq, minutes) in
                     [(Stage::HeadedToPickup, 2, 5), (Stage::Completed, 4, 40)]
                 {
-                    let event = DeliveryEvent {
+                    // A stage change as the delivery consumer writes it to its
+                    // changelog, which the history's `delivery_events` reads.
+                    let time = chrono::DateTime::from_timestamp_millis(at + minutes * 60_000)
+                        .unwrap()
+                        .to_rfc3339();
+                    let state = DeliveryState {
                         delivery_id: id.clone(),
                         owner_id: tenant.clone(),
                         stage,
-                        seq,
-                        at: chrono::DateTime::from_timestamp_millis(at + minutes * 60_000)
-                            .unwrap()
-                            .to_rfc3339(),
                         drone_id: Some(format!("drone-{}", i % 997)),
                         last_known_location: location,
                         pickup_eta: None,
                         delivery_eta: None,
+                        pickup_location: location,
+                        drop_off_location: location,
+                        pickup_time: time.clone(),
+                        deadline: time.clone(),
+                        package_size: schemas::PackageSize::Small,
+                        package_weight: 1.0,
+                        drone_region: None,
+                        drone_speed_mps: None,
+                        seq,
+                        version: u64::from(seq),
+                        change: Some(EventKind::Stage),
+                        updated_at: time,
                         cancel_reason: None,
                         cancel_detail: None,
                     };
                     outgoing.push((
-                        topics::DELIVERY_EVENTS.name,
-                        serde_json::to_string(&event).unwrap(),
+                        topics::DELIVERY_STATE.name,
+                        serde_json::to_string(&state).unwrap(),
                     ));
                 }
             }
@@ -142,7 +155,7 @@ impl Covered {
             root,
             tables: vec![
                 (topics::DELIVERY_REQUESTS, None),
-                (topics::DELIVERY_EVENTS, None),
+                (topics::DELIVERY_STATE, None),
             ],
         }
     }

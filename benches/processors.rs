@@ -2,13 +2,16 @@
 //! put on `delivery-requests`, then the workflow, scheduling, tracking and delivery
 //! consumers are started, and the benchmark measures how long until
 //!
-//! - the delivery consumer has emitted `Created` for every request (workflow ->
-//!   `deliveries` -> delivery consumer -> `delivery-events`), and
+//! - the delivery consumer has written `Created` for every request (`delivery-requests`
+//!   -> delivery consumer -> `delivery-state`, its changelog and its events), and
 //! - the scheduling consumer has handled every request (its changelog's offset markers
 //!   cover all of `drone-scheduling`).
 //!
+//! Then it says how many Kafka records the pipeline wrote per request, topic by topic.
+//!
 //! `cargo bench --bench processors` (N from `DRONEDELIVERY_BENCH_RECORDS`, default
-//! 50,000). Requests spread over 400 regions; no drone flies, so most wait.
+//! 50,000). Requests spread over 400 regions; no drone flies, so most wait. Profiles of
+//! it are in `benches/results/processors-profile.md`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -99,7 +102,7 @@ async fn run(n: usize) {
     ));
     let started = Instant::now();
     let events =
-        Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_EVENTS.name]).unwrap();
+        Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_STATE.name]).unwrap();
     let state =
         Consumer::subscribe(&settings, "bench-state", &[topics::SCHEDULING_STATE.name]).unwrap();
     let marker = {
@@ -114,7 +117,9 @@ async fn run(n: usize) {
         tokio::select! {
             Ok(record) = events.recv(), if created_at.is_none() => {
                 let payload = record.payload().unwrap_or_default();
-                if payload.windows(17).any(|w| w == br#""stage":"Created""#) {
+                if payload.windows(17).any(|w| w == br#""stage":"Created""#)
+                    && payload.windows(16).any(|w| w == br#""change":"stage""#)
+                {
                     created += 1;
                     if created == n {
                         created_at = Some(started.elapsed());
@@ -139,6 +144,30 @@ async fn run(n: usize) {
     stop.cancel();
     let _ = workflow.await;
     let _ = stateful.await;
+    // Every record on every topic (the embedded broker keeps them all at this size).
+    let mut per_topic = Vec::new();
+    for topic in topics::ALL {
+        let records: i64 = (0..topic.partitions)
+            .map(|p| {
+                let (low, high) = events
+                    .watermarks(topic.name, p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .sum();
+        per_topic.push((topic.name, records));
+    }
+    let total: i64 = per_topic.iter().map(|(_, r)| r).sum();
+    println!(
+        "Kafka records per request: {:.2} ({})",
+        total as f64 / n as f64,
+        per_topic
+            .iter()
+            .filter(|(_, r)| *r > 0)
+            .map(|(t, r)| format!("{t} {r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let created_at = created_at.expect("every request reached Created");
     let scheduled_at = scheduled_at.expect("every request was scheduled");
     let whole = created_at.max(scheduled_at);

@@ -1,10 +1,11 @@
 //! The Kafka boundary on the embedded broker, in this process: how records cross topics
 //! through the bus helpers (`bus::Producer`, `bus::Consumer`): the workflow processor's
-//! fan-out to `deliveries` and `drone-scheduling` with their keys and headers, poison
-//! records to `dead-letters`, and a consumer group resuming after the last offset the
-//! application stored. Needs nothing outside this process.
+//! repartition of requests to `drone-scheduling` with their keys and headers (and
+//! nothing else: the delivery consumer reads `delivery-requests` itself and dead-letters
+//! poison), and a consumer group resuming after the last offset the application stored.
+//! Needs nothing outside this process.
 //!
-//! The fan-out test is about the workflow processor too; it sits here, with the topics it
+//! The repartition test is about the workflow processor too; it sits here, with the topics it
 //! checks, rather than with the processors' own tests (`tests/processors.rs`), which run
 //! the whole chain of processors.
 
@@ -20,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 mod common;
 use common::*;
 
-/// The workflow processor fans each request out to `deliveries` (keyed by delivery id)
-/// and `drone-scheduling` (keyed by region), and a poison record to `dead-letters`.
+/// The workflow processor sends each request to `drone-scheduling` (keyed by region) in
+/// the compact form, and nothing anywhere else: not to `deliveries`, and a poison record
+/// nowhere (the delivery consumer dead-letters it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
+async fn workflow_sends_requests_to_their_regions_and_skips_poison() -> Result<()> {
     let broker = EmbeddedBroker::start(1, &topics::ALL)?;
     let settings = ClientSettings::plain(broker.bootstrap_servers());
     let producer = Producer::new(&settings, &ProducerArgs::default())?;
@@ -35,31 +37,42 @@ async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
         stop.clone(),
     ));
 
-    let requested: [(&str, &[u8]); 1] = [(
-        schemas::headers::EVENT_TYPE,
-        schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes(),
-    )];
+    let requested: [(&str, &[u8]); 2] = [
+        (
+            schemas::headers::EVENT_TYPE,
+            schemas::headers::event_type::DELIVERY_REQUESTED.as_bytes(),
+        ),
+        (schemas::headers::INGEST_TIME, b"1790000000000"),
+    ];
     let n = 20;
-    for i in 0..n {
-        let payload = valid_request(i).to_string();
-        let key = format!("d-{i}");
-        producer
-            .send_and_wait(OutRecord {
-                topic: topics::DELIVERY_REQUESTS.name,
-                key: key.as_bytes(),
-                payload: payload.as_bytes(),
-                headers: &requested,
-            })
-            .await?;
-    }
-    producer
-        .send_and_wait(OutRecord {
-            topic: topics::DELIVERY_REQUESTS.name,
-            key: b"poison",
-            payload: b"{not json",
-            headers: &requested,
-        })
+    let send = |key: String, payload: Vec<u8>| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send_and_wait(OutRecord {
+                    topic: topics::DELIVERY_REQUESTS.name,
+                    key: key.as_bytes(),
+                    payload: &payload,
+                    headers: &requested,
+                })
+                .await
+        }
+    };
+    for i in 0..n / 2 {
+        send(
+            format!("acme/d-{i}"),
+            valid_request(i).to_string().into_bytes(),
+        )
         .await?;
+    }
+    send("acme/poison".into(), b"{not json".to_vec()).await?;
+    for i in n / 2..n {
+        send(
+            format!("acme/d-{i}"),
+            valid_request(i).to_string().into_bytes(),
+        )
+        .await?;
+    }
 
     let reader = Consumer::subscribe(
         &settings,
@@ -70,40 +83,39 @@ async fn workflow_fans_out_and_dead_letters_poison() -> Result<()> {
             topics::DEAD_LETTERS.name,
         ],
     )?;
-    let mut deliveries = BTreeSet::new();
     let mut scheduled = BTreeSet::new();
-    let mut dead = Vec::new();
     let deadline = tokio::time::Instant::now() + SETTLE;
-    while deliveries.len() < n || scheduled.len() < n || dead.is_empty() {
+    while scheduled.len() < n {
         let record = tokio::time::timeout_at(deadline, reader.recv())
             .await
-            .context("fan-out did not arrive in time")??;
+            .context("the requests did not arrive in time")??;
+        assert_eq!(
+            record.topic(),
+            topics::DRONE_SCHEDULING.name,
+            "nothing else"
+        );
         let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
-        match record.topic() {
-            t if t == topics::DELIVERIES.name => {
-                assert!(deliveries.insert(key), "delivered once");
-            }
-            t if t == topics::DRONE_SCHEDULING.name => {
-                assert!(key.contains(':'), "keyed by region, got {key}");
-                let id = record
-                    .header(schemas::headers::DELIVERY_ID)
-                    .context("scheduling record without delivery id")?;
-                assert!(scheduled.insert(String::from_utf8_lossy(id).into_owned()));
-            }
-            _ => {
-                assert_eq!(record.payload(), Some(&b"{not json"[..]));
-                let reason = record
-                    .header(schemas::headers::DEAD_LETTER_REASON)
-                    .context("dead letter without reason")?;
-                assert!(String::from_utf8_lossy(reason).contains("invalid delivery request"));
-                dead.push(key);
-            }
-        }
+        assert!(key.contains(':'), "keyed by region, got {key}");
+        assert_eq!(
+            record.header(schemas::headers::EVENT_TYPE),
+            Some(schemas::headers::event_type::SCHEDULING_REQUESTED.as_bytes())
+        );
+        assert_eq!(
+            record.header(schemas::headers::EVENT_TIME),
+            Some(&b"1790000000000"[..]),
+            "the request's ingest time is its event time"
+        );
+        let job =
+            schemas::tracking::SchedulingRequest::decode(record.payload().unwrap_or_default())
+                .map_err(anyhow::Error::msg)?;
+        assert_eq!(job.delivery_key, format!("acme/{}", job.delivery_id));
+        assert!(scheduled.insert(job.delivery_id), "once");
     }
     let expected: BTreeSet<String> = (0..n).map(|i| format!("d-{i}")).collect();
-    assert_eq!(deliveries, expected);
     assert_eq!(scheduled, expected);
-    assert_eq!(dead, ["poison"]);
+    // Nothing more arrives: the poison, after which half the requests came, gave nothing.
+    let more = tokio::time::timeout(std::time::Duration::from_secs(2), reader.recv()).await;
+    assert!(more.is_err(), "no other record");
 
     stop.cancel();
     tokio::time::timeout(SETTLE, workflow).await???;

@@ -21,7 +21,7 @@ use arrow::datatypes::Int64Type;
 use bus::{ClientSettings, EmbeddedBroker, OutRecord, Producer, ProducerArgs};
 use schemas::headers as h;
 use schemas::topics;
-use schemas::tracking::{Assignment, DeliveryEvent, Stage};
+use schemas::tracking::{Assignment, DeliveryState, EventKind, Stage};
 use tokio_util::sync::CancellationToken;
 
 /// 2026-11-23T12:00:00Z and the next day, in milliseconds.
@@ -346,30 +346,47 @@ async fn every_topic_lands_once_in_its_table_and_date() -> Result<()> {
         (Stage::HeadedToDropoff, 3),
         (Stage::Completed, 4),
     ];
+    // As the delivery consumer writes them to its changelog: each change of a delivery,
+    // whose stage changes are the events; a position change, an offset marker, a
+    // waiting record and a tombstone on the same topic are not.
+    let state = |i: usize, stage: Stage, seq: u32, change: EventKind| DeliveryState {
+        delivery_id: format!("d{i}"),
+        owner_id: format!("tenant-{i}"),
+        stage,
+        drone_id: (seq > 1).then(|| "drone-1".to_owned()),
+        last_known_location: location,
+        pickup_eta: None,
+        delivery_eta: Some("2026-11-23T12:30:00Z".into()),
+        pickup_location: location,
+        drop_off_location: location,
+        pickup_time: "2026-11-23T12:00:00Z".into(),
+        deadline: "2026-11-23T13:00:00Z".into(),
+        package_size: schemas::PackageSize::Small,
+        package_weight: 1.0,
+        drone_region: None,
+        drone_speed_mps: None,
+        seq,
+        version: u64::from(seq) * 2,
+        change: Some(change),
+        updated_at: format!("2026-11-23T12:0{seq}:00Z"),
+        cancel_reason: None,
+        cancel_detail: None,
+    };
     for i in 0..3 {
+        let key = format!("tenant-{i}/d{i}");
         for (stage, seq) in stages {
-            let event = DeliveryEvent {
-                delivery_id: format!("d{i}"),
-                owner_id: format!("tenant-{i}"),
-                stage,
-                seq,
-                at: format!("2026-11-23T12:0{seq}:00Z"),
-                drone_id: (seq > 1).then(|| "drone-1".to_owned()),
-                last_known_location: location,
-                pickup_eta: None,
-                delivery_eta: Some("2026-11-23T12:30:00Z".into()),
-                cancel_reason: None,
-                cancel_detail: None,
-            };
-            send(
-                &producer,
-                topics::DELIVERY_EVENTS.name,
-                &format!("tenant-{i}/d{i}"),
-                &serde_json::to_vec(&event)?,
-                &[],
-            )
-            .await?;
+            let value = serde_json::to_vec(&state(i, stage, seq, EventKind::Stage))?;
+            send(&producer, topics::DELIVERY_STATE.name, &key, &value, &[]).await?;
+            let position = serde_json::to_vec(&state(i, stage, seq, EventKind::Position))?;
+            send(&producer, topics::DELIVERY_STATE.name, &key, &position, &[]).await?;
         }
+    }
+    for (key, value) in [
+        ("\0delivery-requests", &b"41"[..]),
+        ("\u{1}tenant-9/d9", b"{}"),
+        ("tenant-2/d2", b""),
+    ] {
+        send(&producer, topics::DELIVERY_STATE.name, key, value, &[]).await?;
     }
     let assignment = Assignment {
         drone_id: "drone-1".into(),

@@ -479,8 +479,10 @@ async fn every_group_grows_to_three_members_and_shrinks_back_under_traffic() -> 
 /// Under exactly-once on the cluster, an output the broker refuses for what it is (here
 /// larger than its topic's `max.message.bytes`, which only the broker knows) aborts its
 /// transaction, which is sent again, from a new registration, with the output's dead
-/// letter in its place: the letter keeps the record, and the partition moves on (the delivery's
-/// reschedule, after it on the same partition, is forwarded).
+/// letter in its place: the letter keeps the record, and the partition moves on (the
+/// drone's next assignment, after it on the same partition, is forwarded). The drone
+/// tracker is the processor that sends it: it forwards each assignment to its delivery's
+/// key on `deliveries` as it was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_output_the_broker_refuses_becomes_a_dead_letter_under_exactly_once() -> Result<()> {
     let _turn = exclusive().await;
@@ -492,63 +494,84 @@ async fn an_output_the_broker_refuses_becomes_a_dead_letter_under_exactly_once()
     let _restore = RestoreTopic(settings.clone(), topic);
     bus::alter_topic(&settings, topic, &[("max.message.bytes", "2048")]).await?;
     let brokers = cluster.bootstrap();
-    let (ingest, found) = Service::start(
-        "ingest",
-        &["ingest", "--brokers", brokers, "--listen", "127.0.0.1:0"],
-        &[dronedelivery::announce::API],
-    )?;
-    let (workflow, _) = Service::start(
+    let (tracking, _) = Service::start(
         "process",
         &[
             "process",
             "--brokers",
             brokers,
             "--processors",
-            "workflow",
+            "tracking",
             "--health-listen",
             "127.0.0.1:0",
         ],
         &[dronedelivery::announce::HEALTH],
     )?;
-    let api = format!("http://{}", found[0]);
-    let http = client();
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let id = format!("refused-{}", &run[..8]);
-    // 8 KB of random hex in a field the API ignores: the tier takes it (under
-    // --max-record-bytes), and the workflow's copy on `deliveries` is past the topic's
-    // limit even compressed.
-    let mut request = request_in(0, &id, "default", -70);
-    let padding: String = (0..250)
+    let drone = format!("40:-71-refused-{}", &run[..8]);
+    let (big, small) = (
+        format!("refused-{}", &run[..8]),
+        format!("after-{}", &run[..8]),
+    );
+    let here = schemas::Location {
+        latitude: 40.5,
+        longitude: -70.5,
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let assignment = |id: &str, at: i64| schemas::tracking::Assignment {
+        drone_id: drone.clone(),
+        region: "40:-71".into(),
+        delivery_key: format!("default/{id}"),
+        delivery_id: id.to_owned(),
+        from: here,
+        pickup: here,
+        drop_off: here,
+        speed_mps: 10.0,
+        assigned_at: at,
+        pickup_eta: at + 60_000,
+        delivery_eta: at + 120_000,
+    };
+    // 8 KB of random hex in a field the tracker ignores: its forward on `deliveries` is
+    // past the topic's limit even compressed.
+    let mut first = serde_json::to_value(assignment(&big, now))?;
+    first["padding"] = (0..250)
         .map(|_| uuid::Uuid::new_v4().simple().to_string())
-        .collect();
-    request["padding"] = padding.into();
-    let (status, _, body) =
-        post_json(&http, &format!("{api}/api/deliveryrequests"), &request).await?;
-    assert_eq!(status, 202, "{body}");
-    let (status, _, body) = call(
-        &http,
-        "PATCH",
-        &format!("{api}/api/deliveryrequests/{id}"),
-        &[("content-type", "application/json")],
-        br#"{"pickupTime": "2098-01-01T00:00:00Z"}"#.to_vec(),
-    )
-    .await?;
-    assert_eq!(status, 202, "{body}");
+        .collect::<String>()
+        .into();
+    let second = serde_json::to_value(assignment(&small, now + 1))?;
+    let producer = bus::Producer::new(&settings, &bus::ProducerArgs::default())?;
+    for value in [&first, &second] {
+        producer
+            .send_and_wait(bus::OutRecord {
+                topic: topics::DRONE_ASSIGNMENTS.name,
+                key: drone.as_bytes(),
+                payload: &serde_json::to_vec(value)?,
+                headers: &[(
+                    schemas::headers::EVENT_TYPE,
+                    schemas::headers::event_type::DRONE_ASSIGNED.as_bytes(),
+                )],
+            })
+            .await?;
+    }
 
-    let key = format!("default/{id}");
+    let key = format!("default/{big}");
     let letters = keyed(&settings, topics::DEAD_LETTERS.name, &key, 1).await?;
     assert_eq!(letters.len(), 1, "one dead letter: {letters:?}");
     let letter: serde_json::Value = serde_json::from_slice(&letters[0])
         .context("the letter keeps the record (whole, under 16 KiB)")?;
-    assert_eq!(letter["deliveryId"], id.as_str());
-    let forwarded = keyed(&settings, topic, &key, 1).await?;
-    assert_eq!(forwarded.len(), 1, "only the reschedule: {forwarded:?}");
+    assert_eq!(letter["deliveryId"], big.as_str());
+    let forwarded = keyed(&settings, topic, &format!("default/{small}"), 1).await?;
+    assert_eq!(forwarded.len(), 1, "the next assignment: {forwarded:?}");
     assert!(
-        String::from_utf8_lossy(&forwarded[0]).contains("2098-01-01"),
+        String::from_utf8_lossy(&forwarded[0]).contains(&small),
         "the partition moved on past the refused record"
     );
-    workflow.stop()?;
-    ingest.stop()
+    // (The topic has records, the one above at least: this ends 3 s after the last.)
+    assert!(
+        keyed(&settings, topic, &key, 0).await?.is_empty(),
+        "never written"
+    );
+    tracking.stop()
 }
 
 /// Gives topic `.1` back its defaults when dropped (also when a test fails), in a

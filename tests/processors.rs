@@ -257,19 +257,22 @@ impl Stack {
         }
     }
 
-    /// Each delivery's events from `delivery-events`, in the order they are on the topic.
+    /// Each delivery's events (the stage changes on `delivery-state`), in the order they
+    /// are on the topic.
     async fn events(&self, n: usize) -> Result<BTreeMap<String, Vec<DeliveryEvent>>> {
         let records = self
-            .read(topics::DELIVERY_EVENTS.name, |got| {
-                got.len() >= n * STAGES.len()
+            .read(topics::DELIVERY_STATE.name, |got| {
+                got.iter()
+                    .filter(|(_, payload, _)| stage_event(payload).is_some())
+                    .count()
+                    >= n * STAGES.len()
             })
             .await?;
         let mut by_key: BTreeMap<String, Vec<DeliveryEvent>> = BTreeMap::new();
         for (key, payload, _) in records {
-            by_key
-                .entry(key)
-                .or_default()
-                .push(serde_json::from_slice(&payload)?);
+            if let Some(event) = stage_event(&payload) {
+                by_key.entry(key).or_default().push(event);
+            }
         }
         Ok(by_key)
     }
@@ -295,6 +298,13 @@ impl Stack {
         drop(self.broker);
         Ok(())
     }
+}
+
+/// The event of a `delivery-state` record that is a stage change (not a position, a
+/// tombstone, an offset marker or a waiting record).
+fn stage_event(payload: &[u8]) -> Option<DeliveryEvent> {
+    let state: schemas::tracking::DeliveryState = serde_json::from_slice(payload).ok()?;
+    (state.change == Some(schemas::tracking::EventKind::Stage)).then(|| DeliveryEvent::of(&state))
 }
 
 /// A stage's place on the way to completion.
@@ -747,19 +757,21 @@ async fn finished_deliveries_go_after_the_retention_and_full_or_late_requests_ar
             (200, &serde_json::json!("HeadedToPickup"))
         );
     }
-    // The reasons are on delivery-events too.
+    // The reasons are on the events (the stage changes on delivery-state) too.
     let reader = Consumer::subscribe(
         &ClientSettings::plain(&run.brokers),
         &format!("reader-{}", uuid::Uuid::new_v4()),
-        &[topics::DELIVERY_EVENTS.name],
+        &[topics::DELIVERY_STATE.name],
     )?;
     let mut reasons = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + SETTLE;
     while reasons.len() < 3 {
         let record = tokio::time::timeout_at(deadline, reader.recv())
             .await
-            .context("delivery-events: cancels missing")??;
-        let event: DeliveryEvent = serde_json::from_slice(record.payload().unwrap_or_default())?;
+            .context("delivery-state: cancels missing")??;
+        let Some(event) = stage_event(record.payload().unwrap_or_default()) else {
+            continue;
+        };
         if let Some(reason) = event.cancel_reason {
             reasons.insert(event.delivery_id, reason.as_str());
         }

@@ -799,9 +799,8 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
     }
     let brokers = tier.broker.bootstrap_servers().to_owned();
 
-    // The workflow alone fans out, and nothing else runs.
+    // The workflow alone sends each request to its region, and nothing else runs.
     let workflow = start_processors(&brokers, "workflow")?;
-    tier.records_of(topics::DELIVERIES.name, 3).await?;
     tier.records_of(topics::DRONE_SCHEDULING.name, 3).await?;
     let settings = ClientSettings::plain(&brokers);
     // Partitions a group has committed: none for a processor that never ran.
@@ -814,15 +813,26 @@ async fn process_runs_only_the_processors_it_is_given() -> Result<()> {
             .count())
     };
     assert_eq!(
-        committed(schemas::topics::groups::DELIVERIES, topics::DELIVERIES.name)?,
+        committed(
+            schemas::topics::groups::DELIVERIES,
+            topics::DELIVERY_REQUESTS.name
+        )?,
         0,
         "the delivery consumer did not run"
     );
 
-    // The delivery consumer alone picks up what the workflow wrote.
+    // The delivery consumer alone reads the requests (a group of its own on their topic).
     let deliveries = start_processors(&brokers, "deliveries")?;
-    let events = tier.records_of(topics::DELIVERY_EVENTS.name, 3).await?;
-    assert_eq!(events.len(), 3, "one Created event per request");
+    let changes = tier.records_of(topics::DELIVERY_STATE.name, 3).await?;
+    let created = changes
+        .iter()
+        .filter(|(key, payload)| {
+            !key.starts_with(['\0', '\u{1}'])
+                && serde_json::from_slice::<schemas::tracking::DeliveryState>(payload)
+                    .is_ok_and(|s| s.stage == schemas::tracking::Stage::Created)
+        })
+        .count();
+    assert_eq!(created, 3, "one Created change per request: {changes:?}");
     assert_eq!(
         committed(
             schemas::topics::groups::SCHEDULING,
@@ -880,7 +890,7 @@ async fn split_services_answer_probes_metrics_and_sql() -> Result<()> {
         let (status, _, body) = post(&http, &url, &valid_request(i)).await?;
         assert_eq!(status, 202, "{body}");
     }
-    tier.records_of(topics::DELIVERIES.name, 5).await?;
+    tier.records_of(topics::DRONE_SCHEDULING.name, 5).await?;
 
     for (base, metric) in [
         (&workflow_health, "producer_queue_records"),

@@ -305,18 +305,6 @@ pub struct DeadLetterRow {
     kafka_offset: i64,
 }
 
-fn stage_name(stage: schemas::tracking::Stage) -> &'static str {
-    use schemas::tracking::Stage;
-    match stage {
-        Stage::Created => "Created",
-        Stage::Rescheduled => "Rescheduled",
-        Stage::HeadedToPickup => "HeadedToPickup",
-        Stage::HeadedToDropoff => "HeadedToDropoff",
-        Stage::Completed => "Completed",
-        Stage::Cancelled => "Cancelled",
-    }
-}
-
 impl TableRows {
     /// Empty rows for `table`.
     pub fn new(table: &str) -> Option<Self> {
@@ -371,9 +359,23 @@ impl TableRows {
                 rows.append(record.payload, from).map_err(Skip::Invalid)
             }
             Self::Events(rows) => {
-                let event: schemas::tracking::DeliveryEvent =
+                // `delivery-state`: every change of a delivery; its stage changes are the
+                // events. Offset markers and waiting records (keys starting with byte 0
+                // or 1), tombstones and position changes give no row.
+                if record
+                    .key
+                    .is_none_or(|k| matches!(k.first(), None | Some(0 | 1)))
+                    || record.payload.is_empty()
+                {
+                    return Err(Skip::OtherEvent);
+                }
+                let state: schemas::tracking::DeliveryState =
                     serde_json::from_slice(record.payload)
                         .map_err(|e| invalid("payload", e.to_string()))?;
+                if state.change != Some(schemas::tracking::EventKind::Stage) {
+                    return Err(Skip::OtherEvent);
+                }
+                let event = schemas::tracking::DeliveryEvent::of(&state);
                 let key = record.key.map(String::from_utf8_lossy).unwrap_or_default();
                 let tenant = schemas::split_delivery_key(&key)
                     .0
@@ -394,7 +396,7 @@ impl TableRows {
                         .transpose()?,
                     delivery_id: event.delivery_id,
                     owner_id: event.owner_id,
-                    stage: stage_name(event.stage),
+                    stage: event.stage.as_str(),
                     seq: i64::from(event.seq),
                     drone_id: event.drone_id,
                     latitude: event.last_known_location.latitude,

@@ -1,5 +1,7 @@
 //! The broker a phase or a pass runs on: a fresh embedded broker (librdkafka's mock
-//! cluster, in this process), an Apache Kafka cluster the bench starts with the test
+//! cluster, in a process of its own: this bench's binary run again with
+//! `--serve-embedded-broker`, as a broker is its own process in production), an Apache
+//! Kafka cluster the bench starts with the test
 //! harness's `kafka` module (stopped when dropped), or one given with `--brokers`; the
 //! reset of a started cluster's topics and consumer groups between runs of the whole
 //! pipeline; and the broker's description for the report. It measures nothing.
@@ -7,6 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
 use bus::{ClientSettings, EmbeddedBroker};
 use schemas::topics;
@@ -16,16 +21,32 @@ use crate::plan::Pass;
 
 /// The broker of a phase (embedded) or of a pass (Kafka).
 pub(crate) enum Broker {
-    Embedded(EmbeddedBroker),
+    /// The broker process and its bootstrap address; it exits when its stdin closes.
+    Embedded(Child, String),
     /// Started by the bench; stopped and removed when dropped.
     Cluster(kafka::KafkaCluster),
     External(String),
 }
 
 impl Broker {
-    /// A new embedded broker, with every topic.
+    /// A new embedded broker, with every topic, in a process of its own.
     pub(crate) fn embedded() -> Self {
-        Self::Embedded(EmbeddedBroker::start(1, &topics::ALL).unwrap())
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--bench", SERVE_EMBEDDED_BROKER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let bootstrap = line
+            .trim()
+            .strip_prefix("bootstrap ")
+            .unwrap_or_else(|| panic!("the embedded broker process said {line:?}"))
+            .to_owned();
+        Self::Embedded(child, bootstrap)
     }
 
     /// The Kafka pass's broker: `brokers` when given, else a new cluster of `nodes`
@@ -50,7 +71,7 @@ impl Broker {
 
     pub(crate) fn bootstrap(&self) -> String {
         match self {
-            Self::Embedded(b) => b.bootstrap_servers().to_owned(),
+            Self::Embedded(_, b) => b.clone(),
             Self::Cluster(c) => c.bootstrap().to_owned(),
             Self::External(b) => b.clone(),
         }
@@ -176,12 +197,42 @@ impl Broker {
 
     /// Stops a cluster the bench started (off the async threads).
     pub(crate) async fn stop(self) {
-        if let Self::Cluster(cluster) = self {
-            tokio::task::spawn_blocking(move || drop(cluster))
+        match self {
+            Self::Cluster(cluster) => {
+                tokio::task::spawn_blocking(move || drop(cluster))
+                    .await
+                    .unwrap();
+            }
+            Self::Embedded(mut child, _) => {
+                // Its stdin closes: it exits (and is killed if it has not in 10 s).
+                drop(child.stdin.take());
+                tokio::task::spawn_blocking(move || {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                })
                 .await
                 .unwrap();
+            }
+            Self::External(_) => {}
         }
     }
+}
+
+/// The argument that makes this bench's binary an embedded broker and nothing else.
+pub(crate) const SERVE_EMBEDDED_BROKER: &str = "--serve-embedded-broker";
+
+/// Serves an embedded broker with every topic: prints `bootstrap ADDRESS`, then serves
+/// until its stdin closes (the bench stopped it, or ended).
+pub(crate) fn serve_embedded_broker() {
+    let broker = EmbeddedBroker::start(1, &topics::ALL).unwrap();
+    println!("bootstrap {}", broker.bootstrap_servers());
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    drop(broker);
 }
 
 /// What the broker of a pass is, for the report: `brokers` is `--brokers`, `nodes` the

@@ -2,7 +2,10 @@
 //!
 //! 1. **the raw producer**: librdkafka producing generated delivery requests (same key,
 //!    headers and producer settings as the ingestion tier, every record acknowledged)
-//!    straight to the broker: the ceiling for the HTTP tier;
+//!    straight to the broker, each way in `plan::RAW_METHODS` (a future per record as the
+//!    tier does, or a delivery callback with one or two producers), before and after the
+//!    HTTP tier's phases: its fastest run is the ceiling for the HTTP tier, and the whole
+//!    pipeline's rate is reported over it too;
 //! 2. **the HTTP tier** (`dronedelivery ingest`) under the load generator at batch sizes
 //!    1, 100 and 10,000 (closed loop), and single requests in open loop at a fixed rate
 //!    for honest latency;
@@ -14,7 +17,7 @@
 //!    memory over time under sustained overload (offered far more than it can take).
 //!
 //! It does so twice, in two passes: on the **embedded broker** (librdkafka's mock
-//! cluster, in memory, in this process) and on **Apache Kafka**, a three-node KRaft
+//! cluster, in memory, in a process of its own) and on **Apache Kafka**, a three-node KRaft
 //! cluster (`deploy/tools/kafka`, replication factor 3, `min.insync.replicas=2`) that the
 //! bench starts on 127.0.0.1. On the embedded broker every phase gets a fresh one; on
 //! Kafka the phases share the cluster, the whole pipeline first. The cluster is first
@@ -26,8 +29,10 @@
 //! `--only embedded|kafka` runs one pass.
 //!
 //! The services run as their own processes (the release binary built with this bench);
-//! the embedded broker and the load generator run in this one, the Kafka nodes are `java`
-//! processes, all on the same cores.
+//! the embedded broker of the raw producer and HTTP tier phases runs in a process of its
+//! own (this binary again), the load generator and the raw producer in this one, the
+//! Kafka nodes are `java` processes, all on the same cores. (`run`, in the whole
+//! pipeline's phases, holds its own embedded broker, as it does in use.)
 //!
 //! The report goes to `benches/results/` (or `--out DIR`): `e2e.json`, `e2e.md` (the two
 //! passes side by side, then each in full) and `e2e.svg` (throughput and latency by
@@ -202,6 +207,10 @@ fn main() {
     #[cfg(test)]
     if !std::env::args().any(|a| a == "--bench") {
         checks::run();
+        return;
+    }
+    if std::env::args().any(|a| a == cluster::SERVE_EMBEDDED_BROKER) {
+        cluster::serve_embedded_broker();
         return;
     }
     let args = args();
@@ -431,17 +440,12 @@ async fn run_pass(args: &Args, pass: Pass) -> PassReport {
     .await;
 
     // The raw producer: the ceiling for the HTTP tier.
-    let raw = on_broker(shared.as_ref(), |b| async move {
-        phases::raw_producer(&b, args.seconds).await
+    // The raw producer before and after the tier's phases: its fastest run is the
+    // ceiling, and the two show whether the machine changed in between.
+    let mut raw_runs = on_broker(shared.as_ref(), |b| async move {
+        phases::raw_producer(&b, args.seconds, "before").await
     })
     .await;
-    println!(
-        "raw producer: {:.0} records/s ({:.1} MB/s)",
-        finite_or(raw.records_per_sec, 0.0),
-        finite_or(raw.mb_per_sec, 0.0)
-    );
-
-    // The HTTP tier by batch size (closed loop), then single requests at a fixed rate.
     let mut http = Vec::new();
     for (batch, connections) in HTTP_TIERS {
         http.push(
@@ -455,6 +459,19 @@ async fn run_pass(args: &Args, pass: Pass) -> PassReport {
         phases::http_tier(&b, args.seconds, 1, 256, Some(args.single_rate)).await
     })
     .await;
+    raw_runs.extend(
+        on_broker(shared.as_ref(), |b| async move {
+            phases::raw_producer(&b, args.seconds, "after").await
+        })
+        .await,
+    );
+    let raw = raw_runs
+        .iter()
+        .max_by(|a, b| {
+            finite_or(a.records_per_sec, 0.0).total_cmp(&finite_or(b.records_per_sec, 0.0))
+        })
+        .cloned()
+        .unwrap();
 
     // Memory under sustained overload.
     let overload = on_broker(shared.as_ref(), |b| async move {
@@ -474,6 +491,7 @@ async fn run_pass(args: &Args, pass: Pass) -> PassReport {
         broker,
         warm_up,
         raw_producer: raw,
+        raw_runs,
         http_tier: http,
         single_open_loop: single_open,
         http_tier_efficiency: bulk_rate / raw_rate,

@@ -18,7 +18,7 @@ use schemas::headers as h;
 use schemas::topics;
 use tokio_util::sync::CancellationToken;
 
-use crate::plan::RAW_TASKS;
+use crate::plan::{RAW_METHODS, RAW_TASKS};
 use crate::report::{HttpTier, Overload, OverloadRss, RawProducer};
 use crate::service::{RssSampler, Service, mb, rss_at};
 
@@ -41,23 +41,180 @@ pub(crate) fn load_config(base: &str, batch: u32, connections: u32, seconds: f64
     }
 }
 
-/// Phase 1: generated requests straight to the broker, each acknowledged, from
-/// `RAW_TASKS` tasks sharing one producer, after a second of warm-up (connections and
-/// producer), as the HTTP tier gets.
-pub(crate) async fn raw_producer(bootstrap: &str, seconds: f64) -> RawProducer {
-    let producer = reachable_producer(bootstrap, topics::DELIVERY_REQUESTS.name);
+/// Phase 1: generated requests straight to the broker, each acknowledged, with the
+/// tier's settings, keys and headers, in each way of driving librdkafka (see
+/// [`RAW_METHODS`]), each after a second of warm-up (connections and producer), as the
+/// HTTP tier gets. `when` says where in the pass it ran (`before` or `after` the tier).
+pub(crate) async fn raw_producer(bootstrap: &str, seconds: f64, when: &str) -> Vec<RawProducer> {
     let records = generated_records();
-    let _ = produce_for(&producer, &records, 1.0).await;
-    let (sent, acked, failed, bytes, secs) = produce_for(&producer, &records, seconds).await;
-    RawProducer {
-        tasks: RAW_TASKS,
-        records_sent: sent,
-        records_acked: acked,
-        records_failed: failed,
-        elapsed_secs: secs,
-        records_per_sec: acked as f64 / secs,
-        mb_per_sec: bytes as f64 / 1e6 / secs,
+    let mut runs = Vec::new();
+    for &(method, producers) in RAW_METHODS {
+        let run = match method {
+            "callback" => {
+                let bootstrap = bootstrap.to_owned();
+                let records = records.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = produce_with_callbacks(&bootstrap, &records, producers, 1.0);
+                    produce_with_callbacks(&bootstrap, &records, producers, seconds)
+                })
+                .await
+                .unwrap()
+            }
+            _ => {
+                let producer = reachable_producer(bootstrap, topics::DELIVERY_REQUESTS.name);
+                let _ = produce_for(&producer, &records, 1.0).await;
+                produce_for(&producer, &records, seconds).await
+            }
+        };
+        let (sent, acked, failed, bytes, secs) = run;
+        let report = RawProducer {
+            method: method.to_owned(),
+            producers,
+            tasks: if method == "callback" {
+                producers
+            } else {
+                RAW_TASKS
+            },
+            when: when.to_owned(),
+            records_sent: sent,
+            records_acked: acked,
+            records_failed: failed,
+            elapsed_secs: secs,
+            records_per_sec: acked as f64 / secs,
+            mb_per_sec: bytes as f64 / 1e6 / secs,
+        };
+        println!(
+            "raw producer ({}): {:.0} records/s",
+            report.label(),
+            report.records_per_sec
+        );
+        runs.push(report);
     }
+    runs
+}
+
+/// Counts acknowledgements in librdkafka's delivery callback: no future, no channel per
+/// record.
+struct Counting {
+    acked: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    start: Instant,
+    /// Nanoseconds from `start` to the latest acknowledgement.
+    last_ack_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl rdkafka::ClientContext for Counting {}
+
+impl rdkafka::producer::ProducerContext for Counting {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, (): ()) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if result.is_ok() {
+            self.acked.fetch_add(1, Relaxed);
+        } else {
+            self.failed.fetch_add(1, Relaxed);
+        }
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ack_nanos.fetch_max(nanos, Relaxed);
+    }
+}
+
+/// `producers` producers, each with the tier's settings and driven by a thread of its
+/// own that sends until `seconds` have passed (waiting briefly when the producer's queue
+/// is full), then flushes: (sent, acked, failed, bytes, seconds from the start until the
+/// last acknowledgement).
+fn produce_with_callbacks(
+    bootstrap: &str,
+    records: &Arc<Vec<(String, String, String)>>,
+    producers: usize,
+    seconds: f64,
+) -> (u64, u64, u64, u64, f64) {
+    use rdkafka::config::FromClientConfigAndContext;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let settings = ClientSettings::plain(bootstrap);
+    let config = settings.producer_config(&ProducerArgs::default());
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..producers)
+        .map(|n| {
+            let config = config.clone();
+            let records = records.clone();
+            std::thread::spawn(move || {
+                let counting = Counting {
+                    acked: 0.into(),
+                    failed: 0.into(),
+                    start,
+                    last_ack_nanos: 0.into(),
+                };
+                let producer: ThreadedProducer<Counting> =
+                    ThreadedProducer::from_config_and_context(&config, counting).unwrap();
+                let correlation = uuid::Uuid::new_v4().to_string();
+                let (mut sent, mut bytes) = (0u64, 0u64);
+                let mut i = n * records.len() / producers.max(1);
+                let mut ingest_time = String::new();
+                while Instant::now() < end {
+                    if sent % 1024 == 0 {
+                        ingest_time = chrono::Utc::now().timestamp_millis().to_string();
+                    }
+                    let (key, tenant, body) = &records[i % records.len()];
+                    let header = |key: &'static str, value: &str| Header {
+                        key,
+                        value: Some(value.as_bytes()),
+                    };
+                    let headers = OwnedHeaders::new_with_capacity(6)
+                        .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
+                        .insert(header(h::TENANT, tenant))
+                        .insert(header(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1))
+                        .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON))
+                        .insert(header(h::INGEST_TIME, &ingest_time))
+                        .insert(header(h::CORRELATION_ID, &correlation));
+                    let record = BaseRecord::to(topics::DELIVERY_REQUESTS.name)
+                        .key(key.as_str())
+                        .payload(body.as_str())
+                        .headers(headers);
+                    match producer.send(record) {
+                        Ok(()) => {
+                            sent += 1;
+                            bytes += body.len() as u64;
+                            i += 1;
+                        }
+                        // The queue is full: the polling thread makes room.
+                        Err((e, _))
+                            if e.rdkafka_error_code()
+                                == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                        {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        Err((e, _)) => panic!("producing: {e}"),
+                    }
+                }
+                producer.flush(Duration::from_secs(60)).unwrap();
+                let c = producer.context();
+                (
+                    sent,
+                    c.acked.load(Relaxed),
+                    c.failed.load(Relaxed),
+                    bytes,
+                    c.last_ack_nanos.load(Relaxed),
+                )
+            })
+        })
+        .collect();
+    let (mut sent, mut acked, mut failed, mut bytes, mut last) = (0, 0, 0, 0, 0);
+    for thread in threads {
+        let (s, a, f, b, l) = thread.join().unwrap();
+        sent += s;
+        acked += a;
+        failed += f;
+        bytes += b;
+        last = last.max(l);
+    }
+    let secs = (last as f64 / 1e9).max(1e-3);
+    (sent, acked, failed, bytes, secs)
 }
 
 /// An acknowledged producer (the tier's settings) that has reached `topic`.

@@ -13,9 +13,16 @@ pub(crate) const MAX_CONSUMER_LAG: &str = "20000";
 /// The HTTP tier's closed-loop phases: (batch size, connections).
 pub(crate) const HTTP_TIERS: [(u32, u32); 3] = [(1, 256), (100, 16), (10_000, 4)];
 
-/// Tasks producing at once in the raw producer phase (the tier, too, produces from
-/// several connections' tasks through one producer).
+/// Tasks producing at once through one producer in the raw producer's `futures` way (the
+/// tier, too, produces from several connections' tasks through one producer).
 pub(crate) const RAW_TASKS: usize = 4;
+
+/// The ways the raw producer phase drives librdkafka, each measured before and after the
+/// HTTP tier's phases; the fastest run is the ceiling the tier is compared with: (how,
+/// producers). `futures`: `RAW_TASKS` tasks, a future per record (`bus::Producer`, as
+/// the tier); `callback`: a thread per producer sending, a delivery callback counting.
+pub(crate) const RAW_METHODS: &[(&str, usize)] =
+    &[("futures", 1), ("callback", 1), ("callback", 2)];
 
 /// Records/s offered while a Kafka cluster warms up.
 pub(crate) const WARM_UP_RATE: f64 = 5_000.0;

@@ -254,8 +254,10 @@ impl ClientSettings {
     }
 
     /// The configuration of a durable producer: `acks=all`, idempotent, with the given
-    /// batching, compression, queue bounds and acknowledgement timeout.
-    pub(crate) fn producer_config(&self, tuning: &ProducerArgs) -> ClientConfig {
+    /// batching, compression, queue bounds and acknowledgement timeout. Public for
+    /// measurements that drive librdkafka directly with the tier's settings (the raw
+    /// producer ceiling of the end-to-end benchmark).
+    pub fn producer_config(&self, tuning: &ProducerArgs) -> ClientConfig {
         let mut config = self.base();
         config
             .set("acks", "all")

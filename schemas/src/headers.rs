@@ -54,6 +54,10 @@ pub mod event_type {
     /// bound (payload: `tracking::SchedulingRejected`, `{"reason": .., "code": ..}`; the
     /// delivery consumer turns it into `Cancelled` with that reason).
     pub const DELIVERY_REJECTED: &str = "DeliveryRejected";
+    /// A request to schedule, on `drone-scheduling` from the workflow: the fields the
+    /// scheduler needs, in the compact binary form of `tracking::SchedulingRequest`
+    /// (the client's JSON is parsed once, by the workflow).
+    pub const SCHEDULING_REQUESTED: &str = "SchedulingRequested";
     /// A drone assigned to a delivery (payload: `tracking::Assignment`).
     pub const DRONE_ASSIGNED: &str = "DroneAssigned";
     /// A drone free again (payload: `tracking::DroneReleased`).

@@ -33,10 +33,11 @@ pub const DELIVERY_REQUESTS: HistoryTable = HistoryTable {
     schema: delivery_requests_schema,
 };
 
-/// One row per stage change of a delivery (from the delivery consumer).
+/// One row per stage change of a delivery: the `delivery-state` records (the delivery
+/// consumer's changelog, every change in order) whose change is a stage.
 pub const DELIVERY_EVENTS: HistoryTable = HistoryTable {
     name: "delivery_events",
-    topic: topics::DELIVERY_EVENTS,
+    topic: topics::DELIVERY_STATE,
     schema: delivery_events_schema,
 };
 
@@ -216,6 +217,13 @@ mod tests {
         for t in TABLES {
             assert_eq!(table_of(t.topic.name).map(|x| x.name), Some(t.name));
         }
-        assert!(table_of(topics::DELIVERY_STATE.name).is_none());
+        // The changelog that is also the events stream feeds `delivery_events`; the
+        // processors' work topics feed nothing.
+        assert_eq!(
+            table_of(topics::DELIVERY_STATE.name).map(|x| x.name),
+            Some(DELIVERY_EVENTS.name)
+        );
+        assert!(table_of(topics::DRONE_SCHEDULING.name).is_none());
+        assert!(table_of(topics::DELIVERIES.name).is_none());
     }
 }

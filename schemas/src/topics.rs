@@ -38,7 +38,9 @@ pub struct Topic {
     pub min_compaction_lag_ms: i64,
 }
 
-/// Delivery requests, reschedules and cancels as accepted by the ingestion tier.
+/// Delivery requests, reschedules and cancels as accepted by the ingestion tier, the
+/// client's bytes: the record of truth. The workflow and the delivery consumer each read
+/// it in a group of their own.
 pub const DELIVERY_REQUESTS: Topic = Topic {
     name: "delivery-requests",
     keyed_by: KeyedBy::DeliveryId,
@@ -47,7 +49,9 @@ pub const DELIVERY_REQUESTS: Topic = Topic {
     min_compaction_lag_ms: 0,
 };
 
-/// Work for the delivery consumer (state, status and ETA tracking).
+/// What the drones' side tells the delivery consumer: assignments and positions (from
+/// the tracker) and rejections (from the scheduler), keyed like `delivery-requests` and
+/// read beside it.
 pub const DELIVERIES: Topic = Topic {
     name: "deliveries",
     keyed_by: KeyedBy::DeliveryId,
@@ -84,15 +88,6 @@ pub const DRONE_TELEMETRY: Topic = Topic {
     min_compaction_lag_ms: 0,
 };
 
-/// Every stage transition of every delivery.
-pub const DELIVERY_EVENTS: Topic = Topic {
-    name: "delivery-events",
-    keyed_by: KeyedBy::DeliveryId,
-    partitions: 12,
-    compacted: false,
-    min_compaction_lag_ms: 0,
-};
-
 /// Records that could not be processed, with the reason and the original bytes.
 pub const DEAD_LETTERS: Topic = Topic {
     name: "dead-letters",
@@ -103,16 +98,18 @@ pub const DEAD_LETTERS: Topic = Topic {
 };
 
 /// Changelog of the delivery consumer's state: every change of each delivery (its
-/// latest state once compacted), in the partition of `deliveries` it belongs to; the
-/// status view, the live events and the notifier read it.
+/// latest state once compacted), in the partition of `delivery-requests` it belongs to;
+/// also the delivery's events: the status view, the live events, the notifier and the
+/// history's `delivery_events` table read it.
 pub const DELIVERY_STATE: Topic = Topic {
     name: "delivery-state",
     keyed_by: KeyedBy::DeliveryId,
     partitions: 12,
     compacted: true,
-    // Every change of a delivery is also a notification: the notifier, which may hold
-    // its offsets back while an endpoint is retried (an hour by default), re-reads
-    // them after a restart. Compaction leaves them for this long.
+    // Every change of a delivery is also a notification and, for a stage, a row of the
+    // history: the notifier, which may hold its offsets back while an endpoint is
+    // retried (an hour by default), re-reads them after a restart, and the history sink
+    // must read each before compaction may drop it. Compaction leaves them this long.
     min_compaction_lag_ms: 6 * 3_600 * 1_000,
 };
 
@@ -148,13 +145,12 @@ pub const WEBHOOKS: Topic = Topic {
 };
 
 /// Every topic of the pipeline, in the order of the data flow.
-pub const ALL: [Topic; 11] = [
+pub const ALL: [Topic; 10] = [
     DELIVERY_REQUESTS,
     DELIVERIES,
     DRONE_SCHEDULING,
     DRONE_ASSIGNMENTS,
     DRONE_TELEMETRY,
-    DELIVERY_EVENTS,
     DEAD_LETTERS,
     DELIVERY_STATE,
     SCHEDULING_STATE,

@@ -24,6 +24,20 @@ pub enum Stage {
     Cancelled,
 }
 
+impl Stage {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "Created",
+            Self::Rescheduled => "Rescheduled",
+            Self::HeadedToPickup => "HeadedToPickup",
+            Self::HeadedToDropoff => "HeadedToDropoff",
+            Self::Completed => "Completed",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+}
+
 /// Why a delivery was cancelled (on its state and its `Cancelled` event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CancelReason {
@@ -150,6 +164,141 @@ pub struct DroneReleased {
     pub position: Location,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
+}
+
+/// A delivery to schedule: what the scheduler needs of a request, and nothing else. On
+/// `drone-scheduling` (keyed by the pickup region, event type `SchedulingRequested`) in
+/// the compact binary form of [`encode`](Self::encode), so that the scheduler never
+/// parses the client's JSON; in the scheduler's changelog as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingRequest {
+    /// The delivery's key, `tenant/deliveryId`.
+    pub delivery_key: String,
+    /// The delivery id.
+    pub delivery_id: String,
+    /// Pickup location.
+    pub pickup: Location,
+    /// Drop-off location.
+    pub drop_off: Location,
+    /// Package weight, kilograms.
+    pub weight_kg: f64,
+    /// Package size.
+    pub size: PackageSize,
+    /// When the package is ready, milliseconds since the Unix epoch.
+    pub pickup_time_ms: i64,
+    /// When it must be delivered by, milliseconds since the Unix epoch.
+    pub deadline_ms: i64,
+}
+
+/// The first byte of [`SchedulingRequest::encode`]'s form: its version.
+const SCHEDULING_REQUEST_V1: u8 = 1;
+
+impl SchedulingRequest {
+    /// The compact form: version byte 1; the key and the id, each a little-endian `u16`
+    /// length and its UTF-8 bytes; then the pickup's and drop-off's latitude and
+    /// longitude and the weight as little-endian `f64`; the size as one byte (0 small,
+    /// 1 medium, 2 large); the pickup time and the deadline as little-endian `i64`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(1 + 4 + self.delivery_key.len() + self.delivery_id.len() + 57);
+        out.push(SCHEDULING_REQUEST_V1);
+        for text in [&self.delivery_key, &self.delivery_id] {
+            let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&text.as_bytes()[..usize::from(len)]);
+        }
+        for number in [
+            self.pickup.latitude,
+            self.pickup.longitude,
+            self.drop_off.latitude,
+            self.drop_off.longitude,
+            self.weight_kg,
+        ] {
+            out.extend_from_slice(&number.to_le_bytes());
+        }
+        out.push(match self.size {
+            PackageSize::Small => 0,
+            PackageSize::Medium => 1,
+            PackageSize::Large => 2,
+        });
+        out.extend_from_slice(&self.pickup_time_ms.to_le_bytes());
+        out.extend_from_slice(&self.deadline_ms.to_le_bytes());
+        out
+    }
+
+    /// Reads [`encode`](Self::encode)'s form; any other bytes are an error that says
+    /// what is wrong, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        struct Reader<'a>(&'a [u8]);
+        impl<'a> Reader<'a> {
+            fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+                if self.0.len() < n {
+                    return Err(format!("scheduling request cut short in {what}"));
+                }
+                let (head, rest) = self.0.split_at(n);
+                self.0 = rest;
+                Ok(head)
+            }
+            fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
+                let mut out = [0u8; N];
+                out.copy_from_slice(self.take(N, what)?);
+                Ok(out)
+            }
+            fn text(&mut self, what: &str) -> Result<String, String> {
+                let len = u16::from_le_bytes(self.array(what)?);
+                let bytes = self.take(usize::from(len), what)?;
+                std::str::from_utf8(bytes)
+                    .map(str::to_owned)
+                    .map_err(|_| format!("scheduling request: {what} is not UTF-8"))
+            }
+            fn number(&mut self, what: &str) -> Result<f64, String> {
+                let n = f64::from_le_bytes(self.array(what)?);
+                if n.is_finite() {
+                    Ok(n)
+                } else {
+                    Err(format!("scheduling request: {what} is not a finite number"))
+                }
+            }
+        }
+        let mut r = Reader(bytes);
+        match r.take(1, "version")?[0] {
+            SCHEDULING_REQUEST_V1 => {}
+            v => return Err(format!("scheduling request of unknown version {v}")),
+        }
+        let delivery_key = r.text("deliveryKey")?;
+        let delivery_id = r.text("deliveryId")?;
+        let mut location = |what: &str| -> Result<Location, String> {
+            Ok(Location {
+                latitude: r.number(what)?,
+                longitude: r.number(what)?,
+            })
+        };
+        let pickup = location("pickup")?;
+        let drop_off = location("dropOff")?;
+        let weight_kg = r.number("weightKg")?;
+        let size = match r.take(1, "size")?[0] {
+            0 => PackageSize::Small,
+            1 => PackageSize::Medium,
+            2 => PackageSize::Large,
+            s => return Err(format!("scheduling request: unknown size {s}")),
+        };
+        let pickup_time_ms = i64::from_le_bytes(r.array("pickupTimeMs")?);
+        let deadline_ms = i64::from_le_bytes(r.array("deadlineMs")?);
+        if !r.0.is_empty() {
+            return Err("scheduling request: bytes after its end".into());
+        }
+        Ok(Self {
+            delivery_key,
+            delivery_id,
+            pickup,
+            drop_off,
+            weight_kg,
+            size,
+            pickup_time_ms,
+            deadline_ms,
+        })
+    }
 }
 
 /// A delivery no longer wanted, for the scheduler to drop it if it is still waiting. On
@@ -344,6 +493,58 @@ mod tests {
         let back: DeliveryState = serde_json::from_value(json).unwrap();
         assert_eq!(back, state);
         assert!(Stage::Completed.is_final() && !Stage::Created.is_final());
+    }
+
+    fn scheduling_request() -> SchedulingRequest {
+        SchedulingRequest {
+            delivery_key: "fabrikam/d-1".into(),
+            delivery_id: "d-1".into(),
+            pickup: Location {
+                latitude: 47.6,
+                longitude: -122.3,
+            },
+            drop_off: Location {
+                latitude: 47.61,
+                longitude: -122.31,
+            },
+            weight_kg: 2.5,
+            size: PackageSize::Medium,
+            pickup_time_ms: 1_790_000_000_000,
+            deadline_ms: 1_790_000_600_000,
+        }
+    }
+
+    #[test]
+    fn a_scheduling_request_reads_back_and_bad_bytes_are_errors() {
+        let job = scheduling_request();
+        let bytes = job.encode();
+        assert_eq!(bytes[0], 1, "version first");
+        assert_eq!(SchedulingRequest::decode(&bytes).unwrap(), job);
+        assert!(bytes.len() < 100, "compact: {} bytes", bytes.len());
+        // Every cut, a trailing byte, an unknown version or size: errors.
+        for n in 0..bytes.len() {
+            assert!(
+                SchedulingRequest::decode(&bytes[..n]).is_err(),
+                "cut at {n}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(SchedulingRequest::decode(&longer).is_err());
+        let mut other = bytes.clone();
+        other[0] = 2;
+        assert!(SchedulingRequest::decode(&other).is_err());
+        let mut nan = bytes.clone();
+        let weight_at = bytes.len() - 17 - 8;
+        nan[weight_at..weight_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
+        assert!(SchedulingRequest::decode(&nan).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = SchedulingRequest::decode(&bytes);
+        }
     }
 
     #[test]

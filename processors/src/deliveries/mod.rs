@@ -1,21 +1,28 @@
 //! The delivery consumer: owns each delivery's state (stage, drone, last known location,
-//! ETAs) for the `deliveries` partitions it is assigned, and emits every stage transition
-//! on `delivery-events`.
+//! ETAs) for the partitions it is assigned, and writes every change of it to
+//! `delivery-state`, which is both its changelog and the stream of its changes.
 //!
-//! Inputs on `deliveries`, keyed `tenant/deliveryId`: requests, reschedules and cancels
-//! (from the workflow), drone assignments and positions (from the tracker). Outputs:
-//! transitions on `delivery-events`; released drones and cancels of waiting requests on
-//! `drone-scheduling`, keyed by region. State in `delivery-state`: each delivery's
-//! latest [`DeliveryState`], which the status API reads.
+//! Inputs, co-partitioned and keyed `tenant/deliveryId`: `delivery-requests` itself
+//! (requests, reschedules and cancels as the clients sent them: its own consumer group
+//! on the ingestion tier's topic, so no copy is made), and `deliveries` (drone
+//! assignments and positions from the tracker, rejections from the scheduler). It is the
+//! one that dead-letters an invalid record of `delivery-requests` (the workflow skips
+//! those). Outputs: released drones and cancels or reschedules of waiting requests on
+//! `drone-scheduling`, keyed by region. State in `delivery-state`: every change of a
+//! delivery, the [`DeliveryState`] after it, which the status view, the notifier and the
+//! history's `delivery_events` table (its stage changes) read.
 //!
-//! The workflow writes a request to `deliveries` and to `drone-scheduling` as two
-//! records; when the first is slow (a broker retried it) the scheduler's assignment can
-//! reach `deliveries` through the tracker before the request does. An assignment or fix
-//! for a delivery not seen yet therefore waits (bounded: per delivery, per partition, and
-//! for [`EARLY_WAIT_MS`] of processing time) and is applied right after its request; one
-//! whose request never comes gives its drone back, as an unknown delivery's assignment
-//! always did. Waiting records are state like any other: they are written to the
-//! changelog (under keys starting with byte 1) and restored with it.
+//! A request reaches the scheduler through the workflow, and its assignment comes back on
+//! `deliveries`, a topic read beside `delivery-requests` with no order between the two:
+//! when this consumer is behind on `delivery-requests`, the assignment can come first. An
+//! assignment or fix for a delivery not seen yet therefore waits (bounded: per delivery
+//! and per partition) and is applied right after its request. It gives up (and an
+//! assignment gives its drone back, as an unknown delivery's assignment always did) once
+//! it has waited [`EARLY_WAIT_MS`] of processing time and this consumer has read a
+//! request of the same partition stamped [`EARLY_SKEW_MS`] later than it, so its own
+//! request cannot be still to come; or after [`EARLY_IDLE_WAIT_MS`] whatever was read
+//! (a partition without new requests). Waiting records are state like any other: they
+//! are written to the changelog (under keys starting with byte 1) and restored with it.
 //!
 //! Finished deliveries (completed or cancelled) are kept for the finished retention, in
 //! event time ([`crate::clock`]): once the partition's stream time is that far past the
@@ -26,7 +33,10 @@
 //!
 //! Its changelog is not coalesced: every change of a delivery (each stage, each
 //! position) is one `delivery-state` record, in order, each with the next `version`, so
-//! the changelog is also the stream of changes that SSE and webhooks carry.
+//! the changelog is also the stream of changes that SSE, webhooks and the history carry.
+//! `delivery-state` keeps every record for its `min.compaction.lag.ms` before compaction
+//! may drop it; its readers that need every change (the notifier, the history sink) must
+//! read within that time.
 //!
 //! This module is the stateful [`Machine`]: records in, outputs and changelog entries
 //! out. It must not decide how an input moves a delivery's stage (that is [`stages`]'s,
@@ -40,8 +50,7 @@ use std::time::Duration;
 use schemas::headers as h;
 use schemas::topics;
 use schemas::tracking::{
-    Assignment, DeliveryEvent, DeliveryState, SchedulingCancelled, SchedulingRejected,
-    SchedulingRescheduled,
+    Assignment, DeliveryState, SchedulingCancelled, SchedulingRejected, SchedulingRescheduled,
 };
 
 use crate::clock::{StreamClock, event_ms, event_time_header, millis};
@@ -53,7 +62,7 @@ use stages::Input;
 pub const SPEC: Spec = Spec {
     name: "deliveries",
     group: topics::groups::DELIVERIES,
-    inputs: &[topics::DELIVERIES.name],
+    inputs: &[topics::DELIVERY_REQUESTS.name, topics::DELIVERIES.name],
     changelog: topics::DELIVERY_STATE.name,
     coalesce: false,
 };
@@ -61,9 +70,16 @@ pub const SPEC: Spec = Spec {
 /// How long a finished delivery is kept, by default.
 pub const FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3_600);
 
-/// How long an assignment or fix for a delivery not seen yet waits for its request, in
-/// milliseconds of processing time.
+/// How long an assignment or fix for a delivery not seen yet waits for its request at
+/// least, in milliseconds of processing time.
 pub const EARLY_WAIT_MS: i64 = 60_000;
+/// How much later (event time) than a waiting record a request of its partition must be
+/// stamped to show that the waiting record's request is not still to come (the tier's
+/// replicas' clocks and batches differ by less).
+pub const EARLY_SKEW_MS: i64 = 10_000;
+/// How long a waiting record waits at most, in milliseconds of processing time, when no
+/// later request shows that its own is not coming.
+pub const EARLY_IDLE_WAIT_MS: i64 = 600_000;
 /// Records waiting per delivery; past it, the oldest fix makes room (an assignment stays).
 const EARLY_RECORDS_PER_DELIVERY: usize = 64;
 /// Bytes of records waiting per delivery (one changelog value, far below Kafka's record
@@ -82,6 +98,9 @@ const WAITING: u8 = 1;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Early {
     since_ms: i64,
+    /// The event time of its first record, when that has one.
+    #[serde(default, rename = "atMs", skip_serializing_if = "Option::is_none")]
+    at_ms: Option<i64>,
     records: Vec<Held>,
     /// What the records take, roughly (kept up to date, not stored).
     #[serde(skip)]
@@ -142,6 +161,19 @@ impl Held {
     }
 }
 
+/// Whether records waiting for their request since `early` give up at `now_ms`, when the
+/// latest request read on their partition is stamped `requests_seen`.
+fn gives_up(early: &Early, now_ms: i64, requests_seen: Option<i64>) -> bool {
+    let waited = now_ms.saturating_sub(early.since_ms);
+    let later_request_read = match (early.at_ms, requests_seen) {
+        // Records without an event time: processing time alone.
+        (None, _) => true,
+        (Some(at), Some(seen)) => seen >= at.saturating_add(EARLY_SKEW_MS),
+        (Some(_), None) => false,
+    };
+    waited >= EARLY_IDLE_WAIT_MS || (waited >= EARLY_WAIT_MS && later_request_read)
+}
+
 fn waiting_key(key: &str) -> Vec<u8> {
     let mut out = vec![WAITING];
     out.extend_from_slice(key.as_bytes());
@@ -180,6 +212,8 @@ pub struct Deliveries {
     clocks: HashMap<i32, StreamClock>,
     early: HashMap<i32, HashMap<String, Early>>,
     next_expiry_ms: HashMap<i32, i64>,
+    /// The latest event time of a request read on each partition since it was assigned.
+    requests_seen: HashMap<i32, i64>,
 }
 
 impl Default for Deliveries {
@@ -199,6 +233,7 @@ impl Deliveries {
             clocks: HashMap::new(),
             early: HashMap::new(),
             next_expiry_ms: HashMap::new(),
+            requests_seen: HashMap::new(),
         }
     }
 }
@@ -228,6 +263,7 @@ impl Machine for Deliveries {
         self.clocks.remove(&partition);
         self.early.remove(&partition);
         self.next_expiry_ms.remove(&partition);
+        self.requests_seen.remove(&partition);
     }
 
     fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) {
@@ -262,6 +298,7 @@ impl Machine for Deliveries {
         self.clocks.insert(partition, clock);
         self.early.insert(partition, early);
         self.next_expiry_ms.remove(&partition);
+        self.requests_seen.remove(&partition);
     }
 
     fn tick(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
@@ -282,10 +319,12 @@ impl Machine for Deliveries {
             .states
             .get(&record.partition)
             .is_some_and(|s| s.contains_key(key));
-        self.clocks
-            .entry(record.partition)
-            .or_default()
-            .observe(event_ms(record));
+        let at = event_ms(record);
+        self.clocks.entry(record.partition).or_default().observe(at);
+        if let Some(at) = at.filter(|_| record.topic == topics::DELIVERY_REQUESTS.name) {
+            let seen = self.requests_seen.entry(record.partition).or_insert(at);
+            *seen = (*seen).max(at);
+        }
         // What the scheduler and the tracker say may come before the request.
         let drone_event = event_type == h::event_type::DRONE_ASSIGNED.as_bytes()
             || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes()
@@ -362,6 +401,7 @@ impl Deliveries {
         let early = self.early.entry(partition).or_default();
         let waiting = early.entry(key.clone()).or_insert_with(|| Early {
             since_ms: now_ms,
+            at_ms: event_ms(record),
             records: Vec::new(),
             bytes: 0,
         });
@@ -401,7 +441,7 @@ impl Deliveries {
         }
     }
 
-    /// Applies the records that waited longer than [`EARLY_WAIT_MS`] as they are (an
+    /// Applies the records that gave up waiting (see the module's docs) as they are (an
     /// assignment of an unknown delivery gives its drone back). Looks at most once a
     /// second of processing time per partition.
     fn expire_early(&mut self, partition: i32, now_ms: i64, effects: &mut Effects) {
@@ -410,12 +450,13 @@ impl Deliveries {
             return;
         }
         *next = now_ms + 1_000;
+        let seen = self.requests_seen.get(&partition).copied();
         let expired: Vec<String> = self
             .early
             .get(&partition)
             .into_iter()
             .flatten()
-            .filter(|(_, e)| now_ms - e.since_ms >= EARLY_WAIT_MS)
+            .filter(|(_, e)| gives_up(e, now_ms, seen))
             .map(|(k, _)| k.clone())
             .collect();
         for key in expired {
@@ -533,19 +574,10 @@ impl Deliveries {
         let before = kept.map(|k| k.state);
         let unchanged = before.clone();
         let (after, fx) = stages::apply(before, &input, now_ms);
+        // Each transition is one `delivery-state` record below (its `change` is `stage`):
+        // the changelog is the stream of events.
         for event in &fx.events {
-            effects.outputs.push(Output {
-                topic: topics::DELIVERY_EVENTS.name,
-                key: key.as_bytes().to_vec(),
-                payload: serde_json::to_vec::<DeliveryEvent>(event).unwrap_or_default(),
-                headers: tenant_headers(
-                    &key,
-                    delivery_id,
-                    h::event_type::DELIVERY_STAGE_CHANGED,
-                    at,
-                ),
-            });
-            metrics::counter!("deliveries_transitions_total", "stage" => format!("{:?}", event.stage))
+            metrics::counter!("deliveries_transitions_total", "stage" => event.stage.as_str())
                 .increment(1);
         }
         if let Some((region, released)) = fx.release {
@@ -646,11 +678,13 @@ mod tests {
             0,
             &mut fx,
         );
-        assert_eq!(fx.outputs.len(), 1);
-        assert_eq!(fx.outputs[0].topic, topics::DELIVERY_EVENTS.name);
-        let event: DeliveryEvent = serde_json::from_slice(&fx.outputs[0].payload).unwrap();
-        assert_eq!((event.stage, event.seq), (Stage::Created, 1));
+        assert!(fx.outputs.is_empty(), "the event is the changelog record");
         assert_eq!(fx.changes.len(), 1);
+        let event = &stage_changes(&fx)[0];
+        assert_eq!(
+            (event.stage, event.seq, event.version),
+            (Stage::Created, 1, 1)
+        );
         // Cancel before a drone: the scheduler is told to drop the waiting request.
         let mut fx = Effects::default();
         d.handle(
@@ -658,9 +692,10 @@ mod tests {
             0,
             &mut fx,
         );
-        assert_eq!(fx.outputs.len(), 2);
-        assert_eq!(fx.outputs[1].topic, topics::DRONE_SCHEDULING.name);
-        assert_eq!(fx.outputs[1].key, b"47:-123");
+        assert_eq!(fx.outputs.len(), 1);
+        assert_eq!(fx.outputs[0].topic, topics::DRONE_SCHEDULING.name);
+        assert_eq!(fx.outputs[0].key, b"47:-123");
+        assert_eq!(stages(&fx), [Stage::Cancelled]);
         // Poison: a bad payload, an unknown type, a key without a tenant.
         for r in [
             record(2, h::event_type::DRONE_ASSIGNED, b"{oops"),
@@ -712,16 +747,18 @@ mod tests {
         }
     }
 
-    fn stages(fx: &Effects) -> Vec<Stage> {
-        fx.outputs
+    /// The states of the stage changes written to the changelog, in order.
+    fn stage_changes(fx: &Effects) -> Vec<DeliveryState> {
+        fx.changes
             .iter()
-            .filter(|o| o.topic == topics::DELIVERY_EVENTS.name)
-            .map(|o| {
-                serde_json::from_slice::<DeliveryEvent>(&o.payload)
-                    .unwrap()
-                    .stage
-            })
+            .filter(|(k, v)| k.first() != Some(&WAITING) && !v.is_empty())
+            .map(|(_, v)| serde_json::from_slice::<Kept>(v).unwrap().state)
+            .filter(|s| s.change == Some(schemas::tracking::EventKind::Stage))
             .collect()
+    }
+
+    fn stages(fx: &Effects) -> Vec<Stage> {
+        stage_changes(fx).iter().map(|s| s.stage).collect()
     }
 
     #[test]
@@ -802,6 +839,79 @@ mod tests {
             "the lost delivery's drone, and d1's cancel"
         );
         assert!(d.early[&1].is_empty());
+    }
+
+    #[test]
+    fn an_early_record_waits_while_its_request_may_still_be_behind() {
+        let early = |at_ms| Early {
+            since_ms: 0,
+            at_ms,
+            records: Vec::new(),
+            bytes: 0,
+        };
+        let at = Some(1_000_000);
+        // Requests read so far are older than the assignment: its own may be behind them.
+        assert!(!gives_up(&early(at), EARLY_WAIT_MS * 5, Some(999_000)));
+        assert!(!gives_up(&early(at), EARLY_WAIT_MS * 5, None));
+        // A request stamped later than it, and skew, has been read: not before the wait.
+        let later = Some(1_000_000 + EARLY_SKEW_MS);
+        assert!(!gives_up(&early(at), EARLY_WAIT_MS - 1, later));
+        assert!(gives_up(&early(at), EARLY_WAIT_MS, later));
+        // Whatever was read, the idle bound.
+        assert!(gives_up(&early(at), EARLY_IDLE_WAIT_MS, None));
+        // Without an event time, processing time alone.
+        assert!(gives_up(&early(None), EARLY_WAIT_MS, None));
+    }
+
+    #[test]
+    fn a_backlog_of_requests_keeps_an_assignment_waiting_for_its_own() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        let stamped = |mut r: Record, at: i64| {
+            r.headers
+                .push((h::EVENT_TIME.into(), at.to_string().into_bytes()));
+            r
+        };
+        d.handle(
+            &stamped(assigned(0, "fabrikam/late"), 5_000_000),
+            0,
+            &mut fx,
+        );
+        // Older requests of other deliveries are read for minutes of processing time.
+        for (i, now) in (1..=5).zip((1..=5).map(|m| m * EARLY_WAIT_MS)) {
+            let mut request = stamped(
+                record(
+                    i,
+                    h::event_type::DELIVERY_REQUESTED,
+                    schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+                ),
+                4_000_000,
+            );
+            request.topic = topics::DELIVERY_REQUESTS.name.into();
+            request.key = Some(format!("fabrikam/other-{i}").into_bytes());
+            let mut fx = Effects::default();
+            d.handle(&request, now, &mut fx);
+            assert!(
+                fx.outputs
+                    .iter()
+                    .all(|o| o.topic != topics::DRONE_SCHEDULING.name),
+                "no drone given back at {now}"
+            );
+        }
+        // Its own request comes: applied after it.
+        let mut request = stamped(
+            record(
+                9,
+                h::event_type::DELIVERY_REQUESTED,
+                schemas::delivery::EXAMPLE_REQUEST.as_bytes(),
+            ),
+            4_500_000,
+        );
+        request.topic = topics::DELIVERY_REQUESTS.name.into();
+        request.key = Some(b"fabrikam/late".to_vec());
+        let mut fx = Effects::default();
+        d.handle(&request, 6 * EARLY_WAIT_MS, &mut fx);
+        assert_eq!(stages(&fx), [Stage::Created, Stage::HeadedToPickup]);
     }
 
     #[test]
@@ -986,7 +1096,7 @@ mod tests {
         );
         d.handle(&request, 1_000, &mut fx);
         assert_eq!(stages(&fx), [Stage::Created, Stage::Cancelled]);
-        let cancelled: DeliveryEvent = serde_json::from_slice(&fx.outputs[1].payload).unwrap();
+        let cancelled = stage_changes(&fx).pop().unwrap();
         assert_eq!(cancelled.cancel_reason, Some(rejection.code));
         assert_eq!(
             cancelled.cancel_detail.as_deref(),

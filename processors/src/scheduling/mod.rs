@@ -2,11 +2,12 @@
 //! partitions it is assigned, assigns drones (the pure decisions are in [`region`]) and
 //! emits `drone-assignments` keyed by drone id.
 //!
-//! Inputs on `drone-scheduling`, keyed by region: requests (from the workflow), drones
-//! released (from the delivery consumer, when a delivery completes or is cancelled),
-//! cancels and reschedules of requests that may still be waiting. State in `scheduling-state`: one entry
-//! per drone that differs from its fleet's (busy, or away from home) and one per waiting
-//! request; a region is its fleet's drones with those entries on top.
+//! Inputs on `drone-scheduling`, keyed by region: requests (from the workflow, in the
+//! compact binary `SchedulingRequest` form), drones released (from the delivery
+//! consumer, when a delivery completes or is cancelled), cancels and reschedules of
+//! requests that may still be waiting. State in `scheduling-state`: one entry per drone
+//! that differs from its fleet's (busy, or away from home) and one per waiting request; a
+//! region is its fleet's drones with those entries on top.
 //!
 //! Bounded state, on each partition's stream time ([`crate::clock`]): a request refused
 //! by a full queue, or still waiting at its deadline or after the waiting bound, is sent
@@ -310,6 +311,11 @@ enum Input {
 fn parse(record: &Record) -> std::result::Result<Input, String> {
     let payload = record.payload.as_deref().unwrap_or_default();
     match record.header(h::EVENT_TYPE) {
+        Some(t) if t == h::event_type::SCHEDULING_REQUESTED.as_bytes() => Job::decode(payload)
+            .map(Input::Request)
+            .map_err(|e| format!("invalid scheduling request: {e}")),
+        // The client's request itself, as the workflow forwarded it before it sent the
+        // compact form: records written before an upgrade.
         Some(t) if t == h::event_type::DELIVERY_REQUESTED.as_bytes() => {
             let request = schemas::parse_delivery_request(payload)
                 .map_err(|e| format!("invalid delivery request: {e}"))?;

@@ -99,27 +99,9 @@ impl Drone {
     }
 }
 
-/// A delivery to schedule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Job {
-    /// The delivery's key, `tenant/deliveryId`.
-    pub delivery_key: String,
-    /// The delivery id.
-    pub delivery_id: String,
-    /// Pickup location.
-    pub pickup: Location,
-    /// Drop-off location.
-    pub drop_off: Location,
-    /// Package weight, kilograms.
-    pub weight_kg: f64,
-    /// Package size.
-    pub size: PackageSize,
-    /// When the package is ready, milliseconds since the Unix epoch.
-    pub pickup_time_ms: i64,
-    /// When it must be delivered by, milliseconds since the Unix epoch.
-    pub deadline_ms: i64,
-}
+/// A delivery to schedule: the request's fields the scheduler needs, as the workflow
+/// sends them.
+pub type Job = schemas::tracking::SchedulingRequest;
 
 /// What a drone can carry: its payload (as the bits of a positive `f64`, which order like
 /// the numbers) and its largest size.
