@@ -120,6 +120,14 @@ impl rdkafka::producer::ProducerContext for Counting {
     }
 }
 
+/// A header of the raw producer's records.
+fn header<'a>(key: &'a str, value: &'a str) -> rdkafka::message::Header<'a, &'a [u8]> {
+    rdkafka::message::Header {
+        key,
+        value: Some(value.as_bytes()),
+    }
+}
+
 /// `producers` producers, each with the tier's settings and driven by a thread of its
 /// own that sends until `seconds` have passed (waiting briefly when the producer's queue
 /// is full), then flushes: (sent, acked, failed, bytes, seconds from the start until the
@@ -131,7 +139,7 @@ fn produce_with_callbacks(
     seconds: f64,
 ) -> (u64, u64, u64, u64, f64) {
     use rdkafka::config::FromClientConfigAndContext;
-    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::message::OwnedHeaders;
     use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
     use std::sync::atomic::Ordering::Relaxed;
 
@@ -161,10 +169,6 @@ fn produce_with_callbacks(
                         ingest_time = chrono::Utc::now().timestamp_millis().to_string();
                     }
                     let (key, tenant, body) = &records[i % records.len()];
-                    let header = |key: &'static str, value: &str| Header {
-                        key,
-                        value: Some(value.as_bytes()),
-                    };
                     let headers = OwnedHeaders::new_with_capacity(6)
                         .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
                         .insert(header(h::TENANT, tenant))
