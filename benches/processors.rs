@@ -2,15 +2,17 @@
 //! put on `delivery-requests`, then the workflow, scheduling, tracking and delivery
 //! consumers are started, and the benchmark measures how long until
 //!
-//! - the delivery consumer has written `Created` for every request (`delivery-requests`
-//!   -> delivery consumer -> `delivery-state`, its changelog and its events), and
+//! - the delivery consumer has handled every request (`delivery-requests` -> delivery
+//!   consumer -> `Created` on `delivery-state`, its changelog and its events: the offset
+//!   markers it writes there cover all of `delivery-requests`), and
 //! - the scheduling consumer has handled every request (its changelog's offset markers
 //!   cover all of `drone-scheduling`).
 //!
 //! Then it says how many Kafka records the pipeline wrote per request, topic by topic.
 //!
 //! `cargo bench --bench processors` (N from `DRONEDELIVERY_BENCH_RECORDS`, default
-//! 50,000). Requests spread over 400 regions; no drone flies, so most wait. Profiles of
+//! 50,000; the stateful consumers' batch from `DRONEDELIVERY_PROCESSOR_BATCH_RECORDS`,
+//! as `--processor-batch-records` sets it). Requests spread over 400 regions; no drone flies, so most wait. Profiles of
 //! it are in `benches/results/processors-profile.md`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
@@ -93,8 +95,16 @@ async fn run(n: usize) {
         processors::guarantee::Durability::at_least_once(settings.clone(), producer.clone()),
         stop.clone(),
     ));
+    // The stateful consumers' batch size, as `--processor-batch-records` sets it.
+    let stateful_args = processors::StatefulArgs {
+        processor_batch_records: std::env::var("DRONEDELIVERY_PROCESSOR_BATCH_RECORDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(processors::StatefulArgs::default().processor_batch_records),
+        ..processors::StatefulArgs::default()
+    };
     let stateful = tokio::spawn(processors::run_stateful(
-        processors::StatefulArgs::default(),
+        stateful_args,
         processors::Processor::ALL.to_vec(),
         settings.clone(),
         processors::guarantee::Durability::at_least_once(settings.clone(), producer.clone()),
@@ -105,36 +115,44 @@ async fn run(n: usize) {
         Consumer::subscribe(&settings, "bench-events", &[topics::DELIVERY_STATE.name]).unwrap();
     let state =
         Consumer::subscribe(&settings, "bench-state", &[topics::SCHEDULING_STATE.name]).unwrap();
-    let marker = {
+    // Each consumer writes, with each batch's state, the offset of the last input record
+    // of each partition it handled (an offset marker in its changelog): done when the
+    // markers cover every request. Only the markers' keys are looked at, so that this
+    // observer takes little of the machine from the processors.
+    let marker_of = |topic: &str| {
         let mut k = vec![0u8];
-        k.extend_from_slice(topics::DRONE_SCHEDULING.name.as_bytes());
+        k.extend_from_slice(topic.as_bytes());
         k
     };
-    let (mut created, mut markers) = (0usize, HashMap::<i32, i64>::new());
+    let (requests_marker, scheduling_marker) = (
+        marker_of(topics::DELIVERY_REQUESTS.name),
+        marker_of(topics::DRONE_SCHEDULING.name),
+    );
+    let covered =
+        |markers: &HashMap<i32, i64>| -> usize { markers.values().map(|o| (o + 1) as usize).sum() };
+    let offset_of = |payload: Option<&[u8]>| {
+        std::str::from_utf8(payload.unwrap_or_default())
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    let (mut created, mut scheduled) = (HashMap::<i32, i64>::new(), HashMap::<i32, i64>::new());
     let (mut created_at, mut scheduled_at) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(1800);
     while (created_at.is_none() || scheduled_at.is_none()) && Instant::now() < deadline {
         tokio::select! {
             Ok(record) = events.recv(), if created_at.is_none() => {
-                let payload = record.payload().unwrap_or_default();
-                if payload.windows(17).any(|w| w == br#""stage":"Created""#)
-                    && payload.windows(16).any(|w| w == br#""change":"stage""#)
-                {
-                    created += 1;
-                    if created == n {
+                if record.key() == Some(requests_marker.as_slice()) {
+                    created.insert(record.partition(), offset_of(record.payload()));
+                    if covered(&created) >= n {
                         created_at = Some(started.elapsed());
                     }
                 }
             }
             Ok(record) = state.recv(), if scheduled_at.is_none() => {
-                if record.key() == Some(marker.as_slice()) {
-                    let offset = std::str::from_utf8(record.payload().unwrap_or_default())
-                        .ok()
-                        .and_then(|t| t.parse::<i64>().ok())
-                        .unwrap_or(-1);
-                    markers.insert(record.partition(), offset);
-                    let handled: i64 = markers.values().map(|o| o + 1).sum();
-                    if handled as usize >= n {
+                if record.key() == Some(scheduling_marker.as_slice()) {
+                    scheduled.insert(record.partition(), offset_of(record.payload()));
+                    if covered(&scheduled) >= n {
                         scheduled_at = Some(started.elapsed());
                     }
                 }
@@ -172,7 +190,7 @@ async fn run(n: usize) {
     let scheduled_at = scheduled_at.expect("every request was scheduled");
     let whole = created_at.max(scheduled_at);
     println!(
-        "workflow -> delivery consumer: {n} requests to Created in {:.2} s = {:.0} records/s",
+        "delivery-requests -> delivery consumer: {n} requests to Created in {:.2} s = {:.0} records/s",
         created_at.as_secs_f64(),
         n as f64 / created_at.as_secs_f64()
     );
@@ -182,7 +200,7 @@ async fn run(n: usize) {
         n as f64 / scheduled_at.as_secs_f64()
     );
     println!(
-        "processors: {n} requests through workflow -> delivery + scheduling in {:.2} s = {:.0} requests/s",
+        "processors: {n} requests through the delivery consumer and workflow -> scheduler in {:.2} s = {:.0} requests/s",
         whole.as_secs_f64(),
         n as f64 / whole.as_secs_f64()
     );

@@ -100,6 +100,14 @@ impl Batch {
             return batch;
         }
         while batch.records.len() < max.max(1) {
+            // A record already waiting is taken without a timer (and its clock reads);
+            // the wait starts only when none is.
+            if let Some(received) = futures_util::FutureExt::now_or_never(consumer.recv()) {
+                if !batch.take(consumer, received, name) {
+                    break;
+                }
+                continue;
+            }
             match tokio::time::timeout(wait, consumer.recv()).await {
                 Ok(received) => {
                     if !batch.take(consumer, received, name) {

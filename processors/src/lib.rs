@@ -174,7 +174,7 @@ impl Processor {
     }
 }
 
-const PROCESSOR_BATCH_RECORDS: usize = 2000;
+const PROCESSOR_BATCH_RECORDS: usize = 10_000;
 
 impl Default for StatefulArgs {
     fn default() -> Self {

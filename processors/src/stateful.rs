@@ -191,6 +191,9 @@ pub async fn run<M: Machine>(
     let mut ticked_all = std::time::Instant::now();
     let mut ticks = tokio::time::interval(TICK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At-least-once: the previous batch's commit, still being acknowledged while this
+    // batch is read and handled.
+    let mut in_flight: Option<tokio::task::JoinHandle<Committed>> = None;
     loop {
         let (batch, tick) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -205,6 +208,10 @@ pub async fn run<M: Machine>(
             machine.forget(*p);
         }
         if tick {
+            // A restore reads the changelog back: what this member wrote must be there.
+            if !settle(&mut in_flight, spec.name).await {
+                break;
+            }
             let restored = restore_assigned(
                 &consumer,
                 &mut partitions,
@@ -236,7 +243,7 @@ pub async fn run<M: Machine>(
                     .get(&record.topic)
                     .is_some_and(|next| record.offset > *next);
             if !info.restored || jumped {
-                if shutdown.is_cancelled() {
+                if shutdown.is_cancelled() || !settle(&mut in_flight, spec.name).await {
                     // Stopping: no new restores; this batch is read again after a restart.
                     restored_all = false;
                     break;
@@ -325,6 +332,14 @@ pub async fn run<M: Machine>(
             .chain(last.keys().map(|(_, p)| *p))
             .collect();
         let stages = stages(spec, outputs, changes, markers, exactly_once);
+        // One commit at a time, in order.
+        if !settle(&mut in_flight, spec.name).await {
+            break;
+        }
+        if !exactly_once {
+            in_flight = Some(committer.spawn_at_least_once(&consumer, stages, last, &shutdown));
+            continue;
+        }
         match committer
             .commit(&consumer, stages, &last, &shutdown)
             .await?
@@ -363,6 +378,8 @@ pub async fn run<M: Machine>(
         tracing::info!(processor = spec.name, "stopped");
         return Ok(());
     }
+    // The last batch's acknowledgements (or its stop), before the final commit.
+    settle(&mut in_flight, spec.name).await;
     let committed = tokio::task::spawn_blocking(move || consumer.commit())
         .await
         .map_err(|e| ProcessorError::Task {
@@ -374,6 +391,22 @@ pub async fn run<M: Machine>(
     }
     tracing::info!(processor = spec.name, "stopped");
     Ok(())
+}
+
+/// Waits for the commit in flight, if any: `false` when it stopped (shutdown) or its task
+/// failed, and nothing more is to be written.
+async fn settle(in_flight: &mut Option<tokio::task::JoinHandle<Committed>>, name: &str) -> bool {
+    let Some(commit) = in_flight.take() else {
+        return true;
+    };
+    match commit.await {
+        Ok(Committed::Done) => true,
+        Ok(Committed::Stopped | Committed::Aborted) => false,
+        Err(e) => {
+            tracing::error!(processor = name, error = %e, "a batch's commit failed");
+            false
+        }
+    }
 }
 
 /// What a batch writes, stage by stage: its outputs; the latest value of each changed
