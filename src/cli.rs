@@ -62,8 +62,8 @@ pub(crate) enum Command {
     Run(Box<RunArgs>),
     /// Run the HTTP ingestion tier alone against a Kafka cluster.
     Ingest(Box<IngestArgs>),
-    /// Run the stream processors (workflow fan-out, scheduling, drone tracking, delivery
-    /// state) against a Kafka cluster.
+    /// Run the stream processors (workflow, scheduling, drone tracking, delivery state,
+    /// notifier) against a Kafka cluster.
     Process(Box<ProcessArgs>),
     /// Run the history sink (Kafka to Parquet) against a Kafka cluster.
     History(Box<HistoryArgs>),

@@ -480,9 +480,11 @@ async fn poison_records_become_dead_letters_and_their_partitions_keep_flowing() 
     let processors = stack.processors();
     let requested = [(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes())];
     // On the same keys as a good delivery that follows: the same partitions.
+    // A poison request on `delivery-requests` (the tier would refuse it): the workflow
+    // skips it and the delivery consumer dead-letters it, once.
     for (topic, key, payload, headers) in [
         (
-            topics::DELIVERIES.name,
+            topics::DELIVERY_REQUESTS.name,
             "default/good-1",
             &b"{not json"[..],
             &requested[..],

@@ -54,8 +54,7 @@ pub(crate) async fn raw_producer(bootstrap: &str, seconds: f64, when: &str) -> V
                 let bootstrap = bootstrap.to_owned();
                 let records = records.clone();
                 tokio::task::spawn_blocking(move || {
-                    let _ = produce_with_callbacks(&bootstrap, &records, producers, 1.0);
-                    produce_with_callbacks(&bootstrap, &records, producers, seconds)
+                    produce_with_callbacks(&bootstrap, &records, producers, 1.0, seconds)
                 })
                 .await
                 .unwrap()
@@ -95,12 +94,10 @@ pub(crate) async fn raw_producer(bootstrap: &str, seconds: f64, when: &str) -> V
 
 /// Counts acknowledgements in librdkafka's delivery callback: no future, no channel per
 /// record.
+#[derive(Default)]
 struct Counting {
     acked: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
-    start: Instant,
-    /// Nanoseconds from `start` to the latest acknowledgement.
-    last_ack_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl rdkafka::ClientContext for Counting {}
@@ -115,8 +112,6 @@ impl rdkafka::producer::ProducerContext for Counting {
         } else {
             self.failed.fetch_add(1, Relaxed);
         }
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_ack_nanos.fetch_max(nanos, Relaxed);
     }
 }
 
@@ -129,13 +124,15 @@ fn header<'a>(key: &'a str, value: &'a str) -> rdkafka::message::Header<'a, &'a 
 }
 
 /// `producers` producers, each with the tier's settings and driven by a thread of its
-/// own that sends until `seconds` have passed (waiting briefly when the producer's queue
-/// is full), then flushes: (sent, acked, failed, bytes, seconds from the start until the
-/// last acknowledgement).
+/// own: each sends for `warm_up` seconds and flushes; then all start together and send
+/// for `seconds` (waiting briefly when a producer's queue is full), and flush: (sent,
+/// acked, failed, bytes, seconds from the start until the last producer's flush ended,
+/// every record acknowledged by then).
 fn produce_with_callbacks(
     bootstrap: &str,
     records: &Arc<Vec<(String, String, String)>>,
     producers: usize,
+    warm_up: f64,
     seconds: f64,
 ) -> (u64, u64, u64, u64, f64) {
     use rdkafka::config::FromClientConfigAndContext;
@@ -143,82 +140,87 @@ fn produce_with_callbacks(
     use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
     use std::sync::atomic::Ordering::Relaxed;
 
-    let settings = ClientSettings::plain(bootstrap);
-    let config = settings.producer_config(&ProducerArgs::default());
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..producers)
+    let config = ClientSettings::plain(bootstrap).producer_config(&ProducerArgs::default());
+    let ready = Arc::new(std::sync::Barrier::new(producers.max(1)));
+    let threads: Vec<_> = (0..producers.max(1))
         .map(|n| {
-            let config = config.clone();
-            let records = records.clone();
+            let (config, records, ready) = (config.clone(), records.clone(), ready.clone());
             std::thread::spawn(move || {
-                let counting = Counting {
-                    acked: 0.into(),
-                    failed: 0.into(),
-                    start,
-                    last_ack_nanos: 0.into(),
-                };
                 let producer: ThreadedProducer<Counting> =
-                    ThreadedProducer::from_config_and_context(&config, counting).unwrap();
+                    ThreadedProducer::from_config_and_context(&config, Counting::default())
+                        .unwrap();
                 let correlation = uuid::Uuid::new_v4().to_string();
-                let (mut sent, mut bytes) = (0u64, 0u64);
                 let mut i = n * records.len() / producers.max(1);
                 let mut ingest_time = String::new();
-                while Instant::now() < end {
-                    if sent % 1024 == 0 {
-                        ingest_time = chrono::Utc::now().timestamp_millis().to_string();
-                    }
-                    let (key, tenant, body) = &records[i % records.len()];
-                    let headers = OwnedHeaders::new_with_capacity(6)
-                        .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
-                        .insert(header(h::TENANT, tenant))
-                        .insert(header(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1))
-                        .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON))
-                        .insert(header(h::INGEST_TIME, &ingest_time))
-                        .insert(header(h::CORRELATION_ID, &correlation));
-                    let record = BaseRecord::to(topics::DELIVERY_REQUESTS.name)
-                        .key(key.as_str())
-                        .payload(body.as_str())
-                        .headers(headers);
-                    match producer.send(record) {
-                        Ok(()) => {
-                            sent += 1;
-                            bytes += body.len() as u64;
-                            i += 1;
+                // Sends until `end`: (sent, bytes).
+                let mut send_until = |end: Instant| {
+                    let (mut sent, mut bytes) = (0u64, 0u64);
+                    while Instant::now() < end {
+                        if sent % 1024 == 0 {
+                            ingest_time = chrono::Utc::now().timestamp_millis().to_string();
                         }
-                        // The queue is full: the polling thread makes room.
-                        Err((e, _))
-                            if e.rdkafka_error_code()
-                                == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                        {
-                            std::thread::sleep(Duration::from_micros(200));
+                        let (key, tenant, body) = &records[i % records.len()];
+                        let headers = OwnedHeaders::new_with_capacity(6)
+                            .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
+                            .insert(header(h::TENANT, tenant))
+                            .insert(header(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1))
+                            .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON))
+                            .insert(header(h::INGEST_TIME, &ingest_time))
+                            .insert(header(h::CORRELATION_ID, &correlation));
+                        let record = BaseRecord::to(topics::DELIVERY_REQUESTS.name)
+                            .key(key.as_str())
+                            .payload(body.as_str())
+                            .headers(headers);
+                        match producer.send(record) {
+                            Ok(()) => {
+                                sent += 1;
+                                bytes += body.len() as u64;
+                                i += 1;
+                            }
+                            // The queue is full: the polling thread makes room.
+                            Err((e, _))
+                                if e.rdkafka_error_code()
+                                    == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                            {
+                                std::thread::sleep(Duration::from_micros(200));
+                            }
+                            Err((e, _)) => panic!("producing: {e}"),
                         }
-                        Err((e, _)) => panic!("producing: {e}"),
                     }
-                }
+                    (sent, bytes)
+                };
+                // Warm up: connections, metadata, the producer's buffers.
+                let _ = send_until(Instant::now() + Duration::from_secs_f64(warm_up));
+                producer.flush(Duration::from_secs(60)).unwrap();
+                let (acked_before, failed_before) = (
+                    producer.context().acked.load(Relaxed),
+                    producer.context().failed.load(Relaxed),
+                );
+                ready.wait();
+                let start = Instant::now();
+                let (sent, bytes) = send_until(start + Duration::from_secs_f64(seconds));
                 producer.flush(Duration::from_secs(60)).unwrap();
                 let c = producer.context();
                 (
                     sent,
-                    c.acked.load(Relaxed),
-                    c.failed.load(Relaxed),
+                    c.acked.load(Relaxed) - acked_before,
+                    c.failed.load(Relaxed) - failed_before,
                     bytes,
-                    c.last_ack_nanos.load(Relaxed),
+                    start.elapsed().as_secs_f64(),
                 )
             })
         })
         .collect();
-    let (mut sent, mut acked, mut failed, mut bytes, mut last) = (0, 0, 0, 0, 0);
+    let (mut sent, mut acked, mut failed, mut bytes, mut secs) = (0, 0, 0, 0, 0f64);
     for thread in threads {
-        let (s, a, f, b, l) = thread.join().unwrap();
+        let (s, a, f, b, e) = thread.join().unwrap();
         sent += s;
         acked += a;
         failed += f;
         bytes += b;
-        last = last.max(l);
+        secs = secs.max(e);
     }
-    let secs = (last as f64 / 1e9).max(1e-3);
-    (sent, acked, failed, bytes, secs)
+    (sent, acked, failed, bytes, secs.max(1e-3))
 }
 
 /// An acknowledged producer (the tier's settings) that has reached `topic`.

@@ -19,7 +19,7 @@ use bus::ClientSettings;
 use schemas::topics;
 
 use crate::phases::{load, load_config};
-use crate::plan::MAX_CONSUMER_LAG;
+use crate::plan::{MAX_CONSUMER_LAG, MAX_WAITING_PER_REGION};
 use crate::report::{Freshness, Pipeline};
 use crate::service::{RssSampler, Service, mb, rss_at};
 
@@ -35,7 +35,9 @@ async fn count(history: &History, sql: &str) -> i64 {
 }
 
 /// Phase 3: the whole pipeline at a fixed offered rate for `seconds`, with freshness
-/// probes.
+/// probes. No drone flies here, so every request waits for one: the scheduler's queues
+/// are sized (`MAX_WAITING_PER_REGION`) so that none is refused for a full queue, and each
+/// delivery costs what a request does (a refused one costs one more record each way).
 pub(crate) async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> Pipeline {
     let data = tempfile::tempdir().unwrap();
     let data_path = data.path().to_str().unwrap().to_owned();
@@ -51,6 +53,8 @@ pub(crate) async fn whole_pipeline(bootstrap: &str, rate: f64, seconds: f64) -> 
         &data_path,
         "--max-consumer-lag",
         MAX_CONSUMER_LAG,
+        "--max-waiting-per-region",
+        MAX_WAITING_PER_REGION,
     ];
     let service = Service::start(&flags);
     let history = History::open(&data_path, &QueryLimitsArgs::default())

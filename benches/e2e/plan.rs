@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 /// broker; off by default with `--brokers`), so that the passes differ in the broker only.
 pub(crate) const MAX_CONSUMER_LAG: &str = "20000";
 
+/// The scheduler's queue per region in the whole pipeline's runs: the load's pickups
+/// cluster around a few cities and no drone flies, so with `run`'s default (1,000) most
+/// requests would be refused as `QueueFull`, which measures refusals, not deliveries.
+pub(crate) const MAX_WAITING_PER_REGION: &str = "10000000";
+
 /// The HTTP tier's closed-loop phases: (batch size, connections).
 pub(crate) const HTTP_TIERS: [(u32, u32); 3] = [(1, 256), (100, 16), (10_000, 4)];
 

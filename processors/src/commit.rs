@@ -133,31 +133,6 @@ impl Committer {
         }
     }
 
-    /// Under at-least-once, [`commit`](Self::commit) as a task of its own, so that the
-    /// next batch is read and handled while this one's records are acknowledged. The
-    /// caller keeps at most one such task and waits for it before the next commit (the
-    /// batches stay durable in order) and before anything that reads the changelog
-    /// back. Only under at-least-once: under exactly-once a batch is its transaction,
-    /// committed with [`commit`](Self::commit), one at a time.
-    pub(crate) fn spawn_at_least_once(
-        &self,
-        consumer: &Arc<Consumer>,
-        stages: Stages,
-        last: BTreeMap<(String, i32), i64>,
-        shutdown: &CancellationToken,
-    ) -> tokio::task::JoinHandle<Committed> {
-        debug_assert_eq!(self.guarantee, Guarantee::AtLeastOnce);
-        let (producer, consumer, shutdown, name) = (
-            self.producer.clone(),
-            Arc::clone(consumer),
-            shutdown.clone(),
-            self.name,
-        );
-        tokio::spawn(async move {
-            at_least_once(name, &producer, &consumer, stages, &last, &shutdown).await
-        })
-    }
-
     /// Makes a batch durable: `stages` in order, then the input offsets (`last`: per
     /// topic and partition, the last offset the batch read).
     pub(crate) async fn commit(
@@ -169,10 +144,19 @@ impl Committer {
     ) -> Result<Committed> {
         match self.guarantee {
             Guarantee::AtLeastOnce => {
-                Ok(
-                    at_least_once(self.name, &self.producer, consumer, stages, last, shutdown)
-                        .await,
-                )
+                for stage in stages {
+                    if !stage.is_empty()
+                        && !produce_batch(&self.producer, stage, shutdown, self.name).await
+                    {
+                        return Ok(Committed::Stopped);
+                    }
+                }
+                for ((topic, partition), offset) in last {
+                    if let Err(e) = consumer.store(topic, *partition, *offset) {
+                        tracing::debug!(processor = self.name, %topic, partition, error = %e, "offset not stored (revoked?)");
+                    }
+                }
+                Ok(Committed::Done)
             }
             Guarantee::ExactlyOnce => {
                 let mut stages = stages;
@@ -598,29 +582,6 @@ where
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(max_backoff);
     }
-}
-
-/// A batch made durable at least once: `stages` in order, each acknowledged whole before
-/// the next, then the input offsets stored.
-async fn at_least_once(
-    name: &'static str,
-    producer: &Producer,
-    consumer: &Consumer,
-    stages: Stages,
-    last: &BTreeMap<(String, i32), i64>,
-    shutdown: &CancellationToken,
-) -> Committed {
-    for stage in stages {
-        if !stage.is_empty() && !produce_batch(producer, stage, shutdown, name).await {
-            return Committed::Stopped;
-        }
-    }
-    for ((topic, partition), offset) in last {
-        if let Err(e) = consumer.store(topic, *partition, *offset) {
-            tracing::debug!(processor = name, %topic, partition, error = %e, "offset not stored (revoked?)");
-        }
-    }
-    Committed::Done
 }
 
 #[cfg(test)]

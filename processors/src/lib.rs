@@ -1,9 +1,9 @@
 //! The stream processors: Kafka consumer-group services that turn accepted requests into
 //! work for the rest of the pipeline.
 //!
-//! - [`workflow`]: consumes `delivery-requests` and fans each record out to `deliveries`
-//!   (the delivery consumer's input, keyed by delivery id) and `drone-scheduling` (the
-//!   scheduling consumer's input, keyed by region).
+//! - [`workflow`]: consumes `delivery-requests` and sends each valid request to
+//!   `drone-scheduling` (the scheduling consumer's input, keyed by region) in a compact
+//!   form. The delivery consumer reads `delivery-requests` itself, in its own group.
 //!
 //! Processing is exactly-once on a Kafka cluster (one transaction per batch: outputs,
 //! state and input offsets) and at-least-once elsewhere ([`guarantee`]); a record that
@@ -14,7 +14,7 @@
 //!   region.
 //! - [`tracker`]: brings each drone's assignment and fixes to its delivery's key.
 //! - [`deliveries`] (pure stage machine in [`deliveries::stages`]): each delivery's
-//!   state and its transitions on `delivery-events`.
+//!   state, every change of it on `delivery-state` (its changelog and its events).
 //! - [`stateful`]: the engine the three run on (changelog, restore, ticks), with its
 //!   batches (`batch`: received records, never of a partition given away) and the
 //!   `commit` of each batch under the [`guarantee`] in force.
@@ -174,7 +174,7 @@ impl Processor {
     }
 }
 
-const PROCESSOR_BATCH_RECORDS: usize = 10_000;
+const PROCESSOR_BATCH_RECORDS: usize = stateful::BATCH_RECORDS;
 
 impl Default for StatefulArgs {
     fn default() -> Self {

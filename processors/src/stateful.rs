@@ -125,10 +125,14 @@ impl EngineConfig {
     }
 }
 
+/// Most records in one batch, by default: large enough that a batch's acknowledged
+/// stages are paid for by many records.
+pub const BATCH_RECORDS: usize = 10_000;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            batch_records: 2000,
+            batch_records: BATCH_RECORDS,
             batch_wait: Duration::from_millis(5),
             restore_timeout: Duration::from_secs(60),
         }
@@ -191,9 +195,6 @@ pub async fn run<M: Machine>(
     let mut ticked_all = std::time::Instant::now();
     let mut ticks = tokio::time::interval(TICK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // At-least-once: the previous batch's commit, still being acknowledged while this
-    // batch is read and handled.
-    let mut in_flight: Option<tokio::task::JoinHandle<Committed>> = None;
     loop {
         let (batch, tick) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -208,10 +209,6 @@ pub async fn run<M: Machine>(
             machine.forget(*p);
         }
         if tick {
-            // A restore reads the changelog back: what this member wrote must be there.
-            if !settle(&mut in_flight, spec.name).await {
-                break;
-            }
             let restored = restore_assigned(
                 &consumer,
                 &mut partitions,
@@ -243,7 +240,7 @@ pub async fn run<M: Machine>(
                     .get(&record.topic)
                     .is_some_and(|next| record.offset > *next);
             if !info.restored || jumped {
-                if shutdown.is_cancelled() || !settle(&mut in_flight, spec.name).await {
+                if shutdown.is_cancelled() {
                     // Stopping: no new restores; this batch is read again after a restart.
                     restored_all = false;
                     break;
@@ -332,14 +329,6 @@ pub async fn run<M: Machine>(
             .chain(last.keys().map(|(_, p)| *p))
             .collect();
         let stages = stages(spec, outputs, changes, markers, exactly_once);
-        // One commit at a time, in order.
-        if !settle(&mut in_flight, spec.name).await {
-            break;
-        }
-        if !exactly_once {
-            in_flight = Some(committer.spawn_at_least_once(&consumer, stages, last, &shutdown));
-            continue;
-        }
         match committer
             .commit(&consumer, stages, &last, &shutdown)
             .await?
@@ -378,8 +367,6 @@ pub async fn run<M: Machine>(
         tracing::info!(processor = spec.name, "stopped");
         return Ok(());
     }
-    // The last batch's acknowledgements (or its stop), before the final commit.
-    settle(&mut in_flight, spec.name).await;
     let committed = tokio::task::spawn_blocking(move || consumer.commit())
         .await
         .map_err(|e| ProcessorError::Task {
@@ -391,22 +378,6 @@ pub async fn run<M: Machine>(
     }
     tracing::info!(processor = spec.name, "stopped");
     Ok(())
-}
-
-/// Waits for the commit in flight, if any: `false` when it stopped (shutdown) or its task
-/// failed, and nothing more is to be written.
-async fn settle(in_flight: &mut Option<tokio::task::JoinHandle<Committed>>, name: &str) -> bool {
-    let Some(commit) = in_flight.take() else {
-        return true;
-    };
-    match commit.await {
-        Ok(Committed::Done) => true,
-        Ok(Committed::Stopped | Committed::Aborted) => false,
-        Err(e) => {
-            tracing::error!(processor = name, error = %e, "a batch's commit failed");
-            false
-        }
-    }
 }
 
 /// What a batch writes, stage by stage: its outputs; the latest value of each changed

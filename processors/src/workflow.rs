@@ -74,7 +74,8 @@ pub enum Skipped {
     Invalid(String),
 }
 
-/// Decides what one `delivery-requests` record becomes: a valid request, its
+/// Decides what one `delivery-requests` record becomes: a valid request (keyed
+/// `tenant/deliveryId`, as the delivery consumer requires), its
 /// [`SchedulingRequest`](schemas::tracking::SchedulingRequest) on `drone-scheduling`
 /// keyed by its pickup region, with its event time; anything else, nothing.
 pub fn route(
@@ -93,11 +94,11 @@ pub fn route(
     let payload = payload.ok_or_else(|| Skipped::Invalid("record has no payload".into()))?;
     let request = schemas::parse_delivery_request(payload)
         .map_err(|e| Skipped::Invalid(format!("invalid delivery request: {e}")))?;
+    // As the delivery consumer requires (it dead-letters the others): `tenant/deliveryId`.
     let (tenant, key_id) = schemas::split_delivery_key(key);
     let tenant = tenant
-        .filter(|t| !t.is_empty())
-        .or_else(|| header(h::TENANT).and_then(|t| std::str::from_utf8(t).ok()))
-        .unwrap_or(schemas::DEFAULT_TENANT);
+        .filter(|t| !t.is_empty() && !key_id.is_empty())
+        .ok_or_else(|| Skipped::Invalid("key is not tenant/deliveryId".into()))?;
     let delivery_id = header(h::DELIVERY_ID)
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or(key_id);
@@ -386,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn the_delivery_id_header_and_a_bare_key_name_the_delivery() {
+    fn the_delivery_id_header_names_the_delivery_and_a_bare_key_is_skipped() {
         let mut headers = requested();
         headers.push((h::DELIVERY_ID, b"d9"));
         let out = route(Some(b"o/d9"), Some(REQUEST), &headers).unwrap();
@@ -395,12 +396,10 @@ mod tests {
             (job.delivery_key.as_str(), job.delivery_id.as_str()),
             ("o/d9", "d9")
         );
-        // A key without a tenant (written before keys had one): the tenant header's.
-        let out = route(Some(b"d2"), Some(REQUEST), &requested()).unwrap();
-        let job = SchedulingRequest::decode(&out.payload).unwrap();
+        // A key without a tenant is the delivery consumer's to dead-letter: nothing here.
         assert_eq!(
-            (job.delivery_key.as_str(), job.delivery_id.as_str()),
-            ("o/d2", "d2")
+            route(Some(b"d2"), Some(REQUEST), &requested()).unwrap_err(),
+            Skipped::Invalid("key is not tenant/deliveryId".into())
         );
     }
 

@@ -177,7 +177,7 @@ pub fn changelog_marker_key(topic: &str) -> Vec<u8> {
 
 /// Consumer group names, one per role, so that scaled-out replicas share the work.
 pub mod groups {
-    /// The workflow processor (fan-out of delivery requests).
+    /// The workflow processor (delivery requests to their regions' schedulers).
     pub const WORKFLOW: &str = "dronedelivery-workflow";
     /// The history sink (every topic to Parquet).
     pub const HISTORY: &str = "dronedelivery-history";

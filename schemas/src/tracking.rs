@@ -388,7 +388,8 @@ pub struct DeliveryState {
     pub cancel_detail: Option<String>,
 }
 
-/// One stage transition, on `delivery-events` keyed by the delivery's key. `seq` counts
+/// One stage transition: what a `delivery-state` record whose `change` is `stage` says,
+/// as the history's `delivery_events` rows hold it ([`DeliveryEvent::of`]). `seq` counts
 /// from 1 per delivery, so consumers can order and dedupe them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -19,10 +19,11 @@
 //! and per partition) and is applied right after its request. It gives up (and an
 //! assignment gives its drone back, as an unknown delivery's assignment always did) once
 //! it has waited [`EARLY_WAIT_MS`] of processing time and this consumer has read a
-//! request of the same partition stamped [`EARLY_SKEW_MS`] later than it, so its own
-//! request cannot be still to come; or after [`EARLY_IDLE_WAIT_MS`] whatever was read
-//! (a partition without new requests). Waiting records are state like any other: they
-//! are written to the changelog (under keys starting with byte 1) and restored with it.
+//! request of the same partition stamped [`EARLY_SKEW_MS`] later than it (so its own
+//! request cannot be still to come), or has read no request of that partition for as
+//! long (it is not working through a backlog). While older requests keep coming, it
+//! waits, within the budgets. Waiting records are state like any other: they are written
+//! to the changelog (under keys starting with byte 1) and restored with it.
 //!
 //! Finished deliveries (completed or cancelled) are kept for the finished retention, in
 //! event time ([`crate::clock`]): once the partition's stream time is that far past the
@@ -75,11 +76,8 @@ pub const FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3_600);
 pub const EARLY_WAIT_MS: i64 = 60_000;
 /// How much later (event time) than a waiting record a request of its partition must be
 /// stamped to show that the waiting record's request is not still to come (the tier's
-/// replicas' clocks and batches differ by less).
-pub const EARLY_SKEW_MS: i64 = 10_000;
-/// How long a waiting record waits at most, in milliseconds of processing time, when no
-/// later request shows that its own is not coming.
-pub const EARLY_IDLE_WAIT_MS: i64 = 600_000;
+/// replicas' clocks, and the time a record may take to be acknowledged, differ by less).
+pub const EARLY_SKEW_MS: i64 = 60_000;
 /// Records waiting per delivery; past it, the oldest fix makes room (an assignment stays).
 const EARLY_RECORDS_PER_DELIVERY: usize = 64;
 /// Bytes of records waiting per delivery (one changelog value, far below Kafka's record
@@ -161,17 +159,26 @@ impl Held {
     }
 }
 
-/// Whether records waiting for their request since `early` give up at `now_ms`, when the
-/// latest request read on their partition is stamped `requests_seen`.
-fn gives_up(early: &Early, now_ms: i64, requests_seen: Option<i64>) -> bool {
-    let waited = now_ms.saturating_sub(early.since_ms);
-    let later_request_read = match (early.at_ms, requests_seen) {
+/// Whether records waiting for their request since `early` give up at `now_ms`, when
+/// `requests_seen` is the latest event time of a request read on their partition and the
+/// processing time it was read at: after [`EARLY_WAIT_MS`], once a request stamped
+/// [`EARLY_SKEW_MS`] later than them was read (theirs cannot still be behind it), or the
+/// partition has read no request for as long (it is not working through a backlog).
+/// While older requests keep coming, they wait (within the budgets).
+fn gives_up(early: &Early, now_ms: i64, requests_seen: Option<(i64, i64)>) -> bool {
+    if now_ms.saturating_sub(early.since_ms) < EARLY_WAIT_MS {
+        return false;
+    }
+    match (early.at_ms, requests_seen) {
         // Records without an event time: processing time alone.
         (None, _) => true,
-        (Some(at), Some(seen)) => seen >= at.saturating_add(EARLY_SKEW_MS),
-        (Some(_), None) => false,
-    };
-    waited >= EARLY_IDLE_WAIT_MS || (waited >= EARLY_WAIT_MS && later_request_read)
+        // No request read since the partition was assigned: nothing is behind.
+        (Some(_), None) => true,
+        (Some(at), Some((seen, read_at))) => {
+            seen >= at.saturating_add(EARLY_SKEW_MS)
+                || now_ms.saturating_sub(read_at) >= EARLY_WAIT_MS
+        }
+    }
 }
 
 fn waiting_key(key: &str) -> Vec<u8> {
@@ -212,8 +219,9 @@ pub struct Deliveries {
     clocks: HashMap<i32, StreamClock>,
     early: HashMap<i32, HashMap<String, Early>>,
     next_expiry_ms: HashMap<i32, i64>,
-    /// The latest event time of a request read on each partition since it was assigned.
-    requests_seen: HashMap<i32, i64>,
+    /// Per partition, since it was assigned: the latest event time of a request read, and
+    /// the processing time it was last read at.
+    requests_seen: HashMap<i32, (i64, i64)>,
 }
 
 impl Default for Deliveries {
@@ -322,13 +330,25 @@ impl Machine for Deliveries {
         let at = event_ms(record);
         self.clocks.entry(record.partition).or_default().observe(at);
         if let Some(at) = at.filter(|_| record.topic == topics::DELIVERY_REQUESTS.name) {
-            let seen = self.requests_seen.entry(record.partition).or_insert(at);
-            *seen = (*seen).max(at);
+            let seen = self
+                .requests_seen
+                .entry(record.partition)
+                .or_insert((at, now_ms));
+            *seen = (seen.0.max(at), now_ms);
         }
-        // What the scheduler and the tracker say may come before the request.
+        // What the scheduler and the tracker say may come before the request; only they
+        // say it (on `deliveries`), and only clients' requests, reschedules and cancels
+        // come on `delivery-requests`.
         let drone_event = event_type == h::event_type::DRONE_ASSIGNED.as_bytes()
             || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes()
             || event_type == h::event_type::DELIVERY_REJECTED.as_bytes();
+        if drone_event && record.topic == topics::DELIVERY_REQUESTS.name {
+            let shown = String::from_utf8_lossy(event_type);
+            effects.outputs.push(
+                record.dead_letter(&format!("unknown event type {shown} on delivery-requests")),
+            );
+            return;
+        }
         if !known && drone_event {
             self.wait_for_request(record, now_ms, effects);
         } else {
@@ -842,6 +862,18 @@ mod tests {
     }
 
     #[test]
+    fn drone_events_on_the_requests_topic_are_dead_letters() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        let mut forged = assigned(0, "fabrikam/d1");
+        forged.topic = topics::DELIVERY_REQUESTS.name.into();
+        d.handle(&forged, 0, &mut fx);
+        assert_eq!(fx.outputs.len(), 1);
+        assert_eq!(fx.outputs[0].topic, topics::DEAD_LETTERS.name);
+        assert!(d.early.get(&1).is_none_or(HashMap::is_empty), "not waiting");
+    }
+
+    #[test]
     fn an_early_record_waits_while_its_request_may_still_be_behind() {
         let early = |at_ms| Early {
             since_ms: 0,
@@ -850,17 +882,37 @@ mod tests {
             bytes: 0,
         };
         let at = Some(1_000_000);
-        // Requests read so far are older than the assignment: its own may be behind them.
-        assert!(!gives_up(&early(at), EARLY_WAIT_MS * 5, Some(999_000)));
-        assert!(!gives_up(&early(at), EARLY_WAIT_MS * 5, None));
-        // A request stamped later than it, and skew, has been read: not before the wait.
-        let later = Some(1_000_000 + EARLY_SKEW_MS);
-        assert!(!gives_up(&early(at), EARLY_WAIT_MS - 1, later));
-        assert!(gives_up(&early(at), EARLY_WAIT_MS, later));
-        // Whatever was read, the idle bound.
-        assert!(gives_up(&early(at), EARLY_IDLE_WAIT_MS, None));
+        let later = 1_000_000 + EARLY_SKEW_MS;
+        // Never before the wait.
+        assert!(!gives_up(
+            &early(at),
+            EARLY_WAIT_MS - 1,
+            Some((later, EARLY_WAIT_MS - 1))
+        ));
+        // Older requests still being read: its own may be behind them, however long.
+        for now in [EARLY_WAIT_MS, 10 * EARLY_WAIT_MS, 100 * EARLY_WAIT_MS] {
+            assert!(!gives_up(&early(at), now, Some((999_000, now - 1))));
+        }
+        // A request stamped later than it (and the skew) was read.
+        assert!(gives_up(
+            &early(at),
+            EARLY_WAIT_MS,
+            Some((later, EARLY_WAIT_MS))
+        ));
+        // The partition read no request for the wait: no backlog.
+        assert!(gives_up(
+            &early(at),
+            2 * EARLY_WAIT_MS,
+            Some((999_000, EARLY_WAIT_MS))
+        ));
+        // None read since it was assigned.
+        assert!(gives_up(&early(at), EARLY_WAIT_MS, None));
         // Without an event time, processing time alone.
-        assert!(gives_up(&early(None), EARLY_WAIT_MS, None));
+        assert!(gives_up(
+            &early(None),
+            EARLY_WAIT_MS,
+            Some((0, EARLY_WAIT_MS))
+        ));
     }
 
     #[test]
@@ -877,8 +929,8 @@ mod tests {
             0,
             &mut fx,
         );
-        // Older requests of other deliveries are read for minutes of processing time.
-        for (i, now) in (1..=5).zip((1..=5).map(|m| m * EARLY_WAIT_MS)) {
+        // Older requests of other deliveries are read for many minutes of processing time.
+        for (i, now) in (1..=30).zip((1..=30).map(|m| m * EARLY_WAIT_MS / 2)) {
             let mut request = stamped(
                 record(
                     i,
@@ -910,7 +962,7 @@ mod tests {
         request.topic = topics::DELIVERY_REQUESTS.name.into();
         request.key = Some(b"fabrikam/late".to_vec());
         let mut fx = Effects::default();
-        d.handle(&request, 6 * EARLY_WAIT_MS, &mut fx);
+        d.handle(&request, 16 * EARLY_WAIT_MS, &mut fx);
         assert_eq!(stages(&fx), [Stage::Created, Stage::HeadedToPickup]);
     }
 

@@ -59,7 +59,7 @@ pub enum Input<'a> {
 /// What a transition makes the pipeline say besides the new state.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Effects {
-    /// Stage transitions, in order, for `delivery-events`.
+    /// Stage transitions, in order (each also the new state's `change`: `stage`).
     pub events: Vec<DeliveryEvent>,
     /// A drone to give back to its region's scheduler: (region, release).
     pub release: Option<(String, DroneReleased)>,
