@@ -1,5 +1,5 @@
-//! A batch of input records: received until it is full or a short wait passes, owned,
-//! and never holding a record of a partition this member gave away.
+//! A batch of input records: received until it is full or a short wait after the first
+//! passes, owned, and never holding a record of a partition this member gave away.
 //!
 //! Rebalance callbacks run inside a receive. A partition revoked in one is dropped from
 //! the batch being collected, and the batch is checked once more after its last receive
@@ -86,7 +86,10 @@ pub(crate) struct Batch {
 
 impl Batch {
     /// Starts a batch from `first` (a receive's outcome, possibly an error), then
-    /// receives until `max` records or until no record came for `wait`.
+    /// receives until `max` records, taking what is already received at once, and
+    /// waiting for more at most until `wait` after the first: under a backlog a batch
+    /// fills, and at a steady rate below the processor's it closes after `wait` (its
+    /// records' extra latency), however close together they come.
     pub(crate) async fn collect(
         consumer: &Consumer,
         first: bus::Result<bus::Received<'_>>,
@@ -99,6 +102,7 @@ impl Batch {
             batch.drop_revoked(consumer, name);
             return batch;
         }
+        let deadline = tokio::time::Instant::now() + wait;
         while batch.records.len() < max.max(1) {
             // A record already waiting is taken without a timer (and its clock reads);
             // the wait starts only when none is.
@@ -108,7 +112,7 @@ impl Batch {
                 }
                 continue;
             }
-            match tokio::time::timeout(wait, consumer.recv()).await {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(received) => {
                     if !batch.take(consumer, received, name) {
                         break;
