@@ -147,8 +147,13 @@ fn produce_with_callbacks(
             let (config, records, ready) = (config.clone(), records.clone(), ready.clone());
             std::thread::spawn(move || {
                 let producer: ThreadedProducer<Counting> =
-                    ThreadedProducer::from_config_and_context(&config, Counting::default())
-                        .unwrap();
+                    match ThreadedProducer::from_config_and_context(&config, Counting::default()) {
+                        Ok(producer) => producer,
+                        Err(e) => {
+                            ready.wait();
+                            panic!("creating a producer: {e}");
+                        }
+                    };
                 let correlation = uuid::Uuid::new_v4().to_string();
                 let mut i = n * records.len() / producers.max(1);
                 let mut ingest_time = String::new();
@@ -189,14 +194,22 @@ fn produce_with_callbacks(
                     }
                     (sent, bytes)
                 };
-                // Warm up: connections, metadata, the producer's buffers.
-                let _ = send_until(Instant::now() + Duration::from_secs_f64(warm_up));
-                producer.flush(Duration::from_secs(60)).unwrap();
+                // Warm up: connections, metadata, the producer's buffers. Every thread
+                // reaches the barrier, a failed one too (then it fails after it), so that
+                // none waits there for ever.
+                let warmed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _ = send_until(Instant::now() + Duration::from_secs_f64(warm_up));
+                    producer.flush(Duration::from_secs(60))
+                }));
+                ready.wait();
+                match warmed {
+                    Ok(flushed) => flushed.unwrap(),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
                 let (acked_before, failed_before) = (
                     producer.context().acked.load(Relaxed),
                     producer.context().failed.load(Relaxed),
                 );
-                ready.wait();
                 let start = Instant::now();
                 let (sent, bytes) = send_until(start + Duration::from_secs_f64(seconds));
                 producer.flush(Duration::from_secs(60)).unwrap();

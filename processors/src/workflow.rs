@@ -96,14 +96,15 @@ pub fn route(
         .map_err(|e| Skipped::Invalid(format!("invalid delivery request: {e}")))?;
     // As the delivery consumer requires (it dead-letters the others): `tenant/deliveryId`.
     let (tenant, key_id) = schemas::split_delivery_key(key);
-    let tenant = tenant
-        .filter(|t| !t.is_empty() && !key_id.is_empty())
-        .ok_or_else(|| Skipped::Invalid("key is not tenant/deliveryId".into()))?;
+    if tenant.is_none_or(str::is_empty) || key_id.is_empty() {
+        return Err(Skipped::Invalid("key is not tenant/deliveryId".into()));
+    }
     let delivery_id = header(h::DELIVERY_ID)
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or(key_id);
     let job = schemas::tracking::SchedulingRequest {
-        delivery_key: schemas::delivery_key(tenant, delivery_id),
+        // The record's key, as the delivery consumer keys the delivery's state by it.
+        delivery_key: key.to_owned(),
         delivery_id: delivery_id.to_owned(),
         pickup: request.pickup_location,
         drop_off: request.drop_off_location,

@@ -161,20 +161,20 @@ impl Held {
 
 /// Whether records waiting for their request since `early` give up at `now_ms`, when
 /// `requests_seen` is the latest event time of a request read on their partition and the
-/// processing time it was read at: after [`EARLY_WAIT_MS`], once a request stamped
-/// [`EARLY_SKEW_MS`] later than them was read (theirs cannot still be behind it), or the
-/// partition has read no request for as long (it is not working through a backlog).
-/// While older requests keep coming, they wait (within the budgets).
-fn gives_up(early: &Early, now_ms: i64, requests_seen: Option<(i64, i64)>) -> bool {
+/// processing time one was last read at (see [`Deliveries`]): after [`EARLY_WAIT_MS`],
+/// once a request stamped [`EARLY_SKEW_MS`] later than them was read (theirs cannot still
+/// be behind it), or the partition has read no request for as long (it is not working
+/// through a backlog; counted from its assignment before its first). While older
+/// requests keep coming, they wait (within the budgets).
+fn gives_up(early: &Early, now_ms: i64, requests_seen: (i64, i64)) -> bool {
     if now_ms.saturating_sub(early.since_ms) < EARLY_WAIT_MS {
         return false;
     }
-    match (early.at_ms, requests_seen) {
+    let (seen, read_at) = requests_seen;
+    match early.at_ms {
         // Records without an event time: processing time alone.
-        (None, _) => true,
-        // No request read since the partition was assigned: nothing is behind.
-        (Some(_), None) => true,
-        (Some(at), Some((seen, read_at))) => {
+        None => true,
+        Some(at) => {
             seen >= at.saturating_add(EARLY_SKEW_MS)
                 || now_ms.saturating_sub(read_at) >= EARLY_WAIT_MS
         }
@@ -219,8 +219,9 @@ pub struct Deliveries {
     clocks: HashMap<i32, StreamClock>,
     early: HashMap<i32, HashMap<String, Early>>,
     next_expiry_ms: HashMap<i32, i64>,
-    /// Per partition, since it was assigned: the latest event time of a request read, and
-    /// the processing time it was last read at.
+    /// Per partition, since it was assigned: the latest event time of a request read
+    /// (`i64::MIN` before the first), and the processing time one was last read at (or,
+    /// before the first, the partition was first looked at).
     requests_seen: HashMap<i32, (i64, i64)>,
 }
 
@@ -327,18 +328,9 @@ impl Machine for Deliveries {
             .states
             .get(&record.partition)
             .is_some_and(|s| s.contains_key(key));
-        let at = event_ms(record);
-        self.clocks.entry(record.partition).or_default().observe(at);
-        if let Some(at) = at.filter(|_| record.topic == topics::DELIVERY_REQUESTS.name) {
-            let seen = self
-                .requests_seen
-                .entry(record.partition)
-                .or_insert((at, now_ms));
-            *seen = (seen.0.max(at), now_ms);
-        }
         // What the scheduler and the tracker say may come before the request; only they
         // say it (on `deliveries`), and only clients' requests, reschedules and cancels
-        // come on `delivery-requests`.
+        // come on `delivery-requests` (anything else there moves no clock).
         let drone_event = event_type == h::event_type::DRONE_ASSIGNED.as_bytes()
             || event_type == h::event_type::DRONE_POSITION_REPORTED.as_bytes()
             || event_type == h::event_type::DELIVERY_REJECTED.as_bytes();
@@ -348,6 +340,15 @@ impl Machine for Deliveries {
                 record.dead_letter(&format!("unknown event type {shown} on delivery-requests")),
             );
             return;
+        }
+        let at = event_ms(record);
+        self.clocks.entry(record.partition).or_default().observe(at);
+        if let Some(at) = at.filter(|_| record.topic == topics::DELIVERY_REQUESTS.name) {
+            let seen = self
+                .requests_seen
+                .entry(record.partition)
+                .or_insert((at, now_ms));
+            *seen = (seen.0.max(at), now_ms);
         }
         if !known && drone_event {
             self.wait_for_request(record, now_ms, effects);
@@ -470,7 +471,12 @@ impl Deliveries {
             return;
         }
         *next = now_ms + 1_000;
-        let seen = self.requests_seen.get(&partition).copied();
+        // Before its first request, the partition's quiet counts from now: a partition
+        // just assigned (or restored) is not yet known to be caught up.
+        let seen = *self
+            .requests_seen
+            .entry(partition)
+            .or_insert((i64::MIN, now_ms));
         let expired: Vec<String> = self
             .early
             .get(&partition)
@@ -887,32 +893,61 @@ mod tests {
         assert!(!gives_up(
             &early(at),
             EARLY_WAIT_MS - 1,
-            Some((later, EARLY_WAIT_MS - 1))
+            (later, EARLY_WAIT_MS - 1)
         ));
         // Older requests still being read: its own may be behind them, however long.
         for now in [EARLY_WAIT_MS, 10 * EARLY_WAIT_MS, 100 * EARLY_WAIT_MS] {
-            assert!(!gives_up(&early(at), now, Some((999_000, now - 1))));
+            assert!(!gives_up(&early(at), now, (999_000, now - 1)));
         }
         // A request stamped later than it (and the skew) was read.
-        assert!(gives_up(
-            &early(at),
-            EARLY_WAIT_MS,
-            Some((later, EARLY_WAIT_MS))
-        ));
+        assert!(gives_up(&early(at), EARLY_WAIT_MS, (later, EARLY_WAIT_MS)));
         // The partition read no request for the wait: no backlog.
         assert!(gives_up(
             &early(at),
             2 * EARLY_WAIT_MS,
-            Some((999_000, EARLY_WAIT_MS))
+            (999_000, EARLY_WAIT_MS)
         ));
-        // None read since it was assigned.
-        assert!(gives_up(&early(at), EARLY_WAIT_MS, None));
-        // Without an event time, processing time alone.
+        // None read yet: the quiet counts from when the partition was first looked at.
+        assert!(!gives_up(
+            &early(at),
+            5 * EARLY_WAIT_MS,
+            (i64::MIN, 5 * EARLY_WAIT_MS - 1)
+        ));
         assert!(gives_up(
-            &early(None),
-            EARLY_WAIT_MS,
-            Some((0, EARLY_WAIT_MS))
+            &early(at),
+            6 * EARLY_WAIT_MS,
+            (i64::MIN, 5 * EARLY_WAIT_MS)
         ));
+        // Without an event time, processing time alone.
+        assert!(gives_up(&early(None), EARLY_WAIT_MS, (0, EARLY_WAIT_MS)));
+    }
+
+    #[test]
+    fn restored_waiting_records_wait_for_the_partitions_backlog_first() {
+        let mut d = Deliveries::default();
+        let mut fx = Effects::default();
+        let mut early = assigned(0, "fabrikam/late");
+        early
+            .headers
+            .push((h::EVENT_TIME.into(), b"5000000".to_vec()));
+        d.handle(&early, 0, &mut fx);
+        // A new owner restores it long after it began to wait, with a backlog to read.
+        let mut restored = Deliveries::default();
+        restored.restore(1, fx.changes.into_iter().collect());
+        let restored_at = 10 * EARLY_WAIT_MS;
+        let mut fx = Effects::default();
+        restored.tick(1, restored_at, &mut fx);
+        assert!(fx.outputs.is_empty(), "not at once after the restore");
+        assert!(!restored.early[&1].is_empty());
+        // Still no request read a wait later: nothing is behind; it gives up.
+        let mut fx = Effects::default();
+        restored.tick(1, restored_at + EARLY_WAIT_MS + 1_000, &mut fx);
+        assert!(
+            fx.outputs
+                .iter()
+                .any(|o| o.topic == topics::DRONE_SCHEDULING.name),
+            "the drone is given back"
+        );
     }
 
     #[test]
