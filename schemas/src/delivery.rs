@@ -177,21 +177,42 @@ fn deserialize_object<'a, T: Deserialize<'a>>(
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." || field == "?" {
-            String::new()
-        } else {
-            field
-        };
-        ValidationError {
-            field,
-            reason: clean_serde_reason(&e.into_inner()),
-        }
-    })?;
+    let raw: T = deserialize_with_path(&mut de, json)?;
     de.end()
         .map_err(|e| ValidationError::new("", clean_serde_reason(&e)))?;
     Ok(raw)
+}
+
+/// Deserializes a `T` from the start of `json` through `de`. The common case, a valid
+/// value, takes serde's plain path; only when it fails is the input read again with the
+/// path of every field tracked, to name the failing field (tracking it costs on every
+/// field of every record, and almost every record is valid).
+pub(crate) fn deserialize_with_path<'a, T: Deserialize<'a>>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'a>>,
+    json: &'a [u8],
+) -> Result<T, ValidationError> {
+    let plain = match T::deserialize(&mut *de) {
+        Ok(value) => return Ok(value),
+        Err(e) => e,
+    };
+    let mut again = serde_json::Deserializer::from_slice(json);
+    match serde_path_to_error::deserialize::<_, T>(&mut again) {
+        Err(e) => {
+            let field = e.path().to_string();
+            let field = if field == "." || field == "?" {
+                String::new()
+            } else {
+                field
+            };
+            Err(ValidationError {
+                field,
+                reason: clean_serde_reason(e.inner()),
+            })
+        }
+        // Deserializing is deterministic, so this does not happen; the plain error
+        // still stands without a path.
+        Ok(_) => Err(ValidationError::new("", clean_serde_reason(&plain))),
+    }
 }
 
 /// serde_json's message without its "at line L column C" suffix when the field is known,

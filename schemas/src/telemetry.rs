@@ -76,17 +76,7 @@ pub fn parse_position_fix(json: &[u8]) -> Result<PositionFix, ValidationError> {
         });
     }
     let mut de = serde_json::Deserializer::from_slice(json);
-    let raw: RawFix<'_> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let field = e.path().to_string();
-        ValidationError {
-            field: if field == "." || field == "?" {
-                String::new()
-            } else {
-                field
-            },
-            reason: crate::delivery::clean_serde_reason(&e.into_inner()),
-        }
-    })?;
+    let raw: RawFix<'_> = crate::delivery::deserialize_with_path(&mut de, json)?;
     let latitude = in_range(
         Some(required(raw.latitude, "latitude")?),
         "latitude",
