@@ -3,7 +3,7 @@
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// What can go wrong at the Kafka boundary.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     /// A setting is missing or malformed.
     #[error("invalid Kafka setting {key}: {reason}")]
@@ -34,11 +34,8 @@ pub enum BusError {
         source: KafkaError,
     },
     /// The producer was dropped before the record's fate was known.
-    #[error("record to {topic} was cancelled before it was acknowledged")]
-    Cancelled {
-        /// The topic the record was for.
-        topic: String,
-    },
+    #[error("a record was cancelled before it was acknowledged")]
+    Cancelled,
     /// An operation did not finish in time.
     #[error("timed out while {action}")]
     Timeout {
@@ -167,7 +164,7 @@ impl BusError {
     /// `Retry-After` rather than 500.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::QueueFull | Self::Cancelled { .. } | Self::Timeout { .. } => true,
+            Self::QueueFull | Self::Cancelled | Self::Timeout { .. } => true,
             Self::NotAcknowledged { source, .. } | Self::Client { source, .. } => {
                 matches!(
                     source.rdkafka_error_code(),

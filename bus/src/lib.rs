@@ -9,6 +9,7 @@
 //! It knows topics only as the `schemas` crate names them and decides nothing about what a
 //! record means.
 
+mod acks;
 mod admin;
 mod consumer;
 mod embedded;
@@ -19,6 +20,7 @@ mod progress;
 mod settings;
 mod tail;
 
+pub use acks::{Acks, Results, Settled};
 pub use admin::{
     PartitionInfo, Reachability, TopicInfo, alter_topic, describe_topics, ensure_topics,
 };

@@ -1,12 +1,14 @@
 //! The durable producer: a record counts as sent only once the broker acknowledged it.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 
+use crate::acks::{AckContext, Acks};
 use crate::consumer::Consumer;
 use crate::error::{BusError, Result};
 use crate::settings::{ClientSettings, ProducerArgs};
@@ -34,10 +36,13 @@ pub struct Delivered {
     pub offset: i64,
 }
 
-/// A cheap-to-clone handle on one librdkafka producer (`acks=all`, idempotent).
+type Inner = Arc<ThreadedProducer<AckContext>>;
+
+/// A cheap-to-clone handle on one librdkafka producer (`acks=all`, idempotent). Its
+/// delivery reports are served by a thread of its own and settle [`Acks`].
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: Inner,
     ack_timeout: Duration,
 }
 
@@ -54,10 +59,10 @@ impl Producer {
     pub fn new(settings: &ClientSettings, tuning: &ProducerArgs) -> Result<Self> {
         let inner = settings
             .producer_config(tuning)
-            .create()
+            .create_with_context(AckContext)
             .map_err(BusError::client("creating the producer"))?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             ack_timeout: tuning.ack_timeout(),
         })
     }
@@ -72,15 +77,15 @@ impl Producer {
         transactional_id: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        let inner: FutureProducer = settings
+        let inner: ThreadedProducer<AckContext> = settings
             .transactional_producer_config(tuning, transactional_id)
-            .create()
+            .create_with_context(AckContext)
             .map_err(BusError::client("creating a transactional producer"))?;
         inner
             .init_transactions(timeout)
             .map_err(BusError::transaction("registering the transactional id"))?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             ack_timeout: tuning.ack_timeout(),
         })
     }
@@ -185,6 +190,27 @@ impl Producer {
         partition: Option<i32>,
         tombstone: bool,
     ) -> Result<impl Future<Output = Result<Delivered>> + Send + use<>> {
+        let mut acks = Acks::with_capacity(1);
+        self.enqueue(&mut acks, record, partition, tombstone)?;
+        let settled = acks.settled();
+        Ok(async move { settled.await.get(0) })
+    }
+
+    /// Enqueues a record as the next of `acks`, whose [`settled`](Acks::settled) future
+    /// then waits for it with the others; returns its index in the group. Fails at once,
+    /// leaving the group as it was, when the local queue is full ([`BusError::QueueFull`]),
+    /// the group is full, or librdkafka refuses the record.
+    pub fn enqueue(
+        &self,
+        acks: &mut Acks,
+        record: OutRecord<'_>,
+        partition: Option<i32>,
+        tombstone: bool,
+    ) -> Result<usize> {
+        let ticket = acks.ticket().ok_or(BusError::Config {
+            key: "acks".into(),
+            reason: "more records than their group was made for".into(),
+        })?;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers {
             headers = headers.insert(Header {
@@ -192,33 +218,33 @@ impl Producer {
                 value: Some(*value),
             });
         }
-        let mut future = FutureRecord::<[u8], [u8]>::to(record.topic)
-            .key(record.key)
-            .headers(headers);
+        let mut base = BaseRecord::<[u8], [u8], Box<crate::acks::Ticket>>::with_opaque_to(
+            record.topic,
+            ticket,
+        )
+        .key(record.key)
+        .headers(headers);
         if !tombstone {
-            future = future.payload(record.payload);
+            base = base.payload(record.payload);
         }
         if let Some(partition) = partition {
-            future = future.partition(partition);
+            base = base.partition(partition);
         }
-        let delivery = self.inner.send_result(future).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => BusError::QueueFull,
-            e => BusError::Client {
-                action: "enqueuing a record",
-                source: e,
-            },
-        })?;
-        let topic = record.topic.to_owned();
-        Ok(async move {
-            match delivery.await {
-                Ok(Ok(d)) => Ok(Delivered {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((source, _))) => Err(BusError::NotAcknowledged { topic, source }),
-                Err(_) => Err(BusError::Cancelled { topic }),
+        match self.inner.send(base) {
+            Ok(()) => Ok(acks.enqueued()),
+            Err((e, mut refused)) => {
+                refused.delivery_opaque.withdraw();
+                Err(match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        BusError::QueueFull
+                    }
+                    e => BusError::Client {
+                        action: "enqueuing a record",
+                        source: e,
+                    },
+                })
             }
-        })
+        }
     }
 
     /// Sends a record and waits for its acknowledgement.

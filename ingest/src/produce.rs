@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use bus::{OutRecord, Producer};
+use bus::{Acks, OutRecord, Producer};
 use schemas::headers as h;
 
 use crate::error::{IngestError, RETRY_AFTER, Result};
@@ -110,6 +110,7 @@ pub(crate) fn enqueue(
 /// Enqueues an event about one delivery (`payload` as the client sent it) on
 /// `delivery-requests`, keyed by `tenant/deliveryId` so that every event of a delivery
 /// stays in order; with the request's `Idempotency-Key` in its headers when it has one.
+/// Its acknowledgement is waited for with the rest of `acks`.
 pub(crate) fn enqueue_delivery_event(
     app: &App,
     caller: &Caller<'_>,
@@ -117,22 +118,28 @@ pub(crate) fn enqueue_delivery_event(
     delivery_id: &str,
     payload: &[u8],
     idempotency_key: Option<&str>,
-) -> Result<impl Future<Output = bus::Result<bus::Delivered>> + use<>> {
+    acks: &mut Acks,
+) -> Result<()> {
     let key = schemas::delivery_key(&caller.tenant.name, delivery_id);
     let mut headers = Headers::of(caller, event_type);
     headers.push(h::DELIVERY_ID, delivery_id.as_bytes());
     if let Some(idempotency_key) = idempotency_key {
         headers.push(h::IDEMPOTENCY_KEY, idempotency_key.as_bytes());
     }
-    enqueue(
-        app.producer()?,
-        OutRecord {
-            topic: schemas::topics::DELIVERY_REQUESTS.name,
-            key: key.as_bytes(),
-            payload,
-            headers: headers.as_slice(),
-        },
-    )
+    app.producer()?
+        .enqueue(
+            acks,
+            OutRecord {
+                topic: schemas::topics::DELIVERY_REQUESTS.name,
+                key: key.as_bytes(),
+                payload,
+                headers: headers.as_slice(),
+            },
+            None,
+            false,
+        )
+        .map(|_| ())
+        .map_err(unavailable)
 }
 
 /// How long to wait for acknowledgements. librdkafka fails a record after
@@ -153,26 +160,32 @@ pub(crate) async fn acknowledged(
         .map_err(unavailable)
 }
 
-/// Waits (bounded) for the acknowledgement of every enqueued record and marks those
-/// that were not acknowledged as failed.
-pub(crate) async fn settle(
-    app: &App,
-    outcomes: &mut [Outcome],
-    acks: Vec<(usize, impl Future<Output = bus::Result<bus::Delivered>>)>,
-) {
-    let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
-    let acked = tokio::time::timeout(ack_wait(app), futures_util::future::join_all(futures)).await;
-    match acked {
+/// Waits (bounded) for the one record enqueued in `acks`.
+pub(crate) async fn acknowledged_one(app: &App, acks: Acks) -> Result<bus::Delivered> {
+    tokio::time::timeout(ack_wait(app), acks.settled())
+        .await
+        .map_err(|_| not_acknowledged())?
+        .get(0)
+        .map_err(unavailable)
+}
+
+/// Waits (bounded) for the acknowledgement of every record enqueued in `acks` (record
+/// `i` of the group being `outcomes[indexes[i]]`) and marks those that were not
+/// acknowledged as failed.
+pub(crate) async fn settle(app: &App, outcomes: &mut [Outcome], acks: Acks, indexes: &[usize]) {
+    match tokio::time::timeout(ack_wait(app), acks.settled()).await {
         Ok(results) => {
-            for (index, result) in indexes.into_iter().zip(results) {
-                if let Err(e) = result {
-                    outcomes[index] = Outcome::failed(unavailable(e));
+            for (at, e) in results.failures() {
+                if let Some(outcome) = indexes.get(at).and_then(|i| outcomes.get_mut(*i)) {
+                    *outcome = Outcome::failed(unavailable(e.clone()));
                 }
             }
         }
         Err(_) => {
             for index in indexes {
-                outcomes[index] = Outcome::failed(not_acknowledged());
+                if let Some(outcome) = outcomes.get_mut(*index) {
+                    *outcome = Outcome::failed(not_acknowledged());
+                }
             }
         }
     }

@@ -246,7 +246,7 @@ impl Committer {
         if let Err(e) = self.producer.begin_transaction() {
             return self.failed(e, "begin").await.map(Some);
         }
-        let mut acks = Vec::new();
+        let mut acks = bus::Acks::with_capacity(stages.iter().map(Vec::len).sum());
         let mut sent_as = Vec::new();
         for (at, (output, partition)) in stages.iter_mut().flatten().enumerate() {
             let mut refusals = 0;
@@ -263,10 +263,11 @@ impl Committer {
                     headers: &headers,
                 };
                 let tombstone = output.payload.is_empty() && is_changelog(output.topic);
-                let sent = self.producer.send_record(record, *partition, tombstone);
+                let sent = self
+                    .producer
+                    .enqueue(&mut acks, record, *partition, tombstone);
                 match sent {
-                    Ok(ack) => {
-                        acks.push(ack);
+                    Ok(_) => {
                         sent_as.push(at);
                         break;
                     }
@@ -295,11 +296,9 @@ impl Committer {
         // nothing of why: the failure worth reporting is another record's.
         let mut failure: Option<BusError> = None;
         let mut refused: Option<(usize, BusError)> = None;
-        for (at, result) in sent_as
-            .into_iter()
-            .zip(futures_util::future::join_all(acks).await)
-        {
-            let Err(e) = result else {
+        let results = acks.settled().await;
+        for (sent, e) in results.failures() {
+            let (Some(&at), e) = (sent_as.get(sent), e.clone()) else {
                 continue;
             };
             let replaceable = e.is_permanent_for_record()

@@ -73,14 +73,19 @@ pub(crate) async fn produce_batch(
     let mut pending = records;
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
-        let mut acks = Vec::with_capacity(pending.len());
+        // Record `i` of `pending` is record `i` of `acks`: sending stops at the first
+        // record that cannot be enqueued.
+        let mut acks = bus::Acks::with_capacity(pending.len());
         let mut first_failed: Option<(usize, bus::BusError)> = None;
+        let mut headers: Vec<(&str, &[u8])> = Vec::new();
         for (i, (output, partition)) in pending.iter().enumerate() {
-            let headers: Vec<(&str, &[u8])> = output
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect();
+            headers.clear();
+            headers.extend(
+                output
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice())),
+            );
             let record = OutRecord {
                 topic: output.topic,
                 key: &output.key,
@@ -91,11 +96,8 @@ pub(crate) async fn produce_batch(
             // compaction drops it.
             let tombstone = output.payload.is_empty() && is_changelog(output.topic);
             loop {
-                match producer.send_record(record, *partition, tombstone) {
-                    Ok(ack) => {
-                        acks.push((i, ack));
-                        break;
-                    }
+                match producer.enqueue(&mut acks, record, *partition, tombstone) {
+                    Ok(_) => break,
                     Err(bus::BusError::QueueFull) => {
                         tokio::select! {
                             () = shutdown.cancelled() => return false,
@@ -113,16 +115,11 @@ pub(crate) async fn produce_batch(
             }
         }
 
-        let (indexes, futures): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
-        for (i, result) in indexes
-            .into_iter()
-            .zip(futures_util::future::join_all(futures).await)
+        let results = acks.settled().await;
+        if let Some((i, e)) = results.failures().next()
+            && first_failed.as_ref().is_none_or(|(f, _)| i < *f)
         {
-            if let Err(e) = result
-                && first_failed.as_ref().is_none_or(|(f, _)| i < *f)
-            {
-                first_failed = Some((i, e));
-            }
+            first_failed = Some((i, e.clone()));
         }
         let Some((from, e)) = first_failed else {
             return true;

@@ -63,20 +63,22 @@ pub(crate) async fn post_delivery_request(
     let request = schemas::parse_delivery_request(&body).inspect_err(|_| {
         caller.tenant.rejected_invalid.increment(1);
     })?;
-    let (delivery_id, ack) = enqueue_request(
+    let mut acks = bus::Acks::with_capacity(1);
+    let delivery_id = enqueue_request(
         app,
         caller,
         &request,
         &body,
         SINGLE,
         key.as_deref().map(|k| (k, 0)),
+        &mut acks,
     )
     .inspect_err(|e| {
         if matches!(e, IngestError::Invalid(_)) {
             caller.tenant.rejected_invalid.increment(1);
         }
     })?;
-    let delivered = produce::acknowledged(app, ack).await.inspect_err(|_| {
+    let delivered = produce::acknowledged_one(app, acks).await.inspect_err(|_| {
         caller.tenant.rejected_unavailable.increment(1);
     })?;
     tracing::debug!(
@@ -146,7 +148,8 @@ pub(crate) async fn post_batch(
     let sent = (0..records.len()).filter(|i| send(*i)).count();
     caller.tenant.take(sent)?;
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(records.len());
-    let mut acks = Vec::with_capacity(sent);
+    let mut acks = bus::Acks::with_capacity(sent);
+    let mut sent_as = Vec::with_capacity(sent);
     for (index, payload) in records.iter().enumerate() {
         if let Some(earlier) = earlier.as_ref().filter(|_| !send(index)) {
             outcomes.push(earlier[index].clone());
@@ -163,18 +166,19 @@ pub(crate) async fn post_batch(
                     payload,
                     BATCH,
                     key.as_deref().map(|k| (k, index)),
+                    &mut acks,
                 )
             });
         match enqueued {
-            Ok((id, ack)) => {
-                acks.push((index, ack));
+            Ok(id) => {
+                sent_as.push(index);
                 outcomes.push(Outcome::Accepted(Some(id)));
             }
             Err(IngestError::Invalid(e)) => outcomes.push(Outcome::Rejected(e)),
             Err(e) => outcomes.push(Outcome::failed(e)),
         }
     }
-    produce::settle(app, &mut outcomes, acks).await;
+    produce::settle(app, &mut outcomes, acks, &sent_as).await;
     count_outcomes(
         caller.tenant,
         outcomes
@@ -244,8 +248,8 @@ fn check_owner(caller: &Caller<'_>, request: &schemas::DeliveryRequest<'_>) -> R
 }
 
 /// Enqueues one valid request (its bytes as received) on `delivery-requests`, keyed by
-/// `tenant/deliveryId`; returns the delivery id and the future of the broker's
-/// acknowledgement. The id is the client's own, or derived from its Idempotency-Key and
+/// `tenant/deliveryId`, its acknowledgement waited for with the rest of `acks`; returns
+/// the delivery id. The id is the client's own, or derived from its Idempotency-Key and
 /// the record's index, or new.
 fn enqueue_request(
     app: &App,
@@ -254,10 +258,8 @@ fn enqueue_request(
     payload: &[u8],
     route: &str,
     idempotency: Option<(&str, usize)>,
-) -> Result<(
-    String,
-    impl Future<Output = bus::Result<bus::Delivered>> + use<>,
-)> {
+    acks: &mut bus::Acks,
+) -> Result<String> {
     check_owner(caller, request)?;
     let delivery_id = match (&request.delivery_id, idempotency) {
         (Some(id), _) => id.to_string(),
@@ -266,15 +268,16 @@ fn enqueue_request(
         }
         (None, None) => uuid::Uuid::new_v4().to_string(),
     };
-    let ack = produce::enqueue_delivery_event(
+    produce::enqueue_delivery_event(
         app,
         caller,
         h::event_type::DELIVERY_REQUESTED,
         &delivery_id,
         payload,
         idempotency.map(|(key, _)| key),
+        acks,
     )?;
-    Ok((delivery_id, ack))
+    Ok(delivery_id)
 }
 
 /// What `PATCH` and `DELETE /api/deliveryrequests/{id}` ask for.
@@ -323,9 +326,11 @@ pub(crate) async fn change_delivery(
             Bytes::from(serde_json::json!({ "deliveryId": delivery_id }).to_string()),
         ),
     };
-    let ack =
-        produce::enqueue_delivery_event(app, caller, event_type, delivery_id, &payload, None)?;
-    produce::acknowledged(app, ack).await?;
+    let mut acks = bus::Acks::with_capacity(1);
+    produce::enqueue_delivery_event(
+        app, caller, event_type, delivery_id, &payload, None, &mut acks,
+    )?;
+    produce::acknowledged_one(app, acks).await?;
     tracing::debug!(delivery_id, event_type, "accepted");
     let response = json(
         StatusCode::ACCEPTED,

@@ -54,7 +54,8 @@ pub(crate) async fn post_telemetry(
     let mut headers = Headers::of(caller, h::event_type::DRONE_POSITION_REPORTED);
     headers.push(h::DRONE_ID, drone_id.as_bytes());
     let mut outcomes = Vec::with_capacity(records.len());
-    let mut acks = Vec::with_capacity(records.len());
+    let mut acks = bus::Acks::with_capacity(records.len());
+    let mut sent_as = Vec::with_capacity(records.len());
     for (index, payload) in records.iter().enumerate() {
         let checked = batch::check_record_size(payload, app.config.tier.max_record_bytes)
             .and_then(|()| schemas::telemetry::parse_position_fix(payload).map(|_| ()));
@@ -62,24 +63,29 @@ pub(crate) async fn post_telemetry(
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
-        let sent = produce::enqueue(
-            app.producer()?,
-            OutRecord {
-                topic: schemas::topics::DRONE_TELEMETRY.name,
-                key: drone_id.as_bytes(),
-                payload,
-                headers: headers.as_slice(),
-            },
-        );
+        let sent = app
+            .producer()?
+            .enqueue(
+                &mut acks,
+                OutRecord {
+                    topic: schemas::topics::DRONE_TELEMETRY.name,
+                    key: drone_id.as_bytes(),
+                    payload,
+                    headers: headers.as_slice(),
+                },
+                None,
+                false,
+            )
+            .map_err(produce::unavailable);
         match sent {
-            Ok(ack) => {
-                acks.push((index, ack));
+            Ok(_) => {
+                sent_as.push(index);
                 outcomes.push(Outcome::Accepted(None));
             }
             Err(e) => outcomes.push(Outcome::failed(e)),
         }
     }
-    produce::settle(app, &mut outcomes, acks).await;
+    produce::settle(app, &mut outcomes, acks, &sent_as).await;
     count_outcomes(caller.tenant, &outcomes);
     let (status, report) = batch_report(&outcomes);
     Ok(report_response(status, report))
