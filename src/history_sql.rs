@@ -42,7 +42,9 @@ impl SqlEndpoint for HistorySql {
                 .query_stream_as_of(&sql, as_of)
                 .await
                 .map_err(failure)?;
-            let renderer = Renderer::new(result.schema(), format).map_err(failure)?;
+            let renderer = Renderer::new(result.schema(), format)
+                .map_err(failure)?
+                .bounded(result.max_result_mb());
             Ok(SqlAnswer {
                 content_type: format.content_type(),
                 body: rendered(result, renderer).boxed(),

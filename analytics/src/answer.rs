@@ -170,6 +170,12 @@ impl ResultStream {
         Arc::clone(&self.schema)
     }
 
+    /// The result's size limit in MiB (`--sql-max-result-mb`): a renderer that must
+    /// hold the result (an aligned table) is bounded by it too ([`Renderer::bounded`]).
+    pub fn max_result_mb(&self) -> usize {
+        self.limits.max_mb
+    }
+
     /// The next batch; `None` at the end. Past a limit it is an error, and the stream
     /// ends there.
     pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
@@ -302,9 +308,66 @@ enum Writer {
     JsonArray(arrow::json::ArrayWriter<Drained>),
     Arrow(arrow::ipc::writer::StreamWriter<Drained>),
     Parquet(parquet::arrow::ArrowWriter<Drained>),
-    /// An aligned table needs every row for its column widths: it is rendered at the end
-    /// (its result is bounded by the query's limits like any other).
-    Table(Vec<RecordBatch>),
+    /// An aligned table needs every row for its column widths: it is rendered at the end,
+    /// and held until then. Every row is as wide as the widest cell of each column, so a
+    /// few long values can make a small result a huge text: the text's size is reckoned
+    /// from each column's widest cell as rows come, and bounded.
+    Table(TableText),
+}
+
+/// The batches of an aligned table, and the size its text will have.
+struct TableText {
+    batches: Vec<RecordBatch>,
+    /// The widest cell (in bytes) of each column so far, its name included.
+    widths: Vec<usize>,
+    rows: usize,
+    /// The most bytes the text may take; past it the answer is refused.
+    max_bytes: usize,
+    max_mb: usize,
+}
+
+impl TableText {
+    fn new(schema: &SchemaRef) -> Self {
+        Self {
+            batches: Vec::new(),
+            widths: schema.fields().iter().map(|f| f.name().len()).collect(),
+            rows: 0,
+            max_bytes: usize::MAX,
+            max_mb: usize::MAX,
+        }
+    }
+
+    fn push(&mut self, batch: &RecordBatch) -> Result<()> {
+        use std::fmt::Write as _;
+        let options = arrow::util::display::FormatOptions::default().with_null("");
+        let mut cell = String::new();
+        for (column, width) in batch.columns().iter().zip(self.widths.iter_mut()) {
+            let formatter = arrow::util::display::ArrayFormatter::try_new(column, &options)
+                .map_err(arrow_err)?;
+            for row in 0..column.len() {
+                cell.clear();
+                let _ = write!(cell, "{}", formatter.value(row));
+                *width = (*width).max(cell.len());
+            }
+        }
+        self.rows += batch.num_rows();
+        if table_bytes(self.rows, &self.widths) > self.max_bytes {
+            return Err(AnalyticsError::ResultTooLarge {
+                limit_mb: self.max_mb,
+            });
+        }
+        self.batches.push(batch.clone());
+        Ok(())
+    }
+}
+
+/// About the size of an aligned table's text: a line per row, the header and its four
+/// borders, each line as wide as `| ` plus every column's width and ` | `.
+fn table_bytes(rows: usize, widths: &[usize]) -> usize {
+    let line = widths
+        .iter()
+        .fold(2_usize, |line, w| line.saturating_add(w.saturating_add(3)));
+    rows.saturating_add(5).saturating_mul(line)
 }
 
 /// Renders a result in one format, batch by batch.
@@ -342,7 +405,7 @@ impl Renderer {
     pub fn new(schema: SchemaRef, format: OutputFormat) -> Result<Self> {
         let out = Drained::default();
         let writer = match format {
-            OutputFormat::Table => Writer::Table(Vec::new()),
+            OutputFormat::Table => Writer::Table(TableText::new(&schema)),
             OutputFormat::Csv => Writer::Csv(
                 arrow::csv::WriterBuilder::new()
                     .with_header(true)
@@ -373,6 +436,19 @@ impl Renderer {
         })
     }
 
+    /// Bounds what this renderer holds by `max_mb` MiB (the query's result limit): an
+    /// aligned table whose text would take more is refused with
+    /// [`AnalyticsError::ResultTooLarge`] before it is rendered. The other formats hold
+    /// nothing: each batch is rendered and handed out as it comes.
+    #[must_use]
+    pub fn bounded(mut self, max_mb: usize) -> Self {
+        if let Writer::Table(table) = &mut self.writer {
+            table.max_mb = max_mb;
+            table.max_bytes = max_mb.saturating_mul(1024 * 1024);
+        }
+        self
+    }
+
     /// Renders `batch`: the bytes ready to send (possibly none yet).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<Bytes> {
         if batch.num_rows() == 0 {
@@ -385,7 +461,7 @@ impl Renderer {
             Writer::JsonArray(w) => w.write(batch).map_err(arrow_err)?,
             Writer::Arrow(w) => w.write(batch).map_err(arrow_err)?,
             Writer::Parquet(w) => w.write(batch).map_err(parquet_err)?,
-            Writer::Table(batches) => batches.push(batch.clone()),
+            Writer::Table(table) => table.push(batch)?,
         }
         Ok(self.out.take())
     }
@@ -412,12 +488,12 @@ impl Renderer {
             Writer::Parquet(w) => {
                 w.close().map_err(parquet_err)?;
             }
-            Writer::Table(batches) => {
+            Writer::Table(table) => {
                 // No rows: still the columns.
-                let shown = if batches.is_empty() {
+                let shown = if table.batches.is_empty() {
                     vec![empty()]
                 } else {
-                    batches
+                    table.batches
                 };
                 let table =
                     arrow::util::pretty::pretty_format_batches(&shown).map_err(arrow_err)?;
@@ -523,6 +599,45 @@ mod tests {
             result.next().await,
             Some(Err(AnalyticsError::ResultTooLarge { limit_mb: 1 }))
         ));
+    }
+
+    /// An aligned table pads every row to its column's widest cell: one long value in a
+    /// small result would make a text many times the result's size. Its size is
+    /// reckoned as rows come and bounded by the result limit; the same rows with short
+    /// values render.
+    #[test]
+    fn an_aligned_table_is_bounded_by_the_size_of_its_text() {
+        use arrow::array::StringArray;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, false)]));
+        let rows = |long: usize| {
+            let mut values = vec!["x".to_owned(); 2_000];
+            values[0] = "y".repeat(long);
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(StringArray::from(values))],
+            )
+            .unwrap()
+        };
+        // 2,000 rows of 20 KB each: about 40 MB of text from 60 KB of values.
+        let mut renderer = Renderer::new(Arc::clone(&schema), OutputFormat::Table)
+            .unwrap()
+            .bounded(1);
+        assert!(matches!(
+            renderer.write(&rows(20_000)),
+            Err(AnalyticsError::ResultTooLarge { limit_mb: 1 })
+        ));
+        let mut renderer = Renderer::new(Arc::clone(&schema), OutputFormat::Table)
+            .unwrap()
+            .bounded(1);
+        renderer.write(&rows(100)).unwrap();
+        let text = renderer.finish().unwrap();
+        assert!(text.len() < 1024 * 1024 && text.len() > 200_000);
+        // The other formats hold nothing, so they are not bounded here.
+        let mut csv = Renderer::new(Arc::clone(&schema), OutputFormat::Csv)
+            .unwrap()
+            .bounded(1);
+        assert!(!csv.write(&rows(20_000)).unwrap().is_empty());
     }
 
     #[test]
