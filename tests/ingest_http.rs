@@ -699,6 +699,61 @@ async fn idle_keep_alives_and_stalled_prefaces_are_closed() -> Result<()> {
     tier.stop().await
 }
 
+/// An HTTP/2 connection is held only by requests: a peer that sends PINGs (or anything
+/// else but a request) for ever loses it after the idle limit, like a silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_only_pings_is_closed_when_idle() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        http: ingest::HttpServerArgs {
+            max_connections: 1,
+            idle_timeout_secs: 1,
+            ..Default::default()
+        },
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    // The preface and an empty SETTINGS frame (prior knowledge, as h2c clients do).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    // A PING every 200 ms (each answered by the server) until the connection closes.
+    let ping = b"\0\0\x08\x06\0\0\0\0\0pingping";
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        if stream.write_all(ping).await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    };
+    assert!(closed, "PINGs held the connection for 20 s past a 1 s idle limit");
+    // The only place is free again.
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (status, _) = tokio::time::timeout(
+        SETTLE,
+        send(
+            &client,
+            "GET",
+            &format!("{}/healthz", tier.base),
+            "text/plain",
+            Vec::new(),
+        ),
+    )
+    .await
+    .context("no place freed")??;
+    assert_eq!(status, 200);
+    tier.stop().await
+}
+
 /// What schemathesis found where the answers and the OpenAPI document disagreed, each
 /// answered as documented now (tests/api_conformance.rs runs schemathesis itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

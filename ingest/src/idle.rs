@@ -1,9 +1,15 @@
 //! Idle connections: an I/O wrapper that notes when a connection last moved bytes, and a
 //! count of its requests in progress, so that the accept loop can close a connection
-//! idle for longer than `--idle-timeout-secs` (no request in progress, no byte either
-//! way), whatever holds it: an HTTP/1 keep-alive between requests, an HTTP/2 connection
-//! without streams, a preface that stopped half-way. A streamed answer is in progress
-//! only while it waits for its next chunk ([`WhileWaiting`]).
+//! idle for longer than `--idle-timeout-secs`, whatever holds it: an HTTP/1 keep-alive
+//! between requests, an HTTP/2 connection without streams, a preface that stopped
+//! half-way. A streamed answer is in progress only while it waits for its next chunk
+//! ([`WhileWaiting`]).
+//!
+//! On HTTP/1 a connection is idle with no request in progress and no byte either way (a
+//! request's head is bounded by hyper's header timeout). On HTTP/2 (its first bytes are
+//! the preface's `PRI`) only requests count: its bytes may be PINGs, SETTINGS or
+//! WINDOW_UPDATEs that a peer can send for ever without asking anything, and a request
+//! whose headers never end is not in progress either.
 //!
 //! It owns only the bookkeeping; it must not read requests or decide answers.
 
@@ -84,17 +90,50 @@ impl Drop for InProgress {
     }
 }
 
-/// A connection's stream, noting each byte read or written in its [`Activity`].
+/// A connection's stream, noting each byte read or written in its [`Activity`] until it
+/// turns out to be HTTP/2.
 #[derive(Debug)]
 pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The connection's first bytes, until there are enough to tell HTTP/2.
+    head: [u8; 3],
+    head_len: usize,
+    http2: bool,
 }
+
+/// How an HTTP/2 connection starts (its preface, `PRI * HTTP/2.0`); no HTTP/1 method does.
+const HTTP2_HEAD: &[u8; 3] = b"PRI";
 
 impl<S> Tracked<S> {
     pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
         activity.touch();
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            head: [0; 3],
+            head_len: 0,
+            http2: false,
+        }
+    }
+
+    /// Notes bytes read (`data`): activity, unless the connection is HTTP/2.
+    fn read(&mut self, data: &[u8]) {
+        if self.head_len < self.head.len() {
+            let take = data.len().min(self.head.len() - self.head_len);
+            self.head[self.head_len..self.head_len + take].copy_from_slice(&data[..take]);
+            self.head_len += take;
+            self.http2 = self.head_len == self.head.len() && &self.head == HTTP2_HEAD;
+        }
+        if !self.http2 {
+            self.activity.touch();
+        }
+    }
+
+    fn wrote(&self) {
+        if !self.http2 {
+            self.activity.touch();
+        }
     }
 }
 
@@ -107,7 +146,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.read(&buf.filled()[before..]);
         }
         polled
     }
@@ -121,7 +160,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.wrote();
         }
         polled
     }
@@ -141,7 +180,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.wrote();
         }
         polled
     }

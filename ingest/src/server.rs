@@ -181,10 +181,11 @@ impl Ingest {
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout);
         // HTTP/2: a bounded number of streams per connection (each request still takes
-        // one of --max-in-flight) and headers bounded as on HTTP/1. No server pings: hyper
-        // pings idle connections too, and the answers would count as activity, so an
-        // idle connection would never reach --idle-timeout-secs; a peer that stopped
-        // answering is closed by that timeout, or by a body's time limits mid-request.
+        // one of --max-in-flight) and headers bounded as on HTTP/1. A connection with no
+        // request in progress for --idle-timeout-secs is closed, whatever frames it
+        // sends (PINGs included) and however long a request's headers take (idle.rs);
+        // no server pings: a peer that stopped answering is closed by that timeout, or by
+        // a body's time limits mid-request.
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -248,7 +249,8 @@ impl Ingest {
                 }
                 let tracked = Tracked::new(stream, Arc::clone(&activity));
                 let conn = builder.serve_connection(TokioIo::new(tracked), service);
-                // Closed once idle (no request in progress, no byte) past the limit.
+                // Closed once idle past the limit (no request in progress, and on HTTP/1
+                // no byte either).
                 tokio::select! {
                     served = watcher.watch(conn.into_owned()) => {
                         if let Err(e) = served {
