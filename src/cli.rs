@@ -136,6 +136,39 @@ pub(crate) struct FlightArgs {
         default_value = "127.0.0.1:50051"
     )]
     pub(crate) flight_listen: Listen,
+
+    /// Most Flight SQL connections open at once; further ones wait in the listen
+    /// backlog. A connection that sends nothing in its first 10 seconds is closed.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_FLIGHT_MAX_CONNECTIONS",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) flight_max_connections: u32,
+
+    /// A Flight SQL connection this old is asked to close (an HTTP/2 GOAWAY; gRPC clients
+    /// open a new one), whatever it sends, so that none holds its place for ever; it is
+    /// closed --sql-timeout-secs and 10 seconds later, whatever its peer does.
+    #[arg(
+        long,
+        env = "DRONEDELIVERY_FLIGHT_MAX_CONNECTION_AGE_SECS",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub(crate) flight_max_connection_age_secs: u64,
+}
+
+impl FlightArgs {
+    /// The bounds on Flight SQL's connections.
+    pub(crate) fn limits(&self) -> analytics::ConnectionLimits {
+        let max_age = std::time::Duration::from_secs(self.flight_max_connection_age_secs);
+        analytics::ConnectionLimits {
+            max_connections: usize::try_from(self.flight_max_connections).unwrap_or(usize::MAX),
+            first_bytes_timeout: max_age.min(std::time::Duration::from_secs(10)),
+            max_age,
+        }
+    }
 }
 
 /// Backpressure from the consumers' lag.

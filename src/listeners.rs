@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Listen;
 
-/// Binds Arrow Flight SQL over `history` on `listen` (none when `off`), checking callers
-/// as `POST /api/sql` does; it serves until `stop` is cancelled.
+/// Binds Arrow Flight SQL over `history` on `listen` (none when `off`), its connections
+/// bounded by `limits`, checking callers as `POST /api/sql` does; it serves until `stop`
+/// is cancelled.
 pub(crate) async fn flight(
     listen: Listen,
+    limits: analytics::ConnectionLimits,
     history: History,
     authenticator: ingest::SqlAuthenticator,
     stop: CancellationToken,
@@ -49,6 +51,7 @@ pub(crate) async fn flight(
         listener,
         history,
         authenticate,
+        limits,
         stop,
     )))
 }

@@ -541,6 +541,84 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
 
 /// The embedded broker starts empty on every run while the history stays: the second
 /// run's records (at offsets the first run's also had) are not taken for written ones.
+/// Flight SQL's connections are bounded: a connection that sends nothing is closed, and
+/// one that only PINGs is closed at its age, so neither holds a place for ever; with
+/// every place held by silent connections, a client is served once they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Result<()> {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let data = tempfile::tempdir()?;
+    let (pipeline, flight) = Pipeline::start_with(
+        &data.path().join("history"),
+        &[
+            "--flight-max-connections",
+            "2",
+            "--flight-max-connection-age-secs",
+            "3",
+            "--sql-timeout-secs",
+            "1",
+        ],
+    )?;
+    let addr = flight.trim_start_matches("http://").to_owned();
+    // Reads until the server closes the connection: how long that took.
+    let closed = |mut stream: tokio::net::TcpStream, ping: bool| async move {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        while started.elapsed() < Duration::from_secs(40) {
+            if ping
+                && stream
+                    .write_all(b"\0\0\x08\x06\0\0\0\0\0pingping")
+                    .await
+                    .is_err()
+            {
+                return Some(started.elapsed());
+            }
+            match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        None
+    };
+    let silent = [
+        tokio::net::TcpStream::connect(&addr).await?,
+        tokio::net::TcpStream::connect(&addr).await?,
+    ];
+    let silent: Vec<_> = silent
+        .into_iter()
+        .map(|s| tokio::spawn(closed(s, false)))
+        .collect();
+    // Both places are held: a client waits for one, then is served.
+    let channel = tonic::transport::Channel::from_shared(flight.clone())?
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .context("connecting to Flight SQL")?;
+    let mut client = FlightSqlServiceClient::new(channel);
+    client
+        .execute("SELECT 1".to_owned(), None)
+        .await
+        .context("a client once the silent connections went")?;
+    for held in silent {
+        let took = held.await?.context("a silent connection was never closed")?;
+        assert!(took < Duration::from_secs(20), "{took:?}");
+    }
+    // An HTTP/2 connection that only PINGs (and ignores the GOAWAY at its age, 3 s) is
+    // closed once its calls' grace (the 1 s SQL time limit and 10 s) is over too.
+    let mut pinging = tokio::net::TcpStream::connect(&addr).await?;
+    pinging
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await?;
+    let took = closed(pinging, true)
+        .await
+        .context("PINGs held a Flight SQL connection for 40 s")?;
+    assert!(took >= Duration::from_secs(2), "closed before its age: {took:?}");
+    pipeline.stop("TERM")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_on_the_same_history_keeps_every_row() -> Result<()> {
     let data = tempfile::tempdir()?;

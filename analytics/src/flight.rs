@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::connections::{self, ConnectionLimits};
 use crate::error::{AnalyticsError, Result};
 use crate::sql::History;
 
@@ -77,30 +79,40 @@ impl std::fmt::Debug for FlightSql {
     }
 }
 
-/// Serves Flight SQL on `listener` until `shutdown`.
+/// Serves Flight SQL on `listener` until `shutdown`, its connections bounded by `limits`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     history: History,
     authenticate: Authenticate,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    // A connection past its age gets the SQL time limit and a margin for its calls, then
+    // is closed whatever it does (a peer may ignore the GOAWAY).
+    let grace = Duration::from_secs(history.limits().sql_timeout_secs.max(1) + 10);
     let service = FlightServiceServer::new(FlightSql {
         history,
         authenticate,
     })
     .max_decoding_message_size(1024 * 1024)
     .max_encoding_message_size(64 * 1024 * 1024);
-    tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(16)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await
-        .map_err(|e| AnalyticsError::Task {
-            reason: format!("Flight SQL server: {e}"),
-        })
+    let stop_accepting = shutdown.child_token();
+    let (incoming, accept) = connections::incoming(listener, limits, stop_accepting.clone());
+    let server = async {
+        let served = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(16)
+            .max_connection_age(limits.max_age)
+            .max_connection_age_grace(grace)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await;
+        stop_accepting.cancel();
+        served
+    };
+    let (served, ()) = tokio::join!(server, accept);
+    served.map_err(|e| AnalyticsError::Task {
+        reason: format!("Flight SQL server: {e}"),
+    })
 }
 
 /// What `GetSqlInfo` tells tools about this server: its name and version, and that it is

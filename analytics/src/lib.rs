@@ -13,7 +13,8 @@
 //! - [`rows`]: Kafka records into Arrow rows of the history tables.
 //! - [`sql`]: read-only DataFusion SQL over one version of each table (or an earlier
 //!   one: time travel), with limits and formats.
-//! - [`flight`]: the same SQL over Arrow Flight SQL.
+//! - [`flight`]: the same SQL over Arrow Flight SQL; `connections` (internal) bounds its
+//!   connections.
 //! - [`store`]: where the history lives (the `--data` URL).
 //! - [`failpoint`]: where a test makes the sink crash.
 //!
@@ -23,6 +24,7 @@
 
 mod answer;
 pub mod compact;
+mod connections;
 mod error;
 pub mod failpoint;
 pub mod flight;
@@ -34,4 +36,5 @@ pub mod sql;
 pub mod store;
 pub mod tables;
 
+pub use connections::ConnectionLimits;
 pub use error::{AnalyticsError, Result};

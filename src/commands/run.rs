@@ -121,6 +121,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let unauthenticated = ingest.is_unauthenticated();
     if let Some(flight) = listeners::flight(
         args.flight.flight_listen,
+        args.flight.limits(),
         history,
         ingest.sql_authenticator(),
         stop_front.clone(),

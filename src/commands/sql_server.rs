@@ -55,6 +55,7 @@ pub(crate) async fn run(args: SqlServerArgs) -> Result<()> {
     let (stage, stop) = supervisor.stage();
     if let Some(flight) = listeners::flight(
         args.flight.flight_listen,
+        args.flight.limits(),
         history,
         server.sql_authenticator(),
         stop.clone(),
