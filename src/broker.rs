@@ -72,6 +72,7 @@ pub(crate) fn durability(
         settings: settings.clone(),
         tuning: tuning.clone(),
         shared: producer.clone(),
+        outputs: processors::OutputHealth::default(),
     })
 }
 

@@ -91,6 +91,15 @@ pub(crate) fn sink_readiness(health: analytics::sink::SinkHealth) -> Readiness {
     })
 }
 
+/// Readiness of the processors: fails, with the last failure, while any of them cannot
+/// write its outputs and retries.
+pub(crate) fn output_readiness(health: processors::OutputHealth) -> Readiness {
+    Arc::new(move || {
+        let stalled = health.stalled();
+        Box::pin(async move { stalled.map_or(Ok(()), Err) })
+    })
+}
+
 /// Readiness that passes when `first` and then `second` do.
 pub(crate) fn both(first: Readiness, second: Readiness) -> Readiness {
     Arc::new(move || {

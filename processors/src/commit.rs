@@ -80,6 +80,8 @@ pub(crate) struct Committer {
     /// The producer failed for good without being fenced: a new one takes its place
     /// before the next transaction.
     broken: AtomicBool,
+    /// Held while the batch's transactions fail and are tried again.
+    failing: Option<crate::output::Failing>,
 }
 
 impl Committer {
@@ -106,6 +108,7 @@ impl Committer {
             transactional_id: id,
             durability: durability.clone(),
             broken: AtomicBool::new(false),
+            failing: None,
         }))
     }
 
@@ -146,7 +149,14 @@ impl Committer {
             Guarantee::AtLeastOnce => {
                 for stage in stages {
                     if !stage.is_empty()
-                        && !produce_batch(&self.producer, stage, shutdown, self.name).await
+                        && !produce_batch(
+                            &self.producer,
+                            stage,
+                            shutdown,
+                            self.name,
+                            &self.durability.outputs,
+                        )
+                        .await
                     {
                         return Ok(Committed::Stopped);
                     }
@@ -224,6 +234,15 @@ impl Committer {
                         }
                         None => return Ok(Committed::Stopped),
                     }
+                }
+                match committed {
+                    Committed::Done => self.failing = None,
+                    Committed::Aborted => self.durability.outputs.failing(
+                        self.name,
+                        &"a transaction failed; its batch is read again",
+                        &mut self.failing,
+                    ),
+                    Committed::Stopped => {}
                 }
                 Ok(committed)
             }

@@ -140,6 +140,8 @@ pub struct Durability {
     pub tuning: bus::ProducerArgs,
     /// The member's shared producer, used under at-least-once.
     pub shared: bus::Producer,
+    /// Whether the member's outputs are being written (for its readiness).
+    pub outputs: crate::output::OutputHealth,
 }
 
 impl Durability {
@@ -152,6 +154,7 @@ impl Durability {
             settings,
             tuning: bus::ProducerArgs::default(),
             shared: producer,
+            outputs: crate::output::OutputHealth::default(),
         }
     }
 }

@@ -50,6 +50,7 @@ pub mod tracker;
 pub mod workflow;
 
 pub use error::{ProcessorError, Result};
+pub use output::OutputHealth;
 
 /// Settings of the scheduling, tracking and delivery consumers.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,15 +1,75 @@
-//! What a processor produces and how it is produced: one owned record ([`Output`]) and
-//! the batch send that waits for every acknowledgement and retries in order
-//! (`produce_batch`).
+//! What a processor produces and how it is produced: one owned record ([`Output`]), the
+//! batch send that waits for every acknowledgement and retries in order
+//! (`produce_batch`), and whether a member's outputs are being written ([`OutputHealth`]).
 //!
 //! The workflow and the stateful engine produce through it; the machines only return
 //! [`Output`]s. It must not decide what to produce, nor store or commit offsets: the
 //! caller does that once a batch is acknowledged.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bus::{OutRecord, Producer};
 use tokio_util::sync::CancellationToken;
+
+/// Whether a member's outputs are being written: how many of its processors are retrying
+/// a batch (at-least-once) or a transaction (exactly-once) after a failure, and the last
+/// failure. The member's readiness fails meanwhile (`processor_produce_retries_total`
+/// counts the retries), so a cluster that refuses writes is seen, not only logged.
+#[derive(Debug, Clone, Default)]
+pub struct OutputHealth(Arc<OutputState>);
+
+#[derive(Debug, Default)]
+struct OutputState {
+    failing: AtomicUsize,
+    last: Mutex<String>,
+}
+
+impl OutputHealth {
+    /// Why outputs are not being written, while any processor retries after a failure.
+    pub fn stalled(&self) -> Option<String> {
+        let failing = self.0.failing.load(Ordering::SeqCst);
+        (failing > 0).then(|| {
+            let last = self
+                .0
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            format!("{failing} processor(s) cannot write their outputs and retry: {last}")
+        })
+    }
+
+    /// Notes that processor `name` failed to write (`error`) and retries: it counts as
+    /// failing until the returned guard is dropped (once it wrote, or stopped).
+    pub(crate) fn failing(
+        &self,
+        name: &'static str,
+        error: &dyn std::fmt::Display,
+        held: &mut Option<Failing>,
+    ) {
+        metrics::counter!("processor_produce_retries_total", "processor" => name).increment(1);
+        *self
+            .0
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = format!("{name}: {error}");
+        if held.is_none() {
+            self.0.failing.fetch_add(1, Ordering::SeqCst);
+            *held = Some(Failing(self.clone()));
+        }
+    }
+}
+
+/// A processor retrying after a failure to write; dropped once it wrote.
+#[derive(Debug)]
+pub(crate) struct Failing(OutputHealth);
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        self.0.0.failing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The most bytes of a refused record's key and payload a dead letter keeps: enough to
 /// find it, never near the broker's limit itself.
@@ -69,7 +129,9 @@ pub(crate) async fn produce_batch(
     records: Vec<(Output, Option<i32>)>,
     shutdown: &CancellationToken,
     name: &'static str,
+    health: &OutputHealth,
 ) -> bool {
+    let mut failing = None;
     let mut pending = records;
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
@@ -132,6 +194,7 @@ pub(crate) async fn produce_batch(
             pending[from] = (pending[from].0.refused(&e), None);
         }
         tracing::warn!(processor = name, from, of = pending.len(), error = %e, ?backoff, "produce failed; sending again from the first failure");
+        health.failing(name, &e, &mut failing);
         pending.drain(..from);
         tokio::select! {
             () = shutdown.cancelled() => return false,
@@ -168,6 +231,43 @@ mod tests {
         )
     }
 
+    /// While the cluster refuses writes, the batch is retried and the member's outputs
+    /// show as stalled (its readiness fails, with the failure); once written, they do not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outputs_retried_after_a_transient_failure_show_as_stalled_until_written() {
+        let broker = EmbeddedBroker::start(1, &topics::ALL).unwrap();
+        let settings = ClientSettings::plain(broker.bootstrap_servers());
+        let tuning = ProducerArgs {
+            ack_timeout_ms: 500,
+            ..ProducerArgs::default()
+        };
+        let producer = Producer::new(&settings, &tuning).unwrap();
+        let health = OutputHealth::default();
+        assert_eq!(health.stalled(), None);
+        broker.broker_down(1).unwrap();
+        let shutdown = CancellationToken::new();
+        let batch = {
+            let (producer, health, shutdown) = (producer.clone(), health.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let records = vec![output(topics::DELIVERIES.name, "k", b"{}".to_vec())];
+                produce_batch(&producer, records, &shutdown, "test", &health).await
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while health.stalled().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never seen as stalled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(health.stalled().unwrap().contains("test"));
+        broker.broker_up(1).unwrap();
+        let written = tokio::time::timeout(Duration::from_secs(60), batch)
+            .await
+            .expect("the batch was not written once the broker was back")
+            .unwrap();
+        assert!(written);
+        assert_eq!(health.stalled(), None);
+    }
+
     /// A record larger than the broker takes is never retried for ever (which stopped
     /// the partition for good): its dead letter goes instead, with the head of its bytes,
     /// and the records around it are written.
@@ -185,7 +285,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let produced = tokio::time::timeout(
             Duration::from_secs(60),
-            produce_batch(&producer, records, &shutdown, "test"),
+            produce_batch(&producer, records, &shutdown, "test", &OutputHealth::default()),
         )
         .await
         .expect("the batch was retried without end");

@@ -32,7 +32,7 @@ use crate::batch::Batch;
 use crate::commit::{Committed, Committer};
 use crate::error::{ProcessorError, Result};
 use crate::guarantee::{Durability, Guarantee};
-use crate::output::{Output, produce_batch};
+use crate::output::{Output, OutputHealth, produce_batch};
 
 const NAME: &str = "workflow";
 /// The workflow's consumer group.
@@ -158,9 +158,10 @@ async fn produce_all(
     producer: Producer,
     outputs: Vec<Output>,
     shutdown: CancellationToken,
+    health: OutputHealth,
 ) -> bool {
     let records = outputs.into_iter().map(|o| (o, None)).collect();
-    produce_batch(&producer, records, &shutdown, NAME).await
+    produce_batch(&producer, records, &shutdown, NAME, &health).await
 }
 
 /// Runs the workflow processor until `shutdown` is cancelled (or, under exactly-once,
@@ -173,7 +174,7 @@ pub async fn run(
 ) -> Result<()> {
     match durability.guarantee {
         Guarantee::AtLeastOnce => {
-            run_at_least_once(config, settings, durability.shared, shutdown).await
+            run_at_least_once(config, settings, durability.shared, durability.outputs, shutdown).await
         }
         Guarantee::ExactlyOnce => run_exactly_once(config, settings, &durability, shutdown).await,
     }
@@ -264,6 +265,7 @@ async fn run_at_least_once(
     config: WorkflowArgs,
     settings: ClientSettings,
     producer: Producer,
+    health: OutputHealth,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let bus_err = |source| ProcessorError::Bus {
@@ -300,8 +302,9 @@ async fn run_at_least_once(
                 let outputs = outputs_of(record.key(), record.payload(), &record.headers());
                 let producer = producer.clone();
                 let retries = retries.clone();
+                let health = health.clone();
                 in_flight.push_back(async move {
-                    let ok = produce_all(producer, outputs, retries).await;
+                    let ok = produce_all(producer, outputs, retries, health).await;
                     (partition, offset, ok)
                 });
             }

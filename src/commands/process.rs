@@ -61,7 +61,10 @@ pub(crate) async fn run(args: ProcessArgs) -> Result<()> {
     );
     if let Some(health) = listeners::health(
         args.health.health_listen,
-        broker::readiness(&settings)?,
+        listeners::both(
+            broker::readiness(&settings)?,
+            listeners::output_readiness(durability.outputs.clone()),
+        ),
         render,
         stop.clone(),
         stop_health,

@@ -84,7 +84,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         .with_webhooks((Arc::clone(&webhooks.0), webhooks.1.clone()))
         .with_sql(Arc::new(HistorySql(history.clone())))
         .with_backpressure(sink_health.stalled_flag())
-        .with_readiness(listeners::sink_readiness(sink_health.clone()));
+        .with_readiness(listeners::both(
+            listeners::sink_readiness(sink_health.clone()),
+            listeners::output_readiness(durability.outputs.clone()),
+        ));
     let lag_watch = watch_lag(
         &settings,
         &args.backpressure,
@@ -107,7 +110,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         args.health.health_listen,
         listeners::both(
             broker::readiness(&settings)?,
-            listeners::sink_readiness(sink_health.clone()),
+            listeners::both(
+                listeners::sink_readiness(sink_health.clone()),
+                listeners::output_readiness(durability.outputs.clone()),
+            ),
         ),
         render.clone(),
         stop_front.clone(),
