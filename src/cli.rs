@@ -123,6 +123,8 @@ pub(crate) struct SqlServerArgs {
     pub(crate) sql: QueryLimitsArgs,
     #[command(flatten)]
     pub(crate) flight: FlightArgs,
+    #[command(flatten)]
+    pub(crate) health: HealthArgs,
 }
 
 /// Arrow Flight SQL over the history.

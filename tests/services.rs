@@ -1199,9 +1199,9 @@ async fn a_store_that_refuses_writes_means_503_and_no_lost_record() -> Result<()
     Ok(())
 }
 
-/// The ingestion tier's probes have a listener of their own (`--health-listen`), in
-/// `ingest` and in `run`: while clients hold every connection of the API without finishing
-/// a request, `/healthz` and `/readyz` still answer there.
+/// The probes have a listener of their own (`--health-listen`), in `ingest`, `run` and
+/// `sql-server`: while clients hold every connection of the API without finishing a
+/// request, `/healthz` and `/readyz` still answer there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_answer_while_clients_hold_every_connection() -> Result<()> {
     let broker = EmbeddedBroker::start(1, &topics::ALL)?;
@@ -1215,7 +1215,7 @@ async fn probes_answer_while_clients_hold_every_connection() -> Result<()> {
     ];
     let mut ingest = vec!["ingest", "--brokers", broker.bootstrap_servers()];
     ingest.extend(common);
-    probes_answer_beside_a_full_api("ingest", &ingest).await?;
+    probes_answer_beside_a_full_api("ingest", announce::API, &ingest).await?;
     let data = tempfile::tempdir()?;
     let mut run = vec![
         "run",
@@ -1225,12 +1225,26 @@ async fn probes_answer_while_clients_hold_every_connection() -> Result<()> {
         data.path().to_str().context("path")?,
     ];
     run.extend(common);
-    probes_answer_beside_a_full_api("run", &run).await
+    probes_answer_beside_a_full_api("run", announce::API, &run).await?;
+    let history = tempfile::tempdir()?;
+    let mut sql_server = vec![
+        "sql-server",
+        "--flight-listen",
+        "off",
+        "--data",
+        history.path().to_str().context("path")?,
+    ];
+    sql_server.extend(common);
+    probes_answer_beside_a_full_api("sql-server", announce::SQL_SERVER, &sql_server).await
 }
 
-async fn probes_answer_beside_a_full_api(label: &'static str, args: &[&str]) -> Result<()> {
+async fn probes_answer_beside_a_full_api(
+    label: &'static str,
+    api: &'static str,
+    args: &[&str],
+) -> Result<()> {
     use tokio::io::AsyncWriteExt;
-    let (tier, found) = Service::start(label, args, &[announce::API, announce::HEALTH])?;
+    let (tier, found) = Service::start(label, args, &[api, announce::HEALTH])?;
     let (api, health) = (found[0].clone(), format!("http://{}", found[1]));
     // Two clients take both places and never finish their headers.
     let mut held = Vec::new();

@@ -1,5 +1,6 @@
 //! `dronedelivery sql-server`: SQL over the history (`POST /api/sql` and Arrow Flight
-//! SQL) with health and metrics, and no ingestion routes. It needs no broker: it reads the
+//! SQL) with health and metrics (on the API listener, and on `--health-listen`), and no
+//! ingestion routes. It needs no broker: it reads the
 //! object store only, and is ready while the history can be read.
 
 use std::sync::Arc;
@@ -48,11 +49,25 @@ pub(crate) async fn run(args: SqlServerArgs) -> Result<()> {
     });
     let server = Ingest::bind_read_only(config)
         .await?
-        .with_metrics(render)
-        .with_readiness(ready)
+        .with_metrics(render.clone())
+        .with_readiness(Arc::clone(&ready))
         .with_sql(Arc::new(HistorySql(history.clone())));
     let mut supervisor = Supervisor::new();
     let (stage, stop) = supervisor.stage();
+    let (last, stop_health) = supervisor.stage();
+    // The probes' own listener (when asked for), answered while clients hold every
+    // connection of the API; up until the server has stopped.
+    if let Some(health) = listeners::health(
+        args.health.health_listen,
+        ready,
+        render,
+        stop.clone(),
+        stop_health,
+    )
+    .await?
+    {
+        supervisor.spawn_helper(last, "health listener", health);
+    }
     if let Some(flight) = listeners::flight(
         args.flight.flight_listen,
         args.flight.limits(),
