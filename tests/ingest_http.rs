@@ -609,6 +609,22 @@ async fn every_record_is_capped_in_bytes_on_every_write_route() -> Result<()> {
         post_raw(&client, &single, &json, big.to_string().into_bytes()).await?;
     assert_eq!(status, 413, "{answer}");
 
+    // A reschedule is a record too.
+    let patch = format!("{}/api/deliveryrequests/small-2", tier.base);
+    let reschedule = serde_json::json!({
+        "pickupTime": "2026-11-24T12:00:00Z",
+        "padding": "z".repeat(3_000),
+    });
+    let (status, _, answer) = call(
+        &client,
+        "PATCH",
+        &patch,
+        &json,
+        reschedule.to_string().into_bytes(),
+    )
+    .await?;
+    assert_eq!(status, 413, "{answer}");
+
     let fix = r#"{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:00Z"}"#;
     let big_fix = format!(
         r#"{{"latitude": 47.6, "longitude": -122.3, "timestamp": "2026-11-24T10:00:01Z", "note": "{}"}}"#,

@@ -597,11 +597,17 @@ async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Resul
         .connect()
         .await
         .context("connecting to Flight SQL")?;
-    let mut client = FlightSqlServiceClient::new(channel);
+    let mut client = FlightSqlServiceClient::new(channel.clone());
     client
         .execute("SELECT 1".to_owned(), None)
         .await
         .context("a client once the silent connections went")?;
+    // Without keys only loopback clients may query: a call a local proxy forwarded (it
+    // says so in its metadata) is not one.
+    let mut forwarded = FlightSqlServiceClient::new(channel);
+    forwarded.set_header("x-forwarded-for", "203.0.113.9");
+    let refused = forwarded.execute("SELECT 1".to_owned(), None).await;
+    assert!(refused.is_err(), "a forwarded call was served: {refused:?}");
     for held in silent {
         let took = held.await?.context("a silent connection was never closed")?;
         assert!(took < Duration::from_secs(20), "{took:?}");

@@ -140,8 +140,10 @@ pub struct TierArgs {
     #[arg(long, env = "DRONEDELIVERY_MAX_REQUEST_BYTES", default_value_t = MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
 
-    /// Largest record, in bytes, on every write route: a larger record of a batch is
-    /// rejected with its reason (the others go on), a larger single request gets 413.
+    /// Largest record, in bytes, on every write route: a larger record of a batch (or of
+    /// a telemetry post, even of one fix: its answer is always the per-record report) is
+    /// rejected with its reason (the others go on); a larger single delivery request or
+    /// change gets 413.
     /// At most 524288, so that every record derived from it stays under the broker's
     /// limit.
     #[arg(long, env = "DRONEDELIVERY_MAX_RECORD_BYTES", default_value_t = MAX_RECORD_BYTES)]
