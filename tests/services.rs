@@ -539,11 +539,10 @@ async fn sql_over_http_and_flight_sql_agree() -> Result<()> {
     Ok(())
 }
 
-/// The embedded broker starts empty on every run while the history stays: the second
-/// run's records (at offsets the first run's also had) are not taken for written ones.
 /// Flight SQL's connections are bounded: a connection that sends nothing is closed, and
-/// one that only PINGs is closed at its age, so neither holds a place for ever; with
-/// every place held by silent connections, a client is served once they go.
+/// one that only PINGs gets a GOAWAY at its age and is closed, so neither holds a place
+/// for ever; with every place held by silent connections, a client is served once they
+/// go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Result<()> {
     use arrow_flight::sql::client::FlightSqlServiceClient;
@@ -562,9 +561,10 @@ async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Resul
         ],
     )?;
     let addr = flight.trim_start_matches("http://").to_owned();
-    // Reads until the server closes the connection: how long that took.
+    // Reads until the server closes the connection: how long that took, and what it sent.
     let closed = |mut stream: tokio::net::TcpStream, ping: bool| async move {
         let started = Instant::now();
+        let mut seen = Vec::new();
         let mut buf = [0u8; 1024];
         while started.elapsed() < Duration::from_secs(40) {
             if ping
@@ -573,11 +573,12 @@ async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Resul
                     .await
                     .is_err()
             {
-                return Some(started.elapsed());
+                return Some((started.elapsed(), seen));
             }
             match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
-                Ok(Ok(_)) | Err(_) => {}
+                Ok(Ok(0) | Err(_)) => return Some((started.elapsed(), seen)),
+                Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
             }
         }
         None
@@ -609,22 +610,40 @@ async fn flight_sql_connections_are_bounded_and_none_is_held_for_ever() -> Resul
     let refused = forwarded.execute("SELECT 1".to_owned(), None).await;
     assert!(refused.is_err(), "a forwarded call was served: {refused:?}");
     for held in silent {
-        let took = held.await?.context("a silent connection was never closed")?;
+        let (took, _) = held
+            .await?
+            .context("a silent connection was never closed")?;
         assert!(took < Duration::from_secs(20), "{took:?}");
     }
-    // An HTTP/2 connection that only PINGs (and ignores the GOAWAY at its age, 3 s) is
-    // closed once its calls' grace (the 1 s SQL time limit and 10 s) is over too.
+    // An HTTP/2 connection that only PINGs gets a GOAWAY at its age (3 s) and is closed,
+    // at the latest once its calls' grace (the 1 s SQL time limit and 10 s) is over too.
     let mut pinging = tokio::net::TcpStream::connect(&addr).await?;
     pinging
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await?;
-    let took = closed(pinging, true)
+    let (took, frames) = closed(pinging, true)
         .await
         .context("PINGs held a Flight SQL connection for 40 s")?;
-    assert!(took >= Duration::from_secs(2), "closed before its age: {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "closed before its age: {took:?}"
+    );
+    // The server's frames: 9-byte headers (length, type, flags, stream) and payloads.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let length = usize::from(frames[at]) << 16
+            | usize::from(frames[at + 1]) << 8
+            | usize::from(frames[at + 2]);
+        types.push(frames[at + 3]);
+        at += 9 + length;
+    }
+    assert!(types.contains(&7), "no GOAWAY before the close: {types:?}");
     pipeline.stop("TERM")
 }
 
+/// The embedded broker starts empty on every run while the history stays: the second
+/// run's records (at offsets the first run's also had) are not taken for written ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_on_the_same_history_keeps_every_row() -> Result<()> {
     let data = tempfile::tempdir()?;

@@ -318,9 +318,10 @@ enum Writer {
 /// The batches of an aligned table, and the size its text will have.
 struct TableText {
     batches: Vec<RecordBatch>,
-    /// The widest cell (in bytes) of each column so far, its name included.
+    /// The widest line of a cell (in bytes) of each column so far, its name included.
     widths: Vec<usize>,
-    rows: usize,
+    /// The text's lines so far: a row takes as many as its cell with the most lines.
+    lines: usize,
     /// The most bytes the text may take; past it the answer is refused.
     max_bytes: usize,
     max_mb: usize,
@@ -331,7 +332,7 @@ impl TableText {
         Self {
             batches: Vec::new(),
             widths: schema.fields().iter().map(|f| f.name().len()).collect(),
-            rows: 0,
+            lines: 0,
             max_bytes: usize::MAX,
             max_mb: usize::MAX,
         }
@@ -341,17 +342,26 @@ impl TableText {
         use std::fmt::Write as _;
         let options = arrow::util::display::FormatOptions::default().with_null("");
         let mut cell = String::new();
+        // Lines of each row of the batch: a cell's text is split at its line breaks.
+        let mut heights = vec![1_usize; batch.num_rows()];
         for (column, width) in batch.columns().iter().zip(self.widths.iter_mut()) {
             let formatter = arrow::util::display::ArrayFormatter::try_new(column, &options)
                 .map_err(arrow_err)?;
-            for row in 0..column.len() {
+            for (row, height) in heights.iter_mut().enumerate() {
                 cell.clear();
                 let _ = write!(cell, "{}", formatter.value(row));
-                *width = (*width).max(cell.len());
+                let mut lines = 0;
+                for line in cell.split('\n') {
+                    lines += 1;
+                    *width = (*width).max(line.len());
+                }
+                *height = (*height).max(lines);
             }
         }
-        self.rows += batch.num_rows();
-        if table_bytes(self.rows, &self.widths) > self.max_bytes {
+        self.lines = heights
+            .iter()
+            .fold(self.lines, |lines, h| lines.saturating_add(*h));
+        if table_bytes(self.lines, &self.widths) > self.max_bytes {
             return Err(AnalyticsError::ResultTooLarge {
                 limit_mb: self.max_mb,
             });
@@ -361,13 +371,13 @@ impl TableText {
     }
 }
 
-/// About the size of an aligned table's text: a line per row, the header and its four
-/// borders, each line as wide as `| ` plus every column's width and ` | `.
-fn table_bytes(rows: usize, widths: &[usize]) -> usize {
+/// About the size of an aligned table's text: its rows' `lines`, the header and its
+/// four borders, each line as wide as `| ` plus every column's width and ` | `.
+fn table_bytes(lines: usize, widths: &[usize]) -> usize {
     let line = widths
         .iter()
         .fold(2_usize, |line, w| line.saturating_add(w.saturating_add(3)));
-    rows.saturating_add(5).saturating_mul(line)
+    lines.saturating_add(5).saturating_mul(line)
 }
 
 /// Renders a result in one format, batch by batch.
@@ -633,6 +643,23 @@ mod tests {
         renderer.write(&rows(100)).unwrap();
         let text = renderer.finish().unwrap();
         assert!(text.len() < 1024 * 1024 && text.len() > 200_000);
+        // A cell with many lines makes its row that tall, every line padded to the
+        // widest cell: 50,000 lines of 20 KB from two values.
+        let tall = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(StringArray::from(vec![
+                "\n".repeat(50_000),
+                "y".repeat(20_000),
+            ]))],
+        )
+        .unwrap();
+        let mut renderer = Renderer::new(Arc::clone(&schema), OutputFormat::Table)
+            .unwrap()
+            .bounded(1);
+        assert!(matches!(
+            renderer.write(&tall),
+            Err(AnalyticsError::ResultTooLarge { limit_mb: 1 })
+        ));
         // The other formats hold nothing, so they are not bounded here.
         let mut csv = Renderer::new(Arc::clone(&schema), OutputFormat::Csv)
             .unwrap()

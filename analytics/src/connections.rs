@@ -1,6 +1,8 @@
 //! Flight SQL's connections: at most a bounded number open at once, each one closed if it
-//! sends nothing at first, and handed to the gRPC server only once it spoke. (The server
-//! itself closes connections past their age: [`ConnectionLimits::max_age`].)
+//! sends nothing at first, handed to the gRPC server only once it spoke, and cut once it
+//! is past its age and a grace for its calls. (The server itself asks a connection to
+//! close at its age, [`ConnectionLimits::max_age`]; the cut is for a peer that ignores
+//! that.)
 //!
 //! It owns [`ConnectionLimits`] and the accept loop; it must not read calls or decide who
 //! may make them.
@@ -28,16 +30,31 @@ pub struct ConnectionLimits {
     pub first_bytes_timeout: Duration,
     /// A connection is asked to close (an HTTP/2 GOAWAY, after which gRPC clients open a
     /// new one) once it is this old, so that no connection holds its place for ever,
-    /// whatever it sends; it is closed once its calls in progress had the SQL time limit
-    /// and a margin more, whatever its peer does.
+    /// whatever it sends; it is cut once its calls in progress had the SQL time limit and
+    /// a margin more, whatever its peer does.
     pub max_age: Duration,
 }
 
-/// An accepted connection that sent its first bytes, holding its place until it closes.
+/// An accepted connection that sent its first bytes, holding its place until it closes;
+/// reading or writing fails once its time is up.
 #[derive(Debug)]
 pub(crate) struct Held {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
+    cut: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Held {
+    /// An error once the connection's time is up (the deadline wakes the connection's
+    /// task, so a silent peer is cut too).
+    fn past_time(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.cut.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection is past its age and grace",
+            )
+        })
+    }
 }
 
 impl Connected for Held {
@@ -54,6 +71,9 @@ impl AsyncRead for Held {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.past_time(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -64,6 +84,9 @@ impl AsyncWrite for Held {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.past_time(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write(cx, data)
     }
 
@@ -80,6 +103,9 @@ impl AsyncWrite for Held {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.past_time(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -88,11 +114,13 @@ impl AsyncWrite for Held {
     }
 }
 
-/// The connections of `listener` that spoke, for the gRPC server, and the accept loop
-/// that feeds them, which runs until `stop` (or until the server stops taking them).
+/// The connections of `listener` that spoke, for the gRPC server, each cut `grace` after
+/// its age, and the accept loop that feeds them, which runs until `stop` (or until the
+/// server stops taking them).
 pub(crate) fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
+    grace: Duration,
     stop: CancellationToken,
 ) -> (
     impl Stream<Item = io::Result<Held>> + Send + 'static,
@@ -100,7 +128,15 @@ pub(crate) fn incoming(
 ) {
     let max = limits.max_connections.max(1);
     let (ready, connections) = mpsc::channel::<io::Result<Held>>(max);
-    let accept = accept(listener, limits, Arc::new(Semaphore::new(max)), ready, stop);
+    let lifetime = limits.max_age.saturating_add(grace);
+    let accept = accept(
+        listener,
+        limits,
+        lifetime,
+        Arc::new(Semaphore::new(max)),
+        ready,
+        stop,
+    );
     let stream = futures_util::stream::unfold(connections, |mut connections| async move {
         connections.recv().await.map(|held| (held, connections))
     });
@@ -110,6 +146,7 @@ pub(crate) fn incoming(
 async fn accept(
     listener: TcpListener,
     limits: ConnectionLimits,
+    lifetime: Duration,
     places: Arc<Semaphore>,
     ready: mpsc::Sender<io::Result<Held>>,
     stop: CancellationToken,
@@ -140,6 +177,7 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
+        let cut = Box::pin(tokio::time::sleep(lifetime));
         let ready = ready.clone();
         let timeout = limits.first_bytes_timeout;
         waiting.spawn(async move {
@@ -150,6 +188,7 @@ async fn accept(
                         .send(Ok(Held {
                             stream,
                             _place: place,
+                            cut,
                         }))
                         .await;
                 }

@@ -97,12 +97,13 @@ pub async fn serve(
     .max_decoding_message_size(1024 * 1024)
     .max_encoding_message_size(64 * 1024 * 1024);
     let stop_accepting = shutdown.child_token();
-    let (incoming, accept) = connections::incoming(listener, limits, stop_accepting.clone());
+    let (incoming, accept) = connections::incoming(listener, limits, grace, stop_accepting.clone());
     let server = async {
+        // At its age a connection gets a GOAWAY (tonic sends none when it is also given
+        // a grace: it then only cuts the connection, so the cut is ours, in `connections`).
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(16)
             .max_connection_age(limits.max_age)
-            .max_connection_age_grace(grace)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;

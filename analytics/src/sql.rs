@@ -562,9 +562,10 @@ fn read_only_or_query(source: datafusion::error::DataFusionError) -> AnalyticsEr
     }
 }
 
-/// Renders a collected result in `format`.
-pub fn render(result: &QueryResult, format: OutputFormat) -> Result<Vec<u8>> {
-    let mut renderer = Renderer::new(Arc::clone(&result.schema), format)?;
+/// Renders a collected result in `format`, an aligned table's text within `max_mb` MiB
+/// (see [`Renderer::bounded`]).
+pub fn render(result: &QueryResult, format: OutputFormat, max_mb: usize) -> Result<Vec<u8>> {
+    let mut renderer = Renderer::new(Arc::clone(&result.schema), format)?.bounded(max_mb);
     let mut out = Vec::new();
     for batch in &result.batches {
         out.extend_from_slice(&renderer.write(batch)?);

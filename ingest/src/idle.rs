@@ -6,10 +6,11 @@
 //! ([`WhileWaiting`]).
 //!
 //! On HTTP/1 a connection is idle with no request in progress and no byte either way (a
-//! request's head is bounded by hyper's header timeout). On HTTP/2 (its first bytes are
-//! the preface's `PRI`) only requests count: its bytes may be PINGs, SETTINGS or
-//! WINDOW_UPDATEs that a peer can send for ever without asking anything, and a request
-//! whose headers never end is not in progress either.
+//! request's head is bounded by hyper's header timeout). On HTTP/2 (it starts with the
+//! preface) only requests and answers count: bytes read may be PINGs, SETTINGS or
+//! WINDOW_UPDATEs that a peer can send for ever without asking anything (a request whose
+//! headers never end is not in progress either), and bytes written count only while an
+//! answer's body is being sent ([`Sending`]), not the server's acknowledgements.
 //!
 //! It owns only the bookkeeping; it must not read requests or decide answers.
 
@@ -31,6 +32,8 @@ pub(crate) struct Activity {
     /// Milliseconds from `started` to the last byte read or written.
     last: AtomicU64,
     in_flight: AtomicUsize,
+    /// Answers whose body is being sent (counted on HTTP/2 only).
+    sending: AtomicUsize,
 }
 
 impl Activity {
@@ -39,6 +42,7 @@ impl Activity {
             started: Instant::now(),
             last: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
         })
     }
 
@@ -96,14 +100,14 @@ impl Drop for InProgress {
 pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    /// The connection's first bytes, until there are enough to tell HTTP/2.
-    head: [u8; 3],
-    head_len: usize,
+    /// How many of the connection's first bytes matched the HTTP/2 preface (until one
+    /// did not: `None`, HTTP/1).
+    preface: Option<usize>,
     http2: bool,
 }
 
-/// How an HTTP/2 connection starts (its preface, `PRI * HTTP/2.0`); no HTTP/1 method does.
-const HTTP2_HEAD: &[u8; 3] = b"PRI";
+/// How an HTTP/2 connection starts: its preface, as hyper tells the protocols apart.
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<S> Tracked<S> {
     pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
@@ -111,27 +115,34 @@ impl<S> Tracked<S> {
         Self {
             inner,
             activity,
-            head: [0; 3],
-            head_len: 0,
+            preface: Some(0),
             http2: false,
         }
     }
 
     /// Notes bytes read (`data`): activity, unless the connection is HTTP/2.
     fn read(&mut self, data: &[u8]) {
-        if self.head_len < self.head.len() {
-            let take = data.len().min(self.head.len() - self.head_len);
-            self.head[self.head_len..self.head_len + take].copy_from_slice(&data[..take]);
-            self.head_len += take;
-            self.http2 = self.head_len == self.head.len() && &self.head == HTTP2_HEAD;
+        if let Some(matched) = self.preface
+            && !self.http2
+        {
+            let rest = &HTTP2_PREFACE[matched..];
+            let take = data.len().min(rest.len());
+            if data[..take] == rest[..take] {
+                self.preface = Some(matched + take);
+                self.http2 = matched + take == HTTP2_PREFACE.len();
+            } else {
+                self.preface = None;
+            }
         }
         if !self.http2 {
             self.activity.touch();
         }
     }
 
+    /// Notes bytes written: activity, unless the connection is HTTP/2 and sends no
+    /// answer's body now.
     fn wrote(&self) {
-        if !self.http2 {
+        if !self.http2 || self.activity.sending.load(Ordering::SeqCst) > 0 {
             self.activity.touch();
         }
     }
@@ -236,6 +247,53 @@ impl hyper::body::Body for WhileWaiting {
             this.waiting = None;
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// An answer's body while it is being sent (on HTTP/2): the connection's writes count as
+/// activity meanwhile, so a large answer a client is still reading is never cut, while a
+/// connection that only exchanges PINGs is.
+pub(crate) struct Sending<B> {
+    body: B,
+    activity: Arc<Activity>,
+}
+
+impl<B> std::fmt::Debug for Sending<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sending").finish_non_exhaustive()
+    }
+}
+
+impl<B> Sending<B> {
+    pub(crate) fn new(body: B, activity: Arc<Activity>) -> Self {
+        activity.sending.fetch_add(1, Ordering::SeqCst);
+        Self { body, activity }
+    }
+}
+
+impl<B> Drop for Sending<B> {
+    fn drop(&mut self) {
+        self.activity.sending.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Sending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -29,7 +29,7 @@ use crate::config::IngestConfig;
 use crate::error::{IngestError, Result};
 use crate::handlers::sql::SqlAuthenticator;
 use crate::health::{MetricsRender, Readiness};
-use crate::idle::{Activity, Tracked, WhileWaiting};
+use crate::idle::{Activity, Sending, Tracked, WhileWaiting};
 use crate::routes::{self, Route};
 use crate::sql::SqlEndpoint;
 use crate::state::{App, StateBuilder};
@@ -215,10 +215,11 @@ impl Ingest {
             let app = Arc::clone(&app);
             let activity = Activity::new();
             let requests = Arc::clone(&activity);
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let app = Arc::clone(&app);
                 let request = requests.begin();
                 let connection = Arc::clone(&requests);
+                let http2 = req.version() == hyper::Version::HTTP_2;
                 async move {
                     let answer = handle(&app, req, peer).await;
                     drop(request);
@@ -228,7 +229,15 @@ impl Ingest {
                     let answer = if answer.body().size_hint().exact().is_some() {
                         answer
                     } else {
-                        answer.map(|body| WhileWaiting::new(body, connection).boxed_unsync())
+                        let waiting = Arc::clone(&connection);
+                        answer.map(|body| WhileWaiting::new(body, waiting).boxed_unsync())
+                    };
+                    // On HTTP/2 the bytes written count as activity only while an answer
+                    // is being sent (idle.rs).
+                    let answer = if http2 {
+                        answer.map(|body| Sending::new(body, connection).boxed_unsync())
+                    } else {
+                        answer
                     };
                     Ok::<_, std::convert::Infallible>(answer)
                 }

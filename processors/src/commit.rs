@@ -80,8 +80,8 @@ pub(crate) struct Committer {
     /// The producer failed for good without being fenced: a new one takes its place
     /// before the next transaction.
     broken: AtomicBool,
-    /// Held while the batch's transactions fail and are tried again.
-    failing: Option<crate::output::Failing>,
+    /// Transactions aborted in a row since the last one committed.
+    aborts: u32,
 }
 
 impl Committer {
@@ -108,7 +108,7 @@ impl Committer {
             transactional_id: id,
             durability: durability.clone(),
             broken: AtomicBool::new(false),
-            failing: None,
+            aborts: 0,
         }))
     }
 
@@ -236,12 +236,11 @@ impl Committer {
                     }
                 }
                 match committed {
-                    Committed::Done => self.failing = None,
-                    Committed::Aborted => self.durability.outputs.failing(
-                        self.name,
-                        &"a transaction failed; its batch is read again",
-                        &mut self.failing,
-                    ),
+                    Committed::Done => self.aborts = 0,
+                    Committed::Aborted => {
+                        self.aborts = self.aborts.saturating_add(1);
+                        self.durability.outputs.aborted(self.name, self.aborts);
+                    }
                     Committed::Stopped => {}
                 }
                 Ok(committed)

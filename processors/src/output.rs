@@ -13,31 +13,54 @@ use std::time::Duration;
 use bus::{OutRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
-/// Whether a member's outputs are being written: how many of its processors are retrying
-/// a batch (at-least-once) or a transaction (exactly-once) after a failure, and the last
-/// failure. The member's readiness fails meanwhile (`processor_produce_retries_total`
-/// counts the retries), so a cluster that refuses writes is seen, not only logged.
+/// Whether a member's outputs are being written: the batches its processors retry after
+/// a transient failure (at-least-once), transactions aborted twice or more in a row
+/// (exactly-once; a single abort, such as one a rebalance causes, is not a stall) within
+/// the last [`ABORTS_SHOWN`], and the last failure. The member's readiness fails
+/// meanwhile, and `processor_produce_retries_total` counts every retry and abort, so a
+/// cluster that refuses writes is seen, not only logged.
 #[derive(Debug, Clone, Default)]
 pub struct OutputHealth(Arc<OutputState>);
 
 #[derive(Debug, Default)]
 struct OutputState {
     failing: AtomicUsize,
+    /// When a transaction was last aborted for the second time or more in a row.
+    aborting: Mutex<Option<std::time::Instant>>,
     last: Mutex<String>,
+}
+
+/// How long transactions aborted in a row keep the outputs shown as stalled after the
+/// last abort (a processor with nothing more to write never commits to clear it).
+pub const ABORTS_SHOWN: Duration = Duration::from_secs(30);
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl OutputHealth {
     /// Why outputs are not being written, while any processor retries after a failure.
     pub fn stalled(&self) -> Option<String> {
         let failing = self.0.failing.load(Ordering::SeqCst);
-        (failing > 0).then(|| {
-            let last = self
-                .0
-                .last
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            format!("{failing} processor(s) cannot write their outputs and retry: {last}")
+        let aborting = lock(&self.0.aborting).is_some_and(|at| at.elapsed() < ABORTS_SHOWN);
+        (failing > 0 || aborting).then(|| {
+            format!(
+                "processors cannot write their outputs and retry: {}",
+                lock(&self.0.last)
+            )
         })
+    }
+
+    /// Notes that processor `name`'s transaction was aborted, the `in_a_row`th time in a
+    /// row (its batch is read and sent again).
+    pub(crate) fn aborted(&self, name: &'static str, in_a_row: u32) {
+        metrics::counter!("processor_produce_retries_total", "processor" => name).increment(1);
+        if in_a_row >= 2 {
+            *lock(&self.0.last) = format!("{name}: {in_a_row} transactions aborted in a row");
+            *lock(&self.0.aborting) = Some(std::time::Instant::now());
+        }
     }
 
     /// Notes that processor `name` failed to write (`error`) and retries: it counts as
@@ -49,11 +72,7 @@ impl OutputHealth {
         held: &mut Option<Failing>,
     ) {
         metrics::counter!("processor_produce_retries_total", "processor" => name).increment(1);
-        *self
-            .0
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = format!("{name}: {error}");
+        *lock(&self.0.last) = format!("{name}: {error}");
         if held.is_none() {
             self.0.failing.fetch_add(1, Ordering::SeqCst);
             *held = Some(Failing(self.clone()));
@@ -186,15 +205,17 @@ pub(crate) async fn produce_batch(
         let Some((from, e)) = first_failed else {
             return true;
         };
-        // A record refused for what it is goes to dead-letters instead.
+        // A record refused for what it is goes to dead-letters instead; any other failure
+        // is transient, and shows until the batch is written.
         if e.is_permanent_for_record()
             && pending[from].0.topic != schemas::topics::DEAD_LETTERS.name
         {
             tracing::warn!(processor = name, topic = pending[from].0.topic, error = %e, "an output can never be written; sending it to dead-letters");
             pending[from] = (pending[from].0.refused(&e), None);
+        } else {
+            health.failing(name, &e, &mut failing);
         }
         tracing::warn!(processor = name, from, of = pending.len(), error = %e, ?backoff, "produce failed; sending again from the first failure");
-        health.failing(name, &e, &mut failing);
         pending.drain(..from);
         tokio::select! {
             () = shutdown.cancelled() => return false,
@@ -255,7 +276,10 @@ mod tests {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while health.stalled().is_none() {
-            assert!(std::time::Instant::now() < deadline, "never seen as stalled");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never seen as stalled"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(health.stalled().unwrap().contains("test"));
@@ -266,6 +290,21 @@ mod tests {
             .unwrap();
         assert!(written);
         assert_eq!(health.stalled(), None);
+    }
+
+    /// One aborted transaction (a rebalance causes those) is not a stall; two in a row
+    /// are, for a while after the last.
+    #[test]
+    fn transactions_aborted_in_a_row_show_as_stalled() {
+        let health = OutputHealth::default();
+        health.aborted("scheduling", 1);
+        assert_eq!(health.stalled(), None);
+        health.aborted("scheduling", 2);
+        let why = health.stalled().expect("stalled");
+        assert!(
+            why.contains("scheduling") && why.contains("2 transactions"),
+            "{why}"
+        );
     }
 
     /// A record larger than the broker takes is never retried for ever (which stopped
@@ -285,7 +324,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let produced = tokio::time::timeout(
             Duration::from_secs(60),
-            produce_batch(&producer, records, &shutdown, "test", &OutputHealth::default()),
+            produce_batch(
+                &producer,
+                records,
+                &shutdown,
+                "test",
+                &OutputHealth::default(),
+            ),
         )
         .await
         .expect("the batch was retried without end");

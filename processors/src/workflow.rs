@@ -174,7 +174,14 @@ pub async fn run(
 ) -> Result<()> {
     match durability.guarantee {
         Guarantee::AtLeastOnce => {
-            run_at_least_once(config, settings, durability.shared, durability.outputs, shutdown).await
+            run_at_least_once(
+                config,
+                settings,
+                durability.shared,
+                durability.outputs,
+                shutdown,
+            )
+            .await
         }
         Guarantee::ExactlyOnce => run_exactly_once(config, settings, &durability, shutdown).await,
     }

@@ -13,7 +13,7 @@ pub(crate) async fn run(args: SqlArgs) -> Result<()> {
     }
     let history = History::open(&args.data.url, &args.limits).await?;
     let result = history.query_as_of(&args.query, args.as_of).await?;
-    let bytes = analytics::sql::render(&result, args.format)?;
+    let bytes = analytics::sql::render(&result, args.format, args.limits.sql_max_result_mb)?;
     match &args.output {
         Some(path) => {
             std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;

@@ -78,9 +78,11 @@ pub(crate) async fn post_delivery_request(
             caller.tenant.rejected_invalid.increment(1);
         }
     })?;
-    let delivered = produce::acknowledged_one(app, acks).await.inspect_err(|_| {
-        caller.tenant.rejected_unavailable.increment(1);
-    })?;
+    let delivered = produce::acknowledged_one(app, acks)
+        .await
+        .inspect_err(|_| {
+            caller.tenant.rejected_unavailable.increment(1);
+        })?;
     tracing::debug!(
         delivery_id,
         partition = delivered.partition,
@@ -328,7 +330,13 @@ pub(crate) async fn change_delivery(
     };
     let mut acks = bus::Acks::with_capacity(1);
     produce::enqueue_delivery_event(
-        app, caller, event_type, delivery_id, &payload, None, &mut acks,
+        app,
+        caller,
+        event_type,
+        delivery_id,
+        &payload,
+        None,
+        &mut acks,
     )?;
     produce::acknowledged_one(app, acks).await?;
     tracing::debug!(delivery_id, event_type, "accepted");
