@@ -165,11 +165,9 @@ fn produce_with_callbacks(
                             ingest_time = chrono::Utc::now().timestamp_millis().to_string();
                         }
                         let (key, tenant, body) = &records[i % records.len()];
-                        let headers = OwnedHeaders::new_with_capacity(6)
+                        let headers = OwnedHeaders::new_with_capacity(4)
                             .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
                             .insert(header(h::TENANT, tenant))
-                            .insert(header(h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1))
-                            .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_JSON))
                             .insert(header(h::INGEST_TIME, &ingest_time))
                             .insert(header(h::CORRELATION_ID, &correlation));
                         let record = BaseRecord::to(topics::DELIVERY_REQUESTS.name)
@@ -317,11 +315,9 @@ async fn raw_task(
             tokio::task::yield_now().await;
         }
         let (key, tenant, body) = &records[i % records.len()];
-        let headers: [(&str, &[u8]); 6] = [
+        let headers: [(&str, &[u8]); 4] = [
             (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
             (h::TENANT, tenant.as_bytes()),
-            (h::SCHEMA_VERSION, h::SCHEMA_VERSION_V1.as_bytes()),
-            (h::CONTENT_TYPE, h::CONTENT_TYPE_JSON.as_bytes()),
             (h::INGEST_TIME, ingest_time.as_bytes()),
             (h::CORRELATION_ID, correlation.as_bytes()),
         ];

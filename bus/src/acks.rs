@@ -6,8 +6,9 @@
 //! thus costs one ticket per record and one group, where a future per record cost a
 //! channel, its sender and a task of a join set each.
 //!
-//! It owns [`AckContext`] (the producer's callback), [`Acks`] and [`Settled`]. It must not
-//! decide what a failed record means: callers read each record's result.
+//! It owns [`AckContext`] (the producer's callback), [`Acks`], [`Settled`] and
+//! [`Delivered`]. It must not send records (the producer does) nor decide what a failed
+//! record means: callers read each record's result.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +22,15 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 
 use crate::error::{BusError, Result};
-use crate::producer::Delivered;
+
+/// Where an acknowledged record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The partition.
+    pub partition: i32,
+    /// The offset within the partition.
+    pub offset: i64,
+}
 
 /// librdkafka's context for the pipeline's producers: every delivery report settles its
 /// record's ticket.

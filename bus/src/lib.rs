@@ -20,7 +20,7 @@ mod progress;
 mod settings;
 mod tail;
 
-pub use acks::{Acks, Results, Settled};
+pub use acks::{Acks, Delivered, Results, Settled};
 pub use admin::{
     PartitionInfo, Reachability, TopicInfo, alter_topic, describe_topics, ensure_topics,
 };
@@ -28,6 +28,6 @@ pub use consumer::{Consumer, LagProbe, Received, StoredRecord, read_partition};
 pub use embedded::EmbeddedBroker;
 pub use error::{BusError, Result, TransactionFailure};
 pub use lag::{Backpressure, LagWatch, PartitionLag, Transition, spawn_lag_watch};
-pub use producer::{Delivered, OutRecord, Producer};
+pub use producer::{OutRecord, Producer};
 pub use settings::{ClientSettings, KafkaArgs, ProducerArgs, eventhubs_settings, parse_properties};
 pub use tail::spawn_tail;

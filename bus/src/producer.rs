@@ -8,7 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
 
-use crate::acks::{AckContext, Acks};
+use crate::acks::{AckContext, Acks, Delivered};
 use crate::consumer::Consumer;
 use crate::error::{BusError, Result};
 use crate::settings::{ClientSettings, ProducerArgs};
@@ -25,15 +25,6 @@ pub struct OutRecord<'a> {
     pub payload: &'a [u8],
     /// Headers, in order.
     pub headers: &'a [(&'a str, &'a [u8])],
-}
-
-/// Where an acknowledged record landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    /// The partition.
-    pub partition: i32,
-    /// The offset within the partition.
-    pub offset: i64,
 }
 
 type Inner = Arc<ThreadedProducer<AckContext>>;

@@ -6,9 +6,11 @@
 pub const EVENT_TYPE: &str = "dd-event-type";
 /// The tenant that posted the record.
 pub const TENANT: &str = "dd-tenant";
-/// The version of the payload's schema.
+/// The version of the payload's schema; a record without it is of version 1 (the
+/// ingestion tier sends none while 1 is the only version).
 pub const SCHEMA_VERSION: &str = "dd-schema-version";
-/// The payload's media type.
+/// The payload's media type; a record without it is JSON (the ingestion tier sends none
+/// while every payload is).
 pub const CONTENT_TYPE: &str = "content-type";
 /// The client's `Idempotency-Key`, when it sent one.
 pub const IDEMPOTENCY_KEY: &str = "dd-idempotency-key";
