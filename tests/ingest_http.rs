@@ -773,6 +773,54 @@ async fn an_http2_connection_that_only_pings_is_closed_when_idle() -> Result<()>
     tier.stop().await
 }
 
+/// A client that asks for an answer and then takes none of it (an HTTP/2 window of 0)
+/// does not hold its connection by sending PINGs: the server's acknowledgements are not
+/// activity, only the pieces of the answer the client takes are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_takes_no_answer_loses_its_connection_when_idle() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tier = IngestOnly::start(ingest::IngestConfig {
+        http: ingest::HttpServerArgs {
+            max_connections: 1,
+            idle_timeout_secs: 1,
+            ..Default::default()
+        },
+        ..ingest::IngestConfig::default()
+    })
+    .await?;
+    let addr = tier.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: INITIAL_WINDOW_SIZE 0, so no byte of an answer can be sent.
+    start.extend_from_slice(b"\0\0\x06\x04\0\0\0\0\0\0\x04\0\0\0\0");
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://x/healthz (HPACK: :method
+    // GET and :scheme http indexed, :path and :authority literal).
+    let block = b"\x82\x86\x44\x08/healthz\x41\x01x";
+    start.extend_from_slice(&[0, 0, block.len() as u8, 0x01, 0x05, 0, 0, 0, 1]);
+    start.extend_from_slice(block);
+    stream.write_all(&start).await?;
+    let ping = b"\0\0\x08\x06\0\0\0\0\0pingping";
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        if stream.write_all(ping).await.is_err() {
+            break true;
+        }
+        let read = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            break true;
+        }
+    };
+    assert!(
+        closed,
+        "PINGs held a connection whose answer was never taken for 20 s past a 1 s idle limit"
+    );
+    tier.stop().await
+}
+
 /// What schemathesis found where the answers and the OpenAPI document disagreed, each
 /// answered as documented now (tests/api_conformance.rs runs schemathesis itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

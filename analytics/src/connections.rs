@@ -177,13 +177,14 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        let cut = Box::pin(tokio::time::sleep(lifetime));
         let ready = ready.clone();
         let timeout = limits.first_bytes_timeout;
         waiting.spawn(async move {
             let mut first = [0u8; 1];
             match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
                 Ok(Ok(n)) if n > 0 => {
+                    // From now, as the server's age of the connection.
+                    let cut = Box::pin(tokio::time::sleep(lifetime));
                     let _ = ready
                         .send(Ok(Held {
                             stream,

@@ -165,11 +165,13 @@ fn produce_with_callbacks(
                             ingest_time = chrono::Utc::now().timestamp_millis().to_string();
                         }
                         let (key, tenant, body) = &records[i % records.len()];
-                        let headers = OwnedHeaders::new_with_capacity(4)
+                        let id = key.split_once('/').map_or("", |(_, id)| id);
+                        let headers = OwnedHeaders::new_with_capacity(5)
                             .insert(header(h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED))
                             .insert(header(h::TENANT, tenant))
                             .insert(header(h::INGEST_TIME, &ingest_time))
-                            .insert(header(h::CORRELATION_ID, &correlation));
+                            .insert(header(h::CORRELATION_ID, &correlation))
+                            .insert(header(h::DELIVERY_ID, id));
                         let record = BaseRecord::to(topics::DELIVERY_REQUESTS.name)
                             .key(key.as_str())
                             .payload(body.as_str())
@@ -315,11 +317,13 @@ async fn raw_task(
             tokio::task::yield_now().await;
         }
         let (key, tenant, body) = &records[i % records.len()];
-        let headers: [(&str, &[u8]); 4] = [
+        let id = key.split_once('/').map_or("", |(_, id)| id);
+        let headers: [(&str, &[u8]); 5] = [
             (h::EVENT_TYPE, h::event_type::DELIVERY_REQUESTED.as_bytes()),
             (h::TENANT, tenant.as_bytes()),
             (h::INGEST_TIME, ingest_time.as_bytes()),
             (h::CORRELATION_ID, correlation.as_bytes()),
+            (h::DELIVERY_ID, id.as_bytes()),
         ];
         let record = OutRecord {
             topic: topics::DELIVERY_REQUESTS.name,

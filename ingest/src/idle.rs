@@ -7,10 +7,13 @@
 //!
 //! On HTTP/1 a connection is idle with no request in progress and no byte either way (a
 //! request's head is bounded by hyper's header timeout). On HTTP/2 (it starts with the
-//! preface) only requests and answers count: bytes read may be PINGs, SETTINGS or
-//! WINDOW_UPDATEs that a peer can send for ever without asking anything (a request whose
-//! headers never end is not in progress either), and bytes written count only while an
-//! answer's body is being sent ([`Sending`]), not the server's acknowledgements.
+//! preface) no byte counts: bytes read may be PINGs, SETTINGS or WINDOW_UPDATEs that a
+//! peer can send for ever without asking anything (a request whose headers never end is
+//! not in progress either), and bytes written may be the server's acknowledgements of
+//! them. What counts there is requests, and answers that the client takes: an answer's
+//! body ([`Sending`]) is handed out in pieces, and each piece taken counts (h2 asks for
+//! the next only once the client's window has room), so a slow reader of a large answer
+//! keeps its connection and a client that stopped reading does not.
 //!
 //! It owns only the bookkeeping; it must not read requests or decide answers.
 
@@ -32,8 +35,6 @@ pub(crate) struct Activity {
     /// Milliseconds from `started` to the last byte read or written.
     last: AtomicU64,
     in_flight: AtomicUsize,
-    /// Answers whose body is being sent (counted on HTTP/2 only).
-    sending: AtomicUsize,
 }
 
 impl Activity {
@@ -42,7 +43,6 @@ impl Activity {
             started: Instant::now(),
             last: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            sending: AtomicUsize::new(0),
         })
     }
 
@@ -139,10 +139,9 @@ impl<S> Tracked<S> {
         }
     }
 
-    /// Notes bytes written: activity, unless the connection is HTTP/2 and sends no
-    /// answer's body now.
+    /// Notes bytes written: activity, unless the connection is HTTP/2.
     fn wrote(&self) {
-        if !self.http2 || self.activity.sending.load(Ordering::SeqCst) > 0 {
+        if !self.http2 {
             self.activity.touch();
         }
     }
@@ -258,50 +257,82 @@ impl hyper::body::Body for WhileWaiting {
     }
 }
 
-/// An answer's body while it is being sent (on HTTP/2): the connection's writes count as
-/// activity meanwhile, so a large answer a client is still reading is never cut, while a
-/// connection that only exchanges PINGs is.
-pub(crate) struct Sending<B> {
-    body: B,
+/// An answer's body on HTTP/2, handed out in pieces of at most [`PIECE`] bytes, each one
+/// counted as activity when h2 takes it: h2 asks for the next piece only once the client's
+/// window has room for more, so the count follows what the client actually takes (a
+/// whole answer handed over at once would sit in h2's buffer while the connection looked
+/// idle, and one the client does not take counts nothing).
+pub(crate) struct Sending {
+    body: Body,
+    /// The rest of a data frame larger than a piece.
+    rest: bytes::Bytes,
     activity: Arc<Activity>,
 }
 
-impl<B> std::fmt::Debug for Sending<B> {
+/// The largest piece of an answer handed to h2 at once (its default frame size).
+pub(crate) const PIECE: usize = 16 * 1024;
+
+impl std::fmt::Debug for Sending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sending").finish_non_exhaustive()
+        f.debug_struct("Sending")
+            .field("rest", &self.rest.len())
+            .finish_non_exhaustive()
     }
 }
 
-impl<B> Sending<B> {
-    pub(crate) fn new(body: B, activity: Arc<Activity>) -> Self {
-        activity.sending.fetch_add(1, Ordering::SeqCst);
-        Self { body, activity }
+impl Sending {
+    pub(crate) fn new(body: Body, activity: Arc<Activity>) -> Self {
+        Self {
+            body,
+            rest: bytes::Bytes::new(),
+            activity,
+        }
+    }
+
+    fn piece(&mut self) -> hyper::body::Frame<bytes::Bytes> {
+        let piece = self.rest.split_to(self.rest.len().min(PIECE));
+        self.activity.touch();
+        hyper::body::Frame::data(piece)
     }
 }
 
-impl<B> Drop for Sending<B> {
-    fn drop(&mut self) {
-        self.activity.sending.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for Sending<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+impl hyper::body::Body for Sending {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        if !this.rest.is_empty() {
+            return Poll::Ready(Some(Ok(this.piece())));
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(this.piece())))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -326,6 +357,34 @@ mod tests {
             idle < Duration::from_secs(1),
             "the end of a request is activity"
         );
+    }
+
+    /// An HTTP/2 answer is handed out in pieces, each taken one counted as activity, and
+    /// it reads back whole with its length.
+    #[tokio::test]
+    async fn an_answer_is_handed_out_in_pieces_each_one_activity() {
+        use http_body_util::BodyExt;
+        let activity = Activity::new();
+        let whole = bytes::Bytes::from(vec![7u8; 2 * PIECE + 5]);
+        let body = http_body_util::Full::new(whole.clone())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut sending = Sending::new(body, Arc::clone(&activity));
+        assert_eq!(
+            hyper::body::Body::size_hint(&sending).exact(),
+            Some(whole.len() as u64)
+        );
+        let mut sizes = Vec::new();
+        let mut read = Vec::new();
+        while let Some(frame) = sending.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            sizes.push(data.len());
+            read.extend_from_slice(&data);
+            let idle = activity.idle_at(activity.started.elapsed()).unwrap();
+            assert!(idle < Duration::from_secs(1), "a piece taken is activity");
+        }
+        assert_eq!(sizes, vec![PIECE, PIECE, 5]);
+        assert_eq!(read, whole);
     }
 
     #[tokio::test]

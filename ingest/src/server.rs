@@ -232,8 +232,8 @@ impl Ingest {
                         let waiting = Arc::clone(&connection);
                         answer.map(|body| WhileWaiting::new(body, waiting).boxed_unsync())
                     };
-                    // On HTTP/2 the bytes written count as activity only while an answer
-                    // is being sent (idle.rs).
+                    // On HTTP/2 bytes do not count as activity: an answer's pieces do,
+                    // as the client takes them (idle.rs).
                     let answer = if http2 {
                         answer.map(|body| Sending::new(body, connection).boxed_unsync())
                     } else {

@@ -31,8 +31,10 @@ struct OutputState {
 }
 
 /// How long transactions aborted in a row keep the outputs shown as stalled after the
-/// last abort (a processor with nothing more to write never commits to clear it).
-pub const ABORTS_SHOWN: Duration = Duration::from_secs(30);
+/// last abort (a processor with nothing more to write never commits to clear it): longer
+/// than one transaction's try while the cluster refuses writes (its acknowledgements wait
+/// up to 50 s, its calls 30 s), so that a lasting outage shows without a break.
+pub const ABORTS_SHOWN: Duration = Duration::from_secs(120);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
