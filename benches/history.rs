@@ -38,6 +38,8 @@ const FIRST_DAY: i64 = 1_794_268_800_000;
 const DAY: i64 = 86_400_000;
 
 fn main() {
+    // As the binary does.
+    dronedelivery::huge_pages::turn_off();
     let n: usize = std::env::var("DRONEDELIVERY_BENCH_HISTORY_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())

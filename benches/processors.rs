@@ -12,7 +12,9 @@
 //!
 //! `cargo bench --bench processors` (N from `DRONEDELIVERY_BENCH_RECORDS`, default
 //! 50,000; the stateful consumers' batch from `DRONEDELIVERY_PROCESSOR_BATCH_RECORDS`,
-//! as `--processor-batch-records` sets it). Requests spread over 400 regions; no drone flies, so most wait. Profiles of
+//! as `--processor-batch-records` sets it). Transparent huge pages are off, as in the
+//! binary (`src/huge_pages.rs`); `DRONEDELIVERY_BENCH_HUGE_PAGES=on` leaves them on, to
+//! compare. Requests spread over 400 regions; no drone flies, so most wait. Profiles of
 //! it are in `benches/results/processors-profile.md`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
@@ -39,6 +41,9 @@ fn request(i: usize) -> String {
 }
 
 fn main() {
+    if std::env::var("DRONEDELIVERY_BENCH_HUGE_PAGES").as_deref() != Ok("on") {
+        dronedelivery::huge_pages::turn_off();
+    }
     let n: usize = std::env::var("DRONEDELIVERY_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -3,3 +3,4 @@
 //! logic; the services live in their own crates.
 
 pub mod announce;
+pub mod huge_pages;

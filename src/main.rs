@@ -23,7 +23,8 @@ use crate::cli::{Cli, Command};
 // took about a third of the processors' CPU in a profile, and mimalloc made them 10-20%
 // faster (`cargo bench --bench processors`). Its `override` feature (in the workspace's
 // Cargo.toml) makes it C's malloc too, for librdkafka's per-message allocations: the
-// ingestion tier accepted 37% more records per second with it.
+// ingestion tier accepted 37% more records per second with it. Transparent huge pages
+// are turned off (`huge_pages.rs`): clearing them cost more than they saved.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     diagnostics::init_logging(&cli.log, cli.log_format);
+    dronedelivery::huge_pages::turn_off();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

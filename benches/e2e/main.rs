@@ -209,6 +209,8 @@ fn main() {
         checks::run();
         return;
     }
+    // As the services do: the raw producer and the embedded broker run as they would.
+    dronedelivery::huge_pages::turn_off();
     if std::env::args().any(|a| a == cluster::SERVE_EMBEDDED_BROKER) {
         cluster::serve_embedded_broker();
         return;

@@ -1,0 +1,26 @@
+//! Transparent huge pages, turned off for the whole process.
+//!
+//! mimalloc asks the kernel for huge pages on the memory it maps (`madvise`), and on
+//! Linux each first touch of one then clears 2 MiB at once. In `cargo bench --bench
+//! processors` that clearing took about a tenth of the CPU, and the processors handled
+//! about 9% more requests per second with huge pages off (AMD EPYC, 2 cores, three runs
+//! each way). It owns only that switch; it must not allocate or read configuration.
+
+/// Turns transparent huge pages off for this process and its children
+/// (`PR_SET_THP_DISABLE`), before anything has touched much memory. Elsewhere than on
+/// Linux, and where the kernel refuses, nothing changes: this is a matter of speed only.
+pub fn turn_off() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!("transparent huge pages stay on: {e}");
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn huge_pages_are_off_once_turned_off() {
+        super::turn_off();
+        assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
+    }
+}
