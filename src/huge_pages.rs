@@ -1,10 +1,13 @@
 //! Transparent huge pages, turned off for the whole process.
 //!
 //! mimalloc asks the kernel for huge pages on the memory it maps (`madvise`), and on
-//! Linux each first touch of one then clears 2 MiB at once. In `cargo bench --bench
-//! processors` that clearing took about a tenth of the CPU, and the processors handled
-//! about 9% more requests per second with huge pages off (AMD EPYC, 2 cores, three runs
-//! each way). It owns only that switch; it must not allocate or read configuration.
+//! Linux each first touch of one then clears 2 MiB at once. In a profile of `run`
+//! saturated, clearing pages took 12% of the CPU with huge pages and 1% without. The
+//! processors bench gained less than that suggests, as the kernel then faults in more
+//! small pages (`cargo bench --bench processors`, 400,000 requests, AMD EPYC, 2 cores:
+//! 44,800 requests/s against 43,150, the mean of six runs each way, whose ranges overlap).
+//!
+//! It owns only that switch; it must not read configuration.
 
 /// Turns transparent huge pages off for this process and its children
 /// (`PR_SET_THP_DISABLE`), before anything has touched much memory. Elsewhere than on

@@ -210,6 +210,9 @@ fn main() {
         return;
     }
     // As the services do: the raw producer and the embedded broker run as they would.
+    // The Kafka nodes this process starts inherit it; the JVM asks for no huge pages
+    // unless told to (`-XX:+UseTransparentHugePages`), so where the machine's setting is
+    // `madvise` (the default of most distributions) it changes nothing for them.
     dronedelivery::huge_pages::turn_off();
     if std::env::args().any(|a| a == cluster::SERVE_EMBEDDED_BROKER) {
         cluster::serve_embedded_broker();
